@@ -1,0 +1,5 @@
+"""Allow ``python -m notifyd``."""
+
+from notifyd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,209 @@
+"""Composition root: opens every resource, builds the actors and the web app, runs to a signal.
+
+Everything is opened in one `AsyncExitStack` so that shutdown closes it in reverse order, also
+when start-up fails half way. Nothing here is global: tests run several daemons in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from contextlib import AsyncExitStack
+
+import aiohttp
+from aiohttp import web
+from redis.asyncio import Redis
+
+from notifyd.actors.housekeeper import Housekeeper
+from notifyd.auth.tokens import TokenVerifier
+from notifyd.http.context import Services
+from notifyd.http.server import build_app
+from notifyd.ids import OpaqueIdRule
+from notifyd.keys import Keys
+from notifyd.metrics import Metrics
+from notifyd.settings import Settings
+from notifyd.store import migrate
+from notifyd.store.pool import close_pool, create_pool
+from notifyd.supervisor import Actor, Supervisor
+from notifyd.systemd import SystemdNotifier
+
+log = logging.getLogger("notifyd.app")
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says what to fix."""
+
+
+class Daemon:
+    """One notifyd instance: `start()`, then `run_until_stopped()` or `stop()`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        notifier: SystemdNotifier | None = None,
+        extra_actors: list[Actor] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.notifier = notifier or SystemdNotifier()
+        self._extra_actors = extra_actors or []
+        self._stack = AsyncExitStack()
+        self._runner: web.AppRunner | None = None
+        self._stop_requested = asyncio.Event()
+        self._watchdog: asyncio.Task[None] | None = None
+        self.supervisor: Supervisor | None = None
+        self.port: int = settings.port
+        self.stopped = False
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def _start(self) -> None:
+        s = self.settings
+        try:
+            pool = await create_pool(s)
+        except (OSError, Exception) as exc:
+            raise StartupError(f"cannot connect to PostgreSQL (DATABASE_URL): {exc}") from exc
+        self._stack.push_async_callback(close_pool, pool)
+        async with pool.acquire() as conn:
+            missing = await migrate.pending(conn)
+        if missing:
+            raise StartupError(
+                f"the database schema is behind ({', '.join(missing)} not applied); "
+                "run `notifyd migrate` first"
+            )
+        redis = Redis.from_url(
+            s.effective_redis_url,
+            health_check_interval=30,
+            socket_connect_timeout=5,
+            socket_keepalive=True,
+        )
+        self._stack.push_async_callback(redis.aclose)
+        try:
+            await redis.ping()
+        except Exception as exc:
+            raise StartupError(f"cannot reach Redis (REDIS_URL/REDIS_HOST): {exc}") from exc
+        http_session = aiohttp.ClientSession()
+        self._stack.push_async_callback(http_session.close)
+
+        id_rule = OpaqueIdRule.from_settings(s.id_max_length, s.id_pattern)
+        actors: list[Actor] = [
+            Housekeeper(pool, ttl=s.idempotency_ttl, interval=s.sweep_interval),
+            *self._extra_actors,
+        ]
+        supervisor = Supervisor(
+            actors, on_restart=lambda name: self.metrics.actor_restarts.labels(name).inc()
+        )
+        self.supervisor = supervisor
+        services = Services(
+            settings=s,
+            pool=pool,
+            redis=redis,
+            keys=Keys(s.redis_prefix),
+            metrics=self.metrics,
+            verifier=TokenVerifier(s, id_rule, http_session),
+            id_rule=id_rule,
+            actors_healthy=lambda: supervisor.healthy,
+            actors_status=supervisor.status,
+        )
+        app = build_app(services)
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=s.shutdown_timeout
+        )
+        await runner.setup()
+        self._runner = runner
+        self._stack.push_async_callback(runner.cleanup)
+        sock = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((s.host, s.port))
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"cannot listen on {s.host}:{s.port}: {exc.strerror}") from exc
+        self.port = sock.getsockname()[1]
+        site = web.SockSite(runner, sock)
+        await site.start()
+        # actors stop before the pools close: registered last, so closed first
+        supervisor.start()
+        self._stack.push_async_callback(supervisor.stop, s.shutdown_timeout)
+        self.notifier.notify(
+            f"READY=1\nSTATUS=serving on {s.host}:{self.port}\nMAINPID={os.getpid()}"
+        )
+        interval = self.notifier.watchdog_interval()
+        if interval is not None:
+            self._watchdog = asyncio.create_task(self._feed_watchdog(interval), name="watchdog")
+        log.info("notifyd serving", extra={"host": s.host, "port": self.port})
+
+    async def _feed_watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 only while every actor is healthy: a stuck daemon gets restarted."""
+        while True:
+            if self.supervisor is not None and self.supervisor.healthy:
+                self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def run_until_stopped(self) -> int:
+        """Wait for a stop request or a fatal actor failure; shut down; return the exit code."""
+        assert self.supervisor is not None
+        stop_wait = asyncio.create_task(self._stop_requested.wait())
+        fatal_wait = asyncio.create_task(self.supervisor.fatal.wait())
+        await asyncio.wait({stop_wait, fatal_wait}, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        fatal_wait.cancel()
+        fatal = self.supervisor.fatal.is_set()
+        await self.stop()
+        if fatal:
+            log.critical(
+                "exiting after an actor exceeded its restart budget",
+                extra={"reason": self.supervisor.fatal_reason},
+            )
+            return 1
+        return 0
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), stop actors, close all."""
+        self.notifier.notify("STOPPING=1")
+        log.info("notifyd stopping")
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+        await self._stack.aclose()
+        self.stopped = True
+        log.info("notifyd stopped")
+
+
+async def serve(settings: Settings) -> int:
+    """Run one daemon until SIGTERM/SIGINT; a second signal forces an immediate exit."""
+    loop = asyncio.get_running_loop()
+    daemon = Daemon(settings)
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("second signal: exiting now")
+            raise SystemExit(130)
+        log.info("signal received", extra={"signal": signal.Signals(signum).name})
+        daemon.request_stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await daemon.start()
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    return await daemon.run_until_stopped()

@@ -1,0 +1,72 @@
+"""The typed dependencies every handler reaches through `request.app[SERVICES]`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+from redis.asyncio import Redis
+
+from notifyd.auth.identity import Identity
+from notifyd.auth.tokens import TokenVerifier
+from notifyd.ids import OpaqueIdRule
+from notifyd.keys import Keys
+from notifyd.metrics import Metrics
+from notifyd.settings import Settings
+from notifyd.store.audit import AuditEntry
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    pool: asyncpg.Pool
+    redis: Redis
+    keys: Keys
+    metrics: Metrics
+    verifier: TokenVerifier
+    id_rule: OpaqueIdRule
+    actors_healthy: Callable[[], bool]
+    actors_status: Callable[[], dict[str, str]]
+
+
+SERVICES = web.AppKey("services", Services)
+IDENTITY_KEY = web.RequestKey("identity", Identity)
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+
+
+def services(request: web.Request) -> Services:
+    return request.app[SERVICES]
+
+
+def identity(request: web.Request) -> Identity:
+    """The verified caller; the auth middleware guarantees it on every non-public route."""
+    found: Identity | None = request.get(IDENTITY_KEY)
+    if found is None:
+        raise RuntimeError("identity requested on a public route")
+    return found
+
+
+def request_id(request: web.Request) -> str:
+    found: str = request.get(REQUEST_ID_KEY, "")
+    return found
+
+
+def client_ip(request: web.Request) -> str | None:
+    """The peer address; proxies are trusted only via aiohttp's own forwarded handling."""
+    return request.remote
+
+
+def audit_entry(request: web.Request, action: str, details: dict[str, Any]) -> AuditEntry:
+    """An audit row for a write made by the verified caller of `request`."""
+    caller = identity(request)
+    return AuditEntry(
+        tenant_id=caller.tenant_id,
+        user_id=caller.user_id,
+        action=action,
+        ip_address=client_ip(request),
+        request_id=request_id(request) or None,
+        details={"role": caller.role, **details},
+    )

@@ -1,0 +1,91 @@
+"""`Idempotency-Key` on POST: the first response is replayed for the key's lifetime.
+
+The key is scoped to tenant and caller; the request is fingerprinted by method, path and body,
+so reusing a key for a different request is a client bug answered with 422, and a duplicate
+arriving while the first is still running gets 409 instead of running twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+
+from aiohttp import web
+
+from notifyd.http.context import IDENTITY_KEY, services
+from notifyd.http.middleware import Handler
+from notifyd.http.problems import Problem
+from notifyd.store import idempotency as store
+
+log = logging.getLogger("notifyd.http.idempotency")
+
+HEADER = "Idempotency-Key"
+_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+_REPLAYED_HEADERS = ("Content-Type", "Location")
+
+
+def _fingerprint(request: web.Request, body: bytes) -> bytes:
+    digest = hashlib.sha256()
+    digest.update(request.method.encode())
+    digest.update(b"\0")
+    digest.update(request.path.encode())
+    digest.update(b"\0")
+    digest.update(body)
+    return digest.digest()
+
+
+@web.middleware
+async def idempotency_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    key = request.headers.get(HEADER)
+    caller = request.get(IDENTITY_KEY)
+    if key is None or request.method != "POST" or caller is None:
+        return await handler(request)
+    if not _KEY.fullmatch(key):
+        raise Problem(
+            400, f"{HEADER} must be 1-255 visible ASCII characters", kind="bad-idempotency-key"
+        )
+    ctx = services(request)
+    body = await request.read()
+    scope = store.Scope(caller.tenant_id, caller.user_id, key)
+    fingerprint = _fingerprint(request, body)
+    earlier = await store.claim(
+        ctx.pool,
+        scope,
+        fingerprint,
+        ctx.settings.idempotency_ttl,
+        ctx.settings.idempotency_stale_after,
+    )
+    if earlier is not None:
+        if earlier.request_hash != fingerprint:
+            raise Problem(
+                422,
+                f"this {HEADER} was used with a different request; use a new key",
+                kind="idempotency-key-reused",
+            )
+        if not earlier.completed:
+            raise Problem(
+                409,
+                f"a request with this {HEADER} is still in progress; retry shortly",
+                kind="idempotency-in-progress",
+                headers={"Retry-After": "1"},
+            )
+        assert earlier.status_code is not None
+        replay = web.Response(status=earlier.status_code, body=earlier.body or b"")
+        for name, value in (earlier.headers or {}).items():
+            replay.headers[name] = value
+        replay.headers["Idempotent-Replayed"] = "true"
+        return replay
+
+    try:
+        response = await handler(request)
+    except BaseException:
+        await store.release(ctx.pool, scope)
+        raise
+    if response.status >= 500 or not isinstance(response, web.Response):
+        await store.release(ctx.pool, scope)
+        return response
+    stored_body = response.body if isinstance(response.body, bytes) else b""
+    headers = {n: response.headers[n] for n in _REPLAYED_HEADERS if n in response.headers}
+    await store.complete(ctx.pool, scope, response.status, headers, stored_body)
+    return response

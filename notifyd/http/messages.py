@@ -1,0 +1,107 @@
+"""1-on-1 messages: send, list (all or one conversation), mark as read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from notifyd.http.context import audit_entry, identity, services
+from notifyd.http.responses import iso, json_response, page_headers
+from notifyd.http.validation import Fields, query_fields, read_json_object
+from notifyd.ids import uuid7
+from notifyd.store import audit
+from notifyd.store import messages as store
+
+
+def message_json(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": str(row["id"]),
+        "sender_id": row["sender_id"],
+        "receiver_id": row["receiver_id"],
+        "content": row["content"],
+        "sent_at": iso(row["sent_at"]),
+        "is_read": row["read_at"] is not None,
+        "read_at": iso(row["read_at"]),
+    }
+
+
+async def send_message(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    fields = Fields(await read_json_object(request), ctx.id_rule)
+    receiver_id = fields.opaque_id("receiver_id")
+    content = fields.string("content", max_length=ctx.settings.message_max_length)
+    if receiver_id is not None and receiver_id == caller.user_id:
+        fields.error("receiver_id", "must be another user than the sender")
+    fields.done()
+    assert receiver_id is not None
+    assert content is not None
+    message_id = uuid7()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        sent_at = await store.insert(
+            conn, message_id, caller.tenant_id, caller.user_id, receiver_id, content
+        )
+        await audit.record(
+            conn,
+            audit_entry(
+                request,
+                "message.send",
+                {"message_id": str(message_id), "receiver_id": receiver_id},
+            ),
+        )
+    return json_response(
+        {"message_id": str(message_id), "sent_at": iso(sent_at)},
+        status=201,
+    )
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    query = query_fields(request, ctx.id_rule)
+    limit = query.page_limit(ctx.settings.page_size_default, ctx.settings.page_size_max)
+    before = query.cursor()
+    with_user = query.opaque_id("with", required=False)
+    query.done()
+    rows = await store.list_for_user(
+        ctx.pool, caller.tenant_id, caller.user_id, with_user=with_user, before=before, limit=limit
+    )
+    headers = page_headers(request, rows, limit, rows[-1]["id"] if rows else None)
+    return json_response([message_json(r) for r in rows], headers=headers)
+
+
+async def mark_messages_read(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    fields = Fields(await read_json_object(request), ctx.id_rule)
+    ids = fields.uuid_list("ids", max_items=ctx.settings.mark_read_max_ids)
+    from_user = fields.opaque_id("with", required=False)
+    everything = fields.boolean("all")
+    chosen = [name for name, v in (("ids", ids), ("with", from_user), ("all", everything)) if v]
+    if len(chosen) != 1 and not fields.errors:
+        fields.error("ids", 'send exactly one of "ids": [...], "with": <user id> or "all": true')
+    fields.done()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        updated = await store.mark_read(
+            conn, caller.tenant_id, caller.user_id, ids=ids, from_user=from_user
+        )
+        await audit.record(
+            conn,
+            audit_entry(
+                request,
+                "message.mark_read",
+                {"ids": [str(i) for i in ids or []], "with": from_user, "updated": updated},
+            ),
+        )
+    return json_response({"updated": updated})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/messages/send/", send_message)
+    app.router.add_post("/api/messages/send/", send_message)
+    app.router.add_get("/messages/", list_messages)
+    app.router.add_get("/api/messages/", list_messages)
+    app.router.add_post("/messages/mark-as-read/", mark_messages_read)
+    app.router.add_post("/api/messages/mark-as-read/", mark_messages_read)

@@ -1,0 +1,130 @@
+"""Request edge: request ids, logging, metrics, problem+json for every error, and auth.
+
+Order matters and is fixed in `server.build_app`: the edge wraps everything (so even an auth
+failure or an unknown route is logged, counted and answered as problem+json), auth runs next.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from notifyd.auth.tokens import TokenError
+from notifyd.http import problems
+from notifyd.http.context import IDENTITY_KEY, REQUEST_ID_KEY, services
+from notifyd.http.problems import Problem
+from notifyd.ids import uuid7
+from notifyd.logs import request_id_var, tenant_id_var
+
+log = logging.getLogger("notifyd.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+_GOOD_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def route_name(request: web.Request) -> str:
+    """The route template (`/notifications/{id}/`), never the raw path: bounded label values."""
+    info = request.match_info
+    if info.http_exception is not None or info.route.resource is None:
+        return "unmatched"
+    return info.route.resource.canonical
+
+
+def _as_problem(exc: web.HTTPException) -> Problem:
+    headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+    details = {
+        404: "no such route",
+        405: f"method {exc.reason} not allowed here",
+        413: "the request body is larger than the limit",
+    }
+    detail = details.get(exc.status, exc.text or exc.reason)
+    if exc.status == 405:
+        detail = f"this route does not accept that method (allowed: {headers.get('Allow', '')})"
+    kinds = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}
+    return Problem(exc.status, detail, kind=kinds.get(exc.status), headers=headers)
+
+
+@web.middleware
+async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    incoming = request.headers.get("X-Request-ID", "")
+    rid = incoming if _GOOD_REQUEST_ID.fullmatch(incoming) else uuid7().hex
+    request[REQUEST_ID_KEY] = rid
+    rid_token = request_id_var.set(rid)
+    tenant_token = tenant_id_var.set(None)
+    metrics = services(request).metrics
+    started = time.perf_counter()
+    metrics.http_in_flight.inc()
+    response: web.StreamResponse
+    try:
+        try:
+            response = await handler(request)
+        except Problem as problem:
+            response = problems.response(problem, rid)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = problems.response(_as_problem(exc), rid)
+        except Exception:
+            log.exception("unhandled error", extra={"path": request.path})
+            response = problems.response(
+                Problem(500, "internal error; quote the request id when reporting it"), rid
+            )
+        response.headers["X-Request-ID"] = rid
+        return response
+    finally:
+        elapsed = time.perf_counter() - started
+        metrics.http_in_flight.dec()
+        route = route_name(request)
+        status = locals().get("response")
+        code = status.status if isinstance(status, web.StreamResponse) else 500
+        metrics.http_requests.labels(route, request.method, str(code)).inc()
+        metrics.http_latency.labels(route, request.method).observe(elapsed)
+        if route != "/metrics":
+            log.info(
+                "request",
+                extra={
+                    "method": request.method,
+                    "route": route,
+                    "status": code,
+                    "ms": round(elapsed * 1000, 2),
+                },
+            )
+        tenant_id_var.reset(tenant_token)
+        request_id_var.reset(rid_token)
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+def _unauthorized(detail: str, error: str = "invalid_token") -> Problem:
+    challenge = 'Bearer realm="notifyd"'
+    if error:
+        challenge += f', error="{error}", error_description="{detail}"'
+    return Problem(401, detail, kind="unauthorized", headers={"WWW-Authenticate": challenge})
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # unknown routes and methods answer 404/405 whoever asks; public routes need no token
+    if request.match_info.http_exception is not None or request.path in PUBLIC_PATHS:
+        return await handler(request)
+    token = _bearer(request)
+    if token is None:
+        raise _unauthorized("send Authorization: Bearer <token>", error="")
+    try:
+        caller = await services(request).verifier.verify(token)
+    except TokenError as exc:
+        raise _unauthorized(exc.reason, exc.error) from None
+    request[IDENTITY_KEY] = caller
+    tenant_id_var.set(caller.tenant_id)
+    return await handler(request)

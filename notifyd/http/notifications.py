@@ -1,0 +1,217 @@
+"""Notifications: send (any channel), the notification center, and one notification's status."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from notifyd.auth import policy
+from notifyd.http.context import audit_entry, identity, request_id, services
+from notifyd.http.problems import forbidden, not_found
+from notifyd.http.responses import iso, json_response, page_headers
+from notifyd.http.validation import Fields, is_email, query_fields, read_json_object
+from notifyd.ids import parse_uuid, uuid7
+from notifyd.payloads import NotificationIntent
+from notifyd.settings import CHANNELS
+from notifyd.store import audit
+from notifyd.store import notifications as store
+
+log = logging.getLogger("notifyd.http.notifications")
+
+# The loose shape of a phone number; full E.164 normalisation happens at send time.
+_PHONE = re.compile(r"\+?[0-9][0-9 ().-]{4,30}")
+_TEMPLATE_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_HEADER_UNSAFE = re.compile(r"[\r\n]")
+
+
+def notification_json(row: asyncpg.Record) -> dict[str, Any]:
+    """The seeds' field names (`notification_type`, `message`, `is_sent`) plus delivery state."""
+    return {
+        "id": str(row["id"]),
+        "tenant_id": row["tenant_id"],
+        "notification_type": row["channel"],
+        "recipient": row["recipient"],
+        "user_id": row["user_id"],
+        "created_by": row["created_by"],
+        "subject": row["subject"],
+        "message": row["body"],
+        "template_key": row["template_key"],
+        "context": row["context"],
+        "status": row["status"],
+        "is_sent": row["status"] in ("sent", "delivered"),
+        "is_read": row["read_at"] is not None,
+        "read_at": iso(row["read_at"]),
+        "attempts": row["attempts"],
+        "last_error": row["last_error"],
+        "created_at": iso(row["created_at"]),
+        "updated_at": iso(row["updated_at"]),
+        "sent_at": iso(row["sent_at"]),
+    }
+
+
+def _check_recipient(fields: Fields, channel: str, recipient: str) -> None:
+    if channel == "email":
+        if not is_email(recipient):
+            fields.error("recipient", "must be an email address for notification_type email")
+    elif channel == "sms":
+        if not _PHONE.fullmatch(recipient) or sum(c.isdigit() for c in recipient) < 5:
+            fields.error("recipient", "must be a phone number for notification_type sms")
+    else:
+        problem = fields.id_rule.problem(recipient)
+        if problem is not None:
+            fields.error("recipient", f"must be a user id for notification_type in_app: {problem}")
+
+
+async def send_notification(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    limits = ctx.settings
+    fields = Fields(await read_json_object(request), ctx.id_rule)
+    channel = fields.choice("notification_type", CHANNELS)
+    recipient = fields.string("recipient", max_length=320)
+    subject = fields.string("subject", required=False, max_length=limits.subject_max_length)
+    message = fields.string("message", required=False, max_length=limits.notification_max_length)
+    template_key = fields.string("template_key", required=False, max_length=128)
+    context = fields.mapping("context", max_keys=limits.context_max_keys)
+    user_id = fields.opaque_id("user_id", required=False)
+    if message is None and template_key is None and not fields.has("message"):
+        fields.error("message", "is required unless template_key is given")
+    if template_key is not None and not _TEMPLATE_KEY.fullmatch(template_key):
+        fields.error("template_key", "may contain letters, digits and _ . : - only")
+    if context is not None and template_key is None:
+        fields.error("context", "is only used with template_key")
+    if subject is not None and _HEADER_UNSAFE.search(subject):
+        fields.error("subject", "must be a single line")
+    if channel is not None and recipient is not None:
+        _check_recipient(fields, channel, recipient.strip())
+    if channel == "in_app" and user_id is not None:
+        fields.error("user_id", "is implied by recipient for notification_type in_app")
+    fields.done()
+    assert channel is not None
+    assert recipient is not None
+    if not policy.may_send(caller, channel, limits.send_policy):
+        raise forbidden(f"role {caller.role!r} may not send {channel} notifications")
+
+    recipient = recipient.strip()
+    notification_id = uuid7()
+    row = store.NewNotification(
+        id=notification_id,
+        tenant_id=caller.tenant_id,
+        created_by=caller.user_id,
+        user_id=recipient if channel == "in_app" else user_id,
+        channel=channel,
+        recipient=recipient,
+        subject=subject,
+        body=message,
+        template_key=template_key,
+        context=context,
+        idempotency_key=request.headers.get("Idempotency-Key"),
+        request_id=request_id(request) or None,
+    )
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await store.insert(conn, row)
+        await audit.record(
+            conn,
+            audit_entry(
+                request,
+                "notification.send",
+                {
+                    "notification_id": str(notification_id),
+                    "channel": channel,
+                    "recipient": recipient,
+                    "template_key": template_key,
+                },
+            ),
+        )
+    ctx.metrics.notifications_accepted.labels(channel).inc()
+    intent = NotificationIntent(tenant_id=caller.tenant_id, notification_id=str(notification_id))
+    try:
+        await ctx.redis.xadd(ctx.keys.intents, intent.to_fields())  # type: ignore[arg-type]
+    except RedisError as exc:
+        # The row is committed: the answer stays 202 and the sweeper re-enqueues it later.
+        ctx.metrics.enqueue_failures.inc()
+        log.warning("intent not enqueued; left for the sweeper", extra={"error": repr(exc)})
+    return json_response(
+        {"notification_id": str(notification_id), "status": "queued"},
+        status=202,
+        headers={"Location": f"/notifications/{notification_id}/"},
+    )
+
+
+async def list_notifications(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    query = query_fields(request, ctx.id_rule)
+    limit = query.page_limit(ctx.settings.page_size_default, ctx.settings.page_size_max)
+    before = query.cursor()
+    unread = query.boolean("unread") or False
+    channel = query.choice("type", CHANNELS, required=False)
+    query.done()
+    rows = await store.list_for_user(
+        ctx.pool,
+        caller.tenant_id,
+        caller.user_id,
+        before=before,
+        unread_only=unread,
+        channel=channel,
+        limit=limit,
+    )
+    unread_count = await store.unread_count(ctx.pool, caller.tenant_id, caller.user_id)
+    headers = page_headers(request, rows, limit, rows[-1]["id"] if rows else None)
+    headers["X-Unread-Count"] = str(unread_count)
+    return json_response([notification_json(r) for r in rows], headers=headers)
+
+
+async def get_notification(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    notification_id = parse_uuid(request.match_info["id"])
+    row = None
+    if notification_id is not None:
+        row = await store.get(ctx.pool, caller.tenant_id, notification_id)
+    if row is None or not policy.may_view_notification(caller, row["user_id"], row["created_by"]):
+        raise not_found("notification")
+    return json_response(notification_json(row))
+
+
+async def mark_as_read(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    fields = Fields(await read_json_object(request), ctx.id_rule)
+    ids = fields.uuid_list("ids", max_items=ctx.settings.mark_read_max_ids)
+    everything = fields.boolean("all")
+    if ids is None and not everything:
+        fields.error("ids", 'send "ids": [...] or "all": true')
+    if ids is not None and everything:
+        fields.error("all", 'send either "ids" or "all", not both')
+    fields.done()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        updated = await store.mark_read(
+            conn, caller.tenant_id, caller.user_id, None if everything else ids
+        )
+        await audit.record(
+            conn,
+            audit_entry(
+                request,
+                "notification.mark_read",
+                {"all": bool(everything), "ids": [str(i) for i in ids or []], "updated": updated},
+            ),
+        )
+    unread = await store.unread_count(ctx.pool, caller.tenant_id, caller.user_id)
+    return json_response({"updated": updated, "unread_count": unread})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/notifications/send/", send_notification)
+    app.router.add_post("/api/notifications/send/", send_notification)
+    app.router.add_get("/notifications/", list_notifications)
+    app.router.add_get("/api/notifications/", list_notifications)
+    app.router.add_post("/notifications/mark-as-read/", mark_as_read)
+    app.router.add_post("/api/notifications/mark-as-read/", mark_as_read)
+    app.router.add_get("/notifications/{id}/", get_notification)
+    app.router.add_get("/api/notifications/{id}/", get_notification)

@@ -1,0 +1,206 @@
+"""Interview reminders: create, list, reschedule, cancel.
+
+Reschedule and cancel only touch a reminder still `scheduled` (a guarded UPDATE), so they
+cannot race the timer into firing at the old time or firing a cancelled reminder.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from notifyd.auth import policy
+from notifyd.http.context import audit_entry, identity, services
+from notifyd.http.problems import Problem, forbidden, not_found
+from notifyd.http.responses import iso, json_response, page_headers
+from notifyd.http.validation import Fields, query_fields, read_json_object
+from notifyd.ids import parse_uuid, uuid7
+from notifyd.store import audit
+from notifyd.store import reminders as store
+
+STATUSES = ("scheduled", "fired", "skipped", "cancelled")
+
+
+def reminder_json(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": str(row["id"]),
+        "application_id": row["application_id"],
+        "candidate_id": row["candidate_id"],
+        "employer_id": row["employer_id"],
+        "created_by": row["created_by"],
+        "interview_time": iso(row["interview_time"]),
+        "reminder_time": iso(row["reminder_time"]),
+        "status": row["status"],
+        "is_sent": row["status"] == "fired",
+        "fired_at": iso(row["fired_at"]),
+        "notification_ids": [str(i) for i in row["notification_ids"]],
+        "created_at": iso(row["created_at"]),
+        "updated_at": iso(row["updated_at"]),
+    }
+
+
+def _check_times(fields: Fields, interview: datetime | None, reminder: datetime | None) -> None:
+    if interview is not None and interview <= datetime.now(UTC):
+        fields.error("interview_time", "is in the past")
+    if interview is not None and reminder is not None and reminder >= interview:
+        fields.error("reminder_time", "must be before interview_time")
+
+
+async def create_reminder(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    fields = Fields(await read_json_object(request), ctx.id_rule)
+    application_id = fields.opaque_id("application_id")
+    candidate_id = fields.opaque_id("candidate_id")
+    employer_id = fields.opaque_id("employer_id")
+    interview_time = fields.timestamp("interview_time")
+    reminder_time = fields.timestamp("reminder_time")
+    _check_times(fields, interview_time, reminder_time)
+    fields.done()
+    if not policy.may_manage_reminders(caller):
+        raise forbidden(f"role {caller.role!r} may not create reminders; use a service token")
+    assert application_id and candidate_id and employer_id
+    assert interview_time and reminder_time
+    row = store.NewReminder(
+        id=uuid7(),
+        tenant_id=caller.tenant_id,
+        application_id=application_id,
+        candidate_id=candidate_id,
+        employer_id=employer_id,
+        created_by=caller.user_id,
+        interview_time=interview_time,
+        reminder_time=reminder_time,
+        details={},
+    )
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        record = await store.insert(conn, row)
+        await audit.record(
+            conn,
+            audit_entry(
+                request,
+                "reminder.create",
+                {
+                    "reminder_id": str(row.id),
+                    "application_id": application_id,
+                    "reminder_time": reminder_time.isoformat(),
+                },
+            ),
+        )
+    return json_response(
+        {"reminder_id": str(row.id), **reminder_json(record)},
+        status=201,
+        headers={"Location": f"/reminders/{row.id}/"},
+    )
+
+
+async def list_reminders(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    query = query_fields(request, ctx.id_rule)
+    limit = query.page_limit(ctx.settings.page_size_default, ctx.settings.page_size_max)
+    before = query.cursor()
+    status = query.choice("status", STATUSES, required=False)
+    application_id = query.opaque_id("application_id", required=False)
+    query.done()
+    rows = await store.list_visible(
+        ctx.pool,
+        caller.tenant_id,
+        None if caller.is_privileged else caller.user_id,
+        before=before,
+        status=status,
+        application_id=application_id,
+        limit=limit,
+    )
+    headers = page_headers(request, rows, limit, rows[-1]["id"] if rows else None)
+    return json_response([reminder_json(r) for r in rows], headers=headers)
+
+
+async def _visible_reminder(request: web.Request) -> asyncpg.Record:
+    ctx = services(request)
+    caller = identity(request)
+    reminder_id = parse_uuid(request.match_info["id"])
+    row = None if reminder_id is None else await store.get(ctx.pool, caller.tenant_id, reminder_id)
+    if row is None:
+        raise not_found("reminder")
+    involved = (row["candidate_id"], row["employer_id"], row["created_by"])
+    if not caller.is_privileged and caller.user_id not in involved:
+        raise not_found("reminder")
+    return row
+
+
+async def get_reminder(request: web.Request) -> web.Response:
+    return json_response(reminder_json(await _visible_reminder(request)))
+
+
+def _not_scheduled(row: asyncpg.Record) -> Problem:
+    return Problem(
+        409,
+        f"the reminder is {row['status']}; only scheduled reminders can change",
+        kind="reminder-not-scheduled",
+    )
+
+
+async def reschedule_reminder(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    current = await _visible_reminder(request)
+    fields = Fields(await read_json_object(request), ctx.id_rule)
+    interview_time = fields.timestamp("interview_time", required=False)
+    reminder_time = fields.timestamp("reminder_time", required=False)
+    if interview_time is None and reminder_time is None and not fields.errors:
+        fields.error("reminder_time", "send reminder_time and/or interview_time")
+    new_interview = interview_time or current["interview_time"]
+    new_reminder = reminder_time or current["reminder_time"]
+    _check_times(fields, new_interview, new_reminder)
+    fields.done()
+    if not policy.may_change_reminder(caller, current["created_by"], current["employer_id"]):
+        raise forbidden("only the reminder's creator, its employer or a service may change it")
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        row = await store.reschedule(
+            conn, caller.tenant_id, current["id"], new_interview, new_reminder
+        )
+        if row is None:
+            raise _not_scheduled(await _visible_reminder(request))
+        await audit.record(
+            conn,
+            audit_entry(
+                request,
+                "reminder.reschedule",
+                {
+                    "reminder_id": str(current["id"]),
+                    "reminder_time": new_reminder.isoformat(),
+                    "interview_time": new_interview.isoformat(),
+                },
+            ),
+        )
+    return json_response(reminder_json(row))
+
+
+async def cancel_reminder(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    current = await _visible_reminder(request)
+    if not policy.may_change_reminder(caller, current["created_by"], current["employer_id"]):
+        raise forbidden("only the reminder's creator, its employer or a service may cancel it")
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        row = await store.cancel(conn, caller.tenant_id, current["id"])
+        if row is None:
+            raise _not_scheduled(await _visible_reminder(request))
+        await audit.record(
+            conn, audit_entry(request, "reminder.cancel", {"reminder_id": str(current["id"])})
+        )
+    return web.Response(status=204)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/reminders/create/", create_reminder)
+    app.router.add_post("/api/reminders/create/", create_reminder)
+    app.router.add_get("/reminders/", list_reminders)
+    app.router.add_get("/api/reminders/", list_reminders)
+    for prefix in ("", "/api"):
+        app.router.add_get(f"{prefix}/reminders/{{id}}/", get_reminder)
+        app.router.add_patch(f"{prefix}/reminders/{{id}}/", reschedule_reminder)
+        app.router.add_delete(f"{prefix}/reminders/{{id}}/", cancel_reminder)

@@ -1,0 +1,21 @@
+"""The aiohttp application: middlewares in their fixed order and every resource's routes."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from notifyd.http import audit, messages, notifications, ops, reminders
+from notifyd.http.context import SERVICES, Services
+from notifyd.http.idempotency import idempotency_middleware
+from notifyd.http.middleware import auth_middleware, edge_middleware
+
+
+def build_app(services: Services) -> web.Application:
+    app = web.Application(
+        middlewares=[edge_middleware, auth_middleware, idempotency_middleware],
+        client_max_size=services.settings.max_body_bytes,
+    )
+    app[SERVICES] = services
+    for module in (ops, notifications, messages, reminders, audit):
+        module.add_routes(app)
+    return app

@@ -1,0 +1,217 @@
+"""Reading request bodies and query strings into typed values, naming every field at fault.
+
+Handlers describe what they accept field by field; all problems are collected and answered in
+one 422 so a client fixes its request in one round trip. Unknown fields are errors too: a
+misspelt optional field silently ignored is a bug the caller never sees.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Collection, Mapping
+from datetime import datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from notifyd.http.problems import FieldError, Problem, invalid
+from notifyd.ids import OpaqueIdRule, parse_uuid
+
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+_EMAIL = re.compile(
+    r"[^@\s<>\"',;]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+"
+)
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object; 400 for malformed JSON, 415 for another media type."""
+    if request.content_type not in ("application/json", "") and not request.content_type.endswith(
+        "+json"
+    ):
+        raise Problem(
+            415,
+            f"send the body as application/json, not {request.content_type}",
+            kind="unsupported-media-type",
+        )
+    raw = await request.read()  # aiohttp enforces client_max_size (413) here
+    if not raw.strip():
+        raise Problem(400, "the request body is empty; send a JSON object", kind="malformed-json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise Problem(400, f"the body is not valid JSON: {exc}", kind="malformed-json") from None
+    if not isinstance(body, dict):
+        raise Problem(400, "the body must be a JSON object", kind="malformed-json")
+    return body
+
+
+def parse_rfc3339(text: str) -> datetime | None:
+    """A timezone-aware datetime, or None unless `text` is RFC 3339 with an explicit offset."""
+    if not _RFC3339.fullmatch(text):
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        return None
+
+
+def is_email(text: str) -> bool:
+    return len(text) <= 254 and _EMAIL.fullmatch(text) is not None
+
+
+class Fields:
+    """Typed access to a JSON object's fields, collecting every error before raising."""
+
+    def __init__(self, data: Mapping[str, Any], id_rule: OpaqueIdRule, *, strict: bool = True):
+        self._data = data
+        self.id_rule = id_rule
+        self._strict = strict
+        self._seen: set[str] = set()
+        self.errors: list[FieldError] = []
+
+    def error(self, name: str, message: str) -> None:
+        self.errors.append(FieldError(name, message))
+
+    def has(self, name: str) -> bool:
+        return name in self._data and self._data[name] is not None
+
+    def _get(self, name: str, required: bool) -> Any:
+        self._seen.add(name)
+        value = self._data.get(name)
+        if value is None and required:
+            self.error(name, "is required")
+        return value
+
+    def string(
+        self, name: str, *, required: bool = True, max_length: int, allow_empty: bool = False
+    ) -> str | None:
+        value = self._get(name, required)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            self.error(name, "must be a string")
+            return None
+        if not allow_empty and not value.strip():
+            self.error(name, "must not be empty")
+            return None
+        if len(value) > max_length:
+            self.error(name, f"must be at most {max_length} characters")
+            return None
+        if "\x00" in value:
+            self.error(name, "must not contain NUL characters")
+            return None
+        return value
+
+    def choice(self, name: str, options: Collection[str], *, required: bool = True) -> str | None:
+        value = self._get(name, required)
+        if value is None:
+            return None
+        if not isinstance(value, str) or value not in options:
+            self.error(name, f"must be one of: {', '.join(options)}")
+            return None
+        return value
+
+    def opaque_id(self, name: str, *, required: bool = True) -> str | None:
+        value = self._get(name, required)
+        if value is None:
+            return None
+        problem = self.id_rule.problem(value)
+        if problem is not None:
+            self.error(name, problem)
+            return None
+        assert isinstance(value, str)
+        return value
+
+    def boolean(self, name: str, *, required: bool = False) -> bool | None:
+        value = self._get(name, required)
+        if value is None:
+            return None
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        self.error(name, "must be true or false")
+        return None
+
+    def timestamp(self, name: str, *, required: bool = True) -> datetime | None:
+        value = self._get(name, required)
+        if value is None:
+            return None
+        parsed = parse_rfc3339(value) if isinstance(value, str) else None
+        if parsed is None:
+            self.error(name, "must be an RFC 3339 time with an offset, e.g. 2026-03-10T10:00:00Z")
+        return parsed
+
+    def mapping(self, name: str, *, required: bool = False, max_keys: int) -> dict[str, Any] | None:
+        value = self._get(name, required)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self.error(name, "must be a JSON object")
+            return None
+        if len(value) > max_keys:
+            self.error(name, f"must have at most {max_keys} keys")
+            return None
+        return value
+
+    def uuid_list(
+        self, name: str, *, required: bool = False, max_items: int
+    ) -> list[uuid.UUID] | None:
+        value = self._get(name, required)
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            self.error(name, "must be a list of ids")
+            return None
+        if len(value) > max_items:
+            self.error(name, f"must have at most {max_items} ids")
+            return None
+        ids: list[uuid.UUID] = []
+        for index, item in enumerate(value):
+            parsed = parse_uuid(item) if isinstance(item, str) else None
+            if parsed is None:
+                self.error(f"{name}[{index}]", "must be a notification id (UUID)")
+            else:
+                ids.append(parsed)
+        return ids
+
+    def page_limit(self, default: int, maximum: int) -> int:
+        value = self._get("limit", False)
+        if value is None:
+            return default
+        try:
+            limit = int(value)
+        except (TypeError, ValueError):
+            self.error("limit", "must be an integer")
+            return default
+        if not 1 <= limit <= maximum:
+            self.error("limit", f"must be between 1 and {maximum}")
+            return default
+        return limit
+
+    def cursor(self, name: str = "before") -> uuid.UUID | None:
+        value = self._get(name, False)
+        if value is None:
+            return None
+        parsed = parse_uuid(value) if isinstance(value, str) else None
+        if parsed is None:
+            self.error(name, "must be an id taken from a previous page")
+        return parsed
+
+    def done(self) -> None:
+        """Raise one 422 for everything wrong, unknown fields included."""
+        if self._strict:
+            for name in self._data:
+                if name not in self._seen:
+                    self.error(name, "is not a known field")
+        if self.errors:
+            raise invalid(self.errors)
+
+
+def query_fields(request: web.Request, id_rule: OpaqueIdRule) -> Fields:
+    """Query parameters; unknown ones are ignored (proxies and caches add their own)."""
+    single = {key: request.query.get(key) for key in request.query}
+    return Fields(single, id_rule, strict=False)

@@ -1,0 +1,35 @@
+"""Every Redis key notifyd uses, in one place, under one configurable prefix.
+
+Keeping the names here (as arq does in its constants module) means a reader can see the whole
+Redis footprint at a glance, and two deployments can share one Redis by choosing prefixes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DISPATCH_GROUP = "dispatch"
+SEND_GROUP = "send"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "notifyd"
+
+    @property
+    def intents(self) -> str:
+        """Stream of notification intents, consumed by the dispatcher group."""
+        return f"{self.prefix}:intents"
+
+    @property
+    def dead_letters(self) -> str:
+        """Stream of entries that could not be handled after their last attempt."""
+        return f"{self.prefix}:dead"
+
+    def deliver(self, channel: str) -> str:
+        """Per-channel delivery stream, consumed by that channel's sender group."""
+        return f"{self.prefix}:deliver:{channel}"
+
+    def user_events(self, tenant_id: str, user_id: str) -> str:
+        """Pub/sub channel for one user's live events (tenant first: isolation by name)."""
+        return f"{self.prefix}:live:{len(tenant_id)}:{tenant_id}:{user_id}"

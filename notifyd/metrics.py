@@ -1,0 +1,74 @@
+"""The daemon's one Prometheus registry and the metrics defined on it.
+
+A registry per `Metrics` object (not the global default) keeps tests and several in-process
+instances from colliding, and keeps library-registered collectors out of our catalogue.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.registry import Collector
+
+from notifyd import __version__
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.build_info = Gauge(
+            "notifyd_build_info",
+            "Always 1; labels say which build is running.",
+            ["version", "python"],
+            registry=self.registry,
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        self.http_requests = Counter(
+            "notifyd_http_requests_total",
+            "HTTP requests answered, by route template, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.http_latency = Histogram(
+            "notifyd_http_request_duration_seconds",
+            "Time from request start to response, by route template and method.",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.http_in_flight = Gauge(
+            "notifyd_http_requests_in_flight",
+            "Requests being handled right now.",
+            registry=self.registry,
+        )
+        self.actor_restarts = Counter(
+            "notifyd_actor_restarts_total",
+            "Times the supervisor restarted an actor after it crashed.",
+            ["actor"],
+            registry=self.registry,
+        )
+        self.notifications_accepted = Counter(
+            "notifyd_notifications_accepted_total",
+            "Notifications stored and queued, by channel.",
+            ["channel"],
+            registry=self.registry,
+        )
+        self.enqueue_failures = Counter(
+            "notifyd_enqueue_failures_total",
+            "Stored rows whose XADD failed; the sweeper re-enqueues them.",
+            registry=self.registry,
+        )
+        self.requeued = Counter(
+            "notifyd_requeued_total",
+            "Rows found still queued past the bound and put back on the intents stream.",
+            registry=self.registry,
+        )
+
+    def register(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

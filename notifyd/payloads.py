@@ -1,0 +1,65 @@
+"""Versioned stream payloads, encoded with orjson in one place.
+
+Every entry on a stream is a frozen dataclass with a schema version, so a rolling upgrade can
+tell an old entry from a new one instead of guessing from the fields present.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+INTENT_VERSION = 1
+
+
+class PayloadError(ValueError):
+    """A stream entry that cannot be decoded: it goes to the dead-letter stream."""
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationIntent:
+    """A stored notification that needs dispatching; the row in PostgreSQL holds the rest."""
+
+    tenant_id: str
+    notification_id: str
+    reason: str = "created"  # created | requeued | retry
+    version: int = INTENT_VERSION
+
+    def to_fields(self) -> dict[str, bytes]:
+        return {"v": str(self.version).encode(), "data": dumps(self._as_dict())}
+
+    def _as_dict(self) -> dict[str, Any]:
+        return {
+            "tenant_id": self.tenant_id,
+            "notification_id": self.notification_id,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_fields(cls, entry: dict[bytes, bytes]) -> NotificationIntent:
+        try:
+            version = int(entry[b"v"])
+            data = orjson.loads(entry[b"data"])
+            if version != INTENT_VERSION:
+                raise PayloadError(f"unsupported intent version {version}")
+            return cls(
+                tenant_id=str(data["tenant_id"]),
+                notification_id=str(data["notification_id"]),
+                reason=str(data.get("reason", "created")),
+                version=version,
+            )
+        except (KeyError, ValueError, TypeError, orjson.JSONDecodeError) as exc:
+            if isinstance(exc, PayloadError):
+                raise
+            raise PayloadError(f"malformed intent: {exc!r}") from exc
+
+
+def dumps(value: Any) -> bytes:
+    """The one JSON encoder: UUIDs and datetimes are handled natively by orjson."""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+
+
+def loads(data: bytes | str) -> Any:
+    return orjson.loads(data)

@@ -1,0 +1,472 @@
+"""One typed settings object from defaults, an optional TOML file, `.env` and the environment.
+
+Precedence, lowest first: built-in default, TOML file (`NOTIFYD_CONFIG` or `--config`), `.env`
+in the working folder, process environment. The environment names of the services notifyd
+replaces (`DATABASE_URL`, `REDIS_HOST`, `EMAIL_HOST`, `JWT_SECRET`, `TWILIO_*`...) work as
+written, so an existing deployment's env file can be pointed at notifyd unchanged.
+
+Every problem is collected before failing, so `notifyd check-config` can name all of them at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from dotenv import dotenv_values
+
+ROLES = ("user", "service", "admin")
+CHANNELS = ("email", "sms", "in_app")
+DEFAULT_ID_PATTERN = r"[A-Za-z0-9._~:@|+=-]+"
+DEFAULT_SEND_POLICY = "user=in_app;service=email,sms,in_app;admin=email,sms,in_app"
+
+
+class SettingsError(Exception):
+    """Raised with every problem found, each naming the setting at fault."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The daemon's configuration; secrets are kept out of `repr`."""
+
+    # server
+    host: str = "127.0.0.1"
+    port: int = 8000
+    debug: bool = False
+    log_level: str = "info"
+    log_format: str = "auto"
+    shutdown_timeout: float = 15.0
+    instance_name: str = ""
+    # database
+    database_url: str = field(default="postgresql://postgres@127.0.0.1:5432/notifyd", repr=False)
+    db_pool_min: int = 2
+    db_pool_max: int = 10
+    db_command_timeout: float = 10.0
+    # redis
+    redis_url: str = field(default="", repr=False)
+    redis_host: str = "localhost"
+    redis_port: int = 6379
+    redis_db: int = 0
+    redis_password: str = field(default="", repr=False)
+    redis_prefix: str = "notifyd"
+    # email (the global SMTP fallback; tenants may override it)
+    email_host: str = "localhost"
+    email_port: int = 25
+    email_host_user: str = ""
+    email_host_password: str = field(default="", repr=False)
+    email_use_tls: bool = False
+    email_use_ssl: bool = False
+    email_from: str = "notifyd@localhost"
+    recipient_list: tuple[str, ...] = ()
+    # auth
+    jwt_secret: str = field(default="", repr=False)
+    jwt_expiry: int = 3600
+    jwt_algorithms: tuple[str, ...] = ()
+    jwt_public_key_file: str = ""
+    jwt_jwks_url: str = ""
+    jwt_jwks_cache_seconds: float = 300.0
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_leeway: float = 30.0
+    jwt_tenant_claim: str = "tenant_id"
+    jwt_user_claim: str = "user_id"
+    jwt_role_claim: str = "role"
+    send_policy: Mapping[str, frozenset[str]] = field(
+        default_factory=lambda: parse_send_policy(DEFAULT_SEND_POLICY)
+    )
+    # twilio
+    twilio_account_sid: str = ""
+    twilio_auth_token: str = field(default="", repr=False)
+    twilio_phone: str = ""
+    # limits
+    max_body_bytes: int = 1_048_576
+    message_max_length: int = 10_000
+    subject_max_length: int = 500
+    notification_max_length: int = 100_000
+    context_max_keys: int = 200
+    id_max_length: int = 128
+    id_pattern: str = DEFAULT_ID_PATTERN
+    page_size_default: int = 50
+    page_size_max: int = 200
+    mark_read_max_ids: int = 1000
+    idempotency_ttl: float = 86_400.0
+    idempotency_stale_after: float = 60.0
+    # background work
+    requeue_after: float = 30.0
+    sweep_interval: float = 10.0
+
+    @property
+    def effective_redis_url(self) -> str:
+        """`REDIS_URL` when set, else one built from the seed's `REDIS_HOST`/`REDIS_PORT`."""
+        if self.redis_url:
+            return self.redis_url
+        auth = f":{quote(self.redis_password, safe='')}@" if self.redis_password else ""
+        return f"redis://{auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+    @property
+    def effective_jwt_algorithms(self) -> tuple[str, ...]:
+        """Algorithms accepted on incoming tokens: configured, or implied by the keys present."""
+        if self.jwt_algorithms:
+            return self.jwt_algorithms
+        algorithms: list[str] = []
+        if self.jwt_secret:
+            algorithms.append("HS256")
+        if self.jwt_public_key_file or self.jwt_jwks_url:
+            algorithms += ["RS256", "ES256"]
+        return tuple(algorithms)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """How one setting is read: its environment names, TOML key, parser and documentation."""
+
+    name: str
+    env: tuple[str, ...]
+    toml: str
+    parse: Callable[[Any], Any]
+    secret: bool = False
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str | int | float):
+        raise ValueError("must be a string")
+    return str(value)
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("must be an integer")
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"must be an integer, got {value!r}") from None
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("must be a number")
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        raise ValueError(f"must be a number, got {value!r}") from None
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
+def _to_list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, list | tuple):
+        return tuple(str(item).strip() for item in value if str(item).strip())
+    return tuple(part.strip() for part in str(value).split(",") if part.strip())
+
+
+def parse_send_policy(value: Any) -> Mapping[str, frozenset[str]]:
+    """`user=in_app;service=email,sms,in_app` (or a TOML table of lists) → role → channels."""
+    table: dict[str, Any]
+    if isinstance(value, Mapping):
+        table = dict(value)
+    else:
+        table = {}
+        for part in str(value).split(";"):
+            if not part.strip():
+                continue
+            role, sep, channels = part.partition("=")
+            if not sep:
+                raise ValueError(f"expected role=channel,channel in {part.strip()!r}")
+            table[role.strip()] = channels
+    policy: dict[str, frozenset[str]] = {role: frozenset() for role in ROLES}
+    for role, channels in table.items():
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
+        names = frozenset(_to_list(channels))
+        unknown = names - set(CHANNELS)
+        if unknown:
+            raise ValueError(
+                f"unknown channel {sorted(unknown)[0]!r} (channels: {', '.join(CHANNELS)})"
+            )
+        policy[role] = names
+    return policy
+
+
+def _spec(
+    name: str,
+    env: str | tuple[str, ...],
+    toml: str,
+    parse: Callable[[Any], Any],
+    secret: bool = False,
+) -> _Spec:
+    return _Spec(name, (env,) if isinstance(env, str) else env, toml, parse, secret)
+
+
+SPECS: tuple[_Spec, ...] = (
+    _spec("host", "NOTIFYD_HOST", "server.host", _to_str),
+    _spec("port", "NOTIFYD_PORT", "server.port", _to_int),
+    _spec("debug", "DEBUG", "server.debug", _to_bool),
+    _spec("log_level", "NOTIFYD_LOG_LEVEL", "server.log_level", _to_str),
+    _spec("log_format", "NOTIFYD_LOG_FORMAT", "server.log_format", _to_str),
+    _spec("shutdown_timeout", "NOTIFYD_SHUTDOWN_TIMEOUT", "server.shutdown_timeout", _to_float),
+    _spec("instance_name", "NOTIFYD_INSTANCE_NAME", "server.instance_name", _to_str),
+    _spec("database_url", "DATABASE_URL", "database.url", _to_str, secret=True),
+    _spec("db_pool_min", "NOTIFYD_DB_POOL_MIN", "database.pool_min", _to_int),
+    _spec("db_pool_max", "NOTIFYD_DB_POOL_MAX", "database.pool_max", _to_int),
+    _spec(
+        "db_command_timeout", "NOTIFYD_DB_COMMAND_TIMEOUT", "database.command_timeout", _to_float
+    ),
+    _spec("redis_url", "REDIS_URL", "redis.url", _to_str, secret=True),
+    _spec("redis_host", "REDIS_HOST", "redis.host", _to_str),
+    _spec("redis_port", "REDIS_PORT", "redis.port", _to_int),
+    _spec("redis_db", "REDIS_DB", "redis.db", _to_int),
+    _spec("redis_password", "REDIS_PASSWORD", "redis.password", _to_str, secret=True),
+    _spec("redis_prefix", "NOTIFYD_REDIS_PREFIX", "redis.prefix", _to_str),
+    _spec("email_host", "EMAIL_HOST", "email.host", _to_str),
+    _spec("email_port", "EMAIL_PORT", "email.port", _to_int),
+    _spec("email_host_user", "EMAIL_HOST_USER", "email.user", _to_str),
+    _spec("email_host_password", "EMAIL_HOST_PASSWORD", "email.password", _to_str, secret=True),
+    _spec("email_use_tls", "EMAIL_USE_TLS", "email.use_tls", _to_bool),
+    _spec("email_use_ssl", "EMAIL_USE_SSL", "email.use_ssl", _to_bool),
+    _spec("email_from", ("EMAIL_FROM", "DEFAULT_FROM_EMAIL"), "email.from", _to_str),
+    _spec("recipient_list", "RECIPIENT_LIST", "email.recipient_list", _to_list),
+    _spec("jwt_secret", "JWT_SECRET", "auth.jwt_secret", _to_str, secret=True),
+    _spec("jwt_expiry", "JWT_EXPIRY", "auth.jwt_expiry", _to_int),
+    _spec("jwt_algorithms", "JWT_ALGORITHMS", "auth.algorithms", _to_list),
+    _spec("jwt_public_key_file", "JWT_PUBLIC_KEY_FILE", "auth.public_key_file", _to_str),
+    _spec("jwt_jwks_url", "JWT_JWKS_URL", "auth.jwks_url", _to_str),
+    _spec("jwt_jwks_cache_seconds", "JWT_JWKS_CACHE_SECONDS", "auth.jwks_cache_seconds", _to_float),
+    _spec("jwt_issuer", "JWT_ISSUER", "auth.issuer", _to_str),
+    _spec("jwt_audience", "JWT_AUDIENCE", "auth.audience", _to_str),
+    _spec("jwt_leeway", "JWT_LEEWAY", "auth.leeway", _to_float),
+    _spec("jwt_tenant_claim", "JWT_TENANT_CLAIM", "auth.tenant_claim", _to_str),
+    _spec("jwt_user_claim", "JWT_USER_CLAIM", "auth.user_claim", _to_str),
+    _spec("jwt_role_claim", "JWT_ROLE_CLAIM", "auth.role_claim", _to_str),
+    _spec("send_policy", "NOTIFYD_SEND_POLICY", "auth.send_policy", parse_send_policy),
+    _spec("twilio_account_sid", "TWILIO_ACCOUNT_SID", "twilio.account_sid", _to_str),
+    _spec("twilio_auth_token", "TWILIO_AUTH_TOKEN", "twilio.auth_token", _to_str, secret=True),
+    _spec("twilio_phone", "TWILIO_PHONE", "twilio.phone", _to_str),
+    _spec("max_body_bytes", "NOTIFYD_MAX_BODY_BYTES", "limits.max_body_bytes", _to_int),
+    _spec("message_max_length", "NOTIFYD_MESSAGE_MAX_LENGTH", "limits.message_max_length", _to_int),
+    _spec("subject_max_length", "NOTIFYD_SUBJECT_MAX_LENGTH", "limits.subject_max_length", _to_int),
+    _spec(
+        "notification_max_length",
+        "NOTIFYD_NOTIFICATION_MAX_LENGTH",
+        "limits.notification_max_length",
+        _to_int,
+    ),
+    _spec("context_max_keys", "NOTIFYD_CONTEXT_MAX_KEYS", "limits.context_max_keys", _to_int),
+    _spec("id_max_length", "NOTIFYD_ID_MAX_LENGTH", "limits.id_max_length", _to_int),
+    _spec("id_pattern", "NOTIFYD_ID_PATTERN", "limits.id_pattern", _to_str),
+    _spec("page_size_default", "NOTIFYD_PAGE_SIZE_DEFAULT", "limits.page_size_default", _to_int),
+    _spec("page_size_max", "NOTIFYD_PAGE_SIZE_MAX", "limits.page_size_max", _to_int),
+    _spec("mark_read_max_ids", "NOTIFYD_MARK_READ_MAX_IDS", "limits.mark_read_max_ids", _to_int),
+    _spec("idempotency_ttl", "NOTIFYD_IDEMPOTENCY_TTL", "limits.idempotency_ttl", _to_float),
+    _spec(
+        "idempotency_stale_after",
+        "NOTIFYD_IDEMPOTENCY_STALE_AFTER",
+        "limits.idempotency_stale_after",
+        _to_float,
+    ),
+    _spec("requeue_after", "NOTIFYD_REQUEUE_AFTER", "delivery.requeue_after", _to_float),
+    _spec("sweep_interval", "NOTIFYD_SWEEP_INTERVAL", "delivery.sweep_interval", _to_float),
+)
+
+
+def _toml_lookup(table: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
+    node: Any = table
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _unknown_toml_keys(table: Mapping[str, Any]) -> list[str]:
+    known = {spec.toml for spec in SPECS}
+    sections = {key.split(".")[0] for key in known}
+    unknown: list[str] = []
+    for section, body in table.items():
+        if section not in sections or not isinstance(body, Mapping):
+            unknown.append(section)
+            continue
+        for key in body:
+            dotted = f"{section}.{key}"
+            if dotted not in known:
+                unknown.append(dotted)
+    return unknown
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    *,
+    config_file: str | os.PathLike[str] | None = None,
+    dotenv_file: str | os.PathLike[str] | None = ".env",
+) -> Settings:
+    """Build the settings; raise `SettingsError` naming every bad or missing setting."""
+    env = dict(os.environ if environ is None else environ)
+    problems: list[str] = []
+    dotenv: dict[str, str] = {}
+    if dotenv_file is not None and Path(dotenv_file).is_file():
+        dotenv = {k: v for k, v in dotenv_values(dotenv_file).items() if v is not None}
+    merged = {**dotenv, **env}
+
+    toml_table: dict[str, Any] = {}
+    config_path = config_file or merged.get("NOTIFYD_CONFIG")
+    if config_path:
+        try:
+            toml_table = tomllib.loads(Path(config_path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            problems.append(f"NOTIFYD_CONFIG: cannot read {config_path}: {exc.strerror}")
+        except tomllib.TOMLDecodeError as exc:
+            problems.append(f"NOTIFYD_CONFIG: {config_path} is not valid TOML: {exc}")
+        problems += [
+            f"{config_path}: unknown key {key!r}" for key in _unknown_toml_keys(toml_table)
+        ]
+
+    values: dict[str, Any] = {}
+    for spec in SPECS:
+        source, raw = "", None
+        for name in spec.env:
+            if name in merged:
+                source, raw = name, merged[name]
+                break
+        else:
+            found, raw = _toml_lookup(toml_table, spec.toml)
+            if not found:
+                continue
+            source = f"{config_path} [{spec.toml}]"
+        try:
+            values[spec.name] = spec.parse(raw)
+        except ValueError as exc:
+            problems.append(f"{source}: {exc}")
+
+    settings = Settings(**values) if not problems else Settings()
+    if not problems:
+        problems += validate(settings)
+    if problems:
+        raise SettingsError(problems)
+    return settings
+
+
+def validate(settings: Settings) -> list[str]:
+    """Cross-field checks: the things a running daemon would otherwise discover too late."""
+    problems: list[str] = []
+    if not 0 <= settings.port < 65536:  # 0: any free port (tests, several local instances)
+        problems.append(f"NOTIFYD_PORT: {settings.port} is not a TCP port")
+    if urlsplit(settings.database_url).scheme not in {"postgres", "postgresql"}:
+        problems.append("DATABASE_URL: must be a postgresql:// URL")
+    if settings.redis_url and urlsplit(settings.redis_url).scheme not in {
+        "redis",
+        "rediss",
+        "unix",
+    }:
+        problems.append("REDIS_URL: must be a redis://, rediss:// or unix:// URL")
+    if not 0 < settings.redis_port < 65536:
+        problems.append(f"REDIS_PORT: {settings.redis_port} is not a TCP port")
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]+", settings.redis_prefix):
+        problems.append("NOTIFYD_REDIS_PREFIX: use letters, digits and _ . : - only")
+    if settings.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
+        problems.append("NOTIFYD_LOG_LEVEL: one of debug, info, warning, error, critical")
+    if settings.log_format not in {"auto", "json", "text"}:
+        problems.append("NOTIFYD_LOG_FORMAT: one of auto, json, text")
+    if settings.db_pool_min < 1 or settings.db_pool_max < settings.db_pool_min:
+        problems.append("NOTIFYD_DB_POOL_MIN/MAX: need 1 <= min <= max")
+    if not (settings.jwt_secret or settings.jwt_public_key_file or settings.jwt_jwks_url):
+        problems.append(
+            "JWT_SECRET: missing; set it (HS256), "
+            "or JWT_PUBLIC_KEY_FILE / JWT_JWKS_URL (RS256/ES256)"
+        )
+    elif settings.jwt_secret and len(settings.jwt_secret) < 16:
+        problems.append(
+            "JWT_SECRET: too short, use at least 16 characters (32 random bytes is better)"
+        )
+    for alg in settings.effective_jwt_algorithms:
+        if alg == "none" or not re.fullmatch(r"(HS|RS|PS|ES)(256|384|512)|EdDSA", alg):
+            problems.append(f"JWT_ALGORITHMS: {alg!r} is not an accepted signing algorithm")
+        elif alg.startswith("HS") and not settings.jwt_secret:
+            problems.append(f"JWT_ALGORITHMS: {alg} needs JWT_SECRET")
+        elif not alg.startswith("HS") and not (
+            settings.jwt_public_key_file or settings.jwt_jwks_url
+        ):
+            problems.append(f"JWT_ALGORITHMS: {alg} needs JWT_PUBLIC_KEY_FILE or JWT_JWKS_URL")
+    if settings.jwt_public_key_file and not Path(settings.jwt_public_key_file).is_file():
+        problems.append(f"JWT_PUBLIC_KEY_FILE: no file at {settings.jwt_public_key_file}")
+    if settings.jwt_jwks_url and urlsplit(settings.jwt_jwks_url).scheme not in {"http", "https"}:
+        problems.append("JWT_JWKS_URL: must be an http(s):// URL")
+    if settings.jwt_expiry <= 0:
+        problems.append("JWT_EXPIRY: must be a positive number of seconds")
+    if settings.email_use_tls and settings.email_use_ssl:
+        problems.append("EMAIL_USE_TLS/EMAIL_USE_SSL: choose one (STARTTLS or implicit TLS)")
+    for address in settings.recipient_list:
+        if "@" not in address:
+            problems.append(f"RECIPIENT_LIST: {address!r} is not an email address")
+    try:
+        re.compile(settings.id_pattern)
+    except re.error as exc:
+        problems.append(f"NOTIFYD_ID_PATTERN: not a regular expression: {exc}")
+    positive = {
+        "NOTIFYD_MAX_BODY_BYTES": settings.max_body_bytes,
+        "NOTIFYD_MESSAGE_MAX_LENGTH": settings.message_max_length,
+        "NOTIFYD_SUBJECT_MAX_LENGTH": settings.subject_max_length,
+        "NOTIFYD_NOTIFICATION_MAX_LENGTH": settings.notification_max_length,
+        "NOTIFYD_ID_MAX_LENGTH": settings.id_max_length,
+        "NOTIFYD_PAGE_SIZE_DEFAULT": settings.page_size_default,
+        "NOTIFYD_PAGE_SIZE_MAX": settings.page_size_max,
+        "NOTIFYD_SHUTDOWN_TIMEOUT": settings.shutdown_timeout,
+        "NOTIFYD_IDEMPOTENCY_TTL": settings.idempotency_ttl,
+        "NOTIFYD_REQUEUE_AFTER": settings.requeue_after,
+        "NOTIFYD_SWEEP_INTERVAL": settings.sweep_interval,
+    }
+    problems += [f"{name}: must be greater than 0" for name, v in positive.items() if v <= 0]
+    if settings.page_size_default > settings.page_size_max:
+        problems.append("NOTIFYD_PAGE_SIZE_DEFAULT: must not exceed NOTIFYD_PAGE_SIZE_MAX")
+    return problems
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced, so it can be printed or logged."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+
+
+def describe(settings: Settings) -> list[tuple[str, str, str]]:
+    """(environment name, TOML key, shown value) for every setting, secrets masked."""
+    rows: list[tuple[str, str, str]] = []
+    by_name = {f.name: getattr(settings, f.name) for f in fields(settings)}
+    for spec in SPECS:
+        value = by_name[spec.name]
+        if spec.name in {"database_url", "redis_url"}:
+            shown = mask_url(str(value))
+        elif spec.secret:
+            shown = "***" if value else "(unset)"
+        elif isinstance(value, tuple):
+            shown = ",".join(value)
+        elif isinstance(value, Mapping):
+            shown = ";".join(f"{role}={','.join(sorted(ch))}" for role, ch in value.items())
+        else:
+            shown = str(value)
+        rows.append((spec.env[0], spec.toml, shown))
+    rows.append(("(derived)", "redis url", mask_url(settings.effective_redis_url)))
+    rows.append(("(derived)", "jwt algorithms", ",".join(settings.effective_jwt_algorithms)))
+    return rows

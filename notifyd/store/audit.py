@@ -1,0 +1,68 @@
+"""The audit log: one row per write, inside the write's own transaction.
+
+Writing it in the same transaction means an audited change and its audit row commit or roll
+back together; there is no window where one exists without the other.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from notifyd.ids import uuid7
+from notifyd.store.pool import Conn, Executor
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    tenant_id: str
+    user_id: str | None
+    action: str
+    ip_address: str | None
+    request_id: str | None
+    details: dict[str, Any]
+
+
+INSERT = """
+INSERT INTO audit_log (id, tenant_id, user_id, action, ip_address, request_id, details)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+"""
+
+LIST = """
+SELECT id, user_id, action, ip_address, request_id, details, created_at
+FROM audit_log
+WHERE tenant_id = $1
+  AND ($2::uuid IS NULL OR id < $2)
+  AND ($3::text IS NULL OR action = $3)
+  AND ($4::text IS NULL OR user_id = $4)
+ORDER BY id DESC
+LIMIT $5
+"""
+
+
+async def record(conn: Conn, entry: AuditEntry) -> None:
+    await conn.execute(
+        INSERT,
+        uuid7(),
+        entry.tenant_id,
+        entry.user_id,
+        entry.action,
+        entry.ip_address,
+        entry.request_id,
+        entry.details,
+    )
+
+
+async def list_entries(
+    conn: Executor,
+    tenant_id: str,
+    *,
+    before: uuid.UUID | None,
+    action: str | None,
+    user_id: str | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    return await conn.fetch(LIST, tenant_id, before, action, user_id, limit)

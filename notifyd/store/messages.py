@@ -1,0 +1,100 @@
+"""1-on-1 messages between users of one tenant."""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+
+from notifyd.store.pool import Conn, Executor
+
+COLUMNS = "id, sender_id, receiver_id, content, sent_at, read_at"
+
+INSERT = """
+INSERT INTO messages (id, tenant_id, sender_id, receiver_id, content)
+VALUES ($1, $2, $3, $4, $5)
+RETURNING sent_at
+"""
+
+# Two index-ordered scans merged, so a user with a long history still pages in index order.
+LIST_FOR_USER = f"""
+SELECT {COLUMNS} FROM (
+    (SELECT {COLUMNS} FROM messages
+     WHERE tenant_id = $1 AND sender_id = $2 AND ($3::uuid IS NULL OR id < $3)
+     ORDER BY id DESC LIMIT $4)
+    UNION ALL
+    (SELECT {COLUMNS} FROM messages
+     WHERE tenant_id = $1 AND receiver_id = $2 AND ($3::uuid IS NULL OR id < $3)
+     ORDER BY id DESC LIMIT $4)
+) AS both_sides
+ORDER BY id DESC
+LIMIT $4
+"""
+
+LIST_CONVERSATION = f"""
+SELECT {COLUMNS} FROM messages
+WHERE tenant_id = $1
+  AND LEAST(sender_id, receiver_id) = LEAST($2::text, $3::text)
+  AND GREATEST(sender_id, receiver_id) = GREATEST($2::text, $3::text)
+  AND ($4::uuid IS NULL OR id < $4)
+ORDER BY id DESC
+LIMIT $5
+"""
+
+MARK_READ_IDS = """
+UPDATE messages SET read_at = now()
+WHERE tenant_id = $1 AND receiver_id = $2 AND id = ANY($3::uuid[]) AND read_at IS NULL
+"""
+
+MARK_READ_FROM = """
+UPDATE messages SET read_at = now()
+WHERE tenant_id = $1 AND receiver_id = $2 AND sender_id = $3 AND read_at IS NULL
+"""
+
+MARK_READ_ALL = """
+UPDATE messages SET read_at = now()
+WHERE tenant_id = $1 AND receiver_id = $2 AND read_at IS NULL
+"""
+
+
+async def insert(
+    conn: Conn,
+    message_id: uuid.UUID,
+    tenant_id: str,
+    sender_id: str,
+    receiver_id: str,
+    content: str,
+) -> object:
+    return await conn.fetchval(INSERT, message_id, tenant_id, sender_id, receiver_id, content)
+
+
+async def list_for_user(
+    conn: Executor,
+    tenant_id: str,
+    user_id: str,
+    *,
+    with_user: str | None,
+    before: uuid.UUID | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    if with_user is not None:
+        return await conn.fetch(LIST_CONVERSATION, tenant_id, user_id, with_user, before, limit)
+    return await conn.fetch(LIST_FOR_USER, tenant_id, user_id, before, limit)
+
+
+async def mark_read(
+    conn: Conn,
+    tenant_id: str,
+    receiver_id: str,
+    *,
+    ids: list[uuid.UUID] | None,
+    from_user: str | None,
+) -> int:
+    """Only messages the caller received can be marked read by the caller."""
+    if ids is not None:
+        status = await conn.execute(MARK_READ_IDS, tenant_id, receiver_id, ids)
+    elif from_user is not None:
+        status = await conn.execute(MARK_READ_FROM, tenant_id, receiver_id, from_user)
+    else:
+        status = await conn.execute(MARK_READ_ALL, tenant_id, receiver_id)
+    return int(status.rsplit(" ", 1)[1])

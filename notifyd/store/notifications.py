@@ -1,0 +1,114 @@
+"""Notifications table: the outbox row comes first, the stream entry after it."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from notifyd.store.pool import Conn, Executor
+
+COLUMNS = """id, tenant_id, created_by, user_id, channel, recipient, subject, body,
+    template_key, context, status, attempts, last_error, read_at, created_at, updated_at, sent_at"""
+
+INSERT = """
+INSERT INTO notifications (id, tenant_id, created_by, user_id, channel, recipient, subject, body,
+                           template_key, context, idempotency_key, request_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+RETURNING created_at
+"""
+
+LIST_FOR_USER = f"""
+SELECT {COLUMNS} FROM notifications
+WHERE tenant_id = $1 AND user_id = $2
+  AND ($3::uuid IS NULL OR id < $3)
+  AND (NOT $4::bool OR (read_at IS NULL AND channel = 'in_app'))
+  AND ($5::text IS NULL OR channel = $5)
+ORDER BY id DESC
+LIMIT $6
+"""
+
+UNREAD_COUNT = """
+SELECT count(*) FROM notifications
+WHERE tenant_id = $1 AND user_id = $2 AND read_at IS NULL AND channel = 'in_app'
+"""
+
+GET = f"SELECT {COLUMNS} FROM notifications WHERE tenant_id = $1 AND id = $2"
+
+MARK_READ_IDS = """
+UPDATE notifications SET read_at = now(), updated_at = now()
+WHERE tenant_id = $1 AND user_id = $2 AND id = ANY($3::uuid[]) AND read_at IS NULL
+  AND channel = 'in_app'
+"""
+
+MARK_READ_ALL = """
+UPDATE notifications SET read_at = now(), updated_at = now()
+WHERE tenant_id = $1 AND user_id = $2 AND read_at IS NULL AND channel = 'in_app'
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class NewNotification:
+    id: uuid.UUID
+    tenant_id: str
+    created_by: str
+    user_id: str | None
+    channel: str
+    recipient: str
+    subject: str | None
+    body: str | None
+    template_key: str | None
+    context: dict[str, Any] | None
+    idempotency_key: str | None
+    request_id: str | None
+
+
+async def insert(conn: Conn, row: NewNotification) -> Any:
+    """Store the row as `queued`; returns its `created_at`."""
+    return await conn.fetchval(
+        INSERT,
+        row.id,
+        row.tenant_id,
+        row.created_by,
+        row.user_id,
+        row.channel,
+        row.recipient,
+        row.subject,
+        row.body,
+        row.template_key,
+        row.context,
+        row.idempotency_key,
+        row.request_id,
+    )
+
+
+async def list_for_user(
+    conn: Executor,
+    tenant_id: str,
+    user_id: str,
+    *,
+    before: uuid.UUID | None,
+    unread_only: bool,
+    channel: str | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    return await conn.fetch(LIST_FOR_USER, tenant_id, user_id, before, unread_only, channel, limit)
+
+
+async def unread_count(conn: Executor, tenant_id: str, user_id: str) -> int:
+    return int(await conn.fetchval(UNREAD_COUNT, tenant_id, user_id))
+
+
+async def get(conn: Executor, tenant_id: str, notification_id: uuid.UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow(GET, tenant_id, notification_id)
+
+
+async def mark_read(conn: Conn, tenant_id: str, user_id: str, ids: list[uuid.UUID] | None) -> int:
+    """Mark the caller's own in-app notifications read; `ids=None` means all of them."""
+    if ids is None:
+        status = await conn.execute(MARK_READ_ALL, tenant_id, user_id)
+    else:
+        status = await conn.execute(MARK_READ_IDS, tenant_id, user_id, ids)
+    return int(status.rsplit(" ", 1)[1])

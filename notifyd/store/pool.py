@@ -1,0 +1,63 @@
+"""The asyncpg pool: JSON codecs once per connection, and a close that cannot hang shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+import orjson
+from asyncpg.pool import PoolConnectionProxy
+
+from notifyd.settings import Settings
+
+log = logging.getLogger("notifyd.store")
+
+Pool = asyncpg.Pool
+# A connection as handlers see it (from a pool) or as the CLI opens it (alone).
+Conn = asyncpg.Connection | PoolConnectionProxy
+# Anything a read can run on: a pool checks a connection out for one statement.
+Executor = asyncpg.Pool | Conn
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for type_name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            type_name,
+            encoder=lambda value: orjson.dumps(value).decode(),
+            decoder=orjson.loads,
+            schema="pg_catalog",
+        )
+
+
+async def create_pool(settings: Settings, *, connect_timeout: float = 30.0) -> asyncpg.Pool:
+    """Open the pool, retrying while PostgreSQL is still starting (boot order on a VM)."""
+    deadline = asyncio.get_running_loop().time() + connect_timeout
+    delay = 0.2
+    while True:
+        try:
+            pool = await asyncpg.create_pool(
+                settings.database_url,
+                min_size=settings.db_pool_min,
+                max_size=settings.db_pool_max,
+                command_timeout=settings.db_command_timeout,
+                init=_init_connection,
+            )
+        except (OSError, asyncpg.CannotConnectNowError) as exc:
+            if asyncio.get_running_loop().time() + delay > deadline:
+                raise
+            log.warning("postgresql not reachable yet, retrying", extra={"error": str(exc)})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        else:
+            assert pool is not None
+            return pool
+
+
+async def close_pool(pool: asyncpg.Pool, grace: float = 5.0) -> None:
+    """Graceful close, else terminate: whatever happens, including cancellation."""
+    try:
+        await asyncio.wait_for(pool.close(), grace)
+    except BaseException:
+        pool.terminate()
+        raise
