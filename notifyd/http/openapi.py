@@ -1,0 +1,482 @@
+"""The OpenAPI 3.1 document describing every route, served at `/openapi.json`.
+
+Written as data next to the handlers rather than generated from them: the request rules live
+in handler code (validation.py), and a test checks that this document and the router agree
+route for route, so neither can drift silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from notifyd import __version__
+from notifyd.payloads import dumps
+
+JSON = "application/json"
+PROBLEM = "application/problem+json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _list_of(name: str) -> dict[str, Any]:
+    return {"type": "array", "items": _ref(name)}
+
+
+def _body(schema: str) -> dict[str, Any]:
+    return {"required": True, "content": {JSON: {"schema": _ref(schema)}}}
+
+
+def _ok(
+    schema: dict[str, Any], description: str = "OK", headers: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    answer: dict[str, Any] = {"description": description, "content": {JSON: {"schema": schema}}}
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+def _problems(*codes: int) -> dict[str, Any]:
+    text = {
+        400: "Malformed JSON or a bad header",
+        401: "Missing or invalid bearer token",
+        403: "The caller's role may not do this",
+        404: "No such resource in the caller's tenant",
+        409: "Conflicting state or a request with the same Idempotency-Key in flight",
+        413: "Body larger than the limit",
+        415: "Body is not JSON",
+        422: "Invalid fields (see errors[])",
+        503: "Not ready",
+    }
+    return {
+        str(code): {"description": text[code], "content": {PROBLEM: {"schema": _ref("Problem")}}}
+        for code in codes
+    }
+
+
+_ID = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 128,
+    "description": "An opaque id from another service (bounded length and character set).",
+}
+_UUID = {"type": "string", "format": "uuid"}
+_TIME = {"type": "string", "format": "date-time"}
+_NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
+_NULLABLE_STR = {"type": ["string", "null"]}
+_PAGE_PARAMS = [
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+    {
+        "name": "before",
+        "in": "query",
+        "schema": _UUID,
+        "description": "Cursor: the last id of the previous page (see the Link header).",
+    },
+]
+_LINK = {"Link": {"schema": {"type": "string"}, "description": 'rel="next" page, when full'}}
+_IDEMPOTENCY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "schema": {"type": "string", "maxLength": 255},
+    "description": "Replays the first response for 24 h.",
+}
+_PATH_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+SCHEMAS: dict[str, Any] = {
+    "Problem": {
+        "type": "object",
+        "required": ["type", "title", "status", "detail"],
+        "properties": {
+            "type": {"type": "string"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+            "instance": {"type": "string"},
+            "errors": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["field", "message"],
+                    "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+                },
+            },
+        },
+    },
+    "NotificationSend": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["notification_type", "recipient"],
+        "properties": {
+            "notification_type": {"enum": ["email", "sms", "in_app"]},
+            "recipient": {
+                "type": "string",
+                "maxLength": 320,
+                "description": "Email address, phone number or user id.",
+            },
+            "subject": {"type": "string"},
+            "message": {"type": "string"},
+            "template_key": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"},
+            "context": {"type": "object"},
+            "user_id": {**_ID, "description": "For email/sms: show it in this user's center."},
+        },
+    },
+    "NotificationAccepted": {
+        "type": "object",
+        "required": ["notification_id", "status"],
+        "properties": {"notification_id": _UUID, "status": {"const": "queued"}},
+    },
+    "Notification": {
+        "type": "object",
+        "properties": {
+            "id": _UUID,
+            "tenant_id": {"type": "string"},
+            "notification_type": {"enum": ["email", "sms", "in_app"]},
+            "recipient": {"type": "string"},
+            "user_id": _NULLABLE_STR,
+            "created_by": {"type": "string"},
+            "subject": _NULLABLE_STR,
+            "message": _NULLABLE_STR,
+            "template_key": _NULLABLE_STR,
+            "context": {"type": ["object", "null"]},
+            "status": {
+                "enum": [
+                    "queued",
+                    "sending",
+                    "sent",
+                    "delivered",
+                    "failed",
+                    "undelivered",
+                    "cancelled",
+                ]
+            },
+            "is_sent": {"type": "boolean"},
+            "is_read": {"type": "boolean"},
+            "read_at": _NULLABLE_TIME,
+            "attempts": {"type": "integer"},
+            "last_error": _NULLABLE_STR,
+            "created_at": _TIME,
+            "updated_at": _TIME,
+            "sent_at": _NULLABLE_TIME,
+        },
+    },
+    "MarkRead": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {"ids": {"type": "array", "items": _UUID}, "all": {"type": "boolean"}},
+    },
+    "MessageMarkRead": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "ids": {"type": "array", "items": _UUID},
+            "with": _ID,
+            "all": {"type": "boolean"},
+        },
+    },
+    "MarkReadResult": {
+        "type": "object",
+        "required": ["updated"],
+        "properties": {"updated": {"type": "integer"}, "unread_count": {"type": "integer"}},
+    },
+    "MessageSend": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["receiver_id", "content"],
+        "properties": {"receiver_id": _ID, "content": {"type": "string", "minLength": 1}},
+    },
+    "MessageCreated": {
+        "type": "object",
+        "required": ["message_id"],
+        "properties": {"message_id": _UUID, "sent_at": _TIME},
+    },
+    "Message": {
+        "type": "object",
+        "properties": {
+            "id": _UUID,
+            "sender_id": {"type": "string"},
+            "receiver_id": {"type": "string"},
+            "content": {"type": "string"},
+            "sent_at": _TIME,
+            "is_read": {"type": "boolean"},
+            "read_at": _NULLABLE_TIME,
+        },
+    },
+    "ReminderCreate": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": [
+            "application_id",
+            "candidate_id",
+            "employer_id",
+            "interview_time",
+            "reminder_time",
+        ],
+        "properties": {
+            "application_id": _ID,
+            "candidate_id": _ID,
+            "employer_id": _ID,
+            "interview_time": {**_TIME, "description": "RFC 3339 with an offset."},
+            "reminder_time": {**_TIME, "description": "Before interview_time."},
+        },
+    },
+    "ReminderPatch": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {"interview_time": _TIME, "reminder_time": _TIME},
+    },
+    "Reminder": {
+        "type": "object",
+        "properties": {
+            "id": _UUID,
+            "reminder_id": _UUID,
+            "application_id": {"type": "string"},
+            "candidate_id": {"type": "string"},
+            "employer_id": {"type": "string"},
+            "created_by": {"type": "string"},
+            "interview_time": _TIME,
+            "reminder_time": _TIME,
+            "status": {"enum": ["scheduled", "fired", "skipped", "cancelled"]},
+            "is_sent": {"type": "boolean"},
+            "fired_at": _NULLABLE_TIME,
+            "notification_ids": {"type": "array", "items": _UUID},
+            "created_at": _TIME,
+            "updated_at": _TIME,
+        },
+    },
+    "AuditEntry": {
+        "type": "object",
+        "properties": {
+            "id": _UUID,
+            "user_id": _NULLABLE_STR,
+            "action": {"type": "string"},
+            "ip_address": _NULLABLE_STR,
+            "request_id": _NULLABLE_STR,
+            "details": {"type": "object"},
+            "timestamp": _TIME,
+        },
+    },
+}
+
+
+def _operations() -> dict[str, dict[str, Any]]:
+    """Path → method → operation, for the seed paths; `/api/...` aliases are added below."""
+    secured: list[dict[str, list[str]]] = [{"bearer": []}]
+    auth_errors = _problems(401)
+    write_errors = _problems(400, 401, 409, 413, 415, 422)
+
+    def op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        return {
+            "summary": summary,
+            "security": secured,
+            "responses": {**responses, **auth_errors},
+            **extra,
+        }
+
+    return {
+        "/notifications/send/": {
+            "post": op(
+                "Send a notification (email, sms or in_app)",
+                {
+                    "202": _ok(_ref("NotificationAccepted"), "Stored and queued"),
+                    **_problems(403),
+                    **write_errors,
+                },
+                requestBody=_body("NotificationSend"),
+                parameters=[_IDEMPOTENCY],
+            )
+        },
+        "/notifications/": {
+            "get": op(
+                "The caller's notifications, newest first",
+                {
+                    "200": _ok(
+                        _list_of("Notification"),
+                        headers={**_LINK, "X-Unread-Count": {"schema": {"type": "integer"}}},
+                    ),
+                    **_problems(422),
+                },
+                parameters=[
+                    *_PAGE_PARAMS,
+                    {"name": "unread", "in": "query", "schema": {"type": "boolean"}},
+                    {"name": "type", "in": "query", "schema": {"enum": ["email", "sms", "in_app"]}},
+                ],
+            )
+        },
+        "/notifications/mark-as-read/": {
+            "post": op(
+                "Mark the caller's notifications read",
+                {"200": _ok(_ref("MarkReadResult")), **write_errors},
+                requestBody=_body("MarkRead"),
+                parameters=[_IDEMPOTENCY],
+            )
+        },
+        "/notifications/{id}/": {
+            "get": op(
+                "One notification with its delivery status",
+                {"200": _ok(_ref("Notification")), **_problems(404)},
+                parameters=[_PATH_ID],
+            )
+        },
+        "/messages/send/": {
+            "post": op(
+                "Send a 1-on-1 message",
+                {"201": _ok(_ref("MessageCreated"), "Stored"), **write_errors},
+                requestBody=_body("MessageSend"),
+                parameters=[_IDEMPOTENCY],
+            )
+        },
+        "/messages/": {
+            "get": op(
+                "The caller's messages, newest first",
+                {"200": _ok(_list_of("Message"), headers=_LINK), **_problems(422)},
+                parameters=[*_PAGE_PARAMS, {"name": "with", "in": "query", "schema": _ID}],
+            )
+        },
+        "/messages/mark-as-read/": {
+            "post": op(
+                "Mark messages the caller received as read",
+                {"200": _ok(_ref("MarkReadResult")), **write_errors},
+                requestBody=_body("MessageMarkRead"),
+                parameters=[_IDEMPOTENCY],
+            )
+        },
+        "/reminders/create/": {
+            "post": op(
+                "Schedule an interview reminder (service or admin)",
+                {"201": _ok(_ref("Reminder"), "Scheduled"), **_problems(403), **write_errors},
+                requestBody=_body("ReminderCreate"),
+                parameters=[_IDEMPOTENCY],
+            )
+        },
+        "/reminders/": {
+            "get": op(
+                "Reminders where the caller is candidate, employer or creator (all for services)",
+                {"200": _ok(_list_of("Reminder"), headers=_LINK), **_problems(422)},
+                parameters=[
+                    *_PAGE_PARAMS,
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "schema": {"enum": ["scheduled", "fired", "skipped", "cancelled"]},
+                    },
+                    {"name": "application_id", "in": "query", "schema": _ID},
+                ],
+            )
+        },
+        "/reminders/{id}/": {
+            "get": op(
+                "One reminder",
+                {"200": _ok(_ref("Reminder")), **_problems(404)},
+                parameters=[_PATH_ID],
+            ),
+            "patch": op(
+                "Reschedule a reminder that has not fired",
+                {"200": _ok(_ref("Reminder")), **_problems(403, 404), **write_errors},
+                requestBody=_body("ReminderPatch"),
+                parameters=[_PATH_ID],
+            ),
+            "delete": op(
+                "Cancel a reminder that has not fired",
+                {"204": {"description": "Cancelled"}, **_problems(403, 404, 409)},
+                parameters=[_PATH_ID],
+            ),
+        },
+        "/audit/": {
+            "get": op(
+                "The tenant's audit log (admin)",
+                {"200": _ok(_list_of("AuditEntry"), headers=_LINK), **_problems(403, 422)},
+                parameters=[
+                    *_PAGE_PARAMS,
+                    {"name": "action", "in": "query", "schema": {"type": "string"}},
+                    {"name": "user_id", "in": "query", "schema": _ID},
+                ],
+            )
+        },
+    }
+
+
+def _public() -> dict[str, dict[str, Any]]:
+    status = {"type": "object", "properties": {"status": {"type": "string"}}}
+    return {
+        "/healthz": {
+            "get": {"summary": "Alive", "security": [], "responses": {"200": _ok(status)}}
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Ready: PostgreSQL, Redis and actors",
+                "security": [],
+                "responses": {"200": _ok(status), "503": _ok(status, "Not ready")},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "OK",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "security": [],
+                "responses": {"200": _ok({"type": "object"})},
+            }
+        },
+    }
+
+
+def build_document() -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for path, operations in _operations().items():
+        paths[path] = operations
+        alias = "/api" + path
+        paths[alias] = {
+            method: {**operation, "operationId": f"{method}_api{_slug(path)}"}
+            for method, operation in operations.items()
+        }
+        for method, operation in operations.items():
+            operation["operationId"] = f"{method}{_slug(path)}"
+    for path, operations in _public().items():
+        for method, operation in operations.items():
+            operation["operationId"] = f"{method}{_slug(path)}"
+        paths[path] = operations
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "notifyd",
+            "version": __version__,
+            "description": "Notifications, messages, reminders and real-time chat for "
+            "multi-tenant SaaS. Every error is application/problem+json.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            },
+        },
+        "security": [{"bearer": []}],
+    }
+
+
+def _slug(path: str) -> str:
+    """`/notifications/{id}/` → `_notifications_id`, for stable operation ids."""
+    parts = [p.strip("{}").replace("-", "_").replace(".", "_") for p in path.split("/") if p]
+    return "_" + "_".join(parts)
+
+
+def add_routes(app: web.Application) -> None:
+    document = dumps(build_document())  # built once; it does not depend on settings
+
+    async def openapi_json(request: web.Request) -> web.Response:
+        return web.Response(body=document, content_type=JSON)
+
+    app.router.add_get("/openapi.json", openapi_json)
