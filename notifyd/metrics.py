@@ -61,11 +61,6 @@ class Metrics:
             "Stored rows whose XADD failed; the sweeper re-enqueues them.",
             registry=self.registry,
         )
-        self.requeued = Counter(
-            "notifyd_requeued_total",
-            "Rows found still queued past the bound and put back on the intents stream.",
-            registry=self.registry,
-        )
 
     def register(self, collector: Collector) -> None:
         self.registry.register(collector)

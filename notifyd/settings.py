@@ -46,7 +46,6 @@ class Settings:
     log_level: str = "info"
     log_format: str = "auto"
     shutdown_timeout: float = 15.0
-    instance_name: str = ""
     # database
     database_url: str = field(default="postgresql://postgres@127.0.0.1:5432/notifyd", repr=False)
     db_pool_min: int = 2
@@ -102,7 +101,6 @@ class Settings:
     idempotency_ttl: float = 86_400.0
     idempotency_stale_after: float = 60.0
     # background work
-    requeue_after: float = 30.0
     sweep_interval: float = 10.0
 
     @property
@@ -225,7 +223,6 @@ SPECS: tuple[_Spec, ...] = (
     _spec("log_level", "NOTIFYD_LOG_LEVEL", "server.log_level", _to_str),
     _spec("log_format", "NOTIFYD_LOG_FORMAT", "server.log_format", _to_str),
     _spec("shutdown_timeout", "NOTIFYD_SHUTDOWN_TIMEOUT", "server.shutdown_timeout", _to_float),
-    _spec("instance_name", "NOTIFYD_INSTANCE_NAME", "server.instance_name", _to_str),
     _spec("database_url", "DATABASE_URL", "database.url", _to_str, secret=True),
     _spec("db_pool_min", "NOTIFYD_DB_POOL_MIN", "database.pool_min", _to_int),
     _spec("db_pool_max", "NOTIFYD_DB_POOL_MAX", "database.pool_max", _to_int),
@@ -284,7 +281,6 @@ SPECS: tuple[_Spec, ...] = (
         "limits.idempotency_stale_after",
         _to_float,
     ),
-    _spec("requeue_after", "NOTIFYD_REQUEUE_AFTER", "delivery.requeue_after", _to_float),
     _spec("sweep_interval", "NOTIFYD_SWEEP_INTERVAL", "delivery.sweep_interval", _to_float),
 )
 
@@ -431,7 +427,6 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_PAGE_SIZE_MAX": settings.page_size_max,
         "NOTIFYD_SHUTDOWN_TIMEOUT": settings.shutdown_timeout,
         "NOTIFYD_IDEMPOTENCY_TTL": settings.idempotency_ttl,
-        "NOTIFYD_REQUEUE_AFTER": settings.requeue_after,
         "NOTIFYD_SWEEP_INTERVAL": settings.sweep_interval,
     }
     problems += [f"{name}: must be greater than 0" for name, v in positive.items() if v <= 0]
