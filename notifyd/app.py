@@ -101,9 +101,16 @@ class Daemon:
             *self._extra_actors,
         ]
         supervisor = Supervisor(
-            actors, on_restart=lambda name: self.metrics.actor_restarts.labels(name).inc()
+            actors,
+            on_restart=lambda name: self.metrics.actor_restarts.labels(name).inc(),
+            backoff_cap=s.actor_backoff_cap,
+            max_restarts=s.actor_max_restarts,
+            restart_window=s.actor_restart_window,
         )
         self.supervisor = supervisor
+        # Unwinding is last-in first-out: the listener closes and in-flight requests finish
+        # (runner.cleanup, pushed below) before the actors are asked to stop.
+        self._stack.push_async_callback(supervisor.stop, s.shutdown_timeout)
         services = Services(
             settings=s,
             pool=pool,
@@ -132,9 +139,7 @@ class Daemon:
         self.port = sock.getsockname()[1]
         site = web.SockSite(runner, sock)
         await site.start()
-        # actors stop before the pools close: registered last, so closed first
         supervisor.start()
-        self._stack.push_async_callback(supervisor.stop, s.shutdown_timeout)
         self.notifier.notify(
             f"READY=1\nSTATUS=serving on {s.host}:{self.port}\nMAINPID={os.getpid()}"
         )

@@ -102,6 +102,9 @@ class Settings:
     idempotency_stale_after: float = 60.0
     # background work
     sweep_interval: float = 10.0
+    actor_backoff_cap: float = 30.0
+    actor_max_restarts: int = 20
+    actor_restart_window: float = 60.0
 
     @property
     def effective_redis_url(self) -> str:
@@ -282,6 +285,11 @@ SPECS: tuple[_Spec, ...] = (
         _to_float,
     ),
     _spec("sweep_interval", "NOTIFYD_SWEEP_INTERVAL", "delivery.sweep_interval", _to_float),
+    _spec("actor_backoff_cap", "NOTIFYD_ACTOR_BACKOFF_CAP", "actors.backoff_cap", _to_float),
+    _spec("actor_max_restarts", "NOTIFYD_ACTOR_MAX_RESTARTS", "actors.max_restarts", _to_int),
+    _spec(
+        "actor_restart_window", "NOTIFYD_ACTOR_RESTART_WINDOW", "actors.restart_window", _to_float
+    ),
 )
 
 
@@ -353,9 +361,10 @@ def load_settings(
         except ValueError as exc:
             problems.append(f"{source}: {exc}")
 
-    settings = Settings(**values) if not problems else Settings()
-    if not problems:
-        problems += validate(settings)
+    # Validate what did parse too, so one run names every problem. Defaults stand in for the
+    # values that did not parse; being valid on their own, they add no second report.
+    settings = Settings(**values)
+    problems += validate(settings)
     if problems:
         raise SettingsError(problems)
     return settings
@@ -428,6 +437,9 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_SHUTDOWN_TIMEOUT": settings.shutdown_timeout,
         "NOTIFYD_IDEMPOTENCY_TTL": settings.idempotency_ttl,
         "NOTIFYD_SWEEP_INTERVAL": settings.sweep_interval,
+        "NOTIFYD_ACTOR_BACKOFF_CAP": settings.actor_backoff_cap,
+        "NOTIFYD_ACTOR_MAX_RESTARTS": settings.actor_max_restarts,
+        "NOTIFYD_ACTOR_RESTART_WINDOW": settings.actor_restart_window,
     }
     problems += [f"{name}: must be greater than 0" for name, v in positive.items() if v <= 0]
     if settings.page_size_default > settings.page_size_max:

@@ -31,7 +31,7 @@ class Actor(Protocol):
 
 def exponential_backoff(attempt: int, base: float, cap: float, jitter: bool = True) -> float:
     """Seconds to wait before attempt number `attempt` (1-based): base·2ⁿ, capped, jittered."""
-    delay = min(cap, base * (2 ** max(0, attempt - 1)))
+    delay = min(cap, base * (2 ** min(max(0, attempt - 1), 64)))  # bounded exponent
     return random.uniform(delay / 2, delay) if jitter else delay
 
 
@@ -104,31 +104,41 @@ class Supervisor:
                     return
                 raise RuntimeError("actor returned without being asked to stop")
             except asyncio.CancelledError:
-                raise
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    slot.running = False
+                    raise  # the supervisor (or the loop) is cancelling us: really stop
+                # a cancellation nobody asked for (a library cancelled a future under the
+                # actor) is a crash like any other, not a silent death
+                log.exception("actor ended by a stray cancellation")
             except Exception:
-                slot.running = False
-                slot.failures += 1
-                now = time.monotonic()
-                slot.recent_crashes.append(now)
-                while slot.recent_crashes and now - slot.recent_crashes[0] > self._restart_window:
-                    slot.recent_crashes.popleft()
-                log.exception("actor crashed", extra={"failures": slot.failures})
-                if len(slot.recent_crashes) > self._max_restarts:
-                    self.fatal_reason = (
-                        f"actor {slot.actor.name} crashed {len(slot.recent_crashes)} times "
-                        f"in {self._restart_window:.0f}s"
-                    )
-                    log.critical("restart budget exceeded", extra={"reason": self.fatal_reason})
-                    self.fatal.set()
-                    return
-                delay = exponential_backoff(
-                    len(slot.recent_crashes), self._backoff_base, self._backoff_cap
-                )
-                if await sleep_or_stop(self._stop, delay):
-                    return
-                if self._on_restart is not None:
-                    self._on_restart(slot.actor.name)
-                log.info("actor restarting", extra={"after_s": round(delay, 3)})
+                log.exception("actor crashed")
+            if not await self._back_off(slot):
+                return
+
+    async def _back_off(self, slot: _Slot) -> bool:
+        """Count the crash and wait out the backoff; False when the actor must not restart."""
+        slot.running = False
+        slot.failures += 1
+        now = time.monotonic()
+        slot.recent_crashes.append(now)
+        while slot.recent_crashes and now - slot.recent_crashes[0] > self._restart_window:
+            slot.recent_crashes.popleft()
+        if len(slot.recent_crashes) > self._max_restarts:
+            self.fatal_reason = (
+                f"actor {slot.actor.name} crashed {len(slot.recent_crashes)} times "
+                f"in {self._restart_window:.0f}s"
+            )
+            log.critical("restart budget exceeded", extra={"reason": self.fatal_reason})
+            self.fatal.set()
+            return False
+        delay = exponential_backoff(len(slot.recent_crashes), self._backoff_base, self._backoff_cap)
+        if await sleep_or_stop(self._stop, delay):
+            return False
+        if self._on_restart is not None:
+            self._on_restart(slot.actor.name)
+        log.info("actor restarting", extra={"after_s": round(delay, 3), "failures": slot.failures})
+        return True
 
     async def stop(self, grace: float) -> None:
         """Ask every actor to stop, wait up to `grace` seconds, then cancel what is left."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from notifyd.auth.identity import Identity
@@ -126,7 +127,7 @@ class TokenVerifier:
     async def verify(self, token: str) -> Identity:
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
+        except jwt.InvalidTokenError:
             raise TokenError("malformed token") from None
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
@@ -155,7 +156,8 @@ class TokenVerifier:
             raise TokenError("token audience is not accepted") from None
         except jwt.InvalidSignatureError:
             raise TokenError("token signature does not verify") from None
-        except jwt.InvalidTokenError:
+        except (jwt.InvalidTokenError, TypeError, ValueError):
+            # TypeError/ValueError: pyjwt refusing a key for an algorithm; same answer
             raise TokenError("token is not valid") from None
         return self._identity(claims)
 
@@ -163,11 +165,14 @@ class TokenVerifier:
         if alg.startswith("HS"):
             return self._settings.jwt_secret
         if self._jwks is not None:
-            jwk = await self._jwks.key(kid if isinstance(kid, str) else None)
-            return jwk.key
-        if self._public_key is None:
+            key = (await self._jwks.key(kid if isinstance(kid, str) else None)).key
+        elif self._public_key is not None:
+            key = self._public_key
+        else:
             raise TokenError(f"algorithm {alg!r} is not accepted")
-        return self._public_key
+        if not _key_fits(key, alg):
+            raise TokenError(f"algorithm {alg!r} does not match the signing key")
+        return key
 
     def _identity(self, claims: Mapping[str, Any]) -> Identity:
         s = self._settings
@@ -190,6 +195,17 @@ class TokenVerifier:
         return Identity(
             tenant_id=tenant, user_id=user, role=role_from_claim(claim(claims, s.jwt_role_claim))
         )
+
+
+def _key_fits(key: Any, alg: str) -> bool:
+    """Whether `alg` is an algorithm of `key`'s family (an RSA key never verifies ES256)."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return alg.startswith(("RS", "PS"))
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return alg.startswith("ES")
+    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return alg == "EdDSA"
+    return False
 
 
 def load_public_key(path: Path) -> Any:

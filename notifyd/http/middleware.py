@@ -106,10 +106,15 @@ def _bearer(request: web.Request) -> str | None:
     return None
 
 
+_UNSAFE_IN_QUOTES = re.compile(r'[^\x20-\x7e]|["\\]')
+
+
 def _unauthorized(detail: str, error: str = "invalid_token") -> Problem:
     challenge = 'Bearer realm="notifyd"'
     if error:
-        challenge += f', error="{error}", error_description="{detail}"'
+        # the detail may quote the token's own header: keep it a valid quoted-string
+        description = _UNSAFE_IN_QUOTES.sub("", detail)[:200]
+        challenge += f', error="{error}", error_description="{description}"'
     return Problem(401, detail, kind="unauthorized", headers={"WWW-Authenticate": challenge})
 
 
@@ -124,6 +129,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     try:
         caller = await services(request).verifier.verify(token)
     except TokenError as exc:
+        if exc.error == "temporarily_unavailable":
+            # our problem, not the caller's: the signing keys cannot be fetched right now
+            raise Problem(
+                503, exc.reason, kind="keys-unavailable", headers={"Retry-After": "5"}
+            ) from None
         raise _unauthorized(exc.reason, exc.error) from None
     request[IDENTITY_KEY] = caller
     tenant_id_var.set(caller.tenant_id)
