@@ -7,7 +7,7 @@ from aiohttp import web
 from notifyd.auth import policy
 from notifyd.http.context import identity, services
 from notifyd.http.problems import forbidden
-from notifyd.http.responses import iso, json_response, page_headers
+from notifyd.http.responses import iso, json_response, page
 from notifyd.http.validation import query_fields
 from notifyd.store import audit as store
 
@@ -24,8 +24,9 @@ async def list_audit(request: web.Request) -> web.Response:
     user_id = query.opaque_id("user_id", required=False)
     query.done()
     rows = await store.list_entries(
-        ctx.pool, caller.tenant_id, before=before, action=action, user_id=user_id, limit=limit
+        ctx.pool, caller.tenant_id, before=before, action=action, user_id=user_id, limit=limit + 1
     )
+    rows, headers = page(request, rows, limit)
     body = [
         {
             "id": str(r["id"]),
@@ -38,9 +39,7 @@ async def list_audit(request: web.Request) -> web.Response:
         }
         for r in rows
     ]
-    return json_response(
-        body, headers=page_headers(request, rows, limit, rows[-1]["id"] if rows else None)
-    )
+    return json_response(body, headers=headers)
 
 
 def add_routes(app: web.Application) -> None:

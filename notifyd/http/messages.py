@@ -8,7 +8,7 @@ import asyncpg
 from aiohttp import web
 
 from notifyd.http.context import audit_entry, identity, services
-from notifyd.http.responses import iso, json_response, page_headers
+from notifyd.http.responses import iso, json_response, page
 from notifyd.http.validation import Fields, query_fields, read_json_object
 from notifyd.ids import uuid7
 from notifyd.store import audit
@@ -66,9 +66,14 @@ async def list_messages(request: web.Request) -> web.Response:
     with_user = query.opaque_id("with", required=False)
     query.done()
     rows = await store.list_for_user(
-        ctx.pool, caller.tenant_id, caller.user_id, with_user=with_user, before=before, limit=limit
+        ctx.pool,
+        caller.tenant_id,
+        caller.user_id,
+        with_user=with_user,
+        before=before,
+        limit=limit + 1,
     )
-    headers = page_headers(request, rows, limit, rows[-1]["id"] if rows else None)
+    rows, headers = page(request, rows, limit)
     return json_response([message_json(r) for r in rows], headers=headers)
 
 
@@ -79,7 +84,11 @@ async def mark_messages_read(request: web.Request) -> web.Response:
     ids = fields.uuid_list("ids", max_items=ctx.settings.mark_read_max_ids)
     from_user = fields.opaque_id("with", required=False)
     everything = fields.boolean("all")
-    chosen = [name for name, v in (("ids", ids), ("with", from_user), ("all", everything)) if v]
+    chosen = [
+        n
+        for n, v in (("ids", ids), ("with", from_user), ("all", everything or None))
+        if v is not None
+    ]
     if len(chosen) != 1 and not fields.errors:
         fields.error("ids", 'send exactly one of "ids": [...], "with": <user id> or "all": true')
     fields.done()

@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from notifyd.auth import policy
 from notifyd.http.context import audit_entry, identity, request_id, services
 from notifyd.http.problems import forbidden, not_found
-from notifyd.http.responses import iso, json_response, page_headers
+from notifyd.http.responses import iso, json_response, page
 from notifyd.http.validation import Fields, is_email, query_fields, read_json_object
 from notifyd.ids import parse_uuid, uuid7
 from notifyd.payloads import NotificationIntent
@@ -159,10 +159,10 @@ async def list_notifications(request: web.Request) -> web.Response:
         before=before,
         unread_only=unread,
         channel=channel,
-        limit=limit,
+        limit=limit + 1,
     )
     unread_count = await store.unread_count(ctx.pool, caller.tenant_id, caller.user_id)
-    headers = page_headers(request, rows, limit, rows[-1]["id"] if rows else None)
+    rows, headers = page(request, rows, limit)
     headers["X-Unread-Count"] = str(unread_count)
     return json_response([notification_json(r) for r in rows], headers=headers)
 

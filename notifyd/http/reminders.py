@@ -15,7 +15,7 @@ from aiohttp import web
 from notifyd.auth import policy
 from notifyd.http.context import audit_entry, identity, services
 from notifyd.http.problems import Problem, forbidden, not_found
-from notifyd.http.responses import iso, json_response, page_headers
+from notifyd.http.responses import iso, json_response, page
 from notifyd.http.validation import Fields, query_fields, read_json_object
 from notifyd.ids import parse_uuid, uuid7
 from notifyd.store import audit
@@ -112,9 +112,9 @@ async def list_reminders(request: web.Request) -> web.Response:
         before=before,
         status=status,
         application_id=application_id,
-        limit=limit,
+        limit=limit + 1,
     )
-    headers = page_headers(request, rows, limit, rows[-1]["id"] if rows else None)
+    rows, headers = page(request, rows, limit)
     return json_response([reminder_json(r) for r in rows], headers=headers)
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Sequence
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 
 from notifyd.payloads import dumps
@@ -19,14 +18,20 @@ def json_response(
     )
 
 
-def page_headers(
-    request: web.Request, rows: Sequence[Any], limit: int, last_id: uuid.UUID | None
-) -> dict[str, str]:
-    """A `Link: <…>; rel="next"` when the page is full; the body stays a plain JSON array."""
-    if len(rows) < limit or last_id is None:
-        return {}
+def page(
+    request: web.Request, rows: list[asyncpg.Record], limit: int
+) -> tuple[list[asyncpg.Record], dict[str, str]]:
+    """Trim a page fetched with `limit + 1` rows; link the next page only when one exists.
+
+    The body stays a plain JSON array (as the seeds' clients expect); the cursor travels in
+    `Link: <…>; rel="next"`, carrying the last id shown and the caller's other parameters.
+    """
+    if len(rows) <= limit:
+        return rows, {}
+    shown = rows[:limit]
+    last_id = shown[-1]["id"]
     next_url = request.rel_url.update_query({"before": str(last_id), "limit": str(limit)})
-    return {"Link": f'<{next_url}>; rel="next"'}
+    return shown, {"Link": f'<{next_url}>; rel="next"'}
 
 
 def iso(value: Any) -> str | None:

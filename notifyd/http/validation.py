@@ -28,8 +28,11 @@ _EMAIL = re.compile(
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object; 400 for malformed JSON, 415 for another media type."""
-    if request.content_type not in ("application/json", "") and not request.content_type.endswith(
-        "+json"
+    declared = "Content-Type" in request.headers  # aiohttp reports octet-stream when absent
+    if (
+        declared
+        and request.content_type != "application/json"
+        and not (request.content_type.endswith("+json"))
     ):
         raise Problem(
             415,
