@@ -25,6 +25,7 @@ from notifyd.http.server import build_app
 from notifyd.ids import OpaqueIdRule
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
+from notifyd.pipeline import Pipeline, build_pipeline, consumer_name
 from notifyd.settings import Settings
 from notifyd.store import migrate
 from notifyd.store.pool import close_pool, create_pool
@@ -57,6 +58,7 @@ class Daemon:
         self._stop_requested = asyncio.Event()
         self._watchdog: asyncio.Task[None] | None = None
         self.supervisor: Supervisor | None = None
+        self.pipeline: Pipeline | None = None
         self.port: int = settings.port
         self.stopped = False
 
@@ -96,13 +98,28 @@ class Daemon:
         self._stack.push_async_callback(http_session.close)
 
         id_rule = OpaqueIdRule.from_settings(s.id_max_length, s.id_pattern)
+        keys = Keys(s.redis_prefix)
+        pipeline = build_pipeline(s, pool, redis, keys, self.metrics)
+        self.pipeline = pipeline
+        self._stack.push_async_callback(pipeline.close)
         actors: list[Actor] = [
+            *pipeline.actors,
             Housekeeper(pool, ttl=s.idempotency_ttl, interval=s.sweep_interval),
             *self._extra_actors,
         ]
+
+        def on_restart(name: str) -> None:
+            self.metrics.actor_restarts.labels(name).inc()
+            pipeline.alerts.raise_alert(
+                f"actor-restart:{name}",
+                f"notifyd: actor {name} crashed and was restarted",
+                f"The {name} actor of instance {consumer_name(s)} crashed and is restarting. "
+                "The log has the traceback; /readyz shows the actors' state.",
+            )
+
         supervisor = Supervisor(
             actors,
-            on_restart=lambda name: self.metrics.actor_restarts.labels(name).inc(),
+            on_restart=on_restart,
             backoff_cap=s.actor_backoff_cap,
             max_restarts=s.actor_max_restarts,
             restart_window=s.actor_restart_window,
@@ -115,10 +132,11 @@ class Daemon:
             settings=s,
             pool=pool,
             redis=redis,
-            keys=Keys(s.redis_prefix),
+            keys=keys,
             metrics=self.metrics,
             verifier=TokenVerifier(s, id_rule, http_session),
             id_rule=id_rule,
+            tenant_settings=pipeline.tenant_settings,
             actors_healthy=lambda: supervisor.healthy,
             actors_status=supervisor.status,
         )

@@ -30,6 +30,15 @@ class Keys:
         """Per-channel delivery stream, consumed by that channel's sender group."""
         return f"{self.prefix}:deliver:{channel}"
 
+    @property
+    def timer(self) -> str:
+        """Sorted set of stream entries due later (retries, reminders), scored by due time."""
+        return f"{self.prefix}:timer"
+
+    def alert_gate(self, kind: str) -> str:
+        """Rate limit of operator alert emails of one kind, shared by every instance."""
+        return f"{self.prefix}:alert:{kind}"
+
     def user_events(self, tenant_id: str, user_id: str) -> str:
         """Pub/sub channel for one user's live events (tenant first: isolation by name)."""
         return f"{self.prefix}:live:{len(tenant_id)}:{tenant_id}:{user_id}"

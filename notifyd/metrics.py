@@ -62,6 +62,25 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.deliveries = Counter(
+            "notifyd_deliveries_total",
+            "Delivery outcomes by channel: sent, retrying, failed.",
+            ["channel", "outcome"],
+            registry=self.registry,
+        )
+        self.provider_latency = Histogram(
+            "notifyd_provider_seconds",
+            "Time a provider call took (SMTP, Twilio, in-app publish), by channel.",
+            ["channel"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.requeued = Counter(
+            "notifyd_requeued_total",
+            "Stranded rows the sweeper put back on a stream from PostgreSQL.",
+            registry=self.registry,
+        )
+
     def register(self, collector: Collector) -> None:
         self.registry.register(collector)
 

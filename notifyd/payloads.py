@@ -56,6 +56,33 @@ class NotificationIntent:
             raise PayloadError(f"malformed intent: {exc!r}") from exc
 
 
+DELIVERY_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRef:
+    """One delivery for a channel sender; the row holds the rendered content."""
+
+    tenant_id: str
+    notification_id: str
+    version: int = DELIVERY_VERSION
+
+    def to_fields(self) -> dict[str, str]:
+        return {"v": str(self.version), "tenant_id": self.tenant_id, "id": self.notification_id}
+
+    @classmethod
+    def from_fields(cls, entry: dict[bytes, bytes]) -> DeliveryRef:
+        try:
+            version = int(entry[b"v"])
+            if version != DELIVERY_VERSION:
+                raise PayloadError(f"unsupported delivery version {version}")
+            return cls(entry[b"tenant_id"].decode(), entry[b"id"].decode(), version)
+        except (KeyError, ValueError, UnicodeDecodeError) as exc:
+            if isinstance(exc, PayloadError):
+                raise
+            raise PayloadError(f"malformed delivery: {exc!r}") from exc
+
+
 def dumps(value: Any) -> bytes:
     """The one JSON encoder: UUIDs and datetimes are handled natively by orjson."""
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)

@@ -46,6 +46,7 @@ class Settings:
     log_level: str = "info"
     log_format: str = "auto"
     shutdown_timeout: float = 15.0
+    instance_name: str = ""
     # database
     database_url: str = field(default="postgresql://postgres@127.0.0.1:5432/notifyd", repr=False)
     db_pool_min: int = 2
@@ -87,6 +88,26 @@ class Settings:
     twilio_account_sid: str = ""
     twilio_auth_token: str = field(default="", repr=False)
     twilio_phone: str = ""
+    twilio_base_url: str = ""
+    # delivery
+    public_url: str = ""
+    preferences_url: str = ""
+    default_region: str = "US"
+    default_locale: str = "en"
+    tenant_secret_key: str = field(default="", repr=False)
+    send_max_attempts: int = 5
+    retry_base: float = 2.0
+    retry_cap: float = 300.0
+    send_timeout: float = 30.0
+    claim_idle: float = 60.0
+    stream_block: float = 1.0
+    requeue_after: float = 30.0
+    email_concurrency: int = 8
+    sms_concurrency: int = 8
+    inapp_concurrency: int = 32
+    dispatch_concurrency: int = 16
+    smtp_connections_per_tenant: int = 2
+    alert_interval: float = 300.0
     # limits
     max_body_bytes: int = 1_048_576
     message_max_length: int = 10_000
@@ -226,6 +247,7 @@ SPECS: tuple[_Spec, ...] = (
     _spec("log_level", "NOTIFYD_LOG_LEVEL", "server.log_level", _to_str),
     _spec("log_format", "NOTIFYD_LOG_FORMAT", "server.log_format", _to_str),
     _spec("shutdown_timeout", "NOTIFYD_SHUTDOWN_TIMEOUT", "server.shutdown_timeout", _to_float),
+    _spec("instance_name", "NOTIFYD_INSTANCE_NAME", "server.instance_name", _to_str),
     _spec("database_url", "DATABASE_URL", "database.url", _to_str, secret=True),
     _spec("db_pool_min", "NOTIFYD_DB_POOL_MIN", "database.pool_min", _to_int),
     _spec("db_pool_max", "NOTIFYD_DB_POOL_MAX", "database.pool_max", _to_int),
@@ -262,6 +284,41 @@ SPECS: tuple[_Spec, ...] = (
     _spec("twilio_account_sid", "TWILIO_ACCOUNT_SID", "twilio.account_sid", _to_str),
     _spec("twilio_auth_token", "TWILIO_AUTH_TOKEN", "twilio.auth_token", _to_str, secret=True),
     _spec("twilio_phone", "TWILIO_PHONE", "twilio.phone", _to_str),
+    _spec("twilio_base_url", "TWILIO_API_BASE_URL", "twilio.api_base_url", _to_str),
+    _spec("public_url", "NOTIFYD_PUBLIC_URL", "delivery.public_url", _to_str),
+    _spec("preferences_url", "NOTIFYD_PREFERENCES_URL", "delivery.preferences_url", _to_str),
+    _spec("default_region", "NOTIFYD_DEFAULT_REGION", "delivery.default_region", _to_str),
+    _spec("default_locale", "NOTIFYD_DEFAULT_LOCALE", "delivery.default_locale", _to_str),
+    _spec(
+        "tenant_secret_key",
+        "NOTIFYD_TENANT_SECRET_KEY",
+        "delivery.tenant_secret_key",
+        _to_str,
+        secret=True,
+    ),
+    _spec("send_max_attempts", "NOTIFYD_SEND_MAX_ATTEMPTS", "delivery.max_attempts", _to_int),
+    _spec("retry_base", "NOTIFYD_RETRY_BASE", "delivery.retry_base", _to_float),
+    _spec("retry_cap", "NOTIFYD_RETRY_CAP", "delivery.retry_cap", _to_float),
+    _spec("send_timeout", "NOTIFYD_SEND_TIMEOUT", "delivery.send_timeout", _to_float),
+    _spec("claim_idle", "NOTIFYD_CLAIM_IDLE", "delivery.claim_idle", _to_float),
+    _spec("stream_block", "NOTIFYD_STREAM_BLOCK", "delivery.stream_block", _to_float),
+    _spec("requeue_after", "NOTIFYD_REQUEUE_AFTER", "delivery.requeue_after", _to_float),
+    _spec("email_concurrency", "NOTIFYD_EMAIL_CONCURRENCY", "delivery.email_concurrency", _to_int),
+    _spec("sms_concurrency", "NOTIFYD_SMS_CONCURRENCY", "delivery.sms_concurrency", _to_int),
+    _spec("inapp_concurrency", "NOTIFYD_INAPP_CONCURRENCY", "delivery.inapp_concurrency", _to_int),
+    _spec(
+        "dispatch_concurrency",
+        "NOTIFYD_DISPATCH_CONCURRENCY",
+        "delivery.dispatch_concurrency",
+        _to_int,
+    ),
+    _spec(
+        "smtp_connections_per_tenant",
+        "NOTIFYD_SMTP_CONNECTIONS_PER_TENANT",
+        "delivery.smtp_connections_per_tenant",
+        _to_int,
+    ),
+    _spec("alert_interval", "NOTIFYD_ALERT_INTERVAL", "delivery.alert_interval", _to_float),
     _spec("max_body_bytes", "NOTIFYD_MAX_BODY_BYTES", "limits.max_body_bytes", _to_int),
     _spec("message_max_length", "NOTIFYD_MESSAGE_MAX_LENGTH", "limits.message_max_length", _to_int),
     _spec("subject_max_length", "NOTIFYD_SUBJECT_MAX_LENGTH", "limits.subject_max_length", _to_int),
@@ -385,6 +442,10 @@ def validate(settings: Settings) -> list[str]:
         problems.append("REDIS_URL: must be a redis://, rediss:// or unix:// URL")
     if not 0 < settings.redis_port < 65536:
         problems.append(f"REDIS_PORT: {settings.redis_port} is not a TCP port")
+    if settings.instance_name and not re.fullmatch(
+        r"[A-Za-z0-9_.:-]{1,64}", settings.instance_name
+    ):
+        problems.append("NOTIFYD_INSTANCE_NAME: 1-64 letters, digits and _ . : -")
     if not re.fullmatch(r"[A-Za-z0-9_.:-]+", settings.redis_prefix):
         problems.append("NOTIFYD_REDIS_PREFIX: use letters, digits and _ . : - only")
     if settings.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
@@ -437,11 +498,45 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_SHUTDOWN_TIMEOUT": settings.shutdown_timeout,
         "NOTIFYD_IDEMPOTENCY_TTL": settings.idempotency_ttl,
         "NOTIFYD_SWEEP_INTERVAL": settings.sweep_interval,
+        "NOTIFYD_SEND_MAX_ATTEMPTS": settings.send_max_attempts,
+        "NOTIFYD_RETRY_BASE": settings.retry_base,
+        "NOTIFYD_RETRY_CAP": settings.retry_cap,
+        "NOTIFYD_SEND_TIMEOUT": settings.send_timeout,
+        "NOTIFYD_CLAIM_IDLE": settings.claim_idle,
+        "NOTIFYD_STREAM_BLOCK": settings.stream_block,
+        "NOTIFYD_REQUEUE_AFTER": settings.requeue_after,
+        "NOTIFYD_EMAIL_CONCURRENCY": settings.email_concurrency,
+        "NOTIFYD_SMS_CONCURRENCY": settings.sms_concurrency,
+        "NOTIFYD_INAPP_CONCURRENCY": settings.inapp_concurrency,
+        "NOTIFYD_DISPATCH_CONCURRENCY": settings.dispatch_concurrency,
+        "NOTIFYD_SMTP_CONNECTIONS_PER_TENANT": settings.smtp_connections_per_tenant,
+        "NOTIFYD_ALERT_INTERVAL": settings.alert_interval,
         "NOTIFYD_ACTOR_BACKOFF_CAP": settings.actor_backoff_cap,
         "NOTIFYD_ACTOR_MAX_RESTARTS": settings.actor_max_restarts,
         "NOTIFYD_ACTOR_RESTART_WINDOW": settings.actor_restart_window,
     }
     problems += [f"{name}: must be greater than 0" for name, v in positive.items() if v <= 0]
+    if settings.send_timeout >= settings.claim_idle:
+        problems.append(
+            "NOTIFYD_SEND_TIMEOUT: must be shorter than NOTIFYD_CLAIM_IDLE, or a slow send "
+            "would be taken over by another instance while still running"
+        )
+    if settings.preferences_url:
+        try:
+            settings.preferences_url.format(tenant_id="t", user_id="u", category="c")
+        except (KeyError, IndexError, ValueError):
+            problems.append(
+                "NOTIFYD_PREFERENCES_URL: may use only {tenant_id}, {user_id} and {category}"
+            )
+    if not re.fullmatch(r"[A-Z]{2}", settings.default_region):
+        problems.append("NOTIFYD_DEFAULT_REGION: a two-letter country code such as US or GB")
+    if settings.public_url and urlsplit(settings.public_url).scheme not in {"http", "https"}:
+        problems.append("NOTIFYD_PUBLIC_URL: must be an http(s):// URL")
+    if settings.twilio_base_url and urlsplit(settings.twilio_base_url).scheme not in {
+        "http",
+        "https",
+    }:
+        problems.append("TWILIO_API_BASE_URL: must be an http(s):// URL")
     if settings.page_size_default > settings.page_size_max:
         problems.append("NOTIFYD_PAGE_SIZE_DEFAULT: must not exceed NOTIFYD_PAGE_SIZE_MAX")
     return problems

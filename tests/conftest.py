@@ -20,6 +20,7 @@ from notifyd.settings import Settings
 from notifyd.store import migrate
 from scripts.localservers import PostgresServer, RedisServer
 from tests.helpers import TEST_JWT_SECRET, Api, make_settings
+from tests.smtp_sink import SmtpSink
 
 TEMPLATE_DB = "notifyd_template"
 _db_counter = itertools.count(1)
@@ -53,6 +54,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[SmtpSink]:
+    """A real SMTP server on a free port, recording every message it accepts."""
+    with SmtpSink() as sink:
+        yield sink
 
 
 @pytest.fixture

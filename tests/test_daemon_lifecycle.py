@@ -178,7 +178,7 @@ async def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(
             "SELECT id::text, status FROM notifications ORDER BY id::text"
         )
         assert [row["id"] for row in stored] == ids
-        assert {row["status"] for row in stored} == {"queued"}
+        assert {row["status"] for row in stored} <= {"queued", "dispatched", "sending", "sent"}
         # the intents went out too: Redis stayed open until the in-flight requests finished
         redis = Redis.from_url(redis_url)
         try:

@@ -17,6 +17,7 @@ from notifyd.keys import Keys
 from notifyd.metrics import Metrics
 from notifyd.settings import Settings
 from notifyd.store.audit import AuditEntry
+from notifyd.store.tenants import TenantSettingsCache
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Services:
     metrics: Metrics
     verifier: TokenVerifier
     id_rule: OpaqueIdRule
+    tenant_settings: TenantSettingsCache
     actors_healthy: Callable[[], bool]
     actors_status: Callable[[], dict[str, str]]
 

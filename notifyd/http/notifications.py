@@ -11,15 +11,20 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from notifyd.auth import policy
-from notifyd.http.context import audit_entry, identity, request_id, services
-from notifyd.http.problems import forbidden, not_found
+from notifyd.compose import compose
+from notifyd.http.context import Services, audit_entry, identity, request_id, services
+from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found
 from notifyd.http.responses import iso, json_response, page
 from notifyd.http.validation import Fields, is_email, query_fields, read_json_object
 from notifyd.ids import parse_uuid, uuid7
-from notifyd.payloads import NotificationIntent
+from notifyd.payloads import DeliveryRef, NotificationIntent
+from notifyd.providers.phones import InvalidPhone, to_e164
+from notifyd.providers.render import TemplateError
+from notifyd.secretbox import SecretError
 from notifyd.settings import CHANNELS
-from notifyd.store import audit
+from notifyd.store import audit, deliveries
 from notifyd.store import notifications as store
+from notifyd.store.tenants import TenantSettings, locale_for, region_for
 
 log = logging.getLogger("notifyd.http.notifications")
 
@@ -27,6 +32,8 @@ log = logging.getLogger("notifyd.http.notifications")
 _PHONE = re.compile(r"\+?[0-9][0-9 ().-]{4,30}")
 _TEMPLATE_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _HEADER_UNSAFE = re.compile(r"[\r\n]")
+_CATEGORY = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_LOCALE = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*")
 
 
 def notification_json(row: asyncpg.Record) -> dict[str, Any]:
@@ -40,18 +47,35 @@ def notification_json(row: asyncpg.Record) -> dict[str, Any]:
         "created_by": row["created_by"],
         "subject": row["subject"],
         "message": row["body"],
+        "html": row["html_body"],
         "template_key": row["template_key"],
         "context": row["context"],
+        "locale": row["locale"],
+        "category": row["category"],
+        "critical": row["critical"],
         "status": row["status"],
         "is_sent": row["status"] in ("sent", "delivered"),
         "is_read": row["read_at"] is not None,
         "read_at": iso(row["read_at"]),
         "attempts": row["attempts"],
         "last_error": row["last_error"],
+        "provider_message_id": row["provider_message_id"],
+        "provider_status": row["provider_status"],
+        "next_attempt_at": iso(row["next_attempt_at"]),
         "created_at": iso(row["created_at"]),
         "updated_at": iso(row["updated_at"]),
         "sent_at": iso(row["sent_at"]),
+        "delivered_at": iso(row["delivered_at"]),
     }
+
+
+async def _tenant_settings(ctx: Services, tenant_id: str) -> TenantSettings:
+    """The tenant's own settings; the global ones when its secrets cannot be read (the
+    region and locale needed here are not secret, and the senders raise the alarm)."""
+    try:
+        return await ctx.tenant_settings.get(tenant_id)
+    except SecretError:
+        return TenantSettings()
 
 
 def _check_recipient(fields: Fields, channel: str, recipient: str) -> None:
@@ -79,6 +103,13 @@ async def send_notification(request: web.Request) -> web.Response:
     template_key = fields.string("template_key", required=False, max_length=128)
     context = fields.mapping("context", max_keys=limits.context_max_keys)
     user_id = fields.opaque_id("user_id", required=False)
+    category = fields.string("category", required=False, max_length=64)
+    critical = fields.boolean("critical") or False
+    locale = fields.string("locale", required=False, max_length=35)
+    if category is not None and not _CATEGORY.fullmatch(category):
+        fields.error("category", "may contain letters, digits and _ . : - only")
+    if locale is not None and not _LOCALE.fullmatch(locale):
+        fields.error("locale", "must be a language tag such as en or pt-BR")
     if message is None and template_key is None and not fields.has("message"):
         fields.error("message", "is required unless template_key is given")
     if template_key is not None and not _TEMPLATE_KEY.fullmatch(template_key):
@@ -96,8 +127,38 @@ async def send_notification(request: web.Request) -> web.Response:
     assert recipient is not None
     if not policy.may_send(caller, channel, limits.send_policy):
         raise forbidden(f"role {caller.role!r} may not send {channel} notifications")
+    if critical and not caller.is_privileged:
+        raise forbidden("only service and admin tokens may send critical notifications")
 
+    tenant = await _tenant_settings(ctx, caller.tenant_id)
     recipient = recipient.strip()
+    if channel == "sms":
+        # read national forms in the tenant's region now: a number that cannot be read is the
+        # caller's 422, and the row holds the E.164 form the provider and callbacks use
+        try:
+            recipient = to_e164(recipient, region_for(tenant, limits))
+        except InvalidPhone as exc:
+            raise invalid([FieldError("recipient", str(exc))]) from None
+
+    # Render now, so a template problem (a missing variable) is the caller's 422, not a blank
+    # in someone's inbox later.
+    try:
+        rendered = await compose(
+            ctx.pool,
+            tenant_id=caller.tenant_id,
+            channel=channel,
+            template_key=template_key,
+            context=context,
+            subject=subject,
+            message=message,
+            locale=locale,
+            default_locale=locale_for(tenant, limits),
+        )
+    except TemplateError as exc:
+        raise invalid([FieldError(exc.field, exc.reason)]) from None
+    if channel == "email" and not (rendered.subject or "").strip():
+        raise invalid([FieldError("subject", "is required for email (directly or by template)")])
+
     notification_id = uuid7()
     row = store.NewNotification(
         id=notification_id,
@@ -106,10 +167,14 @@ async def send_notification(request: web.Request) -> web.Response:
         user_id=recipient if channel == "in_app" else user_id,
         channel=channel,
         recipient=recipient,
-        subject=subject,
-        body=message,
+        subject=rendered.subject,
+        body=rendered.text,
+        html_body=rendered.html,
         template_key=template_key,
         context=context,
+        locale=locale,
+        category=category,
+        critical=critical,
         idempotency_key=request.headers.get("Idempotency-Key"),
         request_id=request_id(request) or None,
     )
@@ -206,6 +271,38 @@ async def mark_as_read(request: web.Request) -> web.Response:
     return json_response({"updated": updated, "unread_count": unread})
 
 
+async def retry_notification(request: web.Request) -> web.Response:
+    """An admin puts a failed delivery back in line, with a fresh set of attempts."""
+    ctx = services(request)
+    caller = identity(request)
+    notification_id = parse_uuid(request.match_info["id"])
+    row = (
+        None
+        if notification_id is None
+        else await store.get(ctx.pool, caller.tenant_id, notification_id)
+    )
+    if row is None:
+        raise not_found("notification")
+    if caller.role != "admin":
+        raise forbidden("only admins may requeue a failed delivery")
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        channel = await deliveries.requeue_failed(conn, caller.tenant_id, row["id"])
+        if channel is None:
+            raise Problem(
+                409,
+                f"the notification is {row['status']}; only failed deliveries are requeued",
+                kind="not-failed",
+            )
+        await audit.record(
+            conn, audit_entry(request, "notification.retry", {"notification_id": str(row["id"])})
+        )
+    ref = DeliveryRef(caller.tenant_id, str(row["id"]))
+    await ctx.redis.xadd(ctx.keys.deliver(channel), ref.to_fields())  # type: ignore[arg-type]
+    fresh = await store.get(ctx.pool, caller.tenant_id, row["id"])
+    assert fresh is not None
+    return json_response(notification_json(fresh), status=202)
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/notifications/send/", send_notification)
     app.router.add_post("/api/notifications/send/", send_notification)
@@ -215,3 +312,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/notifications/mark-as-read/", mark_as_read)
     app.router.add_get("/notifications/{id}/", get_notification)
     app.router.add_get("/api/notifications/{id}/", get_notification)
+    app.router.add_post("/notifications/{id}/retry/", retry_notification)
+    app.router.add_post("/api/notifications/{id}/retry/", retry_notification)

@@ -84,6 +84,16 @@ _IDEMPOTENCY = {
     "description": "Replays the first response for 24 h.",
 }
 _PATH_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_TEMPLATE_PARAMS = [
+    {"name": "template_key", "in": "path", "required": True, "schema": {"type": "string"}},
+    {
+        "name": "channel",
+        "in": "path",
+        "required": True,
+        "schema": {"enum": ["email", "sms", "in_app"]},
+    },
+    {"name": "locale", "in": "query", "schema": {"type": "string"}},
+]
 
 SCHEMAS: dict[str, Any] = {
     "Problem": {
@@ -246,6 +256,106 @@ SCHEMAS: dict[str, Any] = {
             "updated_at": _TIME,
         },
     },
+    "SmtpSettings": {
+        "type": "object",
+        "required": ["host", "port", "from_email"],
+        "properties": {
+            "host": {"type": "string"},
+            "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+            "username": {"type": "string"},
+            "password": {
+                "type": "string",
+                "writeOnly": True,
+                "description": 'Omit to keep the stored one; "" for no AUTH',
+            },
+            "password_set": {"type": "boolean", "readOnly": True},
+            "use_tls": {"type": "boolean", "description": "STARTTLS"},
+            "use_ssl": {"type": "boolean", "description": "Implicit TLS"},
+            "from_email": {"type": "string", "format": "email"},
+        },
+    },
+    "TwilioSettings": {
+        "type": "object",
+        "required": ["account_sid", "from_number"],
+        "properties": {
+            "account_sid": {"type": "string", "pattern": "^AC[0-9a-fA-F]{32}$"},
+            "auth_token": {
+                "type": "string",
+                "writeOnly": True,
+                "description": "Omit to keep the stored one",
+            },
+            "auth_token_set": {"type": "boolean", "readOnly": True},
+            "from_number": {"type": "string"},
+        },
+    },
+    "TenantSettings": {
+        "type": "object",
+        "description": "A section left out of a PUT is kept; null falls back to the global setting",
+        "properties": {
+            "smtp": {"oneOf": [_ref("SmtpSettings"), {"type": "null"}]},
+            "twilio": {"oneOf": [_ref("TwilioSettings"), {"type": "null"}]},
+            "default_region": {"type": ["string", "null"], "pattern": "^[A-Z]{2}$"},
+            "default_locale": {"type": ["string", "null"], "pattern": "^[a-z]{2,3}(-[A-Z]{2})?$"},
+        },
+    },
+    "Preferences": {
+        "type": "object",
+        "properties": {
+            "channels": {
+                "type": "object",
+                "properties": {c: {"type": "boolean"} for c in ("email", "sms", "in_app")},
+                "additionalProperties": False,
+            },
+            "categories": {
+                "type": "object",
+                "maxProperties": 100,
+                "propertyNames": {"pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
+                "additionalProperties": {"type": "boolean"},
+            },
+        },
+    },
+    "Template": {
+        "type": "object",
+        "properties": {
+            "template_key": {"type": "string"},
+            "channel": {"enum": ["email", "sms", "in_app"]},
+            "locale": {"type": "string"},
+            "subject": _NULLABLE_STR,
+            "text_body": {"type": "string"},
+            "html_body": _NULLABLE_STR,
+            "created_at": _TIME,
+            "updated_at": _TIME,
+        },
+    },
+    "TemplatePut": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["text_body"],
+        "properties": {
+            "locale": {"type": "string"},
+            "subject": {"type": "string"},
+            "text_body": {"type": "string"},
+            "html_body": {"type": "string"},
+        },
+    },
+    "TemplatePreview": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "A stored template (template_key + channel) or an inline draft",
+        "properties": {
+            "template_key": {"type": "string"},
+            "channel": {"enum": ["email", "sms", "in_app"]},
+            "locale": {"type": "string"},
+            "subject": {"type": "string"},
+            "text_body": {"type": "string"},
+            "html_body": {"type": "string"},
+            "context": {"type": "object"},
+        },
+    },
+    "Rendered": {
+        "type": "object",
+        "properties": {"subject": _NULLABLE_STR, "text": {"type": "string"}, "html": _NULLABLE_STR},
+    },
     "AuditEntry": {
         "type": "object",
         "properties": {
@@ -384,6 +494,73 @@ def _operations() -> dict[str, dict[str, Any]]:
                 parameters=[_PATH_ID],
             ),
         },
+        "/tenants/current/settings/": {
+            "get": op(
+                "The tenant's delivery settings (admin; secrets never returned)",
+                {"200": _ok(_ref("TenantSettings")), **_problems(403)},
+            ),
+            "put": op(
+                "Change the tenant's delivery settings (admin)",
+                {"200": _ok(_ref("TenantSettings")), **_problems(400, 403, 409, 413, 415, 422)},
+                requestBody=_body("TenantSettings"),
+            ),
+        },
+        "/preferences/": {
+            "get": op("The caller's notification preferences", {"200": _ok(_ref("Preferences"))}),
+            "put": op(
+                "Replace the caller's notification preferences",
+                {"200": _ok(_ref("Preferences")), **_problems(400, 413, 415, 422)},
+                requestBody=_body("Preferences"),
+            ),
+        },
+        "/notifications/{id}/retry/": {
+            "post": op(
+                "Requeue a failed delivery with fresh attempts (admin)",
+                {"202": _ok(_ref("Notification"), "Requeued"), **_problems(403, 404, 409)},
+                parameters=[_PATH_ID, _IDEMPOTENCY],
+            )
+        },
+        "/templates/": {
+            "get": op(
+                "The tenant's templates (admin, service)",
+                {"200": _ok(_list_of("Template"), headers=_LINK), **_problems(403, 422)},
+                parameters=[
+                    {"name": "template_key", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "channel",
+                        "in": "query",
+                        "schema": {"enum": ["email", "sms", "in_app"]},
+                    },
+                    {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                    {"name": "after", "in": "query", "schema": {"type": "string"}},
+                ],
+            )
+        },
+        "/templates/preview/": {
+            "post": op(
+                "Render a stored template or a draft with a sample context (admin, service)",
+                {"200": _ok(_ref("Rendered")), **_problems(403), **write_errors},
+                requestBody=_body("TemplatePreview"),
+            )
+        },
+        "/templates/{template_key}/{channel}/": {
+            "get": op(
+                "One template",
+                {"200": _ok(_ref("Template")), **_problems(403, 404)},
+                parameters=_TEMPLATE_PARAMS,
+            ),
+            "put": op(
+                "Create or replace a template (admin); it must compile",
+                {"200": _ok(_ref("Template")), **_problems(403), **write_errors},
+                requestBody=_body("TemplatePut"),
+                parameters=_TEMPLATE_PARAMS[:2],
+            ),
+            "delete": op(
+                "Delete a template (admin)",
+                {"204": {"description": "Deleted"}, **_problems(403, 404)},
+                parameters=_TEMPLATE_PARAMS,
+            ),
+        },
         "/audit/": {
             "get": op(
                 "The tenant's audit log (admin)",
@@ -421,6 +598,39 @@ def _public() -> dict[str, dict[str, Any]]:
                         "content": {"text/plain": {"schema": {"type": "string"}}},
                     }
                 },
+            }
+        },
+        "/webhooks/twilio/status": {
+            "post": {
+                "summary": "Twilio message status callback (X-Twilio-Signature; query tenant, "
+                "notification)",
+                "security": [],
+                "parameters": [
+                    {
+                        "name": "tenant",
+                        "in": "query",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    },
+                    {"name": "notification", "in": "query", "required": True, "schema": _UUID},
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/x-www-form-urlencoded": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "MessageSid": {"type": "string"},
+                                    "MessageStatus": {"type": "string"},
+                                    "ErrorCode": {"type": "string"},
+                                    "ErrorMessage": {"type": "string"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {"204": {"description": "Accepted"}, **_problems(400, 403, 415)},
             }
         },
         "/openapi.json": {

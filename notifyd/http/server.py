@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from notifyd.http import audit, messages, notifications, openapi, ops, reminders
+from notifyd.http import (
+    audit,
+    messages,
+    notifications,
+    openapi,
+    ops,
+    preferences,
+    reminders,
+    templates,
+    tenants,
+    webhooks,
+)
 from notifyd.http.context import SERVICES, Services
 from notifyd.http.idempotency import idempotency_middleware
 from notifyd.http.middleware import auth_middleware, edge_middleware
@@ -16,6 +27,17 @@ def build_app(services: Services) -> web.Application:
         client_max_size=services.settings.max_body_bytes,
     )
     app[SERVICES] = services
-    for module in (ops, openapi, notifications, messages, reminders, audit):
+    for module in (
+        ops,
+        openapi,
+        notifications,
+        messages,
+        reminders,
+        audit,
+        tenants,
+        preferences,
+        templates,
+        webhooks,
+    ):
         module.add_routes(app)
     return app

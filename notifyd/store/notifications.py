@@ -10,19 +10,23 @@ import asyncpg
 
 from notifyd.store.pool import Conn, Executor
 
-COLUMNS = """id, tenant_id, created_by, user_id, channel, recipient, subject, body,
-    template_key, context, status, attempts, last_error, read_at, created_at, updated_at, sent_at"""
+COLUMNS = """id, tenant_id, created_by, user_id, channel, recipient, subject, body, html_body,
+    template_key, context, locale, category, critical, status, attempts, last_error,
+    provider_message_id, provider_status, next_attempt_at, read_at, created_at, updated_at,
+    sent_at, delivered_at"""
 
 INSERT = """
 INSERT INTO notifications (id, tenant_id, created_by, user_id, channel, recipient, subject, body,
-                           template_key, context, idempotency_key, request_id)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                           html_body, template_key, context, locale, category, critical,
+                           idempotency_key, request_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
 RETURNING created_at
 """
 
 LIST_FOR_USER = f"""
 SELECT {COLUMNS} FROM notifications
 WHERE tenant_id = $1 AND user_id = $2
+  AND NOT (channel = 'in_app' AND status = 'suppressed')
   AND ($3::uuid IS NULL OR id < $3)
   AND (NOT $4::bool OR (read_at IS NULL AND channel = 'in_app'))
   AND ($5::text IS NULL OR channel = $5)
@@ -33,6 +37,7 @@ LIMIT $6
 UNREAD_COUNT = """
 SELECT count(*) FROM notifications
 WHERE tenant_id = $1 AND user_id = $2 AND read_at IS NULL AND channel = 'in_app'
+  AND status <> 'suppressed'
 """
 
 GET = f"SELECT {COLUMNS} FROM notifications WHERE tenant_id = $1 AND id = $2"
@@ -59,8 +64,12 @@ class NewNotification:
     recipient: str
     subject: str | None
     body: str | None
+    html_body: str | None
     template_key: str | None
     context: dict[str, Any] | None
+    locale: str | None
+    category: str | None
+    critical: bool
     idempotency_key: str | None
     request_id: str | None
 
@@ -77,8 +86,12 @@ async def insert(conn: Conn, row: NewNotification) -> Any:
         row.recipient,
         row.subject,
         row.body,
+        row.html_body,
         row.template_key,
         row.context,
+        row.locale,
+        row.category,
+        row.critical,
         row.idempotency_key,
         row.request_id,
     )

@@ -1,0 +1,199 @@
+"""Channel sender: claim the delivery in PostgreSQL, call the provider, record, then ack.
+
+The claim (`UPDATE … WHERE status IN ('dispatched','retrying') RETURNING`) is what makes a
+replayed entry or a second instance harmless: only one claimant gets the row. A claimant that
+died mid-send leaves the row `sending`; after the lease (NOTIFYD_CLAIM_IDLE) another instance
+may claim it again, which is the at-least-once edge: that one message can reach the provider
+twice, nothing can be lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+from redis.asyncio import Redis
+
+from notifyd.alerts import Alerts
+from notifyd.ids import parse_uuid
+from notifyd.keys import SEND_GROUP, Keys
+from notifyd.metrics import Metrics
+from notifyd.payloads import DeliveryRef, PayloadError
+from notifyd.providers.base import Delivery, PermanentError, Provider, TransientError
+from notifyd.settings import Settings
+from notifyd.store import deliveries
+from notifyd.streams.consumer import Defer, Entry, Poison, StreamConsumer
+from notifyd.streams.schedule import Schedule, Scheduled
+from notifyd.supervisor import exponential_backoff
+
+log = logging.getLogger("notifyd.actors.sender")
+
+
+def retry_item(keys: Keys, channel: str, ref: DeliveryRef, attempt: int) -> Scheduled:
+    """The wheel entry of one retry; the sweeper rebuilds the same one from the row."""
+    return Scheduled(keys.deliver(channel), ref.to_fields(), key=f"retry:{attempt}")
+
+
+class Sender:
+    def __init__(
+        self,
+        *,
+        provider: Provider,
+        pool: asyncpg.Pool,
+        redis: Redis,
+        keys: Keys,
+        settings: Settings,
+        metrics: Metrics,
+        schedule: Schedule,
+        alerts: Alerts | None,
+        consumer_name: str,
+        concurrency: int,
+    ) -> None:
+        self.channel = provider.channel
+        self.name = f"sender:{self.channel}"
+        self._provider = provider
+        self._pool = pool
+        self._redis = redis
+        self._keys = keys
+        self._settings = settings
+        self._metrics = metrics
+        self._schedule = schedule
+        self._alerts = alerts
+        self.consumer = StreamConsumer(
+            redis,
+            stream=keys.deliver(self.channel),
+            group=SEND_GROUP,
+            consumer=consumer_name,
+            handle=self.handle,
+            dead_letters=keys.dead_letters,
+            on_dead=self._on_dead,
+            concurrency=concurrency,
+            batch=concurrency,
+            claim_idle_ms=int(settings.claim_idle * 1000),
+            block_ms=max(1, int(settings.stream_block * 1000)),
+            # a crashing handler (not a failing provider: that is a retry) gives up after this
+            max_deliveries=settings.send_max_attempts + 2,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.consumer.run(stop)
+
+    async def handle(self, entry: Entry) -> None:
+        try:
+            ref = DeliveryRef.from_fields(entry.fields)
+        except PayloadError as exc:
+            raise Poison(str(exc)) from None
+        notification_id = parse_uuid(ref.notification_id)
+        if notification_id is None:
+            raise Poison(f"delivery names no notification: {ref.notification_id!r}")
+        row = await deliveries.claim(
+            self._pool, ref.tenant_id, notification_id, self._settings.claim_idle
+        )
+        if row is None:
+            current = await deliveries.state(self._pool, ref.tenant_id, notification_id)
+            if current is not None and current["status"] == "sending":
+                raise Defer("another sender holds this delivery")
+            return  # done already, or not ours to send (suppressed, cancelled): ack
+        delivery = Delivery(
+            id=str(row["id"]),
+            tenant_id=row["tenant_id"],
+            channel=row["channel"],
+            recipient=row["recipient"],
+            user_id=row["user_id"],
+            subject=row["subject"],
+            body=row["body"] or "",
+            html_body=row["html_body"],
+            category=row["category"],
+            attempt=row["attempts"],
+            created_at=row["created_at"],
+        )
+        started = asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout(self._settings.send_timeout):
+                sent = await self._provider.send(delivery)
+        except TransientError as exc:
+            await self._retry_or_fail(ref, delivery, exc.reason, exc.retry_after)
+            return
+        except TimeoutError:
+            reason = f"provider did not answer within {self._settings.send_timeout:g}s"
+            await self._retry_or_fail(ref, delivery, reason, None)
+            return
+        except PermanentError as exc:
+            await self._fail(ref, delivery, exc.reason)
+            return
+        finally:
+            self._metrics.provider_latency.labels(self.channel).observe(
+                asyncio.get_running_loop().time() - started
+            )
+        await deliveries.mark_sent(
+            self._pool,
+            ref.tenant_id,
+            notification_id,
+            delivery.attempt,
+            sent.provider_message_id,
+            sent.provider_status,
+        )
+        self._metrics.deliveries.labels(self.channel, "sent").inc()
+
+    async def _retry_or_fail(
+        self, ref: DeliveryRef, delivery: Delivery, reason: str, retry_after: float | None
+    ) -> None:
+        if delivery.attempt >= self._settings.send_max_attempts:
+            await self._fail(ref, delivery, f"{reason} (after {delivery.attempt} attempts)")
+            return
+        s = self._settings
+        delay = exponential_backoff(delivery.attempt, s.retry_base, s.retry_cap)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, s.retry_cap))
+        due = datetime.now(UTC) + timedelta(seconds=delay)
+        notification_id = parse_uuid(delivery.id)
+        assert notification_id is not None
+        if await deliveries.mark_retrying(
+            self._pool, ref.tenant_id, notification_id, delivery.attempt, reason, due
+        ):
+            await self._schedule.add(
+                retry_item(self._keys, self.channel, ref, delivery.attempt), due
+            )
+            self._metrics.deliveries.labels(self.channel, "retrying").inc()
+            log.info(
+                "delivery will be retried",
+                extra={"id": delivery.id, "attempt": delivery.attempt, "in_s": round(delay, 2)},
+            )
+
+    async def _fail(self, ref: DeliveryRef, delivery: Delivery, reason: str) -> None:
+        notification_id = parse_uuid(delivery.id)
+        assert notification_id is not None
+        if not await deliveries.mark_failed(
+            self._pool, ref.tenant_id, notification_id, delivery.attempt, reason
+        ):
+            return
+        self._metrics.deliveries.labels(self.channel, "failed").inc()
+        await self._redis.xadd(
+            self._keys.dead_letters,
+            {
+                "stream": self._keys.deliver(self.channel),
+                "tenant_id": ref.tenant_id,
+                "id": delivery.id,
+                "reason": reason,
+                "attempts": str(delivery.attempt),
+            },
+        )
+        log.warning("delivery failed for good", extra={"id": delivery.id, "reason": reason})
+        if self._alerts is not None:
+            self._alerts.raise_alert(
+                f"delivery-failed:{self.channel}",
+                f"notifyd: a {self.channel} delivery failed",
+                f"Notification {delivery.id} of tenant {ref.tenant_id} failed after "
+                f"{delivery.attempt} attempt(s): {reason}",
+            )
+
+    async def _on_dead(self, entry: Entry, reason: str) -> None:
+        try:
+            ref = DeliveryRef.from_fields(entry.fields)
+        except PayloadError:
+            return
+        notification_id = parse_uuid(ref.notification_id)
+        if notification_id is not None:
+            await deliveries.fail_any(self._pool, ref.tenant_id, notification_id, reason)

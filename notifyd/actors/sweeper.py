@@ -1,0 +1,89 @@
+"""Sweeper: puts back work whose stream entry is gone, from PostgreSQL, the source of truth.
+
+A row can be stranded when the process died between its commit and its XADD, or when Redis
+lost its data (flushed, restarted without persistence). Every `NOTIFYD_SWEEP_INTERVAL` the
+sweeper takes rows that have not moved for `NOTIFYD_REQUEUE_AFTER` and re-enqueues them where
+they belong: `queued` → the intents stream, `dispatched`/`sending`/`retrying` → their channel's
+delivery stream. On start it also re-schedules every pending retry on the wheel. Duplicates
+are harmless (dispatcher and senders claim rows), so re-enqueueing errs on the side of more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+from redis.asyncio import Redis
+
+from notifyd.actors.sender import retry_item
+from notifyd.keys import Keys
+from notifyd.metrics import Metrics
+from notifyd.payloads import DeliveryRef, NotificationIntent
+from notifyd.store import deliveries
+from notifyd.streams.schedule import Schedule
+from notifyd.supervisor import sleep_or_stop
+
+log = logging.getLogger("notifyd.actors.sweeper")
+
+BATCH = 500
+
+
+class Sweeper:
+    name = "sweeper"
+
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        redis: Redis,
+        keys: Keys,
+        schedule: Schedule,
+        metrics: Metrics,
+        requeue_after: float,
+        interval: float,
+    ) -> None:
+        self._pool = pool
+        self._redis = redis
+        self._keys = keys
+        self._schedule = schedule
+        self._metrics = metrics
+        self._requeue_after = requeue_after
+        self._interval = interval
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.rebuild_retries()
+        while not stop.is_set():
+            await self.sweep_once()
+            if await sleep_or_stop(stop, self._interval):
+                return
+
+    async def rebuild_retries(self) -> int:
+        """Every `retrying` row back on the wheel at its due time (kept if already there)."""
+        rows = await deliveries.retrying_due(self._pool, 100_000)
+        for row in rows:
+            ref = DeliveryRef(row["tenant_id"], str(row["id"]))
+            item = retry_item(self._keys, row["channel"], ref, row["attempts"])
+            await self._schedule.add(item, row["next_attempt_at"], only_new=True)
+        return len(rows)
+
+    async def sweep_once(self) -> int:
+        total = 0
+        while True:
+            stuck = await deliveries.take_stuck(self._pool, self._requeue_after, BATCH)
+            if not stuck:
+                return total
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for row in stuck:
+                    if row.status == "queued":
+                        intent = NotificationIntent(row.tenant_id, str(row.id), reason="requeued")
+                        pipe.xadd(self._keys.intents, intent.to_fields())  # type: ignore[arg-type]
+                    else:
+                        ref = DeliveryRef(row.tenant_id, str(row.id))
+                        pipe.xadd(self._keys.deliver(row.channel), ref.to_fields())  # type: ignore[arg-type]
+                await pipe.execute()
+            self._metrics.requeued.inc(len(stuck))
+            log.info("stranded work re-enqueued", extra={"count": len(stuck)})
+            total += len(stuck)
+            if len(stuck) < BATCH:
+                return total

@@ -1,0 +1,303 @@
+"""Templates: a tenant's admins store, read, delete and preview them.
+
+Services may read and preview (a backend checks its templates render before it sends);
+only admins write. A template must compile before it is stored, so a syntax error is the
+admin's 422 now, not every sender's failure later. Missing variables can only be found with
+a context, which is what the preview route is for.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from notifyd.auth.identity import Identity
+from notifyd.compose import compose
+from notifyd.http.context import audit_entry, identity, services
+from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found
+from notifyd.http.responses import iso, json_response
+from notifyd.http.validation import Fields, query_fields, read_json_object
+from notifyd.providers import render
+from notifyd.providers.render import Rendered, TemplateError, TemplateSource
+from notifyd.settings import CHANNELS
+from notifyd.store import audit
+from notifyd.store import templates as store
+
+TEMPLATE_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_MULTILINE = re.compile(r"[\r\n]")
+
+
+def template_json(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "template_key": row["template_key"],
+        "channel": row["channel"],
+        "locale": row["locale"],
+        "subject": row["subject"],
+        "text_body": row["text_body"],
+        "html_body": row["html_body"],
+        "created_at": iso(row["created_at"]),
+        "updated_at": iso(row["updated_at"]),
+    }
+
+
+def _may_read(caller: Identity) -> bool:
+    return caller.role in ("admin", "service")
+
+
+def _may_write(caller: Identity) -> bool:
+    return caller.role == "admin"
+
+
+def _check_read(caller: Identity) -> None:
+    if not _may_read(caller):
+        raise forbidden("only admins and services may read templates")
+
+
+def _check_write(caller: Identity) -> None:
+    if not _may_write(caller):
+        raise forbidden("only admins may change templates")
+
+
+def _check_key(fields: Fields, template_key: str | None) -> None:
+    if template_key is not None and not TEMPLATE_KEY.fullmatch(template_key):
+        fields.error("template_key", "must be 1-128 letters, digits and _ . : - only")
+
+
+def _check_locale(fields: Fields, locale: str | None) -> None:
+    if locale is not None and not store.is_locale(locale):
+        fields.error("locale", 'must be a locale such as "en" or "pt-BR", or "" for the default')
+
+
+def _path(request: web.Request, fields: Fields) -> tuple[str, str]:
+    """The path's template_key and channel, errors collected with the body's."""
+    template_key = request.match_info["template_key"]
+    channel = request.match_info["channel"]
+    _check_key(fields, template_key)
+    if channel not in CHANNELS:
+        fields.error("channel", f"must be one of: {', '.join(CHANNELS)}")
+    return template_key, channel
+
+
+def _locale_query(fields: Fields) -> str:
+    locale = fields.string(
+        "locale", required=False, max_length=store.LOCALE_MAX_LENGTH, allow_empty=True
+    )
+    _check_locale(fields, locale)
+    return locale or ""
+
+
+def _label(template_key: str, channel: str, locale: str) -> str:
+    return f"template {template_key!r} ({channel}, {locale or 'default locale'})"
+
+
+def _source_fields(fields: Fields, request: web.Request, *, required: bool) -> TemplateSource:
+    """subject / text_body / html_body of a body, each checked alone and then compiled."""
+    limits = services(request).settings
+    subject = fields.string("subject", required=False, max_length=limits.subject_max_length)
+    text_body = fields.string(
+        "text_body", required=required, max_length=limits.notification_max_length
+    )
+    html_body = fields.string(
+        "html_body", required=False, max_length=limits.notification_max_length
+    )
+    if subject is not None and _MULTILINE.search(subject):
+        fields.error("subject", "must be a single line")
+        subject = None
+    return TemplateSource(subject=subject, text_body=text_body or "", html_body=html_body)
+
+
+def _compile_errors(fields: Fields, source: TemplateSource, name: str) -> None:
+    for error in render.check(source, name=name):
+        fields.error(error.field, error.reason)
+
+
+def _template_problem(error: TemplateError) -> Problem:
+    return invalid([FieldError(error.field, error.reason)], detail=error.reason)
+
+
+async def list_templates(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    _check_read(caller)
+    query = query_fields(request, ctx.id_rule)
+    limit = query.page_limit(ctx.settings.page_size_default, ctx.settings.page_size_max)
+    template_key = query.string("template_key", required=False, max_length=128)
+    channel = query.choice("channel", CHANNELS, required=False)
+    after_text = query.string("after", required=False, max_length=300)
+    _check_key(query, template_key)
+    after: tuple[str, str, str] | None = None
+    if after_text is not None:
+        parts = after_text.split("/")
+        if len(parts) != 3:
+            query.error("after", "must be a cursor taken from a previous page's Link")
+        else:
+            after = (parts[0], parts[1], parts[2])
+    query.done()
+    rows = await store.list_templates(
+        ctx.pool,
+        caller.tenant_id,
+        template_key=template_key,
+        channel=channel,
+        after=after,
+        limit=limit + 1,
+    )
+    headers: dict[str, str] = {}
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1]
+        cursor = f"{last['template_key']}/{last['channel']}/{last['locale']}"
+        next_url = request.rel_url.update_query({"after": cursor, "limit": str(limit)})
+        headers["Link"] = f'<{next_url}>; rel="next"'
+    return json_response([template_json(r) for r in rows], headers=headers)
+
+
+async def put_template(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    _check_write(caller)
+    fields = Fields(await read_json_object(request), ctx.id_rule)
+    template_key, channel = _path(request, fields)
+    locale = fields.string(
+        "locale", required=False, max_length=store.LOCALE_MAX_LENGTH, allow_empty=True
+    )
+    _check_locale(fields, locale)
+    locale = store.normalize_locale(locale or "")
+    source = _source_fields(fields, request, required=True)
+    _compile_errors(fields, source, _label(template_key, channel, locale))
+    fields.done()
+    row = store.NewTemplate(
+        tenant_id=caller.tenant_id,
+        template_key=template_key,
+        channel=channel,
+        locale=locale,
+        subject=source.subject,
+        text_body=source.text_body,
+        html_body=source.html_body,
+    )
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        stored = await store.upsert(conn, row)
+        await audit.record(
+            conn,
+            audit_entry(
+                request,
+                "template.put",
+                {
+                    "template_key": template_key,
+                    "channel": channel,
+                    "locale": locale,
+                    "created": stored["created"],
+                },
+            ),
+        )
+    return json_response(template_json(stored))
+
+
+async def get_template(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    _check_read(caller)
+    query = query_fields(request, ctx.id_rule)
+    template_key, channel = _path(request, query)
+    locale = _locale_query(query)
+    query.done()
+    row = await store.get(ctx.pool, caller.tenant_id, template_key, channel, locale)
+    if row is None:
+        raise not_found("template")
+    return json_response(template_json(row))
+
+
+async def delete_template(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    _check_write(caller)
+    query = query_fields(request, ctx.id_rule)
+    template_key, channel = _path(request, query)
+    locale = store.normalize_locale(_locale_query(query))
+    query.done()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        deleted = await store.delete(conn, caller.tenant_id, template_key, channel, locale)
+        if not deleted:
+            raise not_found("template")
+        await audit.record(
+            conn,
+            audit_entry(
+                request,
+                "template.delete",
+                {"template_key": template_key, "channel": channel, "locale": locale},
+            ),
+        )
+    return web.Response(status=204)
+
+
+async def preview_template(request: web.Request) -> web.Response:
+    """Render a stored template (`template_key` + `channel`) or an inline draft with `context`."""
+    ctx = services(request)
+    caller = identity(request)
+    _check_read(caller)
+    fields = Fields(await read_json_object(request), ctx.id_rule)
+    template_key = fields.string("template_key", required=False, max_length=128)
+    _check_key(fields, template_key)
+    context = fields.mapping("context", max_keys=ctx.settings.context_max_keys) or {}
+    stored = template_key is not None or fields.has("template_key")
+    if stored:
+        channel = fields.choice("channel", CHANNELS)
+        locale = fields.string(
+            "locale", required=False, max_length=store.LOCALE_MAX_LENGTH, allow_empty=True
+        )
+        _check_locale(fields, locale)
+        _source_fields(fields, request, required=False)  # read only to name them below
+        for name in ("subject", "text_body", "html_body"):
+            if fields.has(name):
+                fields.error(name, "is not used with template_key (send one or the other)")
+        fields.done()
+        assert template_key is not None
+        assert channel is not None
+        try:
+            rendered = await compose(
+                ctx.pool,
+                tenant_id=caller.tenant_id,
+                channel=channel,
+                template_key=template_key,
+                context=context,
+                subject=None,
+                message=None,
+                locale=locale or None,
+                default_locale=ctx.settings.default_locale,
+            )
+        except TemplateError as error:
+            raise _template_problem(error) from None
+    else:
+        if not fields.has("text_body"):
+            fields.error("text_body", "is required unless template_key is given")
+        fields.choice("channel", CHANNELS, required=False)
+        fields.string(
+            "locale", required=False, max_length=store.LOCALE_MAX_LENGTH, allow_empty=True
+        )
+        for name in ("channel", "locale"):
+            if fields.has(name):
+                fields.error(name, "is only used with template_key")
+        source = _source_fields(fields, request, required=False)
+        _compile_errors(fields, source, "draft")
+        fields.done()
+        try:
+            rendered = render.render(source, context, name="draft")
+        except TemplateError as error:
+            raise _template_problem(error) from None
+    return json_response(_rendered_json(rendered))
+
+
+def _rendered_json(rendered: Rendered) -> dict[str, Any]:
+    return {"subject": rendered.subject, "text": rendered.text, "html": rendered.html}
+
+
+def add_routes(app: web.Application) -> None:
+    for prefix in ("", "/api"):
+        app.router.add_get(f"{prefix}/templates/", list_templates)
+        app.router.add_post(f"{prefix}/templates/preview/", preview_template)
+        item = f"{prefix}/templates/{{template_key}}/{{channel}}/"
+        app.router.add_put(item, put_template)
+        app.router.add_get(item, get_template)
+        app.router.add_delete(item, delete_template)

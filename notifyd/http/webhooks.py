@@ -1,0 +1,142 @@
+"""Provider callbacks: Twilio's message status reports (`POST /webhooks/twilio/status`).
+
+No bearer token: Twilio cannot send one. What authenticates the request instead is
+`X-Twilio-Signature`, an HMAC of the URL Twilio called plus the form fields, keyed with the
+account's auth token. The URL must be the one Twilio was given: behind a proxy that is
+`NOTIFYD_PUBLIC_URL` + path + query (exactly as the SMS provider built the StatusCallback),
+otherwise the URL of this request. Nothing is read or changed before the signature checks out.
+
+The tenant and notification ids travel in the callback URL's query, so they are covered by
+the signature too. Callbacks may arrive out of order, twice, or before the sender recorded the
+send: `store.deliveries.record_provider_status` applies only a later stage and lets the row's
+status follow only once it is `sent`. Twilio is answered 204 for every authentic callback,
+applied or not (stale, unknown row, another tenant's id): a non-2xx would only make it retry.
+
+Signatures are checked with the global `TWILIO_AUTH_TOKEN`; a tenant using its own Twilio
+account needs its token here (see `_auth_token`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from twilio.request_validator import RequestValidator
+
+from notifyd.http.context import services
+from notifyd.http.problems import FieldError, Problem, forbidden
+from notifyd.ids import parse_uuid
+from notifyd.logs import tenant_id_var
+from notifyd.providers.sms import STATUS_CALLBACK_PATH
+from notifyd.store import deliveries
+
+log = logging.getLogger("notifyd.http.webhooks")
+
+FORM = "application/x-www-form-urlencoded"
+SIGNATURE_HEADER = "X-Twilio-Signature"
+_FIELD_MAX = 256
+
+
+def _auth_token(request: web.Request, tenant_id: str) -> str:
+    """The auth token Twilio signed this tenant's callbacks with.
+
+    Today the global `TWILIO_AUTH_TOKEN` for every tenant; a tenant with its own Twilio
+    account needs its own token looked up here.
+    """
+    return services(request).settings.twilio_auth_token
+
+
+def _called_url(request: web.Request) -> str:
+    """The URL as Twilio called it: raw path and query, never a re-encoded one."""
+    public_url = services(request).settings.public_url
+    if public_url:
+        return public_url.rstrip("/") + request.raw_path
+    return f"{request.scheme}://{request.host}{request.raw_path}"
+
+
+def _error_text(code: str | None, message: str | None, status: str) -> str:
+    if code and message:
+        return f"twilio {code}: {message}"
+    if code:
+        return f"twilio {code}: message {status}"
+    return f"twilio: message {status}" + (f": {message}" if message else "")
+
+
+async def twilio_status(request: web.Request) -> web.Response:
+    ctx = services(request)
+    errors: list[FieldError] = []
+    tenant_id = request.query.get("tenant", "")
+    tenant_problem = ctx.id_rule.problem(tenant_id) if tenant_id else "is required"
+    if tenant_problem is not None:
+        errors.append(FieldError("tenant", tenant_problem))
+    raw_id = request.query.get("notification", "")
+    notification_id = parse_uuid(raw_id) if raw_id else None
+    if notification_id is None:
+        errors.append(
+            FieldError(
+                "notification", "must be a notification id (UUID)" if raw_id else "is required"
+            )
+        )
+    if errors:
+        detail = "; ".join(f"{e.field}: {e.message}" for e in errors)
+        raise Problem(400, f"bad callback URL: {detail}", kind="validation", errors=errors)
+    assert notification_id is not None
+    if request.content_type != FORM:
+        raise Problem(415, f"send the callback as {FORM}", kind="unsupported-media-type")
+
+    token = _auth_token(request, tenant_id)
+    signature = request.headers.get(SIGNATURE_HEADER, "")
+    form = await request.post()  # url-encoded: every value is a str
+    params = {key: value for key, value in form.items() if isinstance(value, str)}
+    if not token:
+        log.warning("twilio callback refused: no auth token configured to check its signature")
+        raise forbidden("the signature cannot be checked: no Twilio auth token is configured")
+    # the form itself, not `params`: a repeated field is signed with every value
+    if not signature or not RequestValidator(token).validate(_called_url(request), form, signature):
+        raise forbidden(f"missing or invalid {SIGNATURE_HEADER}")
+    tenant_id_var.set(tenant_id)  # authentic: log lines from here on name the tenant
+
+    message_sid = params.get("MessageSid", "")
+    status = params.get("MessageStatus", "")
+    missing = [
+        FieldError(name, f"is required (at most {_FIELD_MAX} characters)")
+        for name, value in (("MessageSid", message_sid), ("MessageStatus", status))
+        if not value or len(value) > _FIELD_MAX
+    ]
+    if missing:
+        raise Problem(400, "not a message status callback", kind="validation", errors=missing)
+
+    new_status: str | None = None
+    error: str | None = None
+    if status == "delivered":
+        new_status = "delivered"
+    elif status in ("undelivered", "failed"):
+        new_status = "undelivered"
+        error = _error_text(
+            params.get("ErrorCode", "")[:_FIELD_MAX] or None,
+            params.get("ErrorMessage", "")[:_FIELD_MAX] or None,
+            status,
+        )
+    row = await deliveries.record_provider_status(
+        ctx.pool,
+        tenant_id,
+        notification_id,
+        "sms",
+        provider_message_id=message_sid,
+        provider_status=status,
+        new_status=new_status,
+        error=error,
+    )
+    log.info(
+        "twilio status callback",
+        extra={
+            "notification_id": str(notification_id),
+            "provider_status": status,
+            "applied": row is not None,
+        },
+    )
+    return web.Response(status=204)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post(STATUS_CALLBACK_PATH, twilio_status)

@@ -1,0 +1,151 @@
+"""Composition of the delivery pipeline: providers, the actors around them, and their wiring.
+
+Kept out of app.py so the composition root reads as a list of resources, and so tests can
+build the very same pipeline the daemon runs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+import asyncpg
+from redis.asyncio import Redis
+
+from notifyd.actors.dispatcher import Dispatcher
+from notifyd.actors.sender import Sender
+from notifyd.actors.sweeper import Sweeper
+from notifyd.actors.timer import Timer
+from notifyd.alerts import Alerts
+from notifyd.keys import Keys
+from notifyd.metrics import Metrics
+from notifyd.providers.base import Delivery, Provider, TransientError
+from notifyd.providers.inapp import InAppProvider
+from notifyd.providers.sms import TwilioSmsProvider
+from notifyd.providers.smtp import SmtpProvider, SmtpSettings
+from notifyd.secretbox import SecretBox, SecretError
+from notifyd.settings import Settings
+from notifyd.store.tenants import (
+    TenantSettings,
+    TenantSettingsCache,
+    TwilioConfig,
+    region_for,
+    smtp_for,
+    twilio_for,
+)
+from notifyd.streams.schedule import Schedule
+from notifyd.supervisor import Actor
+
+
+def consumer_name(settings: Settings) -> str:
+    """Stable within a process, distinct between processes (also two on one host)."""
+    return settings.instance_name or f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class Pipeline:
+    actors: list[Actor]
+    providers: list[Provider]
+    schedule: Schedule
+    alerts: Alerts
+    tenant_settings: TenantSettingsCache
+    _closed: bool = field(default=False, repr=False)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for provider in self.providers:
+            await provider.close()
+
+
+def build_pipeline(
+    settings: Settings, pool: asyncpg.Pool, redis: Redis, keys: Keys, metrics: Metrics
+) -> Pipeline:
+    box = SecretBox.from_settings(settings)
+    tenants = TenantSettingsCache(pool, box)
+    name = consumer_name(settings)
+    schedule = Schedule(redis, keys.timer)
+    alerts = Alerts(settings, redis, keys)
+
+    async def tenant(tenant_id: str) -> TenantSettings:
+        try:
+            return await tenants.get(tenant_id)
+        except SecretError as exc:
+            # retried, not failed: the operator can restore the key, and is told to
+            alerts.raise_alert(
+                "tenant-secrets",
+                "notifyd: tenant secrets cannot be decrypted",
+                f"Tenant {tenant_id}'s stored SMTP/Twilio secrets do not decrypt with "
+                f"NOTIFYD_TENANT_SECRET_KEY ({exc}). Deliveries are being retried.",
+            )
+            raise TransientError(f"tenant settings unreadable: {exc}") from None
+
+    async def smtp_config(tenant_id: str) -> SmtpSettings:
+        return smtp_for(await tenant(tenant_id), settings)
+
+    async def twilio_config(tenant_id: str) -> TwilioConfig | None:
+        return twilio_for(await tenant(tenant_id), settings)
+
+    async def region(tenant_id: str) -> str:
+        return region_for(await tenant(tenant_id), settings)
+
+    def unsubscribe_url(delivery: Delivery) -> str | None:
+        if not settings.preferences_url or delivery.user_id is None:
+            return None
+        return settings.preferences_url.format(
+            tenant_id=delivery.tenant_id,
+            user_id=delivery.user_id,
+            category=delivery.category or "",
+        )
+
+    providers: list[tuple[Provider, int]] = [
+        (
+            SmtpProvider(
+                smtp_config,
+                connections_per_config=settings.smtp_connections_per_tenant,
+                timeout=settings.send_timeout,
+                unsubscribe_url_for=unsubscribe_url,
+            ),
+            settings.email_concurrency,
+        ),
+        (TwilioSmsProvider(settings, twilio_config, region), settings.sms_concurrency),
+        (InAppProvider(redis, keys), settings.inapp_concurrency),
+    ]
+    actors: list[Actor] = [
+        Dispatcher(pool=pool, redis=redis, keys=keys, settings=settings, consumer_name=name),
+        *[
+            Sender(
+                provider=provider,
+                pool=pool,
+                redis=redis,
+                keys=keys,
+                settings=settings,
+                metrics=metrics,
+                schedule=schedule,
+                alerts=alerts,
+                consumer_name=name,
+                concurrency=concurrency,
+            )
+            for provider, concurrency in providers
+        ],
+        Timer(schedule),
+        Sweeper(
+            pool=pool,
+            redis=redis,
+            keys=keys,
+            schedule=schedule,
+            metrics=metrics,
+            requeue_after=settings.requeue_after,
+            interval=settings.sweep_interval,
+        ),
+        alerts,
+    ]
+    return Pipeline(
+        actors=actors,
+        providers=[provider for provider, _ in providers],
+        schedule=schedule,
+        alerts=alerts,
+        tenant_settings=tenants,
+    )

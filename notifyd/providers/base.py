@@ -1,0 +1,63 @@
+"""What every channel provider promises the sender actor.
+
+A provider sends one delivery and either returns a `Sent` or raises one of two errors. The
+split is the whole retry policy's input: `TransientError` (connection trouble, SMTP 4xx,
+Twilio 429/5xx) is retried with backoff, honouring `retry_after`; `PermanentError` (SMTP 5xx,
+an invalid number) fails the delivery at once, because retrying cannot change the answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One notification row as a provider needs it, content already rendered."""
+
+    id: str
+    tenant_id: str
+    channel: str
+    recipient: str
+    user_id: str | None
+    subject: str | None
+    body: str
+    html_body: str | None
+    category: str | None
+    attempt: int
+    created_at: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """Accepted by the provider; `provider_message_id` links later status callbacks."""
+
+    provider_message_id: str | None = None
+    provider_status: str | None = None
+
+
+class ProviderError(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TransientError(ProviderError):
+    """Worth retrying; `retry_after` (seconds) when the provider said when."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class PermanentError(ProviderError):
+    """Retrying cannot help: the delivery fails now, with this reason."""
+
+
+class Provider(Protocol):
+    channel: str
+
+    async def send(self, delivery: Delivery) -> Sent: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,205 @@
+"""Email over SMTP with aiosmtplib: per-tenant settings, reused connections, clean MIME.
+
+Connections are pooled per distinct SMTP configuration (a tenant's own relay, or the global
+`EMAIL_*` one), a few per configuration, so a burst does not open a connection per message
+and one tenant's slow relay cannot take every connection.
+
+Error classes follow SMTP itself: 4xx replies and connection trouble are transient (retried),
+5xx replies are permanent (the delivery fails with the server's words).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from typing import Protocol
+
+import aiosmtplib
+
+from notifyd.providers.base import Delivery, PermanentError, Sent, TransientError
+
+log = logging.getLogger("notifyd.providers.smtp")
+
+
+class SmtpSettings(Protocol):
+    """What a sender needs of an SMTP configuration (the tenant's or the global one)."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def username(self) -> str: ...
+    @property
+    def password(self) -> str: ...
+    @property
+    def use_tls(self) -> bool: ...
+    @property
+    def use_ssl(self) -> bool: ...
+    @property
+    def from_email(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _PoolKey:
+    host: str
+    port: int
+    username: str
+    password: str
+    use_tls: bool
+    use_ssl: bool
+
+
+def build_message(
+    delivery: Delivery, from_email: str, unsubscribe_url: str | None = None
+) -> EmailMessage:
+    """Text with an HTML alternative when there is one; headers a spam filter expects.
+
+    The SMTP policy refuses CR/LF in any header value, so no header can be injected even if a
+    bad subject or address got this far.
+    """
+    message = EmailMessage()
+    try:
+        message["From"] = from_email
+        message["To"] = delivery.recipient
+        message["Subject"] = delivery.subject or ""
+        message["Date"] = formatdate(localtime=False, usegmt=True)
+        domain = from_email.rpartition("@")[2].strip(">") or "notifyd.local"
+        message["Message-ID"] = make_msgid(idstring=delivery.id.replace("-", ""), domain=domain)
+        message["X-Notifyd-Id"] = delivery.id
+        if unsubscribe_url:
+            message["List-Unsubscribe"] = f"<{unsubscribe_url}>"
+            message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+    except ValueError as exc:
+        raise PermanentError(f"cannot build the message headers: {exc}") from None
+    message.set_content(delivery.body)
+    if delivery.html_body:
+        message.add_alternative(delivery.html_body, subtype="html")
+    return message
+
+
+class _ConnectionPool:
+    """Up to `size` connected clients for one configuration, handed out one at a time."""
+
+    def __init__(self, key: _PoolKey, size: int, timeout: float) -> None:
+        self._key = key
+        self._timeout = timeout
+        self._idle: list[aiosmtplib.SMTP] = []
+        self._slots = asyncio.Semaphore(size)
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        k = self._key
+        client = aiosmtplib.SMTP(
+            hostname=k.host,
+            port=k.port,
+            use_tls=k.use_ssl,
+            start_tls=k.use_tls,
+            timeout=self._timeout,
+            tls_context=ssl.create_default_context() if (k.use_tls or k.use_ssl) else None,
+        )
+        await client.connect()
+        if k.username:
+            await client.login(k.username, k.password)
+        return client
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[aiosmtplib.SMTP]:
+        async with self._slots:
+            client = self._idle.pop() if self._idle else await self._connect()
+            try:
+                yield client
+            except BaseException:
+                client.close()  # its state is unknown after an error: never reuse it
+                raise
+            if client.is_connected:
+                self._idle.append(client)
+
+    async def close(self) -> None:
+        while self._idle:
+            client = self._idle.pop()
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await client.quit()
+
+
+class SmtpProvider:
+    channel = "email"
+
+    def __init__(
+        self,
+        config_for: Callable[[str], Awaitable[SmtpSettings]],
+        *,
+        connections_per_config: int,
+        timeout: float,
+        unsubscribe_url_for: Callable[[Delivery], str | None] | None = None,
+    ) -> None:
+        self._config_for = config_for
+        self._size = connections_per_config
+        self._timeout = timeout
+        self._unsubscribe_url_for = unsubscribe_url_for
+        self._pools: dict[_PoolKey, _ConnectionPool] = {}
+
+    def _pool(self, config: SmtpSettings) -> _ConnectionPool:
+        key = _PoolKey(
+            config.host,
+            config.port,
+            config.username,
+            config.password,
+            config.use_tls,
+            config.use_ssl,
+        )
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = _ConnectionPool(key, self._size, self._timeout)
+        return pool
+
+    async def send(self, delivery: Delivery) -> Sent:
+        config = await self._config_for(delivery.tenant_id)
+        unsubscribe = self._unsubscribe_url_for(delivery) if self._unsubscribe_url_for else None
+        message = build_message(delivery, config.from_email, unsubscribe)
+        pool = self._pool(config)
+        for reused_attempt in (True, False):
+            try:
+                async with pool.connection() as client:
+                    await client.send_message(message)
+                return Sent(provider_message_id=str(message["Message-ID"]), provider_status="sent")
+            except aiosmtplib.SMTPServerDisconnected as exc:
+                # an idle pooled connection the server closed: one immediate retry, fresh
+                if reused_attempt:
+                    continue
+                raise TransientError(f"SMTP server disconnected: {exc}") from None
+            except aiosmtplib.SMTPRecipientsRefused as exc:
+                raise _classify_refusals(exc) from None
+            except aiosmtplib.SMTPResponseException as exc:
+                raise _classify_reply(exc.code, exc.message) from None
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                raise TransientError(
+                    f"SMTP connection failed: {exc or type(exc).__name__}"
+                ) from None
+        raise TransientError("SMTP server disconnected twice")
+
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            await pool.close()
+        self._pools.clear()
+
+
+def _classify_reply(code: int, text: str) -> TransientError | PermanentError:
+    reason = f"SMTP {code}: {text}".strip()
+    if 400 <= code < 500:
+        return TransientError(reason)
+    return PermanentError(reason)
+
+
+def _classify_refusals(exc: aiosmtplib.SMTPRecipientsRefused) -> TransientError | PermanentError:
+    refusals = exc.recipients
+    if refusals and all(400 <= r.code < 500 for r in refusals):
+        return TransientError("; ".join(f"SMTP {r.code}: {r.message}" for r in refusals))
+    return PermanentError(
+        "; ".join(f"SMTP {r.code}: {r.message}" for r in refusals) or "all recipients refused"
+    )

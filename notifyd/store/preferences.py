@@ -1,0 +1,40 @@
+"""Per-user channel and category opt-outs, one row per (tenant, user).
+
+The dispatcher reads them once per notification; a user with no row has opted out of nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from notifyd.preferences import Preferences
+from notifyd.store.pool import Conn, Executor
+
+GET = "SELECT channels, categories FROM preferences WHERE tenant_id = $1 AND user_id = $2"
+
+UPSERT = """
+INSERT INTO preferences (tenant_id, user_id, channels, categories)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (tenant_id, user_id)
+DO UPDATE SET channels = EXCLUDED.channels, categories = EXCLUDED.categories, updated_at = now()
+"""
+
+
+def _flags(value: Any) -> dict[str, bool]:
+    if not isinstance(value, Mapping):
+        return {}
+    return {str(name): flag for name, flag in value.items() if isinstance(flag, bool)}
+
+
+async def load(executor: Executor, tenant_id: str, user_id: str) -> Preferences | None:
+    """The user's preferences, or None when they never saved any."""
+    row = await executor.fetchrow(GET, tenant_id, user_id)
+    if row is None:
+        return None
+    return Preferences(channels=_flags(row["channels"]), categories=_flags(row["categories"]))
+
+
+async def save(conn: Conn, tenant_id: str, user_id: str, prefs: Preferences) -> None:
+    """Replace the user's preferences (an upsert)."""
+    await conn.execute(UPSERT, tenant_id, user_id, dict(prefs.channels), dict(prefs.categories))

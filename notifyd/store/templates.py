@@ -1,0 +1,182 @@
+"""Templates table: per tenant, one row per (template_key, channel, locale).
+
+Locale `''` is the row used when no locale-specific one matches. Locales are stored in one
+canonical spelling (`pt-BR`, never `pt_br`), so a lookup is a plain equality.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import asyncpg
+
+from notifyd.providers.builtin_templates import builtin
+from notifyd.providers.render import TemplateSource
+from notifyd.store.pool import Conn, Executor
+
+LOCALE_PATTERN = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*")
+LOCALE_MAX_LENGTH = 35
+
+COLUMNS = """template_key, channel, locale, subject, text_body, html_body, created_at, updated_at"""
+
+UPSERT = f"""
+INSERT INTO templates (tenant_id, template_key, channel, locale, subject, text_body, html_body)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (tenant_id, template_key, channel, locale) DO UPDATE
+SET subject = EXCLUDED.subject, text_body = EXCLUDED.text_body,
+    html_body = EXCLUDED.html_body, updated_at = now()
+RETURNING {COLUMNS}, (xmax = 0) AS created
+"""
+
+GET = f"""
+SELECT {COLUMNS} FROM templates
+WHERE tenant_id = $1 AND template_key = $2 AND channel = $3 AND locale = $4
+"""
+
+# Keyset pagination in primary-key order: after (key, channel, locale) of the last row shown.
+LIST = f"""
+SELECT {COLUMNS} FROM templates
+WHERE tenant_id = $1
+  AND ($2::text IS NULL OR template_key = $2)
+  AND ($3::text IS NULL OR channel = $3)
+  AND ($4::text IS NULL OR (template_key, channel, locale) > ($4, $5::text, $6::text))
+ORDER BY template_key, channel, locale
+LIMIT $7
+"""
+
+DELETE = """
+DELETE FROM templates
+WHERE tenant_id = $1 AND template_key = $2 AND channel = $3 AND locale = $4
+RETURNING template_key
+"""
+
+# Every row that could answer one resolve; Python picks the best by the fallback order.
+CANDIDATES = """
+SELECT locale, subject, text_body, html_body FROM templates
+WHERE tenant_id = $1 AND template_key = $2 AND channel = $3 AND locale = ANY($4::text[])
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class NewTemplate:
+    tenant_id: str
+    template_key: str
+    channel: str
+    locale: str
+    subject: str | None
+    text_body: str
+    html_body: str | None
+
+
+def normalize_locale(locale: str) -> str:
+    """One spelling per locale: `_` → `-`, language lowercase, region uppercase, script title.
+
+    `pt_br` → `pt-BR`, `zh-hant-tw` → `zh-Hant-TW`; `''` stays `''`.
+    """
+    parts = locale.strip().replace("_", "-").split("-")
+    out = [parts[0].lower()]
+    for part in parts[1:]:
+        if len(part) == 2 and part.isalpha():
+            out.append(part.upper())
+        elif len(part) == 4 and part.isalpha():
+            out.append(part.title())
+        else:
+            out.append(part.lower())
+    return "-".join(out)
+
+
+def is_locale(locale: str) -> bool:
+    """`''` (the fallback row) or a BCP 47-like tag such as `en`, `pt-BR`, `pt_BR`."""
+    return locale == "" or (
+        len(locale) <= LOCALE_MAX_LENGTH and LOCALE_PATTERN.fullmatch(locale) is not None
+    )
+
+
+def locale_candidates(locale: str | None, default_locale: str) -> list[str]:
+    """The locales to try, best first: exact, its language, the default (and its language), ''."""
+    order: list[str] = []
+    for wanted in (locale, default_locale):
+        if not wanted:
+            continue
+        exact = normalize_locale(wanted)
+        for candidate in (exact, exact.split("-")[0]):
+            if candidate not in order:
+                order.append(candidate)
+    order.append("")
+    return order
+
+
+async def upsert(conn: Conn, row: NewTemplate) -> asyncpg.Record:
+    """Insert or replace; the returned row has `created` true when it did not exist before."""
+    record = await conn.fetchrow(
+        UPSERT,
+        row.tenant_id,
+        row.template_key,
+        row.channel,
+        normalize_locale(row.locale),
+        row.subject,
+        row.text_body,
+        row.html_body,
+    )
+    assert record is not None
+    return record
+
+
+async def get(
+    conn: Executor, tenant_id: str, template_key: str, channel: str, locale: str
+) -> asyncpg.Record | None:
+    return await conn.fetchrow(GET, tenant_id, template_key, channel, normalize_locale(locale))
+
+
+async def list_templates(
+    conn: Executor,
+    tenant_id: str,
+    *,
+    template_key: str | None = None,
+    channel: str | None = None,
+    after: tuple[str, str, str] | None = None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """A page of the tenant's templates in (key, channel, locale) order."""
+    after_key, after_channel, after_locale = after or (None, None, None)
+    return await conn.fetch(
+        LIST, tenant_id, template_key, channel, after_key, after_channel, after_locale, limit
+    )
+
+
+async def delete(conn: Conn, tenant_id: str, template_key: str, channel: str, locale: str) -> bool:
+    """True when a row was deleted."""
+    deleted = await conn.fetchval(
+        DELETE, tenant_id, template_key, channel, normalize_locale(locale)
+    )
+    return deleted is not None
+
+
+async def resolve(
+    executor: Executor,
+    tenant_id: str,
+    template_key: str,
+    channel: str,
+    locale: str | None,
+    default_locale: str,
+) -> TemplateSource | None:
+    """The template to render, by fallback order, or None when neither tenant nor notifyd has one.
+
+    Order: the exact locale (`pt-BR`), its language (`pt`), the tenant's default locale
+    (`default_locale`, then its language), the `''` row, notifyd's built-in. One query
+    fetches every candidate row.
+    """
+    order = locale_candidates(locale, default_locale)
+    rows = await executor.fetch(CANDIDATES, tenant_id, template_key, channel, order)
+    by_locale = {row["locale"]: row for row in rows}
+    for candidate in order:
+        row = by_locale.get(candidate)
+        if row is not None:
+            return TemplateSource(
+                subject=row["subject"],
+                text_body=row["text_body"],
+                html_body=row["html_body"],
+                locale=row["locale"],
+            )
+    return builtin(template_key, channel)

@@ -1,0 +1,198 @@
+"""The one consumer loop every stream actor uses: read, handle, acknowledge, recover.
+
+- `XREADGROUP` with a block timeout for new entries; handled entries are `XACK`ed only after
+  the handler returned, i.e. after its outcome is stored.
+- On start and every `claim_every` seconds, `XAUTOCLAIM` takes over entries idle longer than
+  `claim_idle_ms` (a crashed or stuck peer's work), following the cursor to `0-0`.
+- An entry delivered more than `max_deliveries` times, or one the handler declares `Poison`,
+  goes to the dead-letter stream with the reason and is acknowledged, so it cannot block the
+  group forever.
+- A handler exception leaves the entry pending: it is retried after `claim_idle_ms`.
+  Redis errors propagate so the supervisor restarts the actor with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+log = logging.getLogger("notifyd.streams")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    stream: str
+    id: bytes
+    fields: dict[bytes, bytes]
+    deliveries: int
+
+
+class Poison(Exception):
+    """The entry can never be handled (malformed, unknown version): dead-letter it now."""
+
+
+class Defer(Exception):
+    """Not now, and not a failure: leave the entry pending (a live peer holds the work)."""
+
+
+Handler = Callable[[Entry], Awaitable[None]]
+DeadHandler = Callable[[Entry, str], Awaitable[None]]
+
+
+async def ensure_group(redis: Redis, stream: str, group: str) -> None:
+    """Create the group (and the stream) from the beginning; an existing group is fine."""
+    try:
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):  # the one error code Redis gives only as text
+            raise
+
+
+class StreamConsumer:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        stream: str,
+        group: str,
+        consumer: str,
+        handle: Handler,
+        dead_letters: str,
+        on_dead: DeadHandler | None = None,
+        concurrency: int = 1,
+        batch: int = 16,
+        block_ms: int = 1000,
+        claim_idle_ms: int = 30_000,
+        claim_every: float = 5.0,
+        max_deliveries: int = 5,
+    ) -> None:
+        self._redis = redis
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer
+        self._handle = handle
+        self._dead_letters = dead_letters
+        self._on_dead = on_dead
+        self._slots = asyncio.Semaphore(concurrency)
+        self._batch = batch
+        self._block_ms = block_ms
+        self._claim_idle_ms = claim_idle_ms
+        self._claim_every = claim_every
+        self._max_deliveries = max_deliveries
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await ensure_group(self._redis, self.stream, self.group)
+        next_claim = 0.0
+        while not stop.is_set():
+            if time.monotonic() >= next_claim:
+                await self.reclaim()
+                next_claim = time.monotonic() + self._claim_every
+            response: Any = await self._redis.xreadgroup(
+                self.group,
+                self.consumer,
+                {self.stream: ">"},
+                count=self._batch,
+                block=self._block_ms,
+            )
+            for _stream, entries in response or []:
+                await self._handle_all(
+                    [
+                        Entry(self.stream, entry_id, fields, 1)
+                        for entry_id, fields in entries
+                        if fields is not None
+                    ]
+                )
+
+    async def reclaim(self) -> int:
+        """Take over entries idle past the bound; returns how many were handled."""
+        cursor: bytes | str = "0-0"
+        handled = 0
+        while True:
+            reply: Any = await self._redis.xautoclaim(
+                self.stream,
+                self.group,
+                self.consumer,
+                self._claim_idle_ms,
+                start_id=cursor,
+                count=self._batch,
+            )
+            cursor, claimed = reply[0], reply[1]
+            entries = []
+            for entry_id, fields in claimed:
+                if fields is None:  # deleted from the stream meanwhile: nothing to do
+                    await self._redis.xack(self.stream, self.group, entry_id)
+                    continue
+                entries.append(
+                    Entry(self.stream, entry_id, fields, await self._deliveries(entry_id))
+                )
+            if entries:
+                log.info(
+                    "reclaimed idle entries", extra={"stream": self.stream, "count": len(entries)}
+                )
+            await self._handle_all(entries)
+            handled += len(entries)
+            if cursor in (b"0-0", "0-0"):
+                return handled
+
+    async def _deliveries(self, entry_id: bytes) -> int:
+        pending = await self._redis.xpending_range(
+            self.stream, self.group, min=entry_id, max=entry_id, count=1
+        )
+        return int(pending[0]["times_delivered"]) if pending else 1
+
+    async def _handle_all(self, entries: list[Entry]) -> None:
+        if not entries:
+            return
+        await asyncio.gather(*(self._handle_one(entry) for entry in entries))
+
+    async def _handle_one(self, entry: Entry) -> None:
+        async with self._slots:
+            if entry.deliveries > self._max_deliveries:
+                await self.dead_letter(entry, f"delivered {entry.deliveries} times")
+                return
+            try:
+                await self._handle(entry)
+            except Poison as exc:
+                await self.dead_letter(entry, str(exc) or type(exc).__name__)
+                return
+            except Defer as exc:
+                log.debug("entry deferred", extra={"stream": self.stream, "reason": str(exc)})
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # left pending: XAUTOCLAIM hands it out again after claim_idle_ms
+                log.exception(
+                    "handler failed; entry stays pending",
+                    extra={"stream": self.stream, "entry": entry.id.decode()},
+                )
+                return
+            await self._redis.xack(self.stream, self.group, entry.id)
+
+    async def dead_letter(self, entry: Entry, reason: str) -> None:
+        log.warning(
+            "entry dead-lettered",
+            extra={"stream": self.stream, "entry": entry.id.decode(), "reason": reason},
+        )
+        if self._on_dead is not None:
+            await self._on_dead(entry, reason)
+        fields: dict[bytes | str, bytes | str] = {
+            "stream": self.stream,
+            "group": self.group,
+            "entry": entry.id,
+            "reason": reason,
+            "deliveries": str(entry.deliveries),
+        }
+        for key, value in entry.fields.items():
+            fields[b"f:" + key] = value
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self._dead_letters, fields)  # type: ignore[arg-type]
+            pipe.xack(self.stream, self.group, entry.id)
+            await pipe.execute()

@@ -1,0 +1,77 @@
+"""Entries due later: a Redis sorted set scored by due time, moved to streams atomically.
+
+One Lua script pops every due member and XADDs it to its stream in the same atomic step, so
+with any number of instances running the timer each entry is moved exactly once, and a crash
+cannot leave an entry both popped and not added. Delivery retries use it now; reminders use
+the same wheel (one mechanism, not two).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from redis.asyncio import Redis
+
+from notifyd.payloads import dumps, loads
+
+# KEYS[1] = the sorted set; ARGV[1] = now (epoch ms); ARGV[2] = most entries to move.
+MOVE_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(due) do
+  local item = cjson.decode(member)
+  local args = {item.s, '*'}
+  for key, value in pairs(item.f) do
+    table.insert(args, key)
+    table.insert(args, value)
+  end
+  redis.call('XADD', unpack(args))
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Scheduled:
+    stream: str
+    fields: dict[str, str]
+    key: str  # makes the member unique: the same (stream, fields, key) is scheduled once
+
+
+def _member(item: Scheduled) -> bytes:
+    return dumps({"s": item.stream, "f": dict(sorted(item.fields.items())), "k": item.key})
+
+
+class Schedule:
+    def __init__(self, redis: Redis, key: str) -> None:
+        self._redis = redis
+        self._key = key
+        self._move = redis.register_script(MOVE_DUE)
+
+    async def add(self, item: Scheduled, due: datetime, *, only_new: bool = False) -> None:
+        """Schedule (or move) `item` to `due`; `only_new` keeps an existing due time."""
+        score = due.timestamp() * 1000
+        await self._redis.zadd(self._key, {_member(item): score}, nx=only_new)
+
+    async def remove(self, item: Scheduled) -> bool:
+        return bool(await self._redis.zrem(self._key, _member(item)))
+
+    async def move_due(self, now: datetime, limit: int = 500) -> int:
+        """Move what is due to its streams; returns how many moved."""
+        moved: Any = await self._move(keys=[self._key], args=[int(now.timestamp() * 1000), limit])
+        return int(moved)
+
+    async def next_due_ms(self) -> float | None:
+        first: Any = await self._redis.zrange(self._key, 0, 0, withscores=True)
+        return float(first[0][1]) if first else None
+
+    async def pending(self) -> list[tuple[Scheduled, float]]:
+        """Everything scheduled, for tests and the operator CLI."""
+        rows: Any = await self._redis.zrange(self._key, 0, -1, withscores=True)
+        items = []
+        for member, score in rows:
+            data = loads(member)
+            items.append((Scheduled(data["s"], data["f"], data["k"]), float(score)))
+        return items

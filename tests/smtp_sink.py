@@ -1,0 +1,89 @@
+"""A real SMTP server (aiosmtpd) for tests: records what arrives, can be told to refuse.
+
+It runs in aiosmtpd's own thread, so the daemon under test talks to it over a real socket
+exactly as it would to a relay.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+from scripts.localservers import free_port
+
+
+@dataclass(frozen=True)
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    message: EmailMessage
+
+    @property
+    def notifyd_id(self) -> str | None:
+        value = self.message["X-Notifyd-Id"]
+        return None if value is None else str(value)
+
+
+class _Handler:
+    def __init__(self, sink: SmtpSink) -> None:
+        self._sink = sink
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        scripted = self._sink._next_reply()
+        if scripted is not None:
+            return scripted
+        parsed = message_from_bytes(envelope.content, policy=policy.SMTP)
+        assert isinstance(parsed, EmailMessage)
+        with self._sink._lock:
+            self._sink.received.append(
+                Received(envelope.mail_from, list(envelope.rcpt_tos), parsed)
+            )
+        return "250 Message accepted for delivery"
+
+
+class SmtpSink:
+    """`with SmtpSink() as sink:` → `sink.port`, `sink.received`, `sink.fail_next(n, reply)`."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.received: list[Received] = []
+        self._replies: deque[str] = deque()
+        self._lock = threading.Lock()
+        self._controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port)
+
+    def __enter__(self) -> SmtpSink:
+        self._controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._controller.stop()
+
+    def fail_next(self, count: int, reply: str) -> None:
+        """The next `count` messages get `reply` (e.g. "421 Try again later") at DATA."""
+        with self._lock:
+            self._replies.extend([reply] * count)
+
+    def _next_reply(self) -> str | None:
+        with self._lock:
+            return self._replies.popleft() if self._replies else None
+
+    def messages_to(self, address: str) -> list[Received]:
+        with self._lock:
+            return [r for r in self.received if address in r.rcpt_tos]
+
+    def wait_for(self, count: int, timeout: float = 20.0) -> list[Received]:
+        """Block (this is a thread-safe list) until `count` messages arrived."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self.received) >= count:
+                    return list(self.received)
+            time.sleep(0.01)
+        raise AssertionError(f"{len(self.received)} of {count} messages arrived in {timeout}s")
