@@ -12,8 +12,8 @@ send: `store.deliveries.record_provider_status` applies only a later stage and l
 status follow only once it is `sent`. Twilio is answered 204 for every authentic callback,
 applied or not (stale, unknown row, another tenant's id): a non-2xx would only make it retry.
 
-Signatures are checked with the global `TWILIO_AUTH_TOKEN`; a tenant using its own Twilio
-account needs its token here (see `_auth_token`).
+Signatures are checked with the auth token of the account that sent the message: the
+tenant's own Twilio account when its admin configured one, else the global one.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from notifyd.http.problems import FieldError, Problem, forbidden
 from notifyd.ids import parse_uuid
 from notifyd.logs import tenant_id_var
 from notifyd.providers.sms import STATUS_CALLBACK_PATH
+from notifyd.secretbox import SecretError
 from notifyd.store import deliveries
+from notifyd.store.tenants import twilio_for
 
 log = logging.getLogger("notifyd.http.webhooks")
 
@@ -37,13 +39,15 @@ SIGNATURE_HEADER = "X-Twilio-Signature"
 _FIELD_MAX = 256
 
 
-def _auth_token(request: web.Request, tenant_id: str) -> str:
-    """The auth token Twilio signed this tenant's callbacks with.
-
-    Today the global `TWILIO_AUTH_TOKEN` for every tenant; a tenant with its own Twilio
-    account needs its own token looked up here.
-    """
-    return services(request).settings.twilio_auth_token
+async def _auth_token(request: web.Request, tenant_id: str) -> str:
+    """The auth token Twilio signed this tenant's callbacks with (its account's, or global)."""
+    ctx = services(request)
+    try:
+        tenant = await ctx.tenant_settings.get(tenant_id)
+    except SecretError:
+        return ""  # unreadable secrets: no token, so the callback is refused (403)
+    config = twilio_for(tenant, ctx.settings)
+    return config.auth_token if config is not None else ""
 
 
 def _called_url(request: web.Request) -> str:
@@ -84,7 +88,7 @@ async def twilio_status(request: web.Request) -> web.Response:
     if request.content_type != FORM:
         raise Problem(415, f"send the callback as {FORM}", kind="unsupported-media-type")
 
-    token = _auth_token(request, tenant_id)
+    token = await _auth_token(request, tenant_id)
     signature = request.headers.get(SIGNATURE_HEADER, "")
     form = await request.post()  # url-encoded: every value is a str
     params = {key: value for key, value in form.items() if isinstance(value, str)}
