@@ -80,6 +80,7 @@ class StreamConsumer:
         self._handle = handle
         self._dead_letters = dead_letters
         self._on_dead = on_dead
+        self._concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
         self._batch = batch
         self._block_ms = block_ms
@@ -88,27 +89,57 @@ class StreamConsumer:
         self._max_deliveries = max_deliveries
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Keep up to `concurrency` entries in flight; read more as soon as a slot frees.
+
+        On stop, reading ends and in-flight entries are allowed to finish (the supervisor's
+        grace bounds that); an entry cut short stays pending and is taken over later.
+        """
         await ensure_group(self._redis, self.stream, self.group)
+        in_flight: set[asyncio.Task[None]] = set()
+        broken: list[BaseException] = []
+
+        def settled(task: asyncio.Task[None]) -> None:
+            in_flight.discard(task)
+            if not task.cancelled():
+                error = task.exception()
+                if error is not None:
+                    broken.append(error)
+
         next_claim = 0.0
-        while not stop.is_set():
-            if time.monotonic() >= next_claim:
-                await self.reclaim()
-                next_claim = time.monotonic() + self._claim_every
-            response: Any = await self._redis.xreadgroup(
-                self.group,
-                self.consumer,
-                {self.stream: ">"},
-                count=self._batch,
-                block=self._block_ms,
-            )
-            for _stream, entries in response or []:
-                await self._handle_all(
-                    [
-                        Entry(self.stream, entry_id, fields, 1)
-                        for entry_id, fields in entries
-                        if fields is not None
-                    ]
+        try:
+            while not stop.is_set():
+                if broken:
+                    raise broken[0]  # Redis trouble in a handler: let the supervisor restart us
+                if time.monotonic() >= next_claim:
+                    await self.reclaim()
+                    next_claim = time.monotonic() + self._claim_every
+                free = self._concurrency - len(in_flight)
+                if free <= 0:
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                response: Any = await self._redis.xreadgroup(
+                    self.group,
+                    self.consumer,
+                    {self.stream: ">"},
+                    count=min(free, self._batch),
+                    block=self._block_ms,
                 )
+                for _stream, entries in response or []:
+                    for entry_id, fields in entries:
+                        if fields is None:
+                            continue
+                        entry = Entry(self.stream, entry_id, fields, 1)
+                        task = asyncio.create_task(self._handle_one(entry))
+                        in_flight.add(task)
+                        task.add_done_callback(settled)
+        except asyncio.CancelledError:
+            # past the grace period: cut in-flight work short; its entries stay pending
+            for task in in_flight:
+                task.cancel()
+            raise
+        finally:
+            if in_flight:
+                await asyncio.wait(in_flight)
 
     async def reclaim(self) -> int:
         """Take over entries idle past the bound; returns how many were handled."""

@@ -1,0 +1,192 @@
+"""The one consumer loop and the timer wheel, against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from redis.asyncio import Redis
+
+from notifyd.streams.consumer import Defer, Entry, Poison, StreamConsumer, ensure_group
+from notifyd.streams.schedule import Schedule, Scheduled
+from tests.helpers import wait_for
+
+STREAM, GROUP, DEAD = "t:work", "g", "t:dead"
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def consumer(redis: Redis, handle: object, **kw: object) -> StreamConsumer:
+    options: dict[str, object] = {"block_ms": 50, "claim_every": 0.05, "claim_idle_ms": 200}
+    options.update(kw)
+    return StreamConsumer(
+        redis,
+        stream=STREAM,
+        group=GROUP,
+        consumer="c1",
+        handle=handle,  # type: ignore[arg-type]
+        dead_letters=DEAD,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+async def pending_count(redis: Redis) -> int:
+    info = await redis.xpending(STREAM, GROUP)
+    return int(info["pending"])
+
+
+async def run_until(stop: asyncio.Event, loop: StreamConsumer, condition: object) -> None:
+    task = asyncio.create_task(loop.run(stop))
+    try:
+        await wait_for(condition, timeout=10)  # type: ignore[arg-type]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_entries_are_handled_and_acknowledged_within_the_concurrency_bound(
+    redis: Redis,
+) -> None:
+    handled: list[bytes] = []
+    running = 0
+    peak = 0
+
+    async def handle(entry: Entry) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01)
+        handled.append(entry.fields[b"n"])
+        running -= 1
+
+    await ensure_group(redis, STREAM, GROUP)
+    for n in range(40):
+        await redis.xadd(STREAM, {"n": str(n)})
+    stop = asyncio.Event()
+
+    async def all_done() -> bool:
+        return len(handled) == 40 and await pending_count(redis) == 0
+
+    await run_until(stop, consumer(redis, handle, concurrency=4), all_done)
+    assert sorted(int(n) for n in handled) == list(range(40))
+    assert peak <= 4
+
+
+async def test_a_failing_handler_leaves_the_entry_pending_until_it_is_reclaimed(
+    redis: Redis,
+) -> None:
+    attempts: list[int] = []
+
+    async def handle(entry: Entry) -> None:
+        attempts.append(entry.deliveries)
+        if len(attempts) == 1:
+            raise RuntimeError("transient trouble")
+
+    await ensure_group(redis, STREAM, GROUP)
+    await redis.xadd(STREAM, {"n": "1"})
+    stop = asyncio.Event()
+
+    async def handled_twice() -> bool:
+        return len(attempts) == 2 and await pending_count(redis) == 0
+
+    await run_until(stop, consumer(redis, handle), handled_twice)
+    assert attempts == [1, 2]  # the second delivery knows it is one
+
+
+async def test_poison_and_too_many_deliveries_go_to_the_dead_letter_stream(redis: Redis) -> None:
+    async def handle(entry: Entry) -> None:
+        if entry.fields[b"kind"] == b"poison":
+            raise Poison("cannot parse")
+        raise RuntimeError("always fails")
+
+    await ensure_group(redis, STREAM, GROUP)
+    await redis.xadd(STREAM, {"kind": "poison"})
+    await redis.xadd(STREAM, {"kind": "flaky"})
+    dead_seen: list[str] = []
+
+    async def on_dead(entry: Entry, reason: str) -> None:
+        dead_seen.append(reason)
+
+    stop = asyncio.Event()
+
+    async def both_dead() -> bool:
+        return await redis.xlen(DEAD) == 2 and await pending_count(redis) == 0
+
+    await run_until(stop, consumer(redis, handle, max_deliveries=2, on_dead=on_dead), both_dead)
+    reasons = sorted(fields[b"reason"].decode() for _, fields in await redis.xrange(DEAD))
+    assert reasons == ["cannot parse", "delivered 3 times"]
+    assert sorted(dead_seen) == reasons
+    [(_, first)] = await redis.xrange(DEAD, count=1)
+    assert first[b"stream"] == STREAM.encode()
+    assert first[b"f:kind"] in (b"poison", b"flaky")  # the original fields travel along
+
+
+async def test_deferred_entries_stay_pending_without_counting_as_failures(redis: Redis) -> None:
+    seen = 0
+
+    async def handle(entry: Entry) -> None:
+        nonlocal seen
+        seen += 1
+        if seen < 3:
+            raise Defer("a live peer holds it")
+
+    await ensure_group(redis, STREAM, GROUP)
+    await redis.xadd(STREAM, {"n": "1"})
+    stop = asyncio.Event()
+
+    async def done() -> bool:
+        return seen == 3 and await pending_count(redis) == 0
+
+    await run_until(stop, consumer(redis, handle, max_deliveries=5), done)
+    assert await redis.xlen(DEAD) == 0
+
+
+async def test_entries_deleted_while_pending_are_acknowledged_on_reclaim(redis: Redis) -> None:
+    await ensure_group(redis, STREAM, GROUP)
+    entry_id = await redis.xadd(STREAM, {"n": "1"})
+    await redis.xreadgroup(GROUP, "ghost", {STREAM: ">"}, count=1)  # read, never acked
+    await redis.xdel(STREAM, entry_id)
+    handled: list[Entry] = []
+
+    async def handle(entry: Entry) -> None:
+        handled.append(entry)
+
+    loop = consumer(redis, handle, claim_idle_ms=0)
+    assert await loop.reclaim() == 0
+    assert handled == []
+    assert await pending_count(redis) == 0
+
+
+async def test_the_wheel_moves_each_due_entry_once_even_with_racing_movers(redis: Redis) -> None:
+    schedule = Schedule(redis, "t:timer")
+    now = datetime.now(UTC)
+    for n in range(300):
+        await schedule.add(Scheduled(STREAM, {"n": str(n)}, key="k"), now - timedelta(seconds=1))
+    await schedule.add(Scheduled(STREAM, {"n": "later"}, key="k"), now + timedelta(hours=1))
+    moved = await asyncio.gather(*(schedule.move_due(now, 50) for _ in range(12)))
+    assert sum(moved) == 300
+    entries = await redis.xrange(STREAM)
+    assert sorted(int(f[b"n"]) for _, f in entries) == list(range(300))
+    assert [item.fields["n"] for item, _ in await schedule.pending()] == ["later"]
+
+
+async def test_the_wheel_keeps_an_existing_due_time_when_asked(redis: Redis) -> None:
+    schedule = Schedule(redis, "t:timer")
+    item = Scheduled(STREAM, {"n": "1"}, key="retry:1")
+    first = datetime.now(UTC) + timedelta(seconds=30)
+    await schedule.add(item, first)
+    await schedule.add(item, first + timedelta(hours=1), only_new=True)
+    [(_, score)] = await schedule.pending()
+    assert score == pytest.approx(first.timestamp() * 1000, abs=1)
+    assert await schedule.next_due_ms() == pytest.approx(first.timestamp() * 1000, abs=1)
+    assert await schedule.remove(item)
+    assert await schedule.next_due_ms() is None
