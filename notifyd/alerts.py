@@ -9,6 +9,7 @@ or a crash loop produces one email, not thousands.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -104,3 +105,6 @@ class Alerts:
             log.error(
                 "operator alert could not be sent", extra={"kind": alert.kind, "error": str(exc)}
             )
+            # open the gate again: the next alert of this kind should try, not be swallowed
+            with contextlib.suppress(RedisError):
+                await self._redis.delete(self._keys.alert_gate(alert.kind))

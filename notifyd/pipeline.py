@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 import asyncpg
 from redis.asyncio import Redis
@@ -94,10 +95,11 @@ def build_pipeline(
     def unsubscribe_url(delivery: Delivery) -> str | None:
         if not settings.preferences_url or delivery.user_id is None:
             return None
+        # opaque ids may hold `|`, `+`, `:`: percent-encode every value placed in the URL
         return settings.preferences_url.format(
-            tenant_id=delivery.tenant_id,
-            user_id=delivery.user_id,
-            category=delivery.category or "",
+            tenant_id=quote(delivery.tenant_id, safe=""),
+            user_id=quote(delivery.user_id, safe=""),
+            category=quote(delivery.category or "", safe=""),
         )
 
     providers: list[tuple[Provider, int]] = [

@@ -1,7 +1,9 @@
 """A real SMTP server (aiosmtpd) for tests: records what arrives, can be told to refuse.
 
 It runs in aiosmtpd's own thread, so the daemon under test talks to it over a real socket
-exactly as it would to a relay.
+exactly as it would to a relay. Each SMTP session (connection) is numbered when it first
+greets (EHLO/HELO), so tests can count how many connections a sender opened; a recipient can be
+refused at RCPT with `refuse_rcpt`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     message: EmailMessage
+    session: int = 0  # the number of the SMTP session (connection) it arrived on
 
     @property
     def notifyd_id(self) -> str | None:
@@ -35,6 +38,31 @@ class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self._sink = sink
 
+    def _greeted(self, session: Any, hostname: str) -> None:
+        session.host_name = hostname
+        if getattr(session, "sink_number", None) is None:
+            session.sink_number = self._sink._new_session()
+
+    async def handle_HELO(self, server: Any, session: Any, envelope: Any, hostname: str) -> str:
+        self._greeted(session, hostname)
+        return f"250 {server.hostname}"
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        self._greeted(session, hostname)
+        return responses
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        refusal = self._sink._refusal(address)
+        if refusal is not None:
+            return refusal
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
+
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         scripted = self._sink._next_reply()
         if scripted is not None:
@@ -43,18 +71,26 @@ class _Handler:
         assert isinstance(parsed, EmailMessage)
         with self._sink._lock:
             self._sink.received.append(
-                Received(envelope.mail_from, list(envelope.rcpt_tos), parsed)
+                Received(
+                    envelope.mail_from,
+                    list(envelope.rcpt_tos),
+                    parsed,
+                    getattr(session, "sink_number", 0) or 0,
+                )
             )
         return "250 Message accepted for delivery"
 
 
 class SmtpSink:
-    """`with SmtpSink() as sink:` → `sink.port`, `sink.received`, `sink.fail_next(n, reply)`."""
+    """`with SmtpSink() as sink:` → `sink.port`, `sink.received`, `sink.fail_next(n, reply)`,
+    `sink.refuse_rcpt(address, reply)`, `sink.sessions` (SMTP sessions that greeted)."""
 
     def __init__(self) -> None:
         self.port = free_port()
         self.received: list[Received] = []
         self._replies: deque[str] = deque()
+        self._refusals: dict[str, str] = {}
+        self._sessions = 0
         self._lock = threading.Lock()
         self._controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port)
 
@@ -69,6 +105,26 @@ class SmtpSink:
         """The next `count` messages get `reply` (e.g. "421 Try again later") at DATA."""
         with self._lock:
             self._replies.extend([reply] * count)
+
+    def refuse_rcpt(self, address: str, reply: str) -> None:
+        """Every RCPT TO `address` gets `reply` (e.g. "550 5.1.1 No such user") from now on."""
+        with self._lock:
+            self._refusals[address.lower()] = reply
+
+    @property
+    def sessions(self) -> int:
+        """How many SMTP sessions (connections) have greeted with EHLO or HELO so far."""
+        with self._lock:
+            return self._sessions
+
+    def _new_session(self) -> int:
+        with self._lock:
+            self._sessions += 1
+            return self._sessions
+
+    def _refusal(self, address: str) -> str | None:
+        with self._lock:
+            return self._refusals.get(address.lower())
 
     def _next_reply(self) -> str | None:
         with self._lock:

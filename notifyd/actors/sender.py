@@ -127,7 +127,7 @@ class Sender:
             self._metrics.provider_latency.labels(self.channel).observe(
                 asyncio.get_running_loop().time() - started
             )
-        await deliveries.mark_sent(
+        recorded = await deliveries.mark_sent(
             self._pool,
             ref.tenant_id,
             notification_id,
@@ -135,7 +135,8 @@ class Sender:
             sent.provider_message_id,
             sent.provider_status,
         )
-        self._metrics.deliveries.labels(self.channel, "sent").inc()
+        if recorded:  # not when a peer that took over the claim recorded it first
+            self._metrics.deliveries.labels(self.channel, "sent").inc()
 
     async def _retry_or_fail(
         self, ref: DeliveryRef, delivery: Delivery, reason: str, retry_after: float | None

@@ -74,8 +74,9 @@ def build_message(
         message["Message-ID"] = make_msgid(idstring=delivery.id.replace("-", ""), domain=domain)
         message["X-Notifyd-Id"] = delivery.id
         if unsubscribe_url:
+            # no List-Unsubscribe-Post: one-click (RFC 8058) promises an HTTPS endpoint that
+            # unsubscribes on POST, which a preferences page need not be
             message["List-Unsubscribe"] = f"<{unsubscribe_url}>"
-            message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
     except ValueError as exc:
         raise PermanentError(f"cannot build the message headers: {exc}") from None
     message.set_content(delivery.body)
