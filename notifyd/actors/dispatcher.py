@@ -57,6 +57,7 @@ class Dispatcher:
             concurrency=settings.dispatch_concurrency,
             batch=max(16, settings.dispatch_concurrency),
             claim_idle_ms=int(settings.claim_idle * 1000),
+            claim_every=min(5.0, settings.claim_idle / 2),
             block_ms=max(1, int(settings.stream_block * 1000)),
             max_deliveries=settings.send_max_attempts,
         )

@@ -72,6 +72,7 @@ class Sender:
             concurrency=concurrency,
             batch=concurrency,
             claim_idle_ms=int(settings.claim_idle * 1000),
+            claim_every=min(5.0, settings.claim_idle / 2),
             block_ms=max(1, int(settings.stream_block * 1000)),
             # a crashing handler (not a failing provider: that is a retry) gives up after this
             max_deliveries=settings.send_max_attempts + 2,
@@ -95,6 +96,8 @@ class Sender:
             current = await deliveries.state(self._pool, ref.tenant_id, notification_id)
             if current is not None and current["status"] == "sending":
                 raise Defer("another sender holds this delivery")
+            if current is not None and current["status"] == "retrying":
+                raise Defer("the retry is not due yet")  # taken over again after the lease
             return  # done already, or not ours to send (suppressed, cancelled): ack
         delivery = Delivery(
             id=str(row["id"]),

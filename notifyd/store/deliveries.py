@@ -38,19 +38,24 @@ UPDATE notifications SET status = 'failed', last_error = $3, updated_at = now()
 WHERE tenant_id = $1 AND id = $2 AND status = 'queued'
 """
 
-# Claim for sending: from dispatched/retrying, or from a `sending` whose claimant went quiet
-# for longer than the lease (it crashed mid-send: at-least-once, the provider may see it twice).
+# Claim for sending: from dispatched, from a due retry, or from a `sending` whose claimant went
+# quiet for longer than the lease (it crashed mid-send: at-least-once, the provider may see it
+# twice).
 CLAIM = """
 UPDATE notifications
 SET status = 'sending', attempts = attempts + 1, claimed_at = now(), updated_at = now()
 WHERE tenant_id = $1 AND id = $2
-  AND (status IN ('dispatched', 'retrying')
+  AND (status = 'dispatched'
+       -- a retry only once due (a little early is the timer's clock, not a bypass)
+       OR (status = 'retrying' AND next_attempt_at <= now() + interval '2 seconds')
        OR (status = 'sending' AND claimed_at < now() - make_interval(secs => $3)))
 RETURNING id, tenant_id, channel, recipient, user_id, subject, body, html_body, category,
           attempts, created_at
 """
 
-STATE = "SELECT status, claimed_at FROM notifications WHERE tenant_id = $1 AND id = $2"
+STATE = """
+SELECT status, claimed_at, next_attempt_at FROM notifications WHERE tenant_id = $1 AND id = $2
+"""
 
 # A provider callback may have landed before this (it is keyed by our id): keep its stage.
 MARK_SENT = """
