@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -17,6 +18,7 @@ from notifyd.http.context import IDENTITY_KEY, services
 from notifyd.http.middleware import Handler
 from notifyd.http.problems import Problem
 from notifyd.store import idempotency as store
+from notifyd.store.pool import Conn, Executor
 
 log = logging.getLogger("notifyd.http.idempotency")
 
@@ -77,15 +79,48 @@ async def idempotency_middleware(request: web.Request, handler: Handler) -> web.
         replay.headers["Idempotent-Replayed"] = "true"
         return replay
 
+    pending = PendingKey(scope)
+    request[PENDING_KEY] = pending
     try:
         response = await handler(request)
     except BaseException:
+        # releases only an unfinished claim: a response recorded with a committed write stays
         await store.release(ctx.pool, scope)
         raise
     if response.status >= 500 or not isinstance(response, web.Response):
         await store.release(ctx.pool, scope)
         return response
+    if not pending.recorded:  # a handler that writes nothing records its answer here
+        await _record(ctx.pool, scope, response)
+    return response
+
+
+@dataclass
+class PendingKey:
+    """The claimed key of the request in progress, for `remember`."""
+
+    scope: store.Scope
+    recorded: bool = False
+
+
+PENDING_KEY = web.RequestKey("idempotency_pending", PendingKey)
+
+
+async def _record(executor: Executor, scope: store.Scope, response: web.Response) -> None:
     stored_body = response.body if isinstance(response.body, bytes) else b""
     headers = {n: response.headers[n] for n in _REPLAYED_HEADERS if n in response.headers}
-    await store.complete(ctx.pool, scope, response.status, headers, stored_body)
+    await store.complete(executor, scope, response.status, headers, stored_body)
+
+
+async def remember(request: web.Request, conn: Conn, response: web.Response) -> web.Response:
+    """Record `response` for the request's Idempotency-Key inside the write's transaction.
+
+    A write and its recorded answer then commit together: a crash after the commit cannot
+    leave the key unfinished, so a retry replays the first answer instead of writing twice.
+    Without a key this does nothing.
+    """
+    pending: PendingKey | None = request.get(PENDING_KEY)
+    if pending is not None:
+        await _record(conn, pending.scope, response)
+        pending.recorded = True
     return response

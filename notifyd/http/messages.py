@@ -8,6 +8,7 @@ import asyncpg
 from aiohttp import web
 
 from notifyd.http.context import audit_entry, identity, services
+from notifyd.http.idempotency import remember
 from notifyd.http.responses import iso, json_response, page
 from notifyd.http.validation import Fields, query_fields, read_json_object
 from notifyd.ids import uuid7
@@ -51,10 +52,11 @@ async def send_message(request: web.Request) -> web.Response:
                 {"message_id": str(message_id), "receiver_id": receiver_id},
             ),
         )
-    return json_response(
-        {"message_id": str(message_id), "sent_at": iso(sent_at)},
-        status=201,
-    )
+        return await remember(
+            request,
+            conn,
+            json_response({"message_id": str(message_id), "sent_at": iso(sent_at)}, status=201),
+        )
 
 
 async def list_messages(request: web.Request) -> web.Response:
@@ -104,7 +106,7 @@ async def mark_messages_read(request: web.Request) -> web.Response:
                 {"ids": [str(i) for i in ids or []], "with": from_user, "updated": updated},
             ),
         )
-    return json_response({"updated": updated})
+        return await remember(request, conn, json_response({"updated": updated}))
 
 
 def add_routes(app: web.Application) -> None:

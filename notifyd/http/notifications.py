@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 from notifyd.auth import policy
 from notifyd.compose import compose
 from notifyd.http.context import Services, audit_entry, identity, request_id, services
+from notifyd.http.idempotency import remember
 from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found
 from notifyd.http.responses import iso, json_response, page
 from notifyd.http.validation import Fields, is_email, query_fields, read_json_object
@@ -193,6 +194,15 @@ async def send_notification(request: web.Request) -> web.Response:
                 },
             ),
         )
+        response = await remember(
+            request,
+            conn,
+            json_response(
+                {"notification_id": str(notification_id), "status": "queued"},
+                status=202,
+                headers={"Location": f"/notifications/{notification_id}/"},
+            ),
+        )
     ctx.metrics.notifications_accepted.labels(channel).inc()
     intent = NotificationIntent(tenant_id=caller.tenant_id, notification_id=str(notification_id))
     try:
@@ -201,11 +211,7 @@ async def send_notification(request: web.Request) -> web.Response:
         # The row is committed: the answer stays 202 and the sweeper re-enqueues it later.
         ctx.metrics.enqueue_failures.inc()
         log.warning("intent not enqueued; left for the sweeper", extra={"error": repr(exc)})
-    return json_response(
-        {"notification_id": str(notification_id), "status": "queued"},
-        status=202,
-        headers={"Location": f"/notifications/{notification_id}/"},
-    )
+    return response
 
 
 async def list_notifications(request: web.Request) -> web.Response:
@@ -267,8 +273,10 @@ async def mark_as_read(request: web.Request) -> web.Response:
                 {"all": bool(everything), "ids": [str(i) for i in ids or []], "updated": updated},
             ),
         )
-    unread = await store.unread_count(ctx.pool, caller.tenant_id, caller.user_id)
-    return json_response({"updated": updated, "unread_count": unread})
+        unread = await store.unread_count(conn, caller.tenant_id, caller.user_id)
+        return await remember(
+            request, conn, json_response({"updated": updated, "unread_count": unread})
+        )
 
 
 async def retry_notification(request: web.Request) -> web.Response:
@@ -296,11 +304,18 @@ async def retry_notification(request: web.Request) -> web.Response:
         await audit.record(
             conn, audit_entry(request, "notification.retry", {"notification_id": str(row["id"])})
         )
+        fresh = await store.get(conn, caller.tenant_id, row["id"])
+        assert fresh is not None
+        response = await remember(
+            request, conn, json_response(notification_json(fresh), status=202)
+        )
     ref = DeliveryRef(caller.tenant_id, str(row["id"]))
-    await ctx.redis.xadd(ctx.keys.deliver(channel), ref.to_fields())  # type: ignore[arg-type]
-    fresh = await store.get(ctx.pool, caller.tenant_id, row["id"])
-    assert fresh is not None
-    return json_response(notification_json(fresh), status=202)
+    try:
+        await ctx.redis.xadd(ctx.keys.deliver(channel), ref.to_fields())  # type: ignore[arg-type]
+    except RedisError as exc:
+        # committed as `dispatched`: the sweeper puts it back on the stream
+        log.warning("requeued delivery left for the sweeper", extra={"error": repr(exc)})
+    return response
 
 
 def add_routes(app: web.Application) -> None:

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from notifyd.auth import policy
 from notifyd.http.context import audit_entry, identity, services
+from notifyd.http.idempotency import remember
 from notifyd.http.problems import Problem, forbidden, not_found
 from notifyd.http.responses import iso, json_response, page
 from notifyd.http.validation import Fields, query_fields, read_json_object
@@ -89,11 +90,15 @@ async def create_reminder(request: web.Request) -> web.Response:
                 },
             ),
         )
-    return json_response(
-        {"reminder_id": str(row.id), **reminder_json(record)},
-        status=201,
-        headers={"Location": f"/reminders/{row.id}/"},
-    )
+        return await remember(
+            request,
+            conn,
+            json_response(
+                {"reminder_id": str(row.id), **reminder_json(record)},
+                status=201,
+                headers={"Location": f"/reminders/{row.id}/"},
+            ),
+        )
 
 
 async def list_reminders(request: web.Request) -> web.Response:

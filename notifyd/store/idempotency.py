@@ -12,6 +12,8 @@ from typing import Any
 
 import asyncpg
 
+from notifyd.store.pool import Executor
+
 CLAIM = """
 INSERT INTO idempotency_keys (tenant_id, user_id, key, request_hash)
 VALUES ($1, $2, $3, $4)
@@ -40,7 +42,11 @@ UPDATE idempotency_keys SET status_code = $4, headers = $5, body = $6, completed
 WHERE tenant_id = $1 AND user_id = $2 AND key = $3
 """
 
-RELEASE = "DELETE FROM idempotency_keys WHERE tenant_id = $1 AND user_id = $2 AND key = $3"
+# Only an unfinished claim: a response recorded with its write (same transaction) stays.
+RELEASE = """
+DELETE FROM idempotency_keys
+WHERE tenant_id = $1 AND user_id = $2 AND key = $3 AND completed_at IS NULL
+"""
 
 PURGE = """
 DELETE FROM idempotency_keys
@@ -108,9 +114,9 @@ async def claim(
 
 
 async def complete(
-    pool: asyncpg.Pool, scope: Scope, status_code: int, headers: dict[str, Any], body: bytes
+    executor: Executor, scope: Scope, status_code: int, headers: dict[str, Any], body: bytes
 ) -> None:
-    await pool.execute(
+    await executor.execute(
         COMPLETE, scope.tenant_id, scope.user_id, scope.key, status_code, headers, body
     )
 
