@@ -61,12 +61,14 @@ class Alerts:
         while not stop.is_set():
             getter = asyncio.ensure_future(self._queue.get())
             stopper = asyncio.ensure_future(stop.wait())
-            done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if getter not in done:
-                getter.cancel()
+            try:
+                await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
                 stopper.cancel()
+                if not getter.done():
+                    getter.cancel()  # never leave a getter behind to swallow the next alert
+            if getter.cancelled() or not getter.done():
                 return
-            stopper.cancel()
             await self._deliver(getter.result())
 
     async def _deliver(self, alert: Alert) -> None:

@@ -132,6 +132,7 @@ class Daemon:
             settings=s,
             pool=pool,
             redis=redis,
+            producer=pipeline.producer,
             keys=keys,
             metrics=self.metrics,
             verifier=TokenVerifier(s, id_rule, http_session),
@@ -182,8 +183,9 @@ class Daemon:
         stop_wait = asyncio.create_task(self._stop_requested.wait())
         fatal_wait = asyncio.create_task(self.supervisor.fatal.wait())
         await asyncio.wait({stop_wait, fatal_wait}, return_when=asyncio.FIRST_COMPLETED)
-        stop_wait.cancel()
-        fatal_wait.cancel()
+        for waiter in (stop_wait, fatal_wait):
+            waiter.cancel()
+        await asyncio.gather(stop_wait, fatal_wait, return_exceptions=True)
         fatal = self.supervisor.fatal.is_set()
         await self.stop()
         if fatal:

@@ -35,6 +35,7 @@ from notifyd.store.tenants import (
     smtp_for,
     twilio_for,
 )
+from notifyd.streams.producer import Producer
 from notifyd.streams.schedule import Schedule
 from notifyd.supervisor import Actor
 
@@ -51,6 +52,7 @@ class Pipeline:
     schedule: Schedule
     alerts: Alerts
     tenant_settings: TenantSettingsCache
+    producer: Producer
     _closed: bool = field(default=False, repr=False)
 
     async def close(self) -> None:
@@ -67,7 +69,8 @@ def build_pipeline(
     box = SecretBox.from_settings(settings)
     tenants = TenantSettingsCache(pool, box)
     name = consumer_name(settings)
-    schedule = Schedule(redis, keys.timer)
+    schedule = Schedule(redis, keys.timer, settings.stream_max_len)
+    producer = Producer(redis, settings.stream_max_len)
     alerts = Alerts(settings, redis, keys)
 
     async def tenant(tenant_id: str) -> TenantSettings:
@@ -116,7 +119,15 @@ def build_pipeline(
         (InAppProvider(redis, keys), settings.inapp_concurrency),
     ]
     actors: list[Actor] = [
-        Dispatcher(pool=pool, redis=redis, keys=keys, settings=settings, consumer_name=name),
+        Dispatcher(
+            pool=pool,
+            redis=redis,
+            keys=keys,
+            settings=settings,
+            consumer_name=name,
+            alerts=alerts,
+            producer=producer,
+        ),
         *[
             Sender(
                 provider=provider,
@@ -129,6 +140,7 @@ def build_pipeline(
                 alerts=alerts,
                 consumer_name=name,
                 concurrency=concurrency,
+                producer=producer,
             )
             for provider, concurrency in providers
         ],
@@ -139,6 +151,7 @@ def build_pipeline(
             keys=keys,
             schedule=schedule,
             metrics=metrics,
+            producer=producer,
             requeue_after=settings.requeue_after,
             interval=settings.sweep_interval,
         ),
@@ -150,4 +163,5 @@ def build_pipeline(
         schedule=schedule,
         alerts=alerts,
         tenant_settings=tenants,
+        producer=producer,
     )

@@ -98,9 +98,10 @@ class Settings:
     send_max_attempts: int = 5
     retry_base: float = 2.0
     retry_cap: float = 300.0
-    send_timeout: float = 30.0
+    send_timeout: float = 10.0
     claim_idle: float = 60.0
     stream_block: float = 1.0
+    stream_max_len: int = 1_000_000
     requeue_after: float = 30.0
     email_concurrency: int = 8
     sms_concurrency: int = 8
@@ -302,6 +303,7 @@ SPECS: tuple[_Spec, ...] = (
     _spec("send_timeout", "NOTIFYD_SEND_TIMEOUT", "delivery.send_timeout", _to_float),
     _spec("claim_idle", "NOTIFYD_CLAIM_IDLE", "delivery.claim_idle", _to_float),
     _spec("stream_block", "NOTIFYD_STREAM_BLOCK", "delivery.stream_block", _to_float),
+    _spec("stream_max_len", "NOTIFYD_STREAM_MAX_LEN", "delivery.stream_max_len", _to_int),
     _spec("requeue_after", "NOTIFYD_REQUEUE_AFTER", "delivery.requeue_after", _to_float),
     _spec("email_concurrency", "NOTIFYD_EMAIL_CONCURRENCY", "delivery.email_concurrency", _to_int),
     _spec("sms_concurrency", "NOTIFYD_SMS_CONCURRENCY", "delivery.sms_concurrency", _to_int),
@@ -504,6 +506,7 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_SEND_TIMEOUT": settings.send_timeout,
         "NOTIFYD_CLAIM_IDLE": settings.claim_idle,
         "NOTIFYD_STREAM_BLOCK": settings.stream_block,
+        "NOTIFYD_STREAM_MAX_LEN": settings.stream_max_len,
         "NOTIFYD_REQUEUE_AFTER": settings.requeue_after,
         "NOTIFYD_EMAIL_CONCURRENCY": settings.email_concurrency,
         "NOTIFYD_SMS_CONCURRENCY": settings.sms_concurrency,
@@ -516,6 +519,11 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_ACTOR_RESTART_WINDOW": settings.actor_restart_window,
     }
     problems += [f"{name}: must be greater than 0" for name, v in positive.items() if v <= 0]
+    if settings.send_timeout >= settings.shutdown_timeout:
+        problems.append(
+            "NOTIFYD_SEND_TIMEOUT: must be shorter than NOTIFYD_SHUTDOWN_TIMEOUT, so a send in "
+            "flight at SIGTERM can finish instead of being cut off"
+        )
     if settings.send_timeout >= settings.claim_idle:
         problems.append(
             "NOTIFYD_SEND_TIMEOUT: must be shorter than NOTIFYD_CLAIM_IDLE, or a slow send "

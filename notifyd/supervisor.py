@@ -20,6 +20,8 @@ from notifyd.logs import actor_var
 
 log = logging.getLogger("notifyd.supervisor")
 
+CANCEL_GRACE_S = 2.0
+
 
 class Actor(Protocol):
     """A long-running unit of work: returns when `stop` is set, raises when it breaks."""
@@ -151,6 +153,7 @@ class Supervisor:
             log.warning("actor did not stop in time; cancelling", extra={"task": task.get_name()})
             task.cancel()
         if pending:
-            await asyncio.wait(pending, timeout=grace)
+            # cancelled work unwinds quickly (its entries stay pending for a peer): a short bound
+            await asyncio.wait(pending, timeout=min(grace, CANCEL_GRACE_S))
         for slot in self._slots:
             slot.running = False

@@ -31,6 +31,7 @@ def base_env(database_url: str, redis_url: str, **env: str) -> dict[str, str]:
         "NOTIFYD_HOST": "127.0.0.1",
         "NOTIFYD_PORT": "0",
         "NOTIFYD_SHUTDOWN_TIMEOUT": "5",
+        "NOTIFYD_SEND_TIMEOUT": "3",
         "NOTIFYD_DB_POOL_MIN": "1",
         "NOTIFYD_DB_POOL_MAX": "5",
         "NOTIFYD_STREAM_BLOCK": "0.1",

@@ -10,6 +10,7 @@ import pytest
 from redis.asyncio import Redis
 
 from notifyd.streams.consumer import Defer, Entry, Poison, StreamConsumer, ensure_group
+from notifyd.streams.producer import Producer
 from notifyd.streams.schedule import Schedule, Scheduled
 from tests.helpers import wait_for
 
@@ -35,6 +36,7 @@ def consumer(redis: Redis, handle: object, **kw: object) -> StreamConsumer:
         consumer="c1",
         handle=handle,  # type: ignore[arg-type]
         dead_letters=DEAD,
+        producer=Producer(redis, 10_000),
         **options,  # type: ignore[arg-type]
     )
 
@@ -190,3 +192,17 @@ async def test_the_wheel_keeps_an_existing_due_time_when_asked(redis: Redis) -> 
     assert await schedule.next_due_ms() == pytest.approx(first.timestamp() * 1000, abs=1)
     assert await schedule.remove(item)
     assert await schedule.next_due_ms() is None
+
+
+async def test_every_stream_stays_bounded_by_the_length_setting(redis: Redis) -> None:
+    """Approximate trimming (MAXLEN ~) on every XADD: the producer's and the wheel's."""
+    producer = Producer(redis, 100)
+    for n in range(1_000):
+        await producer.add(STREAM, {"n": str(n)})
+    assert await redis.xlen(STREAM) < 300  # ~: trimmed in whole nodes, never unbounded
+    schedule = Schedule(redis, "t:timer", stream_max_len=100)
+    due = datetime.now(UTC) - timedelta(seconds=1)
+    for n in range(1_000):
+        await schedule.add(Scheduled("t:moved", {"n": str(n)}, key="k"), due)
+    assert await schedule.move_due(datetime.now(UTC), 1_000) == 1_000
+    assert await redis.xlen("t:moved") < 300

@@ -16,6 +16,7 @@ import logging
 import asyncpg
 from redis.asyncio import Redis
 
+from notifyd.alerts import Alerts
 from notifyd.compose import compose
 from notifyd.ids import parse_uuid
 from notifyd.keys import DISPATCH_GROUP, Keys
@@ -26,6 +27,7 @@ from notifyd.settings import Settings
 from notifyd.store import deliveries
 from notifyd.store import preferences as preference_store
 from notifyd.streams.consumer import Entry, Poison, StreamConsumer
+from notifyd.streams.producer import Producer
 
 log = logging.getLogger("notifyd.actors.dispatcher")
 
@@ -41,7 +43,11 @@ class Dispatcher:
         keys: Keys,
         settings: Settings,
         consumer_name: str,
+        alerts: Alerts,
+        producer: Producer,
     ) -> None:
+        self._alerts = alerts
+        self._producer = producer
         self._pool = pool
         self._redis = redis
         self._keys = keys
@@ -53,6 +59,7 @@ class Dispatcher:
             consumer=consumer_name,
             handle=self.handle,
             dead_letters=keys.dead_letters,
+            producer=producer,
             on_dead=self._on_dead,
             concurrency=settings.dispatch_concurrency,
             batch=max(16, settings.dispatch_concurrency),
@@ -81,7 +88,7 @@ class Dispatcher:
             status = await self._route(row)
         if status == "dispatched":
             ref = DeliveryRef(intent.tenant_id, str(notification_id))
-            await self._redis.xadd(self._keys.deliver(row["channel"]), ref.to_fields())  # type: ignore[arg-type]
+            await self._producer.add(self._keys.deliver(row["channel"]), ref.to_fields())
 
     async def _route(self, row: asyncpg.Record) -> str:
         """Render, apply preferences, mark dispatched; returns the row's new status."""
@@ -117,12 +124,11 @@ class Dispatcher:
         return "dispatched"
 
     async def _on_dead(self, entry: Entry, reason: str) -> None:
-        try:
-            intent = NotificationIntent.from_fields(entry.fields)
-        except PayloadError:
-            return
-        notification_id = parse_uuid(intent.notification_id)
-        if notification_id is not None:
-            await deliveries.fail_any(
-                self._pool, intent.tenant_id, notification_id, f"dispatch failed: {reason}"
-            )
+        """Only the stream entry is given up on: a row it names stays `queued` and the sweeper
+        re-enqueues it, so an outage or a crashing handler never fails a notification."""
+        self._alerts.raise_alert(
+            "dead-letter:intents",
+            "notifyd: intents are being dead-lettered",
+            f"An entry of {self.consumer.stream} was dead-lettered ({reason}). See the "
+            "dead-letter stream and the log.",
+        )

@@ -25,6 +25,7 @@ from notifyd.providers.base import Delivery, PermanentError, Provider, Transient
 from notifyd.settings import Settings
 from notifyd.store import deliveries
 from notifyd.streams.consumer import Defer, Entry, Poison, StreamConsumer
+from notifyd.streams.producer import Producer
 from notifyd.streams.schedule import Schedule, Scheduled
 from notifyd.supervisor import exponential_backoff
 
@@ -50,7 +51,9 @@ class Sender:
         alerts: Alerts | None,
         consumer_name: str,
         concurrency: int,
+        producer: Producer,
     ) -> None:
+        self._producer = producer
         self.channel = provider.channel
         self.name = f"sender:{self.channel}"
         self._provider = provider
@@ -68,6 +71,7 @@ class Sender:
             consumer=consumer_name,
             handle=self.handle,
             dead_letters=keys.dead_letters,
+            producer=producer,
             on_dead=self._on_dead,
             concurrency=concurrency,
             batch=concurrency,
@@ -174,7 +178,7 @@ class Sender:
         ):
             return
         self._metrics.deliveries.labels(self.channel, "failed").inc()
-        await self._redis.xadd(
+        await self._producer.add(
             self._keys.dead_letters,
             {
                 "stream": self._keys.deliver(self.channel),
@@ -194,10 +198,14 @@ class Sender:
             )
 
     async def _on_dead(self, entry: Entry, reason: str) -> None:
-        try:
-            ref = DeliveryRef.from_fields(entry.fields)
-        except PayloadError:
-            return
-        notification_id = parse_uuid(ref.notification_id)
-        if notification_id is not None:
-            await deliveries.fail_any(self._pool, ref.tenant_id, notification_id, reason)
+        """The entry is given up on, not the delivery: its row stays as it is, and the sweeper
+        puts it back on the stream later. A crashing handler or a long outage must not turn
+        someone's notification into a permanent failure."""
+        if self._alerts is not None:
+            self._alerts.raise_alert(
+                f"dead-letter:{self.channel}",
+                f"notifyd: {self.channel} entries are being dead-lettered",
+                f"An entry of {self.consumer.stream} was dead-lettered ({reason}). Its "
+                "notification stays in PostgreSQL and is re-enqueued by the sweeper; the "
+                "dead-letter stream and the log say what keeps failing.",
+            )

@@ -21,6 +21,7 @@ from notifyd.keys import Keys
 from notifyd.metrics import Metrics
 from notifyd.payloads import DeliveryRef, NotificationIntent
 from notifyd.store import deliveries
+from notifyd.streams.producer import Producer
 from notifyd.streams.schedule import Schedule
 from notifyd.supervisor import sleep_or_stop
 
@@ -42,7 +43,9 @@ class Sweeper:
         metrics: Metrics,
         requeue_after: float,
         interval: float,
+        producer: Producer,
     ) -> None:
+        self._producer = producer
         self._pool = pool
         self._redis = redis
         self._keys = keys
@@ -77,10 +80,12 @@ class Sweeper:
                 for row in stuck:
                     if row.status == "queued":
                         intent = NotificationIntent(row.tenant_id, str(row.id), reason="requeued")
-                        pipe.xadd(self._keys.intents, intent.to_fields())  # type: ignore[arg-type]
+                        self._producer.add_in(pipe, self._keys.intents, intent.to_fields())
                     else:
                         ref = DeliveryRef(row.tenant_id, str(row.id))
-                        pipe.xadd(self._keys.deliver(row.channel), ref.to_fields())  # type: ignore[arg-type]
+                        self._producer.add_in(
+                            pipe, self._keys.deliver(row.channel), ref.to_fields()
+                        )
                 await pipe.execute()
             self._metrics.requeued.inc(len(stuck))
             log.info("stranded work re-enqueued", extra={"count": len(stuck)})

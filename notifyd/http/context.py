@@ -18,6 +18,7 @@ from notifyd.metrics import Metrics
 from notifyd.settings import Settings
 from notifyd.store.audit import AuditEntry
 from notifyd.store.tenants import TenantSettingsCache
+from notifyd.streams.producer import Producer
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Services:
     settings: Settings
     pool: asyncpg.Pool
     redis: Redis
+    producer: Producer
     keys: Keys
     metrics: Metrics
     verifier: TokenVerifier

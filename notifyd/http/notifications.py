@@ -206,7 +206,7 @@ async def send_notification(request: web.Request) -> web.Response:
     ctx.metrics.notifications_accepted.labels(channel).inc()
     intent = NotificationIntent(tenant_id=caller.tenant_id, notification_id=str(notification_id))
     try:
-        await ctx.redis.xadd(ctx.keys.intents, intent.to_fields())  # type: ignore[arg-type]
+        await ctx.producer.add(ctx.keys.intents, intent.to_fields())
     except RedisError as exc:
         # The row is committed: the answer stays 202 and the sweeper re-enqueues it later.
         ctx.metrics.enqueue_failures.inc()
@@ -311,7 +311,7 @@ async def retry_notification(request: web.Request) -> web.Response:
         )
     ref = DeliveryRef(caller.tenant_id, str(row["id"]))
     try:
-        await ctx.redis.xadd(ctx.keys.deliver(channel), ref.to_fields())  # type: ignore[arg-type]
+        await ctx.producer.add(ctx.keys.deliver(channel), ref.to_fields())
     except RedisError as exc:
         # committed as `dispatched`: the sweeper puts it back on the stream
         log.warning("requeued delivery left for the sweeper", extra={"error": repr(exc)})

@@ -106,7 +106,11 @@ class _ConnectionPool:
         )
         await client.connect()
         if k.username:
-            await client.login(k.username, k.password)
+            try:
+                await client.login(k.username, k.password)
+            except BaseException:
+                client.close()  # a failed login must not leak the connection
+                raise
         return client
 
     @contextlib.asynccontextmanager
@@ -191,15 +195,17 @@ class SmtpProvider:
 
 
 def _classify_reply(code: int, text: str) -> TransientError | PermanentError:
+    """Only a 5xx reply is the server's final no; anything else unexpected (4xx, a garbled
+    or out-of-sequence reply) is worth another try."""
     reason = f"SMTP {code}: {text}".strip()
-    if 400 <= code < 500:
-        return TransientError(reason)
-    return PermanentError(reason)
+    if 500 <= code < 600:
+        return PermanentError(reason)
+    return TransientError(reason)
 
 
 def _classify_refusals(exc: aiosmtplib.SMTPRecipientsRefused) -> TransientError | PermanentError:
     refusals = exc.recipients
-    if refusals and all(400 <= r.code < 500 for r in refusals):
+    if refusals and not any(500 <= r.code < 600 for r in refusals):
         return TransientError("; ".join(f"SMTP {r.code}: {r.message}" for r in refusals))
     return PermanentError(
         "; ".join(f"SMTP {r.code}: {r.message}" for r in refusals) or "all recipients refused"

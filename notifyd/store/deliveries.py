@@ -92,12 +92,6 @@ WHERE tenant_id = $1 AND id = $2 AND status IN ('failed', 'undelivered')
 RETURNING channel
 """
 
-FAIL_ANY = """
-UPDATE notifications SET status = 'failed', last_error = $3, updated_at = now()
-WHERE tenant_id = $1 AND id = $2
-  AND status IN ('queued', 'dispatched', 'sending', 'retrying')
-"""
-
 # Provider callbacks may arrive out of order, and even before the send was recorded: only a
 # later stage overwrites an earlier one, and the row's status follows only once it is sent.
 _STAGE = """(CASE {0} WHEN 'delivered' THEN 3 WHEN 'undelivered' THEN 3 WHEN 'failed' THEN 3
@@ -230,13 +224,6 @@ async def mark_failed(
     return _changed(
         await executor.execute(MARK_FAILED, tenant_id, notification_id, attempt, reason)
     )
-
-
-async def fail_any(
-    executor: Executor, tenant_id: str, notification_id: uuid.UUID, reason: str
-) -> bool:
-    """Dead-lettered work: whatever state it was in, it is failed now, with the reason."""
-    return _changed(await executor.execute(FAIL_ANY, tenant_id, notification_id, reason))
 
 
 async def requeue_failed(conn: Conn, tenant_id: str, notification_id: uuid.UUID) -> str | None:

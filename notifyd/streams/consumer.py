@@ -23,6 +23,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from notifyd.streams.producer import Producer
+
 log = logging.getLogger("notifyd.streams")
 
 
@@ -65,6 +67,7 @@ class StreamConsumer:
         consumer: str,
         handle: Handler,
         dead_letters: str,
+        producer: Producer,
         on_dead: DeadHandler | None = None,
         concurrency: int = 1,
         batch: int = 16,
@@ -79,6 +82,7 @@ class StreamConsumer:
         self.consumer = consumer
         self._handle = handle
         self._dead_letters = dead_letters
+        self._producer = producer
         self._on_dead = on_dead
         self._concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
@@ -181,7 +185,9 @@ class StreamConsumer:
     async def _handle_all(self, entries: list[Entry]) -> None:
         if not entries:
             return
-        await asyncio.gather(*(self._handle_one(entry) for entry in entries))
+        async with asyncio.TaskGroup() as group:  # one failing → the rest cancelled, no orphans
+            for entry in entries:
+                group.create_task(self._handle_one(entry))
 
     async def _handle_one(self, entry: Entry) -> None:
         async with self._slots:
@@ -224,6 +230,6 @@ class StreamConsumer:
         for key, value in entry.fields.items():
             fields[b"f:" + key] = value
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self._dead_letters, fields)  # type: ignore[arg-type]
+            self._producer.add_in(pipe, self._dead_letters, fields)
             pipe.xack(self.stream, self.group, entry.id)
             await pipe.execute()

@@ -16,12 +16,13 @@ from redis.asyncio import Redis
 
 from notifyd.payloads import dumps, loads
 
-# KEYS[1] = the sorted set; ARGV[1] = now (epoch ms); ARGV[2] = most entries to move.
+# KEYS[1] = the sorted set; ARGV[1] = now (epoch ms); ARGV[2] = most entries to move;
+# ARGV[3] = the streams' approximate length bound (as every XADD of notifyd's).
 MOVE_DUE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, member in ipairs(due) do
   local item = cjson.decode(member)
-  local args = {item.s, '*'}
+  local args = {item.s, 'MAXLEN', '~', ARGV[3], '*'}
   for key, value in pairs(item.f) do
     table.insert(args, key)
     table.insert(args, value)
@@ -45,9 +46,10 @@ def _member(item: Scheduled) -> bytes:
 
 
 class Schedule:
-    def __init__(self, redis: Redis, key: str) -> None:
+    def __init__(self, redis: Redis, key: str, stream_max_len: int = 1_000_000) -> None:
         self._redis = redis
         self._key = key
+        self._stream_max_len = stream_max_len
         self._move = redis.register_script(MOVE_DUE)
 
     async def add(self, item: Scheduled, due: datetime, *, only_new: bool = False) -> None:
@@ -60,7 +62,9 @@ class Schedule:
 
     async def move_due(self, now: datetime, limit: int = 500) -> int:
         """Move what is due to its streams; returns how many moved."""
-        moved: Any = await self._move(keys=[self._key], args=[int(now.timestamp() * 1000), limit])
+        moved: Any = await self._move(
+            keys=[self._key], args=[int(now.timestamp() * 1000), limit, self._stream_max_len]
+        )
         return int(moved)
 
     async def next_due_ms(self) -> float | None:
