@@ -133,6 +133,7 @@ class Daemon:
             pool=pool,
             redis=redis,
             producer=pipeline.producer,
+            schedule=pipeline.schedule,
             keys=keys,
             metrics=self.metrics,
             verifier=TokenVerifier(s, id_rule, http_session),

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 DISPATCH_GROUP = "dispatch"
 SEND_GROUP = "send"
+FIRE_GROUP = "fire"
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,16 @@ class Keys:
     def deliver(self, channel: str) -> str:
         """Per-channel delivery stream, consumed by that channel's sender group."""
         return f"{self.prefix}:deliver:{channel}"
+
+    @property
+    def reminders(self) -> str:
+        """Stream of due reminders, moved there by the timer, consumed by the fire group."""
+        return f"{self.prefix}:reminders"
+
+    @property
+    def wheel_epoch(self) -> str:
+        """Set when the wheel was rebuilt; gone means Redis lost its data: rebuild again."""
+        return f"{self.prefix}:timer:epoch"
 
     @property
     def timer(self) -> str:

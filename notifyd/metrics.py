@@ -81,6 +81,19 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.reminders = Counter(
+            "notifyd_reminders_total",
+            "Reminders by what happened to them: scheduled, fired, skipped, cancelled.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.reminder_lateness = Histogram(
+            "notifyd_reminder_lateness_ms",
+            "How long after its reminder_time a reminder fired, in milliseconds.",
+            buckets=(5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 60000, 600000),
+            registry=self.registry,
+        )
+
     def register(self, collector: Collector) -> None:
         self.registry.register(collector)
 

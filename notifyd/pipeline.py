@@ -15,6 +15,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from notifyd.actors.dispatcher import Dispatcher
+from notifyd.actors.reminder_firer import ReminderFirer
 from notifyd.actors.sender import Sender
 from notifyd.actors.sweeper import Sweeper
 from notifyd.actors.timer import Timer
@@ -144,6 +145,15 @@ def build_pipeline(
             )
             for provider, concurrency in providers
         ],
+        ReminderFirer(
+            pool=pool,
+            redis=redis,
+            keys=keys,
+            settings=settings,
+            metrics=metrics,
+            producer=producer,
+            consumer_name=name,
+        ),
         Timer(schedule),
         Sweeper(
             pool=pool,

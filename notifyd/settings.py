@@ -102,6 +102,7 @@ class Settings:
     claim_idle: float = 60.0
     stream_block: float = 1.0
     stream_max_len: int = 1_000_000
+    reminder_late_after: float = 60.0
     requeue_after: float = 30.0
     email_concurrency: int = 8
     sms_concurrency: int = 8
@@ -303,6 +304,12 @@ SPECS: tuple[_Spec, ...] = (
     _spec("send_timeout", "NOTIFYD_SEND_TIMEOUT", "delivery.send_timeout", _to_float),
     _spec("claim_idle", "NOTIFYD_CLAIM_IDLE", "delivery.claim_idle", _to_float),
     _spec("stream_block", "NOTIFYD_STREAM_BLOCK", "delivery.stream_block", _to_float),
+    _spec(
+        "reminder_late_after",
+        "NOTIFYD_REMINDER_LATE_AFTER",
+        "delivery.reminder_late_after",
+        _to_float,
+    ),
     _spec("stream_max_len", "NOTIFYD_STREAM_MAX_LEN", "delivery.stream_max_len", _to_int),
     _spec("requeue_after", "NOTIFYD_REQUEUE_AFTER", "delivery.requeue_after", _to_float),
     _spec("email_concurrency", "NOTIFYD_EMAIL_CONCURRENCY", "delivery.email_concurrency", _to_int),
@@ -507,6 +514,7 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_CLAIM_IDLE": settings.claim_idle,
         "NOTIFYD_STREAM_BLOCK": settings.stream_block,
         "NOTIFYD_STREAM_MAX_LEN": settings.stream_max_len,
+        "NOTIFYD_REMINDER_LATE_AFTER": settings.reminder_late_after,
         "NOTIFYD_REQUEUE_AFTER": settings.requeue_after,
         "NOTIFYD_EMAIL_CONCURRENCY": settings.email_concurrency,
         "NOTIFYD_SMS_CONCURRENCY": settings.sms_concurrency,

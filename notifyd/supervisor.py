@@ -7,7 +7,6 @@ budget does, on purpose, so that systemd (which can do more than we can) takes o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -37,12 +36,20 @@ def exponential_backoff(attempt: int, base: float, cap: float, jitter: bool = Tr
     return random.uniform(delay / 2, delay) if jitter else delay
 
 
-async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
-    """Sleep up to `seconds`; return True at once if `stop` is set meanwhile."""
+async def sleep_or_stop(
+    stop: asyncio.Event, seconds: float, *, also: asyncio.Event | None = None
+) -> bool:
+    """Sleep up to `seconds`, less if `also` is set; return True at once if `stop` is set."""
     if stop.is_set():
         return True
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=max(0.0, seconds))
+    waiters = [asyncio.ensure_future(stop.wait())]
+    if also is not None:
+        waiters.append(asyncio.ensure_future(also.wait()))
+    try:
+        await asyncio.wait(waiters, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
     return stop.is_set()
 
 

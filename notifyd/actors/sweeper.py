@@ -20,7 +20,8 @@ from notifyd.actors.sender import retry_item
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
 from notifyd.payloads import DeliveryRef, NotificationIntent
-from notifyd.store import deliveries
+from notifyd.reminders import wheel_item
+from notifyd.store import deliveries, reminders
 from notifyd.streams.producer import Producer
 from notifyd.streams.schedule import Schedule
 from notifyd.supervisor import sleep_or_stop
@@ -55,19 +56,72 @@ class Sweeper:
         self._interval = interval
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.rebuild_retries()
+        await self.rebuild_wheel()
         while not stop.is_set():
+            if not await self._redis.exists(self._keys.wheel_epoch):
+                log.warning("the timer wheel was lost (Redis flushed or restarted empty)")
+                await self.rebuild_wheel()
             await self.sweep_once()
+            await self.requeue_overdue_reminders()
             if await sleep_or_stop(stop, self._interval):
                 return
 
+    async def rebuild_wheel(self) -> int:
+        """Every pending retry and scheduled reminder back on the wheel, from PostgreSQL.
+
+        Members already there keep their due time (NX), so a rebuild racing the normal flow,
+        or another instance's rebuild, changes nothing and fires nothing twice.
+        """
+        count = await self.rebuild_retries() + await self.rebuild_reminders()
+        await self._redis.set(self._keys.wheel_epoch, b"1")
+        if count:
+            log.info("timer wheel rebuilt from PostgreSQL", extra={"entries": count})
+        return count
+
     async def rebuild_retries(self) -> int:
-        """Every `retrying` row back on the wheel at its due time (kept if already there)."""
         rows = await deliveries.retrying_due(self._pool, 100_000)
-        for row in rows:
-            ref = DeliveryRef(row["tenant_id"], str(row["id"]))
-            item = retry_item(self._keys, row["channel"], ref, row["attempts"])
-            await self._schedule.add(item, row["next_attempt_at"], only_new=True)
+        await self._schedule.add_many(
+            [
+                (
+                    retry_item(
+                        self._keys,
+                        r["channel"],
+                        DeliveryRef(r["tenant_id"], str(r["id"])),
+                        r["attempts"],
+                    ),
+                    r["next_attempt_at"],
+                )
+                for r in rows
+            ],
+            only_new=True,
+        )
+        return len(rows)
+
+    async def rebuild_reminders(self) -> int:
+        total = 0
+        after = None
+        while True:
+            rows = await reminders.scheduled_page(self._pool, after, BATCH)
+            await self._schedule.add_many(
+                [
+                    (wheel_item(self._keys, r["tenant_id"], r["id"]), r["reminder_time"])
+                    for r in rows
+                ],
+                only_new=True,
+            )
+            total += len(rows)
+            if len(rows) < BATCH:
+                return total
+            after = (rows[-1]["reminder_time"], rows[-1]["id"])
+
+    async def requeue_overdue_reminders(self) -> int:
+        """A scheduled reminder long past due lost its wheel entry (or its stream entry):
+        put it back; it fires at once, flagged late."""
+        rows = await reminders.overdue(self._pool, self._requeue_after, BATCH)
+        await self._schedule.add_many(
+            [(wheel_item(self._keys, r["tenant_id"], r["id"]), r["reminder_time"]) for r in rows],
+            only_new=True,
+        )
         return len(rows)
 
     async def sweep_once(self) -> int:

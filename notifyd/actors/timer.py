@@ -1,8 +1,9 @@
 """Timer: moves due entries of the wheel (retries now, reminders next) onto their streams.
 
-It sleeps until the earliest due time, but never longer than a short tick, so an entry added
-by another instance is picked up promptly; the move itself is one atomic Lua step, so any
-number of instances can run the timer and each entry still moves once.
+It sleeps until the earliest due time; an entry scheduled by this process wakes it at once,
+and it never sleeps longer than a short tick, so an entry added by another instance is picked
+up promptly too. The move itself is one atomic Lua step, so any number of instances can run
+the timer and each entry still moves once.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from datetime import UTC, datetime
 from notifyd.streams.schedule import Schedule
 from notifyd.supervisor import sleep_or_stop
 
-MAX_SLEEP_S = 0.5
+MAX_SLEEP_S = 0.25
 BATCH = 500
 
 
@@ -34,5 +35,6 @@ class Timer:
             wait = self._max_sleep
             if next_ms is not None:
                 wait = min(wait, max(0.0, next_ms / 1000 - time.time()))
-            if await sleep_or_stop(stop, wait):
+            self._schedule.changed.clear()
+            if await sleep_or_stop(stop, wait, also=self._schedule.changed):
                 return

@@ -15,10 +15,12 @@ from notifyd.auth.tokens import TokenVerifier
 from notifyd.ids import OpaqueIdRule
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
+from notifyd.secretbox import SecretError
 from notifyd.settings import Settings
 from notifyd.store.audit import AuditEntry
-from notifyd.store.tenants import TenantSettingsCache
+from notifyd.store.tenants import TenantSettings, TenantSettingsCache
 from notifyd.streams.producer import Producer
+from notifyd.streams.schedule import Schedule
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class Services:
     pool: asyncpg.Pool
     redis: Redis
     producer: Producer
+    schedule: Schedule
     keys: Keys
     metrics: Metrics
     verifier: TokenVerifier
@@ -74,3 +77,13 @@ def audit_entry(request: web.Request, action: str, details: dict[str, Any]) -> A
         request_id=request_id(request) or None,
         details={"role": caller.role, **details},
     )
+
+
+async def tenant_settings_of(ctx: Services, tenant_id: str) -> TenantSettings:
+    """The tenant's own settings; the global ones when its secrets cannot be read (what the
+    request path needs of them, region and locale, is not secret; the senders raise the
+    alarm about the secrets)."""
+    try:
+        return await ctx.tenant_settings.get(tenant_id)
+    except SecretError:
+        return TenantSettings()

@@ -12,7 +12,13 @@ from redis.exceptions import RedisError
 
 from notifyd.auth import policy
 from notifyd.compose import compose
-from notifyd.http.context import Services, audit_entry, identity, request_id, services
+from notifyd.http.context import (
+    audit_entry,
+    identity,
+    request_id,
+    services,
+    tenant_settings_of,
+)
 from notifyd.http.idempotency import remember
 from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found
 from notifyd.http.responses import iso, json_response, page
@@ -21,11 +27,10 @@ from notifyd.ids import parse_uuid, uuid7
 from notifyd.payloads import DeliveryRef, NotificationIntent
 from notifyd.providers.phones import InvalidPhone, to_e164
 from notifyd.providers.render import TemplateError
-from notifyd.secretbox import SecretError
 from notifyd.settings import CHANNELS
 from notifyd.store import audit, deliveries
 from notifyd.store import notifications as store
-from notifyd.store.tenants import TenantSettings, locale_for, region_for
+from notifyd.store.tenants import locale_for, region_for
 
 log = logging.getLogger("notifyd.http.notifications")
 
@@ -68,15 +73,6 @@ def notification_json(row: asyncpg.Record) -> dict[str, Any]:
         "sent_at": iso(row["sent_at"]),
         "delivered_at": iso(row["delivered_at"]),
     }
-
-
-async def _tenant_settings(ctx: Services, tenant_id: str) -> TenantSettings:
-    """The tenant's own settings; the global ones when its secrets cannot be read (the
-    region and locale needed here are not secret, and the senders raise the alarm)."""
-    try:
-        return await ctx.tenant_settings.get(tenant_id)
-    except SecretError:
-        return TenantSettings()
 
 
 def _check_recipient(fields: Fields, channel: str, recipient: str) -> None:
@@ -131,7 +127,7 @@ async def send_notification(request: web.Request) -> web.Response:
     if critical and not caller.is_privileged:
         raise forbidden("only service and admin tokens may send critical notifications")
 
-    tenant = await _tenant_settings(ctx, caller.tenant_id)
+    tenant = await tenant_settings_of(ctx, caller.tenant_id)
     recipient = recipient.strip()
     if channel == "sms":
         # read national forms in the tenant's region now: a number that cannot be read is the

@@ -6,21 +6,37 @@ cannot race the timer into firing at the old time or firing a cancelled reminder
 
 from __future__ import annotations
 
+import logging
+import re
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from notifyd.auth import policy
-from notifyd.http.context import audit_entry, identity, services
+from notifyd.http.context import (
+    Services,
+    audit_entry,
+    identity,
+    services,
+    tenant_settings_of,
+)
 from notifyd.http.idempotency import remember
 from notifyd.http.problems import Problem, forbidden, not_found
 from notifyd.http.responses import iso, json_response, page
-from notifyd.http.validation import Fields, query_fields, read_json_object
+from notifyd.http.validation import Fields, is_email, query_fields, read_json_object
 from notifyd.ids import parse_uuid, uuid7
+from notifyd.providers.phones import InvalidPhone, to_e164
+from notifyd.reminders import CHANNELS as REMINDER_CHANNELS
+from notifyd.reminders import is_time_zone, wheel_item
 from notifyd.store import audit
 from notifyd.store import reminders as store
+from notifyd.store.tenants import region_for
+
+log = logging.getLogger("notifyd.http.reminders")
 
 STATUSES = ("scheduled", "fired", "skipped", "cancelled")
 
@@ -37,10 +53,65 @@ def reminder_json(row: asyncpg.Record) -> dict[str, Any]:
         "status": row["status"],
         "is_sent": row["status"] == "fired",
         "fired_at": iso(row["fired_at"]),
+        "late": row["late"],
+        "lateness_ms": row["lateness_ms"],
+        "candidate_contact": (row["details"] or {}).get("candidate_contact"),
+        "employer_contact": (row["details"] or {}).get("employer_contact"),
+        "channels": (row["details"] or {}).get("channels"),
         "notification_ids": [str(i) for i in row["notification_ids"]],
         "created_at": iso(row["created_at"]),
         "updated_at": iso(row["updated_at"]),
     }
+
+
+_CONTACT_KEYS = ("email", "phone", "timezone", "locale", "name")
+_LOCALE = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*")
+
+
+def _contact(fields: Fields, name: str, region: str) -> dict[str, str] | None:
+    """`{email?, phone?, timezone?, locale?, name?}`: validated, the phone in E.164."""
+    raw = fields.mapping(name, max_keys=len(_CONTACT_KEYS))
+    if raw is None:
+        return None
+    contact: dict[str, str] = {}
+    for key, value in raw.items():
+        where = f"{name}.{key}"
+        if key not in _CONTACT_KEYS:
+            fields.error(where, "is not a known field")
+            continue
+        if not isinstance(value, str) or not value.strip() or len(value) > 320:
+            fields.error(where, "must be a non-empty string of at most 320 characters")
+            continue
+        value = value.strip()
+        if key == "email" and not is_email(value):
+            fields.error(where, "must be an email address")
+        elif key == "phone":
+            try:
+                contact[key] = to_e164(value, region)
+            except InvalidPhone as exc:
+                fields.error(where, str(exc))
+            continue
+        elif key == "timezone" and not is_time_zone(value):
+            fields.error(where, "must be an IANA time zone such as Europe/Berlin")
+        elif key == "locale" and not _LOCALE.fullmatch(value):
+            fields.error(where, "must be a language tag such as en or pt-BR")
+        elif key == "name" and "\n" in value:
+            fields.error(where, "must be a single line")
+        contact[key] = value
+    return contact
+
+
+async def _put_on_wheel(
+    ctx: Services, tenant_id: str, reminder_id: uuid.UUID, due: datetime
+) -> None:
+    """After the commit: the row is the truth; if Redis fails here, the sweeper's rebuild and
+    overdue check put the reminder on the wheel from PostgreSQL."""
+    try:
+        await ctx.schedule.add(wheel_item(ctx.keys, tenant_id, reminder_id), due)
+    except RedisError as exc:
+        log.warning(
+            "reminder not put on the wheel; left for the sweeper", extra={"error": repr(exc)}
+        )
 
 
 def _check_times(fields: Fields, interview: datetime | None, reminder: datetime | None) -> None:
@@ -60,6 +131,12 @@ async def create_reminder(request: web.Request) -> web.Response:
     interview_time = fields.timestamp("interview_time")
     reminder_time = fields.timestamp("reminder_time")
     _check_times(fields, interview_time, reminder_time)
+    region = region_for(await tenant_settings_of(ctx, caller.tenant_id), ctx.settings)
+    candidate_contact = _contact(fields, "candidate_contact", region)
+    employer_contact = _contact(fields, "employer_contact", region)
+    channels = fields.choices("channels", REMINDER_CHANNELS)
+    if channels is not None and "in_app" not in channels:
+        channels.insert(0, "in_app")  # in-app always: the notification center is the record
     fields.done()
     if not policy.may_manage_reminders(caller):
         raise forbidden(f"role {caller.role!r} may not create reminders; use a service token")
@@ -74,7 +151,15 @@ async def create_reminder(request: web.Request) -> web.Response:
         created_by=caller.user_id,
         interview_time=interview_time,
         reminder_time=reminder_time,
-        details={},
+        details={
+            key: value
+            for key, value in (
+                ("candidate_contact", candidate_contact),
+                ("employer_contact", employer_contact),
+                ("channels", channels),
+            )
+            if value is not None
+        },
     )
     async with ctx.pool.acquire() as conn, conn.transaction():
         record = await store.insert(conn, row)
@@ -90,7 +175,7 @@ async def create_reminder(request: web.Request) -> web.Response:
                 },
             ),
         )
-        return await remember(
+        response = await remember(
             request,
             conn,
             json_response(
@@ -99,6 +184,9 @@ async def create_reminder(request: web.Request) -> web.Response:
                 headers={"Location": f"/reminders/{row.id}/"},
             ),
         )
+    await _put_on_wheel(ctx, caller.tenant_id, row.id, reminder_time)
+    ctx.metrics.reminders.labels("scheduled").inc()
+    return response
 
 
 async def list_reminders(request: web.Request) -> web.Response:
@@ -181,6 +269,9 @@ async def reschedule_reminder(request: web.Request) -> web.Response:
                 },
             ),
         )
+    # the guarded UPDATE already decided; the wheel follows (a stale entry that fires early
+    # finds the reminder not due and is dropped)
+    await _put_on_wheel(ctx, caller.tenant_id, row["id"], row["reminder_time"])
     return json_response(reminder_json(row))
 
 
@@ -197,6 +288,11 @@ async def cancel_reminder(request: web.Request) -> web.Response:
         await audit.record(
             conn, audit_entry(request, "reminder.cancel", {"reminder_id": str(current["id"])})
         )
+    try:
+        await ctx.schedule.remove(wheel_item(ctx.keys, caller.tenant_id, current["id"]))
+    except RedisError as exc:  # a leftover entry finds the reminder cancelled and is dropped
+        log.warning("cancelled reminder left on the wheel", extra={"error": repr(exc)})
+    ctx.metrics.reminders.labels("cancelled").inc()
     return web.Response(status=204)
 
 

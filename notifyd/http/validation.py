@@ -117,6 +117,22 @@ class Fields:
             return None
         return value
 
+    def choices(
+        self, name: str, options: Collection[str], *, required: bool = False
+    ) -> list[str] | None:
+        """A list of distinct values, each one of `options`."""
+        value = self._get(name, required)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.error(name, f"must be a list of: {', '.join(options)}")
+            return None
+        unknown = [v for v in value if v not in options]
+        if unknown:
+            self.error(name, f"unknown {unknown[0]!r}; choose from: {', '.join(options)}")
+            return None
+        return list(dict.fromkeys(value))
+
     def opaque_id(self, name: str, *, required: bool = True) -> str | None:
         value = self._get(name, required)
         if value is None:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
 from notifyd.store.pool import Conn, Executor
 
-COLUMNS = """id, application_id, candidate_id, employer_id, created_by, interview_time,
-    reminder_time, status, details, notification_ids, fired_at, created_at, updated_at"""
+COLUMNS = """id, tenant_id, application_id, candidate_id, employer_id, created_by,
+    interview_time, reminder_time, status, details, notification_ids, fired_at, late,
+    lateness_ms, created_at, updated_at"""
 
 INSERT = f"""
 INSERT INTO interview_reminders (id, tenant_id, application_id, candidate_id, employer_id,
@@ -123,3 +124,60 @@ async def reschedule(
 
 async def cancel(conn: Conn, tenant_id: str, reminder_id: uuid.UUID) -> asyncpg.Record | None:
     return await conn.fetchrow(CANCEL, tenant_id, reminder_id)
+
+
+# Fire once: only a still-scheduled reminder that is due (a rescheduled one is not, any more);
+# a reminder whose interview already began is `skipped`, not sent.
+FIRE = f"""
+UPDATE interview_reminders
+SET status = CASE WHEN interview_time <= now() THEN 'skipped' ELSE 'fired' END,
+    fired_at = now(), updated_at = now(),
+    lateness_ms = GREATEST(0, EXTRACT(EPOCH FROM (now() - reminder_time)) * 1000)::int,
+    late = now() - reminder_time > make_interval(secs => $3)
+WHERE tenant_id = $1 AND id = $2 AND status = 'scheduled'
+  AND reminder_time <= now() + interval '1 second'
+RETURNING {COLUMNS}
+"""
+
+SET_NOTIFICATIONS = """
+UPDATE interview_reminders SET notification_ids = $3 WHERE tenant_id = $1 AND id = $2
+"""
+
+# Keyset pages over every scheduled reminder, for rebuilding the wheel from PostgreSQL.
+SCHEDULED_PAGE = """
+SELECT tenant_id, id, reminder_time FROM interview_reminders
+WHERE status = 'scheduled' AND (reminder_time, id) > ($1, $2)
+ORDER BY reminder_time, id
+LIMIT $3
+"""
+
+OVERDUE = """
+SELECT tenant_id, id, reminder_time FROM interview_reminders
+WHERE status = 'scheduled' AND reminder_time < now() - make_interval(secs => $1)
+ORDER BY reminder_time
+LIMIT $2
+"""
+
+
+async def fire(
+    conn: Conn, tenant_id: str, reminder_id: uuid.UUID, late_after: float
+) -> asyncpg.Record | None:
+    """The reminder, now `fired` or `skipped`; None when it is not due or not scheduled."""
+    return await conn.fetchrow(FIRE, tenant_id, reminder_id, late_after)
+
+
+async def set_notifications(
+    conn: Conn, tenant_id: str, reminder_id: uuid.UUID, ids: list[uuid.UUID]
+) -> None:
+    await conn.execute(SET_NOTIFICATIONS, tenant_id, reminder_id, ids)
+
+
+async def scheduled_page(
+    executor: Executor, after: tuple[datetime, uuid.UUID] | None, limit: int
+) -> list[asyncpg.Record]:
+    start_time, start_id = after or (datetime.min.replace(tzinfo=UTC), uuid.UUID(int=0))
+    return await executor.fetch(SCHEDULED_PAGE, start_time, start_id, limit)
+
+
+async def overdue(executor: Executor, older_than: float, limit: int) -> list[asyncpg.Record]:
+    return await executor.fetch(OVERDUE, older_than, limit)

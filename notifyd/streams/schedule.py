@@ -8,6 +8,7 @@ the same wheel (one mechanism, not two).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -51,11 +52,25 @@ class Schedule:
         self._key = key
         self._stream_max_len = stream_max_len
         self._move = redis.register_script(MOVE_DUE)
+        # set when this process schedules something: the timer re-reads the earliest due
+        # time at once instead of finishing a sleep computed before it existed
+        self.changed = asyncio.Event()
 
     async def add(self, item: Scheduled, due: datetime, *, only_new: bool = False) -> None:
         """Schedule (or move) `item` to `due`; `only_new` keeps an existing due time."""
         score = due.timestamp() * 1000
         await self._redis.zadd(self._key, {_member(item): score}, nx=only_new)
+        self.changed.set()
+
+    async def add_many(
+        self, items: list[tuple[Scheduled, datetime]], *, only_new: bool = False
+    ) -> None:
+        """Many at once, one round trip (rebuilding the wheel from PostgreSQL)."""
+        if not items:
+            return
+        scores = {_member(item): due.timestamp() * 1000 for item, due in items}
+        await self._redis.zadd(self._key, scores, nx=only_new)
+        self.changed.set()
 
     async def remove(self, item: Scheduled) -> bool:
         return bool(await self._redis.zrem(self._key, _member(item)))
