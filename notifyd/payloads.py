@@ -6,12 +6,20 @@ tell an old entry from a new one instead of guessing from the fields present.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 INTENT_VERSION = 1
+
+
+def _notification_uuid(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise PayloadError(f"names no notification: {text!r}") from None
 
 
 class PayloadError(ValueError):
@@ -26,6 +34,10 @@ class NotificationIntent:
     notification_id: str
     reason: str = "created"  # created | requeued | retry
     version: int = INTENT_VERSION
+
+    @property
+    def uuid(self) -> uuid.UUID:
+        return _notification_uuid(self.notification_id)
 
     def to_fields(self) -> dict[str, bytes]:
         return {"v": str(self.version).encode(), "data": dumps(self._as_dict())}
@@ -66,6 +78,10 @@ class DeliveryRef:
     tenant_id: str
     notification_id: str
     version: int = DELIVERY_VERSION
+
+    @property
+    def uuid(self) -> uuid.UUID:
+        return _notification_uuid(self.notification_id)
 
     def to_fields(self) -> dict[str, str]:
         return {"v": str(self.version), "tenant_id": self.tenant_id, "id": self.notification_id}

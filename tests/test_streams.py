@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from redis.asyncio import Redis
 
-from notifyd.streams.consumer import Defer, Entry, Poison, StreamConsumer, ensure_group
+from notifyd.streams.consumer import Defer, Entry, Poison, StreamConsumer, Timing, ensure_group
 from notifyd.streams.producer import Producer
 from notifyd.streams.schedule import Schedule, Scheduled
 from tests.helpers import wait_for
@@ -27,8 +27,12 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 
 
 def consumer(redis: Redis, handle: object, **kw: object) -> StreamConsumer:
-    options: dict[str, object] = {"block_ms": 50, "claim_every": 0.05, "claim_idle_ms": 200}
-    options.update(kw)
+    timing = Timing(
+        block_ms=50,
+        claim_every=0.05,
+        claim_idle_ms=int(kw.pop("claim_idle_ms", 200)),  # type: ignore[call-overload]
+    )
+    options: dict[str, object] = {"timing": timing, **kw}
     return StreamConsumer(
         redis,
         stream=STREAM,

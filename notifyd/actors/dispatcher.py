@@ -18,7 +18,6 @@ from redis.asyncio import Redis
 
 from notifyd.alerts import Alerts
 from notifyd.compose import compose
-from notifyd.ids import parse_uuid
 from notifyd.keys import DISPATCH_GROUP, Keys
 from notifyd.payloads import DeliveryRef, NotificationIntent, PayloadError
 from notifyd.preferences import suppression_reason
@@ -26,7 +25,7 @@ from notifyd.providers.render import TemplateError
 from notifyd.settings import Settings
 from notifyd.store import deliveries
 from notifyd.store import preferences as preference_store
-from notifyd.streams.consumer import Entry, Poison, StreamConsumer
+from notifyd.streams.consumer import Entry, Poison, StreamConsumer, Timing
 from notifyd.streams.producer import Producer
 
 log = logging.getLogger("notifyd.actors.dispatcher")
@@ -63,9 +62,7 @@ class Dispatcher:
             on_dead=self._on_dead,
             concurrency=settings.dispatch_concurrency,
             batch=max(16, settings.dispatch_concurrency),
-            claim_idle_ms=int(settings.claim_idle * 1000),
-            claim_every=min(5.0, settings.claim_idle / 2),
-            block_ms=max(1, int(settings.stream_block * 1000)),
+            timing=Timing.from_settings(settings),
             max_deliveries=settings.send_max_attempts,
         )
 
@@ -75,11 +72,9 @@ class Dispatcher:
     async def handle(self, entry: Entry) -> None:
         try:
             intent = NotificationIntent.from_fields(entry.fields)
+            notification_id = intent.uuid
         except PayloadError as exc:
             raise Poison(str(exc)) from None
-        notification_id = parse_uuid(intent.notification_id)
-        if notification_id is None:
-            raise Poison(f"intent names no notification: {intent.notification_id!r}")
         row = await deliveries.load_for_dispatch(self._pool, intent.tenant_id, notification_id)
         if row is None:
             raise Poison(f"no notification {notification_id} in tenant {intent.tenant_id!r}")

@@ -25,7 +25,7 @@ from notifyd.settings import Settings
 from notifyd.store import audit, reminders
 from notifyd.store import notifications as notification_store
 from notifyd.store.audit import AuditEntry
-from notifyd.streams.consumer import Entry, Poison, StreamConsumer
+from notifyd.streams.consumer import Entry, Poison, StreamConsumer, Timing
 from notifyd.streams.producer import Producer
 
 log = logging.getLogger("notifyd.actors.reminders")
@@ -60,9 +60,7 @@ class ReminderFirer:
             producer=producer,
             concurrency=settings.dispatch_concurrency,
             batch=max(16, settings.dispatch_concurrency),
-            claim_idle_ms=int(settings.claim_idle * 1000),
-            claim_every=min(5.0, settings.claim_idle / 2),
-            block_ms=max(1, int(settings.stream_block * 1000)),
+            timing=Timing.from_settings(settings),
             max_deliveries=settings.send_max_attempts + 5,
         )
 

@@ -17,14 +17,13 @@ import asyncpg
 from redis.asyncio import Redis
 
 from notifyd.alerts import Alerts
-from notifyd.ids import parse_uuid
 from notifyd.keys import SEND_GROUP, Keys
 from notifyd.metrics import Metrics
 from notifyd.payloads import DeliveryRef, PayloadError
 from notifyd.providers.base import Delivery, PermanentError, Provider, TransientError
 from notifyd.settings import Settings
 from notifyd.store import deliveries
-from notifyd.streams.consumer import Defer, Entry, Poison, StreamConsumer
+from notifyd.streams.consumer import Defer, Entry, Poison, StreamConsumer, Timing
 from notifyd.streams.producer import Producer
 from notifyd.streams.schedule import Schedule, Scheduled
 from notifyd.supervisor import exponential_backoff
@@ -75,9 +74,7 @@ class Sender:
             on_dead=self._on_dead,
             concurrency=concurrency,
             batch=concurrency,
-            claim_idle_ms=int(settings.claim_idle * 1000),
-            claim_every=min(5.0, settings.claim_idle / 2),
-            block_ms=max(1, int(settings.stream_block * 1000)),
+            timing=Timing.from_settings(settings),
             # a crashing handler (not a failing provider: that is a retry) gives up after this
             max_deliveries=settings.send_max_attempts + 2,
         )
@@ -88,11 +85,9 @@ class Sender:
     async def handle(self, entry: Entry) -> None:
         try:
             ref = DeliveryRef.from_fields(entry.fields)
+            notification_id = ref.uuid
         except PayloadError as exc:
             raise Poison(str(exc)) from None
-        notification_id = parse_uuid(ref.notification_id)
-        if notification_id is None:
-            raise Poison(f"delivery names no notification: {ref.notification_id!r}")
         row = await deliveries.claim(
             self._pool, ref.tenant_id, notification_id, self._settings.claim_idle
         )
@@ -156,8 +151,7 @@ class Sender:
         if retry_after is not None:
             delay = max(delay, min(retry_after, s.retry_cap))
         due = datetime.now(UTC) + timedelta(seconds=delay)
-        notification_id = parse_uuid(delivery.id)
-        assert notification_id is not None
+        notification_id = ref.uuid
         if await deliveries.mark_retrying(
             self._pool, ref.tenant_id, notification_id, delivery.attempt, reason, due
         ):
@@ -171,8 +165,7 @@ class Sender:
             )
 
     async def _fail(self, ref: DeliveryRef, delivery: Delivery, reason: str) -> None:
-        notification_id = parse_uuid(delivery.id)
-        assert notification_id is not None
+        notification_id = ref.uuid
         if not await deliveries.mark_failed(
             self._pool, ref.tenant_id, notification_id, delivery.attempt, reason
         ):

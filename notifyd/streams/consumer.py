@@ -23,6 +23,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from notifyd.settings import Settings
 from notifyd.streams.producer import Producer
 
 log = logging.getLogger("notifyd.streams")
@@ -42,6 +43,24 @@ class Poison(Exception):
 
 class Defer(Exception):
     """Not now, and not a failure: leave the entry pending (a live peer holds the work)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """How a consumer waits and recovers; the same for every stream actor."""
+
+    block_ms: int = 1000
+    claim_idle_ms: int = 30_000
+    claim_every: float = 5.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Timing:
+        return cls(
+            block_ms=max(1, int(settings.stream_block * 1000)),
+            claim_idle_ms=int(settings.claim_idle * 1000),
+            # takeover within about half the lease after a peer died
+            claim_every=min(5.0, settings.claim_idle / 2),
+        )
 
 
 Handler = Callable[[Entry], Awaitable[None]]
@@ -69,11 +88,9 @@ class StreamConsumer:
         dead_letters: str,
         producer: Producer,
         on_dead: DeadHandler | None = None,
+        timing: Timing = Timing(),
         concurrency: int = 1,
         batch: int = 16,
-        block_ms: int = 1000,
-        claim_idle_ms: int = 30_000,
-        claim_every: float = 5.0,
         max_deliveries: int = 5,
     ) -> None:
         self._redis = redis
@@ -87,9 +104,9 @@ class StreamConsumer:
         self._concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
         self._batch = batch
-        self._block_ms = block_ms
-        self._claim_idle_ms = claim_idle_ms
-        self._claim_every = claim_every
+        self._block_ms = timing.block_ms
+        self._claim_idle_ms = timing.claim_idle_ms
+        self._claim_every = timing.claim_every
         self._max_deliveries = max_deliveries
 
     async def run(self, stop: asyncio.Event) -> None:
