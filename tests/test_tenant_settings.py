@@ -284,7 +284,7 @@ SINGLE_FAULTS: list[tuple[dict[str, Any], str]] = [
     ({"smtp": {**SMTP, "from_email": "a@example.com\r\nBcc: x@evil.com"}}, "smtp.from_email"),
     ({"twilio": {**TWILIO, "account_sid": "AC" + "g" * 32}}, "twilio.account_sid"),
     ({"twilio": {**TWILIO, "auth_token": ""}}, "twilio.auth_token"),
-    ({"default_locale": "pt-br"}, "default_locale"),
+    ({"default_locale": "portuguese-brazil"}, "default_locale"),
 ]
 
 
@@ -305,6 +305,8 @@ async def test_valid_national_number_and_locale_forms(keyed_api: Api) -> None:
     assert status == 200, shown
     assert shown["default_locale"] == "pt-BR"
     assert shown["smtp"]["use_ssl"] is True
+    status, shown, _ = await put(keyed_api, {"default_locale": "pt_br"})
+    assert (status, shown["default_locale"]) == (200, "pt-BR")  # one spelling is stored
 
 
 # -- fallbacks to the global settings -----------------------------------------------------------

@@ -10,6 +10,7 @@ import asyncpg
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from notifyd import tags
 from notifyd.auth import policy
 from notifyd.compose import compose
 from notifyd.http.context import (
@@ -36,10 +37,7 @@ log = logging.getLogger("notifyd.http.notifications")
 
 # The loose shape of a phone number; full E.164 normalisation happens at send time.
 _PHONE = re.compile(r"\+?[0-9][0-9 ().-]{4,30}")
-_TEMPLATE_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _HEADER_UNSAFE = re.compile(r"[\r\n]")
-_CATEGORY = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-_LOCALE = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*")
 
 
 def notification_json(row: asyncpg.Record) -> dict[str, Any]:
@@ -103,13 +101,13 @@ async def send_notification(request: web.Request) -> web.Response:
     category = fields.string("category", required=False, max_length=64)
     critical = fields.boolean("critical") or False
     locale = fields.string("locale", required=False, max_length=35)
-    if category is not None and not _CATEGORY.fullmatch(category):
+    if category is not None and not tags.CATEGORY.fullmatch(category):
         fields.error("category", "may contain letters, digits and _ . : - only")
-    if locale is not None and not _LOCALE.fullmatch(locale):
+    if locale is not None and not tags.is_locale(locale):
         fields.error("locale", "must be a language tag such as en or pt-BR")
     if message is None and template_key is None and not fields.has("message"):
         fields.error("message", "is required unless template_key is given")
-    if template_key is not None and not _TEMPLATE_KEY.fullmatch(template_key):
+    if template_key is not None and not tags.TEMPLATE_KEY.fullmatch(template_key):
         fields.error("template_key", "may contain letters, digits and _ . : - only")
     if context is not None and template_key is None:
         fields.error("context", "is only used with template_key")

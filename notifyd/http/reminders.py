@@ -7,7 +7,6 @@ cannot race the timer into firing at the old time or firing a cancelled reminder
 from __future__ import annotations
 
 import logging
-import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +15,7 @@ import asyncpg
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from notifyd import tags
 from notifyd.auth import policy
 from notifyd.http.context import (
     Services,
@@ -65,7 +65,6 @@ def reminder_json(row: asyncpg.Record) -> dict[str, Any]:
 
 
 _CONTACT_KEYS = ("email", "phone", "timezone", "locale", "name")
-_LOCALE = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*")
 
 
 def _contact(fields: Fields, name: str, region: str) -> dict[str, str] | None:
@@ -93,7 +92,7 @@ def _contact(fields: Fields, name: str, region: str) -> dict[str, str] | None:
             continue
         elif key == "timezone" and not is_time_zone(value):
             fields.error(where, "must be an IANA time zone such as Europe/Berlin")
-        elif key == "locale" and not _LOCALE.fullmatch(value):
+        elif key == "locale" and not tags.is_locale(value):
             fields.error(where, "must be a language tag such as en or pt-BR")
         elif key == "name" and "\n" in value:
             fields.error(where, "must be a single line")

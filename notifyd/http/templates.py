@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
+from notifyd import tags
 from notifyd.auth.identity import Identity
 from notifyd.compose import compose
 from notifyd.http.context import audit_entry, identity, services
@@ -26,7 +27,6 @@ from notifyd.settings import CHANNELS
 from notifyd.store import audit
 from notifyd.store import templates as store
 
-TEMPLATE_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _MULTILINE = re.compile(r"[\r\n]")
 
 
@@ -62,7 +62,7 @@ def _check_write(caller: Identity) -> None:
 
 
 def _check_key(fields: Fields, template_key: str | None) -> None:
-    if template_key is not None and not TEMPLATE_KEY.fullmatch(template_key):
+    if template_key is not None and not tags.TEMPLATE_KEY.fullmatch(template_key):
         fields.error("template_key", "must be 1-128 letters, digits and _ . : - only")
 
 
@@ -83,7 +83,7 @@ def _path(request: web.Request, fields: Fields) -> tuple[str, str]:
 
 def _locale_query(fields: Fields) -> str:
     locale = fields.string(
-        "locale", required=False, max_length=store.LOCALE_MAX_LENGTH, allow_empty=True
+        "locale", required=False, max_length=tags.LOCALE_MAX_LENGTH, allow_empty=True
     )
     _check_locale(fields, locale)
     return locale or ""
@@ -161,10 +161,10 @@ async def put_template(request: web.Request) -> web.Response:
     fields = Fields(await read_json_object(request), ctx.id_rule)
     template_key, channel = _path(request, fields)
     locale = fields.string(
-        "locale", required=False, max_length=store.LOCALE_MAX_LENGTH, allow_empty=True
+        "locale", required=False, max_length=tags.LOCALE_MAX_LENGTH, allow_empty=True
     )
     _check_locale(fields, locale)
-    locale = store.normalize_locale(locale or "")
+    locale = tags.normalize_locale(locale or "")
     source = _source_fields(fields, request, required=True)
     _compile_errors(fields, source, _label(template_key, channel, locale))
     fields.done()
@@ -215,7 +215,7 @@ async def delete_template(request: web.Request) -> web.Response:
     _check_write(caller)
     query = query_fields(request, ctx.id_rule)
     template_key, channel = _path(request, query)
-    locale = store.normalize_locale(_locale_query(query))
+    locale = tags.normalize_locale(_locale_query(query))
     query.done()
     async with ctx.pool.acquire() as conn, conn.transaction():
         deleted = await store.delete(conn, caller.tenant_id, template_key, channel, locale)
@@ -245,7 +245,7 @@ async def preview_template(request: web.Request) -> web.Response:
     if stored:
         channel = fields.choice("channel", CHANNELS)
         locale = fields.string(
-            "locale", required=False, max_length=store.LOCALE_MAX_LENGTH, allow_empty=True
+            "locale", required=False, max_length=tags.LOCALE_MAX_LENGTH, allow_empty=True
         )
         _check_locale(fields, locale)
         _source_fields(fields, request, required=False)  # read only to name them below
@@ -273,9 +273,7 @@ async def preview_template(request: web.Request) -> web.Response:
         if not fields.has("text_body"):
             fields.error("text_body", "is required unless template_key is given")
         fields.choice("channel", CHANNELS, required=False)
-        fields.string(
-            "locale", required=False, max_length=store.LOCALE_MAX_LENGTH, allow_empty=True
-        )
+        fields.string("locale", required=False, max_length=tags.LOCALE_MAX_LENGTH, allow_empty=True)
         for name in ("channel", "locale"):
             if fields.has(name):
                 fields.error(name, "is only used with template_key")

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
+from notifyd import tags
 from notifyd.http.context import audit_entry, identity, services
 from notifyd.http.problems import Problem, forbidden
 from notifyd.http.responses import json_response
@@ -40,7 +41,6 @@ _ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 # Loose on purpose: the SMS provider normalises to E.164 with the tenant's default region.
 _PHONE = re.compile(r"\+?[0-9(][0-9 ().-]{4,30}")
 _REGION = re.compile(r"[A-Z]{2}")
-_LOCALE = re.compile(r"[a-z]{2,3}(?:-[A-Z]{2})?")
 _LINE_BREAK = re.compile(r"[\r\n]")
 
 SMTP_FIELDS = frozenset(
@@ -235,9 +235,11 @@ def _parse(body: Mapping[str, Any], id_rule: OpaqueIdRule) -> _Change:
             fields.error("default_region", "must be a two-letter country code such as US or GB")
     locale: str | Literal[Keep.KEEP] | None = KEEP
     if "default_locale" in body:
-        locale = fields.string("default_locale", required=False, max_length=6)
-        if locale is not None and not _LOCALE.fullmatch(locale):
+        locale = fields.string("default_locale", required=False, max_length=tags.LOCALE_MAX_LENGTH)
+        if locale is not None and not tags.is_locale(locale):
             fields.error("default_locale", "must be a language code such as en or pt-BR")
+        elif locale is not None:
+            locale = tags.normalize_locale(locale)  # one spelling: pt_br, pt-br → pt-BR
     fields.done()
     return _Change(smtp, keep_password, twilio, keep_auth_token, region, locale)
 

@@ -6,17 +6,14 @@ canonical spelling (`pt-BR`, never `pt_br`), so a lookup is a plain equality.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import asyncpg
 
+from notifyd import tags
 from notifyd.providers.builtin_templates import builtin
 from notifyd.providers.render import TemplateSource
 from notifyd.store.pool import Conn, Executor
-
-LOCALE_PATTERN = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*")
-LOCALE_MAX_LENGTH = 35
 
 COLUMNS = """template_key, channel, locale, subject, text_body, html_body, created_at, updated_at"""
 
@@ -69,28 +66,9 @@ class NewTemplate:
     html_body: str | None
 
 
-def normalize_locale(locale: str) -> str:
-    """One spelling per locale: `_` → `-`, language lowercase, region uppercase, script title.
-
-    `pt_br` → `pt-BR`, `zh-hant-tw` → `zh-Hant-TW`; `''` stays `''`.
-    """
-    parts = locale.strip().replace("_", "-").split("-")
-    out = [parts[0].lower()]
-    for part in parts[1:]:
-        if len(part) == 2 and part.isalpha():
-            out.append(part.upper())
-        elif len(part) == 4 and part.isalpha():
-            out.append(part.title())
-        else:
-            out.append(part.lower())
-    return "-".join(out)
-
-
 def is_locale(locale: str) -> bool:
     """`''` (the fallback row) or a BCP 47-like tag such as `en`, `pt-BR`, `pt_BR`."""
-    return locale == "" or (
-        len(locale) <= LOCALE_MAX_LENGTH and LOCALE_PATTERN.fullmatch(locale) is not None
-    )
+    return locale == "" or tags.is_locale(locale)
 
 
 def locale_candidates(locale: str | None, default_locale: str) -> list[str]:
@@ -99,7 +77,7 @@ def locale_candidates(locale: str | None, default_locale: str) -> list[str]:
     for wanted in (locale, default_locale):
         if not wanted:
             continue
-        exact = normalize_locale(wanted)
+        exact = tags.normalize_locale(wanted)
         for candidate in (exact, exact.split("-")[0]):
             if candidate not in order:
                 order.append(candidate)
@@ -114,7 +92,7 @@ async def upsert(conn: Conn, row: NewTemplate) -> asyncpg.Record:
         row.tenant_id,
         row.template_key,
         row.channel,
-        normalize_locale(row.locale),
+        tags.normalize_locale(row.locale),
         row.subject,
         row.text_body,
         row.html_body,
@@ -126,7 +104,7 @@ async def upsert(conn: Conn, row: NewTemplate) -> asyncpg.Record:
 async def get(
     conn: Executor, tenant_id: str, template_key: str, channel: str, locale: str
 ) -> asyncpg.Record | None:
-    return await conn.fetchrow(GET, tenant_id, template_key, channel, normalize_locale(locale))
+    return await conn.fetchrow(GET, tenant_id, template_key, channel, tags.normalize_locale(locale))
 
 
 async def list_templates(
@@ -148,7 +126,7 @@ async def list_templates(
 async def delete(conn: Conn, tenant_id: str, template_key: str, channel: str, locale: str) -> bool:
     """True when a row was deleted."""
     deleted = await conn.fetchval(
-        DELETE, tenant_id, template_key, channel, normalize_locale(locale)
+        DELETE, tenant_id, template_key, channel, tags.normalize_locale(locale)
     )
     return deleted is not None
 

@@ -1,0 +1,36 @@
+"""The shapes of the names clients choose: template keys, categories, locales.
+
+One definition each, so a locale accepted on a template is accepted on a notification, a
+reminder contact and a tenant's default alike.
+"""
+
+from __future__ import annotations
+
+import re
+
+TEMPLATE_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+CATEGORY = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+LOCALE = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*")
+LOCALE_MAX_LENGTH = 35
+
+
+def is_locale(locale: str) -> bool:
+    """A BCP 47-like tag such as `en`, `pt-BR` or `pt_BR`."""
+    return len(locale) <= LOCALE_MAX_LENGTH and LOCALE.fullmatch(locale) is not None
+
+
+def normalize_locale(locale: str) -> str:
+    """One spelling per locale: `_` → `-`, language lowercase, region uppercase, script title.
+
+    `pt_br` → `pt-BR`, `zh-hant-tw` → `zh-Hant-TW`; `''` stays `''`.
+    """
+    parts = locale.strip().replace("_", "-").split("-")
+    out = [parts[0].lower()]
+    for part in parts[1:]:
+        if len(part) == 2 and part.isalpha():
+            out.append(part.upper())
+        elif len(part) == 4 and part.isalpha():
+            out.append(part.title())
+        else:
+            out.append(part.lower())
+    return "-".join(out)
