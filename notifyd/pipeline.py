@@ -163,6 +163,7 @@ def build_pipeline(
             metrics=metrics,
             producer=producer,
             requeue_after=settings.requeue_after,
+            reminder_overdue_after=settings.requeue_after + settings.claim_idle,
             interval=settings.sweep_interval,
         ),
         alerts,

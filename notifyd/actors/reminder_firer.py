@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 from redis.asyncio import Redis
@@ -46,6 +47,7 @@ class ReminderFirer:
         consumer_name: str,
     ) -> None:
         self._pool = pool
+        self._redis = redis
         self._keys = keys
         self._settings = settings
         self._metrics = metrics
@@ -71,45 +73,51 @@ class ReminderFirer:
         try:
             tenant_id = entry.fields[b"tenant_id"].decode()
             reminder_id = parse_uuid(entry.fields[b"id"].decode())
-        except (KeyError, UnicodeDecodeError):
+            due_ms = entry.fields.get(b"due_ms")
+            # the due time this entry was moved for (1 ms of float rounding allowed); an
+            # entry without one (added by hand) counts as due now
+            due = (
+                datetime.fromtimestamp(float(due_ms) / 1000, UTC) + timedelta(milliseconds=1)
+                if due_ms is not None
+                else datetime.now(UTC)
+            )
+        except (KeyError, UnicodeDecodeError, ValueError):
             raise Poison("malformed reminder entry") from None
         if reminder_id is None:
             raise Poison("reminder entry names no reminder")
-        intents: list[NotificationIntent] = []
+        rows: list[notification_store.NewNotification] = []
         async with self._pool.acquire() as conn, conn.transaction():
             row = await reminders.fire(
-                conn, tenant_id, reminder_id, self._settings.reminder_late_after
+                conn, tenant_id, reminder_id, self._settings.reminder_late_after, due
             )
             if row is None:
-                return  # cancelled, already fired, or moved later: nothing to do now
+                return  # cancelled, already fired, or moved: a stale entry, nothing to do
             if row["status"] == "fired":
-                ids = []
-                for planned in plan(row):
-                    notification_id = uuid7()
-                    await notification_store.insert(
-                        conn,
-                        notification_store.NewNotification(
-                            id=notification_id,
-                            tenant_id=tenant_id,
-                            created_by=row["created_by"],
-                            user_id=planned.user_id,
-                            channel=planned.channel,
-                            recipient=planned.recipient,
-                            subject=None,
-                            body=None,  # the dispatcher renders it from the template
-                            html_body=None,
-                            template_key=TEMPLATE_KEY,
-                            context=planned.context,
-                            locale=planned.locale,
-                            category=CATEGORY,
-                            critical=True,
-                            idempotency_key=None,
-                            request_id=None,
-                        ),
+                rows = [
+                    notification_store.NewNotification(
+                        id=uuid7(),
+                        tenant_id=tenant_id,
+                        created_by=row["created_by"],
+                        user_id=planned.user_id,
+                        channel=planned.channel,
+                        recipient=planned.recipient,
+                        subject=None,
+                        body=None,  # the dispatcher renders it from the template
+                        html_body=None,
+                        template_key=TEMPLATE_KEY,
+                        context=planned.context,
+                        locale=planned.locale,
+                        category=CATEGORY,
+                        critical=True,
+                        idempotency_key=None,
+                        request_id=None,
                     )
-                    ids.append(notification_id)
-                    intents.append(NotificationIntent(tenant_id, str(notification_id), "reminder"))
-                await reminders.set_notifications(conn, tenant_id, reminder_id, ids)
+                    for planned in plan(row)
+                ]
+                await notification_store.insert_many(conn, rows)
+                await reminders.set_notifications(
+                    conn, tenant_id, reminder_id, [n.id for n in rows]
+                )
             await audit.record(
                 conn,
                 AuditEntry(
@@ -122,14 +130,18 @@ class ReminderFirer:
                         "reminder_id": str(reminder_id),
                         "late": row["late"],
                         "lateness_ms": row["lateness_ms"],
-                        "notifications": len(intents),
+                        "notifications": len(rows),
                     },
                 ),
             )
         self._metrics.reminder_lateness.observe(row["lateness_ms"] or 0)
         self._metrics.reminders.labels(row["status"]).inc()
-        for intent in intents:
-            await self._producer.add(self._keys.intents, intent.to_fields())
+        if rows:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for notification in rows:
+                    intent = NotificationIntent(tenant_id, str(notification.id), "reminder")
+                    self._producer.add_in(pipe, self._keys.intents, intent.to_fields())
+                await pipe.execute()
         log.info(
             "reminder %s",
             row["status"],

@@ -43,6 +43,7 @@ class Sweeper:
         schedule: Schedule,
         metrics: Metrics,
         requeue_after: float,
+        reminder_overdue_after: float,
         interval: float,
         producer: Producer,
     ) -> None:
@@ -53,6 +54,7 @@ class Sweeper:
         self._schedule = schedule
         self._metrics = metrics
         self._requeue_after = requeue_after
+        self._reminder_overdue_after = reminder_overdue_after
         self._interval = interval
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -116,8 +118,9 @@ class Sweeper:
 
     async def requeue_overdue_reminders(self) -> int:
         """A scheduled reminder long past due lost its wheel entry (or its stream entry):
-        put it back; it fires at once, flagged late."""
-        rows = await reminders.overdue(self._pool, self._requeue_after, BATCH)
+        put it back; it fires at once, flagged late. "Long" includes a takeover's lease, so a
+        reminder merely waiting in a backlog is not added again and again."""
+        rows = await reminders.overdue(self._pool, self._reminder_overdue_after, BATCH)
         await self._schedule.add_many(
             [(wheel_item(self._keys, r["tenant_id"], r["id"]), r["reminder_time"]) for r in rows],
             only_new=True,

@@ -28,6 +28,8 @@ class Timer:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            # cleared before reading the wheel: anything scheduled from here on wakes us
+            self._schedule.changed.clear()
             moved = await self._schedule.move_due(datetime.now(UTC), BATCH)
             if moved >= BATCH:
                 continue  # more are due right now
@@ -35,6 +37,5 @@ class Timer:
             wait = self._max_sleep
             if next_ms is not None:
                 wait = min(wait, max(0.0, next_ms / 1000 - time.time()))
-            self._schedule.changed.clear()
             if await sleep_or_stop(stop, wait, also=self._schedule.changed):
                 return

@@ -74,10 +74,8 @@ class NewNotification:
     request_id: str | None
 
 
-async def insert(conn: Conn, row: NewNotification) -> Any:
-    """Store the row as `queued`; returns its `created_at`."""
-    return await conn.fetchval(
-        INSERT,
+def _args(row: NewNotification) -> tuple[Any, ...]:
+    return (
         row.id,
         row.tenant_id,
         row.created_by,
@@ -95,6 +93,16 @@ async def insert(conn: Conn, row: NewNotification) -> Any:
         row.idempotency_key,
         row.request_id,
     )
+
+
+async def insert(conn: Conn, row: NewNotification) -> Any:
+    """Store the row as `queued`; returns its `created_at`."""
+    return await conn.fetchval(INSERT, *_args(row))
+
+
+async def insert_many(conn: Conn, rows: list[NewNotification]) -> None:
+    """Several rows in one prepared statement (a fired reminder makes two to six)."""
+    await conn.executemany(INSERT, [_args(row) for row in rows])
 
 
 async def list_for_user(

@@ -126,7 +126,8 @@ async def cancel(conn: Conn, tenant_id: str, reminder_id: uuid.UUID) -> asyncpg.
     return await conn.fetchrow(CANCEL, tenant_id, reminder_id)
 
 
-# Fire once: only a still-scheduled reminder that is due (a rescheduled one is not, any more);
+# Fire once: only a still-scheduled reminder whose due time is the one the wheel entry was
+# for ($4; an entry left from before a move to a later time is stale and matches nothing);
 # a reminder whose interview already began is `skipped`, not sent.
 FIRE = f"""
 UPDATE interview_reminders
@@ -135,7 +136,7 @@ SET status = CASE WHEN interview_time <= now() THEN 'skipped' ELSE 'fired' END,
     lateness_ms = GREATEST(0, EXTRACT(EPOCH FROM (now() - reminder_time)) * 1000)::int,
     late = now() - reminder_time > make_interval(secs => $3)
 WHERE tenant_id = $1 AND id = $2 AND status = 'scheduled'
-  AND reminder_time <= now() + interval '1 second'
+  AND reminder_time <= $4
 RETURNING {COLUMNS}
 """
 
@@ -160,10 +161,11 @@ LIMIT $2
 
 
 async def fire(
-    conn: Conn, tenant_id: str, reminder_id: uuid.UUID, late_after: float
+    conn: Conn, tenant_id: str, reminder_id: uuid.UUID, late_after: float, due: datetime
 ) -> asyncpg.Record | None:
-    """The reminder, now `fired` or `skipped`; None when it is not due or not scheduled."""
-    return await conn.fetchrow(FIRE, tenant_id, reminder_id, late_after)
+    """The reminder, now `fired` or `skipped`; None when the entry (for `due`) is stale or
+    the reminder is no longer scheduled."""
+    return await conn.fetchrow(FIRE, tenant_id, reminder_id, late_after, due)
 
 
 async def set_notifications(

@@ -138,13 +138,26 @@ class StreamConsumer:
                 if free <= 0:
                     await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                response: Any = await self._redis.xreadgroup(
-                    self.group,
-                    self.consumer,
-                    {self.stream: ">"},
-                    count=min(free, self._batch),
-                    block=self._block_ms,
-                )
+                try:
+                    response: Any = await self._redis.xreadgroup(
+                        self.group,
+                        self.consumer,
+                        {self.stream: ">"},
+                        count=min(free, self._batch),
+                        block=self._block_ms,
+                    )
+                except ResponseError as exc:
+                    # Redis's error code is the prefix: NOGROUP on the next read, UNBLOCKED for
+                    # a read blocked while the stream was deleted
+                    if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                        raise
+                    # Redis lost the stream and its group (flushed, restarted empty): make
+                    # them again; the sweeper re-enqueues the work from PostgreSQL
+                    log.warning(
+                        "consumer group vanished; recreating", extra={"stream": self.stream}
+                    )
+                    await ensure_group(self._redis, self.stream, self.group)
+                    continue
                 for _stream, entries in response or []:
                     for entry_id, fields in entries:
                         if fields is None:

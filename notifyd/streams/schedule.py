@@ -20,10 +20,13 @@ from notifyd.payloads import dumps, loads
 # KEYS[1] = the sorted set; ARGV[1] = now (epoch ms); ARGV[2] = most entries to move;
 # ARGV[3] = the streams' approximate length bound (as every XADD of notifyd's).
 MOVE_DUE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, member in ipairs(due) do
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES',
+                      'LIMIT', 0, tonumber(ARGV[2]))
+for i = 1, #due, 2 do
+  local member, score = due[i], due[i + 1]
   local item = cjson.decode(member)
-  local args = {item.s, 'MAXLEN', '~', ARGV[3], '*'}
+  -- due_ms: which due time this entry is for, so a consumer can tell a stale one
+  local args = {item.s, 'MAXLEN', '~', ARGV[3], '*', 'due_ms', score}
   for key, value in pairs(item.f) do
     table.insert(args, key)
     table.insert(args, value)
@@ -31,7 +34,7 @@ for _, member in ipairs(due) do
   redis.call('XADD', unpack(args))
   redis.call('ZREM', KEYS[1], member)
 end
-return #due
+return #due / 2
 """
 
 
