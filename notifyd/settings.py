@@ -50,7 +50,7 @@ class Settings:
     # database
     database_url: str = field(default="postgresql://postgres@127.0.0.1:5432/notifyd", repr=False)
     db_pool_min: int = 2
-    db_pool_max: int = 10
+    db_pool_max: int = 20
     db_command_timeout: float = 10.0
     # redis
     redis_url: str = field(default="", repr=False)

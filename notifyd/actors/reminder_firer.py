@@ -2,10 +2,11 @@
 
 The timer moves a due reminder from the wheel to `notifyd:reminders` (atomically, so with
 several instances it arrives once); even if an entry is replayed, the guarded UPDATE (`status
-= 'scheduled' AND reminder_time <= now()`) lets only one transaction fire it. That transaction
-also inserts the notifications and records their ids, so a reminder is never `fired` without
-them, nor are they made twice. A reminder moved later after its old entry left the wheel is
-simply not due: the entry is dropped and the new wheel entry fires it at the new time.
+= 'scheduled'` and still due at the entry's time) lets only one statement fire it. That one
+statement also inserts the notifications, records their ids and the audit row, so a reminder
+is never `fired` without them, nor are they made twice; two round trips in all (read, fire).
+A reminder moved later after its old entry left the wheel is simply not due: the entry is
+dropped and the new wheel entry fires it at the new time.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from notifyd.metrics import Metrics
 from notifyd.payloads import NotificationIntent
 from notifyd.reminders import CATEGORY, TEMPLATE_KEY, plan
 from notifyd.settings import Settings
-from notifyd.store import audit, reminders
-from notifyd.store import notifications as notification_store
-from notifyd.store.audit import AuditEntry
+from notifyd.store import reminders
 from notifyd.streams.consumer import Entry, Poison, StreamConsumer, Timing
 from notifyd.streams.producer import Producer
 
 log = logging.getLogger("notifyd.actors.reminders")
+
+FIRE_TRIES = 3
 
 
 class ReminderFirer:
@@ -85,60 +86,48 @@ class ReminderFirer:
             raise Poison("malformed reminder entry") from None
         if reminder_id is None:
             raise Poison("reminder entry names no reminder")
-        rows: list[notification_store.NewNotification] = []
-        async with self._pool.acquire() as conn, conn.transaction():
-            row = await reminders.fire(
-                conn, tenant_id, reminder_id, self._settings.reminder_late_after, due
-            )
-            if row is None:
-                return  # cancelled, already fired, or moved: a stale entry, nothing to do
-            if row["status"] == "fired":
-                rows = [
-                    notification_store.NewNotification(
-                        id=uuid7(),
-                        tenant_id=tenant_id,
-                        created_by=row["created_by"],
-                        user_id=planned.user_id,
-                        channel=planned.channel,
-                        recipient=planned.recipient,
-                        subject=None,
-                        body=None,  # the dispatcher renders it from the template
-                        html_body=None,
-                        template_key=TEMPLATE_KEY,
-                        context=planned.context,
-                        locale=planned.locale,
-                        category=CATEGORY,
-                        critical=True,
-                        idempotency_key=None,
-                        request_id=None,
-                    )
-                    for planned in plan(row)
-                ]
-                await notification_store.insert_many(conn, rows)
-                await reminders.set_notifications(
-                    conn, tenant_id, reminder_id, [n.id for n in rows]
+        row = None
+        for _ in range(FIRE_TRIES):
+            reminder = await reminders.peek(self._pool, tenant_id, reminder_id)
+            if (
+                reminder is None
+                or reminder["status"] != "scheduled"
+                or reminder["reminder_time"] > due
+            ):
+                return  # cancelled, already fired, or moved later: a stale entry
+            planned = [
+                reminders.ReminderNotification(
+                    id=uuid7(),
+                    user_id=p.user_id,
+                    channel=p.channel,
+                    recipient=p.recipient,
+                    context=p.context,
+                    locale=p.locale,
                 )
-            await audit.record(
-                conn,
-                AuditEntry(
-                    tenant_id=tenant_id,
-                    user_id=None,
-                    action=f"reminder.{row['status']}",
-                    ip_address=None,
-                    request_id=None,
-                    details={
-                        "reminder_id": str(reminder_id),
-                        "late": row["late"],
-                        "lateness_ms": row["lateness_ms"],
-                        "notifications": len(rows),
-                    },
-                ),
+                for p in plan(reminder)
+            ]
+            row = await reminders.fire(
+                self._pool,
+                reminder,
+                due=due,
+                late_after=self._settings.reminder_late_after,
+                template_key=TEMPLATE_KEY,
+                category=CATEGORY,
+                notifications=planned,
+                audit_id=uuid7(),
             )
+            if row is not None:
+                break
+            # changed between the read and the fire (a PATCH of the interview time): read
+            # it again and plan with what it is now
+        if row is None:
+            raise RuntimeError("reminder kept changing while firing; the entry is retried")
+        made = planned if row["status"] == "fired" else []
         self._metrics.reminder_lateness.observe(row["lateness_ms"] or 0)
         self._metrics.reminders.labels(row["status"]).inc()
-        if rows:
+        if made:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for notification in rows:
+                for notification in made:
                     intent = NotificationIntent(tenant_id, str(notification.id), "reminder")
                     self._producer.add_in(pipe, self._keys.intents, intent.to_fields())
                 await pipe.execute()

@@ -126,23 +126,92 @@ async def cancel(conn: Conn, tenant_id: str, reminder_id: uuid.UUID) -> asyncpg.
     return await conn.fetchrow(CANCEL, tenant_id, reminder_id)
 
 
-# Fire once: only a still-scheduled reminder whose due time is the one the wheel entry was
-# for ($4; an entry left from before a move to a later time is stale and matches nothing);
-# a reminder whose interview already began is `skipped`, not sent.
-FIRE = f"""
-UPDATE interview_reminders
-SET status = CASE WHEN interview_time <= now() THEN 'skipped' ELSE 'fired' END,
-    fired_at = now(), updated_at = now(),
-    lateness_ms = GREATEST(0, EXTRACT(EPOCH FROM (now() - reminder_time)) * 1000)::int,
-    late = now() - reminder_time > make_interval(secs => $3)
-WHERE tenant_id = $1 AND id = $2 AND status = 'scheduled'
-  AND reminder_time <= $4
-RETURNING {COLUMNS}
+PEEK = f"SELECT {COLUMNS} FROM interview_reminders WHERE tenant_id = $1 AND id = $2"
+
+# Fire once, in one statement (atomic without a transaction block, two round trips in all
+# with the PEEK that planned the notifications): only a still-scheduled reminder whose due
+# time is the one the wheel entry was for ($3; an entry left from before a move to a later
+# time is stale) and whose interview time is the one the notifications were planned with
+# ($4). A reminder whose interview began is `skipped` and makes no notifications.
+FIRE = """
+WITH fired AS (
+    UPDATE interview_reminders
+    SET status = CASE WHEN interview_time <= now() THEN 'skipped' ELSE 'fired' END,
+        fired_at = now(), updated_at = now(),
+        lateness_ms = GREATEST(0, EXTRACT(EPOCH FROM (now() - reminder_time)) * 1000)::int,
+        late = now() - reminder_time > make_interval(secs => $5),
+        notification_ids = CASE WHEN interview_time <= now() THEN '{}'::uuid[] ELSE $6 END
+    WHERE tenant_id = $1 AND id = $2 AND status = 'scheduled'
+      AND reminder_time <= $3 AND interview_time = $4
+    RETURNING id, tenant_id, created_by, status, late, lateness_ms
+), made AS (
+    INSERT INTO notifications (id, tenant_id, created_by, user_id, channel, recipient,
+                               template_key, context, locale, category, critical)
+    SELECT n.id, f.tenant_id, f.created_by, n.user_id, n.channel, n.recipient, $7,
+           n.context, n.locale, $8, true
+    FROM fired f,
+         unnest($6::uuid[], $9::text[], $10::text[], $11::text[], $12::jsonb[], $13::text[])
+             AS n(id, user_id, channel, recipient, context, locale)
+    WHERE f.status = 'fired'
+    RETURNING id
+), logged AS (
+    INSERT INTO audit_log (id, tenant_id, user_id, action, details)
+    SELECT $14, f.tenant_id, NULL, 'reminder.' || f.status,
+           jsonb_build_object('reminder_id', f.id::text, 'late', f.late,
+                              'lateness_ms', f.lateness_ms,
+                              'notifications', (SELECT count(*) FROM made))
+    FROM fired f
+    RETURNING id
+)
+SELECT status, late, lateness_ms FROM fired
 """
 
-SET_NOTIFICATIONS = """
-UPDATE interview_reminders SET notification_ids = $3 WHERE tenant_id = $1 AND id = $2
-"""
+
+@dataclass(frozen=True, slots=True)
+class ReminderNotification:
+    id: uuid.UUID
+    user_id: str
+    channel: str
+    recipient: str
+    context: dict[str, Any]
+    locale: str | None
+
+
+async def peek(executor: Executor, tenant_id: str, reminder_id: uuid.UUID) -> asyncpg.Record | None:
+    return await executor.fetchrow(PEEK, tenant_id, reminder_id)
+
+
+async def fire(
+    executor: Executor,
+    reminder: asyncpg.Record,
+    *,
+    due: datetime,
+    late_after: float,
+    template_key: str,
+    category: str,
+    notifications: list[ReminderNotification],
+    audit_id: uuid.UUID,
+) -> asyncpg.Record | None:
+    """Fire (or skip) `reminder` with its notifications; None when the entry was stale or
+    the reminder changed since it was read (no longer scheduled, moved, re-timed)."""
+    return await executor.fetchrow(
+        FIRE,
+        reminder["tenant_id"],
+        reminder["id"],
+        due,
+        reminder["interview_time"],
+        late_after,
+        [n.id for n in notifications],
+        template_key,
+        category,
+        [n.user_id for n in notifications],
+        [n.channel for n in notifications],
+        [n.recipient for n in notifications],
+        [n.context for n in notifications],
+        [n.locale for n in notifications],
+        audit_id,
+    )
+
 
 # Keyset pages over every scheduled reminder, for rebuilding the wheel from PostgreSQL.
 SCHEDULED_PAGE = """
@@ -158,20 +227,6 @@ WHERE status = 'scheduled' AND reminder_time < now() - make_interval(secs => $1)
 ORDER BY reminder_time
 LIMIT $2
 """
-
-
-async def fire(
-    conn: Conn, tenant_id: str, reminder_id: uuid.UUID, late_after: float, due: datetime
-) -> asyncpg.Record | None:
-    """The reminder, now `fired` or `skipped`; None when the entry (for `due`) is stale or
-    the reminder is no longer scheduled."""
-    return await conn.fetchrow(FIRE, tenant_id, reminder_id, late_after, due)
-
-
-async def set_notifications(
-    conn: Conn, tenant_id: str, reminder_id: uuid.UUID, ids: list[uuid.UUID]
-) -> None:
-    await conn.execute(SET_NOTIFICATIONS, tenant_id, reminder_id, ids)
 
 
 async def scheduled_page(

@@ -1,0 +1,164 @@
+"""What every workload shares: loopback checks, tokens, percentiles, the machine, the output.
+
+The harness starts nothing by hand and talks only to loopback: every URL it is given is
+checked before the first byte is sent.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import platform
+import socket
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import jwt
+import orjson
+
+from notifyd.auth.tokens import mint_token
+from notifyd.settings import SettingsError, load_settings
+
+
+class BenchError(Exception):
+    """A run cannot start or cannot be trusted; the message says why."""
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+def require_loopback_url(url: str, what: str) -> None:
+    """Refuse any URL whose host is not this machine's loopback (or a Unix socket path)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if not host:
+        # postgresql:///db?host=/run/postgresql: a Unix socket is as local as it gets
+        if parts.scheme.startswith("postgres") and ("host=/" in parts.query or not parts.query):
+            return
+        raise BenchError(f"{what}: no host in {url!r}")
+    if host.startswith("/"):
+        return
+    if not _is_loopback_host(host):
+        raise BenchError(f"{what}: {host!r} is not loopback; the harness only uses loopback")
+
+
+def service_token(secret: str, *, tenant_id: str, user_id: str, ttl: int) -> str:
+    """A `service` token in the claim names notifyd is configured with (JWT_* in the
+    environment), signed with `secret`; plain HS256 with the default names as a fallback."""
+    if len(secret) < 16:
+        raise BenchError("--jwt-secret (or JWT_SECRET) must be the daemon's secret")
+    try:
+        settings = load_settings({**os.environ, "JWT_SECRET": secret}, dotenv_file=None)
+    except SettingsError:
+        now = int(time.time())
+        claims = {
+            "tenant_id": tenant_id,
+            "user_id": user_id,
+            "role": "service",
+            "iat": now,
+            "exp": now + ttl,
+        }
+        return jwt.encode(claims, secret, algorithm="HS256")
+    return mint_token(settings, tenant_id=tenant_id, user_id=user_id, role="service", ttl=ttl)
+
+
+def percentile(ordered: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted, non-empty sequence."""
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return float(ordered[rank - 1])
+
+
+def summary(values: Sequence[float]) -> dict[str, float | None]:
+    """p50, p99 and max (nearest rank), rounded to 0.1; None when there is nothing."""
+    if not values:
+        return {"p50": None, "p99": None, "max": None}
+    ordered = sorted(values)
+    return {
+        "p50": round(percentile(ordered, 0.50), 1),
+        "p99": round(percentile(ordered, 0.99), 1),
+        "max": round(float(ordered[-1]), 1),
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return platform.processor() or None
+    for line in text.splitlines():
+        if line.lower().startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or None
+
+
+def _mem_total_kib() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def machine() -> dict[str, Any]:
+    """The machine the figures belong to (the harness shares it with everything else)."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "cpu_model": _cpu_model(),
+        "mem_total_kib": _mem_total_kib(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+
+
+async def postgres_version(conn: asyncpg.Connection) -> str:
+    return str(await conn.fetchval("SHOW server_version"))
+
+
+async def redis_version(url: str | None) -> str | None:
+    """The Redis server's version, when a (loopback) REDIS_URL is known; None otherwise."""
+    if not url:
+        return None
+    require_loopback_url(url, "REDIS_URL")
+    from redis.asyncio import Redis
+    from redis.exceptions import RedisError
+
+    client = Redis.from_url(url, socket_timeout=5)
+    try:
+        info: Mapping[str, Any] = await client.info("server")
+        return str(info.get("redis_version"))
+    except (RedisError, OSError):
+        return None
+    finally:
+        await client.aclose()
+
+
+def emit(result: Mapping[str, Any]) -> None:
+    """One JSON line per run on stdout."""
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    sys.stdout.flush()
+
+
+def log(message: str) -> None:
+    """Progress for the operator, on stderr so stdout stays one JSON line."""
+    print(f"bench: {message}", file=sys.stderr, flush=True)
