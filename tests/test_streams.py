@@ -210,3 +210,30 @@ async def test_every_stream_stays_bounded_by_the_length_setting(redis: Redis) ->
         await schedule.add(Scheduled("t:moved", {"n": str(n)}, key="k"), due)
     assert await schedule.move_due(datetime.now(UTC), 1_000) == 1_000
     assert await redis.xlen("t:moved") < 300
+
+
+async def test_batch_mode_hands_over_each_read_whole_and_acks_it_after(redis: Redis) -> None:
+    batches: list[int] = []
+    failed_once = False
+
+    async def handle_one(entry: Entry) -> None:
+        raise AssertionError("batch mode never calls the per-entry handler")
+
+    async def handle_batch(entries: list[Entry]) -> None:
+        nonlocal failed_once
+        if not failed_once:
+            failed_once = True
+            raise RuntimeError("the whole batch stays pending")
+        batches.append(len(entries))
+
+    await ensure_group(redis, STREAM, GROUP)
+    for n in range(30):
+        await redis.xadd(STREAM, {"n": str(n)})
+    loop = consumer(redis, handle_one, handle_batch=handle_batch, batch=10, concurrency=1)
+    stop = asyncio.Event()
+
+    async def all_done() -> bool:
+        return sum(batches) == 30 and await pending_count(redis) == 0
+
+    await run_until(stop, loop, all_done)
+    assert max(batches) <= 10  # one read, one batch

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 from redis.asyncio import Redis
 
-from notifyd.ids import parse_uuid, uuid7
+from notifyd.ids import uuid7
 from notifyd.keys import FIRE_GROUP, Keys
 from notifyd.metrics import Metrics
 from notifyd.payloads import NotificationIntent
@@ -31,6 +32,41 @@ from notifyd.streams.producer import Producer
 log = logging.getLogger("notifyd.actors.reminders")
 
 FIRE_TRIES = 3
+FIRE_BATCH = 100  # reminders fired by one statement
+FIRE_BATCHES_IN_FLIGHT = 2  # one firing while the next batch is read and planned
+
+
+def _parse(entry: Entry) -> tuple[str, uuid.UUID, datetime]:
+    """(tenant, reminder id, the due time this entry was moved for).
+
+    The due time allows 1 ms of float rounding; an entry without one (added by hand)
+    counts as due now."""
+    try:
+        tenant_id = entry.fields[b"tenant_id"].decode()
+        reminder_id = uuid.UUID(entry.fields[b"id"].decode())
+        due_ms = entry.fields.get(b"due_ms")
+        due = (
+            datetime.fromtimestamp(float(due_ms) / 1000, UTC) + timedelta(milliseconds=1)
+            if due_ms is not None
+            else datetime.now(UTC)
+        )
+    except (KeyError, UnicodeDecodeError, ValueError):
+        raise Poison("malformed reminder entry") from None
+    return tenant_id, reminder_id, due
+
+
+def _planned(reminder: asyncpg.Record) -> list[reminders.ReminderNotification]:
+    return [
+        reminders.ReminderNotification(
+            id=uuid7(),
+            user_id=p.user_id,
+            channel=p.channel,
+            recipient=p.recipient,
+            context=p.context,
+            locale=p.locale,
+        )
+        for p in plan(reminder)
+    ]
 
 
 class ReminderFirer:
@@ -59,10 +95,11 @@ class ReminderFirer:
             group=FIRE_GROUP,
             consumer=consumer_name,
             handle=self.handle,
+            handle_batch=self.handle_batch,
             dead_letters=keys.dead_letters,
             producer=producer,
-            concurrency=settings.dispatch_concurrency,
-            batch=max(16, settings.dispatch_concurrency),
+            concurrency=FIRE_BATCHES_IN_FLIGHT,
+            batch=FIRE_BATCH,
             timing=Timing.from_settings(settings),
             max_deliveries=settings.send_max_attempts + 5,
         )
@@ -71,21 +108,10 @@ class ReminderFirer:
         await self.consumer.run(stop)
 
     async def handle(self, entry: Entry) -> None:
-        try:
-            tenant_id = entry.fields[b"tenant_id"].decode()
-            reminder_id = parse_uuid(entry.fields[b"id"].decode())
-            due_ms = entry.fields.get(b"due_ms")
-            # the due time this entry was moved for (1 ms of float rounding allowed); an
-            # entry without one (added by hand) counts as due now
-            due = (
-                datetime.fromtimestamp(float(due_ms) / 1000, UTC) + timedelta(milliseconds=1)
-                if due_ms is not None
-                else datetime.now(UTC)
-            )
-        except (KeyError, UnicodeDecodeError, ValueError):
-            raise Poison("malformed reminder entry") from None
-        if reminder_id is None:
-            raise Poison("reminder entry names no reminder")
+        """One entry on its own (the consumer's per-entry path)."""
+        await self._fire_one(*_parse(entry))
+
+    async def _fire_one(self, tenant_id: str, reminder_id: uuid.UUID, due: datetime) -> None:
         row = None
         for _ in range(FIRE_TRIES):
             reminder = await reminders.peek(self._pool, tenant_id, reminder_id)
@@ -95,17 +121,7 @@ class ReminderFirer:
                 or reminder["reminder_time"] > due
             ):
                 return  # cancelled, already fired, or moved later: a stale entry
-            planned = [
-                reminders.ReminderNotification(
-                    id=uuid7(),
-                    user_id=p.user_id,
-                    channel=p.channel,
-                    recipient=p.recipient,
-                    context=p.context,
-                    locale=p.locale,
-                )
-                for p in plan(reminder)
-            ]
+            planned = _planned(reminder)
             row = await reminders.fire(
                 self._pool,
                 reminder,
@@ -122,21 +138,70 @@ class ReminderFirer:
             # it again and plan with what it is now
         if row is None:
             raise RuntimeError("reminder kept changing while firing; the entry is retried")
-        made = planned if row["status"] == "fired" else []
-        self._metrics.reminder_lateness.observe(row["lateness_ms"] or 0)
-        self._metrics.reminders.labels(row["status"]).inc()
-        if made:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for notification in made:
-                    intent = NotificationIntent(tenant_id, str(notification.id), "reminder")
-                    self._producer.add_in(pipe, self._keys.intents, intent.to_fields())
-                await pipe.execute()
-        log.info(
-            "reminder %s",
-            row["status"],
-            extra={
-                "reminder_id": str(reminder_id),
-                "lateness_ms": row["lateness_ms"],
-                "late": row["late"],
-            },
+        await self._after_fire([(row, planned if row["status"] == "fired" else [])])
+
+    async def handle_batch(self, entries: list[Entry]) -> None:
+        """Everything one read returned, fired in one statement (two round trips for the
+        batch); a reminder that changed between the read and the fire goes through `handle`
+        on its own."""
+        wanted: dict[tuple[str, uuid.UUID], datetime] = {}
+        for entry in entries:
+            try:
+                tenant_id, reminder_id, due = _parse(entry)
+            except Poison as exc:
+                await self.consumer.dead_letter(entry, str(exc))
+                continue
+            key = (tenant_id, reminder_id)
+            wanted[key] = max(due, wanted.get(key, due))  # a replayed entry: one firing
+        rows = await reminders.peek_many(self._pool, list(wanted))
+        batch = [
+            (reminders.DueReminder(row, wanted[(row["tenant_id"], row["id"])]), _planned(row))
+            for row in rows
+            if row["status"] == "scheduled"
+            and row["reminder_time"] <= wanted[(row["tenant_id"], row["id"])]
+        ]
+        if not batch:
+            return  # all stale: cancelled, fired, or moved later
+        fired = await reminders.fire_many(
+            self._pool,
+            batch,
+            late_after=self._settings.reminder_late_after,
+            template_key=TEMPLATE_KEY,
+            category=CATEGORY,
+            audit_ids=[uuid7() for _ in batch],
         )
+        by_id = {item.row["id"]: planned for item, planned in batch}
+        await self._after_fire(
+            [(row, by_id[row["id"]] if row["status"] == "fired" else []) for row in fired]
+        )
+        done = {row["id"] for row in fired}
+        for item, _ in batch:
+            if item.row["id"] not in done:  # re-timed meanwhile: fire it with what it is now
+                await self._fire_one(item.row["tenant_id"], item.row["id"], item.due)
+
+    async def _after_fire(
+        self, results: list[tuple[asyncpg.Record, list[reminders.ReminderNotification]]]
+    ) -> None:
+        """Metrics, one pipelined XADD of every intent, a log line per reminder."""
+        for row, _ in results:
+            self._metrics.reminder_lateness.observe(row["lateness_ms"] or 0)
+            self._metrics.reminders.labels(row["status"]).inc()
+        if any(made for _, made in results):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for row, made in results:
+                    for notification in made:
+                        intent = NotificationIntent(
+                            row["tenant_id"], str(notification.id), "reminder"
+                        )
+                        self._producer.add_in(pipe, self._keys.intents, intent.to_fields())
+                await pipe.execute()
+        for row, _ in results:
+            log.info(
+                "reminder %s",
+                row["status"],
+                extra={
+                    "reminder_id": str(row["id"]),
+                    "lateness_ms": row["lateness_ms"],
+                    "late": row["late"],
+                },
+            )

@@ -167,6 +167,65 @@ SELECT status, late, lateness_ms FROM fired
 """
 
 
+PEEK_MANY = f"""
+SELECT {COLUMNS} FROM interview_reminders
+WHERE (tenant_id, id) IN (SELECT * FROM unnest($1::text[], $2::uuid[]))
+"""
+
+# The batch form of FIRE: many reminders, their notifications and audit rows in one
+# statement. Notifications come as flat arrays tagged with their reminder's id.
+FIRE_MANY = """
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::uuid[], $3::timestamptz[], $4::timestamptz[],
+                         $5::uuid[])
+        AS i(tenant_id, id, due, interview_time, audit_id)
+), nin AS (
+    SELECT * FROM unnest($6::uuid[], $7::uuid[], $8::text[], $9::text[], $10::text[],
+                         $11::jsonb[], $12::text[])
+        AS n(reminder_id, id, user_id, channel, recipient, context, locale)
+), fired AS (
+    UPDATE interview_reminders r
+    SET status = CASE WHEN r.interview_time <= now() THEN 'skipped' ELSE 'fired' END,
+        fired_at = now(), updated_at = now(),
+        lateness_ms = GREATEST(0, EXTRACT(EPOCH FROM (now() - r.reminder_time)) * 1000)::int,
+        late = now() - r.reminder_time > make_interval(secs => $13),
+        notification_ids = CASE WHEN r.interview_time <= now() THEN '{}'::uuid[]
+            ELSE COALESCE((SELECT array_agg(n.id) FROM nin n WHERE n.reminder_id = r.id),
+                          '{}'::uuid[]) END
+    FROM input i
+    WHERE r.tenant_id = i.tenant_id AND r.id = i.id AND r.status = 'scheduled'
+      AND r.reminder_time <= i.due AND r.interview_time = i.interview_time
+    RETURNING r.id, r.tenant_id, r.created_by, r.status, r.late, r.lateness_ms, i.audit_id
+), made AS (
+    INSERT INTO notifications (id, tenant_id, created_by, user_id, channel, recipient,
+                               template_key, context, locale, category, critical)
+    SELECT n.id, f.tenant_id, f.created_by, n.user_id, n.channel, n.recipient, $14,
+           n.context, n.locale, $15, true
+    FROM fired f JOIN nin n ON n.reminder_id = f.id
+    WHERE f.status = 'fired'
+    RETURNING id
+), logged AS (
+    INSERT INTO audit_log (id, tenant_id, user_id, action, details)
+    SELECT f.audit_id, f.tenant_id, NULL, 'reminder.' || f.status,
+           jsonb_build_object(
+               'reminder_id', f.id::text, 'late', f.late, 'lateness_ms', f.lateness_ms,
+               'notifications', CASE WHEN f.status = 'fired'
+                   THEN (SELECT count(*) FROM nin n WHERE n.reminder_id = f.id) ELSE 0 END)
+    FROM fired f
+    RETURNING id
+)
+SELECT id, tenant_id, status, late, lateness_ms FROM fired
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class DueReminder:
+    """A reminder read for firing, with the due time its wheel entry was for."""
+
+    row: asyncpg.Record
+    due: datetime
+
+
 @dataclass(frozen=True, slots=True)
 class ReminderNotification:
     id: uuid.UUID
@@ -238,3 +297,39 @@ async def scheduled_page(
 
 async def overdue(executor: Executor, older_than: float, limit: int) -> list[asyncpg.Record]:
     return await executor.fetch(OVERDUE, older_than, limit)
+
+
+async def peek_many(executor: Executor, keys: list[tuple[str, uuid.UUID]]) -> list[asyncpg.Record]:
+    return await executor.fetch(PEEK_MANY, [k[0] for k in keys], [k[1] for k in keys])
+
+
+async def fire_many(
+    executor: Executor,
+    reminders: list[tuple[DueReminder, list[ReminderNotification]]],
+    *,
+    late_after: float,
+    template_key: str,
+    category: str,
+    audit_ids: list[uuid.UUID],
+) -> list[asyncpg.Record]:
+    """Fire (or skip) many reminders with their notifications in one statement; returns the
+    ones that fired or were skipped (a changed or stale one is simply absent)."""
+    notifications = [(d.row["id"], n) for d, planned in reminders for n in planned]
+    return await executor.fetch(
+        FIRE_MANY,
+        [d.row["tenant_id"] for d, _ in reminders],
+        [d.row["id"] for d, _ in reminders],
+        [d.due for d, _ in reminders],
+        [d.row["interview_time"] for d, _ in reminders],
+        audit_ids,
+        [reminder_id for reminder_id, _ in notifications],
+        [n.id for _, n in notifications],
+        [n.user_id for _, n in notifications],
+        [n.channel for _, n in notifications],
+        [n.recipient for _, n in notifications],
+        [n.context for _, n in notifications],
+        [n.locale for _, n in notifications],
+        late_after,
+        template_key,
+        category,
+    )

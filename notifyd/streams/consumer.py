@@ -64,6 +64,10 @@ class Timing:
 
 
 Handler = Callable[[Entry], Awaitable[None]]
+# Handles what one read returned, all at once (one statement for many entries); it
+# dead-letters an entry it cannot handle itself (`consumer.dead_letter`); raising leaves the
+# whole batch pending.
+BatchHandler = Callable[[list[Entry]], Awaitable[None]]
 DeadHandler = Callable[[Entry, str], Awaitable[None]]
 
 
@@ -85,6 +89,7 @@ class StreamConsumer:
         group: str,
         consumer: str,
         handle: Handler,
+        handle_batch: BatchHandler | None = None,
         dead_letters: str,
         producer: Producer,
         on_dead: DeadHandler | None = None,
@@ -98,6 +103,7 @@ class StreamConsumer:
         self.group = group
         self.consumer = consumer
         self._handle = handle
+        self._handle_batch = handle_batch
         self._dead_letters = dead_letters
         self._producer = producer
         self._on_dead = on_dead
@@ -159,11 +165,18 @@ class StreamConsumer:
                     await ensure_group(self._redis, self.stream, self.group)
                     continue
                 for _stream, entries in response or []:
-                    for entry_id, fields in entries:
-                        if fields is None:
-                            continue
-                        entry = Entry(self.stream, entry_id, fields, 1)
-                        task = asyncio.create_task(self._handle_one(entry))
+                    fresh = [
+                        Entry(self.stream, entry_id, fields, 1)
+                        for entry_id, fields in entries
+                        if fields is not None
+                    ]
+                    if self._handle_batch is not None:
+                        # one task per read: `concurrency` counts batches in flight
+                        work = [self._handle_many(fresh)] if fresh else []
+                    else:
+                        work = [self._handle_one(entry) for entry in fresh]
+                    for job in work:
+                        task = asyncio.create_task(job)
                         in_flight.add(task)
                         task.add_done_callback(settled)
         except asyncio.CancelledError:
@@ -215,6 +228,9 @@ class StreamConsumer:
     async def _handle_all(self, entries: list[Entry]) -> None:
         if not entries:
             return
+        if self._handle_batch is not None:
+            await self._handle_many(entries)
+            return
         async with asyncio.TaskGroup() as group:  # one failing → the rest cancelled, no orphans
             for entry in entries:
                 group.create_task(self._handle_one(entry))
@@ -242,6 +258,29 @@ class StreamConsumer:
                 )
                 return
             await self._redis.xack(self.stream, self.group, entry.id)
+
+    async def _handle_many(self, entries: list[Entry]) -> None:
+        assert self._handle_batch is not None
+        async with self._slots:
+            live: list[Entry] = []
+            for entry in entries:
+                if entry.deliveries > self._max_deliveries:
+                    await self.dead_letter(entry, f"delivered {entry.deliveries} times")
+                else:
+                    live.append(entry)
+            if not live:
+                return
+            try:
+                await self._handle_batch(live)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(
+                    "batch handler failed; its entries stay pending",
+                    extra={"stream": self.stream, "entries": len(live)},
+                )
+                return
+            await self._redis.xack(self.stream, self.group, *[entry.id for entry in live])
 
     async def dead_letter(self, entry: Entry, reason: str) -> None:
         log.warning(
