@@ -237,3 +237,4 @@ async def test_batch_mode_hands_over_each_read_whole_and_acks_it_after(redis: Re
 
     await run_until(stop, loop, all_done)
     assert max(batches) <= 10  # one read, one batch
+    assert max(batches) > 1  # a read takes a whole batch, not one per free slot

@@ -149,7 +149,8 @@ class StreamConsumer:
                         self.group,
                         self.consumer,
                         {self.stream: ">"},
-                        count=min(free, self._batch),
+                        # per entry: as many as there are free slots; batched: a whole batch
+                        count=self._batch if self._handle_batch else min(free, self._batch),
                         block=self._block_ms,
                     )
                 except ResponseError as exc:
