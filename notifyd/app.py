@@ -26,6 +26,7 @@ from notifyd.ids import OpaqueIdRule
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
 from notifyd.pipeline import Pipeline, build_pipeline, consumer_name
+from notifyd.realtime.hub import Hub
 from notifyd.settings import Settings
 from notifyd.store import migrate
 from notifyd.store.pool import close_pool, create_pool
@@ -102,7 +103,9 @@ class Daemon:
         pipeline = build_pipeline(s, pool, redis, keys, self.metrics)
         self.pipeline = pipeline
         self._stack.push_async_callback(pipeline.close)
+        hub = Hub(redis, keys, self.metrics, poll=s.stream_block)
         actors: list[Actor] = [
+            hub,
             *pipeline.actors,
             Housekeeper(pool, ttl=s.idempotency_ttl, interval=s.sweep_interval),
             *self._extra_actors,
@@ -134,6 +137,7 @@ class Daemon:
             redis=redis,
             producer=pipeline.producer,
             schedule=pipeline.schedule,
+            hub=hub,
             keys=keys,
             metrics=self.metrics,
             verifier=TokenVerifier(s, id_rule, http_session),

@@ -50,6 +50,11 @@ class Keys:
         """Rate limit of operator alert emails of one kind, shared by every instance."""
         return f"{self.prefix}:alert:{kind}"
 
+    @property
+    def hub_heartbeat(self) -> str:
+        """A channel every hub subscribes to, so its pub/sub connection is never idle-empty."""
+        return f"{self.prefix}:live:hub"
+
     def user_events(self, tenant_id: str, user_id: str) -> str:
         """Pub/sub channel for one user's live events (tenant first: isolation by name)."""
         return f"{self.prefix}:live:{len(tenant_id)}:{tenant_id}:{user_id}"

@@ -94,6 +94,22 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.ws_connections = Gauge(
+            "notifyd_ws_connections",
+            "WebSocket connections open on this instance.",
+            registry=self.registry,
+        )
+        self.ws_messages_out = Counter(
+            "notifyd_ws_messages_out_total",
+            "Live events queued to WebSocket clients.",
+            registry=self.registry,
+        )
+        self.ws_dropped = Counter(
+            "notifyd_ws_dropped_slow_clients_total",
+            "WebSocket clients disconnected because they did not read in time.",
+            registry=self.registry,
+        )
+
     def register(self, collector: Collector) -> None:
         self.registry.register(collector)
 

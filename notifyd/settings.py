@@ -123,6 +123,11 @@ class Settings:
     mark_read_max_ids: int = 1000
     idempotency_ttl: float = 86_400.0
     idempotency_stale_after: float = 60.0
+    # real time
+    ws_allowed_origins: tuple[str, ...] = ()
+    ws_heartbeat: float = 20.0
+    ws_max_frame: int = 65_536
+    ws_send_queue: int = 256
     # background work
     sweep_interval: float = 10.0
     actor_backoff_cap: float = 30.0
@@ -351,6 +356,10 @@ SPECS: tuple[_Spec, ...] = (
         _to_float,
     ),
     _spec("sweep_interval", "NOTIFYD_SWEEP_INTERVAL", "delivery.sweep_interval", _to_float),
+    _spec("ws_allowed_origins", "NOTIFYD_WS_ALLOWED_ORIGINS", "realtime.allowed_origins", _to_list),
+    _spec("ws_heartbeat", "NOTIFYD_WS_HEARTBEAT", "realtime.heartbeat", _to_float),
+    _spec("ws_max_frame", "NOTIFYD_WS_MAX_FRAME", "realtime.max_frame", _to_int),
+    _spec("ws_send_queue", "NOTIFYD_WS_SEND_QUEUE", "realtime.send_queue", _to_int),
     _spec("actor_backoff_cap", "NOTIFYD_ACTOR_BACKOFF_CAP", "actors.backoff_cap", _to_float),
     _spec("actor_max_restarts", "NOTIFYD_ACTOR_MAX_RESTARTS", "actors.max_restarts", _to_int),
     _spec(
@@ -507,6 +516,9 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_SHUTDOWN_TIMEOUT": settings.shutdown_timeout,
         "NOTIFYD_IDEMPOTENCY_TTL": settings.idempotency_ttl,
         "NOTIFYD_SWEEP_INTERVAL": settings.sweep_interval,
+        "NOTIFYD_WS_HEARTBEAT": settings.ws_heartbeat,
+        "NOTIFYD_WS_MAX_FRAME": settings.ws_max_frame,
+        "NOTIFYD_WS_SEND_QUEUE": settings.ws_send_queue,
         "NOTIFYD_SEND_MAX_ATTEMPTS": settings.send_max_attempts,
         "NOTIFYD_RETRY_BASE": settings.retry_base,
         "NOTIFYD_RETRY_CAP": settings.retry_cap,

@@ -15,6 +15,7 @@ from notifyd.auth.tokens import TokenVerifier
 from notifyd.ids import OpaqueIdRule
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
+from notifyd.realtime.hub import Hub
 from notifyd.secretbox import SecretError
 from notifyd.settings import Settings
 from notifyd.store.audit import AuditEntry
@@ -30,6 +31,7 @@ class Services:
     redis: Redis
     producer: Producer
     schedule: Schedule
+    hub: Hub
     keys: Keys
     metrics: Metrics
     verifier: TokenVerifier

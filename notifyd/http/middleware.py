@@ -123,7 +123,13 @@ def _unauthorized(detail: str, error: str = "invalid_token") -> Problem:
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     # unknown routes and methods answer 404/405 whoever asks; public routes need no token
-    if request.match_info.http_exception is not None or request.path in PUBLIC_PATHS:
+    # WebSocket routes authenticate themselves after the upgrade (header, subprotocol or
+    # ?token=), so a browser sees a close code and reason rather than a refused handshake
+    if (
+        request.match_info.http_exception is not None
+        or request.path in PUBLIC_PATHS
+        or request.path.startswith("/ws/")
+    ):
         return await handler(request)
     token = _bearer(request)
     if token is None:

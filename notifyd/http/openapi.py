@@ -623,6 +623,24 @@ def _public() -> dict[str, dict[str, Any]]:
                 },
             }
         },
+        "/ws/notifications/{tenant_id}/{user_id}/": {
+            "get": {
+                "summary": "WebSocket: the user's live notifications and unread count; accepts "
+                "mark_read. Token: Authorization header, Sec-WebSocket-Protocol `bearer, "
+                "<token>`, or ?token=. Closes 4001 (token), 4003 (not your channel), 4008 "
+                "(too slow), 1001 (server going away).",
+                "security": [],
+                "parameters": [
+                    {"name": "tenant_id", "in": "path", "required": True, "schema": _ID},
+                    {"name": "user_id", "in": "path", "required": True, "schema": _ID},
+                    {"name": "token", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "101": {"description": "Switching protocols"},
+                    **_problems(403),
+                },
+            }
+        },
         "/webhooks/twilio/status": {
             "post": {
                 "summary": "Twilio message status callback (X-Twilio-Signature; query tenant, "

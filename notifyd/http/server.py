@@ -15,6 +15,7 @@ from notifyd.http import (
     templates,
     tenants,
     webhooks,
+    websockets,
 )
 from notifyd.http.context import SERVICES, Services
 from notifyd.http.idempotency import idempotency_middleware
@@ -38,6 +39,7 @@ def build_app(services: Services) -> web.Application:
         preferences,
         templates,
         webhooks,
+        websockets,
     ):
         module.add_routes(app)
     return app

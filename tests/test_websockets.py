@@ -1,0 +1,212 @@
+"""Live notifications over WebSocket: /ws/notifications/{tenant_id}/{user_id}/."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from notifyd.app import Daemon
+from tests.conftest import DaemonFactory
+from tests.helpers import Api, token
+
+TENANT, USER = "TEN-0001", "auth0|42"
+PATH = f"/ws/notifications/{TENANT}/{USER}/"
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+def url(daemon: Daemon, path: str = PATH) -> str:
+    return f"ws://127.0.0.1:{daemon.port}{path}"
+
+
+async def next_json(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10) -> Any:
+    message = await ws.receive(timeout=timeout)
+    assert message.type == aiohttp.WSMsgType.TEXT, message
+    return orjson.loads(message.data)
+
+
+async def next_of_type(ws: aiohttp.ClientWebSocketResponse, kind: str) -> Any:
+    """The next frame of one type (a live event may come first: the socket subscribes
+    before it reads the count, so that nothing is missed in between)."""
+    while True:
+        event = await next_json(ws)
+        if event["type"] == kind:
+            return event
+
+
+async def send_in_app(daemon: Daemon, message: str, user: str = USER) -> str:
+    async with Api(daemon) as api:
+        status, body, _ = await api.post(
+            "/notifications/send/",
+            {"notification_type": "in_app", "recipient": user, "message": message},
+            tenant=TENANT,
+            user="backend",
+            role="service",
+        )
+    assert status == 202, body
+    return str(body["notification_id"])
+
+
+async def test_a_new_in_app_notification_arrives_live(
+    daemon: Daemon, session: aiohttp.ClientSession
+) -> None:
+    bearer = token(daemon.settings, TENANT, USER)
+    async with session.ws_connect(url(daemon), headers={"Authorization": f"Bearer {bearer}"}) as ws:
+        assert await next_json(ws) == {"type": "unread_count", "count": 0}
+        notification_id = await send_in_app(daemon, "Interview moved to 11:00")
+        event = await next_json(ws)
+        assert event["type"] == "notification"
+        assert (event["id"], event["message"]) == (notification_id, "Interview moved to 11:00")
+
+
+@pytest.mark.parametrize("how", ["subprotocol", "query"])
+async def test_browsers_pass_the_token_as_subprotocol_or_query(
+    daemon: Daemon, session: aiohttp.ClientSession, how: str
+) -> None:
+    bearer = token(daemon.settings, TENANT, USER)
+    if how == "subprotocol":
+        ws = await session.ws_connect(url(daemon), protocols=("bearer", bearer))
+        assert ws.protocol == "bearer"
+    else:
+        ws = await session.ws_connect(url(daemon) + f"?token={bearer}")
+    async with ws:
+        assert (await next_json(ws))["type"] == "unread_count"
+
+
+async def test_a_foreign_or_bad_token_closes_with_a_clear_code(
+    daemon: Daemon, session: aiohttp.ClientSession
+) -> None:
+    other = token(daemon.settings, TENANT, "someone-else")
+    async with session.ws_connect(url(daemon), headers={"Authorization": f"Bearer {other}"}) as ws:
+        message = await ws.receive(timeout=10)
+        assert message.type == aiohttp.WSMsgType.CLOSE
+        assert (ws.close_code, message.extra) == (4003, "this is not your notification channel")
+    foreign = token(daemon.settings, "TEN-OTHER", USER)
+    async with session.ws_connect(
+        url(daemon), headers={"Authorization": f"Bearer {foreign}"}
+    ) as ws:
+        await ws.receive(timeout=10)
+        assert ws.close_code == 4003
+    async with session.ws_connect(url(daemon) + "?token=not.a.jwt") as ws:
+        message = await ws.receive(timeout=10)
+        assert ws.close_code == 4001
+        assert "malformed" in message.extra
+    expired = token(daemon.settings, TENANT, USER, ttl=-3600)
+    async with session.ws_connect(url(daemon), protocols=("bearer", expired)) as ws:
+        message = await ws.receive(timeout=10)
+        assert (ws.close_code, message.extra) == (4001, "token has expired")
+
+
+async def test_an_origin_outside_the_allow_list_is_refused(
+    daemon_factory: DaemonFactory, session: aiohttp.ClientSession
+) -> None:
+    daemon = await daemon_factory(NOTIFYD_WS_ALLOWED_ORIGINS="https://app.example.com")
+    bearer = token(daemon.settings, TENANT, USER)
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await session.ws_connect(
+            url(daemon) + f"?token={bearer}", headers={"Origin": "https://evil.example.com"}
+        )
+    assert refused.value.status == 403
+    async with session.ws_connect(
+        url(daemon) + f"?token={bearer}", headers={"Origin": "https://app.example.com"}
+    ) as ws:
+        assert (await next_json(ws))["type"] == "unread_count"
+
+
+async def test_a_notification_sent_through_instance_b_reaches_a_socket_on_instance_a(
+    daemon_factory: DaemonFactory, session: aiohttp.ClientSession
+) -> None:
+    a = await daemon_factory(NOTIFYD_INSTANCE_NAME="a")
+    b = await daemon_factory(NOTIFYD_INSTANCE_NAME="b")
+    bearer = token(a.settings, TENANT, USER)
+    async with session.ws_connect(url(a) + f"?token={bearer}") as ws:
+        await next_json(ws)
+        notification_id = await send_in_app(b, "via b")
+        event = await next_json(ws)
+        assert event["id"] == notification_id
+
+
+async def test_mark_read_over_the_socket_updates_the_count_everywhere(
+    daemon: Daemon, session: aiohttp.ClientSession
+) -> None:
+    bearer = token(daemon.settings, TENANT, USER)
+    first = await send_in_app(daemon, "one")
+    await send_in_app(daemon, "two")
+    async with (
+        session.ws_connect(url(daemon) + f"?token={bearer}") as one,
+        session.ws_connect(url(daemon) + f"?token={bearer}") as two,
+    ):
+        assert (await next_of_type(one, "unread_count"))["count"] == 2
+        assert (await next_of_type(two, "unread_count"))["count"] == 2
+        await one.send_str(orjson.dumps({"type": "mark_read", "ids": [first]}).decode())
+        for ws in (one, two):
+            event = await next_of_type(ws, "unread_count")
+            assert (event["count"], event["updated"]) == (1, 1)
+        await one.send_str("not json")
+        assert (await next_json(one))["type"] == "error"
+
+
+async def test_a_client_that_does_not_read_is_disconnected_and_others_keep_receiving(
+    daemon_factory: DaemonFactory, session: aiohttp.ClientSession, redis_url: str
+) -> None:
+    daemon = await daemon_factory(NOTIFYD_WS_SEND_QUEUE="4")
+    bearer = token(daemon.settings, TENANT, USER)
+    slow = await session.ws_connect(url(daemon) + f"?token={bearer}", max_msg_size=0)
+    fast = await session.ws_connect(
+        url(daemon, f"/ws/notifications/{TENANT}/fast/")
+        + f"?token={token(daemon.settings, TENANT, 'fast')}"
+    )
+    await next_json(fast)
+    channel = daemon_keys_channel(daemon, USER)
+    redis = Redis.from_url(redis_url)
+    try:
+        big = orjson.dumps({"type": "notification", "message": "x" * 200_000})
+        for _ in range(200):  # far more than the socket buffers hold while nobody reads
+            await redis.publish(channel, big)
+        await redis.publish(daemon_keys_channel(daemon, "fast"), b'{"type": "still here"}')
+    finally:
+        await redis.aclose()
+    assert (await next_json(fast))["type"] == "still here"
+
+    async def closed() -> int | None:
+        while True:
+            message = await slow.receive(timeout=20)
+            if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                return slow.close_code
+
+    assert await closed() == 4008
+    await fast.close()
+    await slow.close()
+    metrics = daemon.metrics.render().decode()
+    assert "notifyd_ws_dropped_slow_clients_total 1.0" in metrics
+
+
+def daemon_keys_channel(daemon: Daemon, user: str) -> str:
+    from notifyd.keys import Keys
+
+    return Keys(daemon.settings.redis_prefix).user_events(TENANT, user)
+
+
+async def test_shutdown_closes_sockets_with_going_away(
+    daemon_factory: DaemonFactory, session: aiohttp.ClientSession
+) -> None:
+    daemon = await daemon_factory()
+    bearer = token(daemon.settings, TENANT, USER)
+    ws = await session.ws_connect(url(daemon) + f"?token={bearer}")
+    await next_json(ws)
+    stopping = asyncio.create_task(daemon.stop())
+    message = await ws.receive(timeout=10)
+    assert message.type == aiohttp.WSMsgType.CLOSE
+    assert ws.close_code == 1001
+    await ws.close()
+    await stopping
