@@ -138,6 +138,7 @@ class Daemon:
             producer=pipeline.producer,
             schedule=pipeline.schedule,
             hub=hub,
+            history=pipeline.history,
             keys=keys,
             metrics=self.metrics,
             verifier=TokenVerifier(s, id_rule, http_session),

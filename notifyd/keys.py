@@ -55,6 +55,10 @@ class Keys:
         """A channel every hub subscribes to, so its pub/sub connection is never idle-empty."""
         return f"{self.prefix}:live:hub"
 
+    def user_history(self, tenant_id: str, user_id: str) -> str:
+        """Capped stream of one user's live events, for replay after a reconnect."""
+        return f"{self.prefix}:history:{len(tenant_id)}:{tenant_id}:{user_id}"
+
     def user_events(self, tenant_id: str, user_id: str) -> str:
         """Pub/sub channel for one user's live events (tenant first: isolation by name)."""
         return f"{self.prefix}:live:{len(tenant_id)}:{tenant_id}:{user_id}"

@@ -26,6 +26,7 @@ from notifyd.providers.base import Delivery, Provider, TransientError
 from notifyd.providers.inapp import InAppProvider
 from notifyd.providers.sms import TwilioSmsProvider
 from notifyd.providers.smtp import SmtpProvider, SmtpSettings
+from notifyd.realtime.history import History
 from notifyd.secretbox import SecretBox, SecretError
 from notifyd.settings import Settings
 from notifyd.store.tenants import (
@@ -54,6 +55,7 @@ class Pipeline:
     alerts: Alerts
     tenant_settings: TenantSettingsCache
     producer: Producer
+    history: History
     _closed: bool = field(default=False, repr=False)
 
     async def close(self) -> None:
@@ -72,6 +74,7 @@ def build_pipeline(
     name = consumer_name(settings)
     schedule = Schedule(redis, keys.timer, settings.stream_max_len)
     producer = Producer(redis, settings.stream_max_len)
+    history = History(redis, keys, settings.ws_history_len)
     alerts = Alerts(settings, redis, keys)
 
     async def tenant(tenant_id: str) -> TenantSettings:
@@ -117,7 +120,7 @@ def build_pipeline(
             settings.email_concurrency,
         ),
         (TwilioSmsProvider(settings, twilio_config, region), settings.sms_concurrency),
-        (InAppProvider(redis, keys), settings.inapp_concurrency),
+        (InAppProvider(history.publish), settings.inapp_concurrency),
     ]
     actors: list[Actor] = [
         Dispatcher(
@@ -175,4 +178,5 @@ def build_pipeline(
         alerts=alerts,
         tenant_settings=tenants,
         producer=producer,
+        history=history,
     )

@@ -128,6 +128,7 @@ class Settings:
     ws_heartbeat: float = 20.0
     ws_max_frame: int = 65_536
     ws_send_queue: int = 256
+    ws_history_len: int = 1000
     # background work
     sweep_interval: float = 10.0
     actor_backoff_cap: float = 30.0
@@ -360,6 +361,7 @@ SPECS: tuple[_Spec, ...] = (
     _spec("ws_heartbeat", "NOTIFYD_WS_HEARTBEAT", "realtime.heartbeat", _to_float),
     _spec("ws_max_frame", "NOTIFYD_WS_MAX_FRAME", "realtime.max_frame", _to_int),
     _spec("ws_send_queue", "NOTIFYD_WS_SEND_QUEUE", "realtime.send_queue", _to_int),
+    _spec("ws_history_len", "NOTIFYD_WS_HISTORY_LEN", "realtime.history_len", _to_int),
     _spec("actor_backoff_cap", "NOTIFYD_ACTOR_BACKOFF_CAP", "actors.backoff_cap", _to_float),
     _spec("actor_max_restarts", "NOTIFYD_ACTOR_MAX_RESTARTS", "actors.max_restarts", _to_int),
     _spec(
@@ -519,6 +521,7 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_WS_HEARTBEAT": settings.ws_heartbeat,
         "NOTIFYD_WS_MAX_FRAME": settings.ws_max_frame,
         "NOTIFYD_WS_SEND_QUEUE": settings.ws_send_queue,
+        "NOTIFYD_WS_HISTORY_LEN": settings.ws_history_len,
         "NOTIFYD_SEND_MAX_ATTEMPTS": settings.send_max_attempts,
         "NOTIFYD_RETRY_BASE": settings.retry_base,
         "NOTIFYD_RETRY_CAP": settings.retry_cap,

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from notifyd.app import Daemon
 from tests.conftest import DaemonFactory
-from tests.helpers import Api, token
+from tests.helpers import Api, token, wait_for
 
 TENANT, USER = "TEN-0001", "auth0|42"
 PATH = f"/ws/notifications/{TENANT}/{USER}/"
@@ -210,3 +210,59 @@ async def test_shutdown_closes_sockets_with_going_away(
     assert ws.close_code == 1001
     await ws.close()
     await stopping
+
+
+def offset_key(offset: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in offset.split("-"))
+
+
+async def test_a_reconnect_with_since_gets_exactly_what_it_missed_in_order(
+    daemon: Daemon, session: aiohttp.ClientSession
+) -> None:
+    """Order is the user's history order (offsets), which is the order events went live."""
+    bearer = token(daemon.settings, TENANT, USER)
+    async with session.ws_connect(url(daemon) + f"?token={bearer}") as ws:
+        await next_of_type(ws, "unread_count")
+        await send_in_app(daemon, "seen 1")
+        await send_in_app(daemon, "seen 2")
+        seen = [await next_of_type(ws, "notification") for _ in range(2)]
+    assert sorted(e["message"] for e in seen) == ["seen 1", "seen 2"]
+    assert offset_key(seen[0]["offset"]) < offset_key(seen[1]["offset"])
+    missed = [await send_in_app(daemon, f"missed {n}") for n in range(3)]
+
+    async def all_sent() -> bool:
+        async with Api(daemon) as api:
+            _, listed, _ = await api.get("/notifications/", tenant=TENANT, user=USER)
+        return all(n["status"] == "sent" for n in listed)
+
+    await wait_for(all_sent, timeout=15)
+    since = seen[1]["offset"]
+    async with session.ws_connect(url(daemon) + f"?token={bearer}&since={since}") as ws:
+        replayed = [await next_of_type(ws, "notification") for _ in missed]
+        assert sorted(e["id"] for e in replayed) == sorted(missed)
+        offsets = [offset_key(e["offset"]) for e in replayed]
+        assert offsets == sorted(offsets)
+        assert offsets[0] > offset_key(since)
+        assert (await next_json(ws))["type"] == "unread_count"
+        live = await send_in_app(daemon, "live again")
+        assert (await next_of_type(ws, "notification"))["id"] == live  # no duplicate before it
+
+
+async def test_a_reconnect_from_an_offset_no_longer_kept_is_told_to_refetch(
+    daemon_factory: DaemonFactory, session: aiohttp.ClientSession
+) -> None:
+    daemon = await daemon_factory(NOTIFYD_WS_HISTORY_LEN="3")
+    assert daemon.pipeline is not None
+    history = daemon.pipeline.history
+    oldest = await history.publish(TENANT, USER, {"type": "notification", "n": 0})
+    for n in range(1, 400):  # trimmed (approximately) to a few, far past `oldest`
+        await history.publish(TENANT, USER, {"type": "notification", "n": n})
+    bearer = token(daemon.settings, TENANT, USER)
+    async with session.ws_connect(url(daemon) + f"?token={bearer}&since={oldest}") as ws:
+        gap = await next_json(ws)
+        assert gap["type"] == "gap"
+        assert gap["since"] == oldest
+        assert "refetch" in gap["detail"]
+        kept = await next_json(ws)
+        assert kept["type"] == "notification"
+        assert kept["n"] > 1

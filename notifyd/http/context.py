@@ -15,6 +15,7 @@ from notifyd.auth.tokens import TokenVerifier
 from notifyd.ids import OpaqueIdRule
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
+from notifyd.realtime.history import History
 from notifyd.realtime.hub import Hub
 from notifyd.secretbox import SecretError
 from notifyd.settings import Settings
@@ -32,6 +33,7 @@ class Services:
     producer: Producer
     schedule: Schedule
     hub: Hub
+    history: History
     keys: Keys
     metrics: Metrics
     verifier: TokenVerifier

@@ -31,6 +31,7 @@ from notifyd.auth.tokens import TokenError
 from notifyd.http.context import request_id, services
 from notifyd.ids import parse_uuid
 from notifyd.payloads import dumps
+from notifyd.realtime.history import after, is_offset
 from notifyd.realtime.hub import CLOSED, Subscriber
 from notifyd.store import audit
 from notifyd.store import notifications as notification_store
@@ -38,6 +39,7 @@ from notifyd.store.audit import AuditEntry
 
 log = logging.getLogger("notifyd.http.websockets")
 
+_OFFSET_PREFIX = b'{"offset":"'
 UNAUTHORIZED = 4001
 FORBIDDEN = 4003
 TOO_SLOW = 4008
@@ -101,15 +103,20 @@ async def notifications_socket(request: web.Request) -> web.StreamResponse:
     channel = ctx.keys.user_events(caller.tenant_id, caller.user_id)
     await hub.subscribe(channel, subscriber)
     ctx.metrics.ws_connections.inc()
-    writer = asyncio.create_task(_write(ws, subscriber), name="ws-writer")
+    writer: asyncio.Task[None] | None = None
     try:
+        # subscribed first, replayed second: nothing falls between the two, and the writer
+        # skips live events the replay already sent
+        replayed_to = await _replay(ws, request, caller)
+        writer = asyncio.create_task(_write(ws, subscriber, replayed_to), name="ws-writer")
         unread = await notification_store.unread_count(ctx.pool, caller.tenant_id, caller.user_id)
-        await subscriber.queue.put(dumps({"type": "unread_count", "count": unread}))
+        await ws.send_str(dumps({"type": "unread_count", "count": unread}).decode())
         await _read(ws, request, caller)
     finally:
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
+        if writer is not None:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
         await hub.unsubscribe(channel, subscriber)
         ctx.metrics.ws_connections.dec()
         if subscriber.overflowed:
@@ -130,13 +137,57 @@ async def _authenticate(
         return None
 
 
-async def _write(ws: web.WebSocketResponse, subscriber: Subscriber) -> None:
-    """The socket's only writer: frames leave in order, one queue, one task."""
+async def _replay(ws: web.WebSocketResponse, request: web.Request, caller: Identity) -> str | None:
+    """With `?since=<offset>`: what the client missed, in order (or a `gap` frame when some
+    of it is no longer kept); returns the last offset sent."""
+    since = request.query.get("since")
+    if not since:
+        return None
+    if not is_offset(since):
+        await ws.send_str(_error("since must be an offset taken from an earlier event"))
+        return None
+    ctx = services(request)
+    missed = await ctx.history.since(
+        caller.tenant_id, caller.user_id, since, ctx.settings.ws_history_len
+    )
+    if missed.gap:
+        await ws.send_str(
+            dumps(
+                {
+                    "type": "gap",
+                    "since": since,
+                    "detail": "some events after this offset are no longer kept; "
+                    "refetch GET /notifications/",
+                }
+            ).decode()
+        )
+    last = None
+    for offset, payload in missed.events:
+        await ws.send_str(payload.decode())
+        last = offset
+    return last
+
+
+def _offset_of(payload: bytes) -> str | None:
+    if not payload.startswith(_OFFSET_PREFIX):
+        return None
+    end = payload.find(b'"', len(_OFFSET_PREFIX))
+    return payload[len(_OFFSET_PREFIX) : end].decode() if end > 0 else None
+
+
+async def _write(
+    ws: web.WebSocketResponse, subscriber: Subscriber, replayed_to: str | None
+) -> None:
+    """The writer of live events: in the order the hub queued them, one task per socket."""
     while True:
         payload = await subscriber.queue.get()
         if payload == CLOSED:
             await ws.close(code=TOO_SLOW, message=b"too slow: events were not read in time")
             return
+        if replayed_to is not None:
+            offset = _offset_of(payload)
+            if offset is not None and not after(offset, replayed_to):
+                continue  # already sent by the replay
         await ws.send_str(payload.decode())
 
 

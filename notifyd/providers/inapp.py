@@ -1,22 +1,24 @@
-"""In-app delivery: the row is already in the recipient's notification center; this publishes
-the live event every instance's real-time hub relays to the user's open sockets."""
+"""In-app delivery: the row is already in the recipient's notification center; this records
+and publishes the live event every instance's real-time hub relays to the user's sockets."""
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 from redis.exceptions import RedisError
 
-from notifyd.keys import Keys
-from notifyd.payloads import dumps
 from notifyd.providers.base import Delivery, Sent, TransientError
+
+# (tenant, user, event) → the event's offset in the user's history
+Publish = Callable[[str, str, dict[str, Any]], Awaitable[str]]
 
 
 class InAppProvider:
     channel = "in_app"
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
-        self._redis = redis
-        self._keys = keys
+    def __init__(self, publish: Publish) -> None:
+        self._publish = publish
 
     async def send(self, delivery: Delivery) -> Sent:
         event = {
@@ -25,16 +27,14 @@ class InAppProvider:
             "subject": delivery.subject,
             "message": delivery.body,
             "category": delivery.category,
-            "created_at": delivery.created_at,
+            "created_at": delivery.created_at.isoformat(),
         }
         user = delivery.user_id or delivery.recipient
         try:
-            await self._redis.publish(
-                self._keys.user_events(delivery.tenant_id, user), dumps(event)
-            )
+            offset = await self._publish(delivery.tenant_id, user, event)
         except RedisError as exc:
             raise TransientError(f"live event not published: {exc}") from None
-        return Sent(provider_status="sent")
+        return Sent(provider_message_id=offset, provider_status="sent")
 
     async def close(self) -> None:
         return None
