@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from email.message import EmailMessage
 from email.utils import parseaddr, parsedate_to_datetime
 from typing import Any
@@ -27,6 +27,7 @@ import pytest
 from redis.asyncio import Redis
 
 from notifyd.app import Daemon
+from notifyd.settings import Settings
 from tests.conftest import DaemonFactory
 from tests.helpers import Api, wait_for
 from tests.smtp_sink import Received, SmtpSink
@@ -567,3 +568,39 @@ async def test_sent_email_is_counted_in_metrics(
 
         # the counter moves just after the row is marked sent, so wait for it too
         await wait_for(counted)
+
+
+class _AlwaysCrashing:
+    """An actor that keeps crashing, the kind the operators must hear about."""
+
+    name = "flaky-actor"
+
+    async def run(self, stop: asyncio.Event) -> None:
+        raise RuntimeError("broken on purpose")
+
+
+async def test_an_actor_that_keeps_crashing_emails_the_operators_once(
+    settings_factory: Callable[..., Settings], smtp_sink: SmtpSink
+) -> None:
+    """Operator alerts: an actor that crashes and is restarted is reported to
+    RECIPIENT_LIST, once per NOTIFYD_ALERT_INTERVAL however often it crashes."""
+    settings = settings_factory(
+        EMAIL_HOST="127.0.0.1",
+        EMAIL_PORT=str(smtp_sink.port),
+        RECIPIENT_LIST="ops@example.com,cto@example.com",
+    )
+    daemon = Daemon(settings, extra_actors=[_AlwaysCrashing()])
+    await daemon.start()
+    try:
+        [alert] = await asyncio.to_thread(smtp_sink.wait_for, 1)
+        assert sorted(alert.rcpt_tos) == ["cto@example.com", "ops@example.com"]
+        assert "flaky-actor" in str(alert.message["Subject"])
+
+        async def restarted_again() -> bool:
+            rendered = daemon.metrics.render().decode()
+            return 'notifyd_actor_restarts_total{actor="flaky-actor"} 3.0' in rendered
+
+        await wait_for(restarted_again, timeout=20)
+        assert len(smtp_sink.messages_to("ops@example.com")) == 1
+    finally:
+        await daemon.stop()
