@@ -107,7 +107,13 @@ class Daemon:
         actors: list[Actor] = [
             hub,
             *pipeline.actors,
-            Housekeeper(pool, ttl=s.idempotency_ttl, interval=s.sweep_interval),
+            Housekeeper(
+                pool,
+                ttl=s.idempotency_ttl,
+                interval=s.sweep_interval,
+                redis=redis,
+                groups=keys.consumer_groups(),
+            ),
             *self._extra_actors,
         ]
 

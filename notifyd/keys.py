@@ -31,6 +31,14 @@ class Keys:
         """Per-channel delivery stream, consumed by that channel's sender group."""
         return f"{self.prefix}:deliver:{channel}"
 
+    def consumer_groups(self) -> list[tuple[str, str]]:
+        """Every (stream, group) notifyd consumes, for housekeeping."""
+        return [
+            (self.intents, DISPATCH_GROUP),
+            *[(self.deliver(channel), SEND_GROUP) for channel in ("email", "sms", "in_app")],
+            (self.reminders, FIRE_GROUP),
+        ]
+
     @property
     def reminders(self) -> str:
         """Stream of due reminders, moved there by the timer, consumed by the fire group."""

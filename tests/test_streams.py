@@ -9,7 +9,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from redis.asyncio import Redis
 
-from notifyd.streams.consumer import Defer, Entry, Poison, StreamConsumer, Timing, ensure_group
+from notifyd.streams.consumer import (
+    Defer,
+    Entry,
+    Poison,
+    StreamConsumer,
+    Timing,
+    ensure_group,
+    forget_idle_consumers,
+)
 from notifyd.streams.producer import Producer
 from notifyd.streams.schedule import Schedule, Scheduled
 from tests.helpers import wait_for
@@ -238,3 +246,25 @@ async def test_batch_mode_hands_over_each_read_whole_and_acks_it_after(redis: Re
     await run_until(stop, loop, all_done)
     assert max(batches) <= 10  # one read, one batch
     assert max(batches) > 1  # a read takes a whole batch, not one per free slot
+
+
+async def test_consumers_of_gone_processes_are_forgotten_but_not_with_work_pending(
+    redis: Redis,
+) -> None:
+    """Every restart adds a consumer name; idle ones holding nothing are removed, one that
+    still holds a pending entry is kept (its entry is handed out by XAUTOCLAIM first)."""
+    await ensure_group(redis, STREAM, GROUP)
+    await redis.xgroup_createconsumer(STREAM, GROUP, "gone-empty")
+    await redis.xgroup_createconsumer(STREAM, GROUP, "also-gone")
+    await redis.xadd(STREAM, {"n": "1"})
+    await redis.xreadgroup(GROUP, "gone-with-work", {STREAM: ">"}, count=1)  # never acked
+
+    async def idle_enough() -> bool:
+        consumers = await redis.xinfo_consumers(STREAM, GROUP)
+        return all(int(c["idle"]) > 50 for c in consumers)
+
+    await wait_for(idle_enough)
+    assert await forget_idle_consumers(redis, STREAM, GROUP, idle_ms=50) == 2
+    names = {c["name"] for c in await redis.xinfo_consumers(STREAM, GROUP)}
+    assert names == {b"gone-with-work"}
+    assert await forget_idle_consumers(redis, "no-such-stream", GROUP, idle_ms=50) == 0

@@ -1,7 +1,8 @@
-"""Housekeeper: deletes idempotency keys past their lifetime, a batch at a time.
+"""Housekeeper: deletes idempotency keys past their lifetime, and forgets dead consumers.
 
 Batches keep each DELETE short so it never holds locks long enough to slow the request path;
-several instances running it at once only share the work.
+several instances running it at once only share the work. Consumer names of processes that
+are gone (idle for a day, nothing pending) are removed from the stream groups.
 """
 
 from __future__ import annotations
@@ -10,27 +11,47 @@ import asyncio
 import logging
 
 import asyncpg
+from redis.asyncio import Redis
 
 from notifyd.store import idempotency
+from notifyd.streams.consumer import forget_idle_consumers
 from notifyd.supervisor import sleep_or_stop
 
 log = logging.getLogger("notifyd.actors.housekeeper")
+
+DEAD_CONSUMER_IDLE_S = 86_400.0
 
 
 class Housekeeper:
     name = "housekeeper"
 
-    def __init__(self, pool: asyncpg.Pool, *, ttl: float, interval: float, batch: int = 1000):
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        ttl: float,
+        interval: float,
+        batch: int = 1000,
+        redis: Redis | None = None,
+        groups: list[tuple[str, str]] | None = None,
+        consumer_idle: float = DEAD_CONSUMER_IDLE_S,
+    ):
         self._pool = pool
         self._ttl = ttl
         self._interval = interval
         self._batch = batch
+        self._redis = redis
+        self._groups = groups or []
+        self._consumer_idle_ms = int(consumer_idle * 1000)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             removed = await self.sweep_once()
             if removed:
                 log.info("expired idempotency keys removed", extra={"count": removed})
+            forgotten = await self.forget_dead_consumers()
+            if forgotten:
+                log.info("dead stream consumers forgotten", extra={"count": forgotten})
             if await sleep_or_stop(stop, self._interval):
                 return
 
@@ -41,3 +62,11 @@ class Housekeeper:
             total += removed
             if removed < self._batch:
                 return total
+
+    async def forget_dead_consumers(self) -> int:
+        if self._redis is None:
+            return 0
+        total = 0
+        for stream, group in self._groups:
+            total += await forget_idle_consumers(self._redis, stream, group, self._consumer_idle_ms)
+        return total

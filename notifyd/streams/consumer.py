@@ -80,6 +80,24 @@ async def ensure_group(redis: Redis, stream: str, group: str) -> None:
             raise
 
 
+async def forget_idle_consumers(redis: Redis, stream: str, group: str, idle_ms: int) -> int:
+    """Delete consumers idle longer than `idle_ms` that hold nothing pending.
+
+    Every process restart adds a consumer name (host-pid); without this the group's list
+    grows forever. One with pending entries is kept: XAUTOCLAIM hands those out first.
+    """
+    try:
+        consumers: Any = await redis.xinfo_consumers(stream, group)
+    except ResponseError:
+        return 0  # no such stream or group (yet): nothing to forget
+    forgotten = 0
+    for consumer in consumers:
+        if int(consumer["pending"]) == 0 and int(consumer["idle"]) > idle_ms:
+            await redis.xgroup_delconsumer(stream, group, consumer["name"])
+            forgotten += 1
+    return forgotten
+
+
 class StreamConsumer:
     def __init__(
         self,
