@@ -53,6 +53,10 @@ class _Handler:
         self._greeted(session, hostname)
         return responses
 
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        self._sink._quit()
+        return "221 Bye"
+
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
@@ -91,6 +95,7 @@ class SmtpSink:
         self._replies: deque[str] = deque()
         self._refusals: dict[str, str] = {}
         self._sessions = 0
+        self._quits = 0
         self._lock = threading.Lock()
         self._controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port)
 
@@ -116,6 +121,16 @@ class SmtpSink:
         """How many SMTP sessions (connections) have greeted with EHLO or HELO so far."""
         with self._lock:
             return self._sessions
+
+    @property
+    def quits(self) -> int:
+        """How many clients said QUIT (closed their connection cleanly)."""
+        with self._lock:
+            return self._quits
+
+    def _quit(self) -> None:
+        with self._lock:
+            self._quits += 1
 
     def _new_session(self) -> int:
         with self._lock:

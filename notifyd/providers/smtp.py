@@ -93,6 +93,7 @@ class _ConnectionPool:
         self._timeout = timeout
         self._idle: list[aiosmtplib.SMTP] = []
         self._slots = asyncio.Semaphore(size)
+        self.retired = False  # the configuration changed: connections close, none are kept
 
     async def _connect(self) -> aiosmtplib.SMTP:
         k = self._key
@@ -122,10 +123,13 @@ class _ConnectionPool:
             except BaseException:
                 client.close()  # its state is unknown after an error: never reuse it
                 raise
-            if client.is_connected:
+            if client.is_connected and not self.retired:
                 self._idle.append(client)
+            elif client.is_connected:
+                client.close()
 
     async def close(self) -> None:
+        self.retired = True
         while self._idle:
             client = self._idle.pop()
             with contextlib.suppress(aiosmtplib.SMTPException, OSError):
@@ -148,6 +152,7 @@ class SmtpProvider:
         self._timeout = timeout
         self._unsubscribe_url_for = unsubscribe_url_for
         self._pools: dict[_PoolKey, _ConnectionPool] = {}
+        self._tenant_pools: dict[str, _ConnectionPool] = {}  # the pool each tenant used last
 
     def _pool(self, config: SmtpSettings) -> _ConnectionPool:
         key = _PoolKey(
@@ -163,11 +168,26 @@ class SmtpProvider:
             pool = self._pools[key] = _ConnectionPool(key, self._size, self._timeout)
         return pool
 
+    async def _retire_previous(self, tenant_id: str, current: _ConnectionPool) -> None:
+        """A tenant moved to another relay (or credentials): close its old pool's connections
+        once no tenant uses that configuration any more."""
+        previous = self._tenant_pools.get(tenant_id)
+        self._tenant_pools[tenant_id] = current
+        if previous is None or previous is current:
+            return
+        if any(pool is previous for pool in self._tenant_pools.values()):
+            return
+        for key, pool in list(self._pools.items()):
+            if pool is previous:
+                del self._pools[key]
+        await previous.close()
+
     async def send(self, delivery: Delivery) -> Sent:
         config = await self._config_for(delivery.tenant_id)
         unsubscribe = self._unsubscribe_url_for(delivery) if self._unsubscribe_url_for else None
         message = build_message(delivery, config.from_email, unsubscribe)
         pool = self._pool(config)
+        await self._retire_previous(delivery.tenant_id, pool)
         for reused_attempt in (True, False):
             try:
                 async with pool.connection() as client:
@@ -192,6 +212,7 @@ class SmtpProvider:
         for pool in self._pools.values():
             await pool.close()
         self._pools.clear()
+        self._tenant_pools.clear()
 
 
 def _classify_reply(code: int, text: str) -> TransientError | PermanentError:

@@ -1,0 +1,66 @@
+"""The SMTP provider against real SMTP servers: connection reuse follows the configuration."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from notifyd.providers.base import Delivery
+from notifyd.providers.smtp import SmtpProvider
+from tests.helpers import wait_for
+from tests.smtp_sink import SmtpSink
+
+
+@dataclass(frozen=True)
+class Relay:
+    host: str
+    port: int
+    username: str = ""
+    password: str = ""
+    use_tls: bool = False
+    use_ssl: bool = False
+    from_email: str = "hr@example.com"
+
+
+def delivery(n: int, tenant: str = "TEN-A") -> Delivery:
+    return Delivery(
+        id=f"00000000-0000-7000-8000-{n:012d}",
+        tenant_id=tenant,
+        channel="email",
+        recipient=f"c{n}@example.com",
+        user_id=None,
+        subject="Hi",
+        body="Hello",
+        html_body=None,
+        category=None,
+        attempt=1,
+        created_at=datetime.now(UTC),
+    )
+
+
+async def test_a_tenant_that_moves_to_another_relay_closes_its_old_connections() -> None:
+    """Connections are reused per relay configuration; when a tenant's configuration changes
+    (another host or credentials), the old relay's idle connections are closed, not leaked."""
+    with SmtpSink() as old, SmtpSink() as new:
+        relays = {"TEN-A": Relay("127.0.0.1", old.port)}
+
+        async def config_for(tenant_id: str) -> Relay:
+            return relays[tenant_id]
+
+        provider = SmtpProvider(config_for, connections_per_config=2, timeout=5)
+        try:
+            await provider.send(delivery(1))
+            await provider.send(delivery(2))
+            assert (old.sessions, old.quits) == (1, 0)  # one connection, reused
+            relays["TEN-A"] = Relay("127.0.0.1", new.port)
+            await provider.send(delivery(3))
+
+            async def old_closed() -> bool:
+                return old.quits == 1
+
+            await wait_for(old_closed, timeout=10)
+            assert new.sessions == 1
+            assert len(await asyncio.to_thread(new.wait_for, 1)) == 1
+        finally:
+            await provider.close()
