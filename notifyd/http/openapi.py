@@ -634,6 +634,13 @@ def _public() -> dict[str, dict[str, Any]]:
                     {"name": "tenant_id", "in": "path", "required": True, "schema": _ID},
                     {"name": "user_id", "in": "path", "required": True, "schema": _ID},
                     {"name": "token", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "Offset of the last event seen: replay what was missed "
+                        "(or a `gap` frame when some of it is no longer kept).",
+                    },
                 ],
                 "responses": {
                     "101": {"description": "Switching protocols"},
