@@ -48,7 +48,6 @@ class Dispatcher:
         self._alerts = alerts
         self._producer = producer
         self._pool = pool
-        self._redis = redis
         self._keys = keys
         self._settings = settings
         self.consumer = StreamConsumer(

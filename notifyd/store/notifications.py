@@ -100,11 +100,6 @@ async def insert(conn: Conn, row: NewNotification) -> Any:
     return await conn.fetchval(INSERT, *_args(row))
 
 
-async def insert_many(conn: Conn, rows: list[NewNotification]) -> None:
-    """Several rows in one prepared statement (a fired reminder makes two to six)."""
-    await conn.executemany(INSERT, [_args(row) for row in rows])
-
-
 async def list_for_user(
     conn: Executor,
     tenant_id: str,
