@@ -96,7 +96,25 @@ class Metrics:
 
         self.ws_connections = Gauge(
             "notifyd_ws_connections",
-            "WebSocket connections open on this instance.",
+            "WebSocket connections open on this instance, by endpoint (notifications, chat).",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.ws_messages_in = Counter(
+            "notifyd_ws_messages_in_total",
+            "Frames received from WebSocket clients, by endpoint and frame type.",
+            ["endpoint", "type"],
+            registry=self.registry,
+        )
+        self.ws_rate_limited = Counter(
+            "notifyd_ws_rate_limited_total",
+            "Client frames refused because the connection sent faster than its allowed rate.",
+            registry=self.registry,
+        )
+        self.ws_fanout_latency = Histogram(
+            "notifyd_ws_fanout_seconds",
+            "Time from publishing a live event to this instance queueing it to its sockets.",
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.ws_messages_out = Counter(

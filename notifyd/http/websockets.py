@@ -102,7 +102,7 @@ async def notifications_socket(request: web.Request) -> web.StreamResponse:
     subscriber = Subscriber(s.ws_send_queue)
     channel = ctx.keys.user_events(caller.tenant_id, caller.user_id)
     await hub.subscribe(channel, subscriber)
-    ctx.metrics.ws_connections.inc()
+    ctx.metrics.ws_connections.labels("notifications").inc()
     writer: asyncio.Task[None] | None = None
     try:
         # subscribed first, replayed second: nothing falls between the two, and the writer
@@ -118,7 +118,7 @@ async def notifications_socket(request: web.Request) -> web.StreamResponse:
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
         await hub.unsubscribe(channel, subscriber)
-        ctx.metrics.ws_connections.dec()
+        ctx.metrics.ws_connections.labels("notifications").dec()
         if subscriber.overflowed:
             ctx.metrics.ws_dropped.inc()
     return ws
