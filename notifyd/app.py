@@ -26,7 +26,9 @@ from notifyd.ids import OpaqueIdRule
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
 from notifyd.pipeline import Pipeline, build_pipeline, consumer_name
+from notifyd.realtime.chat import Chat
 from notifyd.realtime.hub import Hub
+from notifyd.realtime.presence import Presence
 from notifyd.settings import Settings
 from notifyd.store import migrate
 from notifyd.store.pool import close_pool, create_pool
@@ -104,8 +106,10 @@ class Daemon:
         self.pipeline = pipeline
         self._stack.push_async_callback(pipeline.close)
         hub = Hub(redis, keys, self.metrics, poll=s.stream_block)
+        presence = Presence(redis, keys, ttl=s.ws_presence_ttl)
         actors: list[Actor] = [
             hub,
+            presence,
             *pipeline.actors,
             Housekeeper(
                 pool,
@@ -145,6 +149,8 @@ class Daemon:
             schedule=pipeline.schedule,
             hub=hub,
             history=pipeline.history,
+            chat=Chat(pool, pipeline.history),
+            presence=presence,
             keys=keys,
             metrics=self.metrics,
             verifier=TokenVerifier(s, id_rule, http_session),

@@ -70,3 +70,15 @@ class Keys:
     def user_events(self, tenant_id: str, user_id: str) -> str:
         """Pub/sub channel for one user's live events (tenant first: isolation by name)."""
         return f"{self.prefix}:live:{len(tenant_id)}:{tenant_id}:{user_id}"
+
+    def room_history(self, tenant_id: str, room: str) -> str:
+        """Capped stream of one chat room's messages and receipts, for replay."""
+        return f"{self.prefix}:history:room:{len(tenant_id)}:{tenant_id}:{room}"
+
+    def room_events(self, tenant_id: str, room: str) -> str:
+        """Pub/sub channel of one chat room (messages, typing, presence, receipts)."""
+        return f"{self.prefix}:live:room:{len(tenant_id)}:{tenant_id}:{room}"
+
+    def presence(self, tenant_id: str, room: str) -> str:
+        """Prefix of one room's presence keys: `:conns` (zset by expiry), `:who`, `:users`."""
+        return f"{self.prefix}:presence:{len(tenant_id)}:{tenant_id}:{room}"

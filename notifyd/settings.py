@@ -129,6 +129,10 @@ class Settings:
     ws_max_frame: int = 65_536
     ws_send_queue: int = 256
     ws_history_len: int = 1000
+    ws_message_rate: float = 10.0
+    ws_message_burst: int = 20
+    ws_presence_ttl: float = 30.0
+    room_max_members: int = 1000
     # background work
     sweep_interval: float = 10.0
     actor_backoff_cap: float = 30.0
@@ -361,6 +365,10 @@ SPECS: tuple[_Spec, ...] = (
     _spec("ws_heartbeat", "NOTIFYD_WS_HEARTBEAT", "realtime.heartbeat", _to_float),
     _spec("ws_max_frame", "NOTIFYD_WS_MAX_FRAME", "realtime.max_frame", _to_int),
     _spec("ws_send_queue", "NOTIFYD_WS_SEND_QUEUE", "realtime.send_queue", _to_int),
+    _spec("ws_message_rate", "NOTIFYD_WS_MESSAGE_RATE", "realtime.message_rate", _to_float),
+    _spec("ws_message_burst", "NOTIFYD_WS_MESSAGE_BURST", "realtime.message_burst", _to_int),
+    _spec("ws_presence_ttl", "NOTIFYD_WS_PRESENCE_TTL", "realtime.presence_ttl", _to_float),
+    _spec("room_max_members", "NOTIFYD_ROOM_MAX_MEMBERS", "realtime.room_max_members", _to_int),
     _spec("ws_history_len", "NOTIFYD_WS_HISTORY_LEN", "realtime.history_len", _to_int),
     _spec("actor_backoff_cap", "NOTIFYD_ACTOR_BACKOFF_CAP", "actors.backoff_cap", _to_float),
     _spec("actor_max_restarts", "NOTIFYD_ACTOR_MAX_RESTARTS", "actors.max_restarts", _to_int),
@@ -520,6 +528,10 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_SWEEP_INTERVAL": settings.sweep_interval,
         "NOTIFYD_WS_HEARTBEAT": settings.ws_heartbeat,
         "NOTIFYD_WS_MAX_FRAME": settings.ws_max_frame,
+        "NOTIFYD_WS_MESSAGE_RATE": settings.ws_message_rate,
+        "NOTIFYD_WS_MESSAGE_BURST": settings.ws_message_burst,
+        "NOTIFYD_WS_PRESENCE_TTL": settings.ws_presence_ttl,
+        "NOTIFYD_ROOM_MAX_MEMBERS": settings.room_max_members,
         "NOTIFYD_WS_SEND_QUEUE": settings.ws_send_queue,
         "NOTIFYD_WS_HISTORY_LEN": settings.ws_history_len,
         "NOTIFYD_SEND_MAX_ATTEMPTS": settings.send_max_attempts,

@@ -15,8 +15,10 @@ from notifyd.auth.tokens import TokenVerifier
 from notifyd.ids import OpaqueIdRule
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
+from notifyd.realtime.chat import Chat
 from notifyd.realtime.history import History
 from notifyd.realtime.hub import Hub
+from notifyd.realtime.presence import Presence
 from notifyd.secretbox import SecretError
 from notifyd.settings import Settings
 from notifyd.store.audit import AuditEntry
@@ -34,6 +36,8 @@ class Services:
     schedule: Schedule
     hub: Hub
     history: History
+    chat: Chat
+    presence: Presence
     keys: Keys
     metrics: Metrics
     verifier: TokenVerifier

@@ -12,15 +12,20 @@ from notifyd.http.idempotency import remember
 from notifyd.http.responses import iso, json_response, page
 from notifyd.http.validation import Fields, query_fields, read_json_object
 from notifyd.ids import uuid7
+from notifyd.realtime.chat import Room
+from notifyd.realtime.roomname import dm_name
 from notifyd.store import audit
 from notifyd.store import messages as store
 
 
-def message_json(row: asyncpg.Record) -> dict[str, Any]:
+def message_json(row: asyncpg.Record, room: str | None = None) -> dict[str, Any]:
+    """`room` names a group room; a 1-on-1 message's room is derived from its two users."""
+    receiver = row["receiver_id"]
     return {
         "id": str(row["id"]),
+        "room": room if receiver is None else dm_name(row["sender_id"], receiver),
         "sender_id": row["sender_id"],
-        "receiver_id": row["receiver_id"],
+        "receiver_id": receiver,
         "content": row["content"],
         "sent_at": iso(row["sent_at"]),
         "is_read": row["read_at"] is not None,
@@ -40,10 +45,9 @@ async def send_message(request: web.Request) -> web.Response:
     assert receiver_id is not None
     assert content is not None
     message_id = uuid7()
+    room = Room.dm(caller.tenant_id, caller.user_id, receiver_id)
     async with ctx.pool.acquire() as conn, conn.transaction():
-        sent_at = await store.insert(
-            conn, message_id, caller.tenant_id, caller.user_id, receiver_id, content
-        )
+        message = await ctx.chat.insert(conn, message_id, room, caller.user_id, content)
         await audit.record(
             conn,
             audit_entry(
@@ -52,11 +56,16 @@ async def send_message(request: web.Request) -> web.Response:
                 {"message_id": str(message_id), "receiver_id": receiver_id},
             ),
         )
-        return await remember(
+        answer = await remember(
             request,
             conn,
-            json_response({"message_id": str(message_id), "sent_at": iso(sent_at)}, status=201),
+            json_response(
+                {"message_id": str(message_id), "sent_at": iso(message.sent_at)}, status=201
+            ),
         )
+    # committed: now the receiver's open sockets (any instance) see it live
+    await ctx.chat.announce(message)
+    return answer
 
 
 async def list_messages(request: web.Request) -> web.Response:
@@ -95,7 +104,7 @@ async def mark_messages_read(request: web.Request) -> web.Response:
         fields.error("ids", 'send exactly one of "ids": [...], "with": <user id> or "all": true')
     fields.done()
     async with ctx.pool.acquire() as conn, conn.transaction():
-        updated = await store.mark_read(
+        updated, newest = await store.mark_read(
             conn, caller.tenant_id, caller.user_id, ids=ids, from_user=from_user
         )
         await audit.record(
@@ -106,7 +115,12 @@ async def mark_messages_read(request: web.Request) -> web.Response:
                 {"ids": [str(i) for i in ids or []], "with": from_user, "updated": updated},
             ),
         )
-        return await remember(request, conn, json_response({"updated": updated}))
+        answer = await remember(request, conn, json_response({"updated": updated}))
+    # a read receipt in each conversation that changed, as the chat socket would send
+    for sender, up_to in newest.items():
+        room = Room.dm(caller.tenant_id, caller.user_id, sender)
+        await ctx.chat.announce_read(room, caller.user_id, up_to)
+    return answer
 
 
 def add_routes(app: web.Application) -> None:

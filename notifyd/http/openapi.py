@@ -206,13 +206,76 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "id": _UUID,
+            "room": {"type": "string", "description": "The chat room the message belongs to"},
             "sender_id": {"type": "string"},
-            "receiver_id": {"type": "string"},
+            "receiver_id": {"type": ["string", "null"], "description": "null in group rooms"},
             "content": {"type": "string"},
             "sent_at": _TIME,
             "is_read": {"type": "boolean"},
             "read_at": _NULLABLE_TIME,
         },
+    },
+    "RoomCreate": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["members"],
+        "properties": {
+            "name": {
+                "type": "string",
+                "pattern": "^[A-Za-z0-9_-]{1,100}$",
+                "description": "Chosen name; generated when left out",
+            },
+            "title": {"type": "string", "maxLength": 200},
+            "members": {
+                "type": "array",
+                "items": _ID,
+                "description": "User ids; a user who creates a room is always its owner",
+            },
+        },
+    },
+    "RoomMember": {
+        "type": "object",
+        "properties": {
+            "user_id": {"type": "string"},
+            "role": {"enum": ["owner", "member"]},
+            "joined_at": _TIME,
+            "last_read_id": {"type": ["string", "null"], "format": "uuid"},
+        },
+    },
+    "RoomSummary": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "kind": {"enum": ["group"]},
+            "title": {"type": "string"},
+            "created_by": {"type": "string"},
+            "created_at": _TIME,
+        },
+    },
+    "Room": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "kind": {"enum": ["group", "dm"]},
+            "title": {"type": "string"},
+            "created_by": {"type": "string"},
+            "created_at": _TIME,
+            "members": {
+                "type": "array",
+                "items": {"oneOf": [_ref("RoomMember"), {"type": "string"}]},
+                "description": "RoomMember objects for a group room, the two user ids for dm",
+            },
+        },
+    },
+    "RoomMembersAdd": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["members"],
+        "properties": {"members": {"type": "array", "items": _ID}},
+    },
+    "RoomMembersAdded": {
+        "type": "object",
+        "properties": {"added": {"type": "array", "items": {"type": "string"}}},
     },
     "ReminderCreate": {
         "type": "object",
@@ -476,6 +539,73 @@ def _operations() -> dict[str, dict[str, Any]]:
                 parameters=[_IDEMPOTENCY],
             )
         },
+        "/rooms/": {
+            "post": op(
+                "Create a group chat room with members",
+                {"201": _ok(_ref("Room"), "Created"), **write_errors},
+                requestBody=_body("RoomCreate"),
+                parameters=[_IDEMPOTENCY],
+            ),
+            "get": op(
+                "The group rooms the caller is a member of, newest first",
+                {"200": _ok(_list_of("RoomSummary"), headers=_LINK), **_problems(422)},
+                parameters=_PAGE_PARAMS,
+            ),
+        },
+        **{
+            path: {
+                "get": op(
+                    "The name of the caller's 1-on-1 room with another user (derived, "
+                    "never stored: dm.<base64url(id)>.<base64url(id)>, ids sorted)",
+                    {"200": _ok(_ref("Room")), **_problems(422)},
+                    parameters=[
+                        {"name": "other_user_id", "in": "path", "required": True, "schema": _ID}
+                    ],
+                )
+            }
+            for path in ("/rooms/dm/{other_user_id}", "/rooms/dm/{other_user_id}/")
+        },
+        "/rooms/{room}/": {
+            "get": op(
+                "A room and its members (members, and tenant admins for group rooms)",
+                {"200": _ok(_ref("Room")), **_problems(403, 404)},
+                parameters=[
+                    {"name": "room", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+            )
+        },
+        "/rooms/{room}/messages/": {
+            "get": op(
+                "A room's messages, newest first: what a client refetches after a gap",
+                {"200": _ok(_list_of("Message"), headers=_LINK), **_problems(403, 404, 422)},
+                parameters=[
+                    {"name": "room", "in": "path", "required": True, "schema": {"type": "string"}},
+                    *_PAGE_PARAMS,
+                ],
+            )
+        },
+        "/rooms/{room}/members/": {
+            "post": op(
+                "Add members to a group room (owners and tenant admins)",
+                {"200": _ok(_ref("RoomMembersAdded")), **_problems(403, 404), **write_errors},
+                requestBody=_body("RoomMembersAdd"),
+                parameters=[
+                    {"name": "room", "in": "path", "required": True, "schema": {"type": "string"}},
+                    _IDEMPOTENCY,
+                ],
+            )
+        },
+        "/rooms/{room}/members/{user_id}/": {
+            "delete": op(
+                "Remove a member (owners and tenant admins), or leave (oneself); the removed "
+                "user's open sockets in the room close with 4003",
+                {"204": {"description": "Removed"}, **_problems(403, 404)},
+                parameters=[
+                    {"name": "room", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {"name": "user_id", "in": "path", "required": True, "schema": _ID},
+                ],
+            )
+        },
         "/reminders/create/": {
             "post": op(
                 "Schedule an interview reminder (service or admin)",
@@ -648,6 +778,31 @@ def _public() -> dict[str, dict[str, Any]]:
                 },
             }
         },
+        "/ws/chat/{room}/": {
+            "get": {
+                "summary": "WebSocket: a chat room, live. Send {message, receiver_id?, "
+                "client_id?}, {type: typing}, {type: read, up_to}, {type: ping}; receive "
+                "message, read, typing, join/leave and a first presence frame. Token as for "
+                "the notifications socket. Closes 4001 (token), 4003 (not a member), 4004 (no "
+                "such room), 4008 (too slow), 1001 (server going away).",
+                "security": [],
+                "parameters": [
+                    {"name": "room", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {"name": "token", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "Offset of the last room event seen: replay what was "
+                        "missed (or a `gap` frame: refetch GET /rooms/{room}/messages/).",
+                    },
+                ],
+                "responses": {
+                    "101": {"description": "Switching protocols"},
+                    **_problems(403),
+                },
+            }
+        },
         "/webhooks/twilio/status": {
             "post": {
                 "summary": "Twilio message status callback (X-Twilio-Signature; query tenant, "
@@ -706,6 +861,13 @@ def build_document() -> dict[str, Any]:
         for method, operation in operations.items():
             operation["operationId"] = f"{method}{_slug(path)}"
         paths[path] = operations
+    seen: set[str] = set()
+    for operations in paths.values():
+        for operation in operations.values():
+            # `/rooms/dm/{id}` and `/rooms/dm/{id}/` both exist and slug alike
+            while operation["operationId"] in seen:
+                operation["operationId"] += "_unslashed"
+            seen.add(operation["operationId"])
     return {
         "openapi": "3.1.0",
         "info": {

@@ -12,10 +12,13 @@ from notifyd.http import (
     ops,
     preferences,
     reminders,
+    rooms,
     templates,
     tenants,
     webhooks,
     websockets,
+    ws_chat,
+    ws_notifications,
 )
 from notifyd.http.context import SERVICES, Services
 from notifyd.http.idempotency import idempotency_middleware
@@ -38,8 +41,11 @@ def build_app(services: Services) -> web.Application:
         tenants,
         preferences,
         templates,
+        rooms,
         webhooks,
         websockets,
+        ws_notifications,
+        ws_chat,
     ):
         module.add_routes(app)
     return app

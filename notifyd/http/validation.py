@@ -197,6 +197,23 @@ class Fields:
                 ids.append(parsed)
         return ids
 
+    def opaque_ids(self, name: str, *, required: bool = False, max_items: int) -> list[str] | None:
+        """A list of ids from other services (users...), duplicates dropped, order kept."""
+        value = self._get(name, required)
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            self.error(name, "must be a list of ids")
+            return None
+        if len(value) > max_items:
+            self.error(name, f"must have at most {max_items} ids")
+            return None
+        for index, item in enumerate(value):
+            problem = self.id_rule.problem(item)
+            if problem is not None:
+                self.error(f"{name}[{index}]", problem)
+        return list(dict.fromkeys(value))
+
     def page_limit(self, default: int, maximum: int) -> int:
         value = self._get("limit", False)
         if value is None:

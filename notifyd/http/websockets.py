@@ -1,4 +1,4 @@
-"""WebSocket endpoints. This slice: `/ws/notifications/{tenant_id}/{user_id}/`.
+"""What every WebSocket endpoint shares: the handshake, authentication, replay, the writer.
 
 The token comes from `Authorization: Bearer …`, from `Sec-WebSocket-Protocol: bearer,
 <token>` (browsers cannot set headers on a WebSocket), or from `?token=`. The socket is
@@ -6,7 +6,8 @@ accepted first and then closed with a code and reason when something is wrong, b
 browser never shows the body of a refused handshake:
 
 - 4001 the token is missing, invalid or expired
-- 4003 the path's tenant or user is not the token's
+- 4003 the path names a channel or room that is not the caller's
+- 4004 no such room in the caller's tenant
 - 4008 the client did not read fast enough (its bounded queue overflowed)
 - 1001 the server is shutting down (reconnect, possibly elsewhere)
 
@@ -18,30 +19,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import time
 import weakref
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
 
-import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from notifyd.auth.identity import Identity
 from notifyd.auth.tokens import TokenError
-from notifyd.http.context import request_id, services
-from notifyd.ids import parse_uuid
+from notifyd.http.context import services
 from notifyd.payloads import dumps
-from notifyd.realtime.history import after, is_offset
+from notifyd.realtime.history import Missed, after, is_offset
 from notifyd.realtime.hub import CLOSED, Subscriber
-from notifyd.store import audit
-from notifyd.store import notifications as notification_store
-from notifyd.store.audit import AuditEntry
-
-log = logging.getLogger("notifyd.http.websockets")
 
 _OFFSET_PREFIX = b'{"offset":"'
 UNAUTHORIZED = 4001
 FORBIDDEN = 4003
+NOT_FOUND = 4004
 TOO_SLOW = 4008
 
 
@@ -55,7 +50,7 @@ class OpenSockets:
 SOCKETS = web.AppKey("websockets", OpenSockets)
 
 
-def _token(request: web.Request) -> tuple[str | None, str | None]:
+def token_of(request: web.Request) -> tuple[str | None, str | None]:
     """(token, the subprotocol to answer with when it came that way)."""
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and value.strip():
@@ -76,94 +71,73 @@ def origin_allowed(request: web.Request, allowed: tuple[str, ...]) -> bool:
     return urlsplit(origin).netloc == request.host
 
 
-async def notifications_socket(request: web.Request) -> web.StreamResponse:
-    ctx = services(request)
-    s = ctx.settings
+async def accept(request: web.Request) -> tuple[web.WebSocketResponse, Identity | None]:
+    """Checks the Origin, completes the handshake and verifies the token; with no identity
+    the socket is already closed with the reason."""
+    s = services(request).settings
     if not origin_allowed(request, s.ws_allowed_origins):
         raise web.HTTPForbidden(text="origin not allowed")
-    token, protocol = _token(request)
+    token, protocol = token_of(request)
     ws = web.WebSocketResponse(
         heartbeat=s.ws_heartbeat,
         max_msg_size=s.ws_max_frame,
         protocols=(protocol,) if protocol else (),
     )
     await ws.prepare(request)
-    caller = await _authenticate(ws, request, token)
-    if caller is None:
-        return ws
-    if (caller.tenant_id, caller.user_id) != (
-        request.match_info["tenant_id"],
-        request.match_info["user_id"],
-    ):
-        await ws.close(code=FORBIDDEN, message=b"this is not your notification channel")
-        return ws
-    hub = ctx.hub
-    request.app[SOCKETS].sockets.add(ws)
-    subscriber = Subscriber(s.ws_send_queue)
-    channel = ctx.keys.user_events(caller.tenant_id, caller.user_id)
-    await hub.subscribe(channel, subscriber)
-    ctx.metrics.ws_connections.labels("notifications").inc()
-    writer: asyncio.Task[None] | None = None
-    try:
-        # subscribed first, replayed second: nothing falls between the two, and the writer
-        # skips live events the replay already sent
-        replayed_to = await _replay(ws, request, caller)
-        writer = asyncio.create_task(_write(ws, subscriber, replayed_to), name="ws-writer")
-        unread = await notification_store.unread_count(ctx.pool, caller.tenant_id, caller.user_id)
-        await ws.send_str(dumps({"type": "unread_count", "count": unread}).decode())
-        await _read(ws, request, caller)
-    finally:
-        if writer is not None:
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
-        await hub.unsubscribe(channel, subscriber)
-        ctx.metrics.ws_connections.labels("notifications").dec()
-        if subscriber.overflowed:
-            ctx.metrics.ws_dropped.inc()
-    return ws
-
-
-async def _authenticate(
-    ws: web.WebSocketResponse, request: web.Request, token: str | None
-) -> Identity | None:
     if token is None:
         await ws.close(code=UNAUTHORIZED, message=b"send a bearer token")
-        return None
+        return ws, None
     try:
-        return await services(request).verifier.verify(token)
+        return ws, await services(request).verifier.verify(token)
     except TokenError as exc:
         await ws.close(code=UNAUTHORIZED, message=exc.reason.encode()[:120])
-        return None
+        return ws, None
 
 
-async def _replay(ws: web.WebSocketResponse, request: web.Request, caller: Identity) -> str | None:
-    """With `?since=<offset>`: what the client missed, in order (or a `gap` frame when some
-    of it is no longer kept); returns the last offset sent."""
+@contextlib.asynccontextmanager
+async def live(
+    request: web.Request, ws: web.WebSocketResponse, channel: str, endpoint: str
+) -> AsyncIterator[Subscriber]:
+    """Subscribed to `channel` for the socket's lifetime, counted, closed on shutdown."""
+    ctx = services(request)
+    request.app[SOCKETS].sockets.add(ws)
+    subscriber = Subscriber(ctx.settings.ws_send_queue)
+    await ctx.hub.subscribe(channel, subscriber)
+    connections = ctx.metrics.ws_connections.labels(endpoint)
+    connections.inc()
+    try:
+        yield subscriber
+    finally:
+        await ctx.hub.unsubscribe(channel, subscriber)
+        connections.dec()
+        if subscriber.overflowed:
+            ctx.metrics.ws_dropped.inc()
+
+
+async def replay(
+    ws: web.WebSocketResponse,
+    request: web.Request,
+    missed_since: Callable[[str], Awaitable[Missed]],
+    refetch: str,
+) -> str | None:
+    """With `?since=<offset>`: what the client missed, in order (or a `gap` frame naming
+    `refetch` when some of it is no longer kept); returns the last offset sent.
+
+    Call it after subscribing: nothing falls between the two, and the writer skips live
+    events the replay already sent."""
     since = request.query.get("since")
     if not since:
         return None
     if not is_offset(since):
-        await ws.send_str(_error("since must be an offset taken from an earlier event"))
+        await ws.send_str(error_frame("since must be an offset taken from an earlier event"))
         return None
-    ctx = services(request)
-    missed = await ctx.history.since(
-        caller.tenant_id, caller.user_id, since, ctx.settings.ws_history_len
-    )
+    missed = await missed_since(since)
     if missed.gap:
-        await ws.send_str(
-            dumps(
-                {
-                    "type": "gap",
-                    "since": since,
-                    "detail": "some events after this offset are no longer kept; "
-                    "refetch GET /notifications/",
-                }
-            ).decode()
-        )
+        detail = f"some events after this offset are no longer kept; refetch {refetch}"
+        await ws.send_str(dumps({"type": "gap", "since": since, "detail": detail}).decode())
     last = None
     for offset, payload in missed.events:
-        await ws.send_str(payload.decode())
+        await ws.send_frame(payload, WSMsgType.TEXT)
         last = offset
     return last
 
@@ -175,10 +149,15 @@ def _offset_of(payload: bytes) -> str | None:
     return payload[len(_OFFSET_PREFIX) : end].decode() if end > 0 else None
 
 
-async def _write(
-    ws: web.WebSocketResponse, subscriber: Subscriber, replayed_to: str | None
+async def write_events(
+    ws: web.WebSocketResponse,
+    subscriber: Subscriber,
+    replayed_to: str | None,
+    ends_with: Callable[[bytes], bool] | None = None,
 ) -> None:
-    """The writer of live events: in the order the hub queued them, one task per socket."""
+    """The writer of live events: in the order the hub queued them, one task per socket.
+    The frame is sent as it came from Redis, encoded once for every socket. `ends_with`
+    recognises an event after which this socket must close (e.g. its user left the room)."""
     while True:
         payload = await subscriber.queue.get()
         if payload == CLOSED:
@@ -188,69 +167,51 @@ async def _write(
             offset = _offset_of(payload)
             if offset is not None and not after(offset, replayed_to):
                 continue  # already sent by the replay
-        await ws.send_str(payload.decode())
-
-
-async def _read(ws: web.WebSocketResponse, request: web.Request, caller: Identity) -> None:
-    async for message in ws:
-        if message.type != WSMsgType.TEXT:
-            continue
-        try:
-            command: Any = orjson.loads(message.data)
-        except orjson.JSONDecodeError:
-            await ws.send_str(_error("frames must be JSON objects"))
-            continue
-        if not isinstance(command, dict):
-            await ws.send_str(_error("frames must be JSON objects"))
-        elif command.get("type") == "mark_read":
-            await _mark_read(ws, request, caller, command)
-        elif command.get("type") == "ping":
-            await ws.send_str('{"type":"pong"}')
-        else:
-            await ws.send_str(_error("unknown command; known: mark_read, ping"))
-
-
-def _error(detail: str) -> str:
-    return dumps({"type": "error", "detail": detail}).decode()
-
-
-async def _mark_read(
-    ws: web.WebSocketResponse, request: web.Request, caller: Identity, command: dict[str, Any]
-) -> None:
-    ctx = services(request)
-    raw_ids = command.get("ids")
-    everything = command.get("all") is True
-    ids = None
-    if not everything:
-        if not isinstance(raw_ids, list) or len(raw_ids) > ctx.settings.mark_read_max_ids:
-            await ws.send_str(_error('mark_read takes "ids": [...] or "all": true'))
+        await ws.send_frame(payload, WSMsgType.TEXT)
+        if ends_with is not None and ends_with(payload):
+            await ws.close(code=FORBIDDEN, message=b"no longer a member of this room")
             return
-        ids = [i for i in (parse_uuid(r) if isinstance(r, str) else None for r in raw_ids) if i]
-    async with ctx.pool.acquire() as conn, conn.transaction():
-        updated = await notification_store.mark_read(conn, caller.tenant_id, caller.user_id, ids)
-        unread = await notification_store.unread_count(conn, caller.tenant_id, caller.user_id)
-        await audit.record(
-            conn,
-            AuditEntry(
-                tenant_id=caller.tenant_id,
-                user_id=caller.user_id,
-                action="notification.mark_read",
-                ip_address=request.remote,
-                request_id=request_id(request) or None,
-                details={
-                    "role": caller.role,
-                    "via": "websocket",
-                    "all": everything,
-                    "ids": [str(i) for i in ids or []],
-                    "updated": updated,
-                },
-            ),
-        )
-    # every socket of this user (on any instance) learns the new count
-    await ctx.redis.publish(
-        ctx.keys.user_events(caller.tenant_id, caller.user_id),
-        dumps({"type": "unread_count", "count": unread, "updated": updated}),
+
+
+@contextlib.asynccontextmanager
+async def writing(
+    ws: web.WebSocketResponse,
+    subscriber: Subscriber,
+    replayed_to: str | None,
+    ends_with: Callable[[bytes], bool] | None = None,
+) -> AsyncIterator[None]:
+    writer = asyncio.create_task(
+        write_events(ws, subscriber, replayed_to, ends_with), name="ws-writer"
     )
+    try:
+        yield
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+
+
+class RateLimit:
+    """A token bucket per connection: `rate` frames a second on average, `burst` at once."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._at = time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
+def error_frame(detail: str, code: str = "bad_frame") -> str:
+    return dumps({"type": "error", "code": code, "detail": detail}).decode()
 
 
 async def close_all(app: web.Application) -> None:
@@ -260,6 +221,6 @@ async def close_all(app: web.Application) -> None:
 
 
 def add_routes(app: web.Application) -> None:
+    """The shared state of the socket endpoints (`ws_notifications`, `ws_chat`)."""
     app[SOCKETS] = OpenSockets()
     app.on_shutdown.append(close_all)
-    app.router.add_get("/ws/notifications/{tenant_id}/{user_id}/", notifications_socket)

@@ -1,14 +1,19 @@
-"""Per-user history of live events: what a reconnecting socket missed, in order.
+"""Feeds of live events (per user, per chat room): published to every instance and, for what a
+reconnecting client must not miss, recorded in a capped history stream.
 
-Each event is appended to the user's capped stream and published in one atomic Lua step, with
-the stream entry id as its `offset`. A client that reconnects with `?since=<offset>` gets
+A recorded event is appended to the feed's capped stream and published in one atomic Lua step,
+with the stream entry id as its `offset`. A client that reconnects with `?since=<offset>` gets
 every later event from the stream, then the live ones; if the events after its offset were
 already trimmed away (the stream is capped), it is told so and refetches over REST instead of
-silently missing some.
+silently missing some. Signals (typing, presence) are published only: stale ones are worthless.
+
+On the pub/sub channel every payload is framed as `<publish time, ms>|<event JSON>`: the hub
+strips the stamp and measures fan-out latency from it, clients never see it.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,13 +22,23 @@ from redis.asyncio import Redis
 from notifyd.keys import Keys
 from notifyd.payloads import dumps
 
-# KEYS[1] history stream, KEYS[2] pub/sub channel; ARGV[1] max length, ARGV[2] JSON object.
+# KEYS[1] history stream, KEYS[2] pub/sub channel;
+# ARGV[1] max length, ARGV[2] JSON object, ARGV[3] publish time in ms.
 RECORD_AND_PUBLISH = """
 local offset = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
 local event = '{"offset":"' .. offset .. '",' .. string.sub(ARGV[2], 2)
-redis.call('PUBLISH', KEYS[2], event)
+redis.call('PUBLISH', KEYS[2], ARGV[3] .. '|' .. event)
 return offset
 """
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def framed(event: bytes) -> bytes:
+    """A pub/sub payload: the publish time stamp, then the event as clients receive it."""
+    return b"%d|%s" % (now_ms(), event)
 
 
 def _id(offset: str) -> tuple[int, int]:
@@ -58,18 +73,40 @@ class History:
         self._record = redis.register_script(RECORD_AND_PUBLISH)
 
     async def publish(self, tenant_id: str, user_id: str, event: dict[str, Any]) -> str:
-        """Record and publish `event` (a JSON object); returns its offset."""
+        """Record and publish `event` (a JSON object) on a user's feed; returns its offset."""
+        return await self._record_and_publish(
+            self._keys.user_history(tenant_id, user_id),
+            self._keys.user_events(tenant_id, user_id),
+            event,
+        )
+
+    async def publish_room(self, tenant_id: str, room: str, event: dict[str, Any]) -> str:
+        """Record and publish `event` on a chat room's feed; returns its offset."""
+        return await self._record_and_publish(
+            self._keys.room_history(tenant_id, room), self._keys.room_events(tenant_id, room), event
+        )
+
+    async def signal_user(self, tenant_id: str, user_id: str, event: dict[str, Any]) -> None:
+        """Publish without recording: only sockets open now care (e.g. a new unread count)."""
+        await self._redis.publish(self._keys.user_events(tenant_id, user_id), framed(dumps(event)))
+
+    async def signal_room(self, tenant_id: str, room: str, event: dict[str, Any]) -> None:
+        """Publish without recording: typing indicators, membership changes."""
+        await self._redis.publish(self._keys.room_events(tenant_id, room), framed(dumps(event)))
+
+    async def since(self, tenant_id: str, user_id: str, offset: str, limit: int) -> Missed:
+        return await self._since(self._keys.user_history(tenant_id, user_id), offset, limit)
+
+    async def since_in_room(self, tenant_id: str, room: str, offset: str, limit: int) -> Missed:
+        return await self._since(self._keys.room_history(tenant_id, room), offset, limit)
+
+    async def _record_and_publish(self, stream: str, channel: str, event: dict[str, Any]) -> str:
         offset: Any = await self._record(
-            keys=[
-                self._keys.user_history(tenant_id, user_id),
-                self._keys.user_events(tenant_id, user_id),
-            ],
-            args=[self._max_len, dumps(event)],
+            keys=[stream, channel], args=[self._max_len, dumps(event), now_ms()]
         )
         return offset.decode() if isinstance(offset, bytes) else str(offset)
 
-    async def since(self, tenant_id: str, user_id: str, offset: str, limit: int) -> Missed:
-        key = self._keys.user_history(tenant_id, user_id)
+    async def _since(self, key: str, offset: str, limit: int) -> Missed:
         entries: Any = await self._redis.xrange(key, min=f"({offset}", max="+", count=limit + 1)
         gap = len(entries) > limit
         if not gap and await self._redis.exists(key):

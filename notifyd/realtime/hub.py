@@ -22,6 +22,7 @@ from redis.asyncio.client import PubSub
 
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
+from notifyd.realtime.history import now_ms
 
 log = logging.getLogger("notifyd.realtime.hub")
 
@@ -98,7 +99,12 @@ class Hub:
             close: Callable[[], Awaitable[None]] = pubsub.aclose  # redis-py leaves it untyped
             await close()
 
-    def _deliver(self, channel: str, payload: bytes) -> None:
+    def _deliver(self, channel: str, data: bytes) -> None:
+        stamp, separator, payload = data.partition(b"|")
+        if separator and stamp.isdigit():
+            self._metrics.ws_fanout_latency.observe(max(0.0, (now_ms() - int(stamp)) / 1000))
+        else:
+            payload = data  # not framed by a feed (nothing of ours publishes that way)
         for subscriber in list(self._subscribers.get(channel, ())):
             if subscriber.offer(payload):
                 self._metrics.ws_messages_out.inc()

@@ -8,7 +8,7 @@ import asyncpg
 
 from notifyd.store.pool import Conn, Executor
 
-COLUMNS = "id, sender_id, receiver_id, content, sent_at, read_at"
+COLUMNS = "id, sender_id, receiver_id, room_id, content, sent_at, read_at"
 
 INSERT = """
 INSERT INTO messages (id, tenant_id, sender_id, receiver_id, content)
@@ -16,11 +16,27 @@ VALUES ($1, $2, $3, $4, $5)
 RETURNING sent_at
 """
 
+# only a member's message is stored: a removal races no message in
+INSERT_IN_ROOM = """
+INSERT INTO messages (id, tenant_id, sender_id, room_id, content)
+SELECT $1, $2, $3, $4, $5
+WHERE EXISTS (SELECT 1 FROM room_members WHERE room_id = $4 AND user_id = $3)
+RETURNING sent_at
+"""
+
+LIST_ROOM = f"""
+SELECT {COLUMNS} FROM messages
+WHERE room_id = $1 AND ($2::uuid IS NULL OR id < $2)
+ORDER BY id DESC
+LIMIT $3
+"""
+
 # Two index-ordered scans merged, so a user with a long history still pages in index order.
 LIST_FOR_USER = f"""
 SELECT {COLUMNS} FROM (
     (SELECT {COLUMNS} FROM messages
-     WHERE tenant_id = $1 AND sender_id = $2 AND ($3::uuid IS NULL OR id < $3)
+     WHERE tenant_id = $1 AND sender_id = $2 AND receiver_id IS NOT NULL
+       AND ($3::uuid IS NULL OR id < $3)
      ORDER BY id DESC LIMIT $4)
     UNION ALL
     (SELECT {COLUMNS} FROM messages
@@ -44,16 +60,20 @@ LIMIT $5
 MARK_READ_IDS = """
 UPDATE messages SET read_at = now()
 WHERE tenant_id = $1 AND receiver_id = $2 AND id = ANY($3::uuid[]) AND read_at IS NULL
+RETURNING sender_id, id
 """
 
 MARK_READ_FROM = """
 UPDATE messages SET read_at = now()
 WHERE tenant_id = $1 AND receiver_id = $2 AND sender_id = $3 AND read_at IS NULL
+  AND ($4::uuid IS NULL OR id <= $4)
+RETURNING sender_id, id
 """
 
 MARK_READ_ALL = """
 UPDATE messages SET read_at = now()
 WHERE tenant_id = $1 AND receiver_id = $2 AND read_at IS NULL
+RETURNING sender_id, id
 """
 
 
@@ -82,6 +102,23 @@ async def list_for_user(
     return await conn.fetch(LIST_FOR_USER, tenant_id, user_id, before, limit)
 
 
+async def insert_in_room(
+    conn: Conn,
+    message_id: uuid.UUID,
+    tenant_id: str,
+    sender_id: str,
+    room_id: uuid.UUID,
+    content: str,
+) -> object:
+    return await conn.fetchval(INSERT_IN_ROOM, message_id, tenant_id, sender_id, room_id, content)
+
+
+async def list_room(
+    conn: Executor, room_id: uuid.UUID, *, before: uuid.UUID | None, limit: int
+) -> list[asyncpg.Record]:
+    return await conn.fetch(LIST_ROOM, room_id, before, limit)
+
+
 async def mark_read(
     conn: Conn,
     tenant_id: str,
@@ -89,12 +126,20 @@ async def mark_read(
     *,
     ids: list[uuid.UUID] | None,
     from_user: str | None,
-) -> int:
-    """Only messages the caller received can be marked read by the caller."""
+    up_to: uuid.UUID | None = None,
+) -> tuple[int, dict[str, uuid.UUID]]:
+    """Only messages the caller received can be marked read by the caller. Returns how many
+    changed and, per sender whose messages changed, the newest one now read: what a read
+    receipt tells that sender."""
     if ids is not None:
-        status = await conn.execute(MARK_READ_IDS, tenant_id, receiver_id, ids)
+        rows = await conn.fetch(MARK_READ_IDS, tenant_id, receiver_id, ids)
     elif from_user is not None:
-        status = await conn.execute(MARK_READ_FROM, tenant_id, receiver_id, from_user)
+        rows = await conn.fetch(MARK_READ_FROM, tenant_id, receiver_id, from_user, up_to)
     else:
-        status = await conn.execute(MARK_READ_ALL, tenant_id, receiver_id)
-    return int(status.rsplit(" ", 1)[1])
+        rows = await conn.fetch(MARK_READ_ALL, tenant_id, receiver_id)
+    newest: dict[str, uuid.UUID] = {}
+    for row in rows:
+        sender, message_id = row["sender_id"], row["id"]
+        if sender not in newest or newest[sender] < message_id:
+            newest[sender] = message_id
+    return len(rows), newest

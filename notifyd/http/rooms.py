@@ -1,0 +1,254 @@
+"""Chat rooms over REST: create group rooms, manage members, find a 1-on-1 room's name, and
+read a room's messages (what a client refetches after a `gap`).
+
+Who may do what: a user who creates a room is in it as its owner; services and admins act for
+the tenant and may create rooms for others, look at any group room and manage its members.
+Owners add and remove members; anyone may leave. Nobody outside a 1-on-1 room may see it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from notifyd.auth.identity import Identity
+from notifyd.http.context import audit_entry, identity, services
+from notifyd.http.idempotency import remember
+from notifyd.http.messages import message_json
+from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found
+from notifyd.http.responses import iso, json_response, page
+from notifyd.http.validation import Fields, query_fields, read_json_object
+from notifyd.ids import uuid7
+from notifyd.realtime.chat import NotAMember, Room, RoomNotFound
+from notifyd.realtime.roomname import dm_members, is_group_name
+from notifyd.store import audit
+from notifyd.store import messages as message_store
+from notifyd.store import rooms as store
+
+TITLE_MAX = 200
+
+
+def _member_json(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "user_id": row["user_id"],
+        "role": row["role"],
+        "joined_at": iso(row["joined_at"]),
+        "last_read_id": str(row["last_read_id"]) if row["last_read_id"] else None,
+    }
+
+
+async def _open(request: web.Request, name: str) -> Room:
+    """The room as the caller may use it, or the problem that says why not."""
+    ctx = services(request)
+    caller = identity(request)
+    admin = caller.is_privileged and dm_members(name) is None
+    try:
+        return await ctx.chat.open(caller.tenant_id, name, caller.user_id, admin=admin)
+    except RoomNotFound:
+        raise not_found("room") from None
+    except NotAMember:
+        raise forbidden("you are not a member of this room") from None
+
+
+async def _group_json(request: web.Request, room: Room) -> dict[str, Any]:
+    ctx = services(request)
+    assert room.room_id is not None
+    row = await store.get(ctx.pool, room.tenant_id, room.name)
+    if row is None:
+        raise not_found("room")
+    members = await store.members(ctx.pool, room.room_id)
+    return {
+        "name": row.name,
+        "kind": "group",
+        "title": row.title,
+        "created_by": row.created_by,
+        "created_at": iso(row.created_at),
+        "members": [_member_json(m) for m in members],
+    }
+
+
+def _dm_json(room: Room) -> dict[str, Any]:
+    assert room.pair is not None
+    return {"name": room.name, "kind": "dm", "members": list(room.pair)}
+
+
+async def create_room(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    fields = Fields(await read_json_object(request), ctx.id_rule)
+    name = fields.string("name", required=False, max_length=100)
+    title = fields.string("title", required=False, max_length=TITLE_MAX, allow_empty=True)
+    members = fields.opaque_ids("members", required=True, max_items=ctx.settings.room_max_members)
+    if name is not None and not is_group_name(name):
+        fields.error("name", "may only contain A-Z a-z 0-9 _ - (at most 100 characters)")
+    fields.done()
+    assert members is not None
+    if not caller.is_privileged:
+        members = [caller.user_id, *(m for m in members if m != caller.user_id)]
+    if len(members) > ctx.settings.room_max_members:
+        raise invalid(
+            [FieldError("members", f"a room has at most {ctx.settings.room_max_members} members")]
+        )
+    if not members:
+        raise invalid([FieldError("members", "a room needs at least one member")])
+    room_id = uuid7()
+    name = name or f"room-{room_id.hex}"
+    owner = None if caller.is_privileged else caller.user_id
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        created_at = await store.create(
+            conn, room_id, caller.tenant_id, name, title or "", caller.user_id, members, owner
+        )
+        if created_at is None:
+            raise Problem(409, f"a room named {name!r} already exists", kind="conflict")
+        await audit.record(
+            conn, audit_entry(request, "room.create", {"room": name, "members": members})
+        )
+        rows = await store.members(conn, room_id)
+        body = {
+            "name": name,
+            "kind": "group",
+            "title": title or "",
+            "created_by": caller.user_id,
+            "created_at": iso(created_at),
+            "members": [_member_json(m) for m in rows],
+        }
+        return await remember(request, conn, json_response(body, status=201))
+
+
+async def list_rooms(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    query = query_fields(request, ctx.id_rule)
+    limit = query.page_limit(ctx.settings.page_size_default, ctx.settings.page_size_max)
+    before = query.cursor()
+    query.done()
+    rows = await store.rooms_of(
+        ctx.pool, caller.tenant_id, caller.user_id, before=before, limit=limit + 1
+    )
+    rows, headers = page(request, rows, limit)
+    body = [
+        {
+            "name": r["name"],
+            "kind": "group",
+            "title": r["title"],
+            "created_by": r["created_by"],
+            "created_at": iso(r["created_at"]),
+        }
+        for r in rows
+    ]
+    return json_response(body, headers=headers)
+
+
+async def dm_room(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    other = request.match_info["other_user_id"]
+    problem = ctx.id_rule.problem(other)
+    if problem is None and other == caller.user_id:
+        problem = "must be another user than the caller"
+    if problem is not None:
+        raise invalid([FieldError("other_user_id", problem)])
+    return json_response(_dm_json(Room.dm(caller.tenant_id, caller.user_id, other)))
+
+
+async def get_room(request: web.Request) -> web.Response:
+    room = await _open(request, request.match_info["room"])
+    if room.is_dm:
+        return json_response(_dm_json(room))
+    return json_response(await _group_json(request, room))
+
+
+async def room_messages(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    room = await _open(request, request.match_info["room"])
+    query = query_fields(request, ctx.id_rule)
+    limit = query.page_limit(ctx.settings.page_size_default, ctx.settings.page_size_max)
+    before = query.cursor()
+    query.done()
+    peer = room.peer_of(caller.user_id)
+    if peer is not None:
+        rows = await message_store.list_for_user(
+            ctx.pool,
+            caller.tenant_id,
+            caller.user_id,
+            with_user=peer,
+            before=before,
+            limit=limit + 1,
+        )
+    else:
+        assert room.room_id is not None
+        rows = await message_store.list_room(ctx.pool, room.room_id, before=before, limit=limit + 1)
+    rows, headers = page(request, rows, limit)
+    return json_response([message_json(r, room.name) for r in rows], headers=headers)
+
+
+def _may_manage(caller: Identity, role: str | None) -> bool:
+    return caller.is_privileged or role == "owner"
+
+
+async def add_members(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    room = await _open(request, request.match_info["room"])
+    if room.room_id is None:
+        raise forbidden("a 1-on-1 room always has exactly its two members")
+    fields = Fields(await read_json_object(request), ctx.id_rule)
+    members = fields.opaque_ids("members", required=True, max_items=ctx.settings.room_max_members)
+    fields.done()
+    assert members is not None
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        role = await store.role_of(conn, room.room_id, caller.user_id)
+        if not _may_manage(caller, role):
+            raise forbidden("only the room's owners (and tenant admins) add members")
+        # serialise concurrent additions so the size limit holds
+        await conn.execute("SELECT 1 FROM rooms WHERE id = $1 FOR UPDATE", room.room_id)
+        current = len(await store.members(conn, room.room_id))
+        new = [m for m in members if await store.role_of(conn, room.room_id, m) is None]
+        if current + len(new) > ctx.settings.room_max_members:
+            raise invalid(
+                [
+                    FieldError(
+                        "members", f"a room has at most {ctx.settings.room_max_members} members"
+                    )
+                ]
+            )
+        added = await store.add_members(conn, room.room_id, room.tenant_id, new)
+        await audit.record(
+            conn, audit_entry(request, "room.add_members", {"room": room.name, "added": added})
+        )
+        return await remember(request, conn, json_response({"added": added}))
+
+
+async def remove_member(request: web.Request) -> web.Response:
+    ctx = services(request)
+    caller = identity(request)
+    room = await _open(request, request.match_info["room"])
+    if room.room_id is None:
+        raise forbidden("a 1-on-1 room always has exactly its two members")
+    user_id = request.match_info["user_id"]
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        role = await store.role_of(conn, room.room_id, caller.user_id)
+        if user_id != caller.user_id and not _may_manage(caller, role):
+            raise forbidden("only the room's owners (and tenant admins) remove others")
+        if not await store.remove_member(conn, room.room_id, user_id):
+            raise not_found("member")
+        await audit.record(
+            conn, audit_entry(request, "room.remove_member", {"room": room.name, "user": user_id})
+        )
+    await ctx.chat.removed(room, user_id)
+    return web.Response(status=204)
+
+
+def add_routes(app: web.Application) -> None:
+    for base in ("/rooms", "/api/rooms"):
+        app.router.add_post(f"{base}/", create_room)
+        app.router.add_get(f"{base}/", list_rooms)
+        app.router.add_get(f"{base}/dm/{{other_user_id}}", dm_room)
+        app.router.add_get(f"{base}/dm/{{other_user_id}}/", dm_room)
+        app.router.add_get(f"{base}/{{room}}/", get_room)
+        app.router.add_get(f"{base}/{{room}}/messages/", room_messages)
+        app.router.add_post(f"{base}/{{room}}/members/", add_members)
+        app.router.add_delete(f"{base}/{{room}}/members/{{user_id}}/", remove_member)

@@ -1,0 +1,212 @@
+"""`/ws/chat/{room}/`: a chat room, live.
+
+The client sends (every frame counts against the connection's rate limit):
+- `{"message": "...", "receiver_id": "...", "client_id": "..."}`: a message (the first seed's
+  frame; `type` may be omitted or `"message"`). In a 1-on-1 room `receiver_id`, when given,
+  must be the other member; in a group room it must be absent. `client_id` is echoed so a
+  client can match its own message when it comes back.
+- `{"type": "typing", "typing": true}`, `{"type": "read", "up_to": "<message id>"}`,
+  `{"type": "ping"}`.
+
+Every member receives `{"type": "message", "room", "id", "sender_id", "receiver_id",
+"message", "sent_at", "offset"}` (the sender too: that is its acknowledgement), `read`
+receipts, `typing`, and `join`/`leave` when a member's first socket opens or last one closes
+on any instance. The first frame is `{"type": "presence", "online": [...]}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from notifyd.auth.identity import Identity
+from notifyd.http.context import request_id, services
+from notifyd.http.websockets import (
+    FORBIDDEN,
+    NOT_FOUND,
+    RateLimit,
+    accept,
+    error_frame,
+    live,
+    replay,
+    writing,
+)
+from notifyd.ids import parse_uuid, uuid7
+from notifyd.payloads import dumps
+from notifyd.realtime.chat import NotAMember, Room, RoomNotFound
+from notifyd.store import audit
+from notifyd.store.audit import AuditEntry
+
+ENDPOINT = "chat"
+COMMANDS = ("message", "typing", "read", "ping")
+CLIENT_ID_MAX = 100
+
+
+async def chat_socket(request: web.Request) -> web.StreamResponse:
+    ws, caller = await accept(request)
+    if caller is None:
+        return ws
+    ctx = services(request)
+    name = request.match_info["room"]
+    try:
+        room = await ctx.chat.open(caller.tenant_id, name, caller.user_id)
+    except RoomNotFound:
+        await ws.close(code=NOT_FOUND, message=b"no such room")
+        return ws
+    except NotAMember:
+        await ws.close(code=FORBIDDEN, message=b"not a member of this room")
+        return ws
+    removal = b'"type":"member_removed"'
+    me = dumps({"user_id": caller.user_id})[1:-1]
+
+    def removes_me(payload: bytes) -> bool:
+        return removal in payload and me in payload
+
+    channel = ctx.keys.room_events(caller.tenant_id, name)
+    async with live(request, ws, channel, ENDPOINT) as subscriber:
+        seat, online = await ctx.presence.join(caller.tenant_id, name, caller.user_id)
+        try:
+            await ws.send_str(dumps({"type": "presence", "room": name, "online": online}).decode())
+            replayed_to = await replay(
+                ws,
+                request,
+                lambda since: ctx.history.since_in_room(
+                    caller.tenant_id, name, since, ctx.settings.ws_history_len
+                ),
+                refetch=f"GET /rooms/{name}/messages/",
+            )
+            async with writing(ws, subscriber, replayed_to, ends_with=removes_me):
+                await _read(ws, request, caller, room)
+        finally:
+            await ctx.presence.leave(seat)
+    return ws
+
+
+async def _read(
+    ws: web.WebSocketResponse, request: web.Request, caller: Identity, room: Room
+) -> None:
+    ctx = services(request)
+    limit = RateLimit(ctx.settings.ws_message_rate, ctx.settings.ws_message_burst)
+    async for frame in ws:
+        if frame.type != WSMsgType.TEXT:
+            continue
+        if not limit.allow():
+            ctx.metrics.ws_rate_limited.inc()
+            await ws.send_str(error_frame("too many frames; slow down", code="rate_limited"))
+            continue
+        try:
+            command: Any = orjson.loads(frame.data)
+        except orjson.JSONDecodeError:
+            command = None
+        if not isinstance(command, dict):
+            ctx.metrics.ws_messages_in.labels(ENDPOINT, "other").inc()
+            await ws.send_str(error_frame("frames must be JSON objects"))
+            continue
+        kind = command.get("type", "message")
+        ctx.metrics.ws_messages_in.labels(ENDPOINT, kind if kind in COMMANDS else "other").inc()
+        if kind == "message":
+            await _send(ws, request, caller, room, command)
+        elif kind == "typing":
+            await ctx.chat.typing(room, caller.user_id, command.get("typing") is not False)
+        elif kind == "read":
+            await _read_receipt(ws, request, caller, room, command)
+        elif kind == "ping":
+            await ws.send_str('{"type":"pong"}')
+        else:
+            await ws.send_str(error_frame(f"unknown type; known: {', '.join(COMMANDS)}"))
+
+
+def _audit(
+    request: web.Request, caller: Identity, action: str, details: dict[str, Any]
+) -> AuditEntry:
+    return AuditEntry(
+        tenant_id=caller.tenant_id,
+        user_id=caller.user_id,
+        action=action,
+        ip_address=request.remote,
+        request_id=request_id(request) or None,
+        details={"role": caller.role, "via": "websocket", **details},
+    )
+
+
+async def _send(
+    ws: web.WebSocketResponse,
+    request: web.Request,
+    caller: Identity,
+    room: Room,
+    command: dict[str, Any],
+) -> None:
+    ctx = services(request)
+    content = command.get("message")
+    receiver_id = command.get("receiver_id")
+    client_id = command.get("client_id")
+    problem = None
+    if not isinstance(content, str) or not content.strip():
+        problem = "message: must be a non-empty string"
+    elif len(content) > ctx.settings.message_max_length:
+        problem = f"message: must be at most {ctx.settings.message_max_length} characters"
+    elif receiver_id is not None and receiver_id != room.peer_of(caller.user_id):
+        problem = (
+            "receiver_id: must be the other member of this 1-on-1 room"
+            if room.is_dm
+            else "receiver_id: group rooms have no single receiver; leave it out"
+        )
+    elif client_id is not None and (not isinstance(client_id, str) or len(client_id) > 100):
+        problem = f"client_id: must be a string of at most {CLIENT_ID_MAX} characters"
+    if problem is not None:
+        await ws.send_str(error_frame(problem))
+        return
+    assert isinstance(content, str)
+    message_id = uuid7()
+    try:
+        async with ctx.pool.acquire() as conn, conn.transaction():
+            message = await ctx.chat.insert(conn, message_id, room, caller.user_id, content)
+            await audit.record(
+                conn,
+                _audit(
+                    request,
+                    caller,
+                    "message.send",
+                    {
+                        "message_id": str(message_id),
+                        "receiver_id": message.receiver_id,
+                        "room": room.name,
+                    },
+                ),
+            )
+    except NotAMember:
+        await ws.close(code=FORBIDDEN, message=b"no longer a member of this room")
+        return
+    await ctx.chat.announce(message, client_id)
+
+
+async def _read_receipt(
+    ws: web.WebSocketResponse,
+    request: web.Request,
+    caller: Identity,
+    room: Room,
+    command: dict[str, Any],
+) -> None:
+    ctx = services(request)
+    raw = command.get("up_to")
+    up_to = parse_uuid(raw) if isinstance(raw, str) else None
+    if up_to is None:
+        await ws.send_str(error_frame("up_to: must be the id of a message in this room"))
+        return
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        changed = await ctx.chat.mark_read(conn, room, caller.user_id, up_to)
+        if changed:
+            await audit.record(
+                conn,
+                _audit(
+                    request, caller, "message.mark_read", {"room": room.name, "up_to": str(up_to)}
+                ),
+            )
+    if changed:
+        await ctx.chat.announce_read(room, caller.user_id, up_to)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/ws/chat/{room}/", chat_socket)

@@ -1,0 +1,134 @@
+"""`/ws/notifications/{tenant_id}/{user_id}/`: one user's live feed.
+
+New in-app notifications, delivery status changes, unread-count updates and new 1-on-1
+messages arrive as they happen; `?since=<offset>` replays what a reconnecting client missed.
+The client may send `mark_read` (ids or all) and `ping`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from notifyd.auth.identity import Identity
+from notifyd.http.context import request_id, services
+from notifyd.http.websockets import (
+    FORBIDDEN,
+    RateLimit,
+    accept,
+    error_frame,
+    live,
+    replay,
+    writing,
+)
+from notifyd.ids import parse_uuid
+from notifyd.payloads import dumps
+from notifyd.store import audit
+from notifyd.store import notifications as notification_store
+from notifyd.store.audit import AuditEntry
+
+ENDPOINT = "notifications"
+COMMANDS = ("mark_read", "ping")
+
+
+async def notifications_socket(request: web.Request) -> web.StreamResponse:
+    ws, caller = await accept(request)
+    if caller is None:
+        return ws
+    if (caller.tenant_id, caller.user_id) != (
+        request.match_info["tenant_id"],
+        request.match_info["user_id"],
+    ):
+        await ws.close(code=FORBIDDEN, message=b"this is not your notification channel")
+        return ws
+    ctx = services(request)
+    channel = ctx.keys.user_events(caller.tenant_id, caller.user_id)
+    async with live(request, ws, channel, ENDPOINT) as subscriber:
+        replayed_to = await replay(
+            ws,
+            request,
+            lambda since: ctx.history.since(
+                caller.tenant_id, caller.user_id, since, ctx.settings.ws_history_len
+            ),
+            refetch="GET /notifications/",
+        )
+        async with writing(ws, subscriber, replayed_to):
+            unread = await notification_store.unread_count(
+                ctx.pool, caller.tenant_id, caller.user_id
+            )
+            await ws.send_str(dumps({"type": "unread_count", "count": unread}).decode())
+            await _read(ws, request, caller)
+    return ws
+
+
+async def _read(ws: web.WebSocketResponse, request: web.Request, caller: Identity) -> None:
+    ctx = services(request)
+    limit = RateLimit(ctx.settings.ws_message_rate, ctx.settings.ws_message_burst)
+    async for message in ws:
+        if message.type != WSMsgType.TEXT:
+            continue
+        if not limit.allow():
+            ctx.metrics.ws_rate_limited.inc()
+            await ws.send_str(error_frame("too many frames; slow down", code="rate_limited"))
+            continue
+        try:
+            command: Any = orjson.loads(message.data)
+        except orjson.JSONDecodeError:
+            await ws.send_str(error_frame("frames must be JSON objects"))
+            continue
+        kind = command.get("type") if isinstance(command, dict) else None
+        ctx.metrics.ws_messages_in.labels(ENDPOINT, kind if kind in COMMANDS else "other").inc()
+        if not isinstance(command, dict):
+            await ws.send_str(error_frame("frames must be JSON objects"))
+        elif kind == "mark_read":
+            await _mark_read(ws, request, caller, command)
+        elif kind == "ping":
+            await ws.send_str('{"type":"pong"}')
+        else:
+            await ws.send_str(error_frame("unknown command; known: mark_read, ping"))
+
+
+async def _mark_read(
+    ws: web.WebSocketResponse, request: web.Request, caller: Identity, command: dict[str, Any]
+) -> None:
+    ctx = services(request)
+    raw_ids = command.get("ids")
+    everything = command.get("all") is True
+    ids = None
+    if not everything:
+        if not isinstance(raw_ids, list) or len(raw_ids) > ctx.settings.mark_read_max_ids:
+            await ws.send_str(error_frame('mark_read takes "ids": [...] or "all": true'))
+            return
+        ids = [i for i in (parse_uuid(r) if isinstance(r, str) else None for r in raw_ids) if i]
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        updated = await notification_store.mark_read(conn, caller.tenant_id, caller.user_id, ids)
+        unread = await notification_store.unread_count(conn, caller.tenant_id, caller.user_id)
+        await audit.record(
+            conn,
+            AuditEntry(
+                tenant_id=caller.tenant_id,
+                user_id=caller.user_id,
+                action="notification.mark_read",
+                ip_address=request.remote,
+                request_id=request_id(request) or None,
+                details={
+                    "role": caller.role,
+                    "via": "websocket",
+                    "all": everything,
+                    "ids": [str(i) for i in ids or []],
+                    "updated": updated,
+                },
+            ),
+        )
+    # every socket of this user (on any instance) learns the new count
+    await ctx.history.signal_user(
+        caller.tenant_id,
+        caller.user_id,
+        {"type": "unread_count", "count": unread, "updated": updated},
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/ws/notifications/{tenant_id}/{user_id}/", notifications_socket)
