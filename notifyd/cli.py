@@ -1,15 +1,22 @@
-"""`notifyd` command line: serve, migrate, token, check-config."""
+"""`notifyd` command line: serve, migrate, token, check-config, and the operator commands
+send, dlq, reminders and stats (their logic lives in notifyd/operator/).
+
+Exit codes: 0 done; 1 a server (PostgreSQL, Redis) unreachable or failing, or not everything
+asked for could be done; 2 bad settings or bad input, nothing changed."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 from notifyd import __version__, logs
-from notifyd.settings import ROLES, Settings, SettingsError, describe, load_settings
+from notifyd.settings import CHANNELS, ROLES, Settings, SettingsError, describe, load_settings
+
+# notifyd.http.reminders.STATUSES, not imported here: every command would load aiohttp
+REMINDER_STATUSES = ("scheduled", "fired", "skipped", "cancelled")
 
 
 def _load(args: argparse.Namespace) -> Settings:
@@ -117,8 +124,195 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator(
+    command: str, args: argparse.Namespace, work: Callable[[Settings], Coroutine[Any, Any, int]]
+) -> int:
+    """An operator command: settings like every command, then its work with unreachable or
+    failing servers reported in one line (exit 1)."""
+    from notifyd.operator.connect import guarded
+
+    settings = _load(args)
+    logs.configure(settings.log_level, settings.log_format, settings.debug)
+    return _run(guarded(command, work(settings)))
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from notifyd.operator import send
+
+    options = send.SendOptions(
+        tenant=args.tenant,
+        to=args.to,
+        channel=args.channel,
+        recipient=args.recipient,
+        subject=args.subject,
+        message=args.message,
+        template_key=args.template_key,
+        context=args.context,
+        category=args.category,
+        locale=args.locale,
+        critical=args.critical,
+        actor=args.actor,
+    )
+    return _operator("send", args, lambda settings: send.run(settings, options))
+
+
+def cmd_dlq_list(args: argparse.Namespace) -> int:
+    from notifyd.operator import dlq
+
+    return _operator(
+        "dlq list",
+        args,
+        lambda s: dlq.list_command(s, limit=args.limit or s.page_size_default, as_json=args.json),
+    )
+
+
+def cmd_dlq_requeue(args: argparse.Namespace) -> int:
+    from notifyd.operator import dlq
+    from notifyd.operator.audit import cli_actor
+
+    if bool(args.ids) == args.all:
+        print("notifyd dlq requeue: name entry ids, or --all (not both)", file=sys.stderr)
+        return 2
+    return _operator(
+        "dlq requeue",
+        args,
+        lambda s: dlq.requeue_command(
+            s, ids=args.ids, everything=args.all, as_json=args.json, actor=cli_actor(args.actor)
+        ),
+    )
+
+
+def cmd_reminders_list(args: argparse.Namespace) -> int:
+    from notifyd.operator import reminders
+
+    return _operator(
+        "reminders list",
+        args,
+        lambda s: reminders.list_command(
+            s,
+            due_before_text=args.due_before,
+            tenant_id=args.tenant,
+            status=args.status,
+            limit=args.limit or s.page_size_default,
+            as_json=args.json,
+        ),
+    )
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from notifyd.operator import stats
+
+    return _operator("stats", args, lambda s: stats.command(s, as_json=args.json))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _add_operator_commands(sub: Any) -> None:
+    send = sub.add_parser(
+        "send",
+        help="send one notification (smoke test), through the same path as the REST route",
+        description="Store one notification (row + audit row in one transaction) and enqueue "
+        "it, exactly as POST /notifications/send/ does, but without a token or role policy; "
+        'the audit row says "via": "cli". Prints {"notification_ids": [...]} as JSON.',
+    )
+    send.add_argument("--tenant", required=True, help="tenant id")
+    send.add_argument(
+        "--to", required=True, metavar="USER_ID", help="the user it is for (in-app: the recipient)"
+    )
+    send.add_argument("--channel", choices=CHANNELS, default="in_app", help="default: in_app")
+    send.add_argument(
+        "--recipient", metavar="ADDRESS", help="email address or phone number (email and sms)"
+    )
+    send.add_argument("--subject", help="subject (required for email unless the template has one)")
+    send.add_argument("--message", help="text (required unless --template-key is given)")
+    send.add_argument("--template-key", metavar="K", help="render the tenant's template K")
+    send.add_argument("--context", metavar="JSON", help="template variables, a JSON object")
+    send.add_argument("--category", help="category (opt-outs are per category)")
+    send.add_argument("--locale", help="template locale, e.g. pt-BR")
+    send.add_argument("--critical", action="store_true", help="ignore the user's opt-outs")
+    send.add_argument(
+        "--actor", default="cli", help="user id recorded as sender and in the audit log (cli)"
+    )
+    send.set_defaults(func=cmd_send)
+
+    dlq = sub.add_parser(
+        "dlq",
+        help="list or requeue dead letters",
+        description="The dead-letter stream: stream entries a consumer gave up on, and "
+        "deliveries that failed for good.",
+    )
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq_sub.add_parser("list", help="dead letters, newest first")
+    dlq_list.add_argument(
+        "--limit",
+        type=_positive_int,
+        metavar="N",
+        help="at most N (default: NOTIFYD_PAGE_SIZE_DEFAULT)",
+    )
+    dlq_list.add_argument("--json", action="store_true", help="one JSON document")
+    dlq_list.set_defaults(func=cmd_dlq_list)
+    requeue = dlq_sub.add_parser(
+        "requeue",
+        help="put dead letters back on their stream",
+        description="Put each entry back on its original stream and delete it from the dead "
+        "stream. A failed delivery is restarted as POST /notifications/{id}/retry/ does "
+        "(fresh attempts, audited). Exit 1 when any could not be requeued.",
+    )
+    requeue.add_argument("ids", nargs="*", metavar="ID", help="dead-letter entry ids (dlq list)")
+    requeue.add_argument("--all", action="store_true", help="every dead letter there now")
+    requeue.add_argument("--json", action="store_true", help="one JSON document")
+    requeue.add_argument("--actor", default="cli", help="user id for the audit log (cli)")
+    requeue.set_defaults(func=cmd_dlq_requeue)
+
+    reminders = sub.add_parser("reminders", help="inspect interview reminders")
+    reminders_sub = reminders.add_subparsers(dest="reminders_command", required=True)
+    due = reminders_sub.add_parser(
+        "list",
+        help="reminders due before a time, soonest first (from PostgreSQL)",
+        description="Reminders whose reminder time is before --due-before, soonest first.",
+    )
+    due.add_argument(
+        "--due-before", required=True, metavar="ISO8601", help="e.g. 2026-03-10T10:00:00Z"
+    )
+    due.add_argument("--tenant", help="only this tenant (default: every tenant)")
+    due.add_argument(
+        "--status",
+        choices=(*REMINDER_STATUSES, "all"),
+        default="scheduled",
+        help="default: scheduled",
+    )
+    due.add_argument(
+        "--limit",
+        type=_positive_int,
+        metavar="N",
+        help="at most N (default: NOTIFYD_PAGE_SIZE_DEFAULT)",
+    )
+    due.add_argument("--json", action="store_true", help="one JSON document")
+    due.set_defaults(func=cmd_reminders_list)
+
+    stats = sub.add_parser(
+        "stats",
+        help="streams, consumer groups, timer, dead letters, notifications by status",
+        description="Stream lengths; per consumer group its consumers, pending entries and "
+        "lag; the timer wheel's size and next due time; the dead-letter count; notification "
+        "rows by status.",
+    )
+    stats.add_argument("--json", action="store_true", help="one JSON document")
+    stats.set_defaults(func=cmd_stats)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="notifyd", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="notifyd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"notifyd {__version__}")
     parser.add_argument(
         "--config", metavar="FILE", help="TOML settings file (default: $NOTIFYD_CONFIG)"
@@ -139,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "check-config", help="print the effective settings and every problem"
     ).set_defaults(func=cmd_check_config)
+    _add_operator_commands(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""The shapes of the names clients choose: template keys, categories, locales.
+"""The shapes of what clients write: template keys, categories, locales, email addresses.
 
 One definition each, so a locale accepted on a template is accepted on a notification, a
 reminder contact and a tenant's default alike.
@@ -12,6 +12,15 @@ TEMPLATE_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 CATEGORY = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 LOCALE = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*")
 LOCALE_MAX_LENGTH = 35
+EMAIL = re.compile(
+    r"[^@\s<>\"',;]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+"
+)
+
+
+def is_email(text: str) -> bool:
+    """A plain addr-spec (no display name): what a relay will accept as RCPT TO."""
+    return len(text) <= 254 and EMAIL.fullmatch(text) is not None
 
 
 def is_locale(locale: str) -> bool:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 import asyncpg
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from notifyd import tags
+from notifyd import accept, tags
 from notifyd.auth import policy
-from notifyd.compose import compose
 from notifyd.http.context import (
     audit_entry,
     identity,
@@ -23,21 +21,13 @@ from notifyd.http.context import (
 from notifyd.http.idempotency import remember
 from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found
 from notifyd.http.responses import iso, json_response, page
-from notifyd.http.validation import Fields, is_email, query_fields, read_json_object
-from notifyd.ids import parse_uuid, uuid7
-from notifyd.payloads import DeliveryRef, NotificationIntent
-from notifyd.providers.phones import InvalidPhone, to_e164
-from notifyd.providers.render import TemplateError
+from notifyd.http.validation import Fields, query_fields, read_json_object
+from notifyd.ids import parse_uuid
 from notifyd.settings import CHANNELS
-from notifyd.store import audit, deliveries
+from notifyd.store import audit
 from notifyd.store import notifications as store
-from notifyd.store.tenants import locale_for, region_for
 
 log = logging.getLogger("notifyd.http.notifications")
-
-# The loose shape of a phone number; full E.164 normalisation happens at send time.
-_PHONE = re.compile(r"\+?[0-9][0-9 ().-]{4,30}")
-_HEADER_UNSAFE = re.compile(r"[\r\n]")
 
 
 def notification_json(row: asyncpg.Record) -> dict[str, Any]:
@@ -73,50 +63,37 @@ def notification_json(row: asyncpg.Record) -> dict[str, Any]:
     }
 
 
-def _check_recipient(fields: Fields, channel: str, recipient: str) -> None:
-    if channel == "email":
-        if not is_email(recipient):
-            fields.error("recipient", "must be an email address for notification_type email")
-    elif channel == "sms":
-        if not _PHONE.fullmatch(recipient) or sum(c.isdigit() for c in recipient) < 5:
-            fields.error("recipient", "must be a phone number for notification_type sms")
-    else:
-        problem = fields.id_rule.problem(recipient)
-        if problem is not None:
-            fields.error("recipient", f"must be a user id for notification_type in_app: {problem}")
-
-
 async def send_notification(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
     limits = ctx.settings
     fields = Fields(await read_json_object(request), ctx.id_rule)
     channel = fields.choice("notification_type", CHANNELS)
-    recipient = fields.string("recipient", max_length=320)
+    recipient = fields.string("recipient", max_length=accept.RECIPIENT_MAX_LENGTH)
     subject = fields.string("subject", required=False, max_length=limits.subject_max_length)
     message = fields.string("message", required=False, max_length=limits.notification_max_length)
-    template_key = fields.string("template_key", required=False, max_length=128)
+    template_key = fields.string(
+        "template_key", required=False, max_length=accept.TEMPLATE_KEY_MAX_LENGTH
+    )
     context = fields.mapping("context", max_keys=limits.context_max_keys)
     user_id = fields.opaque_id("user_id", required=False)
-    category = fields.string("category", required=False, max_length=64)
+    category = fields.string("category", required=False, max_length=accept.CATEGORY_MAX_LENGTH)
     critical = fields.boolean("critical") or False
-    locale = fields.string("locale", required=False, max_length=35)
-    if category is not None and not tags.CATEGORY.fullmatch(category):
-        fields.error("category", "may contain letters, digits and _ . : - only")
-    if locale is not None and not tags.is_locale(locale):
-        fields.error("locale", "must be a language tag such as en or pt-BR")
-    if message is None and template_key is None and not fields.has("message"):
-        fields.error("message", "is required unless template_key is given")
-    if template_key is not None and not tags.TEMPLATE_KEY.fullmatch(template_key):
-        fields.error("template_key", "may contain letters, digits and _ . : - only")
-    if context is not None and template_key is None:
-        fields.error("context", "is only used with template_key")
-    if subject is not None and _HEADER_UNSAFE.search(subject):
-        fields.error("subject", "must be a single line")
-    if channel is not None and recipient is not None:
-        _check_recipient(fields, channel, recipient.strip())
-    if channel == "in_app" and user_id is not None:
-        fields.error("user_id", "is implied by recipient for notification_type in_app")
+    locale = fields.string("locale", required=False, max_length=tags.LOCALE_MAX_LENGTH)
+    for problem in accept.rule_problems(
+        channel=channel,
+        recipient=recipient,
+        subject=subject,
+        message=message,
+        template_key=template_key,
+        context=context,
+        user_id=user_id,
+        category=category,
+        locale=locale,
+        id_rule=ctx.id_rule,
+        at_fault={error.field for error in fields.errors},
+    ):
+        fields.error(problem.field, problem.message)
     fields.done()
     assert channel is not None
     assert recipient is not None
@@ -125,86 +102,44 @@ async def send_notification(request: web.Request) -> web.Response:
     if critical and not caller.is_privileged:
         raise forbidden("only service and admin tokens may send critical notifications")
 
-    tenant = await tenant_settings_of(ctx, caller.tenant_id)
-    recipient = recipient.strip()
-    if channel == "sms":
-        # read national forms in the tenant's region now: a number that cannot be read is the
-        # caller's 422, and the row holds the E.164 form the provider and callbacks use
-        try:
-            recipient = to_e164(recipient, region_for(tenant, limits))
-        except InvalidPhone as exc:
-            raise invalid([FieldError("recipient", str(exc))]) from None
-
-    # Render now, so a template problem (a missing variable) is the caller's 422, not a blank
-    # in someone's inbox later.
-    try:
-        rendered = await compose(
-            ctx.pool,
-            tenant_id=caller.tenant_id,
-            channel=channel,
-            template_key=template_key,
-            context=context,
-            subject=subject,
-            message=message,
-            locale=locale,
-            default_locale=locale_for(tenant, limits),
-        )
-    except TemplateError as exc:
-        raise invalid([FieldError(exc.field, exc.reason)]) from None
-    if channel == "email" and not (rendered.subject or "").strip():
-        raise invalid([FieldError("subject", "is required for email (directly or by template)")])
-
-    notification_id = uuid7()
-    row = store.NewNotification(
-        id=notification_id,
-        tenant_id=caller.tenant_id,
-        created_by=caller.user_id,
-        user_id=recipient if channel == "in_app" else user_id,
+    order = accept.Order(
         channel=channel,
         recipient=recipient,
-        subject=rendered.subject,
-        body=rendered.text,
-        html_body=rendered.html,
+        subject=subject,
+        message=message,
         template_key=template_key,
         context=context,
-        locale=locale,
+        user_id=user_id,
         category=category,
         critical=critical,
+        locale=locale,
+    )
+    tenant = await tenant_settings_of(ctx, caller.tenant_id)
+    try:
+        prepared = await accept.prepare(ctx.pool, limits, tenant, caller.tenant_id, order)
+    except accept.Refused as exc:
+        raise invalid([FieldError(p.field, p.message) for p in exc.problems]) from None
+    row = prepared.row(
+        tenant_id=caller.tenant_id,
+        created_by=caller.user_id,
         idempotency_key=request.headers.get("Idempotency-Key"),
         request_id=request_id(request) or None,
     )
     async with ctx.pool.acquire() as conn, conn.transaction():
-        await store.insert(conn, row)
-        await audit.record(
-            conn,
-            audit_entry(
-                request,
-                "notification.send",
-                {
-                    "notification_id": str(notification_id),
-                    "channel": channel,
-                    "recipient": recipient,
-                    "template_key": template_key,
-                },
-            ),
+        await accept.record(
+            conn, row, audit_entry(request, accept.SEND_ACTION, accept.audit_details(row))
         )
         response = await remember(
             request,
             conn,
             json_response(
-                {"notification_id": str(notification_id), "status": "queued"},
+                {"notification_id": str(row.id), "status": "queued"},
                 status=202,
-                headers={"Location": f"/notifications/{notification_id}/"},
+                headers={"Location": f"/notifications/{row.id}/"},
             ),
         )
-    ctx.metrics.notifications_accepted.labels(channel).inc()
-    intent = NotificationIntent(tenant_id=caller.tenant_id, notification_id=str(notification_id))
-    try:
-        await ctx.producer.add(ctx.keys.intents, intent.to_fields())
-    except RedisError as exc:
-        # The row is committed: the answer stays 202 and the sweeper re-enqueues it later.
-        ctx.metrics.enqueue_failures.inc()
-        log.warning("intent not enqueued; left for the sweeper", extra={"error": repr(exc)})
+    # committed: a Redis failure now still answers 202; the sweeper enqueues it later
+    await accept.announce(ctx.producer, ctx.keys, [row], ctx.metrics)
     return response
 
 
@@ -288,24 +223,27 @@ async def retry_notification(request: web.Request) -> web.Response:
     if caller.role != "admin":
         raise forbidden("only admins may requeue a failed delivery")
     async with ctx.pool.acquire() as conn, conn.transaction():
-        channel = await deliveries.requeue_failed(conn, caller.tenant_id, row["id"])
+        channel = await accept.restart_failed(
+            conn,
+            caller.tenant_id,
+            row["id"],
+            audit_entry(request, accept.RETRY_ACTION, {"notification_id": str(row["id"])}),
+        )
         if channel is None:
             raise Problem(
                 409,
                 f"the notification is {row['status']}; only failed deliveries are requeued",
                 kind="not-failed",
             )
-        await audit.record(
-            conn, audit_entry(request, "notification.retry", {"notification_id": str(row["id"])})
-        )
         fresh = await store.get(conn, caller.tenant_id, row["id"])
         assert fresh is not None
         response = await remember(
             request, conn, json_response(notification_json(fresh), status=202)
         )
-    ref = DeliveryRef(caller.tenant_id, str(row["id"]))
     try:
-        await ctx.producer.add(ctx.keys.deliver(channel), ref.to_fields())
+        await ctx.producer.add(
+            ctx.keys.deliver(channel), accept.delivery_ref(caller.tenant_id, row["id"])
+        )
     except RedisError as exc:
         # committed as `dispatched`: the sweeper puts it back on the stream
         log.warning("requeued delivery left for the sweeper", extra={"error": repr(exc)})

@@ -18,12 +18,9 @@ from aiohttp import web
 
 from notifyd.http.problems import FieldError, Problem, invalid
 from notifyd.ids import OpaqueIdRule, parse_uuid
+from notifyd.tags import is_email as is_email  # one email rule for every entry point
 
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
-_EMAIL = re.compile(
-    r"[^@\s<>\"',;]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+"
-)
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
@@ -59,10 +56,6 @@ def parse_rfc3339(text: str) -> datetime | None:
         return datetime.fromisoformat(text.replace("z", "Z"))
     except ValueError:
         return None
-
-
-def is_email(text: str) -> bool:
-    return len(text) <= 254 and _EMAIL.fullmatch(text) is not None
 
 
 class Fields:

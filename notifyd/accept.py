@@ -1,0 +1,416 @@
+"""Accepting a notification: the one path from "someone wants this sent" to the outbox.
+
+The REST send route, `notifyd send` and event ingestion all go through here, so a smoke test
+from the shell or an ingested event is checked, rendered and stored exactly as a POST is:
+
+1. `problems` / `rule_problems`: what is wrong with the request, every field at once;
+2. `prepare`: SMS numbers to E.164 in the tenant's region and the content rendered now, so a
+   number that cannot be read or a template that cannot render is the caller's error, never
+   a blank in someone's inbox later;
+3. `record`: the row and its audit row, inside the caller's transaction;
+4. `announce`: after the commit, the intent on the intents stream. If Redis fails there the
+   notification is still accepted (the row is committed) and the sweeper enqueues it later.
+
+`accept` does all four in one call for callers with nothing else in the transaction (the CLI,
+ingestion). The HTTP handler calls the steps itself because it keeps the idempotency record
+in the same transaction. Who may send what (the role policy) stays with each entry point:
+a token's role means nothing to an operator at a shell.
+
+`restart_failed` is the other half of an admin's requeue (`POST /notifications/{id}/retry/`,
+`notifyd dlq requeue`): a failed delivery starts over, audited.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from redis.exceptions import RedisError
+
+from notifyd import tags
+from notifyd.compose import compose
+from notifyd.ids import OpaqueIdRule, uuid7
+from notifyd.keys import Keys
+from notifyd.metrics import Metrics
+from notifyd.payloads import DeliveryRef, NotificationIntent
+from notifyd.providers.phones import InvalidPhone, to_e164
+from notifyd.providers.render import Rendered, TemplateError
+from notifyd.settings import CHANNELS, Settings
+from notifyd.store import audit, deliveries
+from notifyd.store import notifications as store
+from notifyd.store.audit import AuditEntry
+from notifyd.store.pool import Conn, Executor
+from notifyd.store.tenants import TenantSettings, load_redacted, locale_for, region_for
+from notifyd.streams.producer import Producer
+from notifyd.tags import is_email
+
+log = logging.getLogger("notifyd.accept")
+
+SEND_ACTION = "notification.send"
+RETRY_ACTION = "notification.retry"
+
+RECIPIENT_MAX_LENGTH = 320
+TEMPLATE_KEY_MAX_LENGTH = 128
+CATEGORY_MAX_LENGTH = 64
+
+# The loose shape of a phone number; full E.164 normalisation happens in `prepare`.
+_PHONE = re.compile(r"\+?[0-9][0-9 ().-]{4,30}")
+_HEADER_UNSAFE = re.compile(r"[\r\n]")
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """One thing wrong with a request, named by its field in the REST body's terms."""
+
+    field: str
+    message: str
+
+
+class Refused(Exception):
+    """The request cannot be accepted; nothing was stored."""
+
+    def __init__(self, problems: Sequence[Refusal]) -> None:
+        super().__init__("; ".join(f"{p.field}: {p.message}" for p in problems))
+        self.problems = list(problems)
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """One notification as asked for (the REST body's fields; `channel` is its
+    `notification_type`). For in-app, `recipient` is the user id and `user_id` stays None."""
+
+    channel: str
+    recipient: str
+    subject: str | None = None
+    message: str | None = None
+    template_key: str | None = None
+    context: dict[str, Any] | None = None
+    user_id: str | None = None
+    category: str | None = None
+    critical: bool = False
+    locale: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who accepts: the row's `created_by` and the audit row's user, plus what the audit row
+    says about the source (`{"via": "cli"}`, `{"via": "ingest", "event_id": …}`)."""
+
+    user_id: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+    ip_address: str | None = None
+    request_id: str | None = None
+
+    def audit(self, tenant_id: str, action: str, details: Mapping[str, Any]) -> AuditEntry:
+        return AuditEntry(
+            tenant_id=tenant_id,
+            user_id=self.user_id,
+            action=action,
+            ip_address=self.ip_address,
+            request_id=self.request_id,
+            details={**self.details, **details},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """An order that passed every check: recipient normalised, content rendered."""
+
+    order: Order
+    recipient: str
+    rendered: Rendered
+
+    def row(
+        self,
+        *,
+        tenant_id: str,
+        created_by: str,
+        idempotency_key: str | None = None,
+        request_id: str | None = None,
+    ) -> store.NewNotification:
+        order = self.order
+        return store.NewNotification(
+            id=uuid7(),
+            tenant_id=tenant_id,
+            created_by=created_by,
+            user_id=self.recipient if order.channel == "in_app" else order.user_id,
+            channel=order.channel,
+            recipient=self.recipient,
+            subject=self.rendered.subject,
+            body=self.rendered.text,
+            html_body=self.rendered.html,
+            template_key=order.template_key,
+            context=order.context,
+            locale=order.locale,
+            category=order.category,
+            critical=order.critical,
+            idempotency_key=idempotency_key,
+            request_id=request_id,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    ids: list[uuid.UUID]
+    enqueued: bool  # False: stored, but Redis failed; the sweeper enqueues them later
+
+
+def rule_problems(
+    *,
+    channel: str | None,
+    recipient: str | None,
+    subject: str | None,
+    message: str | None,
+    template_key: str | None,
+    context: Mapping[str, Any] | None,
+    user_id: str | None,
+    category: str | None,
+    locale: str | None,
+    id_rule: OpaqueIdRule,
+    at_fault: Collection[str] = (),
+) -> list[Refusal]:
+    """The rules across fields, over values already of the right type (None: absent or
+    already refused). A field in `at_fault` already has an error and gets no second one."""
+    found: list[Refusal] = []
+    if category is not None and not tags.CATEGORY.fullmatch(category):
+        found.append(Refusal("category", "may contain letters, digits and _ . : - only"))
+    if locale is not None and not tags.is_locale(locale):
+        found.append(Refusal("locale", "must be a language tag such as en or pt-BR"))
+    if message is None and template_key is None:
+        found.append(Refusal("message", "is required unless template_key is given"))
+    if template_key is not None and not tags.TEMPLATE_KEY.fullmatch(template_key):
+        found.append(Refusal("template_key", "may contain letters, digits and _ . : - only"))
+    if context is not None and template_key is None:
+        found.append(Refusal("context", "is only used with template_key"))
+    if subject is not None and _HEADER_UNSAFE.search(subject):
+        found.append(Refusal("subject", "must be a single line"))
+    if channel is not None and recipient is not None:
+        found.extend(_recipient_problems(channel, recipient.strip(), id_rule))
+    if channel == "in_app" and user_id is not None:
+        found.append(Refusal("user_id", "is implied by recipient for notification_type in_app"))
+    return [p for p in found if p.field not in at_fault]
+
+
+def _recipient_problems(channel: str, recipient: str, id_rule: OpaqueIdRule) -> list[Refusal]:
+    if channel == "email":
+        if not is_email(recipient):
+            return [Refusal("recipient", "must be an email address for notification_type email")]
+    elif channel == "sms":
+        if not _PHONE.fullmatch(recipient) or sum(c.isdigit() for c in recipient) < 5:
+            return [Refusal("recipient", "must be a phone number for notification_type sms")]
+    else:
+        problem = id_rule.problem(recipient)
+        if problem is not None:
+            return [
+                Refusal("recipient", f"must be a user id for notification_type in_app: {problem}")
+            ]
+    return []
+
+
+def _text_problem(value: str | None, max_length: int) -> str | None:
+    """The REST body's rules for a text field (see `http.validation.Fields.string`)."""
+    if value is None:
+        return None
+    if not value.strip():
+        return "must not be empty"
+    if len(value) > max_length:
+        return f"must be at most {max_length} characters"
+    if "\x00" in value:
+        return "must not contain NUL characters"
+    return None
+
+
+def problems(order: Order, settings: Settings, id_rule: OpaqueIdRule) -> list[Refusal]:
+    """Everything wrong with `order`, as the REST route would say it about the same body:
+    for callers whose input did not come through a JSON body (the CLI, ingested events)."""
+    found: list[Refusal] = []
+    if order.channel not in CHANNELS:
+        found.append(Refusal("notification_type", f"must be one of: {', '.join(CHANNELS)}"))
+    for name, value, max_length in (
+        ("recipient", order.recipient, RECIPIENT_MAX_LENGTH),
+        ("subject", order.subject, settings.subject_max_length),
+        ("message", order.message, settings.notification_max_length),
+        ("template_key", order.template_key, TEMPLATE_KEY_MAX_LENGTH),
+        ("category", order.category, CATEGORY_MAX_LENGTH),
+        ("locale", order.locale, tags.LOCALE_MAX_LENGTH),
+    ):
+        problem = _text_problem(value, max_length)
+        if problem is not None:
+            found.append(Refusal(name, problem))
+    if order.context is not None and len(order.context) > settings.context_max_keys:
+        found.append(Refusal("context", f"must have at most {settings.context_max_keys} keys"))
+    if order.user_id is not None:
+        problem = id_rule.problem(order.user_id)
+        if problem is not None:
+            found.append(Refusal("user_id", problem))
+    at_fault = {p.field for p in found}
+    found.extend(
+        rule_problems(
+            channel=order.channel if order.channel in CHANNELS else None,
+            recipient=order.recipient,
+            subject=order.subject,
+            message=order.message,
+            template_key=order.template_key,
+            context=order.context,
+            user_id=order.user_id,
+            category=order.category,
+            locale=order.locale,
+            id_rule=id_rule,
+            at_fault=at_fault,
+        )
+    )
+    return found
+
+
+async def prepare(
+    executor: Executor,
+    settings: Settings,
+    tenant: TenantSettings,
+    tenant_id: str,
+    order: Order,
+) -> Prepared:
+    """Normalise the recipient and render the content; `Refused` names the field at fault.
+
+    Only the tenant's region and default locale are used, so `tenant` may be the redacted
+    settings (`store.tenants.load_redacted`): nothing here needs a tenant's secrets.
+    """
+    recipient = order.recipient.strip()
+    if order.channel == "sms":
+        # read national forms in the tenant's region now: the row holds the E.164 form the
+        # provider and the status callbacks use
+        try:
+            recipient = to_e164(recipient, region_for(tenant, settings))
+        except InvalidPhone as exc:
+            raise Refused([Refusal("recipient", str(exc))]) from None
+    try:
+        rendered = await compose(
+            executor,
+            tenant_id=tenant_id,
+            channel=order.channel,
+            template_key=order.template_key,
+            context=order.context,
+            subject=order.subject,
+            message=order.message,
+            locale=order.locale,
+            default_locale=locale_for(tenant, settings),
+        )
+    except TemplateError as exc:
+        raise Refused([Refusal(exc.field, exc.reason)]) from None
+    if order.channel == "email" and not (rendered.subject or "").strip():
+        raise Refused([Refusal("subject", "is required for email (directly or by template)")])
+    return Prepared(order, recipient, rendered)
+
+
+def audit_details(row: store.NewNotification) -> dict[str, Any]:
+    """What the audit row of a send says (no content: that stays in the row)."""
+    return {
+        "notification_id": str(row.id),
+        "channel": row.channel,
+        "recipient": row.recipient,
+        "template_key": row.template_key,
+    }
+
+
+async def record(conn: Conn, row: store.NewNotification, entry: AuditEntry) -> None:
+    """The outbox row and its audit row; call inside the caller's transaction."""
+    await store.insert(conn, row)
+    await audit.record(conn, entry)
+
+
+async def announce(
+    producer: Producer,
+    keys: Keys,
+    rows: Sequence[store.NewNotification],
+    metrics: Metrics | None = None,
+) -> bool:
+    """After the commit: count the rows accepted and put their intents on the stream.
+    False when Redis failed; the rows stay queued and the sweeper enqueues them later."""
+    if metrics is not None:
+        for row in rows:
+            metrics.notifications_accepted.labels(row.channel).inc()
+    try:
+        for row in rows:
+            intent = NotificationIntent(tenant_id=row.tenant_id, notification_id=str(row.id))
+            await producer.add(keys.intents, intent.to_fields())
+    except RedisError as exc:
+        if metrics is not None:
+            metrics.enqueue_failures.inc()
+        log.warning("intent not enqueued; left for the sweeper", extra={"error": repr(exc)})
+        return False
+    return True
+
+
+async def accept(
+    pool: asyncpg.Pool,
+    producer: Producer,
+    keys: Keys,
+    settings: Settings,
+    *,
+    tenant_id: str,
+    actor: Actor,
+    orders: Sequence[Order],
+    id_rule: OpaqueIdRule | None = None,
+    tenant: TenantSettings | None = None,
+    metrics: Metrics | None = None,
+) -> Accepted:
+    """Check, render and store `orders` for `tenant_id` in one transaction (all or none),
+    then enqueue them; returns their ids in order.
+
+    `Refused` (nothing stored) names each field at fault; with several orders the field is
+    prefixed by the order's index (`1.recipient`). `tenant` defaults to the stored settings,
+    read without opening any secret. Database errors propagate (nothing is stored); a Redis
+    failure after the commit does not (see `Accepted.enqueued`).
+    """
+    rule = id_rule or OpaqueIdRule.from_settings(settings.id_max_length, settings.id_pattern)
+    found = [
+        Refusal(name, problem)
+        for name, value in (("tenant_id", tenant_id), ("actor", actor.user_id))
+        if (problem := rule.problem(value)) is not None
+    ]
+    for index, order in enumerate(orders):
+        prefix = f"{index}." if len(orders) > 1 else ""
+        found += [Refusal(prefix + p.field, p.message) for p in problems(order, settings, rule)]
+    if found:
+        raise Refused(found)
+    if tenant is None:
+        tenant = (await load_redacted(pool, tenant_id)).settings
+    prepared: list[Prepared] = []
+    for index, order in enumerate(orders):
+        try:
+            prepared.append(await prepare(pool, settings, tenant, tenant_id, order))
+        except Refused as exc:
+            if len(orders) == 1:
+                raise
+            numbered = [Refusal(f"{index}.{p.field}", p.message) for p in exc.problems]
+            raise Refused(numbered) from None
+    rows = [
+        p.row(tenant_id=tenant_id, created_by=actor.user_id, request_id=actor.request_id)
+        for p in prepared
+    ]
+    async with pool.acquire() as conn, conn.transaction():
+        for row in rows:
+            await record(conn, row, actor.audit(tenant_id, SEND_ACTION, audit_details(row)))
+    enqueued = await announce(producer, keys, rows, metrics)
+    return Accepted([row.id for row in rows], enqueued)
+
+
+async def restart_failed(
+    conn: Conn, tenant_id: str, notification_id: uuid.UUID, entry: AuditEntry
+) -> str | None:
+    """Start a failed (or undelivered) delivery over with fresh attempts, audited; call inside
+    a transaction. Returns its channel (the caller enqueues `delivery_ref` on that channel's
+    stream after the commit), or None when it was not failed (nothing written)."""
+    channel = await deliveries.requeue_failed(conn, tenant_id, notification_id)
+    if channel is not None:
+        await audit.record(conn, entry)
+    return channel
+
+
+def delivery_ref(tenant_id: str, notification_id: uuid.UUID) -> dict[str, str]:
+    """The delivery stream entry a restarted delivery is put back with."""
+    return DeliveryRef(tenant_id, str(notification_id)).to_fields()

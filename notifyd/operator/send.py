@@ -1,0 +1,159 @@
+"""`notifyd send`: one notification from the shell, for smoke tests.
+
+It takes the REST route's path, not a shortcut (`notifyd.accept`): the same checks and
+rendering, the row and its audit row in one transaction, then the intent on the stream. A
+smoke test that gets delivered therefore proves the path a client's POST takes. Two
+differences, on purpose: there is no token and no role policy (whoever holds the database
+credentials is trusted already), and the audit row says `"via": "cli"`, with the operating
+system user and host that ran it.
+
+Redis is checked before anything is written: a smoke test against a broken Redis should fail
+loudly, not leave a row for the sweeper.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from notifyd import accept
+from notifyd.ids import OpaqueIdRule
+from notifyd.keys import Keys
+from notifyd.operator import connect
+from notifyd.operator.audit import cli_actor
+from notifyd.operator.output import print_json
+from notifyd.payloads import loads
+from notifyd.settings import Settings
+from notifyd.streams.producer import Producer
+
+# The REST body's field names, as this command spells them.
+_FLAGS = {
+    "notification_type": "--channel",
+    "recipient": "--recipient",
+    "user_id": "--to",
+    "subject": "--subject",
+    "message": "--message",
+    "template_key": "--template-key",
+    "context": "--context",
+    "category": "--category",
+    "locale": "--locale",
+    "tenant_id": "--tenant",
+    "actor": "--actor",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SendOptions:
+    tenant: str
+    to: str
+    channel: str
+    recipient: str | None
+    subject: str | None
+    message: str | None
+    template_key: str | None
+    context: str | None  # JSON text, as typed
+    category: str | None
+    locale: str | None
+    critical: bool
+    actor: str
+
+
+def _flag(field: str, channel: str) -> str:
+    if field == "recipient" and channel == "in_app":
+        return "--to"  # an in-app notification's recipient is the user
+    return _FLAGS.get(field, field)
+
+
+def build_order(
+    options: SendOptions, settings: Settings, id_rule: OpaqueIdRule
+) -> tuple[accept.Order | None, list[str]]:
+    """The order the options describe, or every problem with them (`--flag: why`)."""
+    found: list[str] = []
+    for flag, value in (("--tenant", options.tenant), ("--actor", options.actor)):
+        problem = id_rule.problem(value)
+        if problem is not None:
+            found.append(f"{flag}: {problem}")
+    context: dict[str, Any] | None = None
+    if options.context is not None:
+        try:
+            parsed = loads(options.context)
+        except orjson.JSONDecodeError as exc:
+            found.append(f"--context: is not valid JSON ({exc})")
+        else:
+            if isinstance(parsed, dict):
+                context = parsed
+            else:
+                found.append("--context: must be a JSON object")
+    in_app = options.channel == "in_app"
+    if in_app and options.recipient is not None and options.recipient != options.to:
+        found.append("--recipient: an in-app notification goes to the user named by --to")
+    recipient = options.to if in_app else options.recipient
+    if recipient is None:
+        found.append(
+            f"--recipient: is required for {options.channel} (the email address or phone number)"
+        )
+    order = accept.Order(
+        channel=options.channel,
+        recipient=recipient or "",
+        subject=options.subject,
+        message=options.message,
+        template_key=options.template_key,
+        context=context,
+        user_id=None if in_app else options.to,
+        category=options.category,
+        critical=options.critical,
+        locale=options.locale,
+    )
+    for refusal in accept.problems(order, settings, id_rule):
+        if refusal.field == "recipient" and recipient is None:
+            continue  # said above, in this command's words
+        if refusal.field == "context" and options.context is not None and context is None:
+            continue  # the JSON itself is at fault, said above
+        found.append(f"{_flag(refusal.field, options.channel)}: {refusal.message}")
+    return (None, found) if found else (order, [])
+
+
+def _refused(problems: list[str]) -> int:
+    for problem in problems:
+        print(f"notifyd send: {problem}", file=sys.stderr)
+    print("notifyd send: nothing was stored", file=sys.stderr)
+    return connect.REFUSED
+
+
+async def run(settings: Settings, options: SendOptions) -> int:
+    rule = OpaqueIdRule.from_settings(settings.id_max_length, settings.id_pattern)
+    order, problems = build_order(options, settings, rule)
+    if order is None:
+        return _refused(problems)
+    keys = Keys(settings.redis_prefix)
+    async with connect.redis(settings) as redis, connect.postgres(settings) as pool:
+        try:
+            accepted = await accept.accept(
+                pool,
+                Producer(redis, settings.stream_max_len),
+                keys,
+                settings,
+                tenant_id=options.tenant,
+                actor=cli_actor(options.actor),
+                orders=[order],
+                id_rule=rule,
+            )
+        except accept.Refused as exc:
+            return _refused([f"{_flag(p.field, order.channel)}: {p.message}" for p in exc.problems])
+    print_json(
+        {
+            "notification_ids": [str(i) for i in accepted.ids],
+            "status": "queued",
+            "enqueued": accepted.enqueued,
+        }
+    )
+    if not accepted.enqueued:
+        print(
+            "notifyd send: stored, but Redis failed before the intent was enqueued; the "
+            "sweeper enqueues it within NOTIFYD_REQUEUE_AFTER",
+            file=sys.stderr,
+        )
+    return connect.OK
