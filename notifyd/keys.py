@@ -11,6 +11,7 @@ from dataclasses import dataclass
 DISPATCH_GROUP = "dispatch"
 SEND_GROUP = "send"
 FIRE_GROUP = "fire"
+INGEST_GROUP = "ingest"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +38,13 @@ class Keys:
             (self.intents, DISPATCH_GROUP),
             *[(self.deliver(channel), SEND_GROUP) for channel in ("email", "sms", "in_app")],
             (self.reminders, FIRE_GROUP),
+            (self.events, INGEST_GROUP),
         ]
+
+    @property
+    def events(self) -> str:
+        """Stream of domain events other services publish, consumed by the ingest group."""
+        return f"{self.prefix}:events"
 
     @property
     def reminders(self) -> str:

@@ -80,6 +80,33 @@ class Metrics:
             "Stranded rows the sweeper put back on a stream from PostgreSQL.",
             registry=self.registry,
         )
+        self.dead_letters = Counter(
+            "notifyd_dead_letters_total",
+            "Entries copied to the dead-letter stream, by source stream and cause: failed "
+            "(the delivery failed for good), poison (cannot be handled), redelivered (the "
+            "handler kept crashing).",
+            ["stream", "cause"],
+            registry=self.registry,
+        )
+        self.stream_length = Gauge(
+            "notifyd_stream_length",
+            "Entries in a Redis stream (XLEN), refreshed every NOTIFYD_STREAM_STATS_INTERVAL.",
+            ["stream"],
+            registry=self.registry,
+        )
+        self.stream_pending = Gauge(
+            "notifyd_stream_pending",
+            "Entries a consumer group has read but not acknowledged (XINFO GROUPS pending).",
+            ["stream", "group"],
+            registry=self.registry,
+        )
+        self.stream_lag = Gauge(
+            "notifyd_stream_lag",
+            "Entries a consumer group has not read yet (XINFO GROUPS lag); absent when Redis "
+            "cannot tell.",
+            ["stream", "group"],
+            registry=self.registry,
+        )
 
         self.reminders = Counter(
             "notifyd_reminders_total",

@@ -17,9 +17,13 @@ from redis.asyncio import Redis
 from notifyd.actors.dispatcher import Dispatcher
 from notifyd.actors.reminder_firer import ReminderFirer
 from notifyd.actors.sender import Sender
+from notifyd.actors.stream_stats import StreamStats
 from notifyd.actors.sweeper import Sweeper
 from notifyd.actors.timer import Timer
 from notifyd.alerts import Alerts
+from notifyd.ingest.accept import EventAcceptor
+from notifyd.ingest.rabbitmq_source import RabbitMqEventSource
+from notifyd.ingest.redis_source import RedisEventSource
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
 from notifyd.providers.base import Delivery, Provider, TransientError
@@ -131,6 +135,7 @@ def build_pipeline(
             consumer_name=name,
             alerts=alerts,
             producer=producer,
+            metrics=metrics,
         ),
         *[
             Sender(
@@ -169,8 +174,41 @@ def build_pipeline(
             reminder_overdue_after=settings.requeue_after + settings.claim_idle,
             interval=settings.sweep_interval,
         ),
+        StreamStats(
+            redis,
+            metrics,
+            groups=keys.consumer_groups(),
+            streams=[keys.dead_letters],
+            interval=settings.stream_stats_interval,
+        ),
         alerts,
     ]
+    if settings.events_enabled:
+        acceptor = EventAcceptor(
+            pool=pool, producer=producer, keys=keys, settings=settings, metrics=metrics
+        )
+        actors.append(
+            RedisEventSource(
+                redis=redis,
+                keys=keys,
+                settings=settings,
+                acceptor=acceptor,
+                producer=producer,
+                alerts=alerts,
+                consumer_name=name,
+            )
+        )
+        if settings.rabbitmq_url:
+            actors.append(
+                RabbitMqEventSource(
+                    settings=settings,
+                    acceptor=acceptor,
+                    producer=producer,
+                    keys=keys,
+                    alerts=alerts,
+                    consumer_name=name,
+                )
+            )
     return Pipeline(
         actors=actors,
         providers=[provider for provider, _ in providers],

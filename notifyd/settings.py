@@ -59,6 +59,7 @@ class Settings:
     redis_db: int = 0
     redis_password: str = field(default="", repr=False)
     redis_prefix: str = "notifyd"
+    redis_max_connections: int = 64
     # email (the global SMTP fallback; tenants may override it)
     email_host: str = "localhost"
     email_port: int = 25
@@ -129,15 +130,25 @@ class Settings:
     ws_max_frame: int = 65_536
     ws_send_queue: int = 256
     ws_history_len: int = 1000
+    ws_send_buffer: int = 1_048_576
     ws_message_rate: float = 10.0
     ws_message_burst: int = 20
     ws_presence_ttl: float = 30.0
     room_max_members: int = 1000
     # background work
     sweep_interval: float = 10.0
+    stream_stats_interval: float = 15.0
     actor_backoff_cap: float = 30.0
     actor_max_restarts: int = 20
     actor_restart_window: float = 60.0
+    # event ingestion (Redis stream, RabbitMQ)
+    events_enabled: bool = True
+    event_concurrency: int = 8
+    event_max_recipients: int = 100
+    event_max_deliveries: int = 20
+    rabbitmq_url: str = field(default="", repr=False)
+    rabbitmq_queue: str = "notifyd.events"
+    rabbitmq_prefetch: int = 16
 
     @property
     def effective_redis_url(self) -> str:
@@ -272,6 +283,9 @@ SPECS: tuple[_Spec, ...] = (
     _spec("redis_db", "REDIS_DB", "redis.db", _to_int),
     _spec("redis_password", "REDIS_PASSWORD", "redis.password", _to_str, secret=True),
     _spec("redis_prefix", "NOTIFYD_REDIS_PREFIX", "redis.prefix", _to_str),
+    _spec(
+        "redis_max_connections", "NOTIFYD_REDIS_MAX_CONNECTIONS", "redis.max_connections", _to_int
+    ),
     _spec("email_host", "EMAIL_HOST", "email.host", _to_str),
     _spec("email_port", "EMAIL_PORT", "email.port", _to_int),
     _spec("email_host_user", "EMAIL_HOST_USER", "email.user", _to_str),
@@ -361,10 +375,17 @@ SPECS: tuple[_Spec, ...] = (
         _to_float,
     ),
     _spec("sweep_interval", "NOTIFYD_SWEEP_INTERVAL", "delivery.sweep_interval", _to_float),
+    _spec(
+        "stream_stats_interval",
+        "NOTIFYD_STREAM_STATS_INTERVAL",
+        "delivery.stream_stats_interval",
+        _to_float,
+    ),
     _spec("ws_allowed_origins", "NOTIFYD_WS_ALLOWED_ORIGINS", "realtime.allowed_origins", _to_list),
     _spec("ws_heartbeat", "NOTIFYD_WS_HEARTBEAT", "realtime.heartbeat", _to_float),
     _spec("ws_max_frame", "NOTIFYD_WS_MAX_FRAME", "realtime.max_frame", _to_int),
     _spec("ws_send_queue", "NOTIFYD_WS_SEND_QUEUE", "realtime.send_queue", _to_int),
+    _spec("ws_send_buffer", "NOTIFYD_WS_SEND_BUFFER", "realtime.send_buffer", _to_int),
     _spec("ws_message_rate", "NOTIFYD_WS_MESSAGE_RATE", "realtime.message_rate", _to_float),
     _spec("ws_message_burst", "NOTIFYD_WS_MESSAGE_BURST", "realtime.message_burst", _to_int),
     _spec("ws_presence_ttl", "NOTIFYD_WS_PRESENCE_TTL", "realtime.presence_ttl", _to_float),
@@ -375,6 +396,13 @@ SPECS: tuple[_Spec, ...] = (
     _spec(
         "actor_restart_window", "NOTIFYD_ACTOR_RESTART_WINDOW", "actors.restart_window", _to_float
     ),
+    _spec("events_enabled", "NOTIFYD_EVENTS_ENABLED", "events.enabled", _to_bool),
+    _spec("event_concurrency", "NOTIFYD_EVENT_CONCURRENCY", "events.concurrency", _to_int),
+    _spec("event_max_recipients", "NOTIFYD_EVENT_MAX_RECIPIENTS", "events.max_recipients", _to_int),
+    _spec("event_max_deliveries", "NOTIFYD_EVENT_MAX_DELIVERIES", "events.max_deliveries", _to_int),
+    _spec("rabbitmq_url", "NOTIFYD_RABBITMQ_URL", "events.rabbitmq_url", _to_str, secret=True),
+    _spec("rabbitmq_queue", "NOTIFYD_RABBITMQ_QUEUE", "events.rabbitmq_queue", _to_str),
+    _spec("rabbitmq_prefetch", "NOTIFYD_RABBITMQ_PREFETCH", "events.rabbitmq_prefetch", _to_int),
 )
 
 
@@ -526,9 +554,12 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_SHUTDOWN_TIMEOUT": settings.shutdown_timeout,
         "NOTIFYD_IDEMPOTENCY_TTL": settings.idempotency_ttl,
         "NOTIFYD_SWEEP_INTERVAL": settings.sweep_interval,
+        "NOTIFYD_STREAM_STATS_INTERVAL": settings.stream_stats_interval,
         "NOTIFYD_WS_HEARTBEAT": settings.ws_heartbeat,
         "NOTIFYD_WS_MAX_FRAME": settings.ws_max_frame,
         "NOTIFYD_WS_MESSAGE_RATE": settings.ws_message_rate,
+        "NOTIFYD_WS_SEND_BUFFER": settings.ws_send_buffer,
+        "NOTIFYD_REDIS_MAX_CONNECTIONS": settings.redis_max_connections,
         "NOTIFYD_WS_MESSAGE_BURST": settings.ws_message_burst,
         "NOTIFYD_WS_PRESENCE_TTL": settings.ws_presence_ttl,
         "NOTIFYD_ROOM_MAX_MEMBERS": settings.room_max_members,
@@ -552,6 +583,9 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_ACTOR_BACKOFF_CAP": settings.actor_backoff_cap,
         "NOTIFYD_ACTOR_MAX_RESTARTS": settings.actor_max_restarts,
         "NOTIFYD_ACTOR_RESTART_WINDOW": settings.actor_restart_window,
+        "NOTIFYD_EVENT_CONCURRENCY": settings.event_concurrency,
+        "NOTIFYD_EVENT_MAX_RECIPIENTS": settings.event_max_recipients,
+        "NOTIFYD_EVENT_MAX_DELIVERIES": settings.event_max_deliveries,
     }
     problems += [f"{name}: must be greater than 0" for name, v in positive.items() if v <= 0]
     if settings.send_timeout >= settings.shutdown_timeout:
@@ -582,6 +616,14 @@ def validate(settings: Settings) -> list[str]:
         problems.append("TWILIO_API_BASE_URL: must be an http(s):// URL")
     if settings.page_size_default > settings.page_size_max:
         problems.append("NOTIFYD_PAGE_SIZE_DEFAULT: must not exceed NOTIFYD_PAGE_SIZE_MAX")
+    if settings.rabbitmq_url and urlsplit(settings.rabbitmq_url).scheme not in {"amqp", "amqps"}:
+        problems.append("NOTIFYD_RABBITMQ_URL: must be an amqp:// or amqps:// URL")
+    if not 0 < len(settings.rabbitmq_queue.encode()) <= 255:
+        problems.append("NOTIFYD_RABBITMQ_QUEUE: a queue name of 1-255 bytes")
+    elif settings.rabbitmq_queue.startswith("amq."):
+        problems.append("NOTIFYD_RABBITMQ_QUEUE: names starting with amq. are the broker's")
+    if not 0 < settings.rabbitmq_prefetch <= 65535:  # AMQP's prefetch-count is 16 bits
+        problems.append("NOTIFYD_RABBITMQ_PREFETCH: between 1 and 65535")
     return problems
 
 
@@ -601,7 +643,7 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
     by_name = {f.name: getattr(settings, f.name) for f in fields(settings)}
     for spec in SPECS:
         value = by_name[spec.name]
-        if spec.name in {"database_url", "redis_url"}:
+        if spec.name in {"database_url", "redis_url", "rabbitmq_url"}:
             shown = mask_url(str(value))
         elif spec.secret:
             shown = "***" if value else "(unset)"

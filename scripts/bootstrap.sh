@@ -2,9 +2,11 @@
 # Bootstrap a notifyd development machine (Debian/Ubuntu). Run from the repository root.
 #
 # Idempotent and minimal: installs only what is missing.
-#   1. OS packages `postgresql` and `redis-server`, only if their server binaries are absent
-#      (tests and the dev stack run private instances via scripts/localservers.py; any
-#      system cluster/service the packages auto-start is left alone).
+#   1. OS packages `postgresql`, `redis-server` and `rabbitmq-server`, only those whose server
+#      binaries are absent (tests and the dev stack run private instances via
+#      scripts/localservers.py and tests/rabbitmq_server.py; any system PostgreSQL/Redis the
+#      packages auto-start is left alone, but a system RabbitMQ just installed is stopped and
+#      disabled: nothing of notifyd's uses it, and it would hold ports 5672/25672).
 #   2. .venv (Python >= 3.11) with requirements.lock and an editable install of notifyd.
 #      pip is skipped when .venv/.lock-stamp matches the sha256 of
 #      requirements.lock + pyproject.toml, so repeat runs take about a second.
@@ -21,22 +23,39 @@ have_pg_server() {
     compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null
 }
 
-if ! command -v redis-server >/dev/null 2>&1 || ! have_pg_server; then
+have_rabbitmq_server() {
+    [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] || command -v rabbitmq-server >/dev/null 2>&1
+}
+
+missing=()
+have_pg_server || missing+=(postgresql)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+have_rabbitmq_server || missing+=(rabbitmq-server)
+
+if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]]; then
         SUDO=()
     elif command -v sudo >/dev/null 2>&1; then
         SUDO=(sudo)
     else
-        die "postgresql/redis-server missing and not root (and no sudo); install them manually"
+        die "${missing[*]} missing and not root (and no sudo); install them manually"
     fi
     command -v apt-get >/dev/null 2>&1 \
-        || die "apt-get not found; install PostgreSQL server and redis-server manually"
-    log "installing OS packages: postgresql redis-server"
+        || die "apt-get not found; install ${missing[*]} manually"
+    log "installing OS packages: ${missing[*]}"
     "${SUDO[@]}" apt-get update -q >&2
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -q postgresql redis-server >&2
+        apt-get install -y -q "${missing[@]}" >&2
+    if [[ " ${missing[*]} " == *" rabbitmq-server "* ]]; then
+        # the package starts and enables a system broker; tests run their own
+        if command -v systemctl >/dev/null 2>&1 && [[ -d /run/systemd/system ]]; then
+            "${SUDO[@]}" systemctl disable --now rabbitmq-server.service >&2 || true
+        elif command -v service >/dev/null 2>&1; then
+            "${SUDO[@]}" service rabbitmq-server stop >&2 || true
+        fi
+    fi
 else
-    log "postgresql and redis-server already installed"
+    log "postgresql, redis-server and rabbitmq-server already installed"
 fi
 
 # --- 2. Python virtualenv -----------------------------------------------------------------

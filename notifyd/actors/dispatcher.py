@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from notifyd.alerts import Alerts
 from notifyd.compose import compose
 from notifyd.keys import DISPATCH_GROUP, Keys
+from notifyd.metrics import Metrics
 from notifyd.payloads import DeliveryRef, NotificationIntent, PayloadError
 from notifyd.preferences import suppression_reason
 from notifyd.providers.render import TemplateError
@@ -44,6 +45,7 @@ class Dispatcher:
         consumer_name: str,
         alerts: Alerts,
         producer: Producer,
+        metrics: Metrics,
     ) -> None:
         self._alerts = alerts
         self._producer = producer
@@ -63,6 +65,7 @@ class Dispatcher:
             batch=max(16, settings.dispatch_concurrency),
             timing=Timing.from_settings(settings),
             max_deliveries=settings.send_max_attempts,
+            metrics=metrics,
         )
 
     async def run(self, stop: asyncio.Event) -> None:

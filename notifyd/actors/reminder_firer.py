@@ -102,6 +102,7 @@ class ReminderFirer:
             batch=FIRE_BATCH,
             timing=Timing.from_settings(settings),
             max_deliveries=settings.send_max_attempts + 5,
+            metrics=metrics,
         )
 
     async def run(self, stop: asyncio.Event) -> None:

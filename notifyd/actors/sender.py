@@ -77,6 +77,7 @@ class Sender:
             timing=Timing.from_settings(settings),
             # a crashing handler (not a failing provider: that is a retry) gives up after this
             max_deliveries=settings.send_max_attempts + 2,
+            metrics=metrics,
         )
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -181,6 +182,7 @@ class Sender:
                 "attempts": str(delivery.attempt),
             },
         )
+        self._metrics.dead_letters.labels(self._keys.deliver(self.channel), "failed").inc()
         log.warning("delivery failed for good", extra={"id": delivery.id, "reason": reason})
         if self._alerts is not None:
             self._alerts.raise_alert(

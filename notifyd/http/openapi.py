@@ -85,7 +85,12 @@ _IDEMPOTENCY = {
 }
 _PATH_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 _TEMPLATE_PARAMS = [
-    {"name": "template_key", "in": "path", "required": True, "schema": {"type": "string"}},
+    {
+        "name": "template_key",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"},
+    },
     {
         "name": "channel",
         "in": "path",
@@ -669,7 +674,7 @@ def _operations() -> dict[str, dict[str, Any]]:
         "/notifications/{id}/retry/": {
             "post": op(
                 "Requeue a failed delivery with fresh attempts (admin)",
-                {"202": _ok(_ref("Notification"), "Requeued"), **_problems(403, 404, 409)},
+                {"202": _ok(_ref("Notification"), "Requeued"), **_problems(400, 403, 404, 409)},
                 parameters=[_PATH_ID, _IDEMPOTENCY],
             )
         },
@@ -699,7 +704,7 @@ def _operations() -> dict[str, dict[str, Any]]:
         "/templates/{template_key}/{channel}/": {
             "get": op(
                 "One template",
-                {"200": _ok(_ref("Template")), **_problems(403, 404)},
+                {"200": _ok(_ref("Template")), **_problems(403, 404, 422)},
                 parameters=_TEMPLATE_PARAMS,
             ),
             "put": op(
@@ -710,7 +715,7 @@ def _operations() -> dict[str, dict[str, Any]]:
             ),
             "delete": op(
                 "Delete a template (admin)",
-                {"204": {"description": "Deleted"}, **_problems(403, 404)},
+                {"204": {"description": "Deleted"}, **_problems(403, 404, 422)},
                 parameters=_TEMPLATE_PARAMS,
             ),
         },

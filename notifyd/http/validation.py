@@ -201,11 +201,14 @@ class Fields:
         if len(value) > max_items:
             self.error(name, f"must have at most {max_items} ids")
             return None
+        ids: list[str] = []
         for index, item in enumerate(value):
             problem = self.id_rule.problem(item)
             if problem is not None:
                 self.error(f"{name}[{index}]", problem)
-        return list(dict.fromkeys(value))
+            else:
+                ids.append(item)
+        return list(dict.fromkeys(ids))
 
     def page_limit(self, default: int, maximum: int) -> int:
         value = self._get("limit", False)

@@ -23,6 +23,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from notifyd.metrics import Metrics
 from notifyd.settings import Settings
 from notifyd.streams.producer import Producer
 
@@ -115,8 +116,10 @@ class StreamConsumer:
         concurrency: int = 1,
         batch: int = 16,
         max_deliveries: int = 5,
+        metrics: Metrics | None = None,
     ) -> None:
         self._redis = redis
+        self._metrics = metrics
         self.stream = stream
         self.group = group
         self.consumer = consumer
@@ -257,7 +260,9 @@ class StreamConsumer:
     async def _handle_one(self, entry: Entry) -> None:
         async with self._slots:
             if entry.deliveries > self._max_deliveries:
-                await self.dead_letter(entry, f"delivered {entry.deliveries} times")
+                await self.dead_letter(
+                    entry, f"delivered {entry.deliveries} times", cause="redelivered"
+                )
                 return
             try:
                 await self._handle(entry)
@@ -284,7 +289,9 @@ class StreamConsumer:
             live: list[Entry] = []
             for entry in entries:
                 if entry.deliveries > self._max_deliveries:
-                    await self.dead_letter(entry, f"delivered {entry.deliveries} times")
+                    await self.dead_letter(
+                        entry, f"delivered {entry.deliveries} times", cause="redelivered"
+                    )
                 else:
                     live.append(entry)
             if not live:
@@ -301,7 +308,9 @@ class StreamConsumer:
                 return
             await self._redis.xack(self.stream, self.group, *[entry.id for entry in live])
 
-    async def dead_letter(self, entry: Entry, reason: str) -> None:
+    async def dead_letter(self, entry: Entry, reason: str, *, cause: str = "poison") -> None:
+        """`reason` is free text for the entry; `cause` (poison, redelivered) labels the metric,
+        a fixed set so its series stay bounded."""
         log.warning(
             "entry dead-lettered",
             extra={"stream": self.stream, "entry": entry.id.decode(), "reason": reason},
@@ -321,3 +330,5 @@ class StreamConsumer:
             self._producer.add_in(pipe, self._dead_letters, fields)
             pipe.xack(self.stream, self.group, entry.id)
             await pipe.execute()
+        if self._metrics is not None:
+            self._metrics.dead_letters.labels(self.stream, cause).inc()

@@ -1,0 +1,263 @@
+"""Accepting a domain event: deduplicated, then stored and enqueued exactly as a POST is.
+
+Each recipient and channel becomes an `Order` for `notifyd.accept`, the path every
+notification takes into the outbox: the same checks, SMS numbers in E.164 in the tenant's
+region, the content rendered now (a template that cannot render makes the event malformed,
+never a blank in someone's inbox), the row and its audit row, then the intent after the
+commit (a Redis failure there leaves the rows to the sweeper).
+
+Deduplication is one row per (tenant, event id) in `ingested_events`, inserted in the same
+transaction as the notifications with `ON CONFLICT DO NOTHING`: whichever of two deliveries
+of an event (a replay, a second instance, a publisher that sent it twice) commits first makes
+the notifications; the other finds the row, writes nothing and is acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import asyncpg
+
+from notifyd.accept import (
+    SEND_ACTION,
+    Actor,
+    Order,
+    Prepared,
+    Refusal,
+    Refused,
+    announce,
+    audit_details,
+    prepare,
+    problems,
+    record,
+)
+from notifyd.ids import OpaqueIdRule
+from notifyd.ingest.events import DomainEvent, MalformedEvent, Recipient
+from notifyd.keys import Keys
+from notifyd.metrics import Metrics
+from notifyd.settings import CHANNELS, Settings
+from notifyd.store.pool import Executor
+from notifyd.store.tenants import TenantSettings, load_redacted
+from notifyd.streams.producer import Producer
+
+log = logging.getLogger("notifyd.ingest")
+
+SOURCES = ("redis", "rabbitmq")
+
+INSERT_EVENT = """
+INSERT INTO ingested_events (tenant_id, event_id, event_type, source, notification_ids)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (tenant_id, event_id) DO NOTHING
+RETURNING received_at
+"""
+
+SEEN = "SELECT notification_ids FROM ingested_events WHERE tenant_id = $1 AND event_id = $2"
+
+# A recipient's address field for each channel, to name it in a reason.
+_ADDRESS_FIELD = {"email": "email", "sms": "phone", "in_app": "user_id"}
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    duplicate: bool
+    notification_ids: tuple[uuid.UUID, ...]
+    enqueued: bool = True  # False: stored, but Redis failed; the sweeper enqueues them later
+
+
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    index: int  # the recipient's position in the event, to name it in a reason
+    order: Order
+
+
+def creator(event: DomainEvent) -> str:
+    """The rows' `created_by`: what made them, as the REST API shows it (`event:<type>`)."""
+    return f"event:{event.type}"
+
+
+def recipient_context(event: DomainEvent, recipient: Recipient) -> dict[str, Any]:
+    """The event's context, plus the recipient's own name and time zone when given (their
+    values win over the event's keys of the same name: they are the more specific)."""
+    extra = {
+        key: value
+        for key, value in (
+            ("recipient_name", recipient.name),
+            ("recipient_timezone", recipient.timezone),
+        )
+        if value is not None
+    }
+    return {**event.context, **extra} if extra else event.context
+
+
+def plan(event: DomainEvent) -> list[_Planned]:
+    """One order per recipient and channel they have an address for; an address named twice
+    on one channel gets one notification."""
+    planned: list[_Planned] = []
+    seen: set[tuple[str, str]] = set()
+    for index, recipient in enumerate(event.recipients):
+        context = recipient_context(event, recipient)
+        for channel in event.channels or CHANNELS:
+            address = recipient.address(channel)
+            if address is None or (channel, address) in seen:
+                continue
+            seen.add((channel, address))
+            planned.append(
+                _Planned(
+                    index,
+                    Order(
+                        channel=channel,
+                        recipient=address,
+                        template_key=event.template_key,
+                        context=context,
+                        user_id=None if channel == "in_app" else recipient.user_id,
+                        category=event.category or event.type,
+                        critical=event.critical,
+                        locale=recipient.locale,
+                    ),
+                )
+            )
+    return planned
+
+
+def _in_event_terms(event: DomainEvent, item: _Planned, refusal: Refusal) -> Refusal:
+    """A refusal worded for the REST body (`recipient`, `subject`), said about the event."""
+    channel = item.order.channel
+    where = f"recipients[{item.index}]"
+    if refusal.field == "recipient":
+        return Refusal(f"{where}.{_ADDRESS_FIELD[channel]}", refusal.message)
+    if refusal.field in ("user_id", "locale"):
+        return Refusal(f"{where}.{refusal.field}", refusal.message)
+    if refusal.field == "subject":
+        return Refusal("template_key", f"template {event.template_key!r} has no subject for email")
+    if refusal.field in ("text_body", "html_body"):  # the stored template itself is broken
+        return Refusal("template_key", refusal.message)
+    return refusal
+
+
+class EventAcceptor:
+    """Dedupe, check and render, store (with the dedupe row) in one transaction, enqueue."""
+
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        producer: Producer,
+        keys: Keys,
+        settings: Settings,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._pool = pool
+        self._producer = producer
+        self._keys = keys
+        self._settings = settings
+        self._metrics = metrics
+        self._id_rule = OpaqueIdRule.from_settings(settings.id_max_length, settings.id_pattern)
+
+    async def accept(self, event: DomainEvent, *, source: str) -> Outcome:
+        """Store the event's notifications once; `MalformedEvent` when it can never be
+        accepted (nothing stored). Database errors propagate: the source retries later."""
+        if source not in SOURCES:
+            raise ValueError(f"unknown event source {source!r}")
+        known = await _seen(self._pool, event)
+        if known is not None:  # the common replay: skip the rendering
+            log.info("duplicate event ignored", extra=_log_fields(event, source))
+            return Outcome(duplicate=True, notification_ids=known)
+        # region and locale only: nothing here needs the tenant's secrets
+        tenant = (await load_redacted(self._pool, event.tenant_id)).settings
+        prepared = await self._prepare(event, tenant)
+        actor = Actor(
+            user_id=creator(event),
+            details={
+                "via": "ingest",
+                "source": source,
+                "event_id": event.event_id,
+                "event_type": event.type,
+            },
+        )
+        rows = [p.row(tenant_id=event.tenant_id, created_by=actor.user_id) for p in prepared]
+        ids = tuple(row.id for row in rows)
+        async with self._pool.acquire() as conn, conn.transaction():
+            received = await conn.fetchval(
+                INSERT_EVENT, event.tenant_id, event.event_id, event.type, source, list(ids)
+            )
+            if received is None:
+                # a peer (or the same event published twice) committed first: write nothing
+                log.info("duplicate event ignored", extra=_log_fields(event, source))
+                return Outcome(duplicate=True, notification_ids=await _seen(conn, event) or ())
+            for row in rows:
+                await record(
+                    conn, row, actor.audit(event.tenant_id, SEND_ACTION, audit_details(row))
+                )
+        enqueued = await announce(self._producer, self._keys, rows, self._metrics)
+        log.info("event accepted", extra={**_log_fields(event, source), "notifications": len(rows)})
+        return Outcome(duplicate=False, notification_ids=ids, enqueued=enqueued)
+
+    async def _prepare(self, event: DomainEvent, tenant: TenantSettings) -> list[Prepared]:
+        """Every planned notification checked and rendered, or `MalformedEvent`.
+
+        Without `channels`, a channel the tenant has no template for is skipped (a template
+        for email only is a choice, not an error); with them, it makes the event malformed.
+        """
+        planned = plan(event)
+        if not planned:
+            wanted = ", ".join(event.channels or CHANNELS)
+            raise MalformedEvent(
+                [Refusal("recipients", f"none has an address for the channels ({wanted})")]
+            )
+        prepared: list[Prepared] = []
+        without_template: set[str] = set()
+        for item in planned:
+            if item.order.channel in without_template:
+                continue
+            # checked with the event's own context: the recipient's name and time zone
+            # added to it do not count against the publisher's NOTIFYD_CONTEXT_MAX_KEYS
+            as_published = replace(item.order, context=event.context)
+            found = problems(as_published, self._settings, self._id_rule)
+            if found:
+                raise MalformedEvent([_in_event_terms(event, item, p) for p in found])
+            try:
+                prepared.append(
+                    await prepare(self._pool, self._settings, tenant, event.tenant_id, item.order)
+                )
+            except Refused as exc:
+                if event.channels is None and _only_missing_template(exc.problems):
+                    without_template.add(item.order.channel)
+                    continue
+                raise MalformedEvent(
+                    [_in_event_terms(event, item, p) for p in exc.problems]
+                ) from None
+        if not prepared:
+            raise MalformedEvent(
+                [
+                    Refusal(
+                        "template_key",
+                        f"unknown template_key {event.template_key!r} for every channel the "
+                        f"recipients have an address for ({', '.join(sorted(without_template))})",
+                    )
+                ]
+            )
+        return prepared
+
+
+def _only_missing_template(found: Sequence[Refusal]) -> bool:
+    """`compose` names `template_key` only when there is no template at all for the channel
+    (a broken or unrenderable template names its source field or `context`)."""
+    return [p.field for p in found] == ["template_key"]
+
+
+async def _seen(executor: Executor, event: DomainEvent) -> tuple[uuid.UUID, ...] | None:
+    ids = await executor.fetchval(SEEN, event.tenant_id, event.event_id)
+    return None if ids is None else tuple(ids)
+
+
+def _log_fields(event: DomainEvent, source: str) -> dict[str, Any]:
+    return {
+        "tenant_id": event.tenant_id,
+        "event_id": event.event_id,
+        "event_type": event.type,
+        "source": source,
+    }
