@@ -106,6 +106,13 @@ class SmtpSink:
     def __exit__(self, *exc: object) -> None:
         self._controller.stop()
 
+    def restart(self) -> None:
+        """Stop (dropping every open connection, as a relay restart does) and listen again on
+        the same port."""
+        self._controller.stop()
+        self._controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port)
+        self._controller.start()
+
     def fail_next(self, count: int, reply: str) -> None:
         """The next `count` messages get `reply` (e.g. "421 Try again later") at DATA."""
         with self._lock:

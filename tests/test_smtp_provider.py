@@ -64,3 +64,24 @@ async def test_a_tenant_that_moves_to_another_relay_closes_its_old_connections()
             assert len(await asyncio.to_thread(new.wait_for, 1)) == 1
         finally:
             await provider.close()
+
+
+async def test_after_a_relay_restart_the_next_send_goes_through_at_once() -> None:
+    """Every pooled connection died with the relay. The send that finds the first dead one
+    must not try the others one by one (each failure costs a retry with backoff): it opens a
+    new connection and the message goes out in that same call."""
+    with SmtpSink() as relay:
+
+        async def config_for(tenant_id: str) -> Relay:
+            return Relay("127.0.0.1", relay.port)
+
+        provider = SmtpProvider(config_for, connections_per_config=4, timeout=5)
+        try:
+            await asyncio.gather(*(provider.send(delivery(n)) for n in range(4)))
+            assert relay.sessions == 4  # four connections, idle in the pool now
+            await asyncio.to_thread(relay.restart)
+            for n in range(4, 8):
+                await provider.send(delivery(n))  # raises if it gives up
+            assert len(await asyncio.to_thread(relay.wait_for, 8)) == 8
+        finally:
+            await provider.close()

@@ -114,10 +114,27 @@ class _ConnectionPool:
                 raise
         return client
 
+    def _idle_connected(self) -> aiosmtplib.SMTP | None:
+        """An idle client still connected; ones the server hung up on are dropped."""
+        while self._idle:
+            client = self._idle.pop()
+            if client.is_connected:
+                return client
+            client.close()
+        return None
+
+    def discard_idle(self) -> None:
+        """After a reused connection turned out dead (the relay restarted, or closes idle
+        connections), the others idle since then are dead too: do not try them one by one."""
+        while self._idle:
+            self._idle.pop().close()
+
     @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[aiosmtplib.SMTP]:
+    async def connection(self, *, fresh: bool = False) -> AsyncIterator[aiosmtplib.SMTP]:
         async with self._slots:
-            client = self._idle.pop() if self._idle else await self._connect()
+            client = None if fresh else self._idle_connected()
+            if client is None:
+                client = await self._connect()
             try:
                 yield client
             except BaseException:
@@ -190,12 +207,14 @@ class SmtpProvider:
         await self._retire_previous(delivery.tenant_id, pool)
         for reused_attempt in (True, False):
             try:
-                async with pool.connection() as client:
+                async with pool.connection(fresh=not reused_attempt) as client:
                     await client.send_message(message)
                 return Sent(provider_message_id=str(message["Message-ID"]), provider_status="sent")
             except aiosmtplib.SMTPServerDisconnected as exc:
-                # an idle pooled connection the server closed: one immediate retry, fresh
+                # an idle pooled connection the server closed: one immediate retry, on a new
+                # connection, and none of the other idle ones (they idled as long)
                 if reused_attempt:
+                    pool.discard_idle()
                     continue
                 raise TransientError(f"SMTP server disconnected: {exc}") from None
             except aiosmtplib.SMTPRecipientsRefused as exc:
