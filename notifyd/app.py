@@ -16,7 +16,7 @@ from contextlib import AsyncExitStack
 
 import aiohttp
 from aiohttp import web
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from notifyd.actors.housekeeper import Housekeeper
 from notifyd.auth.tokens import TokenVerifier
@@ -86,11 +86,17 @@ class Daemon:
                 f"the database schema is behind ({', '.join(missing)} not applied); "
                 "run `notifyd migrate` first"
             )
-        redis = Redis.from_url(
-            s.effective_redis_url,
-            health_check_interval=30,
-            socket_connect_timeout=5,
-            socket_keepalive=True,
+        # a blocking pool: a thousand sockets closing at once wait for a connection
+        # instead of failing with "too many connections"
+        redis = Redis.from_pool(
+            BlockingConnectionPool.from_url(
+                s.effective_redis_url,
+                max_connections=s.redis_max_connections,
+                timeout=s.db_command_timeout,
+                health_check_interval=30,
+                socket_connect_timeout=5,
+                socket_keepalive=True,
+            )
         )
         self._stack.push_async_callback(redis.aclose)
         try:

@@ -320,6 +320,12 @@ async def test_group_rooms_are_created_with_members_and_only_members_join(
         )
         assert status == 422
         assert {e["field"] for e in body["errors"]} == {"name", "members[0]"}
+        # found by the OpenAPI fuzzer: a list where an id belongs was a 500
+        status, body, _ = await api.post(
+            "/rooms/", {"members": [["user-2"]], "title": 7}, tenant=TENANT, user=BOB
+        )
+        assert status == 422
+        assert {e["field"] for e in body["errors"]} == {"members[0]", "title"}
         status, mine, _ = await api.get("/rooms/", tenant=TENANT, user=BOB)
         assert [r["name"] for r in mine] == ["panel-42"]
     async with connect(session, daemon, "panel-42", CAROL) as carol:

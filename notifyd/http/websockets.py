@@ -82,6 +82,7 @@ async def accept(request: web.Request) -> tuple[web.WebSocketResponse, Identity 
         heartbeat=s.ws_heartbeat,
         max_msg_size=s.ws_max_frame,
         protocols=(protocol,) if protocol else (),
+        compress=False,  # frames are small JSON, and the hub writes ready-made frames
     )
     await ws.prepare(request)
     if token is None:
@@ -101,7 +102,7 @@ async def live(
     """Subscribed to `channel` for the socket's lifetime, counted, closed on shutdown."""
     ctx = services(request)
     request.app[SOCKETS].sockets.add(ws)
-    subscriber = Subscriber(ctx.settings.ws_send_queue)
+    subscriber = Subscriber(ctx.settings.ws_send_queue, ctx.settings.ws_send_buffer)
     await ctx.hub.subscribe(channel, subscriber)
     connections = ctx.metrics.ws_connections.labels(endpoint)
     connections.inc()
@@ -151,37 +152,61 @@ def _offset_of(payload: bytes) -> str | None:
 
 async def write_events(
     ws: web.WebSocketResponse,
+    request: web.Request,
     subscriber: Subscriber,
     replayed_to: str | None,
     ends_with: Callable[[bytes], bool] | None = None,
 ) -> None:
-    """The writer of live events: in the order the hub queued them, one task per socket.
-    The frame is sent as it came from Redis, encoded once for every socket. `ends_with`
-    recognises an event after which this socket must close (e.g. its user left the room)."""
+    """The socket's writer. First it sends, in order, what queued up while the replay ran
+    (skipping what the replay already sent); then it hands the socket to the hub's direct
+    path and only waits for the hub to say the client is too slow, or that an event
+    (`ends_with`) means this socket must close (e.g. its user left the room)."""
+    queue = subscriber.queue
     while True:
-        payload = await subscriber.queue.get()
-        if payload == CLOSED:
-            await ws.close(code=TOO_SLOW, message=b"too slow: events were not read in time")
-            return
-        if replayed_to is not None:
-            offset = _offset_of(payload)
-            if offset is not None and not after(offset, replayed_to):
-                continue  # already sent by the replay
-        await ws.send_frame(payload, WSMsgType.TEXT)
-        if ends_with is not None and ends_with(payload):
-            await ws.close(code=FORBIDDEN, message=b"no longer a member of this room")
-            return
+        payload = await queue.get()
+        while True:
+            if not await _send_queued(ws, payload, replayed_to, ends_with):
+                return
+            if queue.empty():
+                break
+            payload = queue.get_nowait()
+        transport = request.transport
+        if transport is not None and not subscriber.direct:
+            # caught up and nothing awaited since the queue was seen empty: order is kept
+            subscriber.go_direct(transport, lambda: ws.closed, ends_with)
+
+
+async def _send_queued(
+    ws: web.WebSocketResponse,
+    payload: bytes,
+    replayed_to: str | None,
+    ends_with: Callable[[bytes], bool] | None,
+) -> bool:
+    """Sends one queued event, or acts on it; False once the socket is closed."""
+    if payload == CLOSED:
+        await ws.close(code=TOO_SLOW, message=b"too slow: events were not read in time")
+        return False
+    if ends_with is not None and ends_with(payload):
+        await ws.close(code=FORBIDDEN, message=b"no longer a member of this room")
+        return False
+    if replayed_to is not None:
+        offset = _offset_of(payload)
+        if offset is not None and not after(offset, replayed_to):
+            return True  # already sent by the replay
+    await ws.send_frame(payload, WSMsgType.TEXT)
+    return True
 
 
 @contextlib.asynccontextmanager
 async def writing(
     ws: web.WebSocketResponse,
+    request: web.Request,
     subscriber: Subscriber,
     replayed_to: str | None,
     ends_with: Callable[[bytes], bool] | None = None,
 ) -> AsyncIterator[None]:
     writer = asyncio.create_task(
-        write_events(ws, subscriber, replayed_to, ends_with), name="ws-writer"
+        write_events(ws, request, subscriber, replayed_to, ends_with), name="ws-writer"
     )
     try:
         yield

@@ -35,7 +35,7 @@ from notifyd.http.websockets import (
 )
 from notifyd.ids import parse_uuid, uuid7
 from notifyd.payloads import dumps
-from notifyd.realtime.chat import NotAMember, Room, RoomNotFound
+from notifyd.realtime.chat import Draft, NotAMember, Room, RoomNotFound
 from notifyd.store import audit
 from notifyd.store.audit import AuditEntry
 
@@ -77,7 +77,7 @@ async def chat_socket(request: web.Request) -> web.StreamResponse:
                 ),
                 refetch=f"GET /rooms/{name}/messages/",
             )
-            async with writing(ws, subscriber, replayed_to, ends_with=removes_me):
+            async with writing(ws, request, subscriber, replayed_to, ends_with=removes_me):
                 await _read(ws, request, caller, room)
         finally:
             await ctx.presence.leave(seat)
@@ -160,26 +160,23 @@ async def _send(
         return
     assert isinstance(content, str)
     message_id = uuid7()
+    details = {
+        "message_id": str(message_id),
+        "receiver_id": room.peer_of(caller.user_id),
+        "room": room.name,
+    }
+    draft = Draft(
+        id=message_id,
+        room=room,
+        sender_id=caller.user_id,
+        content=content,
+        client_id=client_id,
+        audit=_audit(request, caller, "message.send", details),
+    )
     try:
-        async with ctx.pool.acquire() as conn, conn.transaction():
-            message = await ctx.chat.insert(conn, message_id, room, caller.user_id, content)
-            await audit.record(
-                conn,
-                _audit(
-                    request,
-                    caller,
-                    "message.send",
-                    {
-                        "message_id": str(message_id),
-                        "receiver_id": message.receiver_id,
-                        "room": room.name,
-                    },
-                ),
-            )
+        await ctx.chat.post(draft)
     except NotAMember:
         await ws.close(code=FORBIDDEN, message=b"no longer a member of this room")
-        return
-    await ctx.chat.announce(message, client_id)
 
 
 async def _read_receipt(

@@ -54,7 +54,7 @@ async def notifications_socket(request: web.Request) -> web.StreamResponse:
             ),
             refetch="GET /notifications/",
         )
-        async with writing(ws, subscriber, replayed_to):
+        async with writing(ws, request, subscriber, replayed_to):
             unread = await notification_store.unread_count(
                 ctx.pool, caller.tenant_id, caller.user_id
             )

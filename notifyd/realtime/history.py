@@ -14,6 +14,7 @@ strips the stamp and measures fan-out latency from it, clients never see it.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,14 @@ def after(offset: str, other: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class Feed:
+    """Where one feed's events go: its capped history stream and its pub/sub channel."""
+
+    stream: str
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
 class Missed:
     events: list[tuple[str, bytes]]  # (offset, the event as published, offset included)
     gap: bool  # events after the client's offset were trimmed: refetch over REST
@@ -71,6 +80,31 @@ class History:
         self._keys = keys
         self._max_len = max_len
         self._record = redis.register_script(RECORD_AND_PUBLISH)
+
+    def user_feed(self, tenant_id: str, user_id: str) -> Feed:
+        return Feed(
+            self._keys.user_history(tenant_id, user_id), self._keys.user_events(tenant_id, user_id)
+        )
+
+    def room_feed(self, tenant_id: str, room: str) -> Feed:
+        return Feed(
+            self._keys.room_history(tenant_id, room), self._keys.room_events(tenant_id, room)
+        )
+
+    async def publish_all(self, events: Sequence[tuple[Feed, dict[str, Any]]]) -> list[str]:
+        """Records and publishes many events in one pipelined round trip; their offsets."""
+        if not events:
+            return []
+        stamp = now_ms()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for feed, event in events:
+                await self._record(
+                    keys=[feed.stream, feed.channel],
+                    args=[self._max_len, dumps(event), stamp],
+                    client=pipe,
+                )
+            offsets: list[Any] = await pipe.execute()
+        return [o.decode() if isinstance(o, bytes) else str(o) for o in offsets]
 
     async def publish(self, tenant_id: str, user_id: str, event: dict[str, Any]) -> str:
         """Record and publish `event` (a JSON object) on a user's feed; returns its offset."""

@@ -13,7 +13,9 @@ supervisor restarts it, and it subscribes again to every channel still in use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import struct
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 
@@ -26,28 +28,102 @@ from notifyd.realtime.history import now_ms
 
 log = logging.getLogger("notifyd.realtime.hub")
 
+BURST = 512  # pub/sub messages handled before the sockets are written to
 CLOSED = b""  # put on a subscriber's queue by the hub to say "you are too slow, go"
 
 
-class Subscriber:
-    """One socket's view of the hub: a bounded queue of raw event payloads."""
+def text_frame(payload: bytes) -> bytes:
+    """A complete server-to-client WebSocket text frame (RFC 6455: FIN, opcode 1, unmasked,
+    uncompressed). Built once per event and written to every socket that wants it."""
+    size = len(payload)
+    if size < 126:
+        header = bytes((0x81, size))
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, size)
+    return header + payload
 
-    def __init__(self, size: int) -> None:
+
+class Subscriber:
+    """One socket's view of the hub.
+
+    It starts *queued*: events wait in a bounded queue while the socket replays history, and
+    its writer sends them in order. Once caught up, the writer switches it to *direct*: the
+    hub writes each event's ready-made frame straight to the socket's transport, so an event
+    for a room of many is encoded once and costs one write per member, with no task switch.
+    Either way a client that does not read is cut off: a full queue, or more than
+    `max_buffer` bytes waiting in the transport, marks it overflowed and its writer closes it.
+    """
+
+    def __init__(self, size: int, max_buffer: int = 1 << 20) -> None:
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(size)
         self.overflowed = False
+        self._max_buffer = max_buffer
+        self._transport: asyncio.WriteTransport | None = None
+        self._closing: Callable[[], bool] = lambda: False
+        self._watch: Callable[[bytes], bool] | None = None
+        self._pending: list[bytes] = []
 
-    def offer(self, payload: bytes) -> bool:
+    @property
+    def direct(self) -> bool:
+        return self._transport is not None
+
+    def go_direct(
+        self,
+        transport: asyncio.WriteTransport,
+        closing: Callable[[], bool],
+        watch: Callable[[bytes], bool] | None = None,
+    ) -> None:
+        """From now on frames go straight to `transport` (call with the queue empty, so the
+        order of events is kept). `watch` picks events the writer must also see, such as
+        "you were removed from this room"; `closing` says when the socket stopped sending."""
+        self._transport = transport
+        self._closing = closing
+        self._watch = watch
+
+    def offer(self, payload: bytes, frame: bytes | None = None) -> bool:
+        """Queues the event, or (direct) adds its frame to what `flush` writes next."""
         if self.overflowed:
             return False
-        try:
-            self.queue.put_nowait(payload)
-        except asyncio.QueueFull:
-            self.overflowed = True
-            # make room for the sentinel so the socket's writer wakes up and closes
-            self.queue.get_nowait()
-            self.queue.put_nowait(CLOSED)
+        if self._transport is None:
+            try:
+                self.queue.put_nowait(payload)
+            except asyncio.QueueFull:
+                self._overflow()
+                return False
+            return True
+        if self._closing():
             return False
+        self._pending.append(frame if frame is not None else text_frame(payload))
+        if self._watch is not None and self._watch(payload):
+            self.flush()  # the client sees the event before its writer acts on it
+            with contextlib.suppress(asyncio.QueueFull):
+                self.queue.put_nowait(payload)
         return True
+
+    def flush(self) -> None:
+        """Writes the frames gathered since the last flush in one go: one syscall for all
+        the events of a burst, not one per event."""
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending.clear()
+        transport = self._transport
+        if transport is None or self._closing() or transport.is_closing():
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > self._max_buffer:
+            self._overflow()
+
+    def _overflow(self) -> None:
+        self.overflowed = True
+        self._transport = None  # not one more byte to a client that does not read
+        self._pending.clear()
+        # make room for the sentinel so the socket's writer wakes up and closes
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(CLOSED)
 
 
 class Hub:
@@ -60,6 +136,7 @@ class Hub:
         self._metrics = metrics
         self._subscribers: dict[str, set[Subscriber]] = defaultdict(set)
         self._pubsub: PubSub | None = None
+        self._unflushed: set[Subscriber] = set()
         self._lock = asyncio.Lock()
 
     async def subscribe(self, channel: str, subscriber: Subscriber) -> None:
@@ -89,11 +166,19 @@ class Hub:
                 self._pubsub = pubsub
             while not stop.is_set():
                 message = await pubsub.get_message(timeout=self._poll)
-                if message is None or message.get("type") != "message":
-                    continue
-                channel = message["channel"]
-                name = channel.decode() if isinstance(channel, bytes) else str(channel)
-                self._deliver(name, message["data"])
+                handled = 0
+                # take what Redis already sent in the same read, then write each socket's
+                # share of it at once
+                while message is not None:
+                    if message.get("type") == "message":
+                        channel = message["channel"]
+                        name = channel.decode() if isinstance(channel, bytes) else str(channel)
+                        self._deliver(name, message["data"])
+                    handled += 1
+                    if handled >= BURST:
+                        break
+                    message = await pubsub.get_message(timeout=0)
+                self._flush()
         finally:
             self._pubsub = None
             close: Callable[[], Awaitable[None]] = pubsub.aclose  # redis-py leaves it untyped
@@ -105,8 +190,23 @@ class Hub:
             self._metrics.ws_fanout_latency.observe(max(0.0, (now_ms() - int(stamp)) / 1000))
         else:
             payload = data  # not framed by a feed (nothing of ours publishes that way)
-        for subscriber in list(self._subscribers.get(channel, ())):
-            if subscriber.offer(payload):
-                self._metrics.ws_messages_out.inc()
+        subscribers = self._subscribers.get(channel)
+        if not subscribers:
+            return
+        frame = text_frame(payload)  # once, for every socket of this channel
+        delivered = 0
+        for subscriber in list(subscribers):
+            if subscriber.offer(payload, frame):
+                delivered += 1
+                if subscriber.direct:
+                    self._unflushed.add(subscriber)
             elif subscriber.overflowed:
                 log.info("slow client disconnected", extra={"channel": channel})
+        self._metrics.ws_messages_out.inc(delivered)
+
+    def _flush(self) -> None:
+        for subscriber in self._unflushed:
+            subscriber.flush()
+            if subscriber.overflowed:
+                log.info("slow client disconnected")
+        self._unflushed.clear()

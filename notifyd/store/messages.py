@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
@@ -22,6 +25,17 @@ INSERT INTO messages (id, tenant_id, sender_id, room_id, content)
 SELECT $1, $2, $3, $4, $5
 WHERE EXISTS (SELECT 1 FROM room_members WHERE room_id = $4 AND user_id = $3)
 RETURNING sent_at
+"""
+
+# Many messages, 1-on-1 and group, in one statement; a group message only from a member.
+INSERT_MANY = """
+INSERT INTO messages (id, tenant_id, sender_id, receiver_id, room_id, content)
+SELECT m.id, m.tenant_id, m.sender_id, m.receiver_id, m.room_id, m.content
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::text[])
+     AS m (id, tenant_id, sender_id, receiver_id, room_id, content)
+WHERE m.room_id IS NULL
+   OR EXISTS (SELECT 1 FROM room_members r WHERE r.room_id = m.room_id AND r.user_id = m.sender_id)
+RETURNING id, sent_at
 """
 
 LIST_ROOM = f"""
@@ -111,6 +125,31 @@ async def insert_in_room(
     content: str,
 ) -> object:
     return await conn.fetchval(INSERT_IN_ROOM, message_id, tenant_id, sender_id, room_id, content)
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    id: uuid.UUID
+    tenant_id: str
+    sender_id: str
+    receiver_id: str | None  # 1-on-1
+    room_id: uuid.UUID | None  # group room
+    content: str
+
+
+async def insert_many(conn: Conn, messages: Sequence[NewMessage]) -> dict[uuid.UUID, datetime]:
+    """Stores what may be stored; returns sent_at by id (a group message whose sender is not
+    a member of the room is left out)."""
+    rows = await conn.fetch(
+        INSERT_MANY,
+        [m.id for m in messages],
+        [m.tenant_id for m in messages],
+        [m.sender_id for m in messages],
+        [m.receiver_id for m in messages],
+        [m.room_id for m in messages],
+        [m.content for m in messages],
+    )
+    return {row["id"]: row["sent_at"] for row in rows}
 
 
 async def list_room(
