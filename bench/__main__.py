@@ -6,13 +6,29 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-from bench import reminders
+from bench import connections, email_e2e, limits, reminders, rest_ingest, suite, ws_fanout
 from bench.common import BenchError, emit
 
+T = TypeVar("T")
 
-def _run(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+# name → (module, one line of help); each module has add_arguments, options_from and main
+WORKLOADS: dict[str, tuple[Any, str]] = {
+    "reminders": (
+        reminders,
+        "Q reminders spread over T seconds: lateness p50/p99/max, missing, duplicates",
+    ),
+    "limits": (limits, "the ceilings, with no notifyd code in the path (needs PG and Redis)"),
+    "rest_ingest": (rest_ingest, "C connections POST in-app notifications for D seconds"),
+    "email_e2e": (email_e2e, "K emails posted, until all reach the harness's SMTP sink"),
+    "ws_fanout": (ws_fanout, "R rooms x M members, S messages per sender (burst or --rate)"),
+    "connections": (connections, "N idle WebSockets: notifyd's RSS per connection"),
+    "all": (suite, "limits, then every workload, then each figure beside its ceiling"),
+}
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
     except ImportError:  # the daemon's loop when it is there, asyncio's otherwise
@@ -26,24 +42,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load a running notifyd over loopback and print one JSON line of figures.",
     )
     workloads = parser.add_subparsers(dest="workload", required=True, metavar="WORKLOAD")
-    reminders.add_arguments(
-        workloads.add_parser(
-            "reminders",
-            help="Q reminders spread over T seconds: lateness p50/p99/max, missing, duplicates",
-            description=reminders.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+    for name, (module, summary) in WORKLOADS.items():
+        module.add_arguments(
+            workloads.add_parser(
+                name,
+                help=summary,
+                description=module.__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
         )
-    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.workload == "reminders":
-            result = _run(reminders.main(reminders.options_from(args)))
-        else:  # pragma: no cover - argparse refuses unknown workloads
+        if args.workload == "all":
+            lines = _run(suite.main(suite.options_from(args), emit))
+            return 1 if any("error" in line for line in lines) else 0
+        if args.workload not in WORKLOADS:  # pragma: no cover - argparse refuses them
             raise BenchError(f"unknown workload {args.workload!r}")
+        module = WORKLOADS[args.workload][0]
+        result = _run(module.main(module.options_from(args)))
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2

@@ -6,16 +6,18 @@ checked before the first byte is sent.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import math
 import os
 import platform
+import resource
 import socket
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -23,7 +25,9 @@ import jwt
 import orjson
 
 from notifyd.auth.tokens import mint_token
-from notifyd.settings import SettingsError, load_settings
+from notifyd.settings import Settings, SettingsError, load_settings
+
+T = TypeVar("T")
 
 
 class BenchError(Exception):
@@ -59,24 +63,46 @@ def require_loopback_url(url: str, what: str) -> None:
         raise BenchError(f"{what}: {host!r} is not loopback; the harness only uses loopback")
 
 
-def service_token(secret: str, *, tenant_id: str, user_id: str, ttl: int) -> str:
-    """A `service` token in the claim names notifyd is configured with (JWT_* in the
-    environment), signed with `secret`; plain HS256 with the default names as a fallback."""
-    if len(secret) < 16:
-        raise BenchError("--jwt-secret (or JWT_SECRET) must be the daemon's secret")
-    try:
-        settings = load_settings({**os.environ, "JWT_SECRET": secret}, dotenv_file=None)
-    except SettingsError:
+class TokenMinter:
+    """Signs tokens in the claim names notifyd is configured with (JWT_* in the environment),
+    with the daemon's `secret`; plain HS256 with the default names when the environment does
+    not make valid settings. Settings are read once: workloads mint thousands of tokens."""
+
+    def __init__(self, secret: str) -> None:
+        if len(secret) < 16:
+            raise BenchError("--jwt-secret (or JWT_SECRET) must be the daemon's secret")
+        self._secret = secret
+        try:
+            self._settings: Settings | None = load_settings(
+                {**os.environ, "JWT_SECRET": secret}, dotenv_file=None
+            )
+        except SettingsError:
+            self._settings = None
+
+    @property
+    def user_claim(self) -> str:
+        """The claim that names the user (bare servers of `limits` read it unverified)."""
+        return self._settings.jwt_user_claim if self._settings else "user_id"
+
+    def mint(self, *, tenant_id: str, user_id: str, role: str, ttl: int) -> str:
+        if self._settings is not None:
+            return mint_token(
+                self._settings, tenant_id=tenant_id, user_id=user_id, role=role, ttl=ttl
+            )
         now = int(time.time())
         claims = {
             "tenant_id": tenant_id,
             "user_id": user_id,
-            "role": "service",
+            "role": role,
             "iat": now,
             "exp": now + ttl,
         }
-        return jwt.encode(claims, secret, algorithm="HS256")
-    return mint_token(settings, tenant_id=tenant_id, user_id=user_id, role="service", ttl=ttl)
+        return jwt.encode(claims, self._secret, algorithm="HS256")
+
+
+def service_token(secret: str, *, tenant_id: str, user_id: str, ttl: int) -> str:
+    """A `service` token for `tenant_id`, signed with the daemon's `secret`."""
+    return TokenMinter(secret).mint(tenant_id=tenant_id, user_id=user_id, role="service", ttl=ttl)
 
 
 def percentile(ordered: Sequence[float], fraction: float) -> float:
@@ -151,6 +177,46 @@ async def redis_version(url: str | None) -> str | None:
         return None
     finally:
         await client.aclose()
+
+
+def raise_nofile_limit(wanted: int) -> int:
+    """Raise this process's open-file limit to the hard limit when `wanted` needs it (one
+    descriptor per socket); returns the soft limit now in force (-1: unlimited)."""
+    infinite = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != infinite and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    if soft != infinite and soft < wanted:
+        raise BenchError(f"{wanted} open files needed, the hard limit is {hard} (ulimit -Hn)")
+    return int(soft)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def all_or_none(coros: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Like gather, but the first failure cancels the rest and is raised as itself."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coros]
+    except BaseExceptionGroup as grouped:
+        first = grouped.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+    return [t.result() for t in tasks]
+
+
+def ratio(value: float | None, ceiling: float | None) -> float | None:
+    """value ÷ ceiling to 3 places; None when either is missing or the ceiling is 0."""
+    if value is None or not ceiling:
+        return None
+    return round(value / ceiling, 3)
 
 
 def emit(result: Mapping[str, Any]) -> None:

@@ -1,16 +1,28 @@
-"""The `reminders` benchmark runs end to end against a real daemon and reads true outcomes."""
+"""The benchmark harness runs end to end against a real daemon and reads true outcomes.
+
+Every workload runs here with tiny counts; each test checks the JSON keys and that the
+figures agree with what really happened (rows in PostgreSQL, mails at the sink, the
+daemon's own gauges), never how fast anything was.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from typing import Any
 
 import asyncpg
 import pytest
+from redis.asyncio import Redis
 
-from bench.common import BenchError, require_loopback_url
+from bench import connections, email_e2e, limits, loadgen, rest_ingest, suite, ws_fanout
+from bench.__main__ import WORKLOADS, build_parser
+from bench.common import BenchError, TokenMinter, free_port, require_loopback_url
 from bench.reminders import ReminderOptions, main
+from bench.spawn import BareServer
 from tests.conftest import DaemonFactory
-from tests.helpers import TEST_JWT_SECRET
+from tests.helpers import TEST_JWT_SECRET, wait_for
 
 KEYS = {
     "workload",
@@ -23,6 +35,27 @@ KEYS = {
     "lateness_ms",
     "machine",
 }
+HAS_WRK = shutil.which("wrk") is not None
+# the chat endpoint's per-connection limit, far above what the tests send
+NO_WS_LIMIT = {"NOTIFYD_WS_MESSAGE_RATE": "100000", "NOTIFYD_WS_MESSAGE_BURST": "100000"}
+
+
+def as_json(result: dict[str, Any]) -> dict[str, Any]:
+    """What the CLI prints, read back: the figures must survive JSON."""
+    decoded: dict[str, Any] = json.loads(json.dumps(result))
+    assert decoded["machine"]["cpu_count"] >= 1
+    return decoded
+
+
+async def notifications_of(db: asyncpg.Connection, tenant: str) -> dict[str, int]:
+    rows = await db.fetch(
+        "SELECT status, count(*) AS n FROM notifications WHERE tenant_id = $1 GROUP BY 1", tenant
+    )
+    return {r["status"]: r["n"] for r in rows}
+
+
+async def has_statuses(db: asyncpg.Connection, tenant: str, wanted: dict[str, int]) -> bool:
+    return await notifications_of(db, tenant) == wanted
 
 
 async def test_reminders_workload_reports_every_reminder_fired_once(
@@ -75,3 +108,361 @@ def test_the_harness_refuses_hosts_that_are_not_loopback() -> None:
     require_loopback_url("postgresql://postgres@localhost:5432/db", "--database-url")
     with pytest.raises(BenchError):
         require_loopback_url("http://192.0.2.10:8000", "--url")
+
+
+def test_every_workload_parses_its_command_line_into_its_options() -> None:
+    """Promise: `python -m bench <workload> --help`'s options reach the workload (a renamed
+    option would otherwise only fail on the operator's machine)."""
+    parser = build_parser()
+    for name, (module, _) in WORKLOADS.items():
+        args = parser.parse_args([name, "--jwt-secret", TEST_JWT_SECRET])
+        assert args.workload == name
+        module.options_from(args)
+    args = parser.parse_args(["ws_fanout", "--rooms", "3", "--members", "4", "--rate", "50"])
+    fanout = ws_fanout.options_from(args)
+    assert (fanout.rooms, fanout.members, fanout.rate) == (3, 4, 50.0)
+    args = parser.parse_args(["limits", "--ws-rooms", "3", "--http-duration", "2"])
+    ceilings = limits.options_from(args)
+    assert (ceilings.ws_rooms, ceilings.http_duration) == (3, 2.0)
+    with pytest.raises(BenchError):
+        suite.options_from(parser.parse_args(["all", "--skip", "nonsense"]))
+
+
+async def test_limits_measures_every_ceiling_and_checks_its_own_counts(
+    database_url: str, redis_url: str, db: asyncpg.Connection
+) -> None:
+    """Promise: `limits` loads its bare servers, PostgreSQL + Redis and the SMTP sink, and
+    each figure comes with the counts that prove the work was done; it leaves nothing."""
+    result = as_json(
+        await limits.main(
+            limits.LimitsOptions(
+                database_url=database_url,
+                redis_url=redis_url,
+                http_connections=4,
+                http_duration=1.0,
+                ws_rooms=2,
+                ws_members=3,
+                ws_messages=2,
+                pg_rows=256,
+                pg_concurrency=2,
+                smtp_count=20,
+                smtp_connections=2,
+                quiet=True,
+            )
+        )
+    )
+    assert result["workload"] == "limits"
+    for key in (
+        "http_req_per_s",
+        "ws_delivered_per_s",
+        "pg_xadd_rows_per_s",
+        "pg_xadd_rows_per_s_single",
+        "smtp_per_s",
+    ):
+        assert result[key] > 0, key
+    http = result["http"]
+    assert http["generator"] == ("wrk" if HAS_WRK else "python")
+    assert http["requests"] > 0
+    assert http["errors"] == 0
+    ws = result["ws"]
+    assert ws["expected"] == ws["delivered"] == 2 * 3 * 2 * 3  # rooms x senders x S x members
+    assert (ws["lost"], ws["duplicates"]) == (0, 0)
+    pg = result["pg_xadd"]
+    assert pg["rows_batched"] == 256  # 4 batches of 64
+    assert pg["rows_single"] == 256
+    assert pg["rows_in_table"] == pg["entries_in_stream"] == 512
+    smtp = result["smtp"]
+    assert (smtp["arrived"], smtp["missing"], smtp["duplicates"]) == (20, 0, 0)
+    assert result["machine"]["postgresql"]
+    # the scratch table and stream are gone
+    assert not await db.fetchval("SELECT count(*) FROM pg_tables WHERE tablename ~ '^bench_'")
+    client = Redis.from_url(redis_url)
+    try:
+        assert await client.keys("bench:*") == []
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "generator",
+    [
+        pytest.param("wrk", marks=pytest.mark.skipif(not HAS_WRK, reason="wrk not installed")),
+        "python",
+    ],
+)
+async def test_rest_ingest_counts_what_the_daemon_stored(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection, generator: str
+) -> None:
+    """Promise: `rest_ingest` reports the requests the daemon answered 202, and the daemon
+    stored that many (plus the probe; wrk may stop with a request per connection in flight,
+    which the daemon may still store)."""
+    daemon = await daemon_factory()
+    result = as_json(
+        await rest_ingest.main(
+            rest_ingest.IngestOptions(
+                url=f"http://127.0.0.1:{daemon.port}",
+                jwt_secret=TEST_JWT_SECRET,
+                connections=4,
+                duration=1.0,
+                generator=generator,
+                quiet=True,
+            )
+        )
+    )
+    assert result["workload"] == "rest_ingest"
+    assert result["generator"] == generator
+    assert result.keys() >= {"req_per_s", "p50_ms", "p99_ms", "errors", "machine"}
+    assert result["errors"] == 0
+    assert result["requests"] > 0
+    assert result["req_per_s"] > 0
+    assert 0 < result["p50_ms"] <= result["p99_ms"] <= result["max_ms"]
+    stored = sum((await notifications_of(db, result["run"]["tenant"])).values())
+    in_flight = 4 if generator == "wrk" else 0
+    assert result["requests"] + 1 <= stored <= result["requests"] + 1 + in_flight
+
+
+@pytest.mark.skipif(not HAS_WRK, reason="wrk not installed")
+async def test_the_wrk_script_counts_every_refused_request_as_an_error(
+    daemon_factory: DaemonFactory,
+) -> None:
+    """Promise: answers that are not 2xx are errors, summed over every wrk thread, and never
+    counted in req_per_s (here: a token the daemon does not accept)."""
+    daemon = await daemon_factory()
+    forged = TokenMinter("not-the-daemon-secret-0123456789").mint(
+        tenant_id="bench-x", user_id="bench-service", role="service", ttl=600
+    )
+    result = await loadgen.run(
+        loadgen.Load(
+            url=f"http://127.0.0.1:{daemon.port}",
+            token=forged,
+            recipient_prefix="bench-x-u",
+            connections=4,
+            threads=2,
+            duration=1.0,
+            generator="wrk",
+        )
+    )
+    assert result["threads"] == 2
+    assert result["requests"] > 0
+    assert result["non2xx"] == result["errors"] == result["requests"]
+    assert result["last_non2xx"] == 401
+    assert result["req_per_s"] == 0
+
+
+async def test_email_e2e_counts_each_mail_the_sink_received(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    """Promise: `email_e2e` runs its own SMTP sink; the daemon, pointed at it, delivers K
+    mails and the harness reports K arrived, 0 missing, 0 duplicates; the daemon's rows say
+    sent for all of them (and the probe)."""
+    port = free_port()
+    daemon = await daemon_factory(EMAIL_HOST="127.0.0.1", EMAIL_PORT=str(port))
+    result = as_json(
+        await email_e2e.main(
+            email_e2e.EmailOptions(
+                url=f"http://127.0.0.1:{daemon.port}",
+                jwt_secret=TEST_JWT_SECRET,
+                smtp_port=port,
+                count=30,
+                margin=20.0,
+                settle=0.3,
+                quiet=True,
+            )
+        )
+    )
+    assert result["workload"] == "email_e2e"
+    assert result.keys() >= {"per_s", "missing", "duplicates", "p99_ms", "machine"}
+    assert (result["accepted"], result["arrived"], result["sink_received"]) == (30, 30, 30)
+    assert (result["missing"], result["duplicates"]) == (0, 0)
+    assert result["per_s"] > 0
+    assert 0 < result["p50_ms"] <= result["p99_ms"] <= result["max_ms"]
+    tenant = result["run"]["tenant"]
+    # the daemon records "sent" once the sink's 250 reaches it, just after the sink counted it
+    await wait_for(lambda: has_statuses(db, tenant, {"sent": 31}))
+
+
+async def test_email_e2e_reports_mail_that_never_arrived_as_missing(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    """Promise: `missing` is true: when the sink refuses every 5th mail (550, so the daemon
+    fails it), those are the missing ones."""
+    port = free_port()
+    daemon = await daemon_factory(EMAIL_HOST="127.0.0.1", EMAIL_PORT=str(port))
+    result = await email_e2e.main(
+        email_e2e.EmailOptions(
+            url=f"http://127.0.0.1:{daemon.port}",
+            jwt_secret=TEST_JWT_SECRET,
+            smtp_port=port,
+            count=19,
+            margin=3.0,
+            settle=0.2,
+            sink_refuses_every=5,
+            quiet=True,
+        )
+    )
+    # 20 mails reach the sink (the probe first); the 5th, 10th, 15th and 20th are refused
+    assert (result["accepted"], result["arrived"], result["missing"]) == (19, 15, 4)
+    assert result["duplicates"] == 0
+    tenant = result["run"]["tenant"]
+    await wait_for(lambda: has_statuses(db, tenant, {"sent": 16, "failed": 4}))
+
+
+@pytest.mark.parametrize("rate", [0.0, 400.0])
+async def test_ws_fanout_counts_deliveries_and_losses_exactly(rate: float) -> None:
+    """Promise: against the bare fan-out server of `limits` (same frames as the chat
+    endpoint), `ws_fanout` counts every delivery once, burst or paced, and when the server
+    skips every 5th delivery, `lost` is exactly what it skipped."""
+    claim = TokenMinter(TEST_JWT_SECRET).user_claim
+    options = ws_fanout.FanoutOptions(
+        jwt_secret=TEST_JWT_SECRET, rooms=2, members=3, messages=4, rate=rate, quiet=True
+    )
+    async with BareServer("ws", "--user-claim", claim) as server:
+        options.url = f"http://127.0.0.1:{server.port}"
+        clean = as_json(await ws_fanout.main(options))
+    async with BareServer("ws", "--user-claim", claim, "--drop-every", "5") as server:
+        options.url = f"http://127.0.0.1:{server.port}"
+        options.drain = 0.5
+        lossy = await ws_fanout.main(options)
+    assert clean["workload"] == "ws_fanout"
+    assert clean["mode"] == ("paced" if rate else "burst")
+    assert clean.keys() >= {"delivered_per_s", "lost", "p50_ms", "p99_ms", "setup_per_s"}
+    assert clean["messages_sent"] == 2 * 3 * 4
+    assert clean["expected"] == clean["delivered"] == 2 * 3 * 4 * 3
+    assert (clean["lost"], clean["duplicates"], clean["errors"]) == (0, 0, 0)
+    assert clean["delivered_per_s"] > 0 and clean["setup_per_s"] > 0
+    assert 0 <= clean["p50_ms"] <= clean["p99_ms"] <= clean["max_ms"]
+    assert lossy["lost"] == 72 // 5
+    assert lossy["delivered"] == 72 - 72 // 5
+    assert lossy["duplicates"] == 0
+
+
+async def test_ws_fanout_against_the_chat_endpoint(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    """Promise: `ws_fanout` drives notifyd's chat rooms: every member hears every message
+    once, and the daemon stored each message once."""
+    daemon = await daemon_factory(**NO_WS_LIMIT)
+    result = as_json(
+        await ws_fanout.main(
+            ws_fanout.FanoutOptions(
+                url=f"http://127.0.0.1:{daemon.port}",
+                jwt_secret=TEST_JWT_SECRET,
+                rooms=2,
+                members=3,
+                messages=3,
+                drain=10.0,
+                quiet=True,
+            )
+        )
+    )
+    assert result["expected"] == result["delivered"] == 2 * 3 * 3 * 3
+    assert (result["lost"], result["duplicates"], result["errors"]) == (0, 0, 0)
+    assert result["closed_early"] == 0
+    stored = await db.fetchval(
+        "SELECT count(*) FROM messages WHERE tenant_id = $1", result["run"]["tenant"]
+    )
+    assert stored == 2 * 3 * 3
+
+
+async def test_ws_fanout_shows_the_daemons_rate_limit_as_errors_and_losses(
+    daemon_factory: DaemonFactory,
+) -> None:
+    """Promise: a daemon started with its default-sized limit refuses frames past the burst;
+    the harness reports each refusal as an error and its deliveries as lost (which is why
+    the docs say to start the daemon with a high limit)."""
+    daemon = await daemon_factory(NOTIFYD_WS_MESSAGE_RATE="0.1", NOTIFYD_WS_MESSAGE_BURST="2")
+    result = await ws_fanout.main(
+        ws_fanout.FanoutOptions(
+            url=f"http://127.0.0.1:{daemon.port}",
+            jwt_secret=TEST_JWT_SECRET,
+            rooms=1,
+            members=2,
+            messages=5,
+            drain=1.0,
+            quiet=True,
+        )
+    )
+    senders = 2
+    assert result["errors"] == senders * 3  # 5 sent, 2 allowed, 3 refused each
+    assert result["lost"] == senders * 3 * 2
+    assert result["delivered"] == senders * 2 * 2
+
+
+async def test_connections_holds_n_sockets_and_reads_the_daemons_memory(
+    daemon_factory: DaemonFactory,
+) -> None:
+    """Promise: `connections` finds the daemon by its listening port, holds N sockets (the
+    daemon's own gauge agrees) with heartbeats, and reports its RSS per connection."""
+    daemon = await daemon_factory()
+    assert connections.pid_listening_on(daemon.port) == os.getpid()  # in-process daemon
+    result = as_json(
+        await connections.main(
+            connections.ConnectionsOptions(
+                url=f"http://127.0.0.1:{daemon.port}",
+                jwt_secret=TEST_JWT_SECRET,
+                count=20,
+                hold=0.5,
+                heartbeat=0.1,
+                settle=0.0,
+                quiet=True,
+            )
+        )
+    )
+    assert result["workload"] == "connections"
+    assert result["pid"] == os.getpid()
+    assert (result["held"], result["server_connections"], result["closed_early"]) == (20, 20, 0)
+    assert result["rss_before_kib"] > 0 and result["rss_after_kib"] > 0
+    assert result["rss_kib_per_conn"] is not None
+    assert result["harness_nofile"] >= 20 or result["harness_nofile"] == -1
+
+
+async def test_all_runs_every_workload_and_prints_each_figure_beside_its_ceiling(
+    daemon_factory: DaemonFactory, database_url: str, redis_url: str
+) -> None:
+    """Promise: `all` prints one line per workload run (ws_fanout burst and paced), then one
+    line per figure with its ceiling and the ratio of the two."""
+    port = free_port()
+    daemon = await daemon_factory(EMAIL_HOST="127.0.0.1", EMAIL_PORT=str(port), **NO_WS_LIMIT)
+    printed: list[dict[str, Any]] = []
+    lines = await suite.main(
+        suite.SuiteOptions(
+            url=f"http://127.0.0.1:{daemon.port}",
+            database_url=database_url,
+            redis_url=redis_url,
+            jwt_secret=TEST_JWT_SECRET,
+            smtp_port=port,
+            duration=1.0,
+            http_connections=2,
+            emails=5,
+            rooms=1,
+            members=2,
+            messages=2,
+            connections=5,
+            hold=0.2,
+            pg_rows=64,
+            skip=("reminders",),
+            backlog_bound=20.0,
+            quiet=True,
+        ),
+        printed.append,
+    )
+    assert printed == lines
+    runs = [line for line in lines if line["workload"] != "all"]
+    assert [r["workload"] for r in runs] == [
+        "limits",
+        "connections",
+        "rest_ingest",
+        "email_e2e",
+        "ws_fanout",
+        "ws_fanout",
+    ]
+    assert not [r for r in runs if "error" in r]
+    assert [r["mode"] for r in runs if r["workload"] == "ws_fanout"] == ["burst", "paced"]
+    ratios = [line for line in lines if line["workload"] == "all"]
+    assert len(ratios) == len(suite.RATIOS)
+    first = {r["workload"]: r for r in reversed(runs)}  # of ws_fanout: the burst
+    for line, (workload, figure, ceiling) in zip(ratios, suite.RATIOS, strict=True):
+        assert (line["figure"], line["ceiling"]) == (f"{workload}.{figure}", f"limits.{ceiling}")
+        assert line["value"] == first[workload][figure] > 0
+        assert line["ceiling_value"] == first["limits"][ceiling] > 0
+        assert line["ratio"] == round(line["value"] / line["ceiling_value"], 3)
