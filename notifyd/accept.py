@@ -44,6 +44,7 @@ from notifyd.settings import CHANNELS, Settings
 from notifyd.store import audit, deliveries
 from notifyd.store import notifications as store
 from notifyd.store.audit import AuditEntry
+from notifyd.store.batch import GroupCommit
 from notifyd.store.pool import Conn, Executor
 from notifyd.store.tenants import TenantSettings, load_redacted, locale_for, region_for
 from notifyd.streams.producer import Producer
@@ -343,6 +344,63 @@ async def announce(
         log.warning("intent not enqueued; left for the sweeper", extra={"error": repr(exc)})
         return False
     return True
+
+
+class Outbox:
+    """Accepted notifications of concurrent requests, written together.
+
+    Each `put` returns once its row and audit row are committed and its intent is on the
+    stream, exactly as `record` + `announce` would; but rows that arrive while a commit is in
+    flight share the next transaction (an `executemany` of rows, one of audit rows) and one
+    pipelined round trip of XADDs. Under load that turns five round trips per request into
+    five per batch of up to `max_batch`. Requests that must keep an idempotency record in
+    the same transaction do not come here.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        producer: Producer,
+        keys: Keys,
+        metrics: Metrics,
+        *,
+        max_batch: int = 64,
+        writers: int = 2,
+    ) -> None:
+        self._pool = pool
+        self._producer = producer
+        self._keys = keys
+        self._metrics = metrics
+        self._writes: GroupCommit[tuple[store.NewNotification, AuditEntry], bool] = GroupCommit(
+            self._write, max_batch=max_batch, max_concurrent=writers
+        )
+
+    async def put(self, row: store.NewNotification, entry: AuditEntry) -> bool:
+        """Stores and enqueues; False when only the enqueue failed (the sweeper will)."""
+        return await self._writes.submit((row, entry))
+
+    async def _write(
+        self, items: Sequence[tuple[store.NewNotification, AuditEntry]]
+    ) -> list[bool | BaseException]:
+        rows = [row for row, _ in items]
+        async with self._pool.acquire() as conn, conn.transaction():
+            await store.insert_many(conn, rows)
+            await audit.record_many(conn, [entry for _, entry in items])
+        for row in rows:
+            self._metrics.notifications_accepted.labels(row.channel).inc()
+        try:
+            async with self._producer.pipeline() as pipe:
+                for row in rows:
+                    intent = NotificationIntent(
+                        tenant_id=row.tenant_id, notification_id=str(row.id)
+                    )
+                    self._producer.add_in(pipe, self._keys.intents, intent.to_fields())
+                await pipe.execute()
+        except RedisError as exc:
+            self._metrics.enqueue_failures.inc(len(rows))
+            log.warning("intents not enqueued; left for the sweeper", extra={"error": repr(exc)})
+            return [False] * len(rows)
+        return [True] * len(rows)
 
 
 async def accept(

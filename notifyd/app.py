@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from notifyd.accept import Outbox
 from notifyd.actors.housekeeper import Housekeeper
 from notifyd.auth.tokens import TokenVerifier
 from notifyd.http.context import Services
@@ -152,6 +153,7 @@ class Daemon:
             pool=pool,
             redis=redis,
             producer=pipeline.producer,
+            outbox=Outbox(pool, pipeline.producer, keys, self.metrics),
             schedule=pipeline.schedule,
             hub=hub,
             history=pipeline.history,

@@ -5,6 +5,7 @@ challenge. Claim names are settings, and ids are opaque strings (`TEN-0001`, `au
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -646,3 +647,26 @@ async def test_non_uuid_tenant_and_user_ids_work_end_to_end(api: Api, db: Any) -
     assert [(m["sender_id"], m["receiver_id"]) for m in inbox] == [
         ("auth0|42", "google-oauth2|1234")
     ]
+
+
+async def test_a_remembered_token_still_stops_working_when_it_expires() -> None:
+    """Verified tokens are remembered (services reuse one for thousands of requests), but
+    never past their own expiry: the second look comes from memory, the third is refused."""
+    check = verifier(JWT_LEEWAY="0")
+    key = TEST_JWT_SECRET.encode()
+    token = hand_token(
+        {"alg": "HS256", "typ": "JWT"}, claims(exp=int(time.time()) + 2), hmac_sha256(key)
+    )
+    first = await check.verify(token)
+    assert await check.verify(token) is first  # remembered, not verified again
+    await asyncio.sleep(max(0.0, int(time.time()) + 3 - time.time()))
+    with pytest.raises(TokenError, match="expired"):
+        await check.verify(token)
+
+
+async def test_a_refused_token_is_not_remembered() -> None:
+    check = verifier()
+    forged = hand_token({"alg": "HS256", "typ": "JWT"}, claims(), hmac_sha256(b"wrong"))
+    for _ in range(2):
+        with pytest.raises(TokenError, match="signature"):
+            await check.verify(forged)

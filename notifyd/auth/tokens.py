@@ -105,6 +105,10 @@ class JwksCache:
             self._fetched_at = time.monotonic()
 
 
+VERIFIED_TTL = 60.0  # seconds a verified token is remembered at most
+VERIFIED_MAX = 10_000  # tokens remembered at most (oldest forgotten first)
+
+
 class TokenVerifier:
     def __init__(
         self,
@@ -123,8 +127,26 @@ class TokenVerifier:
             if session is None:
                 raise ValueError("a JWKS URL needs an HTTP session")
             self._jwks = JwksCache(settings.jwt_jwks_url, settings.jwt_jwks_cache_seconds, session)
+        self._verified: dict[str, tuple[Identity, float]] = {}
 
     async def verify(self, token: str) -> Identity:
+        """The token's identity. A service sends thousands of requests with one token:
+        a token verified once is remembered (by its exact text) until it expires, and for
+        at most VERIFIED_TTL seconds, so a signing key that is withdrawn stops working
+        soon after. Tokens that fail are never remembered."""
+        known = self._verified.get(token)
+        if known is not None:
+            identity, until = known
+            if time.time() < until:
+                return identity
+            del self._verified[token]
+        identity, expires = await self._verify(token)
+        if len(self._verified) >= VERIFIED_MAX:
+            del self._verified[next(iter(self._verified))]  # the oldest
+        self._verified[token] = (identity, min(expires, time.time() + VERIFIED_TTL))
+        return identity
+
+    async def _verify(self, token: str) -> tuple[Identity, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
@@ -159,7 +181,7 @@ class TokenVerifier:
         except (jwt.InvalidTokenError, TypeError, ValueError):
             # TypeError/ValueError: pyjwt refusing a key for an algorithm; same answer
             raise TokenError("token is not valid") from None
-        return self._identity(claims)
+        return self._identity(claims), float(claims["exp"]) + s.jwt_leeway
 
     async def _key_for(self, alg: str, kid: Any) -> Any:
         if alg.startswith("HS"):

@@ -10,6 +10,7 @@ import asyncpg
 from aiohttp import web
 from redis.asyncio import Redis
 
+from notifyd.accept import Outbox
 from notifyd.auth.identity import Identity
 from notifyd.auth.tokens import TokenVerifier
 from notifyd.ids import OpaqueIdRule
@@ -33,6 +34,7 @@ class Services:
     pool: asyncpg.Pool
     redis: Redis
     producer: Producer
+    outbox: Outbox
     schedule: Schedule
     hub: Hub
     history: History

@@ -119,25 +119,26 @@ async def send_notification(request: web.Request) -> web.Response:
         prepared = await accept.prepare(ctx.pool, limits, tenant, caller.tenant_id, order)
     except accept.Refused as exc:
         raise invalid([FieldError(p.field, p.message) for p in exc.problems]) from None
+    idempotency_key = request.headers.get("Idempotency-Key")
     row = prepared.row(
         tenant_id=caller.tenant_id,
         created_by=caller.user_id,
-        idempotency_key=request.headers.get("Idempotency-Key"),
+        idempotency_key=idempotency_key,
         request_id=request_id(request) or None,
     )
+    entry = audit_entry(request, accept.SEND_ACTION, accept.audit_details(row))
+    accepted = json_response(
+        {"notification_id": str(row.id), "status": "queued"},
+        status=202,
+        headers={"Location": f"/notifications/{row.id}/"},
+    )
+    if idempotency_key is None:
+        # the common case: committed together with the sends of other requests in flight
+        await ctx.outbox.put(row, entry)
+        return accepted
     async with ctx.pool.acquire() as conn, conn.transaction():
-        await accept.record(
-            conn, row, audit_entry(request, accept.SEND_ACTION, accept.audit_details(row))
-        )
-        response = await remember(
-            request,
-            conn,
-            json_response(
-                {"notification_id": str(row.id), "status": "queued"},
-                status=202,
-                headers={"Location": f"/notifications/{row.id}/"},
-            ),
-        )
+        await accept.record(conn, row, entry)
+        response = await remember(request, conn, accepted)
     # committed: a Redis failure now still answers 202; the sweeper enqueues it later
     await accept.announce(ctx.producer, ctx.keys, [row], ctx.metrics)
     return response

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +94,14 @@ def _args(row: NewNotification) -> tuple[Any, ...]:
         row.idempotency_key,
         row.request_id,
     )
+
+
+INSERT_MANY = INSERT.replace("RETURNING created_at\n", "")
+
+
+async def insert_many(conn: Conn, rows: Sequence[NewNotification]) -> None:
+    """Many rows in one pipelined round trip (a group commit of concurrent sends)."""
+    await conn.executemany(INSERT_MANY, [_args(row) for row in rows])
 
 
 async def insert(conn: Conn, row: NewNotification) -> Any:

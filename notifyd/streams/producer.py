@@ -32,6 +32,10 @@ class Producer:
         )
         return bytes(entry_id)
 
+    def pipeline(self) -> Pipeline:
+        """A non-transactional pipeline for `add_in` (use as `async with`)."""
+        return self._redis.pipeline(transaction=False)
+
     def add_in(self, pipe: Pipeline, stream: str, fields: Fields) -> None:
         """The same XADD, queued on a pipeline (batched round trips)."""
         pipe.xadd(stream, _encodable(fields), maxlen=self.max_len, approximate=True)
