@@ -113,6 +113,20 @@ def build_pipeline(
             category=quote(delivery.category or "", safe=""),
         )
 
+    async def delivery_status(delivery: Delivery, status: str) -> None:
+        assert delivery.user_id is not None
+        await history.signal_user(
+            delivery.tenant_id,
+            delivery.user_id,
+            {
+                "type": "delivery",
+                "notification_id": delivery.id,
+                "channel": delivery.channel,
+                "status": status,
+                "attempt": delivery.attempt,
+            },
+        )
+
     providers: list[tuple[Provider, int]] = [
         (
             SmtpProvider(
@@ -150,6 +164,7 @@ def build_pipeline(
                 consumer_name=name,
                 concurrency=concurrency,
                 producer=producer,
+                on_status=None if provider.channel == "in_app" else delivery_status,
             )
             for provider, concurrency in providers
         ],

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from notifyd.app import Daemon
 from tests.conftest import DaemonFactory
 from tests.helpers import Api, token, wait_for
+from tests.smtp_sink import SmtpSink
 
 TENANT, USER = "TEN-0001", "auth0|42"
 PATH = f"/ws/notifications/{TENANT}/{USER}/"
@@ -266,3 +267,58 @@ async def test_a_reconnect_from_an_offset_no_longer_kept_is_told_to_refetch(
         kept = await next_json(ws)
         assert kept["type"] == "notification"
         assert kept["n"] > 1
+
+
+async def test_delivery_status_of_the_users_email_arrives_live(
+    daemon_factory: DaemonFactory, session: aiohttp.ClientSession, smtp_sink: SmtpSink
+) -> None:
+    """An email (or SMS) sent on a user's behalf shows up in their open sockets as it goes:
+    `sent`, or `retrying` then `failed`."""
+    daemon = await daemon_factory(
+        EMAIL_HOST="127.0.0.1",
+        EMAIL_PORT=str(smtp_sink.port),
+        NOTIFYD_SEND_MAX_ATTEMPTS="2",
+        NOTIFYD_RETRY_BASE="0.05",
+        NOTIFYD_RETRY_CAP="0.1",
+    )
+    bearer = token(daemon.settings, TENANT, USER)
+    async with session.ws_connect(url(daemon) + f"?token={bearer}") as ws:
+        await next_of_type(ws, "unread_count")
+        async with Api(daemon) as api:
+            status, body, _ = await api.post(
+                "/notifications/send/",
+                {
+                    "notification_type": "email",
+                    "recipient": "ann@example.com",
+                    "user_id": USER,
+                    "subject": "Offer",
+                    "message": "Welcome aboard",
+                },
+                tenant=TENANT,
+                user="backend",
+                role="service",
+            )
+            assert status == 202, body
+            event = await next_of_type(ws, "delivery")
+            assert (event["notification_id"], event["channel"], event["status"]) == (
+                body["notification_id"],
+                "email",
+                "sent",
+            )
+            smtp_sink.fail_next(5, "451 Try again later")
+            status, body, _ = await api.post(
+                "/notifications/send/",
+                {
+                    "notification_type": "email",
+                    "recipient": "ann@example.com",
+                    "user_id": USER,
+                    "subject": "Offer",
+                    "message": "Second try",
+                },
+                tenant=TENANT,
+                user="backend",
+                role="service",
+            )
+            assert status == 202, body
+            statuses = [(await next_of_type(ws, "delivery"))["status"] for _ in range(2)]
+            assert statuses == ["retrying", "failed"]

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from notifyd.alerts import Alerts
 from notifyd.keys import SEND_GROUP, Keys
@@ -36,6 +38,10 @@ def retry_item(keys: Keys, channel: str, ref: DeliveryRef, attempt: int) -> Sche
     return Scheduled(keys.deliver(channel), ref.to_fields(), key=f"retry:{attempt}")
 
 
+# (the delivery, its new status) → the user's live feed; for email and SMS with a user_id
+StatusFeed = Callable[[Delivery, str], Awaitable[None]]
+
+
 class Sender:
     def __init__(
         self,
@@ -51,7 +57,9 @@ class Sender:
         consumer_name: str,
         concurrency: int,
         producer: Producer,
+        on_status: StatusFeed | None = None,
     ) -> None:
+        self._on_status = on_status
         self._producer = producer
         self.channel = provider.channel
         self.name = f"sender:{self.channel}"
@@ -140,6 +148,18 @@ class Sender:
         )
         if recorded:  # not when a peer that took over the claim recorded it first
             self._metrics.deliveries.labels(self.channel, "sent").inc()
+            await self._tell(delivery, "sent")
+
+    async def _tell(self, delivery: Delivery, status: str) -> None:
+        """The user's open sockets learn what became of their email or SMS; a lost live
+        event costs nothing (GET /notifications/{id}/ has the status), so it never fails
+        the delivery."""
+        if self._on_status is None or delivery.user_id is None:
+            return
+        try:
+            await self._on_status(delivery, status)
+        except RedisError as exc:
+            log.info("delivery status not published", extra={"error": str(exc)})
 
     async def _retry_or_fail(
         self, ref: DeliveryRef, delivery: Delivery, reason: str, retry_after: float | None
@@ -160,6 +180,7 @@ class Sender:
                 retry_item(self._keys, self.channel, ref, delivery.attempt), due
             )
             self._metrics.deliveries.labels(self.channel, "retrying").inc()
+            await self._tell(delivery, "retrying")
             log.info(
                 "delivery will be retried",
                 extra={"id": delivery.id, "attempt": delivery.attempt, "in_s": round(delay, 2)},
@@ -172,6 +193,7 @@ class Sender:
         ):
             return
         self._metrics.deliveries.labels(self.channel, "failed").inc()
+        await self._tell(delivery, "failed")
         await self._producer.add(
             self._keys.dead_letters,
             {

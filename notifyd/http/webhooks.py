@@ -18,9 +18,11 @@ tenant's own Twilio account when its admin configured one, else the global one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from aiohttp import web
+from redis.exceptions import RedisError
 from twilio.request_validator import RequestValidator
 
 from notifyd.http.context import services
@@ -131,6 +133,20 @@ async def twilio_status(request: web.Request) -> web.Response:
         new_status=new_status,
         error=error,
     )
+    if row is not None and row["user_id"] is not None:
+        # the user's open sockets see "delivered" (or "undelivered") as the carrier says it
+        with contextlib.suppress(RedisError):
+            await ctx.history.signal_user(
+                tenant_id,
+                row["user_id"],
+                {
+                    "type": "delivery",
+                    "notification_id": str(notification_id),
+                    "channel": "sms",
+                    "status": row["status"],
+                    "provider_status": status,
+                },
+            )
     log.info(
         "twilio status callback",
         extra={
