@@ -138,7 +138,7 @@ def build_pipeline(
             settings.email_concurrency,
         ),
         (TwilioSmsProvider(settings, twilio_config, region), settings.sms_concurrency),
-        (InAppProvider(history.publish), settings.inapp_concurrency),
+        (InAppProvider(history.publish, history.publish_to_users), settings.inapp_concurrency),
     ]
     actors: list[Actor] = [
         Dispatcher(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 import asyncpg
 from redis.asyncio import Redis
@@ -30,6 +31,10 @@ from notifyd.streams.consumer import Entry, Poison, StreamConsumer, Timing
 from notifyd.streams.producer import Producer
 
 log = logging.getLogger("notifyd.actors.dispatcher")
+
+
+BATCH = 64  # intents handled per stream read
+BATCHES_IN_FLIGHT = 2  # reads in flight: one waits on PostgreSQL while the next is read
 
 
 class Dispatcher:
@@ -61,8 +66,9 @@ class Dispatcher:
             dead_letters=keys.dead_letters,
             producer=producer,
             on_dead=self._on_dead,
-            concurrency=settings.dispatch_concurrency,
-            batch=max(16, settings.dispatch_concurrency),
+            handle_batch=self.handle_batch,
+            concurrency=BATCHES_IN_FLIGHT,
+            batch=BATCH,
             timing=Timing.from_settings(settings),
             max_deliveries=settings.send_max_attempts,
             metrics=metrics,
@@ -86,6 +92,76 @@ class Dispatcher:
         if status == "dispatched":
             ref = DeliveryRef(intent.tenant_id, str(notification_id))
             await self._producer.add(self._keys.deliver(row["channel"]), ref.to_fields())
+
+    async def handle_batch(self, entries: list[Entry]) -> None:
+        """A whole stream read at once: one query loads the rows, one their users'
+        preferences, one UPDATE dispatches them, one pipelined round trip enqueues them.
+        The same decisions as `handle`, entry by entry, at a fraction of the round trips."""
+        wanted: list[tuple[Entry, str, uuid.UUID]] = []
+        for entry in entries:
+            try:
+                intent = NotificationIntent.from_fields(entry.fields)
+                wanted.append((entry, intent.tenant_id, intent.uuid))
+            except PayloadError as exc:
+                await self.consumer.dead_letter(entry, str(exc))
+        if not wanted:
+            return
+        rows = await deliveries.load_many_for_dispatch(
+            self._pool, [(tenant, nid) for _, tenant, nid in wanted]
+        )
+        found = {(r["tenant_id"], r["id"]): r for r in rows}
+        queued: dict[uuid.UUID, asyncpg.Record] = {}
+        ready: dict[uuid.UUID, asyncpg.Record] = {}
+        for entry, tenant, nid in wanted:
+            row = found.get((tenant, nid))
+            if row is None:
+                await self.consumer.dead_letter(
+                    entry, f"no notification {nid} in tenant {tenant!r}"
+                )
+            elif row["status"] == "queued":
+                queued[nid] = row
+            elif row["status"] == "dispatched":
+                ready[nid] = row  # enqueued before, maybe lost since: again (at least once)
+        if queued:
+            for row in await self._route_many(list(queued.values())):
+                ready[row["id"]] = row
+        if ready:
+            async with self._producer.pipeline() as pipe:
+                for row in ready.values():
+                    ref = DeliveryRef(row["tenant_id"], str(row["id"]))
+                    self._producer.add_in(pipe, self._keys.deliver(row["channel"]), ref.to_fields())
+                await pipe.execute()
+
+    async def _route_many(self, rows: list[asyncpg.Record]) -> list[asyncpg.Record]:
+        """`_route` for many rows; returns the rows now dispatched."""
+        users = {(r["tenant_id"], r["user_id"]) for r in rows if r["user_id"] is not None}
+        prefs = await preference_store.load_many(self._pool, users)
+        dispatched: list[asyncpg.Record] = []
+        batch: list[asyncpg.Record] = []
+        for row in rows:
+            if row["body"] is None:
+                # not rendered at accept time (rare): the one-by-one path renders it
+                if await self._route(row) == "dispatched":
+                    dispatched.append(row)
+                continue
+            if row["user_id"] is not None:
+                reason = suppression_reason(
+                    prefs.get((row["tenant_id"], row["user_id"])),
+                    channel=row["channel"],
+                    category=row["category"],
+                    critical=row["critical"],
+                )
+                if reason is not None:
+                    await deliveries.suppress(self._pool, row["tenant_id"], row["id"], reason)
+                    continue
+            batch.append(row)
+        if batch:
+            changed = await deliveries.dispatch_many(
+                self._pool,
+                [(r["tenant_id"], r["id"], r["subject"], r["body"], r["html_body"]) for r in batch],
+            )
+            dispatched.extend(r for r in batch if r["id"] in changed)
+        return dispatched
 
     async def _route(self, row: asyncpg.Record) -> str:
         """Render, apply preferences, mark dispatched; returns the row's new status."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -22,7 +23,7 @@ from notifyd.alerts import Alerts
 from notifyd.keys import SEND_GROUP, Keys
 from notifyd.metrics import Metrics
 from notifyd.payloads import DeliveryRef, PayloadError
-from notifyd.providers.base import Delivery, PermanentError, Provider, TransientError
+from notifyd.providers.base import Delivery, PermanentError, Provider, Sent, TransientError
 from notifyd.settings import Settings
 from notifyd.store import deliveries
 from notifyd.streams.consumer import Defer, Entry, Poison, StreamConsumer, Timing
@@ -37,6 +38,30 @@ def retry_item(keys: Keys, channel: str, ref: DeliveryRef, attempt: int) -> Sche
     """The wheel entry of one retry; the sweeper rebuilds the same one from the row."""
     return Scheduled(keys.deliver(channel), ref.to_fields(), key=f"retry:{attempt}")
 
+
+BATCH = 64  # entries per read for a batched provider
+BATCHES_IN_FLIGHT = 2
+
+
+def _delivery(row: asyncpg.Record) -> Delivery:
+    """A claimed row as the provider sees it."""
+    return Delivery(
+        id=str(row["id"]),
+        tenant_id=row["tenant_id"],
+        channel=row["channel"],
+        recipient=row["recipient"],
+        user_id=row["user_id"],
+        subject=row["subject"],
+        body=row["body"] or "",
+        html_body=row["html_body"],
+        category=row["category"],
+        attempt=row["attempts"],
+        created_at=row["created_at"],
+    )
+
+
+# a provider's batch send (in-app): one result per delivery, in order
+SendMany = Callable[[Sequence[Delivery]], Awaitable[list[Sent | TransientError]]]
 
 # (the delivery, its new status) → the user's live feed; for email and SMS with a user_id
 StatusFeed = Callable[[Delivery, str], Awaitable[None]]
@@ -60,6 +85,9 @@ class Sender:
         on_status: StatusFeed | None = None,
     ) -> None:
         self._on_status = on_status
+        self._send_many: SendMany | None = (
+            getattr(provider, "send_many", None) if getattr(provider, "batched", False) else None
+        )
         self._producer = producer
         self.channel = provider.channel
         self.name = f"sender:{self.channel}"
@@ -77,11 +105,13 @@ class Sender:
             group=SEND_GROUP,
             consumer=consumer_name,
             handle=self.handle,
+            # a provider that sends a batch in one round trip (in-app) gets whole reads
+            handle_batch=self.handle_batch if self._send_many else None,
             dead_letters=keys.dead_letters,
             producer=producer,
             on_dead=self._on_dead,
-            concurrency=concurrency,
-            batch=concurrency,
+            concurrency=BATCHES_IN_FLIGHT if self._send_many else concurrency,
+            batch=BATCH if self._send_many else concurrency,
             timing=Timing.from_settings(settings),
             # a crashing handler (not a failing provider: that is a retry) gives up after this
             max_deliveries=settings.send_max_attempts + 2,
@@ -107,19 +137,7 @@ class Sender:
             if current is not None and current["status"] == "retrying":
                 raise Defer("the retry is not due yet")  # taken over again after the lease
             return  # done already, or not ours to send (suppressed, cancelled): ack
-        delivery = Delivery(
-            id=str(row["id"]),
-            tenant_id=row["tenant_id"],
-            channel=row["channel"],
-            recipient=row["recipient"],
-            user_id=row["user_id"],
-            subject=row["subject"],
-            body=row["body"] or "",
-            html_body=row["html_body"],
-            category=row["category"],
-            attempt=row["attempts"],
-            created_at=row["created_at"],
-        )
+        delivery = _delivery(row)
         started = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(self._settings.send_timeout):
@@ -160,6 +178,55 @@ class Sender:
             await self._on_status(delivery, status)
         except RedisError as exc:
             log.info("delivery status not published", extra={"error": str(exc)})
+
+    async def handle_batch(self, entries: list[Entry]) -> set[bytes]:
+        """`handle` for a whole read: one claim, one provider round trip, one record.
+        Returns the entries to leave pending (a peer holds them, or their retry is not due),
+        as `handle` would Defer them."""
+        refs: dict[bytes, DeliveryRef] = {}
+        for entry in entries:
+            try:
+                refs[entry.id] = DeliveryRef.from_fields(entry.fields)
+            except PayloadError as exc:
+                await self.consumer.dead_letter(entry, str(exc))
+        keys = [(ref.tenant_id, ref.uuid) for ref in refs.values()]
+        if not keys:
+            return set()
+        rows = await deliveries.claim_many(self._pool, keys, self._settings.claim_idle)
+        claimed = {row["id"] for row in rows}
+        waiting = [(entry_id, ref) for entry_id, ref in refs.items() if ref.uuid not in claimed]
+        deferred: set[bytes] = set()
+        if waiting:
+            states = await deliveries.states(
+                self._pool, [(r.tenant_id, r.uuid) for _, r in waiting]
+            )
+            deferred = {
+                entry_id
+                for entry_id, ref in waiting
+                if states.get(ref.uuid) in ("sending", "retrying")
+            }
+        if not rows:
+            return deferred
+        batch = [_delivery(row) for row in rows]
+        assert self._send_many is not None
+        started = asyncio.get_running_loop().time()
+        results = await self._send_many(batch)
+        self._metrics.provider_latency.labels(self.channel).observe(
+            asyncio.get_running_loop().time() - started
+        )
+        sent = [
+            (d.tenant_id, uuid.UUID(d.id), d.attempt, r.provider_message_id)
+            for d, r in zip(batch, results, strict=True)
+            if isinstance(r, Sent)
+        ]
+        if sent:
+            recorded = await deliveries.mark_many_sent(self._pool, sent)
+            self._metrics.deliveries.labels(self.channel, "sent").inc(len(recorded))
+        for delivery, result in zip(batch, results, strict=True):
+            if isinstance(result, TransientError):
+                ref = DeliveryRef(delivery.tenant_id, delivery.id)
+                await self._retry_or_fail(ref, delivery, result.reason, result.retry_after)
+        return deferred
 
     async def _retry_or_fail(
         self, ref: DeliveryRef, delivery: Delivery, reason: str, retry_after: float | None

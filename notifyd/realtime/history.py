@@ -106,6 +106,13 @@ class History:
             offsets: list[Any] = await pipe.execute()
         return [o.decode() if isinstance(o, bytes) else str(o) for o in offsets]
 
+    async def publish_to_users(
+        self, events: Sequence[tuple[str, str, dict[str, Any]]]
+    ) -> list[str]:
+        """(tenant, user, event) each recorded and published on that user's feed, in one
+        round trip; their offsets."""
+        return await self.publish_all([(self.user_feed(t, u), e) for t, u, e in events])
+
     async def publish(self, tenant_id: str, user_id: str, event: dict[str, Any]) -> str:
         """Record and publish `event` (a JSON object) on a user's feed; returns its offset."""
         return await self._record_and_publish(

@@ -8,6 +8,7 @@ matches nothing and it moves on.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -263,3 +264,103 @@ async def take_stuck(executor: Executor, older_than: float, limit: int) -> list[
 
 async def retrying_due(executor: Executor, limit: int) -> list[asyncpg.Record]:
     return await executor.fetch(RETRYING_DUE, limit)
+
+
+# --- many at once: the dispatcher and the in-app sender handle a whole stream read per call --
+
+LOAD_MANY_FOR_DISPATCH = """
+SELECT n.id, n.tenant_id, n.channel, n.recipient, n.user_id, n.subject, n.body, n.html_body,
+       n.template_key, n.context, n.locale, n.category, n.critical, n.status, n.attempts
+FROM unnest($1::text[], $2::uuid[]) AS k (tenant_id, id)
+JOIN notifications n ON n.tenant_id = k.tenant_id AND n.id = k.id
+"""
+
+DISPATCH_MANY = """
+UPDATE notifications n
+SET status = 'dispatched', subject = k.subject, body = k.body, html_body = k.html_body,
+    updated_at = now()
+FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[])
+     AS k (tenant_id, id, subject, body, html_body)
+WHERE n.tenant_id = k.tenant_id AND n.id = k.id AND n.status = 'queued'
+RETURNING n.id
+"""
+
+CLAIM_MANY = """
+UPDATE notifications n
+SET status = 'sending', attempts = n.attempts + 1, claimed_at = now(), updated_at = now()
+FROM unnest($1::text[], $2::uuid[]) AS k (tenant_id, id)
+WHERE n.tenant_id = k.tenant_id AND n.id = k.id
+  AND (n.status = 'dispatched'
+       OR (n.status = 'retrying' AND n.next_attempt_at <= now() + interval '2 seconds')
+       OR (n.status = 'sending' AND n.claimed_at < now() - make_interval(secs => $3)))
+RETURNING n.id, n.tenant_id, n.channel, n.recipient, n.user_id, n.subject, n.body, n.html_body,
+          n.category, n.attempts, n.created_at
+"""
+
+STATES = """
+SELECT n.id, n.status FROM unnest($1::text[], $2::uuid[]) AS k (tenant_id, id)
+JOIN notifications n ON n.tenant_id = k.tenant_id AND n.id = k.id
+"""
+
+# in-app sends have no provider status: the row simply becomes sent
+MARK_MANY_SENT = """
+UPDATE notifications n
+SET status = 'sent', sent_at = now(), last_error = NULL, next_attempt_at = NULL,
+    provider_message_id = COALESCE(k.provider_message_id, n.provider_message_id),
+    provider_status = COALESCE(n.provider_status, 'sent'), updated_at = now()
+FROM unnest($1::text[], $2::uuid[], $3::int[], $4::text[])
+     AS k (tenant_id, id, attempts, provider_message_id)
+WHERE n.tenant_id = k.tenant_id AND n.id = k.id AND n.status = 'sending'
+  AND n.attempts = k.attempts
+RETURNING n.id
+"""
+
+Key = tuple[str, uuid.UUID]  # (tenant_id, notification id)
+
+
+def _columns(keys: Sequence[Key]) -> tuple[list[str], list[uuid.UUID]]:
+    return [tenant for tenant, _ in keys], [nid for _, nid in keys]
+
+
+async def load_many_for_dispatch(executor: Executor, keys: Sequence[Key]) -> list[asyncpg.Record]:
+    return await executor.fetch(LOAD_MANY_FOR_DISPATCH, *_columns(keys))
+
+
+async def dispatch_many(
+    executor: Executor,
+    rows: Sequence[tuple[str, uuid.UUID, str | None, str, str | None]],
+) -> set[uuid.UUID]:
+    """(tenant, id, subject, body, html) of queued rows → dispatched; the ids that changed."""
+    changed = await executor.fetch(
+        DISPATCH_MANY,
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        [r[2] for r in rows],
+        [r[3] for r in rows],
+        [r[4] for r in rows],
+    )
+    return {r["id"] for r in changed}
+
+
+async def claim_many(executor: Executor, keys: Sequence[Key], lease: float) -> list[asyncpg.Record]:
+    return await executor.fetch(CLAIM_MANY, *_columns(keys), lease)
+
+
+async def states(executor: Executor, keys: Sequence[Key]) -> dict[uuid.UUID, str]:
+    rows = await executor.fetch(STATES, *_columns(keys))
+    return {r["id"]: r["status"] for r in rows}
+
+
+async def mark_many_sent(
+    executor: Executor, claimed: Sequence[tuple[str, uuid.UUID, int, str | None]]
+) -> set[uuid.UUID]:
+    """(tenant, id, attempt, provider message id) of claimed rows → sent; the ids recorded
+    (a peer that took a claim over may have recorded one first)."""
+    rows = await executor.fetch(
+        MARK_MANY_SENT,
+        [c[0] for c in claimed],
+        [c[1] for c in claimed],
+        [c[2] for c in claimed],
+        [c[3] for c in claimed],
+    )
+    return {r["id"] for r in rows}

@@ -5,7 +5,7 @@ The dispatcher reads them once per notification; a user with no row has opted ou
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from notifyd.preferences import Preferences
@@ -25,6 +25,28 @@ def _flags(value: Any) -> dict[str, bool]:
     if not isinstance(value, Mapping):
         return {}
     return {str(name): flag for name, flag in value.items() if isinstance(flag, bool)}
+
+
+GET_MANY = """
+SELECT p.tenant_id, p.user_id, p.channels, p.categories
+FROM unnest($1::text[], $2::text[]) AS k (tenant_id, user_id)
+JOIN preferences p ON p.tenant_id = k.tenant_id AND p.user_id = k.user_id
+"""
+
+
+async def load_many(
+    executor: Executor, users: Collection[tuple[str, str]]
+) -> dict[tuple[str, str], Preferences]:
+    """The saved preferences of many (tenant, user) at once; users without any are absent."""
+    if not users:
+        return {}
+    rows = await executor.fetch(GET_MANY, [t for t, _ in users], [u for _, u in users])
+    return {
+        (r["tenant_id"], r["user_id"]): Preferences(
+            channels=_flags(r["channels"]), categories=_flags(r["categories"])
+        )
+        for r in rows
+    }
 
 
 async def load(executor: Executor, tenant_id: str, user_id: str) -> Preferences | None:

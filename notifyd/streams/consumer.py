@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +68,8 @@ Handler = Callable[[Entry], Awaitable[None]]
 # Handles what one read returned, all at once (one statement for many entries); it
 # dead-letters an entry it cannot handle itself (`consumer.dead_letter`); raising leaves the
 # whole batch pending.
-BatchHandler = Callable[[list[Entry]], Awaitable[None]]
+# returns the ids of entries to leave pending (a peer holds their work: Defer), or None
+BatchHandler = Callable[[list[Entry]], Awaitable[Collection[bytes] | None]]
 DeadHandler = Callable[[Entry, str], Awaitable[None]]
 
 
@@ -297,7 +298,7 @@ class StreamConsumer:
             if not live:
                 return
             try:
-                await self._handle_batch(live)
+                deferred = await self._handle_batch(live)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -306,7 +307,9 @@ class StreamConsumer:
                     extra={"stream": self.stream, "entries": len(live)},
                 )
                 return
-            await self._redis.xack(self.stream, self.group, *[entry.id for entry in live])
+            done = [e.id for e in live if not deferred or e.id not in deferred]
+            if done:
+                await self._redis.xack(self.stream, self.group, *done)
 
     async def dead_letter(self, entry: Entry, reason: str, *, cause: str = "poison") -> None:
         """`reason` is free text for the entry; `cause` (poison, redelivered) labels the metric,
