@@ -389,13 +389,12 @@ class Outbox:
         for row in rows:
             self._metrics.notifications_accepted.labels(row.channel).inc()
         try:
-            async with self._producer.pipeline() as pipe:
-                for row in rows:
-                    intent = NotificationIntent(
-                        tenant_id=row.tenant_id, notification_id=str(row.id)
-                    )
-                    self._producer.add_in(pipe, self._keys.intents, intent.to_fields())
-                await pipe.execute()
+            await self._producer.add_many(
+                [
+                    (self._keys.intents, NotificationIntent(row.tenant_id, str(row.id)).to_fields())
+                    for row in rows
+                ]
+            )
         except RedisError as exc:
             self._metrics.enqueue_failures.inc(len(rows))
             log.warning("intents not enqueued; left for the sweeper", extra={"error": repr(exc)})

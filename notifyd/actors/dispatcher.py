@@ -126,11 +126,15 @@ class Dispatcher:
             for row in await self._route_many(list(queued.values())):
                 ready[row["id"]] = row
         if ready:
-            async with self._producer.pipeline() as pipe:
-                for row in ready.values():
-                    ref = DeliveryRef(row["tenant_id"], str(row["id"]))
-                    self._producer.add_in(pipe, self._keys.deliver(row["channel"]), ref.to_fields())
-                await pipe.execute()
+            await self._producer.add_many(
+                [
+                    (
+                        self._keys.deliver(row["channel"]),
+                        DeliveryRef(row["tenant_id"], str(row["id"])).to_fields(),
+                    )
+                    for row in ready.values()
+                ]
+            )
 
     async def _route_many(self, rows: list[asyncpg.Record]) -> list[asyncpg.Record]:
         """`_route` for many rows; returns the rows now dispatched."""

@@ -33,6 +33,21 @@ return offset
 """
 
 
+# The same for many events in one call: KEYS = stream, channel, stream, channel...;
+# ARGV[1] max length, ARGV[2] publish time in ms, ARGV[3...] the events (one per key pair).
+RECORD_AND_PUBLISH_MANY = """
+local offsets = {}
+for i = 3, #ARGV do
+  local k = (i - 3) * 2 + 1
+  local offset = redis.call('XADD', KEYS[k], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[i])
+  local event = '{"offset":"' .. offset .. '",' .. string.sub(ARGV[i], 2)
+  redis.call('PUBLISH', KEYS[k + 1], ARGV[2] .. '|' .. event)
+  offsets[#offsets + 1] = offset
+end
+return offsets
+"""
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -80,6 +95,7 @@ class History:
         self._keys = keys
         self._max_len = max_len
         self._record = redis.register_script(RECORD_AND_PUBLISH)
+        self._record_many = redis.register_script(RECORD_AND_PUBLISH_MANY)
 
     def user_feed(self, tenant_id: str, user_id: str) -> Feed:
         return Feed(
@@ -92,18 +108,16 @@ class History:
         )
 
     async def publish_all(self, events: Sequence[tuple[Feed, dict[str, Any]]]) -> list[str]:
-        """Records and publishes many events in one pipelined round trip; their offsets."""
+        """Records and publishes many events in one script call (one command to encode, one
+        round trip); their offsets."""
         if not events:
             return []
-        stamp = now_ms()
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for feed, event in events:
-                await self._record(
-                    keys=[feed.stream, feed.channel],
-                    args=[self._max_len, dumps(event), stamp],
-                    client=pipe,
-                )
-            offsets: list[Any] = await pipe.execute()
+        keys: list[str] = []
+        for feed, _ in events:
+            keys += (feed.stream, feed.channel)
+        offsets: Any = await self._record_many(
+            keys=keys, args=[self._max_len, now_ms(), *(dumps(event) for _, event in events)]
+        )
         return [o.decode() if isinstance(o, bytes) else str(o) for o in offsets]
 
     async def publish_to_users(
