@@ -60,9 +60,13 @@ async def next_of_type(ws: aiohttp.ClientWebSocketResponse, kind: str) -> Any:
 
 
 async def close_code(ws: aiohttp.ClientWebSocketResponse) -> int | None:
+    """The code of the server's close frame (what a browser's onclose reports); aiohttp's
+    own `close_code` turns into 1006 when its reply cannot be written any more."""
     while True:
         message = await ws.receive(timeout=10)
-        if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+        if message.type == aiohttp.WSMsgType.CLOSE:
+            return int(message.data)
+        if message.type == aiohttp.WSMsgType.CLOSED:
             return ws.close_code
 
 

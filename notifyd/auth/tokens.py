@@ -129,7 +129,7 @@ class TokenVerifier:
             self._jwks = JwksCache(settings.jwt_jwks_url, settings.jwt_jwks_cache_seconds, session)
         self._verified: dict[str, tuple[Identity, float]] = {}
 
-    async def verify(self, token: str) -> Identity:
+    async def verify(self, token: str, *, remember: bool = True) -> Identity:
         """The token's identity. A service sends thousands of requests with one token:
         a token verified once is remembered (by its exact text) until it expires, and for
         at most VERIFIED_TTL seconds, so a signing key that is withdrawn stops working
@@ -141,6 +141,8 @@ class TokenVerifier:
                 return identity
             del self._verified[token]
         identity, expires = await self._verify(token)
+        if not remember:  # a WebSocket verifies once for its whole life: nothing to save
+            return identity
         if len(self._verified) >= VERIFIED_MAX:
             del self._verified[next(iter(self._verified))]  # the oldest
         self._verified[token] = (identity, min(expires, time.time() + VERIFIED_TTL))

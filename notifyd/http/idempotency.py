@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -38,11 +39,16 @@ def _fingerprint(request: web.Request, body: bytes) -> bytes:
 
 
 @web.middleware
-async def idempotency_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    key = request.headers.get(HEADER)
-    caller = request.get(IDENTITY_KEY)
-    if key is None or request.method != "POST" or caller is None:
-        return await handler(request)
+def idempotency_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+    # without a key the handler is handed on, not awaited here (as in auth_middleware)
+    if HEADER not in request.headers or request.method != "POST" or IDENTITY_KEY not in request:
+        return handler(request)
+    return _idempotent(request, handler)
+
+
+async def _idempotent(request: web.Request, handler: Handler) -> web.StreamResponse:
+    key = request.headers[HEADER]
+    caller = request[IDENTITY_KEY]
     if not _KEY.fullmatch(key):
         raise Problem(
             400, f"{HEADER} must be 1-255 visible ASCII characters", kind="bad-idempotency-key"

@@ -51,11 +51,28 @@ def _as_problem(exc: web.HTTPException) -> Problem:
     return Problem(exc.status, detail, kind=kinds.get(exc.status), headers=headers)
 
 
-@web.middleware
-async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def _request_id(request: web.Request) -> str:
     incoming = request.headers.get("X-Request-ID", "")
     rid = incoming if _GOOD_REQUEST_ID.fullmatch(incoming) else uuid7().hex
     request[REQUEST_ID_KEY] = rid
+    return rid
+
+
+@web.middleware
+def edge_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+    if request.path.startswith("/ws/") and request.match_info.http_exception is None:
+        # A WebSocket is not a request that ends in a moment: it is counted and logged by
+        # its own endpoint (notifyd_ws_connections), and nothing of ours waits under it for
+        # hours (memory times every open socket). Its task is its own: the ids set here
+        # stay with it.
+        request_id_var.set(_request_id(request))
+        tenant_id_var.set(None)
+        return handler(request)
+    return _edge(request, handler)
+
+
+async def _edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+    rid = _request_id(request)
     rid_token = request_id_var.set(rid)
     tenant_token = tenant_id_var.set(None)
     metrics = services(request).metrics
@@ -121,16 +138,22 @@ def _unauthorized(detail: str, error: str = "invalid_token") -> Problem:
 
 
 @web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def auth_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
     # unknown routes and methods answer 404/405 whoever asks; public routes need no token
     # WebSocket routes authenticate themselves after the upgrade (header, subprotocol or
-    # ?token=), so a browser sees a close code and reason rather than a refused handshake
+    # ?token=), so a browser sees a close code and reason rather than a refused handshake.
+    # Those are handed on as they are, not awaited here: a socket lives for hours, and a
+    # frame of ours kept suspended under each one is memory times every open socket.
     if (
         request.match_info.http_exception is not None
         or request.path in PUBLIC_PATHS
         or request.path.startswith("/ws/")
     ):
-        return await handler(request)
+        return handler(request)
+    return _authenticated(request, handler)
+
+
+async def _authenticated(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = _bearer(request)
     if token is None:
         raise _unauthorized("send Authorization: Bearer <token>", error="")

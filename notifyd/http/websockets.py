@@ -18,10 +18,10 @@ same host as the request); clients that send none (servers, CLIs) are not browse
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -31,7 +31,9 @@ from notifyd.auth.tokens import TokenError
 from notifyd.http.context import services
 from notifyd.payloads import dumps
 from notifyd.realtime.history import Missed, after, is_offset
-from notifyd.realtime.hub import CLOSED, Subscriber
+from notifyd.realtime.hub import Subscriber
+
+log = logging.getLogger("notifyd.http.websockets")
 
 _OFFSET_PREFIX = b'{"offset":"'
 UNAUTHORIZED = 4001
@@ -45,6 +47,7 @@ class OpenSockets:
 
     def __init__(self) -> None:
         self.sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+        self.closing: set[asyncio.Task[bool]] = set()  # closes the hub asked for
 
 
 SOCKETS = web.AppKey("websockets", OpenSockets)
@@ -58,6 +61,8 @@ def token_of(request: web.Request) -> tuple[str | None, str | None]:
     offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
     if len(offered) >= 2 and offered[0].lower() == "bearer" and offered[1]:
         return offered[1], offered[0]
+    if "token=" not in request.query_string:
+        return None, None  # (not parsing the query keeps a long-lived request smaller)
     query = request.query.get("token")
     return (query or None), None
 
@@ -89,30 +94,72 @@ async def accept(request: web.Request) -> tuple[web.WebSocketResponse, Identity 
         await ws.close(code=UNAUTHORIZED, message=b"send a bearer token")
         return ws, None
     try:
-        return ws, await services(request).verifier.verify(token)
+        return ws, await services(request).verifier.verify(token, remember=False)
     except TokenError as exc:
         await ws.close(code=UNAUTHORIZED, message=exc.reason.encode()[:120])
         return ws, None
 
 
-@contextlib.asynccontextmanager
-async def live(
-    request: web.Request, ws: web.WebSocketResponse, channel: str, endpoint: str
-) -> AsyncIterator[Subscriber]:
-    """Subscribed to `channel` for the socket's lifetime, counted, closed on shutdown."""
-    ctx = services(request)
-    request.app[SOCKETS].sockets.add(ws)
-    subscriber = Subscriber(ctx.settings.ws_send_queue, ctx.settings.ws_send_buffer)
-    await ctx.hub.subscribe(channel, subscriber)
-    connections = ctx.metrics.ws_connections.labels(endpoint)
-    connections.inc()
-    try:
-        yield subscriber
-    finally:
-        await ctx.hub.unsubscribe(channel, subscriber)
-        connections.dec()
+class live:
+    """Subscribed to `channel` for the socket's lifetime, counted, closed on shutdown.
+
+    A class with slots rather than an async generator: one of these lives as long as each
+    socket, so its size counts once per open connection."""
+
+    __slots__ = (
+        "_channel",
+        "_connections",
+        "_endpoint",
+        "_opened",
+        "_request",
+        "_subscriber",
+        "_ws",
+    )
+
+    def __init__(
+        self, request: web.Request, ws: web.WebSocketResponse, channel: str, endpoint: str
+    ) -> None:
+        self._request = request
+        self._ws = ws
+        self._channel = channel
+        self._endpoint = endpoint
+        self._connections = services(request).metrics.ws_connections.labels(endpoint)
+        self._subscriber: Subscriber | None = None
+        self._opened = time.monotonic()
+
+    async def __aenter__(self) -> Subscriber:
+        ctx = services(self._request)
+        self._request.app[SOCKETS].sockets.add(self._ws)
+        subscriber = Subscriber(ctx.settings.ws_send_queue, ctx.settings.ws_send_buffer, self._end)
+        await ctx.hub.subscribe(self._channel, subscriber)
+        self._subscriber = subscriber
+        self._connections.inc()
+        log.info("websocket opened", extra={"endpoint": self._endpoint})
+        return subscriber
+
+    def _end(self, code: int, reason: bytes) -> None:
+        """Called by the hub (which awaits nothing): the close runs as a task of its own."""
+        closing = self._request.app[SOCKETS].closing
+        task = asyncio.get_running_loop().create_task(self._ws.close(code=code, message=reason))
+        closing.add(task)
+        task.add_done_callback(closing.discard)
+
+    async def __aexit__(self, *exc: object) -> None:
+        ctx = services(self._request)
+        subscriber = self._subscriber
+        assert subscriber is not None
+        await ctx.hub.unsubscribe(self._channel, subscriber)
+        self._connections.dec()
         if subscriber.overflowed:
             ctx.metrics.ws_dropped.inc()
+        log.info(
+            "websocket closed",
+            extra={
+                "endpoint": self._endpoint,
+                "code": self._ws.close_code,
+                "seconds": round(time.monotonic() - self._opened, 1),
+            },
+        )
 
 
 async def replay(
@@ -126,6 +173,8 @@ async def replay(
 
     Call it after subscribing: nothing falls between the two, and the writer skips live
     events the replay already sent."""
+    if "since=" not in request.query_string:
+        return None
     since = request.query.get("since")
     if not since:
         return None
@@ -150,74 +199,42 @@ def _offset_of(payload: bytes) -> str | None:
     return payload[len(_OFFSET_PREFIX) : end].decode() if end > 0 else None
 
 
-async def write_events(
+async def catch_up(
     ws: web.WebSocketResponse,
     request: web.Request,
     subscriber: Subscriber,
     replayed_to: str | None,
     ends_with: Callable[[bytes], bool] | None = None,
-) -> None:
-    """The socket's writer. First it sends, in order, what queued up while the replay ran
-    (skipping what the replay already sent); then it hands the socket to the hub's direct
-    path and only waits for the hub to say the client is too slow, or that an event
-    (`ends_with`) means this socket must close (e.g. its user left the room)."""
-    queue = subscriber.queue
-    while True:
-        payload = await queue.get()
-        while True:
-            if not await _send_queued(ws, payload, replayed_to, ends_with):
-                return
-            if queue.empty():
-                break
-            payload = queue.get_nowait()
-        transport = request.transport
-        if transport is not None and not subscriber.direct:
-            # caught up and nothing awaited since the queue was seen empty: order is kept
-            subscriber.go_direct(transport, lambda: ws.closed, ends_with)
-
-
-async def _send_queued(
-    ws: web.WebSocketResponse,
-    payload: bytes,
-    replayed_to: str | None,
-    ends_with: Callable[[bytes], bool] | None,
 ) -> bool:
-    """Sends one queued event, or acts on it; False once the socket is closed."""
-    if payload == CLOSED:
-        await ws.close(code=TOO_SLOW, message=b"too slow: events were not read in time")
+    """Sends, in order, what the hub queued while the replay ran (skipping what the replay
+    already sent), then hands the socket to the hub's direct path. False when the socket
+    is closing instead (too slow, or an event such as "removed from the room" ended it)."""
+    while True:
+        payload = subscriber.take_queued()
+        if payload is None:
+            break
+        if ends_with is not None and ends_with(payload):
+            await ws.close(code=FORBIDDEN, message=b"no longer a member of this room")
+            return False
+        if replayed_to is not None:
+            offset = _offset_of(payload)
+            if offset is not None and not after(offset, replayed_to):
+                continue  # already sent by the replay
+        await ws.send_frame(payload, WSMsgType.TEXT)
+    if subscriber.overflowed or ws.closed:
         return False
-    if ends_with is not None and ends_with(payload):
-        await ws.close(code=FORBIDDEN, message=b"no longer a member of this room")
+    transport = request.transport
+    if transport is None:
         return False
-    if replayed_to is not None:
-        offset = _offset_of(payload)
-        if offset is not None and not after(offset, replayed_to):
-            return True  # already sent by the replay
-    await ws.send_frame(payload, WSMsgType.TEXT)
+    # nothing awaited since the queue was seen empty: the order of events is kept
+    subscriber.go_direct(transport, lambda: ws.closed, ends_with)
     return True
-
-
-@contextlib.asynccontextmanager
-async def writing(
-    ws: web.WebSocketResponse,
-    request: web.Request,
-    subscriber: Subscriber,
-    replayed_to: str | None,
-    ends_with: Callable[[bytes], bool] | None = None,
-) -> AsyncIterator[None]:
-    writer = asyncio.create_task(
-        write_events(ws, request, subscriber, replayed_to, ends_with), name="ws-writer"
-    )
-    try:
-        yield
-    finally:
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
 
 
 class RateLimit:
     """A token bucket per connection: `rate` frames a second on average, `burst` at once."""
+
+    __slots__ = ("_at", "_burst", "_rate", "_tokens")
 
     def __init__(self, rate: float, burst: int) -> None:
         self._rate = rate

@@ -28,10 +28,10 @@ from notifyd.http.websockets import (
     NOT_FOUND,
     RateLimit,
     accept,
+    catch_up,
     error_frame,
     live,
     replay,
-    writing,
 )
 from notifyd.ids import parse_uuid, uuid7
 from notifyd.payloads import dumps
@@ -77,7 +77,7 @@ async def chat_socket(request: web.Request) -> web.StreamResponse:
                 ),
                 refetch=f"GET /rooms/{name}/messages/",
             )
-            async with writing(ws, request, subscriber, replayed_to, ends_with=removes_me):
+            if await catch_up(ws, request, subscriber, replayed_to, ends_with=removes_me):
                 await _read(ws, request, caller, room)
         finally:
             await ctx.presence.leave(seat)

@@ -18,10 +18,10 @@ from notifyd.http.websockets import (
     FORBIDDEN,
     RateLimit,
     accept,
+    catch_up,
     error_frame,
     live,
     replay,
-    writing,
 )
 from notifyd.ids import parse_uuid
 from notifyd.payloads import dumps
@@ -54,7 +54,7 @@ async def notifications_socket(request: web.Request) -> web.StreamResponse:
             ),
             refetch="GET /notifications/",
         )
-        async with writing(ws, request, subscriber, replayed_to):
+        if await catch_up(ws, request, subscriber, replayed_to):
             unread = await notification_store.unread_count(
                 ctx.pool, caller.tenant_id, caller.user_id
             )

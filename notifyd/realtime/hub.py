@@ -13,10 +13,9 @@ supervisor restarts it, and it subscribes again to every channel still in use.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import struct
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
@@ -29,7 +28,11 @@ from notifyd.realtime.history import now_ms
 log = logging.getLogger("notifyd.realtime.hub")
 
 BURST = 512  # pub/sub messages handled before the sockets are written to
-CLOSED = b""  # put on a subscriber's queue by the hub to say "you are too slow, go"
+
+# why the hub ends a socket: (close code, reason); the socket's owner closes it
+TOO_SLOW = (4008, b"too slow: events were not read in time")
+REMOVED = (4003, b"no longer a member of this room")
+Ending = Callable[[int, bytes], None]
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -48,20 +51,34 @@ def text_frame(payload: bytes) -> bytes:
 class Subscriber:
     """One socket's view of the hub.
 
-    It starts *queued*: events wait in a bounded queue while the socket replays history, and
-    its writer sends them in order. Once caught up, the writer switches it to *direct*: the
-    hub writes each event's ready-made frame straight to the socket's transport, so an event
-    for a room of many is encoded once and costs one write per member, with no task switch.
-    Either way a client that does not read is cut off: a full queue, or more than
-    `max_buffer` bytes waiting in the transport, marks it overflowed and its writer closes it.
+    It starts *queued*: events wait in a bounded queue while the socket replays history;
+    then the socket sends them in order (`drain`) and switches it to *direct*: the hub
+    writes each event's ready-made frame straight to the socket's transport, so an event for
+    a room of many is encoded once and costs one write per member, with no task switch and
+    no task per socket. Either way a client that does not read is cut off: a full queue, or
+    more than `max_buffer` bytes waiting in the transport, and `end` is called to close it.
     """
 
-    def __init__(self, size: int, max_buffer: int = 1 << 20) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue(size)
+    __slots__ = (
+        "_closing",
+        "_end",
+        "_max_buffer",
+        "_pending",
+        "_queued",
+        "_size",
+        "_transport",
+        "_watch",
+        "overflowed",
+    )
+
+    def __init__(self, size: int, max_buffer: int = 1 << 20, end: Ending | None = None) -> None:
+        self._size = size
+        self._queued: deque[bytes] | None = deque()
         self.overflowed = False
         self._max_buffer = max_buffer
+        self._end = end
         self._transport: asyncio.WriteTransport | None = None
-        self._closing: Callable[[], bool] = lambda: False
+        self._closing: Callable[[], bool] = _never
         self._watch: Callable[[bytes], bool] | None = None
         self._pending: list[bytes] = []
 
@@ -69,15 +86,21 @@ class Subscriber:
     def direct(self) -> bool:
         return self._transport is not None
 
+    def take_queued(self) -> bytes | None:
+        """The oldest event still queued, or None when caught up."""
+        return self._queued.popleft() if self._queued else None
+
     def go_direct(
         self,
         transport: asyncio.WriteTransport,
         closing: Callable[[], bool],
         watch: Callable[[bytes], bool] | None = None,
     ) -> None:
-        """From now on frames go straight to `transport` (call with the queue empty, so the
-        order of events is kept). `watch` picks events the writer must also see, such as
-        "you were removed from this room"; `closing` says when the socket stopped sending."""
+        """From now on frames go straight to `transport` (call when `take_queued` has just
+        returned None, with no await since, so the order of events is kept). `watch` picks
+        events after which the socket must end, such as "you were removed from this room";
+        `closing` says when the socket stopped sending."""
+        self._queued = None
         self._transport = transport
         self._closing = closing
         self._watch = watch
@@ -87,19 +110,19 @@ class Subscriber:
         if self.overflowed:
             return False
         if self._transport is None:
-            try:
-                self.queue.put_nowait(payload)
-            except asyncio.QueueFull:
+            if self._queued is None or len(self._queued) >= self._size:
                 self._overflow()
                 return False
+            self._queued.append(payload)
             return True
         if self._closing():
             return False
         self._pending.append(frame if frame is not None else text_frame(payload))
         if self._watch is not None and self._watch(payload):
-            self.flush()  # the client sees the event before its writer acts on it
-            with contextlib.suppress(asyncio.QueueFull):
-                self.queue.put_nowait(payload)
+            self.flush()  # the client sees the event before its socket is closed
+            self._transport = None
+            if self._end is not None:
+                self._end(*REMOVED)
         return True
 
     def flush(self) -> None:
@@ -120,10 +143,13 @@ class Subscriber:
         self.overflowed = True
         self._transport = None  # not one more byte to a client that does not read
         self._pending.clear()
-        # make room for the sentinel so the socket's writer wakes up and closes
-        while not self.queue.empty():
-            self.queue.get_nowait()
-        self.queue.put_nowait(CLOSED)
+        self._queued = None
+        if self._end is not None:
+            self._end(*TOO_SLOW)
+
+
+def _never() -> bool:
+    return False
 
 
 class Hub:
