@@ -549,3 +549,28 @@ async def test_shutdown_closes_chat_sockets_with_going_away(
         assert await close_code(alice) == 1001
         with contextlib.suppress(Exception):
             await stopping
+
+
+async def test_every_stored_chat_message_has_its_audit_row(
+    daemon: Daemon, session: aiohttp.ClientSession, db: asyncpg.Connection
+) -> None:
+    await create_room(daemon, ALICE, [BOB], name="audited")
+    async with (
+        connect(session, daemon, "audited", ALICE) as alice,
+        connect(session, daemon, dm_name(ALICE, BOB), ALICE) as direct,
+    ):
+        await next_of_type(alice, "presence")
+        await next_of_type(direct, "presence")
+        for n in range(5):
+            await alice.send_json({"message": f"group {n}"})
+            await direct.send_json({"message": f"dm {n}"})
+        ids = {(await next_of_type(alice, "message"))["id"] for _ in range(5)}
+        ids |= {(await next_of_type(direct, "message"))["id"] for _ in range(5)}
+    rows = await db.fetch(
+        "SELECT user_id, details FROM audit_log WHERE action = 'message.send' ORDER BY id"
+    )
+    details = [orjson.loads(r["details"]) for r in rows]
+    assert {d["message_id"] for d in details} == ids
+    assert {r["user_id"] for r in rows} == {ALICE}
+    assert {d["via"] for d in details} == {"websocket"}
+    assert await db.fetchval("SELECT count(*) FROM messages") == 10

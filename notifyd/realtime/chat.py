@@ -27,7 +27,6 @@ from redis.exceptions import RedisError
 from notifyd.ids import uuid7
 from notifyd.realtime.history import Feed, History
 from notifyd.realtime.roomname import dm_members, dm_name
-from notifyd.store import audit
 from notifyd.store import messages as message_store
 from notifyd.store import rooms as room_store
 from notifyd.store.audit import AuditEntry
@@ -137,9 +136,8 @@ class Chat:
             )
             for d in drafts
         ]
-        async with self._pool.acquire() as conn, conn.transaction():
-            stored = await message_store.insert_many(conn, rows)
-            await audit.record_many(conn, [d.audit for d in drafts if d.id in stored])
+        async with self._pool.acquire() as conn:
+            stored = await message_store.insert_many_audited(conn, rows, [d.audit for d in drafts])
         results: list[ChatMessage | BaseException] = []
         for draft, row in zip(drafts, rows, strict=True):
             sent_at = stored.get(draft.id)

@@ -9,6 +9,8 @@ from datetime import datetime
 
 import asyncpg
 
+from notifyd.ids import uuid7
+from notifyd.store.audit import AuditEntry
 from notifyd.store.pool import Conn, Executor
 
 COLUMNS = "id, sender_id, receiver_id, room_id, content, sent_at, read_at"
@@ -135,6 +137,46 @@ class NewMessage:
     receiver_id: str | None  # 1-on-1
     room_id: uuid.UUID | None  # group room
     content: str
+
+
+# The same with each stored message's audit row, in one statement: one round trip and one
+# statement to plan and encode per batch (an audit row only for a message that was stored).
+INSERT_MANY_AUDITED = f"""
+WITH stored AS ({INSERT_MANY.strip()}),
+audited AS (
+    INSERT INTO audit_log (id, tenant_id, user_id, action, ip_address, request_id, details)
+    SELECT a.id, a.tenant_id, a.user_id, a.action, a.ip_address, a.request_id, a.details
+    FROM unnest($7::uuid[], $8::uuid[], $9::text[], $10::text[], $11::text[], $12::text[],
+                $13::text[], $14::jsonb[])
+         AS a (message_id, id, tenant_id, user_id, action, ip_address, request_id, details)
+    JOIN stored ON stored.id = a.message_id
+)
+SELECT id, sent_at FROM stored
+"""
+
+
+async def insert_many_audited(
+    conn: Conn, messages: Sequence[NewMessage], audits: Sequence[AuditEntry]
+) -> dict[uuid.UUID, datetime]:
+    """`insert_many`, each message with its audit row (`audits[i]` for `messages[i]`)."""
+    rows = await conn.fetch(
+        INSERT_MANY_AUDITED,
+        [m.id for m in messages],
+        [m.tenant_id for m in messages],
+        [m.sender_id for m in messages],
+        [m.receiver_id for m in messages],
+        [m.room_id for m in messages],
+        [m.content for m in messages],
+        [m.id for m in messages],
+        [uuid7() for _ in audits],
+        [a.tenant_id for a in audits],
+        [a.user_id for a in audits],
+        [a.action for a in audits],
+        [a.ip_address for a in audits],
+        [a.request_id for a in audits],
+        [a.details for a in audits],
+    )
+    return {row["id"]: row["sent_at"] for row in rows}
 
 
 async def insert_many(conn: Conn, messages: Sequence[NewMessage]) -> dict[uuid.UUID, datetime]:
