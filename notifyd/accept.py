@@ -383,9 +383,8 @@ class Outbox:
         self, items: Sequence[tuple[store.NewNotification, AuditEntry]]
     ) -> list[bool | BaseException]:
         rows = [row for row, _ in items]
-        async with self._pool.acquire() as conn, conn.transaction():
-            await store.insert_many(conn, rows)
-            await audit.record_many(conn, [entry for _, entry in items])
+        async with self._pool.acquire() as conn:
+            await store.insert_many_audited(conn, rows, [entry for _, entry in items])
         for row in rows:
             self._metrics.notifications_accepted.labels(row.channel).inc()
         try:

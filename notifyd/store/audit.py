@@ -7,7 +7,6 @@ back together; there is no window where one exists without the other.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,25 +53,6 @@ async def record(conn: Conn, entry: AuditEntry) -> None:
         entry.ip_address,
         entry.request_id,
         entry.details,
-    )
-
-
-async def record_many(conn: Conn, entries: Sequence[AuditEntry]) -> None:
-    """Many rows in one pipelined round trip (a group commit's audit rows)."""
-    await conn.executemany(
-        INSERT,
-        [
-            (
-                uuid7(),
-                e.tenant_id,
-                e.user_id,
-                e.action,
-                e.ip_address,
-                e.request_id,
-                e.details,
-            )
-            for e in entries
-        ],
     )
 
 

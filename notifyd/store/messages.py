@@ -179,21 +179,6 @@ async def insert_many_audited(
     return {row["id"]: row["sent_at"] for row in rows}
 
 
-async def insert_many(conn: Conn, messages: Sequence[NewMessage]) -> dict[uuid.UUID, datetime]:
-    """Stores what may be stored; returns sent_at by id (a group message whose sender is not
-    a member of the room is left out)."""
-    rows = await conn.fetch(
-        INSERT_MANY,
-        [m.id for m in messages],
-        [m.tenant_id for m in messages],
-        [m.sender_id for m in messages],
-        [m.receiver_id for m in messages],
-        [m.room_id for m in messages],
-        [m.content for m in messages],
-    )
-    return {row["id"]: row["sent_at"] for row in rows}
-
-
 async def list_room(
     conn: Executor, room_id: uuid.UUID, *, before: uuid.UUID | None, limit: int
 ) -> list[asyncpg.Record]:

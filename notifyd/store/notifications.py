@@ -9,6 +9,8 @@ from typing import Any
 
 import asyncpg
 
+from notifyd.ids import uuid7
+from notifyd.store.audit import AuditEntry
 from notifyd.store.pool import Conn, Executor
 
 COLUMNS = """id, tenant_id, created_by, user_id, channel, recipient, subject, body, html_body,
@@ -96,12 +98,41 @@ def _args(row: NewNotification) -> tuple[Any, ...]:
     )
 
 
-INSERT_MANY = INSERT.replace("RETURNING created_at\n", "")
+# Many rows and their audit rows in one statement (a group commit of concurrent sends): one
+# round trip, one statement to plan, arrays encoded once, no BEGIN/COMMIT of our own.
+INSERT_MANY_AUDITED = """
+WITH stored AS (
+    INSERT INTO notifications (id, tenant_id, created_by, user_id, channel, recipient, subject,
+                               body, html_body, template_key, context, locale, category,
+                               critical, idempotency_key, request_id)
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
+                         $11::jsonb[], $12::text[], $13::text[], $14::bool[], $15::text[],
+                         $16::text[])
+    RETURNING 1
+)
+INSERT INTO audit_log (id, tenant_id, user_id, action, ip_address, request_id, details)
+SELECT * FROM unnest($17::uuid[], $18::text[], $19::text[], $20::text[], $21::text[],
+                     $22::text[], $23::jsonb[])
+"""
 
 
-async def insert_many(conn: Conn, rows: Sequence[NewNotification]) -> None:
-    """Many rows in one pipelined round trip (a group commit of concurrent sends)."""
-    await conn.executemany(INSERT_MANY, [_args(row) for row in rows])
+async def insert_many_audited(
+    conn: Conn, rows: Sequence[NewNotification], audits: Sequence[AuditEntry]
+) -> None:
+    """Stores the rows (`queued`) and the audit rows, all or none."""
+    columns = list(zip(*(_args(row) for row in rows), strict=True))
+    await conn.execute(
+        INSERT_MANY_AUDITED,
+        *(list(column) for column in columns),
+        [uuid7() for _ in audits],
+        [a.tenant_id for a in audits],
+        [a.user_id for a in audits],
+        [a.action for a in audits],
+        [a.ip_address for a in audits],
+        [a.request_id for a in audits],
+        [a.details for a in audits],
+    )
 
 
 async def insert(conn: Conn, row: NewNotification) -> Any:
