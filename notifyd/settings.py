@@ -105,7 +105,7 @@ class Settings:
     stream_max_len: int = 1_000_000
     reminder_late_after: float = 60.0
     requeue_after: float = 30.0
-    email_concurrency: int = 8
+    email_concurrency: int = 32
     sms_concurrency: int = 8
     inapp_concurrency: int = 32
     dispatch_concurrency: int = 16

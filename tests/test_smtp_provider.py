@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import email
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from email.policy import default
 
-from notifyd.providers.base import Delivery
-from notifyd.providers.smtp import SmtpProvider
+import pytest
+
+from notifyd.providers.base import Delivery, PermanentError
+from notifyd.providers.smtp import SmtpProvider, build_message
 from tests.helpers import wait_for
 from tests.smtp_sink import SmtpSink
 
@@ -85,3 +89,28 @@ async def test_after_a_relay_restart_the_next_send_goes_through_at_once() -> Non
             assert len(await asyncio.to_thread(relay.wait_for, 8)) == 8
         finally:
             await provider.close()
+
+
+def test_built_messages_read_back_as_written_and_refuse_injected_headers() -> None:
+    """Non-ASCII subject and display name, HTML alternative, one Message-ID per
+    notification (the same on a resend); a line break in a header is refused, not sent."""
+    item = delivery(7)
+    rich = replace(item, subject="Entrevista amanhã às 10h ✓", html_body="<p>Olá</p>")
+    built = build_message(rich, "Recrutamento Ção <hr@example.com>", "https://x.example/u?id=1")
+    parsed = email.message_from_bytes(built.data, policy=default)
+    assert parsed["Subject"] == "Entrevista amanhã às 10h ✓"
+    assert parsed["From"].addresses[0].display_name == "Recrutamento Ção"
+    assert parsed["From"].addresses[0].addr_spec == "hr@example.com"
+    assert parsed["To"] == rich.recipient
+    assert parsed["List-Unsubscribe"] == "<https://x.example/u?id=1>"
+    assert (
+        parsed["Message-ID"] == built.message_id == build_message(rich, "hr@example.com").message_id
+    )
+    assert [p.get_content_type() for p in parsed.iter_parts()] == ["text/plain", "text/html"]
+    html = parsed.get_body(("html",))
+    assert html is not None and html.get_content().strip() == "<p>Olá</p>"
+    assert built.sender == "hr@example.com"
+    with pytest.raises(PermanentError, match="line break"):
+        build_message(replace(item, subject="Hi\r\nBcc: victim@example.com"), "hr@example.com")
+    with pytest.raises(PermanentError, match="line break"):
+        build_message(item, "hr@example.com\r\nBcc: x@example.com")

@@ -16,8 +16,10 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from email.message import EmailMessage
-from email.utils import formatdate, make_msgid
+from email.header import Header
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.utils import formataddr, formatdate, parseaddr
 from typing import Protocol
 
 import aiosmtplib
@@ -56,33 +58,64 @@ class _PoolKey:
     use_ssl: bool
 
 
-def build_message(
-    delivery: Delivery, from_email: str, unsubscribe_url: str | None = None
-) -> EmailMessage:
+@dataclass(frozen=True, slots=True)
+class Built:
+    """A message ready for the relay: envelope sender, its id, the bytes to send."""
+
+    sender: str
+    message_id: str
+    data: bytes
+
+
+def _header(name: str, value: str) -> str:
+    """A header value safe to send: no CR/LF (no header can be injected, whatever got this
+    far), non-ASCII encoded as RFC 2047 words."""
+    if "\r" in value or "\n" in value:
+        raise PermanentError(f"cannot build the message headers: {name} holds a line break")
+    return value if value.isascii() else Header(value, "utf-8").encode()
+
+
+def _address(name: str, value: str) -> str:
+    """An address header: a display name may be non-ASCII, the address itself may not."""
+    if "\r" in value or "\n" in value:
+        raise PermanentError(f"cannot build the message headers: {name} holds a line break")
+    display, address = parseaddr(value)
+    if not address or not address.isascii():
+        raise PermanentError(f"cannot build the message headers: {name} {value!r}")
+    return formataddr((display, address), charset="utf-8")
+
+
+def build_message(delivery: Delivery, from_email: str, unsubscribe_url: str | None = None) -> Built:
     """Text with an HTML alternative when there is one; headers a spam filter expects.
 
-    The SMTP policy refuses CR/LF in any header value, so no header can be injected even if a
-    bad subject or address got this far.
+    Built with the email package's compat32 classes: its default policy parses every header
+    it is given and costs about 0.4 ms a message, five times this, which at a thousand
+    emails a second is most of a core. The checks that policy gave (no CR/LF in a header,
+    addresses well formed) are made here instead.
     """
-    message = EmailMessage()
-    try:
-        message["From"] = from_email
-        message["To"] = delivery.recipient
-        message["Subject"] = delivery.subject or ""
-        message["Date"] = formatdate(localtime=False, usegmt=True)
-        domain = from_email.rpartition("@")[2].strip(">") or "notifyd.local"
-        message["Message-ID"] = make_msgid(idstring=delivery.id.replace("-", ""), domain=domain)
-        message["X-Notifyd-Id"] = delivery.id
-        if unsubscribe_url:
-            # no List-Unsubscribe-Post: one-click (RFC 8058) promises an HTTPS endpoint that
-            # unsubscribes on POST, which a preferences page need not be
-            message["List-Unsubscribe"] = f"<{unsubscribe_url}>"
-    except ValueError as exc:
-        raise PermanentError(f"cannot build the message headers: {exc}") from None
-    message.set_content(delivery.body)
+    text = MIMEText(delivery.body, "plain", "utf-8")
     if delivery.html_body:
-        message.add_alternative(delivery.html_body, subtype="html")
-    return message
+        message: MIMEText | MIMEMultipart = MIMEMultipart("alternative")
+        message.attach(text)
+        message.attach(MIMEText(delivery.html_body, "html", "utf-8"))
+    else:
+        message = text
+    sender = _address("From", from_email)
+    domain = parseaddr(from_email)[1].rpartition("@")[2] or "notifyd.local"
+    # one id per notification, the same on every attempt: a relay or mailbox that sees a
+    # resend (a timeout after the relay had accepted) can tell it is the same message
+    message_id = f"<{delivery.id.replace('-', '')}@{domain}>"
+    message["From"] = sender
+    message["To"] = _address("To", delivery.recipient)
+    message["Subject"] = _header("Subject", delivery.subject or "")
+    message["Date"] = formatdate(localtime=False, usegmt=True)
+    message["Message-ID"] = message_id
+    message["X-Notifyd-Id"] = _header("X-Notifyd-Id", delivery.id)
+    if unsubscribe_url:
+        # no List-Unsubscribe-Post: one-click (RFC 8058) promises an HTTPS endpoint that
+        # unsubscribes on POST, which a preferences page need not be
+        message["List-Unsubscribe"] = _header("List-Unsubscribe", f"<{unsubscribe_url}>")
+    return Built(parseaddr(from_email)[1], message_id, message.as_bytes())
 
 
 class _ConnectionPool:
@@ -208,8 +241,8 @@ class SmtpProvider:
         for reused_attempt in (True, False):
             try:
                 async with pool.connection(fresh=not reused_attempt) as client:
-                    await client.send_message(message)
-                return Sent(provider_message_id=str(message["Message-ID"]), provider_status="sent")
+                    await client.sendmail(message.sender, [delivery.recipient], message.data)
+                return Sent(provider_message_id=message.message_id, provider_status="sent")
             except aiosmtplib.SMTPServerDisconnected as exc:
                 # an idle pooled connection the server closed: one immediate retry, on a new
                 # connection, and none of the other idle ones (they idled as long)
