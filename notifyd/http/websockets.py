@@ -21,9 +21,11 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from notifyd.auth.identity import Identity
@@ -229,6 +231,40 @@ async def catch_up(
     # nothing awaited since the queue was seen empty: the order of events is kept
     subscriber.go_direct(transport, lambda: ws.closed, ends_with)
     return True
+
+
+async def commands(
+    ws: web.WebSocketResponse,
+    request: web.Request,
+    endpoint: str,
+    known: tuple[str, ...],
+    default: str | None = None,
+) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """The client's frames as (type, JSON object), until the socket closes: over the rate
+    limit, not JSON objects, or of an unknown type, they are answered with an error frame
+    here and never reach the endpoint. `default` is the type of a frame that names none."""
+    ctx = services(request)
+    limit = RateLimit(ctx.settings.ws_message_rate, ctx.settings.ws_message_burst)
+    counted = ctx.metrics.ws_messages_in
+    async for frame in ws:
+        if frame.type != WSMsgType.TEXT:
+            continue
+        if not limit.allow():
+            ctx.metrics.ws_rate_limited.inc()
+            await ws.send_str(error_frame("too many frames; slow down", code="rate_limited"))
+            continue
+        try:
+            command: Any = orjson.loads(frame.data)
+        except orjson.JSONDecodeError:
+            command = None
+        kind = command.get("type", default) if isinstance(command, dict) else None
+        counted.labels(endpoint, kind if kind in known else "other").inc()
+        if not isinstance(command, dict):
+            await ws.send_str(error_frame("frames must be JSON objects"))
+        elif kind not in known:
+            await ws.send_str(error_frame(f"unknown type; known: {', '.join(known)}"))
+        else:
+            yield kind, command
 
 
 class RateLimit:

@@ -18,17 +18,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from notifyd.auth.identity import Identity
 from notifyd.http.context import request_id, services
 from notifyd.http.websockets import (
     FORBIDDEN,
     NOT_FOUND,
-    RateLimit,
     accept,
     catch_up,
+    commands,
     error_frame,
     live,
     replay,
@@ -88,34 +87,15 @@ async def _read(
     ws: web.WebSocketResponse, request: web.Request, caller: Identity, room: Room
 ) -> None:
     ctx = services(request)
-    limit = RateLimit(ctx.settings.ws_message_rate, ctx.settings.ws_message_burst)
-    async for frame in ws:
-        if frame.type != WSMsgType.TEXT:
-            continue
-        if not limit.allow():
-            ctx.metrics.ws_rate_limited.inc()
-            await ws.send_str(error_frame("too many frames; slow down", code="rate_limited"))
-            continue
-        try:
-            command: Any = orjson.loads(frame.data)
-        except orjson.JSONDecodeError:
-            command = None
-        if not isinstance(command, dict):
-            ctx.metrics.ws_messages_in.labels(ENDPOINT, "other").inc()
-            await ws.send_str(error_frame("frames must be JSON objects"))
-            continue
-        kind = command.get("type", "message")
-        ctx.metrics.ws_messages_in.labels(ENDPOINT, kind if kind in COMMANDS else "other").inc()
+    async for kind, command in commands(ws, request, ENDPOINT, COMMANDS, default="message"):
         if kind == "message":
             await _send(ws, request, caller, room, command)
         elif kind == "typing":
             await ctx.chat.typing(room, caller.user_id, command.get("typing") is not False)
         elif kind == "read":
             await _read_receipt(ws, request, caller, room, command)
-        elif kind == "ping":
+        else:  # ping
             await ws.send_str('{"type":"pong"}')
-        else:
-            await ws.send_str(error_frame(f"unknown type; known: {', '.join(COMMANDS)}"))
 
 
 def _audit(

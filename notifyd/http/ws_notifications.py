@@ -9,16 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from notifyd.auth.identity import Identity
 from notifyd.http.context import request_id, services
 from notifyd.http.websockets import (
     FORBIDDEN,
-    RateLimit,
     accept,
     catch_up,
+    commands,
     error_frame,
     live,
     replay,
@@ -64,30 +63,11 @@ async def notifications_socket(request: web.Request) -> web.StreamResponse:
 
 
 async def _read(ws: web.WebSocketResponse, request: web.Request, caller: Identity) -> None:
-    ctx = services(request)
-    limit = RateLimit(ctx.settings.ws_message_rate, ctx.settings.ws_message_burst)
-    async for message in ws:
-        if message.type != WSMsgType.TEXT:
-            continue
-        if not limit.allow():
-            ctx.metrics.ws_rate_limited.inc()
-            await ws.send_str(error_frame("too many frames; slow down", code="rate_limited"))
-            continue
-        try:
-            command: Any = orjson.loads(message.data)
-        except orjson.JSONDecodeError:
-            await ws.send_str(error_frame("frames must be JSON objects"))
-            continue
-        kind = command.get("type") if isinstance(command, dict) else None
-        ctx.metrics.ws_messages_in.labels(ENDPOINT, kind if kind in COMMANDS else "other").inc()
-        if not isinstance(command, dict):
-            await ws.send_str(error_frame("frames must be JSON objects"))
-        elif kind == "mark_read":
+    async for kind, command in commands(ws, request, ENDPOINT, COMMANDS):
+        if kind == "mark_read":
             await _mark_read(ws, request, caller, command)
-        elif kind == "ping":
+        else:  # ping
             await ws.send_str('{"type":"pong"}')
-        else:
-            await ws.send_str(error_frame("unknown command; known: mark_read, ping"))
 
 
 async def _mark_read(

@@ -7,6 +7,7 @@ back together; there is no window where one exists without the other.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,20 @@ async def record(conn: Conn, entry: AuditEntry) -> None:
         entry.request_id,
         entry.details,
     )
+
+
+def as_columns(entries: Sequence[AuditEntry]) -> list[list[Any]]:
+    """Audit rows as the seven arrays `INSERT INTO audit_log … SELECT * FROM unnest(…)`
+    takes (id, tenant, user, action, ip, request id, details): many rows in one statement."""
+    return [
+        [uuid7() for _ in entries],
+        [e.tenant_id for e in entries],
+        [e.user_id for e in entries],
+        [e.action for e in entries],
+        [e.ip_address for e in entries],
+        [e.request_id for e in entries],
+        [e.details for e in entries],
+    ]
 
 
 async def list_entries(

@@ -9,7 +9,7 @@ from datetime import datetime
 
 import asyncpg
 
-from notifyd.ids import uuid7
+from notifyd.store import audit
 from notifyd.store.audit import AuditEntry
 from notifyd.store.pool import Conn, Executor
 
@@ -168,13 +168,7 @@ async def insert_many_audited(
         [m.room_id for m in messages],
         [m.content for m in messages],
         [m.id for m in messages],
-        [uuid7() for _ in audits],
-        [a.tenant_id for a in audits],
-        [a.user_id for a in audits],
-        [a.action for a in audits],
-        [a.ip_address for a in audits],
-        [a.request_id for a in audits],
-        [a.details for a in audits],
+        *audit.as_columns(audits),
     )
     return {row["id"]: row["sent_at"] for row in rows}
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from notifyd.ids import uuid7
+from notifyd.store import audit
 from notifyd.store.audit import AuditEntry
 from notifyd.store.pool import Conn, Executor
 
@@ -125,13 +125,7 @@ async def insert_many_audited(
     await conn.execute(
         INSERT_MANY_AUDITED,
         *(list(column) for column in columns),
-        [uuid7() for _ in audits],
-        [a.tenant_id for a in audits],
-        [a.user_id for a in audits],
-        [a.action for a in audits],
-        [a.ip_address for a in audits],
-        [a.request_id for a in audits],
-        [a.details for a in audits],
+        *audit.as_columns(audits),
     )
 
 
