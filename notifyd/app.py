@@ -124,6 +124,7 @@ class Daemon:
                 interval=s.sweep_interval,
                 redis=redis,
                 groups=keys.consumer_groups(),
+                event_ttl=s.event_dedupe_ttl,
             ),
             *self._extra_actors,
         ]

@@ -146,6 +146,7 @@ class Settings:
     event_concurrency: int = 8
     event_max_recipients: int = 100
     event_max_deliveries: int = 20
+    event_dedupe_ttl: float = 2_592_000.0
     rabbitmq_url: str = field(default="", repr=False)
     rabbitmq_queue: str = "notifyd.events"
     rabbitmq_prefetch: int = 16
@@ -400,6 +401,7 @@ SPECS: tuple[_Spec, ...] = (
     _spec("event_concurrency", "NOTIFYD_EVENT_CONCURRENCY", "events.concurrency", _to_int),
     _spec("event_max_recipients", "NOTIFYD_EVENT_MAX_RECIPIENTS", "events.max_recipients", _to_int),
     _spec("event_max_deliveries", "NOTIFYD_EVENT_MAX_DELIVERIES", "events.max_deliveries", _to_int),
+    _spec("event_dedupe_ttl", "NOTIFYD_EVENT_DEDUPE_TTL", "events.dedupe_ttl", _to_float),
     _spec("rabbitmq_url", "NOTIFYD_RABBITMQ_URL", "events.rabbitmq_url", _to_str, secret=True),
     _spec("rabbitmq_queue", "NOTIFYD_RABBITMQ_QUEUE", "events.rabbitmq_queue", _to_str),
     _spec("rabbitmq_prefetch", "NOTIFYD_RABBITMQ_PREFETCH", "events.rabbitmq_prefetch", _to_int),
@@ -586,6 +588,7 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_EVENT_CONCURRENCY": settings.event_concurrency,
         "NOTIFYD_EVENT_MAX_RECIPIENTS": settings.event_max_recipients,
         "NOTIFYD_EVENT_MAX_DELIVERIES": settings.event_max_deliveries,
+        "NOTIFYD_EVENT_DEDUPE_TTL": settings.event_dedupe_ttl,
     }
     problems += [f"{name}: must be greater than 0" for name, v in positive.items() if v <= 0]
     if settings.send_timeout >= settings.shutdown_timeout:

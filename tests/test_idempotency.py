@@ -279,3 +279,22 @@ async def test_housekeeper_sweeps_in_batches(db: asyncpg.Connection, pool: async
     removed = await Housekeeper(pool, ttl=86_400, interval=3600, batch=3).sweep_once()
     assert removed == 7
     assert await count(db, "idempotency_keys") == 0
+
+
+async def test_housekeeper_forgets_event_ids_past_their_dedupe_lifetime(
+    db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    """Ingested event ids are kept for NOTIFYD_EVENT_DEDUPE_TTL, then forgotten in batches;
+    younger ones stay, so their replays are still recognised."""
+    for n in range(7):
+        await db.execute(
+            "INSERT INTO ingested_events (tenant_id, event_id, event_type, source, received_at) "
+            "VALUES ('TEN-0001', $1, 'x', 'redis', now() - make_interval(days => $2))",
+            f"evt-{n}",
+            40 if n < 5 else 1,
+        )
+    keeper = Housekeeper(pool, ttl=86_400, interval=3600, batch=2, event_ttl=30 * 86_400)
+    assert await keeper.forget_old_events() == 5
+    kept = await db.fetch("SELECT event_id FROM ingested_events ORDER BY event_id")
+    assert [r["event_id"] for r in kept] == ["evt-5", "evt-6"]
+    assert await Housekeeper(pool, ttl=86_400, interval=3600).forget_old_events() == 0

@@ -1,4 +1,5 @@
-"""Housekeeper: deletes idempotency keys past their lifetime, and forgets dead consumers.
+"""Housekeeper: deletes idempotency keys and ingested event ids past their lifetime, and
+forgets dead consumers.
 
 Batches keep each DELETE short so it never holds locks long enough to slow the request path;
 several instances running it at once only share the work. Consumer names of processes that
@@ -13,7 +14,7 @@ import logging
 import asyncpg
 from redis.asyncio import Redis
 
-from notifyd.store import idempotency
+from notifyd.store import idempotency, ingested_events
 from notifyd.streams.consumer import forget_idle_consumers
 from notifyd.supervisor import sleep_or_stop
 
@@ -35,7 +36,9 @@ class Housekeeper:
         redis: Redis | None = None,
         groups: list[tuple[str, str]] | None = None,
         consumer_idle: float = DEAD_CONSUMER_IDLE_S,
+        event_ttl: float | None = None,
     ):
+        self._event_ttl = event_ttl
         self._pool = pool
         self._ttl = ttl
         self._interval = interval
@@ -49,6 +52,9 @@ class Housekeeper:
             removed = await self.sweep_once()
             if removed:
                 log.info("expired idempotency keys removed", extra={"count": removed})
+            events = await self.forget_old_events()
+            if events:
+                log.info("old event ids forgotten", extra={"count": events})
             forgotten = await self.forget_dead_consumers()
             if forgotten:
                 log.info("dead stream consumers forgotten", extra={"count": forgotten})
@@ -59,6 +65,19 @@ class Housekeeper:
         total = 0
         while True:
             removed = await idempotency.purge_expired(self._pool, self._ttl, self._batch)
+            total += removed
+            if removed < self._batch:
+                return total
+
+    async def forget_old_events(self) -> int:
+        """Event ids kept for deduplication, past NOTIFYD_EVENT_DEDUPE_TTL."""
+        if self._event_ttl is None:
+            return 0
+        total = 0
+        while True:
+            removed = await ingested_events.purge_older_than(
+                self._pool, self._event_ttl, self._batch
+            )
             total += removed
             if removed < self._batch:
                 return total
