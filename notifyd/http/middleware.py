@@ -66,7 +66,6 @@ def edge_middleware(request: web.Request, handler: Handler) -> Awaitable[web.Str
         # hours (memory times every open socket). Its task is its own: the ids set here
         # stay with it.
         request_id_var.set(_request_id(request))
-        tenant_id_var.set(None)
         return handler(request)
     return _edge(request, handler)
 

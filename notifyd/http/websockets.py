@@ -229,7 +229,7 @@ async def catch_up(
     if transport is None:
         return False
     # nothing awaited since the queue was seen empty: the order of events is kept
-    subscriber.go_direct(transport, lambda: ws.closed, ends_with)
+    subscriber.go_direct(transport, ws, ends_with)
     return True
 
 
@@ -244,11 +244,13 @@ async def commands(
     limit, not JSON objects, or of an unknown type, they are answered with an error frame
     here and never reach the endpoint. `default` is the type of a frame that names none."""
     ctx = services(request)
-    limit = RateLimit(ctx.settings.ws_message_rate, ctx.settings.ws_message_burst)
+    limit: RateLimit | None = None  # made at the first frame: idle sockets never need one
     counted = ctx.metrics.ws_messages_in
     async for frame in ws:
         if frame.type != WSMsgType.TEXT:
             continue
+        if limit is None:
+            limit = RateLimit(ctx.settings.ws_message_rate, ctx.settings.ws_message_burst)
         if not limit.allow():
             ctx.metrics.ws_rate_limited.inc()
             await ws.send_str(error_frame("too many frames; slow down", code="rate_limited"))

@@ -77,25 +77,23 @@ async def chat_socket(request: web.Request) -> web.StreamResponse:
                 refetch=f"GET /rooms/{name}/messages/",
             )
             if await catch_up(ws, request, subscriber, replayed_to, ends_with=removes_me):
-                await _read(ws, request, caller, room)
+                # read here, not in a helper: one frame less waiting under every socket
+                async for kind, command in commands(
+                    ws, request, ENDPOINT, COMMANDS, default="message"
+                ):
+                    if kind == "message":
+                        await _send(ws, request, caller, room, command)
+                    elif kind == "typing":
+                        await ctx.chat.typing(
+                            room, caller.user_id, command.get("typing") is not False
+                        )
+                    elif kind == "read":
+                        await _read_receipt(ws, request, caller, room, command)
+                    else:  # ping
+                        await ws.send_str('{"type":"pong"}')
         finally:
             await ctx.presence.leave(seat)
     return ws
-
-
-async def _read(
-    ws: web.WebSocketResponse, request: web.Request, caller: Identity, room: Room
-) -> None:
-    ctx = services(request)
-    async for kind, command in commands(ws, request, ENDPOINT, COMMANDS, default="message"):
-        if kind == "message":
-            await _send(ws, request, caller, room, command)
-        elif kind == "typing":
-            await ctx.chat.typing(room, caller.user_id, command.get("typing") is not False)
-        elif kind == "read":
-            await _read_receipt(ws, request, caller, room, command)
-        else:  # ping
-            await ws.send_str('{"type":"pong"}')
 
 
 def _audit(

@@ -17,6 +17,7 @@ import logging
 import struct
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -33,6 +34,13 @@ BURST = 512  # pub/sub messages handled before the sockets are written to
 TOO_SLOW = (4008, b"too slow: events were not read in time")
 REMOVED = (4003, b"no longer a member of this room")
 Ending = Callable[[int, bytes], None]
+
+
+class Socket(Protocol):
+    """What the hub needs of a WebSocket: whether it has begun closing."""
+
+    @property
+    def closed(self) -> bool: ...
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -60,12 +68,12 @@ class Subscriber:
     """
 
     __slots__ = (
-        "_closing",
         "_end",
         "_max_buffer",
         "_pending",
         "_queued",
         "_size",
+        "_socket",
         "_transport",
         "_watch",
         "overflowed",
@@ -78,7 +86,7 @@ class Subscriber:
         self._max_buffer = max_buffer
         self._end = end
         self._transport: asyncio.WriteTransport | None = None
-        self._closing: Callable[[], bool] = _never
+        self._socket: Socket | None = None
         self._watch: Callable[[bytes], bool] | None = None
         self._pending: list[bytes] = []
 
@@ -93,16 +101,16 @@ class Subscriber:
     def go_direct(
         self,
         transport: asyncio.WriteTransport,
-        closing: Callable[[], bool],
+        socket: Socket,
         watch: Callable[[bytes], bool] | None = None,
     ) -> None:
         """From now on frames go straight to `transport` (call when `take_queued` has just
         returned None, with no await since, so the order of events is kept). `watch` picks
         events after which the socket must end, such as "you were removed from this room";
-        `closing` says when the socket stopped sending."""
+        `socket.closed` says when the socket stopped sending."""
         self._queued = None
         self._transport = transport
-        self._closing = closing
+        self._socket = socket
         self._watch = watch
 
     def offer(self, payload: bytes, frame: bytes | None = None) -> bool:
@@ -115,7 +123,7 @@ class Subscriber:
                 return False
             self._queued.append(payload)
             return True
-        if self._closing():
+        if self._socket is not None and self._socket.closed:
             return False
         self._pending.append(frame if frame is not None else text_frame(payload))
         if self._watch is not None and self._watch(payload):
@@ -133,7 +141,9 @@ class Subscriber:
         data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
         self._pending.clear()
         transport = self._transport
-        if transport is None or self._closing() or transport.is_closing():
+        if transport is None or transport.is_closing():
+            return
+        if self._socket is not None and self._socket.closed:
             return
         transport.write(data)
         if transport.get_write_buffer_size() > self._max_buffer:
@@ -148,10 +158,6 @@ class Subscriber:
             self._end(*TOO_SLOW)
 
 
-def _never() -> bool:
-    return False
-
-
 class Hub:
     name = "hub"
 
@@ -160,7 +166,9 @@ class Hub:
         self._redis = redis
         self._keys = keys
         self._metrics = metrics
-        self._subscribers: dict[str, set[Subscriber]] = defaultdict(set)
+        # lists, not sets: most channels have one socket (a user's feed), and a list of one
+        # is a quarter of a set's size, once per open connection
+        self._subscribers: dict[str, list[Subscriber]] = defaultdict(list)
         self._pubsub: PubSub | None = None
         self._unflushed: set[Subscriber] = set()
         self._lock = asyncio.Lock()
@@ -168,7 +176,7 @@ class Hub:
     async def subscribe(self, channel: str, subscriber: Subscriber) -> None:
         async with self._lock:
             first = not self._subscribers[channel]
-            self._subscribers[channel].add(subscriber)
+            self._subscribers[channel].append(subscriber)
             if first and self._pubsub is not None:
                 await self._pubsub.subscribe(channel)
 
@@ -177,7 +185,8 @@ class Hub:
             listeners = self._subscribers.get(channel)
             if listeners is None:
                 return
-            listeners.discard(subscriber)
+            if subscriber in listeners:
+                listeners.remove(subscriber)
             if not listeners:
                 del self._subscribers[channel]
                 if self._pubsub is not None:
