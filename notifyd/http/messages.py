@@ -47,7 +47,7 @@ async def send_message(request: web.Request) -> web.Response:
     message_id = uuid7()
     room = Room.dm(caller.tenant_id, caller.user_id, receiver_id)
     async with ctx.pool.acquire() as conn, conn.transaction():
-        message = await ctx.chat.insert(conn, message_id, room, caller.user_id, content)
+        message = await ctx.chat.insert_direct(conn, message_id, room, caller.user_id, content)
         await audit.record(
             conn,
             audit_entry(

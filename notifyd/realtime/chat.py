@@ -199,42 +199,22 @@ class Chat:
             raise NotAMember(name)
         return Room(tenant_id, name, row.id, None)
 
-    async def is_member(self, room: Room, user_id: str) -> bool:
-        if room.pair is not None:
-            return user_id in room.pair
-        assert room.room_id is not None
-        return await room_store.role_of(self._pool, room.room_id, user_id) is not None
-
-    async def insert(
+    async def insert_direct(
         self, conn: Conn, message_id: uuid.UUID, room: Room, sender_id: str, content: str
     ) -> ChatMessage:
-        """Stores a message in the caller's transaction (announce it after the commit)."""
+        """Stores a 1-on-1 message in the caller's transaction (`POST /messages/send/` keeps
+        its idempotency record there too); `announce` it after the commit."""
         receiver_id = room.peer_of(sender_id)
-        if receiver_id is not None:
-            sent_at: Any = await message_store.insert(
-                conn, message_id, room.tenant_id, sender_id, receiver_id, content
-            )
-        else:
-            assert room.room_id is not None
-            sent_at = await message_store.insert_in_room(
-                conn, message_id, room.tenant_id, sender_id, room.room_id, content
-            )
-            if sent_at is None:
-                raise NotAMember(room.name)
+        assert receiver_id is not None, "a 1-on-1 room"
+        sent_at: Any = await message_store.insert(
+            conn, message_id, room.tenant_id, sender_id, receiver_id, content
+        )
         return ChatMessage(message_id, room, sender_id, receiver_id, content, sent_at)
 
-    async def announce(self, message: ChatMessage, client_id: str | None = None) -> str:
-        """Publishes a committed message to the room and, for a 1-on-1 message, to the
-        receiver's notification feed; returns its offset in the room."""
-        room = message.room
-        offset = await self._history.publish_room(
-            room.tenant_id, room.name, message.event(client_id)
-        )
-        if message.receiver_id is not None:
-            await self._history.publish(
-                room.tenant_id, message.receiver_id, _new_message_event(message)
-            )
-        return offset
+    async def announce(self, message: ChatMessage, client_id: str | None = None) -> None:
+        """Publishes a committed message as `post` does: to the room and, for a 1-on-1
+        message, to the receiver's notification feed, in one round trip."""
+        await self._history.publish_all(self._events(message, client_id))
 
     async def mark_read(self, conn: Conn, room: Room, reader: str, up_to: uuid.UUID) -> bool:
         """Moves the reader's read marker to `up_to` (in the caller's transaction); False when

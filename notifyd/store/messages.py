@@ -21,14 +21,6 @@ VALUES ($1, $2, $3, $4, $5)
 RETURNING sent_at
 """
 
-# only a member's message is stored: a removal races no message in
-INSERT_IN_ROOM = """
-INSERT INTO messages (id, tenant_id, sender_id, room_id, content)
-SELECT $1, $2, $3, $4, $5
-WHERE EXISTS (SELECT 1 FROM room_members WHERE room_id = $4 AND user_id = $3)
-RETURNING sent_at
-"""
-
 # Many messages, 1-on-1 and group, in one statement; a group message only from a member.
 INSERT_MANY = """
 INSERT INTO messages (id, tenant_id, sender_id, receiver_id, room_id, content)
@@ -116,17 +108,6 @@ async def list_for_user(
     if with_user is not None:
         return await conn.fetch(LIST_CONVERSATION, tenant_id, user_id, with_user, before, limit)
     return await conn.fetch(LIST_FOR_USER, tenant_id, user_id, before, limit)
-
-
-async def insert_in_room(
-    conn: Conn,
-    message_id: uuid.UUID,
-    tenant_id: str,
-    sender_id: str,
-    room_id: uuid.UUID,
-    content: str,
-) -> object:
-    return await conn.fetchval(INSERT_IN_ROOM, message_id, tenant_id, sender_id, room_id, content)
 
 
 @dataclass(frozen=True, slots=True)
