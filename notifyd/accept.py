@@ -335,13 +335,16 @@ async def announce(
         for row in rows:
             metrics.notifications_accepted.labels(row.channel).inc()
     try:
-        for row in rows:
-            intent = NotificationIntent(tenant_id=row.tenant_id, notification_id=str(row.id))
-            await producer.add(keys.intents, intent.to_fields())
+        await producer.add_many(
+            [
+                (keys.intents, NotificationIntent(row.tenant_id, str(row.id)).to_fields())
+                for row in rows
+            ]
+        )
     except RedisError as exc:
         if metrics is not None:
-            metrics.enqueue_failures.inc()
-        log.warning("intent not enqueued; left for the sweeper", extra={"error": repr(exc)})
+            metrics.enqueue_failures.inc(len(rows))
+        log.warning("intents not enqueued; left for the sweeper", extra={"error": repr(exc)})
         return False
     return True
 
@@ -385,20 +388,8 @@ class Outbox:
         rows = [row for row, _ in items]
         async with self._pool.acquire() as conn:
             await store.insert_many_audited(conn, rows, [entry for _, entry in items])
-        for row in rows:
-            self._metrics.notifications_accepted.labels(row.channel).inc()
-        try:
-            await self._producer.add_many(
-                [
-                    (self._keys.intents, NotificationIntent(row.tenant_id, str(row.id)).to_fields())
-                    for row in rows
-                ]
-            )
-        except RedisError as exc:
-            self._metrics.enqueue_failures.inc(len(rows))
-            log.warning("intents not enqueued; left for the sweeper", extra={"error": repr(exc)})
-            return [False] * len(rows)
-        return [True] * len(rows)
+        enqueued = await announce(self._producer, self._keys, rows, self._metrics)
+        return [enqueued] * len(rows)
 
 
 async def accept(

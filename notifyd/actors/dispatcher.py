@@ -27,7 +27,7 @@ from notifyd.providers.render import TemplateError
 from notifyd.settings import Settings
 from notifyd.store import deliveries
 from notifyd.store import preferences as preference_store
-from notifyd.streams.consumer import Entry, Poison, StreamConsumer, Timing
+from notifyd.streams.consumer import Entry, StreamConsumer, Timing
 from notifyd.streams.producer import Producer
 
 log = logging.getLogger("notifyd.actors.dispatcher")
@@ -62,7 +62,6 @@ class Dispatcher:
             stream=keys.intents,
             group=DISPATCH_GROUP,
             consumer=consumer_name,
-            handle=self.handle,
             dead_letters=keys.dead_letters,
             producer=producer,
             on_dead=self._on_dead,
@@ -76,22 +75,6 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.consumer.run(stop)
-
-    async def handle(self, entry: Entry) -> None:
-        try:
-            intent = NotificationIntent.from_fields(entry.fields)
-            notification_id = intent.uuid
-        except PayloadError as exc:
-            raise Poison(str(exc)) from None
-        row = await deliveries.load_for_dispatch(self._pool, intent.tenant_id, notification_id)
-        if row is None:
-            raise Poison(f"no notification {notification_id} in tenant {intent.tenant_id!r}")
-        status = row["status"]
-        if status == "queued":
-            status = await self._route(row)
-        if status == "dispatched":
-            ref = DeliveryRef(intent.tenant_id, str(notification_id))
-            await self._producer.add(self._keys.deliver(row["channel"]), ref.to_fields())
 
     async def handle_batch(self, entries: list[Entry]) -> None:
         """A whole stream read at once: one query loads the rows, one their users'

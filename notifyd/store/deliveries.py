@@ -16,13 +16,6 @@ import asyncpg
 
 from notifyd.store.pool import Conn, Executor
 
-# What the dispatcher needs to route a row.
-LOAD_FOR_DISPATCH = """
-SELECT id, tenant_id, channel, recipient, user_id, subject, body, html_body, template_key,
-       context, locale, category, critical, status, attempts
-FROM notifications WHERE tenant_id = $1 AND id = $2
-"""
-
 DISPATCH = """
 UPDATE notifications
 SET status = 'dispatched', subject = $3, body = $4, html_body = $5, updated_at = now()
@@ -140,12 +133,6 @@ class Stuck:
     id: uuid.UUID
     channel: str
     status: str
-
-
-async def load_for_dispatch(
-    executor: Executor, tenant_id: str, notification_id: uuid.UUID
-) -> asyncpg.Record | None:
-    return await executor.fetchrow(LOAD_FOR_DISPATCH, tenant_id, notification_id)
 
 
 def _changed(status: str) -> bool:

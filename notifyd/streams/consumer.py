@@ -108,7 +108,7 @@ class StreamConsumer:
         stream: str,
         group: str,
         consumer: str,
-        handle: Handler,
+        handle: Handler | None = None,
         handle_batch: BatchHandler | None = None,
         dead_letters: str,
         producer: Producer,
@@ -124,6 +124,8 @@ class StreamConsumer:
         self.stream = stream
         self.group = group
         self.consumer = consumer
+        if handle is None and handle_batch is None:
+            raise ValueError("a consumer needs handle (per entry) or handle_batch")
         self._handle = handle
         self._handle_batch = handle_batch
         self._dead_letters = dead_letters
@@ -266,6 +268,7 @@ class StreamConsumer:
                 )
                 return
             try:
+                assert self._handle is not None  # per-entry mode
                 await self._handle(entry)
             except Poison as exc:
                 await self.dead_letter(entry, str(exc) or type(exc).__name__)
