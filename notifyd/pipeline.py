@@ -14,6 +14,7 @@ from urllib.parse import quote
 import asyncpg
 from redis.asyncio import Redis
 
+from notifyd.actors.direct_inapp import DirectInApp
 from notifyd.actors.dispatcher import Dispatcher
 from notifyd.actors.reminder_firer import ReminderFirer
 from notifyd.actors.sender import Sender
@@ -127,6 +128,7 @@ def build_pipeline(
             },
         )
 
+    in_app = InAppProvider(history.publish, history.publish_to_users)
     providers: list[tuple[Provider, int]] = [
         (
             SmtpProvider(
@@ -138,7 +140,7 @@ def build_pipeline(
             settings.email_concurrency,
         ),
         (TwilioSmsProvider(settings, twilio_config, region), settings.sms_concurrency),
-        (InAppProvider(history.publish, history.publish_to_users), settings.inapp_concurrency),
+        (in_app, settings.inapp_concurrency),
     ]
     actors: list[Actor] = [
         Dispatcher(
@@ -150,6 +152,7 @@ def build_pipeline(
             alerts=alerts,
             producer=producer,
             metrics=metrics,
+            direct_in_app=DirectInApp(pool, in_app, metrics),
         ),
         *[
             Sender(

@@ -3,9 +3,10 @@
 For each intent it renders what was not rendered at accept time (notifications made by other
 producers: reminders, ingested events), applies the recipient's preferences (critical ones
 bypass opt-outs), marks the row `dispatched`, and adds the delivery to
-`notifyd:deliver:{channel}`. A replayed intent for an already dispatched row re-adds the
-delivery: senders claim rows in PostgreSQL, so a duplicate entry is harmless, a missing one
-would not be.
+`notifyd:deliver:{channel}`. In-app rows are delivered here directly (`direct_inapp`): their
+"send" is one Redis publish, not worth a second stream hop. A replayed intent for an already
+dispatched row re-adds the delivery: senders claim rows in PostgreSQL, so a duplicate entry
+is harmless, a missing one would not be.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import uuid
 import asyncpg
 from redis.asyncio import Redis
 
+from notifyd.actors.direct_inapp import DirectInApp
 from notifyd.alerts import Alerts
 from notifyd.compose import compose
 from notifyd.keys import DISPATCH_GROUP, Keys
@@ -51,8 +53,12 @@ class Dispatcher:
         alerts: Alerts,
         producer: Producer,
         metrics: Metrics,
+        direct_in_app: DirectInApp | None = None,
     ) -> None:
+        """With `direct_in_app`, in-app rows ready at acceptance are delivered here, not
+        through the in-app sender's stream (see `actors.direct_inapp`)."""
         self._alerts = alerts
+        self._direct_in_app = direct_in_app
         self._producer = producer
         self._pool = pool
         self._keys = keys
@@ -142,6 +148,12 @@ class Dispatcher:
                     await deliveries.suppress(self._pool, row["tenant_id"], row["id"], reason)
                     continue
             batch.append(row)
+        if self._direct_in_app is not None:
+            in_app = [r for r in batch if r["channel"] == "in_app"]
+            if in_app:
+                done = await self._direct_in_app.deliver(in_app)
+                # what could not be published goes the ordinary way, with the sender's retries
+                batch = [r for r in batch if r["id"] not in done]
         if batch:
             changed = await deliveries.dispatch_many(
                 self._pool,

@@ -257,7 +257,8 @@ async def retrying_due(executor: Executor, limit: int) -> list[asyncpg.Record]:
 
 LOAD_MANY_FOR_DISPATCH = """
 SELECT n.id, n.tenant_id, n.channel, n.recipient, n.user_id, n.subject, n.body, n.html_body,
-       n.template_key, n.context, n.locale, n.category, n.critical, n.status, n.attempts
+       n.template_key, n.context, n.locale, n.category, n.critical, n.status, n.attempts,
+       n.created_at
 FROM unnest($1::text[], $2::uuid[]) AS k (tenant_id, id)
 JOIN notifications n ON n.tenant_id = k.tenant_id AND n.id = k.id
 """
@@ -299,6 +300,19 @@ FROM unnest($1::text[], $2::uuid[], $3::int[], $4::text[])
      AS k (tenant_id, id, attempts, provider_message_id)
 WHERE n.tenant_id = k.tenant_id AND n.id = k.id AND n.status = 'sending'
   AND n.attempts = k.attempts
+RETURNING n.id
+"""
+
+# In-app rows delivered where they are dispatched (`actors.direct_inapp`): from `queued`
+# straight to `sent`, with the live event's offset. One row version instead of the three that
+# dispatched → sending → sent would write.
+SEND_QUEUED_MANY = """
+UPDATE notifications n
+SET status = 'sent', attempts = n.attempts + 1, sent_at = now(), last_error = NULL,
+    next_attempt_at = NULL, provider_message_id = k.feed_offset, provider_status = 'sent',
+    updated_at = now()
+FROM unnest($1::text[], $2::uuid[], $3::text[]) AS k (tenant_id, id, feed_offset)
+WHERE n.tenant_id = k.tenant_id AND n.id = k.id AND n.status = 'queued'
 RETURNING n.id
 """
 
@@ -349,5 +363,19 @@ async def mark_many_sent(
         [c[1] for c in claimed],
         [c[2] for c in claimed],
         [c[3] for c in claimed],
+    )
+    return {r["id"] for r in rows}
+
+
+async def send_queued_many(
+    executor: Executor, published: Sequence[tuple[str, uuid.UUID, str]]
+) -> set[uuid.UUID]:
+    """(tenant, id, live event offset) of queued in-app rows whose event is published →
+    sent; the ids recorded (a peer racing on the same intent may have recorded one first)."""
+    rows = await executor.fetch(
+        SEND_QUEUED_MANY,
+        [p[0] for p in published],
+        [p[1] for p in published],
+        [p[2] for p in published],
     )
     return {r["id"] for r in rows}
