@@ -19,10 +19,26 @@ from dataclasses import dataclass
 
 _last_ms = 0
 _last_seq = 0
+# Random bits come from os.urandom (a CSPRNG, as RFC 9562 asks), fetched a few KiB at a time:
+# one system call per 512 ids rather than two per id, which showed in profiles of the send
+# path (three ids per request).
+_RANDOM_CHUNK = 4096
+_random = b""
+_random_at = 0
 
 
-def uuid7() -> uuid.UUID:
-    """A RFC 9562 version 7 UUID, monotonic within this process.
+def _random_bits(nbytes: int) -> int:
+    global _random, _random_at
+    if _random_at + nbytes > len(_random):
+        _random = os.urandom(_RANDOM_CHUNK)
+        _random_at = 0
+    start = _random_at
+    _random_at += nbytes
+    return int.from_bytes(_random[start:_random_at], "big")
+
+
+def uuid7_int() -> int:
+    """A RFC 9562 version 7 UUID as its 128-bit integer, monotonic within this process.
 
     The 12-bit `rand_a` field carries a counter when two ids share a millisecond, so ids made
     by one process sort in creation order even under a burst.
@@ -31,19 +47,29 @@ def uuid7() -> uuid.UUID:
     now_ms = time.time_ns() // 1_000_000
     if now_ms > _last_ms:
         _last_ms = now_ms
-        _last_seq = int.from_bytes(os.urandom(2), "big") & 0x3FF  # leave room to count up
+        _last_seq = _random_bits(2) & 0x3FF  # leave room to count up
     else:
         _last_seq += 1
         if _last_seq > 0xFFF:  # counter exhausted: borrow the next millisecond
             _last_ms += 1
             _last_seq = 0
-    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
-    value = (_last_ms & ((1 << 48) - 1)) << 80
-    value |= 0x7 << 76
-    value |= _last_seq << 64
-    value |= 0b10 << 62
-    value |= rand_b
-    return uuid.UUID(int=value)
+    return (
+        (_last_ms & 0xFFFF_FFFF_FFFF) << 80
+        | 0x7 << 76
+        | _last_seq << 64
+        | 0b10 << 62
+        | _random_bits(8) & 0x3FFF_FFFF_FFFF_FFFF
+    )
+
+
+def uuid7() -> uuid.UUID:
+    """`uuid7_int` as a UUID."""
+    return uuid.UUID(int=uuid7_int())
+
+
+def uuid7_hex() -> str:
+    """`uuid7_int` as 32 hex digits (request ids), without making a UUID object."""
+    return f"{uuid7_int():032x}"
 
 
 def parse_uuid(text: str) -> uuid.UUID | None:

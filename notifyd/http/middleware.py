@@ -17,7 +17,7 @@ from notifyd.auth.tokens import TokenError
 from notifyd.http import problems
 from notifyd.http.context import IDENTITY_KEY, REQUEST_ID_KEY, services
 from notifyd.http.problems import Problem
-from notifyd.ids import uuid7
+from notifyd.ids import uuid7_hex
 from notifyd.logs import request_id_var, tenant_id_var
 
 log = logging.getLogger("notifyd.http")
@@ -53,7 +53,7 @@ def _as_problem(exc: web.HTTPException) -> Problem:
 
 def _request_id(request: web.Request) -> str:
     incoming = request.headers.get("X-Request-ID", "")
-    rid = incoming if _GOOD_REQUEST_ID.fullmatch(incoming) else uuid7().hex
+    rid = incoming if _GOOD_REQUEST_ID.fullmatch(incoming) else uuid7_hex()
     request[REQUEST_ID_KEY] = rid
     return rid
 
