@@ -39,8 +39,8 @@ class NotificationIntent:
     def uuid(self) -> uuid.UUID:
         return _notification_uuid(self.notification_id)
 
-    def to_fields(self) -> dict[str, bytes]:
-        return {"v": str(self.version).encode(), "data": dumps(self._as_dict())}
+    def to_fields(self) -> dict[str, str]:
+        return {"v": str(self.version), "data": dumps(self._as_dict()).decode()}
 
     def _as_dict(self) -> dict[str, Any]:
         return {

@@ -268,3 +268,27 @@ async def test_consumers_of_gone_processes_are_forgotten_but_not_with_work_pendi
     names = {c["name"] for c in await redis.xinfo_consumers(STREAM, GROUP)}
     assert names == {b"gone-with-work"}
     assert await forget_idle_consumers(redis, "no-such-stream", GROUP, idle_ms=50) == 0
+
+
+async def test_add_many_keeps_each_entry_on_its_own_stream_in_order(redis: Redis) -> None:
+    """One script call for entries bound for several streams, interleaved: each lands on its
+    stream with its own fields (text with quotes, non-ASCII, empty values), in call order."""
+    producer = Producer(redis, 1_000)
+    entries = [
+        ("t:a" if n % 3 else "t:b", {"n": str(n), "text": f'"é\\{n}"', "empty": ""})
+        for n in range(50)
+    ]
+    await producer.add_many(entries)
+    for stream in ("t:a", "t:b"):
+        stored = [
+            {k.decode(): v.decode() for k, v in fields.items()}
+            for _, fields in await redis.xrange(stream)
+        ]
+        assert stored == [dict(fields) for s, fields in entries if s == stream]
+
+
+async def test_add_many_trims_like_add(redis: Redis) -> None:
+    producer = Producer(redis, 100)
+    for _ in range(10):
+        await producer.add_many([(STREAM, {"n": str(n)}) for n in range(100)])
+    assert await redis.xlen(STREAM) < 300

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
@@ -21,16 +22,16 @@ def _encodable(fields: Fields) -> dict[Any, Any]:
     return dict(fields.items())
 
 
-# Many XADDs in one call: KEYS = the streams; ARGV[1] max length, then per entry the number
-# of field pairs followed by the pairs.
+# Many XADDs in one call. KEYS = the distinct streams; ARGV[1] the max length, ARGV[2] a JSON
+# array with one array per entry: the index of its stream in KEYS, then its field/value pairs.
+# One JSON argument rather than one argument per field: redis-py packs each argument in
+# Python (~0.6 µs apiece; a batch of 64 intents had ~450), cjson decodes the lot in C.
 XADD_MANY = """
+local entries = cjson.decode(ARGV[2])
 local ids = {}
-local a = 2
-for i = 1, #KEYS do
-  local pairs = tonumber(ARGV[a])
-  local command = {'XADD', KEYS[i], 'MAXLEN', '~', ARGV[1], '*'}
-  for j = 1, pairs * 2 do command[#command + 1] = ARGV[a + j] end
-  a = a + 1 + pairs * 2
+for i, entry in ipairs(entries) do
+  local command = {'XADD', KEYS[entry[1]], 'MAXLEN', '~', ARGV[1], '*'}
+  for j = 2, #entry do command[#command + 1] = entry[j] end
   ids[i] = redis.call(unpack(command))
 end
 return ids
@@ -43,17 +44,21 @@ class Producer:
         self.max_len = max_len
         self._add_many = redis.register_script(XADD_MANY)
 
-    async def add_many(self, entries: Sequence[tuple[str, Fields]]) -> None:
+    async def add_many(self, entries: Sequence[tuple[str, Mapping[str, str]]]) -> None:
         """XADDs to (possibly different) streams in one script call: one command to encode
-        and one round trip for a whole batch, each entry trimmed as `add` trims."""
+        and one round trip for a whole batch, each entry trimmed as `add` trims. Text fields
+        only (they travel as JSON), which is what our payloads' `to_fields` make."""
         if not entries:
             return
-        args: list[Any] = [self.max_len]
-        for _, fields in entries:
-            args.append(len(fields))
-            for key, value in fields.items():
-                args += (key, value)
-        await self._add_many(keys=[stream for stream, _ in entries], args=args)
+        streams: dict[str, int] = {}
+        encoded: list[list[Any]] = []
+        for stream, fields in entries:
+            index = streams.setdefault(stream, len(streams) + 1)  # Lua counts from 1
+            entry: list[Any] = [index]
+            for pair in fields.items():
+                entry += pair
+            encoded.append(entry)
+        await self._add_many(keys=list(streams), args=[self.max_len, orjson.dumps(encoded)])
 
     async def add(self, stream: str, fields: Fields) -> bytes:
         entry_id: Any = await self._redis.xadd(
