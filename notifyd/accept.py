@@ -22,6 +22,7 @@ a token's role means nothing to an operator at a shell.
 
 from __future__ import annotations
 
+import collections
 import logging
 import re
 import uuid
@@ -332,8 +333,8 @@ async def announce(
     """After the commit: count the rows accepted and put their intents on the stream.
     False when Redis failed; the rows stay queued and the sweeper enqueues them later."""
     if metrics is not None:
-        for row in rows:
-            metrics.notifications_accepted.labels(row.channel).inc()
+        for channel, count in collections.Counter(row.channel for row in rows).items():
+            metrics.notifications_accepted.labels(channel).inc(count)
     try:
         await producer.add_many(
             [

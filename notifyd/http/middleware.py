@@ -100,9 +100,8 @@ async def _edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = route_name(request)
         status = locals().get("response")
         code = status.status if isinstance(status, web.StreamResponse) else 500
-        metrics.http_requests.labels(route, request.method, str(code)).inc()
-        metrics.http_latency.labels(route, request.method).observe(elapsed)
-        if route != "/metrics":
+        metrics.request_answered(route, request.method, code, elapsed)
+        if route != "/metrics" and log.isEnabledFor(logging.INFO):
             log.info(
                 "request",
                 extra={
