@@ -280,3 +280,30 @@ async def test_send_and_mark_read_write_audit_rows(api: Api, db: asyncpg.Connect
     ]
     assert json.loads(rows[0]["details"])["message_id"] == mid
     assert json.loads(rows[1]["details"])["updated"] == 1
+
+
+async def test_group_room_messages_stay_out_of_one_on_one_lists(
+    api: Api, db: asyncpg.Connection
+) -> None:
+    """Room messages have no receiver and are listed by room only; the 1-on-1 indexes leave
+    them out (sql/0007), and so must every 1-on-1 query, a conversation with oneself too."""
+    status, room, _ = await api.post(
+        "/rooms/", {"members": ["user-2"]}, tenant=TENANT, user="user-1"
+    )
+    assert status == 201, room
+    room_id = await db.fetchval("SELECT id FROM rooms WHERE name = $1", room["name"])
+    await db.execute(
+        "INSERT INTO messages (id, tenant_id, sender_id, receiver_id, room_id, content) "
+        "VALUES ($1, $2, 'user-1', NULL, $3, 'to the room')",
+        uuid.uuid4(),
+        TENANT,
+        room_id,
+    )
+    mine = await send(api, "user-1", "user-2", "direct")
+    for query in ("", "?with=user-2", "?with=user-1"):
+        status, body, _ = await api.get(f"/messages/{query}", user="user-1")
+        assert status == 200, body
+        expected = [] if query == "?with=user-1" else [mine]
+        assert [m["id"] for m in body] == expected, query
+    _, unread, _ = await api.get("/messages/", user="user-2")
+    assert [m["id"] for m in unread] == [mine]

@@ -57,7 +57,7 @@ LIMIT $4
 
 LIST_CONVERSATION = f"""
 SELECT {COLUMNS} FROM messages
-WHERE tenant_id = $1
+WHERE tenant_id = $1 AND receiver_id IS NOT NULL
   AND LEAST(sender_id, receiver_id) = LEAST($2::text, $3::text)
   AND GREATEST(sender_id, receiver_id) = GREATEST($2::text, $3::text)
   AND ($4::uuid IS NULL OR id < $4)
