@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -148,3 +149,39 @@ async def test_an_intent_for_a_missing_row_is_dead_lettered_and_the_rest_go_on(
     await wait_for(dead_lettered, timeout=10)
     reasons = [fields[b"reason"] for _, fields in await redis.xrange(f"{prefix}:dead")]
     assert any(ghost.encode() in reason for reason in reasons)
+
+
+async def test_acknowledged_intents_are_trimmed_by_the_housekeeper(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection, redis: Redis
+) -> None:
+    """Redis keeps acknowledged entries until something trims them: the housekeeper does,
+    once every group is past them, so a busy stream holds its backlog, not its history."""
+    daemon = await daemon_factory(NOTIFYD_SWEEP_INTERVAL="0.2")
+    intents = f"{daemon.settings.redis_prefix}:intents"
+    async with Api(daemon) as api:
+
+        async def send(n: int) -> None:
+            status, body, _ = await api.post(
+                "/notifications/send/",
+                {"notification_type": "in_app", "recipient": f"u-{n % 9}", "message": "m"},
+                tenant=TENANT,
+                user="backend",
+                role="service",
+            )
+            assert status == 202, body
+
+        await asyncio.gather(*(send(n) for n in range(400)))
+
+    async def all_sent() -> bool:
+        return bool(
+            await db.fetchval("SELECT count(*) FROM notifications WHERE status = 'sent'") == 400
+        )
+
+    await wait_for(all_sent, timeout=30)
+
+    async def trimmed() -> bool:
+        return bool(await redis.xlen(intents) < 200)  # MINID ~ keeps at most a node's worth
+
+    await wait_for(trimmed, timeout=15)
+    pending: Any = await redis.xpending(intents, "dispatch")
+    assert pending["pending"] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -20,6 +21,7 @@ from notifyd.streams.consumer import (
 )
 from notifyd.streams.producer import Producer
 from notifyd.streams.schedule import Schedule, Scheduled
+from notifyd.streams.trim import Trimmer
 from tests.helpers import wait_for
 
 STREAM, GROUP, DEAD = "t:work", "g", "t:dead"
@@ -292,3 +294,39 @@ async def test_add_many_trims_like_add(redis: Redis) -> None:
     for _ in range(10):
         await producer.add_many([(STREAM, {"n": str(n)}) for n in range(100)])
     assert await redis.xlen(STREAM) < 300
+
+
+async def test_trimming_removes_only_what_every_group_acknowledged(redis: Redis) -> None:
+    """Two groups: one has acknowledged everything, the other is behind with work pending (a
+    dead consumer's, say). Only entries older than the laggard's oldest pending one go."""
+    ids = [await redis.xadd(STREAM, {"n": str(n)}) for n in range(1_000)]
+    await redis.xgroup_create(STREAM, "fast", id="0")
+    await redis.xgroup_create(STREAM, "slow", id="0")
+    read: Any = await redis.xreadgroup("fast", "c", {STREAM: ">"}, count=1_000)
+    await redis.xack(STREAM, "fast", *[entry_id for entry_id, _ in read[0][1]])
+    await redis.xreadgroup("slow", "c", {STREAM: ">"}, count=600)
+    await redis.xack(STREAM, "slow", *ids[:400])  # 400..599 pending, 600.. not read yet
+
+    removed = await Trimmer(redis).trim_acknowledged(STREAM)
+
+    left = [entry_id for entry_id, _ in await redis.xrange(STREAM)]
+    assert 0 < removed <= 400  # whole nodes only (MINID ~), never past the oldest pending
+    assert len(left) == 1_000 - removed
+    assert left[-600:] == ids[400:]  # the pending and the unread are all still there
+    # the laggard goes on where it was: its pending entries and the rest are readable
+    pending: Any = await redis.xpending(STREAM, "slow")
+    assert pending["pending"] == 200 and pending["min"] == ids[400]
+    rest: Any = await redis.xreadgroup("slow", "c", {STREAM: ">"}, count=1_000)
+    assert [entry_id for entry_id, _ in rest[0][1]] == ids[600:]
+
+
+async def test_a_stream_without_groups_or_none_at_all_is_left_alone(redis: Redis) -> None:
+    trimmer = Trimmer(redis)
+    assert await trimmer.trim_acknowledged("t:nothing") == 0
+    for n in range(500):
+        await redis.xadd(STREAM, {"n": str(n)})
+    assert await trimmer.trim_acknowledged(STREAM) == 0
+    assert await redis.xlen(STREAM) == 500
+    await redis.xgroup_create(STREAM, "new", id="0")  # nothing delivered yet: nothing goes
+    assert await trimmer.trim_acknowledged(STREAM) == 0
+    assert await redis.xlen(STREAM) == 500

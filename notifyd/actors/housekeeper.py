@@ -1,5 +1,5 @@
-"""Housekeeper: deletes idempotency keys and ingested event ids past their lifetime, and
-forgets dead consumers.
+"""Housekeeper: deletes idempotency keys and ingested event ids past their lifetime, forgets
+dead consumers, and trims stream entries every group has acknowledged (`streams.trim`).
 
 Batches keep each DELETE short so it never holds locks long enough to slow the request path;
 several instances running it at once only share the work. Consumer names of processes that
@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from notifyd.store import idempotency, ingested_events
 from notifyd.streams.consumer import forget_idle_consumers
+from notifyd.streams.trim import Trimmer
 from notifyd.supervisor import sleep_or_stop
 
 log = logging.getLogger("notifyd.actors.housekeeper")
@@ -46,6 +47,7 @@ class Housekeeper:
         self._redis = redis
         self._groups = groups or []
         self._consumer_idle_ms = int(consumer_idle * 1000)
+        self._trimmer = Trimmer(redis) if redis is not None else None
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -58,6 +60,9 @@ class Housekeeper:
             forgotten = await self.forget_dead_consumers()
             if forgotten:
                 log.info("dead stream consumers forgotten", extra={"count": forgotten})
+            trimmed = await self.trim_streams()
+            if trimmed:
+                log.debug("acknowledged stream entries trimmed", extra={"count": trimmed})
             if await sleep_or_stop(stop, self._interval):
                 return
 
@@ -89,3 +94,10 @@ class Housekeeper:
         for stream, group in self._groups:
             total += await forget_idle_consumers(self._redis, stream, group, self._consumer_idle_ms)
         return total
+
+    async def trim_streams(self) -> int:
+        """Entries every group of their stream has acknowledged, removed."""
+        if self._trimmer is None:
+            return 0
+        streams = dict.fromkeys(stream for stream, _ in self._groups)
+        return sum([await self._trimmer.trim_acknowledged(stream) for stream in streams])
