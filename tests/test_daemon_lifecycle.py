@@ -119,6 +119,16 @@ async def _refused(port: int) -> bool:
     return False
 
 
+async def _in_flight(http: aiohttp.ClientSession, base: str, expected: int) -> bool:
+    """True once the daemon's in-flight gauge shows `expected` requests besides the scrape."""
+    async with http.get(base + "/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith("notifyd_http_requests_in_flight "):
+            return float(line.split()[1]) >= expected + 1  # the scrape counts itself
+    return False
+
+
 async def _waiting_on_locks(conn: asyncpg.Connection, expected: int) -> bool:
     waiting = await conn.fetchval(
         "SELECT count(*) FROM pg_stat_activity"
@@ -158,9 +168,10 @@ async def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(
                     return response.status, await response.json(content_type=None)
 
             requests = [asyncio.create_task(send(n)) for n in range(3)]
-            # concurrent sends share transactions (group commit, two at a time): the first
-            # waits on the lock alone, the next one holds the other two
-            await wait_for(lambda: _waiting_on_locks(observer, 2), timeout=10)
+            # concurrent sends share transactions (group commit): however they were batched,
+            # all three are in the daemon and a write of theirs waits on the lock
+            await wait_for(lambda: _in_flight(http, process.base, 3), timeout=10)
+            await wait_for(lambda: _waiting_on_locks(observer, 1), timeout=10)
             assert not any(task.done() for task in requests)
 
             process.signal(signal.SIGTERM)
