@@ -83,7 +83,7 @@ class Dispatcher:
         await self.consumer.run(stop)
 
     async def handle_batch(self, entries: list[Entry]) -> None:
-        """A whole stream read at once: one query loads the rows, one their users'
+        """A whole stream read at once: one query loads the rows with their users'
         preferences, one UPDATE dispatches them, one pipelined round trip enqueues them.
         The same decisions as `handle`, entry by entry, at a fraction of the round trips."""
         wanted: list[tuple[Entry, str, uuid.UUID]] = []
@@ -127,8 +127,6 @@ class Dispatcher:
 
     async def _route_many(self, rows: list[asyncpg.Record]) -> list[asyncpg.Record]:
         """`_route` for many rows; returns the rows now dispatched."""
-        users = {(r["tenant_id"], r["user_id"]) for r in rows if r["user_id"] is not None}
-        prefs = await preference_store.load_many(self._pool, users)
         dispatched: list[asyncpg.Record] = []
         batch: list[asyncpg.Record] = []
         for row in rows:
@@ -139,7 +137,9 @@ class Dispatcher:
                 continue
             if row["user_id"] is not None:
                 reason = suppression_reason(
-                    prefs.get((row["tenant_id"], row["user_id"])),
+                    preference_store.from_columns(
+                        row["preferred_channels"], row["preferred_categories"]
+                    ),
                     channel=row["channel"],
                     category=row["category"],
                     critical=row["critical"],

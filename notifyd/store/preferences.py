@@ -1,11 +1,12 @@
 """Per-user channel and category opt-outs, one row per (tenant, user).
 
-The dispatcher reads them once per notification; a user with no row has opted out of nothing.
+The dispatcher reads them with the notifications it dispatches (a join); a user with no row
+has opted out of nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from notifyd.preferences import Preferences
@@ -27,26 +28,12 @@ def _flags(value: Any) -> dict[str, bool]:
     return {str(name): flag for name, flag in value.items() if isinstance(flag, bool)}
 
 
-GET_MANY = """
-SELECT p.tenant_id, p.user_id, p.channels, p.categories
-FROM unnest($1::text[], $2::text[]) AS k (tenant_id, user_id)
-JOIN preferences p ON p.tenant_id = k.tenant_id AND p.user_id = k.user_id
-"""
-
-
-async def load_many(
-    executor: Executor, users: Collection[tuple[str, str]]
-) -> dict[tuple[str, str], Preferences]:
-    """The saved preferences of many (tenant, user) at once; users without any are absent."""
-    if not users:
-        return {}
-    rows = await executor.fetch(GET_MANY, [t for t, _ in users], [u for _, u in users])
-    return {
-        (r["tenant_id"], r["user_id"]): Preferences(
-            channels=_flags(r["channels"]), categories=_flags(r["categories"])
-        )
-        for r in rows
-    }
+def from_columns(channels: Any, categories: Any) -> Preferences | None:
+    """Preferences read as columns of another query (a LEFT JOIN: both NULL when the user
+    saved none)."""
+    if channels is None and categories is None:
+        return None
+    return Preferences(channels=_flags(channels), categories=_flags(categories))
 
 
 async def load(executor: Executor, tenant_id: str, user_id: str) -> Preferences | None:
