@@ -73,6 +73,7 @@ class FanoutOptions:
     connect_concurrency: int = 64
     drain: float = 10.0
     quiet: bool = False
+    also_urls: tuple[str, ...] = ()  # more notifyd processes: sockets spread over all
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +82,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--jwt-secret",
         default=os.environ.get("JWT_SECRET", ""),
         help="the daemon's JWT_SECRET, to mint each member's token (default: $JWT_SECRET)",
+    )
+    parser.add_argument(
+        "--also-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="another notifyd process of the same deployment (repeatable): the sockets are "
+        "spread over all of them in turn, so every room's members sit on several processes "
+        "and each message crosses between them through Redis",
     )
     add_shape_arguments(parser)
     parser.add_argument(
@@ -126,6 +136,7 @@ def options_from(args: argparse.Namespace) -> FanoutOptions:
         size=args.size,
         connect_concurrency=args.connect_concurrency,
         drain=args.drain,
+        also_urls=tuple(args.also_url),
     )
 
 
@@ -287,7 +298,10 @@ async def main(options: FanoutOptions) -> dict[str, Any]:
     if o.rate < 0 or o.senders < 0 or o.senders > o.members or o.drain < 0:
         raise BenchError("--rate, --senders (≤ --members) and --drain must not be negative")
     require_loopback_url(o.url, "--url")
+    for other in o.also_urls:
+        require_loopback_url(other, "--also-url")
     base = o.url.rstrip("/")
+    bases = [base, *(other.rstrip("/") for other in o.also_urls)]
     sockets = o.rooms * o.members
     raise_nofile_limit(sockets + 256)
     run_id = secrets.token_hex(4)
@@ -317,12 +331,13 @@ async def main(options: FanoutOptions) -> dict[str, Any]:
         say(f"{o.rooms} rooms made in {rooms_s:.2f} s; connecting {sockets} sockets")
         gate = asyncio.Semaphore(o.connect_concurrency)
 
-        async def connect(member: _Member) -> None:
+        async def connect(member: _Member, url: str) -> None:
             async with gate:
-                await _connect(session, base, run_id, member, tally)
+                await _connect(session, url, run_id, member, tally)
 
         began = time.monotonic()
-        await all_or_none(connect(m) for m in everyone)
+        # member m of every room on process m mod P: each room spans the processes
+        await all_or_none(connect(m, bases[m.index % len(bases)]) for m in everyone)
         setup_s = max(1e-6, time.monotonic() - began)
         mode = "paced" if o.rate > 0 else "burst"
         say(f"{sockets} sockets set up in {setup_s:.2f} s; {mode}: {tally.expected} deliveries")
@@ -379,7 +394,7 @@ async def main(options: FanoutOptions) -> dict[str, Any]:
         "first_error": tally.first_error,
         "closed_early": tally.closed_early,
         "close_codes": tally.close_codes,
-        "run": {"tenant": tenant, "url": o.url},
+        "run": {"tenant": tenant, "url": o.url, "also_urls": list(o.also_urls)},
         "machine": machine(),
     }
 

@@ -364,6 +364,34 @@ async def test_ws_fanout_against_the_chat_endpoint(
     assert stored == 2 * 3 * 3
 
 
+async def test_ws_fanout_spreads_each_room_over_several_processes(
+    daemon_factory: DaemonFactory,
+) -> None:
+    """Promise: with `--also-url` every room has members on each daemon, every message
+    crosses to the other through Redis, and each member still hears each message once."""
+    first = await daemon_factory(**NO_WS_LIMIT)
+    second = await daemon_factory(**NO_WS_LIMIT)
+    result = as_json(
+        await ws_fanout.main(
+            ws_fanout.FanoutOptions(
+                url=f"http://127.0.0.1:{first.port}",
+                also_urls=(f"http://127.0.0.1:{second.port}",),
+                jwt_secret=TEST_JWT_SECRET,
+                rooms=2,
+                members=4,
+                messages=2,
+                drain=10.0,
+                quiet=True,
+            )
+        )
+    )
+    assert result["expected"] == result["delivered"] == 2 * 4 * 2 * 4
+    assert (result["lost"], result["duplicates"], result["errors"]) == (0, 0, 0)
+    for daemon in (first, second):  # each daemon holds 2 members of each room: 16 messages to each
+        out = daemon.metrics.registry.get_sample_value("notifyd_ws_messages_out_total")
+        assert out is not None and out >= 2 * 4 * 2 * 2
+
+
 async def test_ws_fanout_shows_the_daemons_rate_limit_as_errors_and_losses(
     daemon_factory: DaemonFactory,
 ) -> None:
