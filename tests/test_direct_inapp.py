@@ -8,10 +8,13 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import asyncpg
+import orjson
 import pytest
 from redis.asyncio import Redis
 
+from notifyd.ids import uuid7
 from notifyd.keys import Keys
+from notifyd.payloads import NotificationIntent
 from tests.conftest import DaemonFactory
 from tests.helpers import Api, wait_for
 
@@ -119,3 +122,55 @@ async def test_a_failed_publish_falls_back_to_the_sender_and_its_retries(
 
         await wait_for(other_sent, timeout=15)
     assert await db.fetchval("SELECT attempts FROM notifications WHERE id = $1::uuid", other) == 1
+
+
+async def test_rows_rendered_at_dispatch_are_delivered_directly_with_their_content(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection, redis: Redis
+) -> None:
+    """Reminders and ingested events store their rows unrendered: the dispatcher renders
+    them, and a good one goes straight to sent with its text stored, a broken one fails with
+    the reason, a muted one is suppressed; none of them through the sender's stream."""
+    daemon = await daemon_factory()
+    keys = Keys(daemon.settings.redis_prefix)
+    await db.execute(
+        "INSERT INTO preferences (tenant_id, user_id, channels, categories) "
+        """VALUES ($1, 'u-muted', '{"in_app": false}', '{}')""",
+        TENANT,
+    )
+    rows = {
+        "good": ("u-1", "interview_reminder", {"interview_time": "Monday 10:00"}),
+        "broken": ("u-2", "interview_reminder", {}),  # interview_time missing
+        "muted": ("u-muted", "interview_reminder", {"interview_time": "Monday 10:00"}),
+    }
+    ids = {}
+    for name, (user, template, context) in rows.items():
+        ids[name] = uuid7()
+        await db.execute(
+            "INSERT INTO notifications (id, tenant_id, created_by, user_id, channel, recipient,"
+            " template_key, context) VALUES ($1, $2, 'reminders', $3, 'in_app', $3, $4, $5)",
+            ids[name],
+            TENANT,
+            user,
+            template,
+            orjson.dumps(context).decode(),
+        )
+        await redis.xadd(keys.intents, NotificationIntent(TENANT, str(ids[name])).to_fields())
+
+    async def settled() -> bool:
+        states = await db.fetch(
+            "SELECT status FROM notifications WHERE id = ANY($1::uuid[])", list(ids.values())
+        )
+        return all(s["status"] not in ("queued", "dispatched") for s in states)
+
+    await wait_for(settled, timeout=15)
+    good = await db.fetchrow("SELECT * FROM notifications WHERE id = $1", ids["good"])
+    assert good is not None and good["status"] == "sent" and good["attempts"] == 1
+    assert "Monday 10:00" in good["body"]
+    feed = await redis.xrange(keys.user_history(TENANT, "u-1"))
+    assert len(feed) == 1 and b"Monday 10:00" in b"".join(feed[0][1].values())
+    broken = await db.fetchrow("SELECT * FROM notifications WHERE id = $1", ids["broken"])
+    assert broken is not None and broken["status"] == "failed"
+    assert "interview_time" in broken["last_error"]
+    muted = await db.fetchval("SELECT status FROM notifications WHERE id = $1", ids["muted"])
+    assert muted == "suppressed"
+    assert await redis.xlen(keys.deliver("in_app")) == 0

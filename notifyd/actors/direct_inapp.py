@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -29,16 +30,28 @@ from notifyd.providers.inapp import InAppProvider
 from notifyd.store import deliveries
 
 
-def _delivery(row: asyncpg.Record) -> Delivery:
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """A queued row the dispatcher cleared for delivery, with its final content (rendered
+    now when acceptance did not)."""
+
+    row: asyncpg.Record
+    subject: str | None
+    body: str
+    html: str | None
+
+
+def _delivery(ready: Ready) -> Delivery:
+    row = ready.row
     return Delivery(
         id=str(row["id"]),
         tenant_id=row["tenant_id"],
         channel=row["channel"],
         recipient=row["recipient"],
         user_id=row["user_id"],
-        subject=row["subject"],
-        body=row["body"] or "",
-        html_body=row["html_body"],
+        subject=ready.subject,
+        body=ready.body,
+        html_body=ready.html,
         category=row["category"],
         attempt=row["attempts"] + 1,
         created_at=row["created_at"],
@@ -53,17 +66,24 @@ class DirectInApp:
         self._provider = provider
         self._metrics = metrics
 
-    async def deliver(self, rows: Sequence[asyncpg.Record]) -> set[uuid.UUID]:
-        """Publish the live events of queued in-app `rows` (content rendered, preferences
-        applied) and mark them sent. Returns the ids handled: sent now, or by a peer first.
-        The others failed to publish and are still `queued`."""
-        batch = [_delivery(row) for row in rows]
+    async def deliver(self, rows: Sequence[Ready]) -> set[uuid.UUID]:
+        """Publish the live events of queued in-app `rows` (preferences applied) and mark
+        them sent with their content. Returns the ids handled: sent now, or by a peer
+        first. The others failed to publish and are still `queued`."""
+        batch = [_delivery(ready) for ready in rows]
         loop = asyncio.get_running_loop()
         started = loop.time()
         results = await self._provider.send_many(batch)
         self._metrics.provider_latency.labels("in_app").observe(loop.time() - started)
         published = [
-            (d.tenant_id, uuid.UUID(d.id), r.provider_message_id or "")
+            deliveries.Published(
+                d.tenant_id,
+                uuid.UUID(d.id),
+                d.subject,
+                d.body,
+                d.html_body,
+                r.provider_message_id or "",
+            )
             for d, r in zip(batch, results, strict=True)
             if isinstance(r, Sent)
         ]
@@ -71,4 +91,4 @@ class DirectInApp:
             return set()
         recorded = await deliveries.send_queued_many(self._pool, published)
         self._metrics.deliveries.labels("in_app", "sent").inc(len(recorded))
-        return {nid for _, nid, _ in published}
+        return {p.id for p in published}

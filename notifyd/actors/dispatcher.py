@@ -18,7 +18,7 @@ import uuid
 import asyncpg
 from redis.asyncio import Redis
 
-from notifyd.actors.direct_inapp import DirectInApp
+from notifyd.actors.direct_inapp import DirectInApp, Ready
 from notifyd.alerts import Alerts
 from notifyd.compose import compose
 from notifyd.keys import DISPATCH_GROUP, Keys
@@ -55,7 +55,7 @@ class Dispatcher:
         metrics: Metrics,
         direct_in_app: DirectInApp | None = None,
     ) -> None:
-        """With `direct_in_app`, in-app rows ready at acceptance are delivered here, not
+        """With `direct_in_app`, in-app rows are delivered here (rendered first if need be), not
         through the in-app sender's stream (see `actors.direct_inapp`)."""
         self._alerts = alerts
         self._direct_in_app = direct_in_app
@@ -126,15 +126,14 @@ class Dispatcher:
             )
 
     async def _route_many(self, rows: list[asyncpg.Record]) -> list[asyncpg.Record]:
-        """`_route` for many rows; returns the rows now dispatched."""
-        dispatched: list[asyncpg.Record] = []
-        batch: list[asyncpg.Record] = []
+        """Render what was not rendered at acceptance, apply each user's preferences, deliver
+        the in-app rows here and mark the others dispatched (one UPDATE); returns the rows
+        now dispatched, for their channels' streams."""
+        ready: list[Ready] = []
         for row in rows:
-            if row["body"] is None:
-                # not rendered at accept time (rare): the one-by-one path renders it
-                if await self._route(row) == "dispatched":
-                    dispatched.append(row)
-                continue
+            content = await self._content(row)
+            if content is None:
+                continue  # the template failed: the row is `failed`, with the reason
             if row["user_id"] is not None:
                 reason = suppression_reason(
                     preference_store.from_columns(
@@ -147,53 +146,44 @@ class Dispatcher:
                 if reason is not None:
                     await deliveries.suppress(self._pool, row["tenant_id"], row["id"], reason)
                     continue
-            batch.append(row)
+            ready.append(Ready(row, *content))
         if self._direct_in_app is not None:
-            in_app = [r for r in batch if r["channel"] == "in_app"]
+            in_app = [r for r in ready if r.row["channel"] == "in_app"]
             if in_app:
                 done = await self._direct_in_app.deliver(in_app)
                 # what could not be published goes the ordinary way, with the sender's retries
-                batch = [r for r in batch if r["id"] not in done]
-        if batch:
-            changed = await deliveries.dispatch_many(
-                self._pool,
-                [(r["tenant_id"], r["id"], r["subject"], r["body"], r["html_body"]) for r in batch],
-            )
-            dispatched.extend(r for r in batch if r["id"] in changed)
-        return dispatched
+                ready = [r for r in ready if r.row["id"] not in done]
+        if not ready:
+            return []
+        changed = await deliveries.dispatch_many(
+            self._pool,
+            [(r.row["tenant_id"], r.row["id"], r.subject, r.body, r.html) for r in ready],
+        )
+        return [r.row for r in ready if r.row["id"] in changed]
 
-    async def _route(self, row: asyncpg.Record) -> str:
-        """Render, apply preferences, mark dispatched; returns the row's new status."""
-        tenant_id, notification_id = row["tenant_id"], row["id"]
-        subject, body, html = row["subject"], row["body"], row["html_body"]
-        if body is None:
-            try:
-                rendered = await compose(
-                    self._pool,
-                    tenant_id=tenant_id,
-                    channel=row["channel"],
-                    template_key=row["template_key"],
-                    context=row["context"],
-                    subject=subject,
-                    message=body,
-                    locale=row["locale"],
-                    default_locale=self._settings.default_locale,
-                )
-            except TemplateError as exc:
-                await deliveries.fail_queued(self._pool, tenant_id, notification_id, exc.reason)
-                log.warning("notification failed to render", extra={"id": str(notification_id)})
-                return "failed"
-            subject, body, html = rendered.subject, rendered.text, rendered.html
-        if row["user_id"] is not None:
-            prefs = await preference_store.load(self._pool, tenant_id, row["user_id"])
-            reason = suppression_reason(
-                prefs, channel=row["channel"], category=row["category"], critical=row["critical"]
+    async def _content(self, row: asyncpg.Record) -> tuple[str | None, str, str | None] | None:
+        """Subject, text and HTML: as stored when rendered at acceptance (every REST send),
+        else rendered now (reminders, ingested events). None when the template fails: the
+        row is then marked failed."""
+        if row["body"] is not None:
+            return row["subject"], row["body"], row["html_body"]
+        try:
+            rendered = await compose(
+                self._pool,
+                tenant_id=row["tenant_id"],
+                channel=row["channel"],
+                template_key=row["template_key"],
+                context=row["context"],
+                subject=row["subject"],
+                message=row["body"],
+                locale=row["locale"],
+                default_locale=self._settings.default_locale,
             )
-            if reason is not None:
-                await deliveries.suppress(self._pool, tenant_id, notification_id, reason)
-                return "suppressed"
-        await deliveries.dispatch(self._pool, tenant_id, notification_id, subject, body, html)
-        return "dispatched"
+        except TemplateError as exc:
+            await deliveries.fail_queued(self._pool, row["tenant_id"], row["id"], exc.reason)
+            log.warning("notification failed to render", extra={"id": str(row["id"])})
+            return None
+        return rendered.subject, rendered.text, rendered.html
 
     async def _on_dead(self, entry: Entry, reason: str) -> None:
         """Only the stream entry is given up on: a row it names stays `queued` and the sweeper

@@ -16,12 +16,6 @@ import asyncpg
 
 from notifyd.store.pool import Conn, Executor
 
-DISPATCH = """
-UPDATE notifications
-SET status = 'dispatched', subject = $3, body = $4, html_body = $5, updated_at = now()
-WHERE tenant_id = $1 AND id = $2 AND status = 'queued'
-"""
-
 SUPPRESS = """
 UPDATE notifications SET status = 'suppressed', last_error = $3, updated_at = now()
 WHERE tenant_id = $1 AND id = $2 AND status = 'queued'
@@ -137,19 +131,6 @@ class Stuck:
 
 def _changed(status: str) -> bool:
     return status.rsplit(" ", 1)[1] != "0"
-
-
-async def dispatch(
-    executor: Executor,
-    tenant_id: str,
-    notification_id: uuid.UUID,
-    subject: str | None,
-    body: str,
-    html_body: str | None,
-) -> bool:
-    return _changed(
-        await executor.execute(DISPATCH, tenant_id, notification_id, subject, body, html_body)
-    )
 
 
 async def suppress(
@@ -311,9 +292,10 @@ RETURNING n.id
 SEND_QUEUED_MANY = """
 UPDATE notifications n
 SET status = 'sent', attempts = n.attempts + 1, sent_at = now(), last_error = NULL,
-    next_attempt_at = NULL, provider_message_id = k.feed_offset, provider_status = 'sent',
-    updated_at = now()
-FROM unnest($1::text[], $2::uuid[], $3::text[]) AS k (tenant_id, id, feed_offset)
+    next_attempt_at = NULL, subject = k.subject, body = k.body, html_body = k.html_body,
+    provider_message_id = k.feed_offset, provider_status = 'sent', updated_at = now()
+FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
+     AS k (tenant_id, id, subject, body, html_body, feed_offset)
 WHERE n.tenant_id = k.tenant_id AND n.id = k.id AND n.status = 'queued'
 RETURNING n.id
 """
@@ -369,15 +351,28 @@ async def mark_many_sent(
     return {r["id"] for r in rows}
 
 
-async def send_queued_many(
-    executor: Executor, published: Sequence[tuple[str, uuid.UUID, str]]
-) -> set[uuid.UUID]:
-    """(tenant, id, live event offset) of queued in-app rows whose event is published →
-    sent; the ids recorded (a peer racing on the same intent may have recorded one first)."""
+@dataclass(frozen=True, slots=True)
+class Published:
+    """An in-app row whose live event is out: its content and the event's feed offset."""
+
+    tenant_id: str
+    id: uuid.UUID
+    subject: str | None
+    body: str
+    html_body: str | None
+    feed_offset: str
+
+
+async def send_queued_many(executor: Executor, published: Sequence[Published]) -> set[uuid.UUID]:
+    """Queued in-app rows whose event is published → sent, with their content; the ids
+    recorded (a peer racing on the same intent may have recorded one first)."""
     rows = await executor.fetch(
         SEND_QUEUED_MANY,
-        [p[0] for p in published],
-        [p[1] for p in published],
-        [p[2] for p in published],
+        [p.tenant_id for p in published],
+        [p.id for p in published],
+        [p.subject for p in published],
+        [p.body for p in published],
+        [p.html_body for p in published],
+        [p.feed_offset for p in published],
     )
     return {r["id"] for r in rows}
