@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from redis.asyncio import Redis
 
 from notifyd.app import Daemon
@@ -323,3 +325,32 @@ async def test_delivery_status_of_the_users_email_arrives_live(
             assert status == 202, body
             statuses = [(await next_of_type(ws, "delivery"))["status"] for _ in range(2)]
             assert statuses == ["retrying", "failed"]
+
+
+async def test_closed_sockets_are_freed_without_waiting_for_the_cycle_collector(
+    daemon_factory: DaemonFactory, session: aiohttp.ClientSession
+) -> None:
+    """A socket's objects must go when it closes, by reference counting: left in a cycle,
+    they wait for a full collection, and with thousands of sockets open every full
+    collection pauses the loop for about half a second. Served, refused and closed by the
+    client: with the collector off, no server-side socket may be left once all are done."""
+    daemon = await daemon_factory()
+    bearer = token(daemon.settings, tenant=TENANT, user=USER)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(5):
+            async with session.ws_connect(
+                url(daemon), headers={"Authorization": f"Bearer {bearer}"}
+            ) as ws:
+                assert (await next_json(ws))["type"] == "unread_count"
+        for path in (PATH, f"/ws/notifications/{TENANT}/someone-else/"):
+            async with session.ws_connect(url(daemon, path)) as refused:  # no token / not mine
+                await refused.receive(timeout=10)
+
+        async def all_freed() -> bool:
+            return not any(isinstance(o, web.WebSocketResponse) for o in gc.get_objects())
+
+        await wait_for(all_freed, timeout=10)
+    finally:
+        gc.enable()

@@ -30,6 +30,7 @@ from notifyd.http.websockets import (
     commands,
     error_frame,
     live,
+    refuse,
     replay,
 )
 from notifyd.ids import parse_uuid, uuid7
@@ -52,11 +53,9 @@ async def chat_socket(request: web.Request) -> web.StreamResponse:
     try:
         room = await ctx.chat.open(caller.tenant_id, name, caller.user_id)
     except RoomNotFound:
-        await ws.close(code=NOT_FOUND, message=b"no such room")
-        return ws
+        return await refuse(request, ws, NOT_FOUND, b"no such room")
     except NotAMember:
-        await ws.close(code=FORBIDDEN, message=b"not a member of this room")
-        return ws
+        return await refuse(request, ws, FORBIDDEN, b"not a member of this room")
     removal = b'"type":"member_removed"'
     me = dumps({"user_id": caller.user_id})[1:-1]
 

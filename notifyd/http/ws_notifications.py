@@ -20,6 +20,7 @@ from notifyd.http.websockets import (
     commands,
     error_frame,
     live,
+    refuse,
     replay,
 )
 from notifyd.ids import parse_uuid
@@ -40,8 +41,7 @@ async def notifications_socket(request: web.Request) -> web.StreamResponse:
         request.match_info["tenant_id"],
         request.match_info["user_id"],
     ):
-        await ws.close(code=FORBIDDEN, message=b"this is not your notification channel")
-        return ws
+        return await refuse(request, ws, FORBIDDEN, b"this is not your notification channel")
     ctx = services(request)
     channel = ctx.keys.user_events(caller.tenant_id, caller.user_id)
     async with live(request, ws, channel, ENDPOINT) as subscriber:
