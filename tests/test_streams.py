@@ -330,3 +330,20 @@ async def test_a_stream_without_groups_or_none_at_all_is_left_alone(redis: Redis
     await redis.xgroup_create(STREAM, "new", id="0")  # nothing delivered yet: nothing goes
     assert await trimmer.trim_acknowledged(STREAM) == 0
     assert await redis.xlen(STREAM) == 500
+
+
+async def test_a_long_acknowledged_backlog_goes_in_one_pass(redis: Redis) -> None:
+    """Redis trims at most 10,000 entries a call with `~`; one pass takes them all, so the
+    trimming keeps up with a stream that grows faster than that between passes."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for n in range(25_000):
+            pipe.xadd(STREAM, {"n": str(n)})
+        await pipe.execute()
+    await redis.xgroup_create(STREAM, "all", id="0")
+    while await redis.xreadgroup("all", "c", {STREAM: ">"}, count=5_000):
+        pass  # read without acknowledging: pending
+    pending: Any = await redis.xpending_range(STREAM, "all", "-", "+", 25_000)
+    await redis.xack(STREAM, "all", *[p["message_id"] for p in pending])
+    removed = await Trimmer(redis).trim_acknowledged(STREAM)
+    assert removed >= 24_800  # all but what shares the newest node
+    assert await redis.xlen(STREAM) == 25_000 - removed

@@ -41,11 +41,20 @@ return redis.call('XTRIM', KEYS[1], 'MINID', '~', floor)
 
 
 class Trimmer:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, *, max_calls: int = 1000) -> None:
+        """`max_calls` bounds one `trim_acknowledged`: Redis removes at most 10,000 entries
+        a call with `~` (100 nodes), a few milliseconds each, between which other commands
+        run; 1,000 calls is a backlog of ten million."""
         self._trim = redis.register_script(TRIM_ACKNOWLEDGED)
+        self._max_calls = max_calls
 
     async def trim_acknowledged(self, stream: str) -> int:
         """Removes the entries of `stream` that every group has acknowledged; how many. A
         stream without groups (or not made yet) is left alone."""
-        removed: Any = await self._trim(keys=[stream])
-        return int(removed)
+        total = 0
+        for _ in range(self._max_calls):
+            removed: Any = await self._trim(keys=[stream])
+            if not removed:
+                break
+            total += int(removed)
+        return total
