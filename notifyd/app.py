@@ -263,6 +263,7 @@ async def serve(settings: Settings) -> int:
     # long as the process. Frozen, the collector stops walking it again on each full
     # collection; under load those walks were pauses that set the p99 of every request
     # (rest_ingest p99 43 → 17 ms, docs/benchmarks.md).
+    gc.collect()  # what startup left in cycles goes now, not into the frozen set for good
     gc.freeze()
     # A full collection walks every open socket's objects (half a second with 10,000 open),
     # and one comes each time the objects moved to the oldest generation since the last

@@ -140,6 +140,19 @@ async def test_http_requests_are_counted_and_timed_by_route_template(api: Api) -
     assert value(families, "notifyd_http_request_duration_seconds_bucket", **labels, le="+Inf") == 2
 
 
+async def test_a_method_made_up_by_the_client_is_labelled_other(api: Api) -> None:
+    """Promise: the series stay bounded whatever a client sends: a method notifyd serves
+    nowhere (WebDAV's, which the HTTP parser lets through; aiohttp's pure-Python parser
+    takes any token) is counted as "other", not as a new series and cached child each."""
+    for made_up in ("PROPFIND", "MKCOL"):
+        status, _, _ = await api.request(made_up, "/notifications/")
+        assert status == 405
+    families = await scrape(api)
+    methods = {sample.labels["method"] for sample in families["notifyd_http_requests"].samples}
+    assert "other" in methods
+    assert not methods & {"PROPFIND", "MKCOL"}
+
+
 async def group_infos(redis: Redis, stream: str) -> list[dict[str, Any]]:
     """XINFO GROUPS; none while the stream is not made yet."""
     if not await redis.exists(stream):

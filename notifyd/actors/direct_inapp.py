@@ -18,6 +18,7 @@ with backoff. Two instances racing on one intent may both publish; one UPDATE wi
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from notifyd.metrics import Metrics
 from notifyd.providers.base import Delivery, Sent
 from notifyd.providers.inapp import InAppProvider
 from notifyd.store import deliveries
+
+log = logging.getLogger("notifyd.actors.direct_inapp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +90,12 @@ class DirectInApp:
             for d, r in zip(batch, results, strict=True)
             if isinstance(r, Sent)
         ]
+        failed = [r for r in results if not isinstance(r, Sent)]
+        if failed:
+            log.warning(
+                "live events not published; the in-app sender takes them over",
+                extra={"count": len(failed), "error": str(failed[0])},
+            )
         if not published:
             return set()
         recorded = await deliveries.send_queued_many(self._pool, published)

@@ -26,6 +26,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PATHS = frozenset(
     {"/healthz", "/readyz", "/metrics", "/openapi.json", "/webhooks/twilio/status"}
 )
+# a client may send any token as its method: metric labels take these, the rest is "other"
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _GOOD_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -100,7 +102,8 @@ async def _edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = route_name(request)
         status = locals().get("response")
         code = status.status if isinstance(status, web.StreamResponse) else 500
-        metrics.request_answered(route, request.method, code, elapsed)
+        method = request.method if request.method in KNOWN_METHODS else "other"
+        metrics.request_answered(route, method, code, elapsed)
         if route != "/metrics" and log.isEnabledFor(logging.INFO):
             log.info(
                 "request",

@@ -159,10 +159,12 @@ class live:
         ctx = services(self._request)
         subscriber = self._subscriber
         assert subscriber is not None
-        await ctx.hub.unsubscribe(self._channel, subscriber)
-        self._subscriber = None  # it holds our `_end`: no cycle left behind
-        _drop_heartbeat_callback(self._request)
-        self._connections.dec()
+        try:
+            await ctx.hub.unsubscribe(self._channel, subscriber)
+        finally:  # counted and freed even when Redis fails the unsubscribe
+            self._subscriber = None  # it holds our `_end`: no cycle left behind
+            _drop_heartbeat_callback(self._request)
+            self._connections.dec()
         if subscriber.overflowed:
             ctx.metrics.ws_dropped.inc()
         log.info(
@@ -181,7 +183,9 @@ def _drop_heartbeat_callback(request: web.Request) -> None:
     socket's ~35 objects waited for a full collection, and with 10,000 sockets open each
     full collection held the loop for about half a second (docs/benchmarks.md). Without the
     callback, reference counting frees a closed socket at once. A private attribute of
-    aiohttp; `tests/test_websockets.py` notices if an upgrade makes this a no-op."""
+    aiohttp; `tests/test_websockets.py` notices if an upgrade makes this a no-op. Only for a
+    socket that is done: aiohttp notices pongs through this callback, so a live socket
+    without it would be closed at its next heartbeat."""
     protocol = request.protocol
     if getattr(protocol, "_data_received_cb", None) is not None:
         protocol._data_received_cb = None
