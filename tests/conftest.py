@@ -14,6 +14,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from redis.asyncio import Redis
 
 from notifyd.app import Daemon
 from notifyd.settings import Settings
@@ -88,8 +89,6 @@ def empty_database_url(pg_server: PostgresServer) -> Iterator[str]:
 @pytest.fixture
 async def redis_url(redis_server: RedisServer) -> str:
     """Redis database 1, flushed: tests never see each other's streams."""
-    from redis.asyncio import Redis
-
     url = redis_server.url(db=1)
     client = Redis.from_url(url)
     try:
@@ -143,6 +142,16 @@ async def daemon(daemon_factory: DaemonFactory) -> Daemon:
 async def api(daemon: Daemon) -> AsyncIterator[Api]:
     async with Api(daemon) as client:
         yield client
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    """A client of the test Redis, to check what the daemon stored there."""
+    client = Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-import pytest
 from redis.asyncio import Redis
 
 from notifyd.ids import uuid7
@@ -20,15 +18,6 @@ from tests.helpers import Api, wait_for
 
 TENANT = "TEN-0001"
 FAST = {"NOTIFYD_CLAIM_IDLE": "2", "NOTIFYD_SEND_TIMEOUT": "1", "NOTIFYD_SWEEP_INTERVAL": "0.2"}
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def test_a_burst_is_dispatched_with_each_users_preferences(

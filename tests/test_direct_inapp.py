@@ -5,11 +5,9 @@ ordinary way through the in-app sender and its retries, and still arrives once."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import asyncpg
 import orjson
-import pytest
 from redis.asyncio import Redis
 
 from notifyd.ids import uuid7
@@ -19,15 +17,6 @@ from tests.conftest import DaemonFactory
 from tests.helpers import Api, wait_for
 
 TENANT = "TEN-0001"
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def _send(api: Api, user: str, message: str) -> str:

@@ -15,7 +15,7 @@ NOTIFYD_EVENTS_ENABLED=false consumes nothing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
@@ -96,15 +96,6 @@ async def put_templates(
                 role="admin",
             )
             assert status == 200, body
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def publish(redis: Redis, body: Mapping[str, Any] | bytes | str) -> None:

@@ -12,7 +12,6 @@ a validated setting.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -59,15 +58,6 @@ CATALOGUE = {
     "notifyd_ws_messages_out": "counter",
     "notifyd_actor_restarts": "counter",
 }
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def scrape(api: Api) -> dict[str, Metric]:

@@ -15,7 +15,6 @@ import asyncio
 import json
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -44,15 +43,6 @@ FAST = {
     "NOTIFYD_SEND_TIMEOUT": "1",
     "NOTIFYD_SWEEP_INTERVAL": "0.2",
 }
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +53,6 @@ INSERT INTO notifications (id, tenant_id, created_by, user_id, channel, recipien
                            status, updated_at)
 VALUES ($1, $2, 'backend', $3, $4, $5, $6, $7, $8, now() - make_interval(secs => $9))
 """
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def email_env(sink: SmtpSink, **env: str) -> dict[str, str]:

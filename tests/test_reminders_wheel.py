@@ -72,15 +72,6 @@ async def sleep_until(when: datetime) -> None:
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
 def wheel(redis: Redis) -> Schedule:
     """The timer wheel (`notifyd:timer`), read the way the daemon writes it."""
     return Schedule(redis, KEYS.timer)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,15 +24,6 @@ from notifyd.streams.trim import Trimmer
 from tests.helpers import wait_for
 
 STREAM, GROUP, DEAD = "t:work", "g", "t:dead"
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def consumer(redis: Redis, handle: object, **kw: object) -> StreamConsumer:
