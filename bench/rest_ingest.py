@@ -16,9 +16,11 @@ the next run would measure too (`python -m bench all` waits for it to drain).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -39,6 +41,8 @@ class IngestOptions:
     generator: str = "auto"
     recipients: int = 1000
     quiet: bool = False
+    pid: int | None = None  # notifyd's: its CPU time per request is reported
+    cpu_settle: float = 2.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +51,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--jwt-secret",
         default=os.environ.get("JWT_SECRET", ""),
         help="the daemon's JWT_SECRET, to mint a service token (default: $JWT_SECRET)",
+    )
+    parser.add_argument(
+        "--pid",
+        type=int,
+        default=None,
+        help="notifyd's pid: report the CPU time it spent per request (daemon_cpu_us_per_req)",
+    )
+    parser.add_argument(
+        "--cpu-settle",
+        type=float,
+        default=2.0,
+        help="with --pid: seconds after the load during which the daemon's CPU still counts "
+        "(the in-app deliveries of the last requests)",
     )
     add_load_arguments(parser)
 
@@ -78,7 +95,23 @@ def options_from(args: argparse.Namespace) -> IngestOptions:
         threads=args.threads,
         generator=args.generator,
         recipients=args.recipients,
+        pid=args.pid,
+        cpu_settle=args.cpu_settle,
     )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (`/proc/<pid>/stat`, fields 14 and 15).
+
+    The steadier yardstick on a shared machine: between identical runs the rate moves by
+    10-15 %, the daemon's CPU per request by a few per cent."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError as exc:
+        raise BenchError(f"--pid {pid}: cannot read /proc/{pid}/stat: {exc}") from None
+    fields = text.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of the line
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 async def _probe(load: loadgen.Load) -> None:
@@ -122,10 +155,18 @@ async def main(options: IngestOptions) -> dict[str, Any]:
     await _probe(load)
     if not o.quiet:
         log(f"probe accepted; {o.connections} connections for {o.duration:.0f} s")
+    cpu_before = cpu_seconds(o.pid) if o.pid is not None else None
     figures = await loadgen.run(load)
+    extra: dict[str, Any] = {}
+    if o.pid is not None and cpu_before is not None:
+        await asyncio.sleep(o.cpu_settle)
+        spent = cpu_seconds(o.pid) - cpu_before
+        answered = int(figures.get("requests") or 0)
+        extra["daemon_cpu_us_per_req"] = round(spent / answered * 1e6, 1) if answered else None
     return {
         "workload": "rest_ingest",
         **figures,
+        **extra,
         "recipients": o.recipients,
         "run": {"tenant": tenant, "url": o.url},
         "machine": machine(),

@@ -83,7 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the daemon's JWT_SECRET (default: $JWT_SECRET)",
     )
     email_e2e.add_sink_argument(parser)
-    parser.add_argument("--pid", type=int, default=None, help="notifyd's pid (connections)")
+    parser.add_argument(
+        "--pid",
+        type=int,
+        default=None,
+        help="notifyd's pid (connections; rest_ingest's CPU per request)",
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="HTTP load seconds")
     parser.add_argument("--http-connections", type=int, default=32, help="HTTP connections")
     parser.add_argument("--emails", type=int, default=1000, help="email_e2e: K")
@@ -231,6 +236,7 @@ async def main(
                 connections=o.http_connections,
                 duration=o.duration,
                 quiet=o.quiet,
+                pid=o.pid,
             )
         ),
     )

@@ -206,10 +206,14 @@ async def test_rest_ingest_counts_what_the_daemon_stored(
                 duration=1.0,
                 generator=generator,
                 quiet=True,
+                pid=os.getpid(),  # the daemon runs in this process
+                cpu_settle=0.2,
             )
         )
     )
     assert result["workload"] == "rest_ingest"
+    # the CPU this process spent per answered request: something, and not absurd
+    assert 0 < result["daemon_cpu_us_per_req"] < 1_000_000
     assert result["generator"] == generator
     assert result.keys() >= {"req_per_s", "p50_ms", "p99_ms", "errors", "machine"}
     assert result["errors"] == 0
