@@ -25,8 +25,9 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from notifyd.actors.sender import delivery_of
 from notifyd.metrics import Metrics
-from notifyd.providers.base import Delivery, Sent
+from notifyd.providers.base import Sent
 from notifyd.providers.inapp import InAppProvider
 from notifyd.store import deliveries
 
@@ -44,23 +45,6 @@ class Ready:
     html: str | None
 
 
-def _delivery(ready: Ready) -> Delivery:
-    row = ready.row
-    return Delivery(
-        id=str(row["id"]),
-        tenant_id=row["tenant_id"],
-        channel=row["channel"],
-        recipient=row["recipient"],
-        user_id=row["user_id"],
-        subject=ready.subject,
-        body=ready.body,
-        html_body=ready.html,
-        category=row["category"],
-        attempt=row["attempts"] + 1,
-        created_at=row["created_at"],
-    )
-
-
 class DirectInApp:
     def __init__(self, pool: asyncpg.Pool, provider: InAppProvider, metrics: Metrics) -> None:
         if not provider.batched:
@@ -73,22 +57,28 @@ class DirectInApp:
         """Publish the live events of queued in-app `rows` (preferences applied) and mark
         them sent with their content. Returns the ids handled: sent now, or by a peer
         first. The others failed to publish and are still `queued`."""
-        batch = [_delivery(ready) for ready in rows]
+        batch = [
+            # the row is still `queued`: this send is its next attempt
+            delivery_of(
+                r.row, subject=r.subject, body=r.body, html=r.html, attempt=r.row["attempts"] + 1
+            )
+            for r in rows
+        ]
         loop = asyncio.get_running_loop()
         started = loop.time()
         results = await self._provider.send_many(batch)
         self._metrics.provider_latency.labels("in_app").observe(loop.time() - started)
         published = [
             deliveries.Published(
-                d.tenant_id,
-                uuid.UUID(d.id),
-                d.subject,
-                d.body,
-                d.html_body,
-                r.provider_message_id or "",
+                ready.row["tenant_id"],
+                ready.row["id"],
+                ready.subject,
+                ready.body,
+                ready.html,
+                result.provider_message_id or "",
             )
-            for d, r in zip(batch, results, strict=True)
-            if isinstance(r, Sent)
+            for ready, result in zip(rows, results, strict=True)
+            if isinstance(result, Sent)
         ]
         failed = [r for r in results if not isinstance(r, Sent)]
         if failed:

@@ -43,20 +43,33 @@ BATCH = 64  # entries per read for a batched provider
 BATCHES_IN_FLIGHT = 2
 
 
-def _delivery(row: asyncpg.Record) -> Delivery:
-    """A claimed row as the provider sees it."""
+def delivery_of(
+    row: asyncpg.Record, *, subject: str | None, body: str, html: str | None, attempt: int
+) -> Delivery:
+    """A notification row as a provider sees it, with the content and attempt to send."""
     return Delivery(
         id=str(row["id"]),
         tenant_id=row["tenant_id"],
         channel=row["channel"],
         recipient=row["recipient"],
         user_id=row["user_id"],
+        subject=subject,
+        body=body,
+        html_body=html,
+        category=row["category"],
+        attempt=attempt,
+        created_at=row["created_at"],
+    )
+
+
+def _delivery(row: asyncpg.Record) -> Delivery:
+    """A claimed row (content stored, attempt counted by the claim)."""
+    return delivery_of(
+        row,
         subject=row["subject"],
         body=row["body"] or "",
-        html_body=row["html_body"],
-        category=row["category"],
+        html=row["html_body"],
         attempt=row["attempts"],
-        created_at=row["created_at"],
     )
 
 

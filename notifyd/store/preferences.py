@@ -39,9 +39,7 @@ def from_columns(channels: Any, categories: Any) -> Preferences | None:
 async def load(executor: Executor, tenant_id: str, user_id: str) -> Preferences | None:
     """The user's preferences, or None when they never saved any."""
     row = await executor.fetchrow(GET, tenant_id, user_id)
-    if row is None:
-        return None
-    return Preferences(channels=_flags(row["channels"]), categories=_flags(row["categories"]))
+    return None if row is None else from_columns(row["channels"], row["categories"])
 
 
 async def save(conn: Conn, tenant_id: str, user_id: str, prefs: Preferences) -> None:
