@@ -235,6 +235,14 @@ async def retrying_due(executor: Executor, limit: int) -> list[asyncpg.Record]:
 
 
 # --- many at once: the dispatcher and the in-app sender handle a whole stream read per call --
+#
+# Their state guards are written `(n.status = …) IS TRUE`. A plain `n.status = 'queued'`
+# lets the planner answer the batch from the partial in-flight index, which it prices by
+# statistics taken when few rows were in flight; with a backlog (an outage, a burst) that
+# index holds every waiting row, and each batch of 64 would walk all of them: 23 ms instead
+# of 1.7 ms per batch at 50,000 queued rows, so the dispatcher slowed down exactly when it
+# had the most to catch up on. `IS TRUE` means the same for a NOT NULL column, but the planner
+# cannot match it to the index predicate, so a batch always costs its primary-key probes.
 
 # The rows with their recipients' saved preferences (NULL columns: none saved), one query.
 LOAD_MANY_FOR_DISPATCH = """
@@ -252,7 +260,7 @@ SET status = 'dispatched', subject = k.subject, body = k.body, html_body = k.htm
     updated_at = now()
 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[])
      AS k (tenant_id, id, subject, body, html_body)
-WHERE n.tenant_id = k.tenant_id AND n.id = k.id AND n.status = 'queued'
+WHERE n.tenant_id = k.tenant_id AND n.id = k.id AND (n.status = 'queued') IS TRUE
 RETURNING n.id
 """
 
@@ -263,7 +271,7 @@ FROM unnest($1::text[], $2::uuid[]) AS k (tenant_id, id)
 WHERE n.tenant_id = k.tenant_id AND n.id = k.id
   AND (n.status = 'dispatched'
        OR (n.status = 'retrying' AND n.next_attempt_at <= now() + interval '2 seconds')
-       OR (n.status = 'sending' AND n.claimed_at < now() - make_interval(secs => $3)))
+       OR (n.status = 'sending' AND n.claimed_at < now() - make_interval(secs => $3))) IS TRUE
 RETURNING n.id, n.tenant_id, n.channel, n.recipient, n.user_id, n.subject, n.body, n.html_body,
           n.category, n.attempts, n.created_at
 """
@@ -281,7 +289,7 @@ SET status = 'sent', sent_at = now(), last_error = NULL, next_attempt_at = NULL,
     provider_status = COALESCE(n.provider_status, 'sent'), updated_at = now()
 FROM unnest($1::text[], $2::uuid[], $3::int[], $4::text[])
      AS k (tenant_id, id, attempts, provider_message_id)
-WHERE n.tenant_id = k.tenant_id AND n.id = k.id AND n.status = 'sending'
+WHERE n.tenant_id = k.tenant_id AND n.id = k.id AND (n.status = 'sending') IS TRUE
   AND n.attempts = k.attempts
 RETURNING n.id
 """
@@ -296,7 +304,7 @@ SET status = 'sent', attempts = n.attempts + 1, sent_at = now(), last_error = NU
     provider_message_id = k.feed_offset, provider_status = 'sent', updated_at = now()
 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
      AS k (tenant_id, id, subject, body, html_body, feed_offset)
-WHERE n.tenant_id = k.tenant_id AND n.id = k.id AND n.status = 'queued'
+WHERE n.tenant_id = k.tenant_id AND n.id = k.id AND (n.status = 'queued') IS TRUE
 RETURNING n.id
 """
 

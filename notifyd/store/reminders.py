@@ -173,7 +173,9 @@ WHERE (tenant_id, id) IN (SELECT * FROM unnest($1::text[], $2::uuid[]))
 """
 
 # The batch form of FIRE: many reminders, their notifications and audit rows in one
-# statement. Notifications come as flat arrays tagged with their reminder's id.
+# statement. Notifications come as flat arrays tagged with their reminder's id. The state
+# guard is `(…) IS TRUE` so that the planner probes the primary key rather than walking the
+# partial due index, whatever its statistics say (see store.deliveries).
 FIRE_MANY = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::uuid[], $3::timestamptz[], $4::timestamptz[],
@@ -193,7 +195,7 @@ WITH input AS (
             ELSE COALESCE((SELECT array_agg(n.id) FROM nin n WHERE n.reminder_id = r.id),
                           '{}'::uuid[]) END
     FROM input i
-    WHERE r.tenant_id = i.tenant_id AND r.id = i.id AND r.status = 'scheduled'
+    WHERE r.tenant_id = i.tenant_id AND r.id = i.id AND (r.status = 'scheduled') IS TRUE
       AND r.reminder_time <= i.due AND r.interview_time = i.interview_time
     RETURNING r.id, r.tenant_id, r.created_by, r.status, r.late, r.lateness_ms, i.audit_id
 ), made AS (
