@@ -8,9 +8,15 @@ stops the run there); then the load generator of `bench.loadgen` runs: wrk with
 `bench/wrk/post.lua` when installed, else a Python client (`"generator"` says which).
 
 Figures: `req_per_s` (2xx answers per second), `p50_ms`, `p99_ms`, `max_ms`, `errors`
-(non-2xx answers plus socket errors; `last_non2xx` shows one status). Every accepted
-notification is then delivered in-app by the daemon: a run leaves it that backlog, which
-the next run would measure too (`python -m bench all` waits for it to drain).
+(non-2xx answers plus socket errors; `last_non2xx` shows one status).
+
+Accepting is half the work: every accepted notification is then delivered in-app. The run
+follows the daemon's `notifyd_deliveries_total{channel="in_app",outcome="sent"}` until it
+has grown by every request accepted (or `--drain-bound` seconds pass) and reports
+`delivered` (that growth), `drain_s` (how long delivery ran on after the load stopped) and
+`delivered_per_s` (accepted notifications delivered per second from the load's start to the
+last delivery). A rate the daemon accepts but cannot deliver shows as a long `drain_s`.
+Other in-app traffic on the daemon during the run counts too: measure on a quiet daemon.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +50,7 @@ class IngestOptions:
     quiet: bool = False
     pid: int | None = None  # notifyd's: its CPU time per request is reported
     cpu_settle: float = 2.0
+    drain_bound: float = 60.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=2.0,
         help="with --pid: seconds after the load during which the daemon's CPU still counts "
         "(the in-app deliveries of the last requests)",
+    )
+    parser.add_argument(
+        "--drain-bound",
+        type=float,
+        default=60.0,
+        help="seconds to follow the in-app deliveries after the load, at most",
     )
     add_load_arguments(parser)
 
@@ -97,6 +111,7 @@ def options_from(args: argparse.Namespace) -> IngestOptions:
         recipients=args.recipients,
         pid=args.pid,
         cpu_settle=args.cpu_settle,
+        drain_bound=args.drain_bound,
     )
 
 
@@ -131,6 +146,42 @@ async def _probe(load: loadgen.Load) -> None:
         raise BenchError(f"POST {loadgen.PATH} failed: {exc or type(exc).__name__}") from None
 
 
+SENT_IN_APP = 'notifyd_deliveries_total{channel="in_app",outcome="sent"}'
+
+
+def in_app_sent(metrics_text: str) -> float:
+    """The daemon's count of in-app deliveries from its /metrics page (0 before the first)."""
+    for line in metrics_text.splitlines():
+        if line.startswith(SENT_IN_APP):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def _sent_so_far(session: aiohttp.ClientSession, url: str) -> float:
+    try:
+        async with session.get(url.rstrip("/") + "/metrics") as response:
+            if response.status != 200:
+                raise BenchError(f"GET /metrics answered {response.status}")
+            return in_app_sent(await response.text())
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise BenchError(f"GET /metrics failed: {exc or type(exc).__name__}") from None
+
+
+async def _follow_delivery(
+    session: aiohttp.ClientSession, url: str, baseline: float, expected: int, bound: float
+) -> tuple[int, float]:
+    """Until the daemon has delivered `expected` more in-app notifications than `baseline`
+    or `bound` seconds passed; returns (delivered, seconds waited)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while True:
+        delivered = int(await _sent_so_far(session, url) - baseline)
+        waited = loop.time() - started
+        if delivered >= expected or waited >= bound:
+            return delivered, waited
+        await asyncio.sleep(0.05)
+
+
 async def main(options: IngestOptions) -> dict[str, Any]:
     """Run the workload; returns the result (the CLI prints it as one JSON line)."""
     o = options
@@ -152,14 +203,29 @@ async def main(options: IngestOptions) -> dict[str, Any]:
         threads=o.threads,
         generator=o.generator,
     )
-    await _probe(load)
-    if not o.quiet:
-        log(f"probe accepted; {o.connections} connections for {o.duration:.0f} s")
-    cpu_before = cpu_seconds(o.pid) if o.pid is not None else None
-    figures = await loadgen.run(load)
-    extra: dict[str, Any] = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        before_probe = await _sent_so_far(session, o.url)
+        await _probe(load)
+        if not o.quiet:
+            log(f"probe accepted; {o.connections} connections for {o.duration:.0f} s")
+        # the probe's own delivery must not count: wait for it, then take the baseline
+        await _follow_delivery(session, o.url, before_probe, 1, 5.0)
+        baseline = await _sent_so_far(session, o.url)
+        cpu_before = cpu_seconds(o.pid) if o.pid is not None else None
+        started = time.perf_counter()
+        figures = await loadgen.run(load)
+        load_s = time.perf_counter() - started
+        accepted = int(figures.get("requests") or 0) - int(figures.get("non2xx") or 0)
+        delivered, drain_s = await _follow_delivery(
+            session, o.url, baseline, accepted, o.drain_bound
+        )
+    extra: dict[str, Any] = {
+        "delivered": delivered,
+        "drain_s": round(drain_s, 2),
+        "delivered_per_s": round(min(delivered, accepted) / (load_s + drain_s), 1),
+    }
     if o.pid is not None and cpu_before is not None:
-        await asyncio.sleep(o.cpu_settle)
+        await asyncio.sleep(max(0.0, o.cpu_settle - drain_s))
         spent = cpu_seconds(o.pid) - cpu_before
         answered = int(figures.get("requests") or 0)
         extra["daemon_cpu_us_per_req"] = round(spent / answered * 1e6, 1) if answered else None

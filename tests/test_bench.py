@@ -220,9 +220,14 @@ async def test_rest_ingest_counts_what_the_daemon_stored(
     assert result["requests"] > 0
     assert result["req_per_s"] > 0
     assert 0 < result["p50_ms"] <= result["p99_ms"] <= result["max_ms"]
-    stored = sum((await notifications_of(db, result["run"]["tenant"])).values())
+    stored = await notifications_of(db, result["run"]["tenant"])
     in_flight = 4 if generator == "wrk" else 0
-    assert result["requests"] + 1 <= stored <= result["requests"] + 1 + in_flight
+    assert result["requests"] + 1 <= sum(stored.values()) <= result["requests"] + 1 + in_flight
+    # and it followed the deliveries until every accepted one was sent (the probe's excluded)
+    assert result["requests"] <= result["delivered"] <= result["requests"] + in_flight
+    assert stored.get("sent", 0) >= result["delivered"] + 1
+    assert 0 <= result["drain_s"] < 60
+    assert 0 < result["delivered_per_s"] <= result["req_per_s"] * 1.01
 
 
 @pytest.mark.skipif(not HAS_WRK, reason="wrk not installed")
