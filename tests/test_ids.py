@@ -6,7 +6,10 @@ from __future__ import annotations
 import itertools
 import uuid
 
+import orjson
+
 from notifyd.ids import uuid7, uuid7_hex
+from notifyd.payloads import dumps
 
 
 def test_ids_are_version_7_and_strictly_increasing_in_a_burst() -> None:
@@ -28,3 +31,17 @@ def test_hex_ids_are_uuid7_and_sort_with_the_others() -> None:
     parsed = uuid.UUID(text)
     assert parsed.version == 7
     assert before < parsed < after
+
+
+def test_ids_are_standard_uuids_wherever_they_go() -> None:
+    """uuid7 makes asyncpg's C UUID (cheaper to make, print and store); it must behave as a
+    `uuid.UUID` everywhere one goes: compared, hashed, printed, and in every JSON we write."""
+    made = uuid7()
+    standard = uuid.UUID(str(made))
+    assert isinstance(made, uuid.UUID)
+    assert made == standard and hash(made) == hash(standard) and {standard: 1}[made] == 1
+    assert str(made) == str(standard) and made.hex == standard.hex and made.int == standard.int
+    assert orjson.loads(dumps({"id": made, "ids": [made, standard]})) == {
+        "id": str(made),
+        "ids": [str(made), str(standard)],
+    }

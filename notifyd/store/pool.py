@@ -9,6 +9,7 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
+from notifyd.payloads import json_default
 from notifyd.settings import Settings
 
 log = logging.getLogger("notifyd.store")
@@ -34,7 +35,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     for type_name in ("json", "jsonb"):
         await conn.set_type_codec(
             type_name,
-            encoder=lambda value: orjson.dumps(value).decode(),
+            encoder=lambda value: orjson.dumps(value, default=json_default).decode(),
             decoder=orjson.loads,
             schema="pg_catalog",
         )
