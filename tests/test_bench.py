@@ -214,6 +214,10 @@ async def test_rest_ingest_counts_what_the_daemon_stored(
     assert result["workload"] == "rest_ingest"
     # the CPU this process spent per answered request: something, and not absurd
     assert 0 < result["daemon_cpu_us_per_req"] < 1_000_000
+    # and what the test PostgreSQL and Redis spent on them (clock ticks of 10 ms: a second's
+    # run may leave Redis alone under one, but not both servers together)
+    servers = (result["postgres_cpu_us_per_req"], result["redis_cpu_us_per_req"])
+    assert min(servers) >= 0 and sum(servers) > 0
     assert result["generator"] == generator
     assert result.keys() >= {"req_per_s", "p50_ms", "p99_ms", "errors", "machine"}
     assert result["errors"] == 0
