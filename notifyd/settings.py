@@ -10,6 +10,7 @@ Every problem is collected before failing, so `notifyd check-config` can name al
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -47,6 +48,7 @@ class Settings:
     log_format: str = "auto"
     shutdown_timeout: float = 15.0
     instance_name: str = ""
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     # database
     database_url: str = field(default="postgresql://postgres@127.0.0.1:5432/notifyd", repr=False)
     db_pool_min: int = 2
@@ -226,6 +228,17 @@ def _to_list(value: Any) -> tuple[str, ...]:
     return tuple(part.strip() for part in str(value).split(",") if part.strip())
 
 
+def _to_networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """`127.0.0.1, 10.0.0.0/8, ::1` → networks (an address alone is a network of one)."""
+    networks = []
+    for part in _to_list(value):
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError(f"not an IP address or network: {part!r}") from None
+    return tuple(networks)
+
+
 def parse_send_policy(value: Any) -> Mapping[str, frozenset[str]]:
     """`user=in_app;service=email,sms,in_app` (or a TOML table of lists) → role → channels."""
     table: dict[str, Any]
@@ -272,6 +285,7 @@ SPECS: tuple[_Spec, ...] = (
     _spec("log_format", "NOTIFYD_LOG_FORMAT", "server.log_format", _to_str),
     _spec("shutdown_timeout", "NOTIFYD_SHUTDOWN_TIMEOUT", "server.shutdown_timeout", _to_float),
     _spec("instance_name", "NOTIFYD_INSTANCE_NAME", "server.instance_name", _to_str),
+    _spec("trusted_proxies", "NOTIFYD_TRUSTED_PROXIES", "server.trusted_proxies", _to_networks),
     _spec("database_url", "DATABASE_URL", "database.url", _to_str, secret=True),
     _spec("db_pool_min", "NOTIFYD_DB_POOL_MIN", "database.pool_min", _to_int),
     _spec("db_pool_max", "NOTIFYD_DB_POOL_MAX", "database.pool_max", _to_int),
@@ -651,7 +665,7 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         elif spec.secret:
             shown = "***" if value else "(unset)"
         elif isinstance(value, tuple):
-            shown = ",".join(value)
+            shown = ",".join(map(str, value))
         elif isinstance(value, Mapping):
             shown = ";".join(f"{role}={','.join(sorted(ch))}" for role, ch in value.items())
         else:

@@ -11,8 +11,12 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
+import asyncpg
 import pytest
 
+from notifyd.realtime.roomname import dm_name
+from tests.conftest import DaemonFactory
 from tests.helpers import Api
 
 TENANT = "TEN-0001"
@@ -161,3 +165,66 @@ async def test_bad_query_is_422(api: Api, query: str, field: str) -> None:
     assert status == 422, body
     assert headers["Content-Type"].startswith(PROBLEM_JSON)
     assert [e["field"] for e in body["errors"]] == [field]
+
+
+FORWARDED = {"X-Forwarded-For": "10.9.9.9, 203.0.113.7"}  # what nginx sends: client's claim, peer
+
+
+async def test_behind_a_trusted_proxy_the_forwarded_client_is_recorded(
+    daemon_factory: DaemonFactory,
+) -> None:
+    """With nginx on the same host listed in NOTIFYD_TRUSTED_PROXIES, the audit log names the
+    address nginx was reached from (the right-most hop it appended), not nginx, and not what
+    the client wrote into the header itself (10.9.9.9)."""
+    daemon = await daemon_factory(NOTIFYD_TRUSTED_PROXIES="127.0.0.1, ::1")
+    async with Api(daemon) as api:
+        status, body, _ = await api.post(
+            "/notifications/send/",
+            {"notification_type": "in_app", "recipient": "user-2", "message": "hi"},
+            user="user-1",
+            headers=FORWARDED,
+        )
+        assert status == 202, body
+        status, body, _ = await api.post(  # a chain of trusted proxies: the first untrusted
+            "/messages/send/",
+            {"receiver_id": "user-1", "content": "hello"},
+            user="user-2",
+            headers={"X-Forwarded-For": "198.51.100.4, 127.0.0.1"},
+        )
+        assert status == 201, body
+        rows = await audit(api)
+    assert {r["action"]: r["ip_address"] for r in rows} == {
+        "message.send": "198.51.100.4",
+        "notification.send": "203.0.113.7",
+    }
+
+
+async def test_a_forwarded_header_from_an_untrusted_peer_is_ignored(api: Api) -> None:
+    """No trusted proxies configured (the default): a client cannot choose its audited
+    address by sending the header itself."""
+    status, body, _ = await api.post(
+        "/notifications/send/",
+        {"notification_type": "in_app", "recipient": "user-2", "message": "hi"},
+        user="user-1",
+        headers=FORWARDED,
+    )
+    assert status == 202, body
+    assert [r["ip_address"] for r in await audit(api)] == ["127.0.0.1"]
+
+
+async def test_a_chat_message_over_a_proxied_websocket_records_the_client(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    daemon = await daemon_factory(NOTIFYD_TRUSTED_PROXIES="127.0.0.0/8")
+    async with Api(daemon) as api:
+        token = api.token(TENANT, "user-1")
+    url = f"http://127.0.0.1:{daemon.port}/ws/chat/{dm_name('user-1', 'user-2')}/"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url, headers={"Authorization": f"Bearer {token}", **FORWARDED}) as ws,
+    ):
+        await ws.send_json({"message": "hello"})
+        while (await ws.receive_json()).get("type") != "message":
+            pass
+    address = await db.fetchval("SELECT ip_address FROM audit_log WHERE action = 'message.send'")
+    assert address == "203.0.113.7"

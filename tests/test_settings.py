@@ -417,3 +417,11 @@ def test_send_policy_error_in_toml_names_the_key(tmp_path: Path) -> None:
     config.write_text('[auth.send_policy]\nuser = ["in_app", "pigeon"]\n')
     text = names(problems_of({"JWT_SECRET": SECRET}, config_file=config))
     assert "[auth.send_policy]" in text and "pigeon" in text
+
+
+def test_trusted_proxies_are_addresses_and_networks() -> None:
+    settings = load({"NOTIFYD_TRUSTED_PROXIES": "127.0.0.1, 10.0.0.0/8 ,::1"})
+    assert [str(n) for n in settings.trusted_proxies] == ["127.0.0.1/32", "10.0.0.0/8", "::1/128"]
+    assert load().trusted_proxies == ()  # trust no one's X-Forwarded-For by default
+    problems = problems_of({"JWT_SECRET": SECRET, "NOTIFYD_TRUSTED_PROXIES": "127.0.0.1,nginx"})
+    assert problems == ["NOTIFYD_TRUSTED_PROXIES: not an IP address or network: 'nginx'"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -72,8 +73,43 @@ def request_id(request: web.Request) -> str:
 
 
 def client_ip(request: web.Request) -> str | None:
-    """The peer address; proxies are trusted only via aiohttp's own forwarded handling."""
-    return request.remote
+    """The address of whoever made the request, for the audit log.
+
+    The peer, unless it is one of `NOTIFYD_TRUSTED_PROXIES`: then the client is the last
+    address in `X-Forwarded-For` that is not a trusted proxy. Each proxy appends the address
+    it was reached from, so what lies left of the first untrusted hop is whatever the client
+    chose to send and is never believed; a header from a peer we do not trust is ignored.
+    """
+    peer = request.remote
+    proxies = services(request).settings.trusted_proxies
+    if not proxies or not peer or not _among(peer, proxies):
+        return peer
+    hops = [
+        hop.strip()
+        for header in request.headers.getall("X-Forwarded-For", ())
+        for hop in header.split(",")
+        if hop.strip()
+    ]
+    for hop in reversed(hops):
+        if not _among(hop, proxies):
+            return hop if _is_address(hop) else peer
+    return hops[0] if hops else peer  # proxies all the way: the first one seen
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _among(text: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
 
 
 def audit_entry(request: web.Request, action: str, details: dict[str, Any]) -> AuditEntry:

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from notifyd.auth.identity import Identity
-from notifyd.http.context import request_id, services
+from notifyd.http.context import client_ip, request_id, services
 from notifyd.http.websockets import (
     FORBIDDEN,
     accept,
@@ -88,7 +88,7 @@ async def _mark_read(
                 tenant_id=caller.tenant_id,
                 user_id=caller.user_id,
                 action="notification.mark_read",
-                ip_address=request.remote,
+                ip_address=client_ip(request),
                 request_id=request_id(request) or None,
                 details={
                     "role": caller.role,
