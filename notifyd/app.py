@@ -64,6 +64,7 @@ class Daemon:
         self._watchdog: asyncio.Task[None] | None = None
         self.supervisor: Supervisor | None = None
         self.pipeline: Pipeline | None = None
+        self.services: Services | None = None
         self.port: int = settings.port
         self.stopped = False
 
@@ -77,10 +78,12 @@ class Daemon:
     async def _start(self) -> None:
         s = self.settings
         try:
-            pool = await create_pool(s)
+            pool = await create_pool(s)  # the API's
+            self._stack.push_async_callback(close_pool, pool)
+            queue_pool = await create_pool(s, queue=True)  # the actors' (see store.pool)
+            self._stack.push_async_callback(close_pool, queue_pool)
         except (OSError, Exception) as exc:
             raise StartupError(f"cannot connect to PostgreSQL (DATABASE_URL): {exc}") from exc
-        self._stack.push_async_callback(close_pool, pool)
         async with pool.acquire() as conn:
             missing = await migrate.pending(conn)
         if missing:
@@ -110,7 +113,7 @@ class Daemon:
 
         id_rule = OpaqueIdRule.from_settings(s.id_max_length, s.id_pattern)
         keys = Keys(s.redis_prefix)
-        pipeline = build_pipeline(s, pool, redis, keys, self.metrics)
+        pipeline = build_pipeline(s, queue_pool, redis, keys, self.metrics)
         self.pipeline = pipeline
         self._stack.push_async_callback(pipeline.close)
         hub = Hub(redis, keys, self.metrics, poll=s.stream_block)
@@ -120,7 +123,7 @@ class Daemon:
             presence,
             *pipeline.actors,
             Housekeeper(
-                pool,
+                queue_pool,
                 ttl=s.idempotency_ttl,
                 interval=s.sweep_interval,
                 redis=redis,
@@ -169,6 +172,7 @@ class Daemon:
             actors_healthy=lambda: supervisor.healthy,
             actors_status=supervisor.status,
         )
+        self.services = services
         app = build_app(services)
         runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=s.shutdown_timeout

@@ -16,10 +16,10 @@ from typing import Any
 
 import asyncpg
 
+from notifyd.actors.dispatcher import Dispatcher
+from notifyd.app import Daemon
 from notifyd.ids import uuid7
-from notifyd.settings import Settings
 from notifyd.store import deliveries, reminders
-from notifyd.store.pool import create_pool
 
 TENANT = "TEN-0001"
 BACKLOG = 6_000  # rows per in-flight status, unseen by the statistics
@@ -147,14 +147,18 @@ async def test_firing_reminders_probes_the_primary_key_under_a_backlog(
     assert {r["id"] for r in fired} == set(due)
 
 
-async def test_the_daemons_connections_plan_every_execution_for_the_table_as_it_is(
-    settings: Settings,
+async def test_the_queue_is_planned_per_execution_and_the_api_keeps_cached_plans(
+    daemon: Daemon,
 ) -> None:
     """A generic plan cached while the queue was empty (a fresh deploy, then a burst) kept
     seq-scanning it for the whole of a 20 s benchmark as it grew past 100,000 rows, until an
-    ANALYZE would have invalidated it; the pool's connections never cache one."""
-    pool = await create_pool(settings)
-    try:
-        assert await pool.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
-    finally:
-        await pool.close()
+    ANALYZE would have invalidated it: the actors' connections never cache one. The API's
+    connections do, because planning every single-row read costs more than it could save."""
+    assert daemon.pipeline is not None
+    dispatcher = next(a for a in daemon.pipeline.actors if isinstance(a, Dispatcher))
+    queue_pool: asyncpg.Pool = dispatcher._pool
+    assert await queue_pool.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
+    assert daemon.services is not None
+    api_pool = daemon.services.pool
+    assert api_pool is not queue_pool
+    assert await api_pool.fetchval("SHOW plan_cache_mode") == "auto"

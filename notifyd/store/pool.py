@@ -21,14 +21,16 @@ Conn = asyncpg.Connection | PoolConnectionProxy
 Executor = asyncpg.Pool | Conn
 
 
-# Every execution is planned for the table as it is now. PostgreSQL otherwise settles on a
-# generic plan after five runs of a prepared statement and keeps it until the next ANALYZE;
-# one made on a fresh or purged table (a deploy, then a burst) seq-scans the queue while it
-# grows to hundreds of thousands of rows, and autovacuum may not look for a minute. Measured
-# on a freshly migrated database under rest_ingest: PostgreSQL's CPU per notification went
-# from 100-300 µs (varying with when each plan was cached) to 65-71 µs; planning a batch
-# statement costs a few µs per row at the batch sizes of a loaded daemon.
-SERVER_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
+# The queue's connections plan every execution for the table as it is now. PostgreSQL
+# otherwise settles on a generic plan after five runs of a prepared statement and keeps it
+# until the next ANALYZE; one made on a fresh or purged table (a deploy, then a burst)
+# seq-scans the queue while it grows to hundreds of thousands of rows, and autovacuum may not
+# look for a minute. Measured on a freshly migrated database under rest_ingest: PostgreSQL's
+# CPU per notification went from 100-300 µs (varying with when each plan was cached) to
+# 65-71 µs. Planning costs a few µs per row at a loaded dispatcher's batch sizes, but a whole
+# statement's worth on a single-row read: the API's pool keeps cached plans (a notification
+# center page, two statements, cost PostgreSQL 215-259 µs planned each time, 152-161 cached).
+QUEUE_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -49,8 +51,14 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     return None
 
 
-async def create_pool(settings: Settings, *, connect_timeout: float = 30.0) -> asyncpg.Pool:
-    """Open the pool, retrying while PostgreSQL is still starting (boot order on a VM)."""
+async def create_pool(
+    settings: Settings, *, connect_timeout: float = 30.0, queue: bool = False
+) -> asyncpg.Pool:
+    """Open a pool, retrying while PostgreSQL is still starting (boot order on a VM).
+
+    `queue`: the pool of the actors that move rows through the queue tables (dispatcher,
+    senders, reminders, sweeper, housekeeper), whose batches must be planned for the table as
+    it is (`QUEUE_SETTINGS`); the API's pool is the other one."""
     deadline = asyncio.get_running_loop().time() + connect_timeout
     delay = 0.2
     while True:
@@ -62,7 +70,7 @@ async def create_pool(settings: Settings, *, connect_timeout: float = 30.0) -> a
                 command_timeout=settings.db_command_timeout,
                 init=_init_connection,
                 reset=_keep_session,
-                server_settings=SERVER_SETTINGS,
+                server_settings=dict(QUEUE_SETTINGS) if queue else {},
             )
         except (OSError, asyncpg.CannotConnectNowError) as exc:
             if asyncio.get_running_loop().time() + delay > deadline:
