@@ -17,6 +17,8 @@ has grown by every request accepted (or `--drain-bound` seconds pass) and report
 `delivered_per_s` (accepted notifications delivered per second from the load's start to the
 last delivery). A rate the daemon accepts but cannot deliver shows as a long `drain_s`.
 Other in-app traffic on the daemon during the run counts too: measure on a quiet daemon.
+Where /metrics cannot be read (e.g. not served on the address given), the three are null
+and the rest of the run stands.
 
 With `--pid` (notifyd's), the CPU time spent per answered request is reported for the
 daemon (`daemon_cpu_us_per_req`) and for all local PostgreSQL and Redis processes
@@ -137,15 +139,14 @@ def cpu_seconds(pid: int) -> float:
 SERVERS = {"postgres": "postgres", "redis": "redis-server"}  # figure name → process name
 
 
-def servers_cpu_seconds() -> dict[str, float]:
-    """CPU time so far of every PostgreSQL and Redis process on this machine, by server.
+Process = tuple[int, int]  # (pid, start time in clock ticks): a pid reused is another process
 
-    Read around the run, the difference is what the servers spent on it (the run uses only
-    loopback, so they are local). A process that starts during the run counts from its
-    start; one that ends during it (a short autovacuum worker) is missed, so the figure is a
-    floor. Other databases' work on the same servers counts too: measure on a quiet stack."""
-    spent = dict.fromkeys(SERVERS, 0.0)
+
+def server_processes() -> dict[Process, tuple[str, float]]:
+    """Every local PostgreSQL and Redis process: its server (figure name) and CPU so far."""
+    found: dict[Process, tuple[str, float]] = {}
     names = {process: figure for figure, process in SERVERS.items()}
+    tick = os.sysconf("SC_CLK_TCK")
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -153,11 +154,27 @@ def servers_cpu_seconds() -> dict[str, float]:
             text = (entry / "stat").read_text()
         except OSError:
             continue  # gone meanwhile
-        command = text[text.find("(") + 1 : text.rfind(")")]
-        figure = names.get(command)
-        if figure is not None:
-            fields = text.rsplit(")", 1)[1].split()
-            spent[figure] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        figure = names.get(text[text.find("(") + 1 : text.rfind(")")])
+        if figure is None:
+            continue
+        fields = text.rsplit(")", 1)[1].split()  # fields[0] is field 3 of the line
+        started = int(fields[19])  # field 22: start time
+        found[(int(entry.name), started)] = (figure, (int(fields[11]) + int(fields[12])) / tick)
+    return found
+
+
+def servers_cpu_seconds(
+    before: dict[Process, tuple[str, float]], after: dict[Process, tuple[str, float]]
+) -> dict[str, float]:
+    """CPU the servers spent between two readings of `server_processes`, by server.
+
+    Per process: one started in between counts from its start, one that ended in between (a
+    short autovacuum worker) is missed, so the figure is a floor. The run uses only loopback,
+    so its servers are local; another cluster busy on the same machine counts too, so
+    measure on a quiet one."""
+    spent = dict.fromkeys(SERVERS, 0.0)
+    for process, (figure, cpu) in after.items():
+        spent[figure] += cpu - before.get(process, (figure, 0.0))[1]
     return spent
 
 
@@ -189,29 +206,39 @@ def in_app_sent(metrics_text: str) -> float:
     return 0.0
 
 
-async def _sent_so_far(session: aiohttp.ClientSession, url: str) -> float:
+METRICS_TIMEOUT = aiohttp.ClientTimeout(total=2)
+
+
+async def _sent_so_far(session: aiohttp.ClientSession, url: str) -> float | None:
+    """The daemon's in-app delivery count, or None when /metrics cannot be read right now
+    (not served on this address, or a slow answer): the run's other figures stand."""
     try:
-        async with session.get(url.rstrip("/") + "/metrics") as response:
+        async with session.get(url.rstrip("/") + "/metrics", timeout=METRICS_TIMEOUT) as response:
             if response.status != 200:
-                raise BenchError(f"GET /metrics answered {response.status}")
+                return None
             return in_app_sent(await response.text())
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise BenchError(f"GET /metrics failed: {exc or type(exc).__name__}") from None
+    except (aiohttp.ClientError, TimeoutError):
+        return None
 
 
 async def _follow_delivery(
-    session: aiohttp.ClientSession, url: str, baseline: float, expected: int, bound: float
-) -> tuple[int, float]:
+    session: aiohttp.ClientSession, url: str, baseline: float | None, expected: int, bound: float
+) -> tuple[int | None, float]:
     """Until the daemon has delivered `expected` more in-app notifications than `baseline`
-    or `bound` seconds passed; returns (delivered, seconds waited)."""
+    or `bound` seconds passed; returns (delivered, seconds waited). Delivered is None when
+    the count was never readable; a count below the baseline (the daemon restarted) is 0."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    while True:
-        delivered = int(await _sent_so_far(session, url) - baseline)
+    delivered: int | None = None
+    while baseline is not None:
+        now = await _sent_so_far(session, url)
+        if now is not None:
+            delivered = max(0, int(now - baseline))
         waited = loop.time() - started
-        if delivered >= expected or waited >= bound:
+        if (delivered is not None and delivered >= expected) or waited >= bound:
             return delivered, waited
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
+    return None, 0.0
 
 
 async def main(options: IngestOptions) -> dict[str, Any]:
@@ -241,10 +268,14 @@ async def main(options: IngestOptions) -> dict[str, Any]:
         if not o.quiet:
             log(f"probe accepted; {o.connections} connections for {o.duration:.0f} s")
         # the probe's own delivery must not count: wait for it, then take the baseline
-        await _follow_delivery(session, o.url, before_probe, 1, 5.0)
-        baseline = await _sent_so_far(session, o.url)
+        probe_delivered, _ = await _follow_delivery(session, o.url, before_probe, 1, 5.0)
+        if before_probe is None:
+            log("GET /metrics unreadable: delivered, drain_s and delivered_per_s are left out")
+        elif not probe_delivered:
+            log("the probe was not delivered within 5 s: a late delivery would count as the load's")
+        baseline = await _sent_so_far(session, o.url) if before_probe is not None else None
         cpu_before = cpu_seconds(o.pid) if o.pid is not None else None
-        servers_before = servers_cpu_seconds() if o.pid is not None else {}
+        servers_before = server_processes() if o.pid is not None else {}
         started = time.perf_counter()
         figures = await loadgen.run(load)
         load_s = time.perf_counter() - started
@@ -254,17 +285,20 @@ async def main(options: IngestOptions) -> dict[str, Any]:
         )
     extra: dict[str, Any] = {
         "delivered": delivered,
-        "drain_s": round(drain_s, 2),
-        "delivered_per_s": round(min(delivered, accepted) / (load_s + drain_s), 1),
+        "drain_s": round(drain_s, 2) if delivered is not None else None,
+        "delivered_per_s": (
+            round(min(delivered, accepted) / (load_s + drain_s), 1)
+            if delivered is not None
+            else None
+        ),
     }
     if o.pid is not None and cpu_before is not None:
         await asyncio.sleep(max(0.0, o.cpu_settle - drain_s))
         spent = cpu_seconds(o.pid) - cpu_before
         answered = int(figures.get("requests") or 0)
         extra["daemon_cpu_us_per_req"] = round(spent / answered * 1e6, 1) if answered else None
-        servers_after = servers_cpu_seconds()
-        for figure, before in servers_before.items():
-            used = servers_after[figure] - before
+        spent_by = servers_cpu_seconds(servers_before, server_processes())
+        for figure, used in spent_by.items():
             extra[f"{figure}_cpu_us_per_req"] = (
                 round(used / answered * 1e6, 1) if answered else None
             )

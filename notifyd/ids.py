@@ -17,7 +17,17 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from asyncpg.pgproto.pgproto import UUID as FastUUID
+try:  # asyncpg's own UUID, made in C (see uuid7)
+    from asyncpg.pgproto.pgproto import UUID as _CUUID
+
+    def _uuid_of(value: int) -> uuid.UUID:
+        return _CUUID(value.to_bytes(16, "big"))
+
+except ImportError:  # should asyncpg move it: the standard class is as correct, only slower
+
+    def _uuid_of(value: int) -> uuid.UUID:
+        return uuid.UUID(int=value)
+
 
 _last_ms = 0
 _last_seq = 0
@@ -70,7 +80,7 @@ def uuid7() -> uuid.UUID:
     but made in C: 0.15 µs against 1.1 µs for `uuid.UUID(int=…)`, `str()` in 0.04 µs
     against 0.44 µs, and asyncpg encodes it without a Python call. Each send makes two ids
     and spells them several times (answer, Location, audit, stream entry)."""
-    return FastUUID(uuid7_int().to_bytes(16, "big"))
+    return _uuid_of(uuid7_int())
 
 
 def uuid7_hex() -> str:

@@ -108,7 +108,8 @@ def json_default(value: Any) -> Any:
 
 
 def dumps(value: Any) -> bytes:
-    """The one JSON encoder: datetimes natively, UUIDs of either kind as their string."""
+    """The one JSON encoder: datetimes natively, UUIDs of either kind as their string (as
+    values: keys must be strings, for orjson hands keys to no `default`)."""
     return orjson.dumps(value, default=json_default, option=orjson.OPT_NON_STR_KEYS)
 
 

@@ -7,6 +7,7 @@ what, from where and when; filters by action and user; cursor pagination with a 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,6 +16,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from notifyd.http.context import Networks, forwarded_client
 from notifyd.realtime.roomname import dm_name
 from tests.conftest import DaemonFactory
 from tests.helpers import Api
@@ -228,3 +230,30 @@ async def test_a_chat_message_over_a_proxied_websocket_records_the_client(
             pass
     address = await db.fetchval("SELECT ip_address FROM audit_log WHERE action = 'message.send'")
     assert address == "203.0.113.7"
+
+
+LOCAL = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers", "proxies", "client"),
+    [
+        ("127.0.0.1", ["10.9.9.9, 203.0.113.7"], (), "127.0.0.1"),  # no proxy trusted
+        ("198.51.100.1", ["203.0.113.7"], LOCAL, "198.51.100.1"),  # peer is no proxy of ours
+        ("127.0.0.1", [], LOCAL, "127.0.0.1"),  # a trusted peer that forwards nothing
+        ("127.0.0.1", ["10.9.9.9, 203.0.113.7"], LOCAL, "203.0.113.7"),
+        ("127.0.0.1", ["10.9.9.9", "203.0.113.7"], LOCAL, "203.0.113.7"),  # two headers: one list
+        ("127.0.0.1", ["203.0.113.7, 127.0.0.1, ::1"], LOCAL, "203.0.113.7"),  # proxy chain
+        ("127.0.0.1", ["127.0.0.1, ::1"], LOCAL, "127.0.0.1"),  # proxies all the way
+        ("::ffff:127.0.0.1", ["203.0.113.7"], LOCAL, "203.0.113.7"),  # IPv4-mapped peer
+        ("127.0.0.1", ["2001:DB8::0001"], LOCAL, "2001:db8::1"),  # canonical form
+        ("127.0.0.1", ["fe80::1%eth0 evil"], LOCAL, "fe80::1"),  # no scope id, no free text
+        ("127.0.0.1", ["203.0.113.7:4711"], LOCAL, "127.0.0.1"),  # not an address: the proxy
+        ("127.0.0.1", ["junk, ::1"], LOCAL, "::1"),  # the last proxy that spoke
+        ("127.0.0.1", [" , ,203.0.113.7,"], LOCAL, "203.0.113.7"),  # empty hops skipped
+    ],
+)
+def test_the_client_behind_trusted_proxies(
+    peer: str, headers: list[str], proxies: Networks, client: str
+) -> None:
+    assert forwarded_client(peer, headers, proxies) == client

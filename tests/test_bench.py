@@ -12,6 +12,7 @@ import os
 import shutil
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from redis.asyncio import Redis
@@ -507,3 +508,28 @@ async def test_all_runs_every_workload_and_prints_each_figure_beside_its_ceiling
         assert line["value"] == first[workload][figure] > 0
         assert line["ceiling_value"] == first["limits"][ceiling] > 0
         assert line["ratio"] == round(line["value"] / line["ceiling_value"], 3)
+
+
+def test_server_cpu_counts_each_process_from_its_own_start() -> None:
+    """Per process, not per name: one that ended during the run is left out (never a negative
+    figure), one that started counts from zero, a reused pid is another process."""
+    before = {(10, 1): ("postgres", 5.0), (11, 1): ("postgres", 9.0), (20, 1): ("redis", 1.0)}
+    after = {
+        (10, 1): ("postgres", 5.5),  # a backend that worked 0.5 s
+        (12, 7): ("postgres", 0.25),  # started during the run
+        (11, 8): ("postgres", 0.125),  # pid 11 reused by a new process
+        (20, 1): ("redis", 1.0),  # idle
+    }  # (11, 1) ended: its 9 s are not taken away
+    assert rest_ingest.servers_cpu_seconds(before, after) == {"postgres": 0.875, "redis": 0.0}
+    assert set(rest_ingest.servers_cpu_seconds({}, {}).values()) == {0.0}
+
+
+async def test_rest_ingest_without_a_readable_metrics_page_keeps_its_other_figures() -> None:
+    """A daemon whose /metrics cannot be read (here: nothing listens) does not sink the run's
+    figures: the delivery figures are simply unknown."""
+    async with aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{free_port()}"
+        assert await rest_ingest._sent_so_far(session, url) is None
+        assert await rest_ingest._follow_delivery(session, url, None, 10, 5.0) == (None, 0.0)
+        delivered, waited = await rest_ingest._follow_delivery(session, url, 0.0, 10, 0.3)
+        assert delivered is None and 0.3 <= waited < 2.5

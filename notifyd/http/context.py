@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,42 +73,61 @@ def request_id(request: web.Request) -> str:
 
 
 def client_ip(request: web.Request) -> str | None:
-    """The address of whoever made the request, for the audit log.
+    """The address of whoever made the request, for the audit log."""
+    return forwarded_client(
+        request.remote,
+        request.headers.getall("X-Forwarded-For", ()),
+        services(request).settings.trusted_proxies,
+    )
 
-    The peer, unless it is one of `NOTIFYD_TRUSTED_PROXIES`: then the client is the last
-    address in `X-Forwarded-For` that is not a trusted proxy. Each proxy appends the address
-    it was reached from, so what lies left of the first untrusted hop is whatever the client
-    chose to send and is never believed; a header from a peer we do not trust is ignored.
+
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def forwarded_client(
+    peer: str | None, forwarded_for: Sequence[str], proxies: Networks
+) -> str | None:
+    """The peer, unless it is one of the trusted `proxies`: then the client is the last
+    address in `X-Forwarded-For` that is not a trusted proxy.
+
+    Each proxy appends the address it was reached from, so what lies left of the first
+    untrusted hop is whatever the client chose to send and is never believed; a header from
+    a peer we do not trust is ignored. A hop that is not a bare address (a port, brackets,
+    junk) ends the walk at the proxy's own address. Addresses are given in their canonical
+    form, an IPv4-mapped IPv6 one as IPv4, without a scope id.
     """
-    peer = request.remote
-    proxies = services(request).settings.trusted_proxies
-    if not proxies or not peer or not _among(peer, proxies):
+    if not proxies or not peer:
         return peer
-    hops = [
-        hop.strip()
-        for header in request.headers.getall("X-Forwarded-For", ())
-        for hop in header.split(",")
-        if hop.strip()
-    ]
+    peer_address = _address(peer)
+    if peer_address is None or not _among(peer_address, proxies):
+        return peer
+    hops = [hop.strip() for header in forwarded_for for hop in header.split(",") if hop.strip()]
+    first = peer_address
     for hop in reversed(hops):
-        if not _among(hop, proxies):
-            return hop if _is_address(hop) else peer
-    return hops[0] if hops else peer  # proxies all the way: the first one seen
+        address = _address(hop)
+        if address is None:
+            return str(first) if first is not peer_address else peer
+        if not _among(address, proxies):
+            return str(address)
+        first = address
+    return str(first) if first is not peer_address else peer  # proxies all the way
 
 
-def _is_address(text: str) -> bool:
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _address(text: str) -> Address | None:
+    """`text` as an address in canonical form (IPv4-mapped → IPv4, no scope id), or None."""
     try:
-        ipaddress.ip_address(text)
+        address: Address = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
-        return False
-    return True
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
-def _among(text: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return False
+def _among(address: Address, networks: Networks) -> bool:
     return any(address in network for network in networks)
 
 
