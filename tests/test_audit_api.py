@@ -172,6 +172,17 @@ async def test_bad_query_is_422(api: Api, query: str, field: str) -> None:
 FORWARDED = {"X-Forwarded-For": "10.9.9.9, 203.0.113.7"}  # what nginx sends: client's claim, peer
 
 
+async def send_forwarded(api: Api) -> None:
+    """A send whose request carries FORWARDED, as if it came through nginx."""
+    status, body, _ = await api.post(
+        "/notifications/send/",
+        {"notification_type": "in_app", "recipient": "user-2", "message": "hi"},
+        user="user-1",
+        headers=FORWARDED,
+    )
+    assert status == 202, body
+
+
 async def test_behind_a_trusted_proxy_the_forwarded_client_is_recorded(
     daemon_factory: DaemonFactory,
 ) -> None:
@@ -180,13 +191,7 @@ async def test_behind_a_trusted_proxy_the_forwarded_client_is_recorded(
     the client wrote into the header itself (10.9.9.9)."""
     daemon = await daemon_factory(NOTIFYD_TRUSTED_PROXIES="127.0.0.1, ::1")
     async with Api(daemon) as api:
-        status, body, _ = await api.post(
-            "/notifications/send/",
-            {"notification_type": "in_app", "recipient": "user-2", "message": "hi"},
-            user="user-1",
-            headers=FORWARDED,
-        )
-        assert status == 202, body
+        await send_forwarded(api)
         status, body, _ = await api.post(  # a chain of trusted proxies: the first untrusted
             "/messages/send/",
             {"receiver_id": "user-1", "content": "hello"},
@@ -204,13 +209,7 @@ async def test_behind_a_trusted_proxy_the_forwarded_client_is_recorded(
 async def test_a_forwarded_header_from_an_untrusted_peer_is_ignored(api: Api) -> None:
     """No trusted proxies configured (the default): a client cannot choose its audited
     address by sending the header itself."""
-    status, body, _ = await api.post(
-        "/notifications/send/",
-        {"notification_type": "in_app", "recipient": "user-2", "message": "hi"},
-        user="user-1",
-        headers=FORWARDED,
-    )
-    assert status == 202, body
+    await send_forwarded(api)
     assert [r["ip_address"] for r in await audit(api)] == ["127.0.0.1"]
 
 
