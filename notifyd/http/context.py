@@ -82,6 +82,7 @@ def client_ip(request: web.Request) -> str | None:
 
 
 Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def forwarded_client(
@@ -102,18 +103,15 @@ def forwarded_client(
     if peer_address is None or not _among(peer_address, proxies):
         return peer
     hops = [hop.strip() for header in forwarded_for for hop in header.split(",") if hop.strip()]
-    first = peer_address
+    last_proxy: Address | None = None  # the left-most trusted hop walked so far
     for hop in reversed(hops):
         address = _address(hop)
         if address is None:
-            return str(first) if first is not peer_address else peer
+            break
         if not _among(address, proxies):
             return str(address)
-        first = address
-    return str(first) if first is not peer_address else peer  # proxies all the way
-
-
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+        last_proxy = address
+    return str(last_proxy) if last_proxy is not None else peer
 
 
 def _address(text: str) -> Address | None:
