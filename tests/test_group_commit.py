@@ -116,3 +116,29 @@ async def test_concurrent_sends_over_rest_are_each_stored_audited_and_enqueued(
         return bool(sent == 300)
 
     await wait_for(all_delivered, timeout=30)
+
+
+async def test_a_write_submitted_as_the_last_flush_ends_is_not_stranded() -> None:
+    """A caller woken by the flush itself (its continuation runs right after the flushing
+    task's last step, before that task's done-callbacks) submits while the only flusher has
+    finished but still counted as running. It must be flushed, not left waiting forever."""
+    loop = asyncio.get_running_loop()
+    woken: asyncio.Future[None] = loop.create_future()
+    batches: list[list[int]] = []
+
+    async def flush(items: Sequence[int]) -> list[int | BaseException]:
+        batches.append(list(items))
+        if not woken.done():
+            woken.set_result(None)  # wakes `later` after this task's final step
+        return list(items)
+
+    commit: GroupCommit[int, int] = GroupCommit(flush, max_batch=8, max_concurrent=1)
+
+    async def later() -> int:
+        await woken
+        return await commit.submit(2)
+
+    second = asyncio.create_task(later())
+    assert await commit.submit(1) == 1
+    assert await asyncio.wait_for(second, timeout=2) == 2
+    assert batches == [[1], [2]]
