@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -28,6 +29,7 @@ from notifyd.ids import OpaqueIdRule
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
 from notifyd.pipeline import Pipeline, build_pipeline, consumer_name
+from notifyd.realtime import pubsub
 from notifyd.realtime.chat import Chat
 from notifyd.realtime.hub import Hub
 from notifyd.realtime.presence import Presence
@@ -116,7 +118,12 @@ class Daemon:
         pipeline = build_pipeline(s, queue_pool, redis, keys, self.metrics)
         self.pipeline = pipeline
         self._stack.push_async_callback(pipeline.close)
-        hub = Hub(redis, keys, self.metrics, poll=s.stream_block)
+        hub = Hub(
+            functools.partial(pubsub.connect, s.effective_redis_url, connect_timeout=5.0),
+            keys,
+            self.metrics,
+            poll=s.stream_block,
+        )
         presence = Presence(redis, keys, ttl=s.ws_presence_ttl)
         actors: list[Actor] = [
             hub,

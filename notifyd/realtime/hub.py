@@ -15,20 +15,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
 from notifyd.realtime.history import now_ms
+from notifyd.realtime.pubsub import OnMessage, PubSubError, Subscription
+
+# opens the pub/sub connection: (on each message, after each read) → the subscription
+Connect = Callable[[OnMessage, Callable[[], None]], Awaitable[Subscription]]
 
 log = logging.getLogger("notifyd.realtime.hub")
-
-BURST = 512  # pub/sub messages handled before the sockets are written to
 
 # why the hub ends a socket: (close code, reason); the socket's owner closes it
 TOO_SLOW = (4008, b"too slow: events were not read in time")
@@ -161,63 +161,76 @@ class Subscriber:
 class Hub:
     name = "hub"
 
-    def __init__(self, redis: Redis, keys: Keys, metrics: Metrics, *, poll: float = 1.0) -> None:
-        self._poll = poll  # longest wait for a message: bounds how long stopping takes
-        self._redis = redis
+    def __init__(
+        self,
+        connect: Connect,
+        keys: Keys,
+        metrics: Metrics,
+        *,
+        poll: float = 1.0,
+        ping_every: float = 30.0,
+    ) -> None:
+        """`connect` opens the pub/sub connection (`realtime.pubsub.connect` bound to the
+        Redis URL). Every `ping_every` seconds the hub pings Redis; a connection that said
+        nothing since the previous ping is dead (a half-open TCP connection after a network
+        fault or a paused VM) and the hub crashes to reconnect."""
+        self._connect = connect
+        self._poll = poll  # longest wait for a stop: bounds how long stopping takes
+        self._ping_every = ping_every
         self._keys = keys
         self._metrics = metrics
         # lists, not sets: most channels have one socket (a user's feed), and a list of one
         # is a quarter of a set's size, once per open connection
         self._subscribers: dict[str, list[Subscriber]] = defaultdict(list)
-        self._pubsub: PubSub | None = None
+        self._subscription: Subscription | None = None
         self._unflushed: set[Subscriber] = set()
-        self._lock = asyncio.Lock()
 
     async def subscribe(self, channel: str, subscriber: Subscriber) -> None:
-        async with self._lock:
-            first = not self._subscribers[channel]
-            self._subscribers[channel].append(subscriber)
-            if first and self._pubsub is not None:
-                await self._pubsub.subscribe(channel)
+        first = not self._subscribers[channel]
+        self._subscribers[channel].append(subscriber)
+        if first and self._subscription is not None:
+            self._subscription.subscribe(channel)
 
     async def unsubscribe(self, channel: str, subscriber: Subscriber) -> None:
-        async with self._lock:
-            listeners = self._subscribers.get(channel)
-            if listeners is None:
-                return
-            if subscriber in listeners:
-                listeners.remove(subscriber)
-            if not listeners:
-                del self._subscribers[channel]
-                if self._pubsub is not None:
-                    await self._pubsub.unsubscribe(channel)
+        listeners = self._subscribers.get(channel)
+        if listeners is None:
+            return
+        if subscriber in listeners:
+            listeners.remove(subscriber)
+        if not listeners:
+            del self._subscribers[channel]
+            if self._subscription is not None:
+                self._subscription.unsubscribe(channel)
 
     async def run(self, stop: asyncio.Event) -> None:
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        subscription = await self._connect(self._on_message, self._flush)
         try:
-            async with self._lock:
-                # a channel of our own keeps the connection subscribed when no socket is open
-                await pubsub.subscribe(self._keys.hub_heartbeat, *self._subscribers)
-                self._pubsub = pubsub
+            # A channel of our own keeps the connection subscribed when no socket is open.
+            # Written in the same step as `_subscription` is set, so a socket subscribing
+            # meanwhile is in this list or sends its own SUBSCRIBE, never neither.
+            subscription.subscribe(self._keys.hub_heartbeat, *self._subscribers)
+            self._subscription = subscription
+            pinged = time.monotonic()
             while not stop.is_set():
-                message = await pubsub.get_message(timeout=self._poll)
-                handled = 0
-                # take what Redis already sent in the same read, then write each socket's
-                # share of it at once
-                while message is not None:
-                    if message.get("type") == "message":
-                        channel = message["channel"]
-                        name = channel.decode() if isinstance(channel, bytes) else str(channel)
-                        self._deliver(name, message["data"])
-                    handled += 1
-                    if handled >= BURST:
-                        break
-                    message = await pubsub.get_message(timeout=0)
-                self._flush()
+                await asyncio.wait([subscription.lost], timeout=self._poll)
+                if subscription.lost.done():
+                    subscription.lost.result()  # raises why it was lost
+                    return
+                now = time.monotonic()
+                if now - pinged >= self._ping_every:
+                    if subscription.last_heard < pinged:
+                        raise PubSubError(
+                            f"Redis did not answer a PING on the pub/sub connection in "
+                            f"{self._ping_every:g} s"
+                        )
+                    subscription.ping()
+                    pinged = now
         finally:
-            self._pubsub = None
-            close: Callable[[], Awaitable[None]] = pubsub.aclose  # redis-py leaves it untyped
-            await close()
+            self._subscription = None
+            subscription.close()
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        self._deliver(channel.decode(), data)
 
     def _deliver(self, channel: str, data: bytes) -> None:
         stamp, separator, payload = data.partition(b"|")
