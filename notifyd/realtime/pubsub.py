@@ -161,7 +161,9 @@ async def _open(
         tls: ssl.SSLContext | None = None
         if kind is SSLConnection:
             # redis-py reads the ssl_* query options; the context is built the same way
-            tls = SSLConnection(**options).ssl_context.get()
+            # (only its ssl_* options: the rest of the URL's query is for the command pool)
+            tls_options = {k: v for k, v in options.items() if k.startswith("ssl_")}
+            tls = SSLConnection(host=host, port=port, **tls_options).ssl_context.get()
         transport, subscription = await loop.create_connection(
             protocol, host, port, ssl=tls, server_hostname=host if tls else None
         )
