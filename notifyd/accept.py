@@ -81,7 +81,7 @@ class Refused(Exception):
         self.problems = list(problems)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # a value, not frozen: see docs/architecture.md
 class Order:
     """One notification as asked for (the REST body's fields; `channel` is its
     `notification_type`). For in-app, `recipient` is the user id and `user_id` stays None."""
@@ -119,7 +119,7 @@ class Actor:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # a value, not frozen: see docs/architecture.md
 class Prepared:
     """An order that passed every check: recipient normalised, content rendered."""
 

@@ -34,7 +34,7 @@ from notifyd.store import deliveries
 log = logging.getLogger("notifyd.actors.direct_inapp")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # a value, not frozen: see docs/architecture.md
 class Ready:
     """A queued row the dispatcher cleared for delivery, with its final content (rendered
     now when acceptance did not)."""

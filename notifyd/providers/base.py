@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # a value, not frozen: see docs/architecture.md
 class Delivery:
     """One notification row as a provider needs it, content already rendered."""
 
@@ -29,7 +29,7 @@ class Delivery:
     created_at: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # a value, not frozen: see docs/architecture.md
 class Sent:
     """Accepted by the provider; `provider_message_id` links later status callbacks."""
 

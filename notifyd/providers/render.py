@@ -81,7 +81,7 @@ class TemplateSource:
     locale: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # a value, not frozen: see docs/architecture.md
 class Rendered:
     subject: str | None
     text: str

@@ -69,7 +69,7 @@ class Room:
         return high if user_id == low else low
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # a value, not frozen: see docs/architecture.md
 class ChatMessage:
     id: uuid.UUID
     room: Room
@@ -94,7 +94,7 @@ class ChatMessage:
         return event
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # a value, not frozen: see docs/architecture.md
 class Draft:
     """A message on its way in: stored by `Chat.post` together with others sent meanwhile."""
 

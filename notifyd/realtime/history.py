@@ -75,7 +75,7 @@ def after(offset: str, other: str) -> bool:
     return _id(offset) > _id(other)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # a value, not frozen: see docs/architecture.md
 class Feed:
     """Where one feed's events go: its capped history stream and its pub/sub channel."""
 

@@ -17,7 +17,7 @@ from notifyd.ids import uuid7
 from notifyd.store.pool import Conn, Executor
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # a value, not frozen: see docs/architecture.md
 class AuditEntry:
     tenant_id: str
     user_id: str | None

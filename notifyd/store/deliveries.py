@@ -359,7 +359,7 @@ async def mark_many_sent(
     return {r["id"] for r in rows}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # a value, not frozen: see docs/architecture.md
 class Published:
     """An in-app row whose live event is out: its content and the event's feed offset."""
 

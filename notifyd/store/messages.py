@@ -110,7 +110,7 @@ async def list_for_user(
     return await conn.fetch(LIST_FOR_USER, tenant_id, user_id, before, limit)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # a value, not frozen: see docs/architecture.md
 class NewMessage:
     id: uuid.UUID
     tenant_id: str

@@ -57,7 +57,7 @@ WHERE tenant_id = $1 AND user_id = $2 AND read_at IS NULL AND channel = 'in_app'
 """
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # a value, not frozen: see docs/architecture.md
 class NewNotification:
     id: uuid.UUID
     tenant_id: str
