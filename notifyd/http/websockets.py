@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
+from prometheus_client import Counter
 
 from notifyd.auth.identity import Identity
 from notifyd.auth.tokens import TokenError
@@ -273,6 +274,7 @@ async def commands(
     ctx = services(request)
     limit: RateLimit | None = None  # made at the first frame: idle sockets never need one
     counted = ctx.metrics.ws_messages_in
+    counters: dict[str, Counter] = {}  # labels() validates and locks on each call: once per type
     async for frame in ws:
         if frame.type != WSMsgType.TEXT:
             continue
@@ -287,7 +289,11 @@ async def commands(
         except orjson.JSONDecodeError:
             command = None
         kind = command.get("type", default) if isinstance(command, dict) else None
-        counted.labels(endpoint, kind if kind in known else "other").inc()
+        label = kind if kind in known else "other"
+        counter = counters.get(label)
+        if counter is None:
+            counter = counters[label] = counted.labels(endpoint, label)
+        counter.inc()
         if not isinstance(command, dict):
             await ws.send_str(error_frame("frames must be JSON objects"))
         elif kind not in known:
