@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
 from notifyd.realtime import pubsub
-from notifyd.realtime.hub import Hub
+from notifyd.realtime.hub import Hub, Subscriber
 from scripts.localservers import RedisServer, find_redis_server
 from tests.conftest import DaemonFactory
 from tests.helpers import token
@@ -105,7 +105,7 @@ async def test_an_acl_user_authenticates_and_a_wrong_password_is_refused(
         assert inbox.messages == [(b"hubtest:auth", b"hello")]
 
         wrong = redis_url.replace("redis://", "redis://hubtest:wrong@")
-        with pytest.raises(pubsub.PubSubError, match="AUTH"):
+        with pytest.raises(pubsub.PubSubError, match="refused"):
             await pubsub.connect(wrong, inbox.on_message, inbox.on_read_end)
     finally:
         await redis.execute_command("ACL", "DELUSER", "hubtest")
@@ -120,6 +120,11 @@ def unix_redis(tmp_path: Path) -> Iterator[Path]:
         stdout=subprocess.DEVNULL,
     )
     try:
+        deadline = time.monotonic() + 10
+        while not path.exists():
+            assert server.poll() is None, f"redis-server exited with {server.returncode}"
+            assert time.monotonic() < deadline, "redis-server made no socket in 10 s"
+            time.sleep(0.02)
         yield path
     finally:
         server.terminate()
@@ -127,7 +132,7 @@ def unix_redis(tmp_path: Path) -> Iterator[Path]:
 
 
 async def test_a_unix_socket_url_connects(unix_redis: Path) -> None:
-    await until(unix_redis.exists, timeout=10)
+    await until(unix_redis.exists, timeout=10)  # redis-server made it: it is up
     client = Redis(unix_socket_path=str(unix_redis))
     inbox = Inbox()
     try:
@@ -143,8 +148,9 @@ class Relay:
     """A TCP relay in front of Redis that can go silent: bytes stop flowing both ways and
     the connection stays open, like a peer behind a dead network path."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, delay: float = 0.0) -> None:
         self._port = port
+        self._delay = delay  # on the way to Redis only
         self.silent = False
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
@@ -157,13 +163,17 @@ class Relay:
         redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self._port)
         self._writers += (client_w, redis_w)
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pipe(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: float = 0.0
+        ) -> None:
             while data := await src.read(65536):
+                if delay:
+                    await asyncio.sleep(delay)
                 if not self.silent:
                     dst.write(data)
 
         with contextlib.suppress(ConnectionError):
-            await asyncio.gather(pipe(client_r, redis_w), pipe(redis_r, client_w))
+            await asyncio.gather(pipe(client_r, redis_w, self._delay), pipe(redis_r, client_w))
 
     async def close(self) -> None:
         if self._server is not None:
@@ -180,11 +190,11 @@ async def test_a_connection_that_goes_silent_fails_the_hub_at_the_next_ping(
     relay = Relay(redis_server.port)
     port = await relay.start()
     connect = functools.partial(pubsub.connect, f"redis://127.0.0.1:{port}/0")
-    hub = Hub(connect, Keys("hubtest"), Metrics(), poll=0.05, ping_every=0.3)
+    hub = Hub(connect, Keys("hubtest"), Metrics(), poll=0.05, ping_every=0.5)
     stop = asyncio.Event()
     running = asyncio.create_task(hub.run(stop))
     try:
-        await asyncio.sleep(1.0)  # pings answered: still running
+        await asyncio.sleep(1.6)  # pings answered: still running
         assert not running.done()
         relay.silent = True
         with pytest.raises(pubsub.PubSubError, match="did not answer a PING"):
@@ -249,3 +259,78 @@ async def test_after_a_redis_restart_an_open_socket_gets_live_events_again(
             assert not ws.closed
     finally:
         await daemon.stop()
+
+
+async def test_a_confirmed_subscription_misses_nothing_published_after_it(
+    redis_server: RedisServer, redis: Redis
+) -> None:
+    """Redis orders commands only within one connection. Through a relay that holds our
+    commands back, an unconfirmed SUBSCRIBE is still on its way when a publish on another
+    connection lands; a confirmed one has taken effect when the future resolves."""
+    relay = Relay(redis_server.port, delay=0.3)
+    port = await relay.start()
+    inbox = Inbox()
+    subscription = await pubsub.connect(
+        f"redis://127.0.0.1:{port}/0", inbox.on_message, inbox.on_read_end
+    )
+    try:
+        await subscription.subscribe_and_confirm("hubtest:ordered")
+        await redis.publish("hubtest:ordered", "right after")
+        await until(lambda: inbox.messages, timeout=5)
+        assert inbox.messages == [(b"hubtest:ordered", b"right after")]
+
+        subscription.subscribe("hubtest:unconfirmed")  # what redis-py's subscribe does
+        assert await redis.publish("hubtest:unconfirmed", "too early") == 0
+    finally:
+        subscription.close()
+        await relay.close()
+
+
+async def test_a_refused_channel_fails_its_waiter_and_the_connection_lives_on(
+    redis_url: str, redis: Redis
+) -> None:
+    """An error reply (an ACL refusing one channel; -LOADING or -BUSY for a PING) proves the
+    connection alive: it fails only the command it answers."""
+    await redis.execute_command(
+        "ACL", "SETUSER", "hubacl", "on", ">pw", "resetchannels", "&hubtest:allowed", "+@all"
+    )
+    inbox = Inbox()
+    url = redis_url.replace("redis://", "redis://hubacl:pw@")
+    subscription = await pubsub.connect(url, inbox.on_message, inbox.on_read_end)
+    try:
+        with pytest.raises(pubsub.PubSubError, match="NOPERM"):
+            await asyncio.wait_for(subscription.subscribe_and_confirm("hubtest:denied"), 5)
+        await asyncio.wait_for(subscription.subscribe_and_confirm("hubtest:allowed"), 5)
+        await redis.publish("hubtest:allowed", "still here")
+        await until(lambda: inbox.messages, timeout=5)
+        assert inbox.messages == [(b"hubtest:allowed", b"still here")]
+        assert not subscription.lost.done()
+    finally:
+        subscription.close()
+        await redis.execute_command("ACL", "DELUSER", "hubacl")
+
+
+async def test_hub_subscribe_returns_once_redis_relays_the_channel(
+    redis_server: RedisServer, redis: Redis
+) -> None:
+    """A socket replays its history right after `Hub.subscribe`: by then every event
+    published is on its way to it, even with our commands slowed down in transit."""
+    relay = Relay(redis_server.port, delay=0.3)
+    port = await relay.start()
+    connect = functools.partial(pubsub.connect, f"redis://127.0.0.1:{port}/0")
+    hub = Hub(connect, Keys("hubtest"), Metrics(), poll=0.05)
+    stop = asyncio.Event()
+    running = asyncio.create_task(hub.run(stop))
+    try:
+        await until(lambda: hub._subscription is not None, timeout=5)
+        first, second = Subscriber(10), Subscriber(10)
+        await asyncio.gather(
+            hub.subscribe("hubtest:replayed", first), hub.subscribe("hubtest:replayed", second)
+        )
+        await redis.publish("hubtest:replayed", "published after subscribe")
+        await until(lambda: first.take_queued() == b"published after subscribe", timeout=5)
+        await until(lambda: second.take_queued() == b"published after subscribe", timeout=5)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, timeout=5)
+        await relay.close()

@@ -169,6 +169,7 @@ class Hub:
         *,
         poll: float = 1.0,
         ping_every: float = 30.0,
+        confirm_timeout: float = 5.0,
     ) -> None:
         """`connect` opens the pub/sub connection (`realtime.pubsub.connect` bound to the
         Redis URL). Every `ping_every` seconds the hub pings Redis; a connection that said
@@ -183,13 +184,42 @@ class Hub:
         # is a quarter of a set's size, once per open connection
         self._subscribers: dict[str, list[Subscriber]] = defaultdict(list)
         self._subscription: Subscription | None = None
+        self._confirming: dict[str, asyncio.Future[None]] = {}
+        self._confirm_timeout = confirm_timeout
         self._unflushed: set[Subscriber] = set()
 
     async def subscribe(self, channel: str, subscriber: Subscriber) -> None:
+        """Returns once Redis relays the channel's messages to this process, so a socket
+        that replays its history next misses nothing in between. Without a connection (the
+        hub reconnecting) it returns at once: the reconnect subscribes every channel in use,
+        and the socket's replay covers what was published meanwhile."""
         first = not self._subscribers[channel]
         self._subscribers[channel].append(subscriber)
-        if first and self._subscription is not None:
-            self._subscription.subscribe(channel)
+        subscription = self._subscription
+        if subscription is None:
+            return
+        confirming = self._confirming.get(channel)
+        if first:
+            confirming = subscription.subscribe_and_confirm(channel)
+            self._confirming[channel] = confirming
+            confirming.add_done_callback(lambda _: self._forget_confirming(channel, confirming))
+        if confirming is not None:  # else: confirmed long ago
+            await self._confirmed(channel, confirming)
+
+    def _forget_confirming(self, channel: str, confirming: asyncio.Future[None]) -> None:
+        if self._confirming.get(channel) is confirming:
+            del self._confirming[channel]
+
+    async def _confirmed(self, channel: str, confirming: asyncio.Future[None]) -> None:
+        try:
+            async with asyncio.timeout(self._confirm_timeout):
+                await asyncio.shield(confirming)  # a socket's cancel is not the channel's
+        except (PubSubError, TimeoutError) as exc:
+            # the connection is failing (its reconnect subscribes again) or Redis refused
+            # the channel (logged by the subscription): the socket goes on either way
+            log.warning(
+                "subscription not confirmed", extra={"channel": channel, "error": repr(exc)}
+            )
 
     async def unsubscribe(self, channel: str, subscriber: Subscriber) -> None:
         listeners = self._subscribers.get(channel)
@@ -219,6 +249,10 @@ class Hub:
                 now = time.monotonic()
                 if now - pinged >= self._ping_every:
                     if subscription.last_heard < pinged:
+                        # one turn of the loop's I/O first: after a stall of the process
+                        # (a paused VM) the answer may be waiting unread in the socket
+                        await asyncio.wait([subscription.lost], timeout=0.05)
+                    if subscription.last_heard < pinged and not subscription.lost.done():
                         raise PubSubError(
                             f"Redis did not answer a PING on the pub/sub connection in "
                             f"{self._ping_every:g} s"

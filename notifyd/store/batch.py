@@ -42,21 +42,24 @@ class GroupCommit(Generic[T, R]):
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
         if len(self._running) < self._max_concurrent:
-            self._running.add(asyncio.create_task(self._drain(), name="group-commit"))
+            task = asyncio.create_task(self._drain(), name="group-commit")
+            self._running.add(task)
+            # a task cancelled before its first step never runs `_drain`'s own discard
+            task.add_done_callback(self._running.discard)
         return await future
 
     async def _drain(self) -> None:
+        task = asyncio.current_task()
         try:
             while self._waiting:
                 batch = self._waiting[: self._max_batch]
                 del self._waiting[: self._max_batch]
                 await self._write(batch)
         finally:
-            # Out of the count in the same step as the last look at the queue. A done
-            # callback would run a step later, and a caller that submits in between (one
-            # woken by this very flush) would find every flusher "running", start none, and
-            # wait forever.
-            task = asyncio.current_task()
+            # Out of the count in the same step as the last look at the queue. The done
+            # callback runs a step later, and a caller that submits in between (one woken
+            # by this very flush) would find every flusher "running", start none, and wait
+            # forever.
             if task is not None:
                 self._running.discard(task)
 
