@@ -160,12 +160,21 @@ class Daemon:
         # Unwinding is last-in first-out: the listener closes and in-flight requests finish
         # (runner.cleanup, pushed below) before the actors are asked to stop.
         self._stack.push_async_callback(supervisor.stop, s.shutdown_timeout)
+        outbox = Outbox(
+            pool,
+            pipeline.producer,
+            keys,
+            self.metrics,
+            dispatch_now=pipeline.dispatcher.dispatch_now,
+        )
+        # after the requests (runner.cleanup), before the actors and the pools
+        self._stack.push_async_callback(outbox.close, s.shutdown_timeout)
         services = Services(
             settings=s,
             pool=pool,
             redis=redis,
             producer=pipeline.producer,
-            outbox=Outbox(pool, pipeline.producer, keys, self.metrics),
+            outbox=outbox,
             schedule=pipeline.schedule,
             hub=hub,
             history=pipeline.history,

@@ -61,6 +61,7 @@ class Pipeline:
     tenant_settings: TenantSettingsCache
     producer: Producer
     history: History
+    dispatcher: Dispatcher  # also among `actors`; the outbox hands it what it just committed
     _closed: bool = field(default=False, repr=False)
 
     async def close(self) -> None:
@@ -142,18 +143,19 @@ def build_pipeline(
         (TwilioSmsProvider(settings, twilio_config, region), settings.sms_concurrency),
         (in_app, settings.inapp_concurrency),
     ]
+    dispatcher = Dispatcher(
+        pool=pool,
+        redis=redis,
+        keys=keys,
+        settings=settings,
+        consumer_name=name,
+        alerts=alerts,
+        producer=producer,
+        metrics=metrics,
+        direct_in_app=DirectInApp(pool, in_app, metrics),
+    )
     actors: list[Actor] = [
-        Dispatcher(
-            pool=pool,
-            redis=redis,
-            keys=keys,
-            settings=settings,
-            consumer_name=name,
-            alerts=alerts,
-            producer=producer,
-            metrics=metrics,
-            direct_in_app=DirectInApp(pool, in_app, metrics),
-        ),
+        dispatcher,
         *[
             Sender(
                 provider=provider,
@@ -235,4 +237,5 @@ def build_pipeline(
         tenant_settings=tenants,
         producer=producer,
         history=history,
+        dispatcher=dispatcher,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Sequence
 
 import asyncpg
 from redis.asyncio import Redis
@@ -111,9 +112,21 @@ class Dispatcher:
                 queued[nid] = row
             elif row["status"] == "dispatched":
                 ready[nid] = row  # enqueued before, maybe lost since: again (at least once)
+        await self._dispatch(list(queued.values()), list(ready.values()))
+
+    async def dispatch_now(self, ids: Sequence[tuple[str, uuid.UUID]]) -> None:
+        """Dispatches rows this process has just committed, (tenant, id) each, without the
+        intents stream (see `accept.Outbox`): the same decisions as `handle_batch` without
+        the XADD, the XREADGROUP and the XACK. Raises when that could not be done; the
+        caller then puts the intents on the stream."""
+        rows = await deliveries.load_many_for_dispatch(self._pool, list(ids))
+        await self._dispatch([row for row in rows if row["status"] == "queued"], [])
+
+    async def _dispatch(self, queued: list[asyncpg.Record], ready: list[asyncpg.Record]) -> None:
+        """Routes the `queued` rows, then puts them and the `ready` ones (dispatched before)
+        on their channels' delivery streams in one round trip."""
         if queued:
-            for row in await self._route_many(list(queued.values())):
-                ready[row["id"]] = row
+            ready = ready + await self._route_many(queued)
         if ready:
             await self._producer.add_many(
                 [
@@ -121,7 +134,7 @@ class Dispatcher:
                         self._keys.deliver(row["channel"]),
                         DeliveryRef(row["tenant_id"], str(row["id"])).to_fields(),
                     )
-                    for row in ready.values()
+                    for row in ready
                 ]
             )
 
