@@ -10,6 +10,8 @@ from the shell or an ingested event is checked, rendered and stored exactly as a
 3. `record`: the row and its audit row, inside the caller's transaction;
 4. `announce`: after the commit, the intent on the intents stream. If Redis fails there the
    notification is still accepted (the row is committed) and the sweeper enqueues it later.
+   (REST sends without an Idempotency-Key go through `Outbox`, which hands its batches to
+   this process's dispatcher instead, and announces only what that cannot take.)
 
 `accept` does all four in one call for callers with nothing else in the transaction (the CLI,
 ingestion). The HTTP handler calls the steps itself because it keeps the idempotency record
@@ -401,6 +403,7 @@ class Outbox:
         self._dispatch_now = dispatch_now
         self._max_in_process = max_in_process
         self._in_process: set[asyncio.Task[None]] = set()
+        self._closed = False  # after `close`: straight to the stream, nothing left behind
         self._writes: GroupCommit[tuple[store.NewNotification, AuditEntry], bool] = GroupCommit(
             self._write, max_batch=max_batch, max_concurrent=writers
         )
@@ -415,7 +418,11 @@ class Outbox:
         rows = [row for row, _ in items]
         async with self._pool.acquire() as conn:
             await store.insert_many_audited(conn, rows, [entry for _, entry in items])
-        if self._dispatch_now is not None and len(self._in_process) < self._max_in_process:
+        if (
+            self._dispatch_now is not None
+            and not self._closed
+            and len(self._in_process) < self._max_in_process
+        ):
             count_accepted(self._metrics, rows)
             task = asyncio.create_task(self._dispatch(rows), name="dispatch-in-process")
             self._in_process.add(task)
@@ -437,7 +444,10 @@ class Outbox:
 
     async def close(self, grace: float) -> None:
         """Waits (up to `grace` seconds) for the batches being dispatched here; what is cut
-        short stays `queued` for the sweeper."""
+        short stays `queued` (or `dispatched`) for the sweeper. A commit that ends after this
+        (a request cut off by the server's own shutdown timeout) puts its intents on the
+        stream instead of starting a dispatch nobody waits for."""
+        self._closed = True
         if not self._in_process:
             return
         _, pending = await asyncio.wait(set(self._in_process), timeout=grace)

@@ -41,6 +41,8 @@ from notifyd.systemd import SystemdNotifier
 
 log = logging.getLogger("notifyd.app")
 
+OUTBOX_GRACE = 2.0  # seconds a shutdown waits for batches being dispatched in process
+
 
 class StartupError(Exception):
     """The daemon cannot start; the message says what to fix."""
@@ -167,8 +169,9 @@ class Daemon:
             self.metrics,
             dispatch_now=pipeline.dispatcher.dispatch_now,
         )
-        # after the requests (runner.cleanup), before the actors and the pools
-        self._stack.push_async_callback(outbox.close, s.shutdown_timeout)
+        # after the requests (runner.cleanup), before the actors and the pools; briefly: a
+        # batch dispatches in milliseconds, and what a stuck one leaves is the sweeper's
+        self._stack.push_async_callback(outbox.close, OUTBOX_GRACE)
         services = Services(
             settings=s,
             pool=pool,

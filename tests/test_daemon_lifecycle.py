@@ -192,7 +192,6 @@ async def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(
             "SELECT id::text, status FROM notifications ORDER BY id::text"
         )
         assert [row["id"] for row in stored] == ids
-        assert {row["status"] for row in stored} <= {"queued", "dispatched", "sending", "sent"}
         # and handed on before the exit: dispatched by the process itself (the shutdown waits
         # for that), or their intents on the stream; Redis and PostgreSQL stayed open until
         # the in-flight requests and their dispatch finished
@@ -202,8 +201,9 @@ async def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(
         finally:
             await redis.aclose()
         enqueued = {NotificationIntent.from_fields(fields).notification_id for _, fields in entries}
-        still_queued = {row["id"] for row in stored if row["status"] == "queued"}
-        assert still_queued <= enqueued, (still_queued, enqueued)
+        not_delivered = {row["id"] for row in stored if row["status"] != "sent"}
+        # in-app: delivered in full before the exit, or on the stream for whoever comes next
+        assert not_delivered <= enqueued, (stored, enqueued)
     finally:
         if held:  # a failure before the release
             await lock.rollback()

@@ -157,3 +157,21 @@ async def test_a_close_cut_short_leaves_the_rows_for_the_sweeper(
     status = await pool.fetchval("SELECT status FROM notifications WHERE id = $1", row.id)
     assert status == "queued"  # committed, not dispatched: what the sweeper re-enqueues
     assert await enqueued(redis) == []
+
+
+async def test_after_close_a_late_commit_goes_to_the_stream(
+    pool: asyncpg.Pool, redis: Redis
+) -> None:
+    """A request cut off by the server's shutdown timeout may still commit after the outbox
+    closed: its intents go on the stream, not to a dispatch nobody would wait for."""
+    dispatched: list[object] = []
+
+    async def record(ids: Sequence[object]) -> None:
+        dispatched.extend(ids)
+
+    outbox = Outbox(pool, Producer(redis, 1000), KEYS, Metrics(), dispatch_now=record)
+    await outbox.close(1.0)
+    row, entry = order(1)
+    await outbox.put(row, entry)
+    assert dispatched == []
+    assert await enqueued(redis) == [str(row.id)]
