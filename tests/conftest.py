@@ -165,3 +165,14 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 __all__ = ["TEST_JWT_SECRET", "Path"]
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of the test's own (persistent), for tests that kill or restart it."""
+    server = RedisServer(tmp_path / "redis", persistent=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -216,16 +216,6 @@ async def test_a_hub_stops_promptly_when_asked(redis_url: str) -> None:
     await asyncio.wait_for(running, timeout=2)
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis", persistent=True)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 async def test_after_a_redis_restart_an_open_socket_gets_live_events_again(
     daemon_factory: DaemonFactory, own_redis: RedisServer
 ) -> None:

@@ -203,6 +203,22 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
         server.wait(10)
 
 
+async def received_over_tls(url: str, publisher_url: str, channel: str, text: str) -> bool:
+    """Subscribes through `url` (checking the connection is TLS), publishes `text` through
+    a redis-py client at `publisher_url`; whether exactly that message arrived."""
+    publisher = Redis.from_url(publisher_url)
+    inbox = Inbox()
+    try:
+        async with subscribed(url, inbox, channel) as subscription:
+            assert subscription._transport is not None
+            assert subscription._transport.get_extra_info("ssl_object") is not None
+            await publisher.publish(channel, text)
+            await until(lambda: inbox.messages, timeout=5)
+    finally:
+        await publisher.aclose()
+    return inbox.messages == [(channel.encode(), text.encode())]
+
+
 async def test_a_rediss_url_with_the_ca_subscribes_and_receives_messages(
     tls_redis: TlsRedis,
 ) -> None:
@@ -211,17 +227,7 @@ async def test_a_rediss_url_with_the_ca_subscribes_and_receives_messages(
     same URL may carry the command pool's options too (max_connections): they are not the
     handshake's, and must not break it."""
     url = tls_redis.url(ssl_ca_certs=str(tls_redis.ca), max_connections="8")
-    publisher = Redis.from_url(url)
-    inbox = Inbox()
-    try:
-        async with subscribed(url, inbox, "hubtest:tls") as subscription:
-            assert subscription._transport is not None
-            assert subscription._transport.get_extra_info("ssl_object") is not None
-            await publisher.publish("hubtest:tls", "over TLS")
-            await until(lambda: inbox.messages, timeout=5)
-    finally:
-        await publisher.aclose()
-    assert inbox.messages == [(b"hubtest:tls", b"over TLS")]
+    assert await received_over_tls(url, url, "hubtest:tls", "over TLS")
 
 
 async def test_without_the_ca_the_certificate_is_refused(tls_redis: TlsRedis) -> None:
@@ -238,14 +244,5 @@ async def test_ssl_cert_reqs_none_connects_without_the_ca(tls_redis: TlsRedis) -
     """ssl_cert_reqs=none, redis-py's way to skip verification, is honoured too: same TLS,
     no CA, and messages still arrive."""
     url = tls_redis.url(ssl_cert_reqs="none")
-    publisher = Redis.from_url(tls_redis.url(ssl_ca_certs=str(tls_redis.ca)))
-    inbox = Inbox()
-    try:
-        async with subscribed(url, inbox, "hubtest:tls-unverified") as subscription:
-            assert subscription._transport is not None
-            assert subscription._transport.get_extra_info("ssl_object") is not None
-            await publisher.publish("hubtest:tls-unverified", "unverified")
-            await until(lambda: inbox.messages, timeout=5)
-    finally:
-        await publisher.aclose()
-    assert inbox.messages == [(b"hubtest:tls-unverified", b"unverified")]
+    publisher_url = tls_redis.url(ssl_ca_certs=str(tls_redis.ca))
+    assert await received_over_tls(url, publisher_url, "hubtest:tls-unverified", "unverified")

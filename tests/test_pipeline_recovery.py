@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -318,16 +316,6 @@ async def test_two_instances_share_a_burst_without_duplicates(
     consumers: Any = await redis.xinfo_consumers(DELIVER_EMAIL, "send")
     names = {c["name"].decode() if isinstance(c["name"], bytes) else c["name"] for c in consumers}
     assert names >= {"alpha", "beta"}
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis", persistent=True)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_redis_restart_under_a_running_daemon_loses_nothing(
