@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -28,8 +30,13 @@ _db_counter = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    server = PostgresServer(tmp_path_factory.mktemp("pg"), fsync=False)
+def pg_server() -> Iterator[PostgresServer]:
+    # Not under pytest's basetemp: every pytest session resets /tmp/pytest-of-<user> to
+    # 0700, and a second session started on the machine (a helper's, an editor's) cut the
+    # postgres OS user off from this cluster's data mid-run (PANIC: pg_control: Permission
+    # denied; every later test errored).
+    base = Path(tempfile.mkdtemp(prefix="notifyd-test-pg-"))
+    server = PostgresServer(base, fsync=False)
     server.start()
     try:
         server.create_database(TEMPLATE_DB)
@@ -45,6 +52,7 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServ
         yield server
     finally:
         server.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
