@@ -418,16 +418,17 @@ class Outbox:
         rows = [row for row, _ in items]
         async with self._pool.acquire() as conn:
             await store.insert_many_audited(conn, rows, [entry for _, entry in items])
-        if (
-            self._dispatch_now is not None
-            and not self._closed
-            and len(self._in_process) < self._max_in_process
-        ):
-            count_accepted(self._metrics, rows)
-            task = asyncio.create_task(self._dispatch(rows), name="dispatch-in-process")
-            self._in_process.add(task)
-            task.add_done_callback(self._in_process.discard)
-            return [True] * len(rows)
+        if self._dispatch_now is not None:
+            if self._closed:
+                self._metrics.dispatch_fallbacks.labels("closing").inc(len(rows))
+            elif len(self._in_process) >= self._max_in_process:
+                self._metrics.dispatch_fallbacks.labels("busy").inc(len(rows))
+            else:
+                count_accepted(self._metrics, rows)
+                task = asyncio.create_task(self._dispatch(rows), name="dispatch-in-process")
+                self._in_process.add(task)
+                task.add_done_callback(self._in_process.discard)
+                return [True] * len(rows)
         enqueued = await announce(self._producer, self._keys, rows, self._metrics)
         return [enqueued] * len(rows)
 
@@ -440,6 +441,7 @@ class Outbox:
                 "in-process dispatch failed; the intents go on the stream",
                 extra={"count": len(rows), "error": repr(exc)},
             )
+            self._metrics.dispatch_fallbacks.labels("failed").inc(len(rows))
             await announce(self._producer, self._keys, rows, self._metrics, counted=True)
 
     async def close(self, grace: float) -> None:

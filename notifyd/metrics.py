@@ -62,6 +62,13 @@ class Metrics:
             "Stored rows whose XADD failed; the sweeper re-enqueues them.",
             registry=self.registry,
         )
+        self.dispatch_fallbacks = Counter(
+            "notifyd_dispatch_fallbacks_total",
+            "REST sends put on the intents stream instead of this process's dispatcher: "
+            "busy (its bound of batches in flight reached), failed, closing.",
+            ["reason"],
+            registry=self.registry,
+        )
 
         self.deliveries = Counter(
             "notifyd_deliveries_total",

@@ -63,6 +63,13 @@ async def enqueued(redis: Redis) -> list[str]:
     return [NotificationIntent.from_fields(fields).notification_id for _, fields in entries]
 
 
+def fallbacks(metrics: Metrics, reason: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "notifyd_dispatch_fallbacks_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
 def accepted(metrics: Metrics) -> float:
     value = metrics.registry.get_sample_value(
         "notifyd_notifications_accepted_total", {"channel": "in_app"}
@@ -113,6 +120,7 @@ async def test_a_failed_dispatch_puts_the_intents_on_the_stream(
     await outbox.close(5.0)
     assert sorted(await enqueued(redis)) == sorted(str(row.id) for row, _ in items)
     assert accepted(metrics) == 3  # counted once, not again by the fallback
+    assert fallbacks(metrics, "failed") == 3
     stored = await pool.fetchval("SELECT count(*) FROM notifications WHERE tenant_id = $1", TENANT)
     assert stored == 3
 
@@ -127,14 +135,14 @@ async def test_past_its_bound_the_outbox_uses_the_stream_and_close_waits_for_the
         await release.wait()
         dispatched.extend(ids)
 
-    outbox = Outbox(
-        pool, Producer(redis, 1000), KEYS, Metrics(), dispatch_now=slow, max_in_process=1
-    )
+    metrics = Metrics()
+    outbox = Outbox(pool, Producer(redis, 1000), KEYS, metrics, dispatch_now=slow, max_in_process=1)
     first, second = order(1), order(2)
     await outbox.put(*first)  # dispatched here, and held up
     await outbox.put(*second)  # the one slot is taken: the stream
     assert await enqueued(redis) == [str(second[0].id)]
     assert dispatched == []
+    assert (fallbacks(metrics, "busy"), accepted(metrics)) == (1, 2)
 
     closing = asyncio.create_task(outbox.close(5.0))
     await asyncio.sleep(0.1)
@@ -169,9 +177,11 @@ async def test_after_close_a_late_commit_goes_to_the_stream(
     async def record(ids: Sequence[object]) -> None:
         dispatched.extend(ids)
 
-    outbox = Outbox(pool, Producer(redis, 1000), KEYS, Metrics(), dispatch_now=record)
+    metrics = Metrics()
+    outbox = Outbox(pool, Producer(redis, 1000), KEYS, metrics, dispatch_now=record)
     await outbox.close(1.0)
     row, entry = order(1)
     await outbox.put(row, entry)
     assert dispatched == []
     assert await enqueued(redis) == [str(row.id)]
+    assert fallbacks(metrics, "closing") == 1
