@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import subprocess
 import sys
@@ -131,14 +132,22 @@ class Api:
 
 
 async def wait_for(
-    condition: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.02
+    condition: Callable[[], Awaitable[object] | object],
+    timeout: float = 10.0,
+    interval: float = 0.02,
 ) -> None:
-    """Poll `condition` until true; fail with a clear message after `timeout` seconds."""
+    """Poll `condition` (a plain or an async callable) until its result is truthy; fail with
+    a clear message after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while not await condition():
+    while not await _result(condition):
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+async def _result(condition: Callable[[], Awaitable[object] | object]) -> object:
+    result = condition()
+    return await result if inspect.isawaitable(result) else result
 
 
 def run_cli(

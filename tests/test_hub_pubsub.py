@@ -8,7 +8,7 @@ import contextlib
 import functools
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -21,15 +21,8 @@ from notifyd.realtime import pubsub
 from notifyd.realtime.hub import Hub, Subscriber
 from scripts.localservers import RedisServer, find_redis_server
 from tests.conftest import DaemonFactory
-from tests.helpers import token
+from tests.helpers import token, wait_for
 from tests.test_websockets import PATH, TENANT, USER, next_json, send_in_app, url
-
-
-async def until(condition: Callable[[], object], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"condition not met within {timeout}s"
-        await asyncio.sleep(0.01)
 
 
 class Inbox:
@@ -53,7 +46,7 @@ async def subscribed(url: str, inbox: Inbox, *channels: str) -> AsyncIterator[pu
         subscription.subscribe(*channels)
         subscription.ping()  # answered after the SUBSCRIBE: once heard, it has taken effect
         heard = subscription.last_heard
-        await until(lambda: subscription.last_heard > heard, timeout=5)
+        await wait_for(lambda: subscription.last_heard > heard, timeout=5)
         yield subscription
     finally:
         subscription.close()
@@ -68,7 +61,7 @@ async def test_published_messages_arrive_in_order_and_each_read_ends_with_one_ca
             for n in range(500):
                 pipe.publish("hubtest:a" if n % 2 else "hubtest:b", f"m{n}|" + "x" * 200)
             await pipe.execute()
-        await until(lambda: len(inbox.messages) == 500, timeout=5)
+        await wait_for(lambda: len(inbox.messages) == 500, timeout=5)
     assert [data.split(b"|")[0] for _, data in inbox.messages] == [
         f"m{n}".encode() for n in range(500)
     ]
@@ -85,10 +78,10 @@ async def test_unsubscribing_stops_the_messages_of_that_channel(
         subscription.unsubscribe("hubtest:drop")
         subscription.ping()
         heard = subscription.last_heard
-        await until(lambda: subscription.last_heard > heard, timeout=5)
+        await wait_for(lambda: subscription.last_heard > heard, timeout=5)
         await redis.publish("hubtest:drop", "gone")
         await redis.publish("hubtest:keep", "kept")
-        await until(lambda: inbox.messages, timeout=5)
+        await wait_for(lambda: inbox.messages, timeout=5)
     assert inbox.messages == [(b"hubtest:keep", b"kept")]
 
 
@@ -101,7 +94,7 @@ async def test_an_acl_user_authenticates_and_a_wrong_password_is_refused(
         inbox = Inbox()
         async with subscribed(authenticated, inbox, "hubtest:auth"):
             await redis.publish("hubtest:auth", "hello")
-            await until(lambda: inbox.messages, timeout=5)
+            await wait_for(lambda: inbox.messages, timeout=5)
         assert inbox.messages == [(b"hubtest:auth", b"hello")]
 
         wrong = redis_url.replace("redis://", "redis://hubtest:wrong@")
@@ -132,13 +125,13 @@ def unix_redis(tmp_path: Path) -> Iterator[Path]:
 
 
 async def test_a_unix_socket_url_connects(unix_redis: Path) -> None:
-    await until(unix_redis.exists, timeout=10)  # redis-server made it: it is up
+    await wait_for(unix_redis.exists, timeout=10)  # redis-server made it: it is up
     client = Redis(unix_socket_path=str(unix_redis))
     inbox = Inbox()
     try:
         async with subscribed(f"unix://{unix_redis}", inbox, "hubtest:unix"):
             await client.publish("hubtest:unix", "over a socket file")
-            await until(lambda: inbox.messages, timeout=5)
+            await wait_for(lambda: inbox.messages, timeout=5)
     finally:
         await client.aclose()
     assert inbox.messages == [(b"hubtest:unix", b"over a socket file")]
@@ -266,7 +259,7 @@ async def test_a_confirmed_subscription_misses_nothing_published_after_it(
     try:
         await subscription.subscribe_and_confirm("hubtest:ordered")
         await redis.publish("hubtest:ordered", "right after")
-        await until(lambda: inbox.messages, timeout=5)
+        await wait_for(lambda: inbox.messages, timeout=5)
         assert inbox.messages == [(b"hubtest:ordered", b"right after")]
 
         subscription.subscribe("hubtest:unconfirmed")  # what redis-py's subscribe does
@@ -292,7 +285,7 @@ async def test_a_refused_channel_fails_its_waiter_and_the_connection_lives_on(
             await asyncio.wait_for(subscription.subscribe_and_confirm("hubtest:denied"), 5)
         await asyncio.wait_for(subscription.subscribe_and_confirm("hubtest:allowed"), 5)
         await redis.publish("hubtest:allowed", "still here")
-        await until(lambda: inbox.messages, timeout=5)
+        await wait_for(lambda: inbox.messages, timeout=5)
         assert inbox.messages == [(b"hubtest:allowed", b"still here")]
         assert not subscription.lost.done()
     finally:
@@ -312,14 +305,14 @@ async def test_hub_subscribe_returns_once_redis_relays_the_channel(
     stop = asyncio.Event()
     running = asyncio.create_task(hub.run(stop))
     try:
-        await until(lambda: hub._subscription is not None, timeout=5)
+        await wait_for(lambda: hub._subscription is not None, timeout=5)
         first, second = Subscriber(10), Subscriber(10)
         await asyncio.gather(
             hub.subscribe("hubtest:replayed", first), hub.subscribe("hubtest:replayed", second)
         )
         await redis.publish("hubtest:replayed", "published after subscribe")
-        await until(lambda: first.take_queued() == b"published after subscribe", timeout=5)
-        await until(lambda: second.take_queued() == b"published after subscribe", timeout=5)
+        await wait_for(lambda: first.take_queued() == b"published after subscribe", timeout=5)
+        await wait_for(lambda: second.take_queued() == b"published after subscribe", timeout=5)
     finally:
         stop.set()
         await asyncio.wait_for(running, timeout=5)

@@ -20,7 +20,8 @@ from redis.asyncio import Redis
 
 from notifyd.realtime import pubsub
 from scripts.localservers import find_redis_server, free_port
-from tests.test_hub_pubsub import Inbox, subscribed, until
+from tests.helpers import wait_for
+from tests.test_hub_pubsub import Inbox, subscribed
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ async def received_over_tls(url: str, publisher_url: str, channel: str, text: st
             assert subscription._transport is not None
             assert subscription._transport.get_extra_info("ssl_object") is not None
             await publisher.publish(channel, text)
-            await until(lambda: inbox.messages, timeout=5)
+            await wait_for(lambda: inbox.messages, timeout=5)
     finally:
         await publisher.aclose()
     return inbox.messages == [(channel.encode(), text.encode())]

@@ -56,6 +56,13 @@ def _seen(future: asyncio.Future[None]) -> None:
         future.exception()
 
 
+def _waiter() -> asyncio.Future[None]:
+    """A future for a command's answer, whether or not anyone still waits for it."""
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    future.add_done_callback(_seen)
+    return future
+
+
 class _Sent:
     """A command written and not yet fully answered: Redis answers each command of one
     connection in order, SUBSCRIBE and UNSUBSCRIBE with one reply per channel, PING with
@@ -159,10 +166,7 @@ class Subscription(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return None
-        done: asyncio.Future[None] | None = None
-        if confirm:
-            done = asyncio.get_running_loop().create_future()
-            done.add_done_callback(_seen)  # whether or not anyone still waits for it
+        done = _waiter() if confirm else None
         self._sent.append(_Sent(command, replies, done))
         transport.write(pack(command, *args))
         return done
@@ -177,8 +181,7 @@ class Subscription(asyncio.Protocol):
         or the connection is lost first."""
         done = self._send("SUBSCRIBE", (channel,), 1, confirm=True)
         if done is None:
-            done = asyncio.get_running_loop().create_future()
-            done.add_done_callback(_seen)
+            done = _waiter()
             done.set_exception(PubSubError("the pub/sub connection to Redis is closed"))
         return done
 
