@@ -104,7 +104,8 @@ class Daemon:
                 timeout=s.db_command_timeout,
                 health_check_interval=30,
                 socket_connect_timeout=5,
-                socket_keepalive=True,
+                # TCP keepalive finds a peer that vanished; a Unix socket has no such option
+                **({} if s.effective_redis_url.startswith("unix:") else {"socket_keepalive": True}),
             )
         )
         self._stack.push_async_callback(redis.aclose)

@@ -464,8 +464,13 @@ class PostgresServer:
             timeout=timeout + 30,
         )
 
-    def dsn(self, database: str = "postgres") -> str:
-        """libpq/asyncpg URL for ``database`` as the trust-authenticated superuser."""
+    def dsn(self, database: str = "postgres", *, unix: bool = False) -> str:
+        """libpq/asyncpg URL for ``database`` as the trust-authenticated superuser, over TCP
+        or (``unix``) the socket in ``pgsock/``."""
+        if unix:
+            return (
+                f"postgresql://{PG_SUPERUSER}@/{database}?host={self.socket_dir}&port={self.port}"
+            )
         return f"postgresql://{PG_SUPERUSER}@127.0.0.1:{self.port}/{database}"
 
     def psql(self, sql: str, database: str = "postgres") -> str:
@@ -591,6 +596,10 @@ class RedisServer:
         self.log_file = self.base_dir / "redis.log"
         self.pid_file = self.base_dir / "redis.pid"
         self.port_file = self.base_dir / "redis.port"
+        # beside TCP, a Unix socket: a client on the same machine skips the TCP stack (see
+        # `up --unix`); left out where the path is too long for one
+        socket_path = self.base_dir / "redis.sock"
+        self.socket_path = socket_path if len(str(socket_path)) < _MAX_UNIX_SOCKET_PATH else None
         self.persistent = persistent
         self._explicit_port = port
         self._proc: subprocess.Popen[bytes] | None = None
@@ -619,8 +628,10 @@ class RedisServer:
         """Whether the server process for this base_dir is alive."""
         return self._pid() is not None
 
-    def url(self, db: int = 0) -> str:
-        """redis-py URL for logical database ``db``."""
+    def url(self, db: int = 0, *, unix: bool = False) -> str:
+        """redis-py URL for logical database ``db``, over TCP or (``unix``) the Unix socket."""
+        if unix and self.socket_path is not None:
+            return f"unix://{self.socket_path}?db={db}"
         return f"redis://127.0.0.1:{self.port}/{db}"
 
     def ping(self, timeout: float = 1.0) -> bool:
@@ -662,6 +673,8 @@ class RedisServer:
             "--save",
             "",
         ]
+        if self.socket_path is not None:
+            argv += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
         if self.persistent:
             argv += ["--appendonly", "yes", "--appendfsync", "everysec"]
         else:
@@ -774,8 +787,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         _log(f"created database {args.database!r}")
     redis.start(daemonize=True)
     _log(f"redis ready on 127.0.0.1:{redis.port} ({redis.base_dir})")
-    print(f"export DATABASE_URL={shlex.quote(pg.dsn(args.database))}")
-    print(f"export REDIS_URL={shlex.quote(redis.url())}")
+    print(f"export DATABASE_URL={shlex.quote(pg.dsn(args.database, unix=args.unix))}")
+    print(f"export REDIS_URL={shlex.quote(redis.url(unix=args.unix))}")
     return 0
 
 
@@ -812,6 +825,12 @@ def main(argv: list[str] | None = None) -> int:
         if name == "up":
             p.add_argument("--pg-port", type=int, default=None)
             p.add_argument("--redis-port", type=int, default=None)
+            p.add_argument(
+                "--unix",
+                action="store_true",
+                help="print URLs over the servers' Unix sockets instead of TCP (cheaper for "
+                "a daemon on the same machine)",
+            )
     args = parser.parse_args(argv)
     try:
         rc: int = args.func(args)
