@@ -63,6 +63,7 @@ async def chat_socket(request: web.Request) -> web.StreamResponse:
         return removal in payload and me in payload
 
     channel = ctx.keys.room_events(caller.tenant_id, name)
+    poster = _Poster(request, caller, room)
     async with live(request, ws, channel, ENDPOINT) as subscriber:
         seat, online = await ctx.presence.join(caller.tenant_id, name, caller.user_id)
         try:
@@ -81,7 +82,7 @@ async def chat_socket(request: web.Request) -> web.StreamResponse:
                     ws, request, ENDPOINT, COMMANDS, default="message"
                 ):
                     if kind == "message":
-                        await _send(ws, request, caller, room, command)
+                        await poster.post(ws, command)
                     elif kind == "typing":
                         await ctx.chat.typing(
                             room, caller.user_id, command.get("typing") is not False
@@ -108,52 +109,93 @@ def _audit(
     )
 
 
-async def _send(
-    ws: web.WebSocketResponse,
-    request: web.Request,
-    caller: Identity,
-    room: Room,
-    command: dict[str, Any],
-) -> None:
-    ctx = services(request)
-    content = command.get("message")
-    receiver_id = command.get("receiver_id")
-    client_id = command.get("client_id")
-    problem = None
-    if not isinstance(content, str) or not content.strip():
-        problem = "message: must be a non-empty string"
-    elif len(content) > ctx.settings.message_max_length:
-        problem = f"message: must be at most {ctx.settings.message_max_length} characters"
-    elif receiver_id is not None and receiver_id != room.peer_of(caller.user_id):
-        problem = (
-            "receiver_id: must be the other member of this 1-on-1 room"
-            if room.is_dm
-            else "receiver_id: group rooms have no single receiver; leave it out"
-        )
-    elif client_id is not None and (not isinstance(client_id, str) or len(client_id) > 100):
-        problem = f"client_id: must be a string of at most {CLIENT_ID_MAX} characters"
-    if problem is not None:
-        await ws.send_str(error_frame(problem))
-        return
-    assert isinstance(content, str)
-    message_id = uuid7()
-    details = {
-        "message_id": str(message_id),
-        "receiver_id": room.peer_of(caller.user_id),
-        "room": room.name,
-    }
-    draft = Draft(
-        id=message_id,
-        room=room,
-        sender_id=caller.user_id,
-        content=content,
-        client_id=client_id,
-        audit=_audit(request, caller, "message.send", details),
+class _Poster:
+    """Turns one socket's message frames into drafts for `Chat.post`.
+
+    What every message of a socket shares is worked out once, when the socket opens: the
+    other member of a 1-on-1 room, and the audit row's address (parsed through the trusted
+    proxies), request id and fixed details. Per message that leaves the checks, an id and
+    two small objects: in a busy room this path runs for every frame."""
+
+    __slots__ = (
+        "_chat",
+        "_ip_address",
+        "_max_length",
+        "_peer",
+        "_request_id",
+        "_role",
+        "_room",
+        "_sender_id",
+        "_tenant_id",
     )
-    try:
-        await ctx.chat.post(draft)
-    except NotAMember:
-        await ws.close(code=FORBIDDEN, message=b"no longer a member of this room")
+
+    def __init__(self, request: web.Request, caller: Identity, room: Room) -> None:
+        ctx = services(request)
+        self._chat = ctx.chat
+        self._max_length = ctx.settings.message_max_length
+        self._room = room
+        self._tenant_id = caller.tenant_id
+        self._sender_id = caller.user_id
+        self._role = caller.role
+        self._peer = room.peer_of(caller.user_id)
+        self._ip_address = client_ip(request)
+        self._request_id = request_id(request) or None
+
+    def problem(self, command: dict[str, Any]) -> str | None:
+        """What is wrong with a message frame, naming the field; None when nothing is."""
+        content = command.get("message")
+        receiver_id = command.get("receiver_id")
+        client_id = command.get("client_id")
+        if not isinstance(content, str) or not content.strip():
+            return "message: must be a non-empty string"
+        if len(content) > self._max_length:
+            return f"message: must be at most {self._max_length} characters"
+        if receiver_id is not None and receiver_id != self._peer:
+            return (
+                "receiver_id: must be the other member of this 1-on-1 room"
+                if self._room.is_dm
+                else "receiver_id: group rooms have no single receiver; leave it out"
+            )
+        if client_id is not None and (
+            not isinstance(client_id, str) or len(client_id) > CLIENT_ID_MAX
+        ):
+            return f"client_id: must be a string of at most {CLIENT_ID_MAX} characters"
+        return None
+
+    async def post(self, ws: web.WebSocketResponse, command: dict[str, Any]) -> None:
+        problem = self.problem(command)
+        if problem is not None:
+            await ws.send_str(error_frame(problem))
+            return
+        message_id = uuid7()
+        room = self._room
+        audit_entry = AuditEntry(
+            tenant_id=self._tenant_id,
+            user_id=self._sender_id,
+            action="message.send",
+            ip_address=self._ip_address,
+            request_id=self._request_id,
+            details={
+                "role": self._role,
+                "via": "websocket",
+                "message_id": str(message_id),
+                "receiver_id": self._peer,
+                "room": room.name,
+            },
+        )
+        draft = Draft(
+            room=room,
+            sender_id=self._sender_id,
+            content=command["message"],
+            audit=audit_entry,
+            client_id=command.get("client_id"),
+            id=message_id,
+            receiver_id=self._peer,
+        )
+        try:
+            await self._chat.post(draft)
+        except NotAMember:
+            await ws.close(code=FORBIDDEN, message=b"no longer a member of this room")
 
 
 async def _read_receipt(

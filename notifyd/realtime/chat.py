@@ -100,6 +100,9 @@ class Draft:
 
     room: Room
     sender_id: str
+    # `room.peer_of(sender_id)`: the other member of a 1-on-1 room, None in a group room;
+    # a socket works it out once for all its messages
+    receiver_id: str | None
     content: str
     audit: AuditEntry
     client_id: str | None = None
@@ -130,7 +133,7 @@ class Chat:
                 id=d.id,
                 tenant_id=d.room.tenant_id,
                 sender_id=d.sender_id,
-                receiver_id=d.room.peer_of(d.sender_id),
+                receiver_id=d.receiver_id,
                 room_id=d.room.room_id,
                 content=d.content,
             )
