@@ -182,7 +182,7 @@ class Daemon:
             schedule=pipeline.schedule,
             hub=hub,
             history=pipeline.history,
-            chat=Chat(pool, pipeline.history),
+            chat=Chat(pool, pipeline.history, max_batch=s.chat_write_batch),
             presence=presence,
             keys=keys,
             metrics=self.metrics,

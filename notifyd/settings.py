@@ -136,6 +136,10 @@ class Settings:
     ws_message_rate: float = 10.0
     ws_message_burst: int = 20
     ws_presence_ttl: float = 30.0
+    # chat messages stored (with their audit rows) and published in one statement and one
+    # script call at most: under a burst, batches fill up, and fewer larger ones cost less
+    # per message in notifyd, PostgreSQL and Redis alike (docs/benchmarks.md)
+    chat_write_batch: int = 256
     room_max_members: int = 1000
     # background work
     sweep_interval: float = 10.0
@@ -404,6 +408,7 @@ SPECS: tuple[_Spec, ...] = (
     _spec("ws_message_rate", "NOTIFYD_WS_MESSAGE_RATE", "realtime.message_rate", _to_float),
     _spec("ws_message_burst", "NOTIFYD_WS_MESSAGE_BURST", "realtime.message_burst", _to_int),
     _spec("ws_presence_ttl", "NOTIFYD_WS_PRESENCE_TTL", "realtime.presence_ttl", _to_float),
+    _spec("chat_write_batch", "NOTIFYD_CHAT_WRITE_BATCH", "realtime.chat_write_batch", _to_int),
     _spec("room_max_members", "NOTIFYD_ROOM_MAX_MEMBERS", "realtime.room_max_members", _to_int),
     _spec("ws_history_len", "NOTIFYD_WS_HISTORY_LEN", "realtime.history_len", _to_int),
     _spec("actor_backoff_cap", "NOTIFYD_ACTOR_BACKOFF_CAP", "actors.backoff_cap", _to_float),
@@ -578,6 +583,7 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_REDIS_MAX_CONNECTIONS": settings.redis_max_connections,
         "NOTIFYD_WS_MESSAGE_BURST": settings.ws_message_burst,
         "NOTIFYD_WS_PRESENCE_TTL": settings.ws_presence_ttl,
+        "NOTIFYD_CHAT_WRITE_BATCH": settings.chat_write_batch,
         "NOTIFYD_ROOM_MAX_MEMBERS": settings.room_max_members,
         "NOTIFYD_WS_SEND_QUEUE": settings.ws_send_queue,
         "NOTIFYD_WS_HISTORY_LEN": settings.ws_history_len,

@@ -574,3 +574,41 @@ async def test_every_stored_chat_message_has_its_audit_row(
     assert {r["user_id"] for r in rows} == {ALICE}
     assert {d["via"] for d in details} == {"websocket"}
     assert await db.fetchval("SELECT count(*) FROM messages") == 10
+
+
+async def test_messages_sent_at_once_are_stored_in_batches_of_at_most_the_setting(
+    daemon_factory: DaemonFactory, session: aiohttp.ClientSession, db: asyncpg.Connection
+) -> None:
+    """NOTIFYD_CHAT_WRITE_BATCH bounds how many messages share one statement. The rows of one
+    statement share its transaction's `now()`, so each `sent_at` is one batch."""
+    daemon = await daemon_factory(NOTIFYD_CHAT_WRITE_BATCH="4")
+    senders = [f"sender-{i}" for i in range(12)]
+    room = (await create_room(daemon, ALICE, senders, name="batched"))["name"]
+    async with contextlib.AsyncExitStack() as stack:
+        sockets = [
+            await stack.enter_async_context(connect(session, daemon, room, u)) for u in senders
+        ]
+        for ws in sockets:
+            await next_of_type(ws, "presence")
+        async with db.transaction():
+            # every write waits here, so all twelve are queued when the lock goes
+            await db.execute("LOCK TABLE messages IN EXCLUSIVE MODE")
+            for i, ws in enumerate(sockets):
+                await ws.send_json({"message": f"m{i}"})
+
+            async def queued() -> bool:
+                waiting = await db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                )
+                return bool(waiting >= 2)  # both writers blocked, the rest queued behind them
+
+            await wait_for(queued, timeout=10)
+            await asyncio.sleep(0.2)  # the other frames reach the queue meanwhile
+        for ws in sockets:
+            seen = {(await next_of_type(ws, "message"))["message"] for _ in senders}
+            assert seen == {f"m{i}" for i in range(12)}
+    sizes = [
+        row["n"] for row in await db.fetch("SELECT count(*) AS n FROM messages GROUP BY sent_at")
+    ]
+    assert sum(sizes) == 12
+    assert max(sizes) == 4, sizes  # bounded by the setting, and the bound was reached

@@ -111,7 +111,7 @@ class Draft:
 
 class Chat:
     def __init__(
-        self, pool: asyncpg.Pool, history: History, *, max_batch: int = 64, writers: int = 2
+        self, pool: asyncpg.Pool, history: History, *, max_batch: int = 256, writers: int = 2
     ) -> None:
         self._pool = pool
         self._history = history
