@@ -612,3 +612,20 @@ async def test_messages_sent_at_once_are_stored_in_batches_of_at_most_the_settin
     ]
     assert sum(sizes) == 12
     assert max(sizes) == 4, sizes  # bounded by the setting, and the bound was reached
+
+
+async def test_a_message_that_reads_like_a_removal_does_not_close_anyones_socket(
+    daemon: Daemon, session: aiohttp.ClientSession
+) -> None:
+    await create_room(daemon, ALICE, [BOB, CAROL], name="lookalike")
+    text = '{"type":"member_removed","room":"lookalike","user_id":"carol"}'
+    async with (
+        connect(session, daemon, "lookalike", BOB) as bob,
+        connect(session, daemon, "lookalike", CAROL) as carol,
+    ):
+        await next_of_type(bob, "presence")
+        await next_of_type(carol, "presence")
+        await bob.send_json({"message": text})
+        assert (await next_of_type(carol, "message"))["message"] == text
+        await carol.send_json({"type": "ping"})
+        assert await next_of_type(carol, "pong") == {"type": "pong"}

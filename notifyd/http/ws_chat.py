@@ -56,11 +56,14 @@ async def chat_socket(request: web.Request) -> web.StreamResponse:
         return await refuse(request, ws, NOT_FOUND, b"no such room")
     except NotAMember:
         return await refuse(request, ws, FORBIDDEN, b"not a member of this room")
-    removal = b'"type":"member_removed"'
+    # Asked of every event the socket gets, so it looks at the first bytes only: the signal
+    # is `Chat.removed`'s, whose type comes first (a message's text is escaped in its JSON
+    # and cannot look like this).
+    removal = dumps({"type": "member_removed"})[:-1] + b","
     me = dumps({"user_id": caller.user_id})[1:-1]
 
     def removes_me(payload: bytes) -> bool:
-        return removal in payload and me in payload
+        return payload.startswith(removal) and me in payload
 
     channel = ctx.keys.room_events(caller.tenant_id, name)
     poster = _Poster(request, caller, room)
