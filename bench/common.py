@@ -52,6 +52,8 @@ def require_loopback_url(url: str, what: str) -> None:
     """Refuse any URL whose host is not this machine's loopback (or a Unix socket path)."""
     parts = urlsplit(url)
     host = parts.hostname or ""
+    if parts.scheme == "unix" and parts.path:
+        return  # redis-py's unix:///path/to/redis.sock: a socket file on this machine
     if not host:
         # postgresql:///db?host=/run/postgresql: a Unix socket is as local as it gets
         if parts.scheme.startswith("postgres") and ("host=/" in parts.query or not parts.query):

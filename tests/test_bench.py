@@ -107,8 +107,15 @@ def test_the_harness_refuses_hosts_that_are_not_loopback() -> None:
     """Promise: the harness only ever talks to loopback."""
     require_loopback_url("http://127.0.0.1:8000", "--url")
     require_loopback_url("postgresql://postgres@localhost:5432/db", "--database-url")
+    # Unix sockets are this machine's too (`scripts/localservers.py up --unix`)
+    require_loopback_url("postgresql://postgres@/db?host=/tmp/s&port=5432", "--database-url")
+    require_loopback_url("unix:///tmp/s/redis.sock?db=0", "--redis-url")
     with pytest.raises(BenchError):
         require_loopback_url("http://192.0.2.10:8000", "--url")
+    with pytest.raises(BenchError):
+        require_loopback_url("redis://192.0.2.10:6379/0", "--redis-url")
+    with pytest.raises(BenchError):
+        require_loopback_url("unix://", "--redis-url")
 
 
 def test_every_workload_parses_its_command_line_into_its_options() -> None:
