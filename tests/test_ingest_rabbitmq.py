@@ -373,8 +373,15 @@ async def test_an_instance_started_while_the_broker_is_down_consumes_once_it_is_
     is up it consumes."""
     await asyncio.to_thread(rabbitmq.stop)
     try:
+        # retries every 0.5 s at most: a broker slow to boot (over 10 s on a loaded machine)
+        # must not exhaust the restart budget meant for a crashing actor
         daemon = await start_with_broker(
-            daemon_factory, smtp_sink, rabbitmq, queue, NOTIFYD_ACTOR_BACKOFF_CAP="0.5"
+            daemon_factory,
+            smtp_sink,
+            rabbitmq,
+            queue,
+            NOTIFYD_ACTOR_BACKOFF_CAP="0.5",
+            NOTIFYD_ACTOR_MAX_RESTARTS="1000",
         )
         assert daemon.supervisor is not None
         registry = daemon.metrics.registry
