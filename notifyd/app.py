@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 from contextlib import AsyncExitStack
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -46,6 +47,11 @@ OUTBOX_GRACE = 2.0  # seconds a shutdown waits for batches being dispatched in p
 
 class StartupError(Exception):
     """The daemon cannot start; the message says what to fix."""
+
+
+def _is_unix_socket(url: str) -> bool:
+    """`unix:///path/to/redis.sock`, as redis-py reads it (the scheme in any case)."""
+    return urlsplit(url).scheme.lower() == "unix"
 
 
 class Daemon:
@@ -105,7 +111,7 @@ class Daemon:
                 health_check_interval=30,
                 socket_connect_timeout=5,
                 # TCP keepalive finds a peer that vanished; a Unix socket has no such option
-                **({} if s.effective_redis_url.startswith("unix:") else {"socket_keepalive": True}),
+                **({} if _is_unix_socket(s.effective_redis_url) else {"socket_keepalive": True}),
             )
         )
         self._stack.push_async_callback(redis.aclose)

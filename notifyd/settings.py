@@ -651,13 +651,24 @@ def validate(settings: Settings) -> list[str]:
 
 
 def mask_url(url: str) -> str:
-    """The URL with any password replaced, so it can be printed or logged."""
+    """The URL with any password replaced, so it can be printed or logged: in the user part
+    (`redis://:secret@host`) or as a query parameter (`unix:///run/redis.sock?password=…`,
+    libpq's `?password=`)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)
+        user = parts.username or ""
+        url = urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+    head, question, rest = url.partition("?")
+    if not question:
         return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+    # by hand, not urlunsplit: that would turn `unix:///path` into `unix:/path`
+    query, hash_mark, fragment = rest.partition("#")
+    masked = "&".join(
+        f"{pair.split('=', 1)[0]}=***" if pair.split("=", 1)[0].lower() == "password" else pair
+        for pair in query.split("&")
+    )
+    return f"{head}?{masked}{hash_mark}{fragment}"
 
 
 def describe(settings: Settings) -> list[tuple[str, str, str]]:

@@ -11,12 +11,13 @@ virtualenv exists, and the test suite imports it from ``scripts/``.
 
 CLI::
 
-    python3 scripts/localservers.py up --dir .local [--pg-port N] [--redis-port N]
+    python3 scripts/localservers.py up --dir .local [--pg-port N] [--redis-port N] [--unix]
     python3 scripts/localservers.py status --dir .local
     python3 scripts/localservers.py down --dir .local
 
 ``up`` prints ``export DATABASE_URL=...`` / ``export REDIS_URL=...`` lines on stdout, so
-``eval "$(python3 scripts/localservers.py up --dir .local)"`` configures a shell.
+``eval "$(python3 scripts/localservers.py up --dir .local)"`` configures a shell. With
+``--unix`` the URLs name the servers' Unix sockets instead of 127.0.0.1.
 
 Running as root: PostgreSQL refuses to run as root, so ``initdb``/``pg_ctl`` are run as the
 ``postgres`` OS user through ``runuser``. That user must be able to traverse into
@@ -42,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 __all__ = [
     "LocalServerError",
@@ -468,9 +470,8 @@ class PostgresServer:
         """libpq/asyncpg URL for ``database`` as the trust-authenticated superuser, over TCP
         or (``unix``) the socket in ``pgsock/``."""
         if unix:
-            return (
-                f"postgresql://{PG_SUPERUSER}@/{database}?host={self.socket_dir}&port={self.port}"
-            )
+            host = quote(str(self.socket_dir), safe="/")  # a path with `#`, `+` or `%` in it
+            return f"postgresql://{PG_SUPERUSER}@/{database}?host={host}&port={self.port}"
         return f"postgresql://{PG_SUPERUSER}@127.0.0.1:{self.port}/{database}"
 
     def psql(self, sql: str, database: str = "postgres") -> str:
@@ -631,7 +632,7 @@ class RedisServer:
     def url(self, db: int = 0, *, unix: bool = False) -> str:
         """redis-py URL for logical database ``db``, over TCP or (``unix``) the Unix socket."""
         if unix and self.socket_path is not None:
-            return f"unix://{self.socket_path}?db={db}"
+            return f"unix://{quote(str(self.socket_path), safe='/')}?db={db}"
         return f"redis://127.0.0.1:{self.port}/{db}"
 
     def ping(self, timeout: float = 1.0) -> bool:
@@ -787,6 +788,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
         _log(f"created database {args.database!r}")
     redis.start(daemonize=True)
     _log(f"redis ready on 127.0.0.1:{redis.port} ({redis.base_dir})")
+    if args.unix and (redis.socket_path is None or not redis.socket_path.exists()):
+        # a Redis started before it had a socket (an older stack), or a --dir too long for one
+        raise LocalServerError(
+            f"redis in {redis.base_dir} has no Unix socket; run `down`, then `up --unix` "
+            "(with a shorter --dir if the path is too long)"
+        )
     print(f"export DATABASE_URL={shlex.quote(pg.dsn(args.database, unix=args.unix))}")
     print(f"export REDIS_URL={shlex.quote(redis.url(unix=args.unix))}")
     return 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -15,6 +17,9 @@ from redis.asyncio import Redis
 
 from notifyd.app import Daemon
 from notifyd.keys import Keys
+from notifyd.payloads import dumps
+from notifyd.realtime.chat import REMOVAL_PREFIX, ChatMessage, Room, removal_event
+from notifyd.realtime.history import framed
 from notifyd.realtime.presence import Presence
 from notifyd.realtime.roomname import dm_members, dm_name, is_group_name
 from tests.conftest import DaemonFactory
@@ -289,6 +294,7 @@ async def test_bad_frames_get_an_error_naming_the_field_and_store_nothing(
         cases = [
             ({"message": ""}, "message:"),
             ({"message": "x" * (limit + 1)}, f"at most {limit}"),
+            ({"message": "a\x00b"}, "message: must not contain NUL"),
             ({"message": "hi", "receiver_id": CAROL}, "receiver_id:"),
             ({"message": "hi", "client_id": 7}, "client_id:"),
             ({"type": "read", "up_to": "nope"}, "up_to:"),
@@ -629,3 +635,18 @@ async def test_a_message_that_reads_like_a_removal_does_not_close_anyones_socket
         assert (await next_of_type(carol, "message"))["message"] == text
         await carol.send_json({"type": "ping"})
         assert await next_of_type(carol, "pong") == {"type": "pong"}
+
+
+def test_a_removal_signal_begins_with_the_prefix_sockets_watch_for_and_a_message_does_not() -> None:
+    """Chat sockets look only at an event's first bytes for their removal (`REMOVAL_PREFIX`):
+    the signal as `Chat.removed` publishes it must begin with them, as the hub hands it on
+    (the `<ms>|` stamp stripped), and a message event, whatever its text, must not."""
+    room = Room(TENANT, "panel", uuid.uuid4(), None)
+    published = framed(dumps(removal_event(room, CAROL)))
+    _, _, payload = published.partition(b"|")
+    assert payload.startswith(REMOVAL_PREFIX)
+    lookalike = ChatMessage(
+        uuid.uuid4(), room, BOB, None, payload.decode(), datetime.now(UTC)
+    ).event()
+    assert not dumps(lookalike).startswith(REMOVAL_PREFIX)
+    assert not dumps({"offset": "1-0", **lookalike}).startswith(REMOVAL_PREFIX)

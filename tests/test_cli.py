@@ -47,6 +47,20 @@ def test_check_config_prints_settings_with_secrets_masked() -> None:
     assert "NOTIFYD_PORT" in result.stdout
 
 
+def test_check_config_masks_a_password_given_in_a_socket_urls_query() -> None:
+    """`unix:///run/redis.sock?password=…` (redis-py) and libpq's `?password=` carry it
+    outside the user part of the URL."""
+    env = base_env(
+        "postgresql://notifyd@/notifyd?host=/run/postgresql&password=db-pass-0xA1",
+        "unix:///run/redis/redis.sock?db=0&password=redis-pass-0xC3",
+    )
+    result = run_cli("check-config", env=env, timeout=30)
+    text = output(result)
+    assert result.returncode == 0, text
+    assert "db-pass-0xA1" not in text and "redis-pass-0xC3" not in text
+    assert "unix:///run/redis/redis.sock?db=0&password=***" in result.stdout
+
+
 def test_check_config_names_every_bad_value_and_fails() -> None:
     env = base_env(MASKED_DB_URL, UNUSED_REDIS, NOTIFYD_PORT="abc", EMAIL_PORT="smtp")
     result = run_cli("check-config", env=env, timeout=30)

@@ -7,13 +7,15 @@ fanned out."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import asyncpg
 import orjson
 import pytest
+from redis.asyncio.connection import parse_url
 
 from notifyd.app import Daemon
 from scripts.localservers import PostgresServer, RedisServer
@@ -106,3 +108,18 @@ async def test_rest_sends_and_chat_work_over_unix_sockets(
         assert (heard["sender_id"], heard["message"]) == ("alice", "hello over a socket")
     stored = await db.fetchval("SELECT count(*) FROM messages WHERE sender_id = 'alice'")
     assert stored == 1
+
+
+def test_socket_urls_survive_paths_with_characters_urls_give_meaning_to(tmp_path: Path) -> None:
+    """`up --unix` URLs name the socket exactly, even under a folder with `#`, `+` or `%`."""
+    base = tmp_path / "a#b+c%41"
+    pg = PostgresServer(base, port=5999)
+    redis = RedisServer(base, port=6999)
+    dsn = urlsplit(pg.dsn("notifyd", unix=True))
+    params = parse_qs(dsn.query, strict_parsing=True)  # as asyncpg and libpq read it
+    assert params["host"] == [str(base / "pgsock")]
+    assert params["port"] == ["5999"]
+    assert redis.socket_path is not None
+    kwargs = parse_url(redis.url(db=2, unix=True))
+    assert kwargs["path"] == str(base / "redis.sock")
+    assert kwargs["db"] == 2

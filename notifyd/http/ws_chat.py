@@ -35,7 +35,7 @@ from notifyd.http.websockets import (
 )
 from notifyd.ids import parse_uuid, uuid7
 from notifyd.payloads import dumps
-from notifyd.realtime.chat import Draft, NotAMember, Room, RoomNotFound
+from notifyd.realtime.chat import REMOVAL_PREFIX, Draft, NotAMember, Room, RoomNotFound
 from notifyd.store import audit
 from notifyd.store.audit import AuditEntry
 
@@ -56,14 +56,10 @@ async def chat_socket(request: web.Request) -> web.StreamResponse:
         return await refuse(request, ws, NOT_FOUND, b"no such room")
     except NotAMember:
         return await refuse(request, ws, FORBIDDEN, b"not a member of this room")
-    # Asked of every event the socket gets, so it looks at the first bytes only: the signal
-    # is `Chat.removed`'s, whose type comes first (a message's text is escaped in its JSON
-    # and cannot look like this).
-    removal = dumps({"type": "member_removed"})[:-1] + b","
     me = dumps({"user_id": caller.user_id})[1:-1]
 
     def removes_me(payload: bytes) -> bool:
-        return payload.startswith(removal) and me in payload
+        return payload.startswith(REMOVAL_PREFIX) and me in payload
 
     channel = ctx.keys.room_events(caller.tenant_id, name)
     poster = _Poster(request, caller, room)
@@ -153,6 +149,9 @@ class _Poster:
             return "message: must be a non-empty string"
         if len(content) > self._max_length:
             return f"message: must be at most {self._max_length} characters"
+        if "\x00" in content:
+            # as REST refuses it: PostgreSQL would refuse the whole batch the message is in
+            return "message: must not contain NUL characters"
         if receiver_id is not None and receiver_id != self._peer:
             return (
                 "receiver_id: must be the other member of this 1-on-1 room"

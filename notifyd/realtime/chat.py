@@ -25,6 +25,7 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from notifyd.ids import uuid7
+from notifyd.payloads import dumps
 from notifyd.realtime.history import Feed, History
 from notifyd.realtime.roomname import dm_members, dm_name
 from notifyd.store import messages as message_store
@@ -248,11 +249,18 @@ class Chat:
 
     async def removed(self, room: Room, user_id: str) -> None:
         """Tells the room (and the removed user's open sockets in it, which then close)."""
-        await self._history.signal_room(
-            room.tenant_id,
-            room.name,
-            {"type": "member_removed", "room": room.name, "user_id": user_id},
-        )
+        await self._history.signal_room(room.tenant_id, room.name, removal_event(room, user_id))
+
+
+# How every removal signal's payload begins: a chat socket asks it of every event it gets,
+# so it looks at the first bytes only (a message's text is escaped in its JSON and cannot
+# begin an event like this).
+REMOVAL_PREFIX = dumps({"type": "member_removed"})[:-1] + b","
+
+
+def removal_event(room: Room, user_id: str) -> dict[str, Any]:
+    """The signal that `user_id` left `room` (its type first: see `REMOVAL_PREFIX`)."""
+    return {"type": "member_removed", "room": room.name, "user_id": user_id}
 
 
 def _new_message_event(message: ChatMessage) -> dict[str, Any]:
