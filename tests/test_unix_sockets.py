@@ -8,21 +8,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import asyncpg
-import orjson
 import pytest
 from redis.asyncio.connection import parse_url
 
 from notifyd.app import Daemon
 from scripts.localservers import PostgresServer, RedisServer
 from tests.conftest import DaemonFactory
-from tests.helpers import Api, make_settings, token, wait_for
-
-TENANT, USER = "TEN-0001", "auth0|42"
+from tests.helpers import make_settings, token, wait_for
+from tests.test_chat import connect, create_room, next_of_type
+from tests.test_websockets import TENANT, USER, next_json, send_in_app, url
 
 
 @pytest.fixture
@@ -41,18 +39,6 @@ async def unix_daemon(
     return await daemon_factory(make_settings(socket_database_url, socket_redis_url))
 
 
-async def next_json(ws: aiohttp.ClientWebSocketResponse) -> Any:
-    message = await ws.receive(timeout=10)
-    assert message.type == aiohttp.WSMsgType.TEXT, message
-    return orjson.loads(message.data)
-
-
-async def next_of_type(ws: aiohttp.ClientWebSocketResponse, kind: str) -> Any:
-    while (event := await next_json(ws))["type"] != kind:
-        pass
-    return event
-
-
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as client:
@@ -63,48 +49,31 @@ async def test_rest_sends_and_chat_work_over_unix_sockets(
     unix_daemon: Daemon, session: aiohttp.ClientSession, db: asyncpg.Connection
 ) -> None:
     daemon = unix_daemon
-    feed = f"ws://127.0.0.1:{daemon.port}/ws/notifications/{TENANT}/{USER}/"
     bearer = token(daemon.settings, TENANT, USER)
-    async with session.ws_connect(feed, headers={"Authorization": f"Bearer {bearer}"}) as ws:
+    async with session.ws_connect(url(daemon), headers={"Authorization": f"Bearer {bearer}"}) as ws:
         assert await next_json(ws) == {"type": "unread_count", "count": 0}
-        async with Api(daemon) as api:
-            status, body, _ = await api.post(
-                "/notifications/send/",
-                {"notification_type": "in_app", "recipient": USER, "message": "over a socket"},
-                tenant=TENANT,
-                user="backend",
-                role="service",
-            )
-        assert status == 202, body
+        notification_id = await send_in_app(daemon, "over a socket")
         event = await next_json(ws)
-        assert (event["type"], event["id"]) == ("notification", body["notification_id"])
+        assert (event["type"], event["id"]) == ("notification", notification_id)
 
     async def sent() -> bool:
         value = await db.fetchval(
-            "SELECT status FROM notifications WHERE id = $1::uuid", body["notification_id"]
+            "SELECT status FROM notifications WHERE id = $1::uuid", notification_id
         )
         return bool(value == "sent")
 
     await wait_for(sent, timeout=15)
 
-    async with Api(daemon) as api:
-        status, made, _ = await api.post(
-            "/rooms/", {"members": ["bob"]}, tenant=TENANT, user="alice"
-        )
-    assert status == 201, made
-    room = made["name"]
-    chat = f"ws://127.0.0.1:{daemon.port}/ws/chat/{room}/"
-    alice = {"Authorization": f"Bearer {token(daemon.settings, TENANT, 'alice')}"}
-    bob = {"Authorization": f"Bearer {token(daemon.settings, TENANT, 'bob')}"}
+    room = (await create_room(daemon, "alice", ["bob"]))["name"]
     async with (
-        session.ws_connect(chat, headers=alice) as a,
-        session.ws_connect(chat, headers=bob) as b,
+        connect(session, daemon, room, "alice") as alice,
+        connect(session, daemon, room, "bob") as bob,
     ):
         # a socket is set up (subscribed) once its first frame, `presence`, has arrived
-        await next_of_type(a, "presence")
-        await next_of_type(b, "presence")
-        await a.send_json({"message": "hello over a socket"})
-        heard = await next_of_type(b, "message")
+        await next_of_type(alice, "presence")
+        await next_of_type(bob, "presence")
+        await alice.send_json({"message": "hello over a socket"})
+        heard = await next_of_type(bob, "message")
         assert (heard["sender_id"], heard["message"]) == ("alice", "hello over a socket")
     stored = await db.fetchval("SELECT count(*) FROM messages WHERE sender_id = 'alice'")
     assert stored == 1
