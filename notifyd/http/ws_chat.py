@@ -87,25 +87,12 @@ async def chat_socket(request: web.Request) -> web.StreamResponse:
                             room, caller.user_id, command.get("typing") is not False
                         )
                     elif kind == "read":
-                        await _read_receipt(ws, request, caller, room, command)
+                        await _read_receipt(ws, request, caller, room, command, poster)
                     else:  # ping
                         await ws.send_str('{"type":"pong"}')
         finally:
             await ctx.presence.leave(seat)
     return ws
-
-
-def _audit(
-    request: web.Request, caller: Identity, action: str, details: dict[str, Any]
-) -> AuditEntry:
-    return AuditEntry(
-        tenant_id=caller.tenant_id,
-        user_id=caller.user_id,
-        action=action,
-        ip_address=client_ip(request),
-        request_id=request_id(request) or None,
-        details={"role": caller.role, "via": "websocket", **details},
-    )
 
 
 class _Poster:
@@ -114,7 +101,8 @@ class _Poster:
     What every message of a socket shares is worked out once, when the socket opens: the
     other member of a 1-on-1 room, and the audit row's address (parsed through the trusted
     proxies), request id and fixed details. Per message that leaves the checks, an id and
-    two small objects: in a busy room this path runs for every frame."""
+    two small objects: in a busy room this path runs for every frame. The socket's read
+    receipts take their audit rows from here too."""
 
     __slots__ = (
         "_chat",
@@ -164,6 +152,17 @@ class _Poster:
             return f"client_id: must be a string of at most {CLIENT_ID_MAX} characters"
         return None
 
+    def audit(self, action: str, details: dict[str, Any]) -> AuditEntry:
+        """An audit row for a write this socket's caller made."""
+        return AuditEntry(
+            tenant_id=self._tenant_id,
+            user_id=self._sender_id,
+            action=action,
+            ip_address=self._ip_address,
+            request_id=self._request_id,
+            details={"role": self._role, "via": "websocket", **details},
+        )
+
     async def post(self, ws: web.WebSocketResponse, command: dict[str, Any]) -> None:
         problem = self.problem(command)
         if problem is not None:
@@ -171,25 +170,12 @@ class _Poster:
             return
         message_id = uuid7()
         room = self._room
-        audit_entry = AuditEntry(
-            tenant_id=self._tenant_id,
-            user_id=self._sender_id,
-            action="message.send",
-            ip_address=self._ip_address,
-            request_id=self._request_id,
-            details={
-                "role": self._role,
-                "via": "websocket",
-                "message_id": str(message_id),
-                "receiver_id": self._peer,
-                "room": room.name,
-            },
-        )
+        details = {"message_id": str(message_id), "receiver_id": self._peer, "room": room.name}
         draft = Draft(
             room=room,
             sender_id=self._sender_id,
             content=command["message"],
-            audit=audit_entry,
+            audit=self.audit("message.send", details),
             client_id=command.get("client_id"),
             id=message_id,
             receiver_id=self._peer,
@@ -206,6 +192,7 @@ async def _read_receipt(
     caller: Identity,
     room: Room,
     command: dict[str, Any],
+    poster: _Poster,
 ) -> None:
     ctx = services(request)
     raw = command.get("up_to")
@@ -218,9 +205,7 @@ async def _read_receipt(
         if changed:
             await audit.record(
                 conn,
-                _audit(
-                    request, caller, "message.mark_read", {"room": room.name, "up_to": str(up_to)}
-                ),
+                poster.audit("message.mark_read", {"room": room.name, "up_to": str(up_to)}),
             )
     if changed:
         await ctx.chat.announce_read(room, caller.user_id, up_to)
