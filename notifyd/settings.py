@@ -664,11 +664,12 @@ def mask_url(url: str) -> str:
         return url
     # by hand, not urlunsplit: that would turn `unix:///path` into `unix:/path`
     query, hash_mark, fragment = rest.partition("#")
-    masked = "&".join(
-        f"{pair.split('=', 1)[0]}=***" if pair.split("=", 1)[0].lower() == "password" else pair
-        for pair in query.split("&")
-    )
-    return f"{head}?{masked}{hash_mark}{fragment}"
+    pairs = query.split("&")
+    for i, pair in enumerate(pairs):
+        name = pair.partition("=")[0]
+        if name.lower() == "password":
+            pairs[i] = f"{name}=***"
+    return f"{head}?{'&'.join(pairs)}{hash_mark}{fragment}"
 
 
 def describe(settings: Settings) -> list[tuple[str, str, str]]:
