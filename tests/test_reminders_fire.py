@@ -78,3 +78,53 @@ async def test_a_due_reminder_fires_once_to_candidate_and_employer(
         assert "CET" in listed[0]["message"] or "CEST" in listed[0]["message"]
         # exactly once: nothing more arrives for this reminder
         assert await db.fetchval("SELECT count(*) FROM notifications") == 3
+
+
+async def test_a_reminder_is_written_in_the_tenants_default_locale(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    """A reminder's notifications are rendered when they are dispatched, with the locale
+    fallback a REST send has: the contact's locale, else the tenant's `default_locale`."""
+    daemon = await daemon_factory()
+    now = datetime.now(UTC)
+    async with Api(daemon) as api:
+        for locale, words in (("pt-BR", "Entrevista"), ("en", "Interview")):
+            template = {
+                "locale": locale,
+                "subject": words,
+                "text_body": words + " {{ interview_time }}",
+            }
+            status, _, _ = await api.request(
+                "PUT", "/templates/interview_reminder/in_app/", json=template, role="admin"
+            )
+            assert status == 200
+        status, _, _ = await api.request(
+            "PUT", "/tenants/current/settings/", json={"default_locale": "pt-BR"}, role="admin"
+        )
+        assert status == 200
+        status, body, _ = await api.post(
+            "/reminders/create/",
+            {
+                "application_id": "app-pt",
+                "candidate_id": "cand-pt",
+                "employer_id": "emp-pt",
+                "interview_time": rfc3339(now + timedelta(days=1)),
+                "reminder_time": rfc3339(now + timedelta(seconds=1)),
+                "employer_contact": {"locale": "en"},
+            },
+            role="service",
+        )
+        assert status == 201, body
+
+        async def both_sent() -> bool:
+            sent = await db.fetchval(
+                "SELECT count(*) FROM notifications WHERE status = 'sent' AND channel = 'in_app'"
+            )
+            return bool(sent == 2)
+
+        await wait_for(both_sent, timeout=15)
+        _, candidate, _ = await api.get("/notifications/", user="cand-pt")
+        _, employer, _ = await api.get("/notifications/", user="emp-pt")
+    # no contact locale: the tenant's default; the employer's contact names its own
+    assert (candidate[0]["subject"], candidate[0]["message"][:11]) == ("Entrevista", "Entrevista ")
+    assert (employer[0]["subject"], employer[0]["message"][:10]) == ("Interview", "Interview ")

@@ -16,11 +16,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from notifyd.compose import compose
+from notifyd.compose import Composer, compose
 from notifyd.providers import render as render_module
 from notifyd.providers.builtin_templates import builtin, builtin_keys
 from notifyd.providers.render import Rendered, TemplateError, TemplateSource, render
 from notifyd.store import templates as store
+from notifyd.store import tenants
 from tests.helpers import Api
 
 TENANT = "TEN-0001"
@@ -221,6 +222,84 @@ async def test_compose_without_a_key_uses_subject_and_message(db: asyncpg.Connec
     assert out == Rendered(subject="Interview Scheduled", text="Tomorrow at 10.", html=None)
 
 
+class CountingExecutor:
+    """The real connection, counting the template and tenant-settings reads that reach it."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.template_reads = 0
+        self.tenant_reads = 0
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        self.template_reads += query == store.CANDIDATES
+        return await self.conn.fetch(query, *args)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        self.tenant_reads += 1
+        return await self.conn.fetchval(query, *args)
+
+
+async def test_a_composer_resolves_each_template_once_and_renders_each_context(
+    db: asyncpg.Connection,
+) -> None:
+    await put_row(db, "k", "")
+    await store.upsert(
+        db, store.NewTemplate(TENANT, "k", "email", "pt-BR", "S", "Olá {{ name }}", None)
+    )
+    await store.upsert(
+        db, store.NewTemplate(OTHER, "k", "email", "", "S", "Other {{ name }}", None)
+    )
+    counting = CountingExecutor(db)
+    composer = Composer(counting, "en")  # type: ignore[arg-type]
+    texts = []
+    for index, (tenant, locale) in enumerate(
+        [(TENANT, None)] * 20 + [(TENANT, "pt-BR")] * 10 + [(OTHER, None)] * 5
+    ):
+        out = await composer.compose(
+            tenant_id=tenant,
+            channel="email",
+            template_key="k",
+            context={"name": index},
+            subject=None,
+            message=None,
+            locale=locale,
+        )
+        texts.append(out.text)
+    assert texts[:2] == ["T ", "T "] and texts[20:22] == ["Olá 20", "Olá 21"]
+    assert texts[30:] == [f"Other {i}" for i in range(30, 35)]
+    # three distinct (tenant, locale) pairs: three template reads, one settings read per tenant
+    assert (counting.template_reads, counting.tenant_reads) == (3, 2)
+    with pytest.raises(TemplateError):
+        await composer.compose(
+            tenant_id=TENANT,
+            channel="sms",
+            template_key="k",
+            context={},
+            subject=None,
+            message=None,
+            locale=None,
+        )
+
+
+async def test_a_composer_falls_back_to_the_tenants_default_locale(
+    db: asyncpg.Connection,
+) -> None:
+    await put_row(db, "k", "")
+    await put_row(db, "k", "pt-BR")
+    await put_row(db, "k", "pt-BR", tenant=OTHER)
+    await put_row(db, "k", "", tenant=OTHER)
+    # as notifyd's pool does: JSON documents in and out as Python values
+    await db.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    async with db.transaction():
+        await tenants.update(db, TENANT, None, default_locale="pt-BR")
+    composer = Composer(db, "en")
+    args: dict[str, Any] = {"channel": "email", "template_key": "k", "context": {}}
+    args |= {"subject": None, "message": None, "locale": "fr"}
+    assert (await composer.compose(tenant_id=TENANT, **args)).text == "T pt-BR"
+    # the other tenant set no default: the daemon's (en), then its '' template
+    assert (await composer.compose(tenant_id=OTHER, **args)).text == "T "
+
+
 async def test_compose_renders_the_seed_context_and_refuses_unknown_keys(
     db: asyncpg.Connection,
 ) -> None:
@@ -412,6 +491,17 @@ async def test_preview_renders_stored_builtin_and_inline_templates(api: Api) -> 
     )
     assert status == 200, body
     assert body == {"subject": "S 1", "text": "T 2", "html": None}
+
+
+async def test_preview_uses_the_tenants_default_locale_as_a_send_would(api: Api) -> None:
+    await put(api, "/templates/interviewScheduling/email/", TEMPLATE)  # pt-BR only
+    body = {"template_key": "interviewScheduling", "channel": "email", "context": SEED_CONTEXT}
+    status, problem, _ = await api.post("/templates/preview/", body, role="admin")
+    assert status == 422, problem  # no en template and no built-in for this key
+    status, _ = await put(api, "/tenants/current/settings/", {"default_locale": "pt-BR"})
+    assert status == 200
+    status, shown, _ = await api.post("/templates/preview/", body, role="admin")
+    assert (status, shown["text"]) == (200, "Olá John Doe")
 
 
 BAD_PREVIEWS = [

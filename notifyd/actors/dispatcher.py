@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from notifyd.actors.direct_inapp import DirectInApp, Ready
 from notifyd.alerts import Alerts
-from notifyd.compose import compose
+from notifyd.compose import Composer
 from notifyd.keys import DISPATCH_GROUP, Keys
 from notifyd.metrics import Metrics
 from notifyd.payloads import DeliveryRef, NotificationIntent, PayloadError
@@ -143,8 +143,9 @@ class Dispatcher:
         the in-app rows here and mark the others dispatched (one UPDATE); returns the rows
         now dispatched, for their channels' streams."""
         ready: list[Ready] = []
+        composer = Composer(self._pool, self._settings.default_locale)
         for row in rows:
-            content = await self._content(row)
+            content = await self._content(composer, row)
             if content is None:
                 continue  # the template failed: the row is `failed`, with the reason
             if row["user_id"] is not None:
@@ -174,15 +175,16 @@ class Dispatcher:
         )
         return [r.row for r in ready if r.row["id"] in changed]
 
-    async def _content(self, row: asyncpg.Record) -> tuple[str | None, str, str | None] | None:
+    async def _content(
+        self, composer: Composer, row: asyncpg.Record
+    ) -> tuple[str | None, str, str | None] | None:
         """Subject, text and HTML: as stored when rendered at acceptance (every REST send),
         else rendered now (reminders, ingested events). None when the template fails: the
         row is then marked failed."""
         if row["body"] is not None:
             return row["subject"], row["body"], row["html_body"]
         try:
-            rendered = await compose(
-                self._pool,
+            rendered = await composer.compose(
                 tenant_id=row["tenant_id"],
                 channel=row["channel"],
                 template_key=row["template_key"],
@@ -190,7 +192,6 @@ class Dispatcher:
                 subject=row["subject"],
                 message=row["body"],
                 locale=row["locale"],
-                default_locale=self._settings.default_locale,
             )
         except TemplateError as exc:
             await deliveries.fail_queued(self._pool, row["tenant_id"], row["id"], exc.reason)

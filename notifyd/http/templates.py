@@ -16,7 +16,7 @@ from aiohttp import web
 
 from notifyd import tags
 from notifyd.auth.identity import Identity
-from notifyd.compose import compose
+from notifyd.compose import Composer
 from notifyd.http.context import audit_entry, identity, services
 from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found
 from notifyd.http.responses import iso, json_response
@@ -256,8 +256,8 @@ async def preview_template(request: web.Request) -> web.Response:
         assert template_key is not None
         assert channel is not None
         try:
-            rendered = await compose(
-                ctx.pool,
+            # with the tenant's default locale, as a send would be rendered
+            rendered = await Composer(ctx.pool, ctx.settings.default_locale).compose(
                 tenant_id=caller.tenant_id,
                 channel=channel,
                 template_key=template_key,
@@ -265,7 +265,6 @@ async def preview_template(request: web.Request) -> web.Response:
                 subject=None,
                 message=None,
                 locale=locale or None,
-                default_locale=ctx.settings.default_locale,
             )
         except TemplateError as error:
             raise _template_problem(error) from None
