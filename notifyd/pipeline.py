@@ -182,7 +182,7 @@ def build_pipeline(
             producer=producer,
             consumer_name=name,
         ),
-        Timer(schedule),
+        Timer(schedule, lookahead=settings.reminder_lookahead),
         Sweeper(
             pool=pool,
             redis=redis,

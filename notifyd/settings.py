@@ -25,6 +25,8 @@ from dotenv import dotenv_values
 ROLES = ("user", "service", "admin")
 CHANNELS = ("email", "sms", "in_app")
 DEFAULT_ID_PATTERN = r"[A-Za-z0-9._~:@|+=-]+"
+# a reminder read this far early waits in the firer, holding its stream entry unacknowledged
+MAX_REMINDER_LOOKAHEAD = 5.0
 DEFAULT_SEND_POLICY = "user=in_app;service=email,sms,in_app;admin=email,sms,in_app"
 
 
@@ -106,6 +108,8 @@ class Settings:
     stream_block: float = 1.0
     stream_max_len: int = 1_000_000
     reminder_late_after: float = 60.0
+    # reminders reach the firer this far ahead of their time, to be read and planned by then
+    reminder_lookahead: float = 0.3
     requeue_after: float = 30.0
     email_concurrency: int = 32
     sms_concurrency: int = 8
@@ -351,6 +355,12 @@ SPECS: tuple[_Spec, ...] = (
         "reminder_late_after",
         "NOTIFYD_REMINDER_LATE_AFTER",
         "delivery.reminder_late_after",
+        _to_float,
+    ),
+    _spec(
+        "reminder_lookahead",
+        "NOTIFYD_REMINDER_LOOKAHEAD",
+        "delivery.reminder_lookahead",
         _to_float,
     ),
     _spec("stream_max_len", "NOTIFYD_STREAM_MAX_LEN", "delivery.stream_max_len", _to_int),
@@ -611,6 +621,11 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_EVENT_DEDUPE_TTL": settings.event_dedupe_ttl,
     }
     problems += [f"{name}: must be greater than 0" for name, v in positive.items() if v <= 0]
+    if not 0 <= settings.reminder_lookahead <= MAX_REMINDER_LOOKAHEAD:
+        problems.append(
+            f"NOTIFYD_REMINDER_LOOKAHEAD: must be between 0 and {MAX_REMINDER_LOOKAHEAD:g} "
+            "seconds (a reminder read early waits that long in the firer)"
+        )
     if settings.send_timeout >= settings.shutdown_timeout:
         problems.append(
             "NOTIFYD_SEND_TIMEOUT: must be shorter than NOTIFYD_SHUTDOWN_TIMEOUT, so a send in "

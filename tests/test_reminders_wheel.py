@@ -315,6 +315,69 @@ async def test_stale_stream_entry_never_fires_a_reminder_moved_slightly_later_be
 
 
 # ---------------------------------------------------------------------------------------------
+# read ahead (NOTIFYD_REMINDER_LOOKAHEAD)
+
+AHEAD = {**FAST, "NOTIFYD_REMINDER_LOOKAHEAD": "2"}
+
+
+async def read_by_firer(redis: Redis, count: int) -> bool:
+    """`count` reminder entries read by the firer and not yet acknowledged: waiting for their
+    time."""
+    groups = await redis.xinfo_groups(KEYS.reminders)
+    group = next(g for g in groups if g["name"] == FIRE_GROUP.encode())
+    return bool(group["pending"] == count)
+
+
+async def test_a_reminder_read_ahead_of_its_time_fires_at_its_time_not_when_read(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection, wheel: Schedule, redis: Redis
+) -> None:
+    daemon = await daemon_factory(**AHEAD)
+    due = soon(3)
+    async with Api(daemon) as api:
+        reminder_id = await create(api, due)
+    await wait_for(lambda: read_by_firer(redis, 1), timeout=5, interval=0.01)
+    assert str(reminder_id) not in await wheel_scores(wheel)
+    assert datetime.now(UTC) < due - timedelta(seconds=1), "it left the wheel ahead of time"
+    assert (await row(db, reminder_id))["status"] == "scheduled"
+
+    fired = await wait_status(db, reminder_id, "fired")
+    assert fired["fired_at"] >= fired["reminder_time"], "fired before its time"
+    assert fired["lateness_ms"] < 1000 and fired["late"] is False
+    assert len(fired["notification_ids"]) == 2
+    await wait_for(lambda: read_by_firer(redis, 0), timeout=5)  # acknowledged once fired
+
+
+async def test_a_reminder_read_ahead_then_moved_later_or_cancelled_does_not_fire_then(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection, wheel: Schedule, redis: Redis
+) -> None:
+    """The firer read and planned both while they waited for their time; the PATCH and the
+    DELETE land in between, and its statement's guard refuses the old plan."""
+    daemon = await daemon_factory(**AHEAD)
+    due = soon(3)
+    async with Api(daemon) as api:
+        moved = await create(api, due, application_id="app-moved")
+        cancelled = await create(api, due, application_id="app-cancelled")
+        await wait_for(lambda: read_by_firer(redis, 2), timeout=5, interval=0.01)
+        new_due = soon(3600)
+        status, answer = await patch(api, moved, reminder_time=rfc3339(new_due))
+        assert status == 200, answer
+        status, _, _ = await api.request(
+            "DELETE", f"/reminders/{cancelled}/", user=SERVICE, role="service"
+        )
+        assert status == 204
+        assert datetime.now(UTC) < due, "the changes must land before the due time"
+
+    await sleep_until(due + timedelta(seconds=1.5))
+    await wait_for(lambda: read_by_firer(redis, 0), timeout=5)
+    assert (await row(db, moved))["status"] == "scheduled"
+    assert (await row(db, cancelled))["status"] == "cancelled"
+    assert await count(db, "SELECT count(*) FROM notifications") == 0
+    assert fired_counter(daemon) == 0
+    scores = await wheel_scores(wheel)
+    assert scores == {str(moved): pytest.approx(new_due.timestamp() * 1000, abs=1)}
+
+
+# ---------------------------------------------------------------------------------------------
 # several instances
 
 

@@ -425,3 +425,12 @@ def test_trusted_proxies_are_addresses_and_networks() -> None:
     assert load().trusted_proxies == ()  # trust no one's X-Forwarded-For by default
     problems = problems_of({"JWT_SECRET": SECRET, "NOTIFYD_TRUSTED_PROXIES": "127.0.0.1,nginx"})
     assert problems == ["NOTIFYD_TRUSTED_PROXIES: not an IP address or network: 'nginx'"]
+
+
+def test_the_reminder_lookahead_is_bounded_and_zero_turns_it_off() -> None:
+    assert load().reminder_lookahead == 0.3
+    assert load({"NOTIFYD_REMINDER_LOOKAHEAD": "0"}).reminder_lookahead == 0.0
+    assert load({"NOTIFYD_REMINDER_LOOKAHEAD": "5"}).reminder_lookahead == 5.0
+    for bad in ("-0.1", "5.5"):
+        found = problems_of({"JWT_SECRET": SECRET, "NOTIFYD_REMINDER_LOOKAHEAD": bad})
+        assert [p for p in found if p.startswith("NOTIFYD_REMINDER_LOOKAHEAD")], found

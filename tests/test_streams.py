@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
+from notifyd.actors.timer import Timer
 from notifyd.streams.consumer import (
     Defer,
     Entry,
@@ -24,6 +26,7 @@ from notifyd.streams.trim import Trimmer
 from tests.helpers import wait_for
 
 STREAM, GROUP, DEAD = "t:work", "g", "t:dead"
+TEN_MS = timedelta(milliseconds=10)
 
 
 def consumer(redis: Redis, handle: object, **kw: object) -> StreamConsumer:
@@ -183,6 +186,39 @@ async def test_the_wheel_moves_each_due_entry_once_even_with_racing_movers(redis
     entries = await redis.xrange(STREAM)
     assert sorted(int(f[b"n"]) for _, f in entries) == list(range(300))
     assert [item.fields["n"] for item, _ in await schedule.pending()] == ["later"]
+
+
+async def test_the_timer_moves_entries_ahead_in_chunks_never_more_than_its_lookahead(
+    redis: Redis,
+) -> None:
+    """With a lookahead the timer moves what falls due within it, then waits half of it: each
+    entry reaches its stream between half the lookahead and the whole of it early."""
+    lookahead = 0.4
+    schedule = Schedule(redis, "t:timer")
+    start = datetime.now(UTC) + timedelta(seconds=0.6)
+    for n in range(120):  # one every 10 ms for 1.2 s
+        await schedule.add(Scheduled(STREAM, {"n": str(n)}, key="k"), start + n * TEN_MS)
+    stop = asyncio.Event()
+    timer = asyncio.create_task(Timer(schedule, lookahead=lookahead).run(stop))
+    try:
+        await wait_for(lambda: _length_is(redis, 120), timeout=10, interval=0.01)
+    finally:
+        stop.set()
+        await timer
+    leads = sorted(
+        float(fields[b"due_ms"]) - int(entry_id.split(b"-")[0])
+        for entry_id, fields in await redis.xrange(STREAM)
+    )
+    assert leads[-1] <= lookahead * 1000 + 1  # never more than the lookahead early
+    assert leads[0] > 0  # every one early: read and planned by its time
+    assert leads[len(leads) // 2] >= lookahead * 1000 / 2 - 50  # in chunks: most half of it
+    moved_at = sorted(int(entry_id.split(b"-")[0]) for entry_id, _ in await redis.xrange(STREAM))
+    moves = 1 + sum(1 for a, b in itertools.pairwise(moved_at) if b - a > 20)
+    assert moves <= 12  # about one move per 0.2 s over 1.2 s, not one per entry
+
+
+async def _length_is(redis: Redis, length: int) -> bool:
+    return bool(await redis.xlen(STREAM) == length)
 
 
 async def test_the_wheel_keeps_an_existing_due_time_when_asked(redis: Redis) -> None:

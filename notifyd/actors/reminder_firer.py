@@ -7,11 +7,18 @@ statement also inserts the notifications, records their ids and the audit row, s
 is never `fired` without them, nor are they made twice; two round trips in all (read, fire).
 A reminder moved later after its old entry left the wheel is simply not due: the entry is
 dropped and the new wheel entry fires it at the new time.
+
+The timer moves reminders up to NOTIFYD_REMINDER_LOOKAHEAD early (`actors.timer`), so a batch
+is read and planned ahead of its time and fired in waves, each reminder once its own time
+has come, by the wall clock: what is left of lateness is the wake-up and the statement.
+A reminder changed between the read and its wave fails the statement's guard and is read
+again (`_fire_one`), as it would have been without the lookahead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -32,8 +39,11 @@ from notifyd.streams.producer import Producer
 log = logging.getLogger("notifyd.actors.reminders")
 
 FIRE_TRIES = 3
-FIRE_BATCH = 100  # reminders fired by one statement
-FIRE_BATCHES_IN_FLIGHT = 2  # one firing while the next batch is read and planned
+FIRE_BATCH = 100  # reminders read per stream read, and fired by one statement at most
+# Batches waiting for their time hold their slot (their entries are acknowledged once
+# fired), so there must be enough for a lookahead's worth of reminders plus the one being
+# read: 16 batches of 100 cover 0.3 s at 5,000 reminders/s.
+FIRE_BATCHES_IN_FLIGHT = 16
 
 
 def _parse(entry: Entry) -> tuple[str, uuid.UUID, datetime]:
@@ -53,6 +63,13 @@ def _parse(entry: Entry) -> tuple[str, uuid.UUID, datetime]:
     except (KeyError, UnicodeDecodeError, ValueError):
         raise Poison("malformed reminder entry") from None
     return tenant_id, reminder_id, due
+
+
+async def _until(when: datetime) -> None:
+    """Sleeps until `when` by the wall clock (the clock `reminder_time` is written in)."""
+    wait = (when - datetime.now(UTC)).total_seconds()
+    if wait > 0:
+        await asyncio.sleep(wait)
 
 
 def _planned(reminder: asyncpg.Record) -> list[reminders.ReminderNotification]:
@@ -123,6 +140,7 @@ class ReminderFirer:
             ):
                 return  # cancelled, already fired, or moved later: a stale entry
             planned = _planned(reminder)
+            await _until(reminder["reminder_time"])
             row = await reminders.fire(
                 self._pool,
                 reminder,
@@ -142,9 +160,9 @@ class ReminderFirer:
         await self._after_fire([(row, planned if row["status"] == "fired" else [])])
 
     async def handle_batch(self, entries: list[Entry]) -> None:
-        """Everything one read returned, fired in one statement (two round trips for the
-        batch); a reminder that changed between the read and the fire goes through `handle`
-        on its own."""
+        """Everything one read returned: one query reads the rows, then each wave of those
+        whose time has come is fired in one statement; a reminder that changed between the
+        read and its wave goes through `_fire_one` on its own."""
         wanted: dict[tuple[str, uuid.UUID], datetime] = {}
         for entry in entries:
             try:
@@ -163,6 +181,18 @@ class ReminderFirer:
         ]
         if not batch:
             return  # all stale: cancelled, fired, or moved later
+        batch.sort(key=lambda item: item[0].row["reminder_time"])
+        while batch:
+            await _until(batch[0][0].row["reminder_time"])
+            now = datetime.now(UTC)
+            ready = bisect.bisect_right(batch, now, key=lambda item: item[0].row["reminder_time"])
+            await self._fire_wave(batch[:ready])
+            del batch[:ready]
+
+    async def _fire_wave(
+        self, batch: list[tuple[reminders.DueReminder, list[reminders.ReminderNotification]]]
+    ) -> None:
+        """Reminders whose time has come, fired in one statement."""
         fired = await reminders.fire_many(
             self._pool,
             batch,
