@@ -361,7 +361,7 @@ async def announce(
 
 
 # (tenant, id) of rows just committed → dispatched by this process (raises when it could not)
-DispatchNow = Callable[[Sequence[deliveries.DispatchRow]], Awaitable[None]]
+DispatchNow = Callable[[Sequence[tuple[str, uuid.UUID]]], Awaitable[None]]
 
 
 class Outbox:
@@ -376,8 +376,6 @@ class Outbox:
     After the commit, the batch goes to this process's dispatcher (`dispatch_now`) instead of
     the intents stream, in the background: the stream hop (XADD, then XREADGROUP, XACK and
     the dispatcher's bookkeeping) was about a tenth of the daemon's CPU per request. The
-    insert itself returns what the dispatcher would read back (each row's `created_at` and
-    its user's preferences), so the dispatch starts from the rows as stored. The
     promise is unchanged, because the row is what is durable, not the intent: if this
     process dies before the rows are dispatched they stay `queued`, and any instance's
     sweeper re-enqueues them after `NOTIFYD_REQUEUE_AFTER`. At most `max_in_process`
@@ -419,7 +417,7 @@ class Outbox:
     ) -> list[bool | BaseException]:
         rows = [row for row, _ in items]
         async with self._pool.acquire() as conn:
-            stored = await store.insert_many_audited(conn, rows, [entry for _, entry in items])
+            await store.insert_many_audited(conn, rows, [entry for _, entry in items])
         if self._dispatch_now is not None:
             if self._closed:
                 self._metrics.dispatch_fallbacks.labels("closing").inc(len(rows))
@@ -427,20 +425,17 @@ class Outbox:
                 self._metrics.dispatch_fallbacks.labels("busy").inc(len(rows))
             else:
                 count_accepted(self._metrics, rows)
-                queued = [store.queued_for_dispatch(row, stored[row.id]) for row in rows]
-                task = asyncio.create_task(self._dispatch(rows, queued), name="dispatch-in-process")
+                task = asyncio.create_task(self._dispatch(rows), name="dispatch-in-process")
                 self._in_process.add(task)
                 task.add_done_callback(self._in_process.discard)
                 return [True] * len(rows)
         enqueued = await announce(self._producer, self._keys, rows, self._metrics)
         return [enqueued] * len(rows)
 
-    async def _dispatch(
-        self, rows: list[store.NewNotification], queued: list[dict[str, Any]]
-    ) -> None:
+    async def _dispatch(self, rows: list[store.NewNotification]) -> None:
         assert self._dispatch_now is not None
         try:
-            await self._dispatch_now(queued)
+            await self._dispatch_now([(row.tenant_id, row.id) for row in rows])
         except Exception as exc:
             log.warning(
                 "in-process dispatch failed; the intents go on the stream",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 import asyncpg
 import pytest
@@ -19,7 +18,6 @@ from notifyd.metrics import Metrics
 from notifyd.payloads import NotificationIntent
 from notifyd.settings import Settings
 from notifyd.store.audit import AuditEntry
-from notifyd.store.deliveries import DispatchRow, load_many_for_dispatch
 from notifyd.store.notifications import NewNotification
 from notifyd.store.pool import close_pool, create_pool
 from notifyd.streams.producer import Producer
@@ -112,7 +110,7 @@ async def test_a_failed_dispatch_puts_the_intents_on_the_stream(
     """The rows are committed either way; a dispatch that raises (PostgreSQL or Redis gone
     mid-way) hands them to the stream, where any instance's dispatcher takes them."""
 
-    async def failing(rows: Sequence[object]) -> None:
+    async def failing(ids: Sequence[object]) -> None:
         raise ConnectionError("the dispatcher's connection broke")
 
     metrics = Metrics()
@@ -131,11 +129,11 @@ async def test_past_its_bound_the_outbox_uses_the_stream_and_close_waits_for_the
     pool: asyncpg.Pool, redis: Redis
 ) -> None:
     release = asyncio.Event()
-    dispatched: list[DispatchRow] = []
+    dispatched: list[object] = []
 
-    async def slow(rows: Sequence[DispatchRow]) -> None:
+    async def slow(ids: Sequence[object]) -> None:
         await release.wait()
-        dispatched.extend(rows)
+        dispatched.extend(ids)
 
     metrics = Metrics()
     outbox = Outbox(pool, Producer(redis, 1000), KEYS, metrics, dispatch_now=slow, max_in_process=1)
@@ -151,13 +149,13 @@ async def test_past_its_bound_the_outbox_uses_the_stream_and_close_waits_for_the
     assert not closing.done()  # waits for the dispatch in flight
     release.set()
     await asyncio.wait_for(closing, timeout=5)
-    assert [(r["tenant_id"], r["id"]) for r in dispatched] == [(TENANT, first[0].id)]
+    assert dispatched == [(TENANT, first[0].id)]
 
 
 async def test_a_close_cut_short_leaves_the_rows_for_the_sweeper(
     pool: asyncpg.Pool, redis: Redis
 ) -> None:
-    async def stuck(rows: Sequence[object]) -> None:
+    async def stuck(ids: Sequence[object]) -> None:
         await asyncio.Event().wait()
 
     outbox = Outbox(pool, Producer(redis, 1000), KEYS, Metrics(), dispatch_now=stuck)
@@ -176,8 +174,8 @@ async def test_after_close_a_late_commit_goes_to_the_stream(
     closed: its intents go on the stream, not to a dispatch nobody would wait for."""
     dispatched: list[object] = []
 
-    async def record(rows: Sequence[object]) -> None:
-        dispatched.extend(rows)
+    async def record(ids: Sequence[object]) -> None:
+        dispatched.extend(ids)
 
     metrics = Metrics()
     outbox = Outbox(pool, Producer(redis, 1000), KEYS, metrics, dispatch_now=record)
@@ -187,33 +185,3 @@ async def test_after_close_a_late_commit_goes_to_the_stream(
     assert dispatched == []
     assert await enqueued(redis) == [str(row.id)]
     assert fallbacks(metrics, "closing") == 1
-
-
-async def test_the_rows_handed_on_are_the_rows_as_a_read_back_would_give_them(
-    pool: asyncpg.Pool, redis: Redis
-) -> None:
-    """The insert returns each row's `created_at` and its user's preferences, so the dispatch
-    needs no second query: what it is handed equals what reading the rows back gives."""
-    await pool.execute(
-        "INSERT INTO preferences (tenant_id, user_id, channels, categories) VALUES "
-        """($1, 'user-1', '{"in_app": false}', '{"news": false}')""",
-        TENANT,
-    )
-    handed: list[Any] = []
-
-    async def record(rows: Sequence[DispatchRow]) -> None:
-        handed.extend(rows)
-
-    outbox = Outbox(pool, Producer(redis, 1000), KEYS, Metrics(), dispatch_now=record)
-    items = [order(n) for n in range(4)]
-    items[2][0].template_key, items[2][0].context = "interview_reminder", {"interview_time": "9"}
-    items[3][0].category, items[3][0].critical = "news", True
-    await asyncio.gather(*(outbox.put(row, entry) for row, entry in items))
-    await outbox.close(5.0)
-    stored = await load_many_for_dispatch(pool, [(row.tenant_id, row.id) for row, _ in items])
-    assert len(handed) == len(stored) == 4
-    by_id = {row["id"]: dict(row.items()) for row in stored}
-    for row in handed:
-        assert row == by_id[row["id"]]
-    assert by_id[items[1][0].id]["preferred_channels"] == {"in_app": False}
-    assert by_id[items[0][0].id]["preferred_channels"] is None  # no preferences stored

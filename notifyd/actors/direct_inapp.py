@@ -39,7 +39,7 @@ class Ready:
     """A queued row the dispatcher cleared for delivery, with its final content (rendered
     now when acceptance did not)."""
 
-    row: deliveries.DispatchRow
+    row: asyncpg.Record
     subject: str | None
     body: str
     html: str | None

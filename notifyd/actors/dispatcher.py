@@ -100,8 +100,8 @@ class Dispatcher:
             self._pool, [(tenant, nid) for _, tenant, nid in wanted]
         )
         found = {(r["tenant_id"], r["id"]): r for r in rows}
-        queued: dict[uuid.UUID, deliveries.DispatchRow] = {}
-        ready: dict[uuid.UUID, deliveries.DispatchRow] = {}
+        queued: dict[uuid.UUID, asyncpg.Record] = {}
+        ready: dict[uuid.UUID, asyncpg.Record] = {}
         for entry, tenant, nid in wanted:
             row = found.get((tenant, nid))
             if row is None:
@@ -114,22 +114,19 @@ class Dispatcher:
                 ready[nid] = row  # enqueued before, maybe lost since: again (at least once)
         await self._dispatch(list(queued.values()), list(ready.values()))
 
-    async def dispatch_now(self, rows: Sequence[deliveries.DispatchRow]) -> None:
-        """Dispatches rows this process has just committed, as it stored them
-        (`notifications.queued_for_dispatch`), without the intents stream (see
-        `accept.Outbox`): the same decisions as `handle_batch` without the XADD, the
-        XREADGROUP, the XACK and reading the rows back. Raises when that could not be done;
-        the caller then puts the intents on the stream. A peer that dispatched one of them
-        first (its sweeper) wins the guarded UPDATE, as with a replayed intent."""
-        await self._dispatch(list(rows), [])
+    async def dispatch_now(self, ids: Sequence[tuple[str, uuid.UUID]]) -> None:
+        """Dispatches rows this process has just committed, (tenant, id) each, without the
+        intents stream (see `accept.Outbox`): the same decisions as `handle_batch` without
+        the XADD, the XREADGROUP and the XACK. Raises when that could not be done; the
+        caller then puts the intents on the stream."""
+        rows = await deliveries.load_many_for_dispatch(self._pool, list(ids))
+        await self._dispatch([row for row in rows if row["status"] == "queued"], [])
 
-    async def _dispatch(
-        self, queued: Sequence[deliveries.DispatchRow], ready: Sequence[deliveries.DispatchRow]
-    ) -> None:
+    async def _dispatch(self, queued: list[asyncpg.Record], ready: list[asyncpg.Record]) -> None:
         """Routes the `queued` rows, then puts them and the `ready` ones (dispatched before)
         on their channels' delivery streams in one round trip."""
         if queued:
-            ready = [*ready, *await self._route_many(queued)]
+            ready = ready + await self._route_many(queued)
         if ready:
             await self._producer.add_many(
                 [
@@ -141,9 +138,7 @@ class Dispatcher:
                 ]
             )
 
-    async def _route_many(
-        self, rows: Sequence[deliveries.DispatchRow]
-    ) -> list[deliveries.DispatchRow]:
+    async def _route_many(self, rows: list[asyncpg.Record]) -> list[asyncpg.Record]:
         """Render what was not rendered at acceptance, apply each user's preferences, deliver
         the in-app rows here and mark the others dispatched (one UPDATE); returns the rows
         now dispatched, for their channels' streams."""
@@ -181,7 +176,7 @@ class Dispatcher:
         return [r.row for r in ready if r.row["id"] in changed]
 
     async def _content(
-        self, composer: Composer, row: deliveries.DispatchRow
+        self, composer: Composer, row: asyncpg.Record
     ) -> tuple[str | None, str, str | None] | None:
         """Subject, text and HTML: as stored when rendered at acceptance (every REST send),
         else rendered now (reminders, ingested events). None when the template fails: the

@@ -44,7 +44,7 @@ BATCHES_IN_FLIGHT = 2
 
 
 def delivery_of(
-    row: deliveries.DispatchRow, *, subject: str | None, body: str, html: str | None, attempt: int
+    row: asyncpg.Record, *, subject: str | None, body: str, html: str | None, attempt: int
 ) -> Delivery:
     """A notification row as a provider sees it, with the content and attempt to send."""
     return Delivery(

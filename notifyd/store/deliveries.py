@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
 
 import asyncpg
 
@@ -314,14 +313,6 @@ Key = tuple[str, uuid.UUID]  # (tenant_id, notification id)
 
 def _columns(keys: Sequence[Key]) -> tuple[list[str], list[uuid.UUID]]:
     return [tenant for tenant, _ in keys], [nid for _, nid in keys]
-
-
-class DispatchRow(Protocol):
-    """A queued row as the dispatcher routes it: read back (`load_many_for_dispatch`) or, for
-    rows this process has just stored, built from what it stored
-    (`notifications.queued_for_dispatch`)."""
-
-    def __getitem__(self, key: str, /) -> Any: ...
 
 
 async def load_many_for_dispatch(executor: Executor, keys: Sequence[Key]) -> list[asyncpg.Record]:

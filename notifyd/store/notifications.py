@@ -100,9 +100,6 @@ def _args(row: NewNotification) -> tuple[Any, ...]:
 
 # Many rows and their audit rows in one statement (a group commit of concurrent sends): one
 # round trip, one statement to plan, arrays encoded once, no BEGIN/COMMIT of our own.
-# Returns what the in-process dispatch needs beyond the row as given (`queued_for_dispatch`):
-# its `created_at` and its user's preferences, read in the same statement so that dispatching
-# what was just committed costs no second query.
 INSERT_MANY_AUDITED = """
 WITH stored AS (
     INSERT INTO notifications (id, tenant_id, created_by, user_id, channel, recipient, subject,
@@ -112,55 +109,24 @@ WITH stored AS (
                          $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
                          $11::jsonb[], $12::text[], $13::text[], $14::bool[], $15::text[],
                          $16::text[])
-    RETURNING id, tenant_id, user_id, created_at
-), audited AS (
-    INSERT INTO audit_log (id, tenant_id, user_id, action, ip_address, request_id, details)
-    SELECT * FROM unnest($17::uuid[], $18::text[], $19::text[], $20::text[], $21::text[],
-                         $22::text[], $23::jsonb[])
+    RETURNING 1
 )
-SELECT s.id, s.created_at, p.channels AS preferred_channels, p.categories AS preferred_categories
-FROM stored s
-LEFT JOIN preferences p ON p.tenant_id = s.tenant_id AND p.user_id = s.user_id
+INSERT INTO audit_log (id, tenant_id, user_id, action, ip_address, request_id, details)
+SELECT * FROM unnest($17::uuid[], $18::text[], $19::text[], $20::text[], $21::text[],
+                     $22::text[], $23::jsonb[])
 """
 
 
 async def insert_many_audited(
     conn: Conn, rows: Sequence[NewNotification], audits: Sequence[AuditEntry]
-) -> dict[uuid.UUID, asyncpg.Record]:
-    """Stores the rows (`queued`) and the audit rows, all or none; returns, by id, each row's
-    `created_at` and its user's preferences (for `queued_for_dispatch`)."""
+) -> None:
+    """Stores the rows (`queued`) and the audit rows, all or none."""
     columns = list(zip(*(_args(row) for row in rows), strict=True))
-    stored = await conn.fetch(
+    await conn.execute(
         INSERT_MANY_AUDITED,
         *(list(column) for column in columns),
         *audit.as_columns(audits),
     )
-    return {r["id"]: r for r in stored}
-
-
-def queued_for_dispatch(row: NewNotification, stored: asyncpg.Record) -> dict[str, Any]:
-    """A row just stored, as `deliveries.load_many_for_dispatch` would read it back (the same
-    names; a test holds the two equal)."""
-    return {
-        "id": row.id,
-        "tenant_id": row.tenant_id,
-        "channel": row.channel,
-        "recipient": row.recipient,
-        "user_id": row.user_id,
-        "subject": row.subject,
-        "body": row.body,
-        "html_body": row.html_body,
-        "template_key": row.template_key,
-        "context": row.context,
-        "locale": row.locale,
-        "category": row.category,
-        "critical": row.critical,
-        "status": "queued",
-        "attempts": 0,
-        "created_at": stored["created_at"],
-        "preferred_channels": stored["preferred_channels"],
-        "preferred_categories": stored["preferred_categories"],
-    }
 
 
 async def insert(conn: Conn, row: NewNotification) -> Any:
