@@ -626,6 +626,11 @@ def validate(settings: Settings) -> list[str]:
             f"NOTIFYD_REMINDER_LOOKAHEAD: must be between 0 and {MAX_REMINDER_LOOKAHEAD:g} "
             "seconds (a reminder read early waits that long in the firer)"
         )
+    elif settings.reminder_lookahead >= settings.claim_idle:
+        problems.append(
+            "NOTIFYD_REMINDER_LOOKAHEAD: must be shorter than NOTIFYD_CLAIM_IDLE, or a reminder "
+            "waiting for its time is taken over as if its reader had died"
+        )
     if settings.send_timeout >= settings.shutdown_timeout:
         problems.append(
             "NOTIFYD_SEND_TIMEOUT: must be shorter than NOTIFYD_SHUTDOWN_TIMEOUT, so a send in "

@@ -431,6 +431,11 @@ def test_the_reminder_lookahead_is_bounded_and_zero_turns_it_off() -> None:
     assert load().reminder_lookahead == 0.3
     assert load({"NOTIFYD_REMINDER_LOOKAHEAD": "0"}).reminder_lookahead == 0.0
     assert load({"NOTIFYD_REMINDER_LOOKAHEAD": "5"}).reminder_lookahead == 5.0
-    for bad in ("-0.1", "5.5"):
-        found = problems_of({"JWT_SECRET": SECRET, "NOTIFYD_REMINDER_LOOKAHEAD": bad})
+    for bad in ({"NOTIFYD_REMINDER_LOOKAHEAD": "-0.1"}, {"NOTIFYD_REMINDER_LOOKAHEAD": "5.5"}):
+        found = problems_of({"JWT_SECRET": SECRET, **bad})
         assert [p for p in found if p.startswith("NOTIFYD_REMINDER_LOOKAHEAD")], found
+    # held unacknowledged while it waits: no longer than a dead reader's work is left alone
+    found = problems_of(
+        {"JWT_SECRET": SECRET, "NOTIFYD_REMINDER_LOOKAHEAD": "2", "NOTIFYD_CLAIM_IDLE": "2"}
+    )
+    assert [p for p in found if "NOTIFYD_CLAIM_IDLE" in p], found
