@@ -182,7 +182,7 @@ def build_pipeline(
             producer=producer,
             consumer_name=name,
         ),
-        Timer(schedule, lookahead=settings.reminder_lookahead),
+        Timer(schedule, lookahead=settings.reminder_lookahead, ahead=frozenset({keys.reminders})),
         Sweeper(
             pool=pool,
             redis=redis,

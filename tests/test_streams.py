@@ -199,12 +199,13 @@ async def test_the_timer_moves_entries_ahead_in_chunks_never_more_than_its_looka
     for n in range(120):  # one every 10 ms for 1.2 s
         await schedule.add(Scheduled(STREAM, {"n": str(n)}, key="k"), start + n * TEN_MS)
     stop = asyncio.Event()
-    timer = asyncio.create_task(Timer(schedule, lookahead=lookahead).run(stop))
+    timer = Timer(schedule, lookahead=lookahead, ahead=frozenset({STREAM}))
+    task = asyncio.create_task(timer.run(stop))
     try:
         await wait_for(lambda: _length_is(redis, 120), timeout=10, interval=0.01)
     finally:
         stop.set()
-        await timer
+        await task
     leads = sorted(
         float(fields[b"due_ms"]) - int(entry_id.split(b"-")[0])
         for entry_id, fields in await redis.xrange(STREAM)
@@ -215,6 +216,42 @@ async def test_the_timer_moves_entries_ahead_in_chunks_never_more_than_its_looka
     moved_at = sorted(int(entry_id.split(b"-")[0]) for entry_id, _ in await redis.xrange(STREAM))
     moves = 1 + sum(1 for a, b in itertools.pairwise(moved_at) if b - a > 20)
     assert moves <= 12  # about one move per 0.2 s over 1.2 s, not one per entry
+
+
+async def test_only_the_streams_that_ask_move_ahead_a_retry_keeps_its_time(redis: Redis) -> None:
+    """A retry's due time may be a provider's Retry-After: it never moves early, even on a
+    wheel it shares with reminders that do, and the timer wakes for it rather than sleeping
+    out its longest tick."""
+    lookahead = 0.5
+    schedule = Schedule(redis, "t:timer")
+    start = datetime.now(UTC) + timedelta(seconds=0.6)
+    for n in range(40):  # alternating, one every 20 ms
+        stream = STREAM if n % 2 else "t:own-time"
+        await schedule.add(Scheduled(stream, {"n": str(n)}, key="k"), start + n * TEN_MS * 2)
+    stop = asyncio.Event()
+    timer = Timer(schedule, max_sleep=5, lookahead=lookahead, ahead=frozenset({STREAM}))
+    task = asyncio.create_task(timer.run(stop))
+    try:
+
+        async def all_moved() -> bool:
+            return await redis.xlen(STREAM) + await redis.xlen("t:own-time") == 40
+
+        await wait_for(all_moved, timeout=10, interval=0.01)
+    finally:
+        stop.set()
+        await task
+
+    def leads(stream: str) -> list[float]:
+        return [
+            float(fields[b"due_ms"]) - int(entry_id.split(b"-")[0])
+            for entry_id, fields in entries[stream]
+        ]
+
+    entries = {name: await redis.xrange(name) for name in (STREAM, "t:own-time")}
+    assert len(entries[STREAM]) == len(entries["t:own-time"]) == 20
+    assert min(leads(STREAM)) > 0  # the reminders' stream: each moved ahead of its time
+    assert max(leads("t:own-time")) <= 0  # the other: never before its time
+    assert min(leads("t:own-time")) > -1_000  # woken for it, not after the 5 s tick
 
 
 async def _length_is(redis: Redis, length: int) -> bool:

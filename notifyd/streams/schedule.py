@@ -2,8 +2,8 @@
 
 One Lua script pops every due member and XADDs it to its stream in the same atomic step, so
 with any number of instances running the timer each entry is moved exactly once, and a crash
-cannot leave an entry both popped and not added. Delivery retries use it now; reminders use
-the same wheel (one mechanism, not two).
+cannot leave an entry both popped and not added. Delivery retries and reminders share the
+wheel (one mechanism, not two); only the streams a move names go ahead of their time.
 """
 
 from __future__ import annotations
@@ -18,23 +18,38 @@ from redis.asyncio import Redis
 from notifyd.payloads import dumps, loads
 
 # KEYS[1] = the sorted set; ARGV[1] = now (epoch ms); ARGV[2] = most entries to move;
-# ARGV[3] = the streams' approximate length bound (as every XADD of notifyd's).
+# ARGV[3] = the streams' approximate length bound (as every XADD of notifyd's);
+# ARGV[4] = the horizon (epoch ms, >= now) up to which entries of the streams named in
+# ARGV[5..] move ahead of their time; every other entry moves only once it is due.
+# Returns {moved, the earliest entry left in the horizon or -1, the earliest beyond it or -1}:
+# what the timer needs to know when to look again, read in the same atomic step.
 MOVE_DUE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES',
+local now, horizon = tonumber(ARGV[1]), tonumber(ARGV[4])
+local ahead = {}
+for i = 5, #ARGV do ahead[ARGV[i]] = true end
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', horizon, 'WITHSCORES',
                       'LIMIT', 0, tonumber(ARGV[2]))
+local moved, waiting = 0, nil
 for i = 1, #due, 2 do
-  local member, score = due[i], due[i + 1]
+  local member, score = due[i], tonumber(due[i + 1])
   local item = cjson.decode(member)
-  -- due_ms: which due time this entry is for, so a consumer can tell a stale one
-  local args = {item.s, 'MAXLEN', '~', ARGV[3], '*', 'due_ms', score}
-  for key, value in pairs(item.f) do
-    table.insert(args, key)
-    table.insert(args, value)
+  if score <= now or ahead[item.s] then
+    -- due_ms: which due time this entry is for, so a consumer can tell a stale one
+    local args = {item.s, 'MAXLEN', '~', ARGV[3], '*', 'due_ms', due[i + 1]}
+    for key, value in pairs(item.f) do
+      table.insert(args, key)
+      table.insert(args, value)
+    end
+    redis.call('XADD', unpack(args))
+    redis.call('ZREM', KEYS[1], member)
+    moved = moved + 1
+  elseif waiting == nil then
+    waiting = due[i + 1]
   end
-  redis.call('XADD', unpack(args))
-  redis.call('ZREM', KEYS[1], member)
 end
-return #due / 2
+local beyond = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. horizon, '+inf', 'WITHSCORES',
+                         'LIMIT', 0, 1)
+return {moved, waiting or '-1', beyond[2] or '-1'}
 """
 
 
@@ -43,6 +58,15 @@ class Scheduled:
     stream: str
     fields: dict[str, str]
     key: str  # makes the member unique: the same (stream, fields, key) is scheduled once
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """What one move did, and what is left: the timer's next wake-up is read from this."""
+
+    moved: int
+    waiting_ms: float | None  # the earliest entry within the horizon left for its own time
+    beyond_ms: float | None  # the earliest entry beyond the horizon
 
 
 def _member(item: Scheduled) -> bytes:
@@ -80,10 +104,29 @@ class Schedule:
 
     async def move_due(self, now: datetime, limit: int = 500) -> int:
         """Move what is due to its streams; returns how many moved."""
-        moved: Any = await self._move(
-            keys=[self._key], args=[int(now.timestamp() * 1000), limit, self._stream_max_len]
+        return (await self.move(now, limit)).moved
+
+    async def move(
+        self,
+        now: datetime,
+        limit: int = 500,
+        *,
+        horizon: datetime | None = None,
+        ahead: frozenset[str] = frozenset(),
+    ) -> Moved:
+        """Move what is due, and the entries of the `ahead` streams due before `horizon`.
+
+        Only the streams that asked for it move early: a delivery retry keeps its time,
+        which may be a provider's Retry-After that a send must not come before.
+        """
+        now_ms = int(now.timestamp() * 1000)
+        horizon_ms = max(now_ms, int(horizon.timestamp() * 1000)) if horizon else now_ms
+        reply: Any = await self._move(
+            keys=[self._key],
+            args=[now_ms, limit, self._stream_max_len, horizon_ms, *sorted(ahead)],
         )
-        return int(moved)
+        moved, waiting, beyond = int(reply[0]), float(reply[1]), float(reply[2])
+        return Moved(moved, waiting if waiting >= 0 else None, beyond if beyond >= 0 else None)
 
     async def next_due_ms(self) -> float | None:
         first: Any = await self._redis.zrange(self._key, 0, 0, withscores=True)
