@@ -60,7 +60,7 @@ STREAM_MAX_LEN = 1_000_000
 UNVERIFIED_SECRET = "bench-limits-tokens-are-never-verified"
 SMTP_TIMEOUT_S = 30.0
 
-# the columns and indexes of notifyd's `notifications` (sql/0001, sql/0002), standing alone
+# the columns and indexes of notifyd's `notifications` (sql/0001, 0002, 0008), standing alone
 SCRATCH_TABLE = """
 CREATE TABLE {table} (
     id uuid PRIMARY KEY, tenant_id text NOT NULL, created_by text NOT NULL, user_id text,
@@ -79,7 +79,6 @@ CREATE INDEX ON {table} (tenant_id, user_id)
 CREATE INDEX ON {table} (tenant_id, created_by, id DESC);
 CREATE INDEX ON {table} (updated_at)
     WHERE status IN ('queued', 'dispatched', 'sending', 'retrying');
-CREATE INDEX ON {table} (provider_message_id) WHERE provider_message_id IS NOT NULL;
 """
 COLUMNS = "id, tenant_id, created_by, user_id, channel, recipient, body, request_id"
 INSERT_BATCH = f"""
