@@ -17,17 +17,18 @@ from redis.asyncio import Redis
 
 from notifyd.payloads import dumps, loads
 
-# KEYS[1] = the sorted set; ARGV[1] = now (epoch ms); ARGV[2] = most entries to move;
+# KEYS[1] = the sorted set; ARGV[1] = now (epoch ms, fractional);
+# ARGV[2] = most entries to move;
 # ARGV[3] = the streams' approximate length bound (as every XADD of notifyd's);
 # ARGV[4] = the horizon (epoch ms, >= now) up to which entries of the streams named in
 # ARGV[5..] move ahead of their time; every other entry moves only once it is due.
 # Returns {moved, the earliest entry left in the horizon or -1, the earliest beyond it or -1}:
 # what the timer needs to know when to look again, read in the same atomic step.
 MOVE_DUE = """
-local now, horizon = tonumber(ARGV[1]), tonumber(ARGV[4])
+local now = tonumber(ARGV[1])
 local ahead = {}
 for i = 5, #ARGV do ahead[ARGV[i]] = true end
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', horizon, 'WITHSCORES',
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[4], 'WITHSCORES',
                       'LIMIT', 0, tonumber(ARGV[2]))
 local moved, waiting = 0, nil
 for i = 1, #due, 2 do
@@ -47,7 +48,7 @@ for i = 1, #due, 2 do
     waiting = due[i + 1]
   end
 end
-local beyond = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. horizon, '+inf', 'WITHSCORES',
+local beyond = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[4], '+inf', 'WITHSCORES',
                          'LIMIT', 0, 1)
 return {moved, waiting or '-1', beyond[2] or '-1'}
 """
@@ -119,8 +120,10 @@ class Schedule:
         Only the streams that asked for it move early: a delivery retry keeps its time,
         which may be a provider's Retry-After that a send must not come before.
         """
-        now_ms = int(now.timestamp() * 1000)
-        horizon_ms = max(now_ms, int(horizon.timestamp() * 1000)) if horizon else now_ms
+        # exact (fractional) ms: rounded down, an entry due within the current millisecond
+        # would be left waiting and the timer would spin on it until the next one
+        now_ms = now.timestamp() * 1000
+        horizon_ms = max(now_ms, horizon.timestamp() * 1000) if horizon else now_ms
         reply: Any = await self._move(
             keys=[self._key],
             args=[now_ms, limit, self._stream_max_len, horizon_ms, *sorted(ahead)],
