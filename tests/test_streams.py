@@ -206,10 +206,7 @@ async def test_the_timer_moves_entries_ahead_in_chunks_never_more_than_its_looka
     finally:
         stop.set()
         await task
-    leads = sorted(
-        float(fields[b"due_ms"]) - int(entry_id.split(b"-")[0])
-        for entry_id, fields in await redis.xrange(STREAM)
-    )
+    leads = sorted(await _leads(redis, STREAM))
     assert leads[-1] <= lookahead * 1000 + 1  # never more than the lookahead early
     assert leads[0] > 0  # every one early: read and planned by its time
     assert leads[len(leads) // 2] >= lookahead * 1000 / 2 - 50  # in chunks: most half of it
@@ -245,18 +242,20 @@ async def test_only_the_streams_that_ask_move_ahead_a_retry_keeps_its_time(redis
         stop.set()
         await task
 
-    def leads(stream: str) -> list[float]:
-        return [
-            float(fields[b"due_ms"]) - int(entry_id.split(b"-")[0])
-            for entry_id, fields in entries[stream]
-        ]
-
-    entries = {name: await redis.xrange(name) for name in (STREAM, "t:own-time")}
-    assert len(entries[STREAM]) == len(entries["t:own-time"]) == 20
-    assert min(leads(STREAM)) > 0  # the reminders' stream: each moved ahead of its time
+    ahead, own_time = await _leads(redis, STREAM), await _leads(redis, "t:own-time")
+    assert len(ahead) == len(own_time) == 20
+    assert min(ahead) > 0  # the reminders' stream: each moved ahead of its time
     # the other: never before its time (a stream id counts whole ms, the due time does not)
-    assert max(leads("t:own-time")) < 1
-    assert min(leads("t:own-time")) > -1_000  # woken for it, not after the 5 s tick
+    assert max(own_time) < 1
+    assert min(own_time) > -1_000  # woken for it, not after the 5 s tick
+
+
+async def _leads(redis: Redis, stream: str) -> list[float]:
+    """How far ahead of its due time each entry of `stream` was moved there, in ms."""
+    return [
+        float(fields[b"due_ms"]) - int(entry_id.split(b"-")[0])
+        for entry_id, fields in await redis.xrange(stream)
+    ]
 
 
 async def _length_is(redis: Redis, length: int) -> bool:
