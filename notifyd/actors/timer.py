@@ -11,9 +11,9 @@ least half the lookahead (unless a retry falls due sooner), so each entry reache
 between half the lookahead and the whole of it early. The reminder firer uses that time to
 read and plan what it fires, and fires each reminder at its own time (see
 `actors.reminder_firer`): on a loaded loop the stream read, the read of the rows and the
-planning were most of a reminder's lateness. A delivery
-retry shares the wheel but never moves early: its time may be a provider's Retry-After, which
-a send must not come before, so the timer also wakes for the earliest retry it left waiting.
+planning were most of a reminder's lateness. A delivery retry shares the wheel but never
+moves early: its time may be a provider's Retry-After, which a send must not come before, so
+the timer also wakes for the earliest retry it left waiting.
 """
 
 from __future__ import annotations
