@@ -24,6 +24,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from notifyd.accept import Outbox
 from notifyd.actors.housekeeper import Housekeeper
 from notifyd.auth.tokens import TokenVerifier
+from notifyd.egress import Egress
 from notifyd.http.context import Services
 from notifyd.http.server import build_app
 from notifyd.ids import OpaqueIdRule
@@ -63,11 +64,15 @@ class Daemon:
         *,
         notifier: SystemdNotifier | None = None,
         extra_actors: list[Actor] | None = None,
+        egress: Egress | None = None,
     ) -> None:
+        """`egress`: the policy for tenants' own relays, by default the settings' (tests
+        pass one whose resolver they control)."""
         self.settings = settings
         self.metrics = Metrics()
         self.notifier = notifier or SystemdNotifier()
         self._extra_actors = extra_actors or []
+        self.egress = egress or Egress.from_settings(settings)
         self._stack = AsyncExitStack()
         self._runner: web.AppRunner | None = None
         self._stop_requested = asyncio.Event()
@@ -124,7 +129,7 @@ class Daemon:
 
         id_rule = OpaqueIdRule.from_settings(s.id_max_length, s.id_pattern)
         keys = Keys(s.redis_prefix)
-        pipeline = build_pipeline(s, queue_pool, redis, keys, self.metrics)
+        pipeline = build_pipeline(s, queue_pool, redis, keys, self.metrics, self.egress)
         self.pipeline = pipeline
         self._stack.push_async_callback(pipeline.close)
         hub = Hub(
@@ -195,6 +200,7 @@ class Daemon:
             verifier=TokenVerifier(s, id_rule, http_session),
             id_rule=id_rule,
             tenant_settings=pipeline.tenant_settings,
+            egress=self.egress,
             actors_healthy=lambda: supervisor.healthy,
             actors_status=supervisor.status,
         )

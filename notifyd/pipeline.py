@@ -22,6 +22,7 @@ from notifyd.actors.stream_stats import StreamStats
 from notifyd.actors.sweeper import Sweeper
 from notifyd.actors.timer import Timer
 from notifyd.alerts import Alerts
+from notifyd.egress import Egress
 from notifyd.ingest.accept import EventAcceptor
 from notifyd.ingest.rabbitmq_source import RabbitMqEventSource
 from notifyd.ingest.redis_source import RedisEventSource
@@ -73,8 +74,15 @@ class Pipeline:
 
 
 def build_pipeline(
-    settings: Settings, pool: asyncpg.Pool, redis: Redis, keys: Keys, metrics: Metrics
+    settings: Settings,
+    pool: asyncpg.Pool,
+    redis: Redis,
+    keys: Keys,
+    metrics: Metrics,
+    egress: Egress | None = None,
 ) -> Pipeline:
+    """`egress`: the policy for tenants' own relays; by default the one the settings give
+    (tests pass one with a resolver of their own)."""
     box = SecretBox.from_settings(settings)
     tenants = TenantSettingsCache(pool, box)
     name = consumer_name(settings)
@@ -137,6 +145,7 @@ def build_pipeline(
                 connections_per_config=settings.smtp_connections_per_tenant,
                 timeout=settings.send_timeout,
                 unsubscribe_url_for=unsubscribe_url,
+                egress=egress or Egress.from_settings(settings),
             ),
             settings.email_concurrency,
         ),

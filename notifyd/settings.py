@@ -28,6 +28,9 @@ DEFAULT_ID_PATTERN = r"[A-Za-z0-9._~:@|+=-]+"
 # a reminder read this far early waits in the firer, holding its stream entry unacknowledged
 MAX_REMINDER_LOOKAHEAD = 5.0
 DEFAULT_SEND_POLICY = "user=in_app;service=email,sms,in_app;admin=email,sms,in_app"
+# the ports a tenant's relay may listen on at a public address: SMTP, submission, implicit
+# TLS, and the alternatives the large relay services offer (2525; Amazon SES: 2465, 2587)
+EGRESS_DEFAULT_PORTS = (25, 465, 587, 2465, 2525, 2587)
 
 
 class SettingsError(Exception):
@@ -116,6 +119,10 @@ class Settings:
     inapp_concurrency: int = 32
     dispatch_concurrency: int = 16
     smtp_connections_per_tenant: int = 2
+    # egress policy for tenants' own relays (notifyd/egress.py, docs/limits.md)
+    egress_allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    egress_allowed_ports: tuple[int, ...] = EGRESS_DEFAULT_PORTS
+    egress_resolve_timeout: float = 3.0
     alert_interval: float = 300.0
     # limits
     max_body_bytes: int = 1_048_576
@@ -245,6 +252,20 @@ def _to_networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Netw
         except ValueError:
             raise ValueError(f"not an IP address or network: {part!r}") from None
     return tuple(networks)
+
+
+def _to_ports(value: Any) -> tuple[int, ...]:
+    """`25, 587` → ports; `any` (or nothing) → () meaning every port."""
+    parts = _to_list(value)
+    if [p.lower() for p in parts] == ["any"]:
+        return ()
+    ports = []
+    for part in parts:
+        port = _to_int(part)
+        if not 0 < port < 65536:
+            raise ValueError(f"not a TCP port: {part!r}")
+        ports.append(port)
+    return tuple(ports)
 
 
 def parse_send_policy(value: Any) -> Mapping[str, frozenset[str]]:
@@ -379,6 +400,21 @@ SPECS: tuple[_Spec, ...] = (
         "NOTIFYD_SMTP_CONNECTIONS_PER_TENANT",
         "delivery.smtp_connections_per_tenant",
         _to_int,
+    ),
+    _spec(
+        "egress_allowed_networks",
+        "NOTIFYD_EGRESS_ALLOWED_NETWORKS",
+        "egress.allowed_networks",
+        _to_networks,
+    ),
+    _spec(
+        "egress_allowed_ports", "NOTIFYD_EGRESS_ALLOWED_PORTS", "egress.allowed_ports", _to_ports
+    ),
+    _spec(
+        "egress_resolve_timeout",
+        "NOTIFYD_EGRESS_RESOLVE_TIMEOUT",
+        "egress.resolve_timeout",
+        _to_float,
     ),
     _spec("alert_interval", "NOTIFYD_ALERT_INTERVAL", "delivery.alert_interval", _to_float),
     _spec("max_body_bytes", "NOTIFYD_MAX_BODY_BYTES", "limits.max_body_bytes", _to_int),
@@ -612,6 +648,7 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_DISPATCH_CONCURRENCY": settings.dispatch_concurrency,
         "NOTIFYD_SMTP_CONNECTIONS_PER_TENANT": settings.smtp_connections_per_tenant,
         "NOTIFYD_ALERT_INTERVAL": settings.alert_interval,
+        "NOTIFYD_EGRESS_RESOLVE_TIMEOUT": settings.egress_resolve_timeout,
         "NOTIFYD_ACTOR_BACKOFF_CAP": settings.actor_backoff_cap,
         "NOTIFYD_ACTOR_MAX_RESTARTS": settings.actor_max_restarts,
         "NOTIFYD_ACTOR_RESTART_WINDOW": settings.actor_restart_window,
@@ -702,6 +739,8 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
             shown = mask_url(str(value))
         elif spec.secret:
             shown = "***" if value else "(unset)"
+        elif spec.name == "egress_allowed_ports" and not value:
+            shown = "any"
         elif isinstance(value, tuple):
             shown = ",".join(map(str, value))
         elif isinstance(value, Mapping):

@@ -253,7 +253,13 @@ async def test_tenant_smtp_settings_route_only_that_tenants_email(
     """Promise: a tenant admin's SMTP settings (host, port, from address) carry that tenant's
     email, with its from address; another tenant keeps the global EMAIL_* relay and EMAIL_FROM."""
     with SmtpSink() as tenant_sink:
-        daemon = await start(daemon_factory, smtp_sink, NOTIFYD_TENANT_SECRET_KEY=SECRET_KEY)
+        daemon = await start(
+            daemon_factory,
+            smtp_sink,
+            NOTIFYD_TENANT_SECRET_KEY=SECRET_KEY,
+            # the test sink is on loopback, which the egress policy refuses unless allowed
+            NOTIFYD_EGRESS_ALLOWED_NETWORKS="127.0.0.0/8",
+        )
         async with Api(daemon) as api:
             smtp = {"host": "127.0.0.1", "port": tenant_sink.port, "from_email": "hr@a.example"}
             status, body, _ = await api.request(

@@ -25,6 +25,7 @@ class Relay:
     use_tls: bool = False
     use_ssl: bool = False
     from_email: str = "hr@example.com"
+    operator_relay: bool = False
 
 
 def delivery(n: int, tenant: str = "TEN-A") -> Delivery:

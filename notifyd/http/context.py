@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from notifyd.accept import Outbox
 from notifyd.auth.identity import Identity
 from notifyd.auth.tokens import TokenVerifier
+from notifyd.egress import Egress
 from notifyd.ids import OpaqueIdRule
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
@@ -46,6 +47,7 @@ class Services:
     verifier: TokenVerifier
     id_rule: OpaqueIdRule
     tenant_settings: TenantSettingsCache
+    egress: Egress
     actors_healthy: Callable[[], bool]
     actors_status: Callable[[], dict[str, str]]
 

@@ -351,8 +351,18 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["host", "port", "from_email"],
         "properties": {
-            "host": {"type": "string"},
-            "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+            "host": {
+                "type": "string",
+                "description": "Refused (422) when it is or resolves to a loopback, private or "
+                "otherwise special address, unless the operator allowed that network",
+            },
+            "port": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": 65535,
+                "description": "At a public address: one of the operator's allowed SMTP ports "
+                "(by default 25, 465, 587, 2465, 2525, 2587)",
+            },
             "username": {"type": "string"},
             "password": {
                 "type": "string",

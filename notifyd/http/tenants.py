@@ -14,10 +14,19 @@ carrying one answers 409 rather than store it in plaintext.
 
 Senders read these settings through a cache with a 30 s TTL, so a change takes up to that long
 to reach the SMTP and SMS senders of every instance.
+
+An SMTP host goes through the egress policy (`notifyd.egress`) before it is stored: an IP
+literal or a name that resolves to a loopback, private or otherwise special address, or a
+public address on a port that is not an SMTP one, is a 422 naming `smtp.host` / `smtp.port`.
+A name that does not resolve (yet) is stored: DNS may be set up after the settings, and
+every connection checks again anyway, which is the check that counts (a name can resolve
+elsewhere by then). The Twilio section holds no address: the API's base URL is the
+operator's `TWILIO_API_BASE_URL`.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +35,7 @@ from typing import Any, Literal
 from aiohttp import web
 
 from notifyd import tags
+from notifyd.egress import Egress, EgressRefused, ResolveFailed
 from notifyd.http.context import audit_entry, identity, services
 from notifyd.http.problems import Problem, forbidden
 from notifyd.http.responses import json_response
@@ -35,6 +45,8 @@ from notifyd.secretbox import SecretBox
 from notifyd.store import audit
 from notifyd.store import tenants as store
 from notifyd.store.tenants import KEEP, Keep, SmtpConfig, TwilioConfig
+
+log = logging.getLogger("notifyd.http.tenants")
 
 _HOST = re.compile(r"[A-Za-z0-9\[][A-Za-z0-9.:_\[\]-]{0,252}")
 _ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
@@ -271,6 +283,19 @@ def _audit_details(change: _Change) -> dict[str, Any]:
     return details
 
 
+async def _check_egress(egress: Egress, smtp: SmtpConfig, id_rule: OpaqueIdRule) -> None:
+    """422 for a relay the egress policy refuses; a host that does not resolve is let through
+    (see the module's docstring)."""
+    try:
+        await egress.check(smtp.host, smtp.port)
+    except EgressRefused as exc:
+        fields = Fields({}, id_rule)
+        fields.error(f"smtp.{exc.field}", exc.message)
+        fields.done()
+    except ResolveFailed as exc:
+        log.info("tenant SMTP host stored unresolved", extra={"error": str(exc)})
+
+
 async def get_settings(request: web.Request) -> web.Response:
     _require_admin(request)
     ctx = services(request)
@@ -283,6 +308,8 @@ async def put_settings(request: web.Request) -> web.Response:
     ctx = services(request)
     tenant_id = identity(request).tenant_id
     change = _parse(await read_json_object(request), ctx.id_rule)
+    if isinstance(change.smtp, SmtpConfig):
+        await _check_egress(ctx.egress, change.smtp, ctx.id_rule)
     box = SecretBox.from_settings(ctx.settings)
     if box is None and change.new_secrets:
         raise Problem(

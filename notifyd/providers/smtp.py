@@ -5,7 +5,19 @@ Connections are pooled per distinct SMTP configuration (a tenant's own relay, or
 and one tenant's slow relay cannot take every connection.
 
 Error classes follow SMTP itself: 4xx replies and connection trouble are transient (retried),
-5xx replies are permanent (the delivery fails with the server's words).
+5xx replies are permanent (the delivery fails).
+
+A tenant's own relay is reached through the egress policy (`notifyd.egress`): its host is
+resolved and checked when a connection is opened, and the connection goes to the checked
+address (TLS still verifies the name). The operator's `EMAIL_*` relay is not checked.
+
+What `last_error` says of a failure (the tenant reads it): what failed, in our own words
+(connection refused, timed out, TLS failed, refused by the egress policy, an SMTP reply code
+with its standard meaning); never a banner, a greeting or another free text of the server
+before the mail transaction, so a service that is not a mail relay cannot be read through
+it. The server's text is kept only for its replies to MAIL FROM, RCPT TO and DATA (a
+relay that greeted as one and said why it refused this message, e.g. `550 5.1.1 user
+unknown`), on one line of printable ASCII, at most `REPLY_TEXT_MAX` characters.
 """
 
 from __future__ import annotations
@@ -13,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -24,6 +38,7 @@ from typing import Protocol
 
 import aiosmtplib
 
+from notifyd.egress import Egress, EgressRefused, ResolveFailed
 from notifyd.providers.base import Delivery, PermanentError, Sent, TransientError
 
 log = logging.getLogger("notifyd.providers.smtp")
@@ -46,6 +61,10 @@ class SmtpSettings(Protocol):
     def use_ssl(self) -> bool: ...
     @property
     def from_email(self) -> str: ...
+    @property
+    def operator_relay(self) -> bool:
+        """The operator's own relay (`EMAIL_*`), exempt from the egress policy."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +75,7 @@ class _PoolKey:
     password: str
     use_tls: bool
     use_ssl: bool
+    operator_relay: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,30 +141,40 @@ def build_message(delivery: Delivery, from_email: str, unsubscribe_url: str | No
 class _ConnectionPool:
     """Up to `size` connected clients for one configuration, handed out one at a time."""
 
-    def __init__(self, key: _PoolKey, size: int, timeout: float) -> None:
+    def __init__(self, key: _PoolKey, size: int, timeout: float, egress: Egress | None) -> None:
         self._key = key
         self._timeout = timeout
+        self._egress = egress  # None: the operator's relay, connected to by name
         self._idle: list[aiosmtplib.SMTP] = []
         self._slots = asyncio.Semaphore(size)
         self.retired = False  # the configuration changed: connections close, none are kept
 
     async def _connect(self) -> aiosmtplib.SMTP:
         k = self._key
+        # a tenant's relay: resolved and checked now, connected to at the checked address;
+        # `hostname` stays the name, which TLS verifies the certificate against
+        sock = None
+        if self._egress is not None:
+            async with asyncio.timeout(self._timeout):
+                sock = await self._egress.connect(k.host, k.port)
         client = aiosmtplib.SMTP(
             hostname=k.host,
-            port=k.port,
+            port=k.port if sock is None else None,
+            sock=sock,
             use_tls=k.use_ssl,
             start_tls=k.use_tls,
             timeout=self._timeout,
             tls_context=ssl.create_default_context() if (k.use_tls or k.use_ssl) else None,
         )
-        await client.connect()
-        if k.username:
-            try:
+        try:
+            await client.connect()
+            if k.username:
                 await client.login(k.username, k.password)
-            except BaseException:
-                client.close()  # a failed login must not leak the connection
-                raise
+        except BaseException:
+            client.close()  # a failed connect or login must not leak the connection
+            if sock is not None:
+                sock.close()  # not yet handed to a transport when connect failed early
+            raise
         return client
 
     def _idle_connected(self) -> aiosmtplib.SMTP | None:
@@ -196,8 +226,12 @@ class SmtpProvider:
         connections_per_config: int,
         timeout: float,
         unsubscribe_url_for: Callable[[Delivery], str | None] | None = None,
+        egress: Egress | None = None,
     ) -> None:
+        """`egress`: the policy for tenants' own relays (configurations whose
+        `operator_relay` is false); None checks nothing (tests of the provider alone)."""
         self._config_for = config_for
+        self._egress = egress
         self._size = connections_per_config
         self._timeout = timeout
         self._unsubscribe_url_for = unsubscribe_url_for
@@ -212,10 +246,12 @@ class SmtpProvider:
             config.password,
             config.use_tls,
             config.use_ssl,
+            config.operator_relay,
         )
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = _ConnectionPool(key, self._size, self._timeout)
+            egress = None if config.operator_relay else self._egress
+            pool = self._pools[key] = _ConnectionPool(key, self._size, self._timeout, egress)
         return pool
 
     async def _retire_previous(self, tenant_id: str, current: _ConnectionPool) -> None:
@@ -243,22 +279,24 @@ class SmtpProvider:
                 async with pool.connection(fresh=not reused_attempt) as client:
                     await client.sendmail(message.sender, [delivery.recipient], message.data)
                 return Sent(provider_message_id=message.message_id, provider_status="sent")
-            except aiosmtplib.SMTPServerDisconnected as exc:
+            except EgressRefused as exc:
+                raise PermanentError(f"refused by the egress policy: {exc.message}") from None
+            except ResolveFailed as exc:
+                raise TransientError(f"cannot resolve the SMTP relay: {exc}") from None
+            except aiosmtplib.SMTPServerDisconnected:
                 # an idle pooled connection the server closed: one immediate retry, on a new
                 # connection, and none of the other idle ones (they idled as long)
                 if reused_attempt:
                     pool.discard_idle()
                     continue
-                raise TransientError(f"SMTP server disconnected: {exc}") from None
+                raise TransientError("the SMTP relay closed the connection") from None
             except aiosmtplib.SMTPRecipientsRefused as exc:
                 raise _classify_refusals(exc) from None
             except aiosmtplib.SMTPResponseException as exc:
-                raise _classify_reply(exc.code, exc.message) from None
+                raise _classify_reply(exc) from None
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                raise TransientError(
-                    f"SMTP connection failed: {exc or type(exc).__name__}"
-                ) from None
-        raise TransientError("SMTP server disconnected twice")
+                raise TransientError(_connection_failure(exc)) from None
+        raise TransientError("the SMTP relay closed the connection twice")
 
     async def close(self) -> None:
         for pool in self._pools.values():
@@ -267,10 +305,82 @@ class SmtpProvider:
         self._tenant_pools.clear()
 
 
-def _classify_reply(code: int, text: str) -> TransientError | PermanentError:
+REPLY_TEXT_MAX = 200
+_ENHANCED = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}(?=\s|$)")
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
+_TLS_REASON = re.compile(r"[A-Z0-9_]{1,64}")
+
+# RFC 5321 4.2.2-4.2.3 (and RFC 4954, 3207 for AUTH and STARTTLS): what a code means,
+# said in our words so a connection-phase reply needs none of the server's
+_MEANINGS = {
+    221: "closing the connection",
+    421: "service not available",
+    432: "a password transition is needed",
+    450: "mailbox unavailable",
+    451: "local error in processing",
+    452: "insufficient system storage",
+    454: "temporary authentication failure or TLS not available",
+    455: "server unable to accommodate parameters",
+    500: "syntax error, command unrecognized",
+    501: "syntax error in parameters",
+    502: "command not implemented",
+    503: "bad sequence of commands",
+    504: "command parameter not implemented",
+    521: "does not accept mail",
+    530: "authentication required",
+    534: "authentication mechanism too weak",
+    535: "authentication credentials invalid",
+    538: "encryption required for this authentication",
+    550: "mailbox unavailable",
+    551: "user not local",
+    552: "exceeded storage allocation",
+    553: "mailbox name not allowed",
+    554: "transaction failed",
+    555: "parameters not recognized",
+    556: "domain does not accept mail",
+}
+_CLASS_MEANINGS = {4: "temporary failure", 5: "permanent failure"}
+
+# the replies whose text is kept: the mail transaction's, from a relay that greeted as one
+_TRANSACTION_STAGES: tuple[tuple[type[aiosmtplib.SMTPResponseException], str], ...] = (
+    (aiosmtplib.SMTPSenderRefused, "MAIL FROM"),
+    (aiosmtplib.SMTPRecipientRefused, "RCPT TO"),
+    (aiosmtplib.SMTPDataError, "DATA"),
+)
+_SETUP_STAGES: tuple[tuple[type[aiosmtplib.SMTPResponseException], str], ...] = (
+    (aiosmtplib.SMTPConnectResponseError, "greeting"),
+    (aiosmtplib.SMTPHeloError, "EHLO"),
+    (aiosmtplib.SMTPAuthenticationError, "AUTH"),
+)
+
+
+def _one_line(text: str) -> str:
+    """A server's text as it may be shown: one line, printable ASCII, bounded."""
+    line = " ".join(_UNPRINTABLE.sub("?", part).strip() for part in text.splitlines())
+    return line if len(line) <= REPLY_TEXT_MAX else line[: REPLY_TEXT_MAX - 3] + "..."
+
+
+def _reason(code: int, text: str, stage: str | None, keep_text: bool) -> str:
+    at = f" at {stage}" if stage else ""
+    if keep_text:
+        return f"SMTP {code}{at}: {_one_line(text)}"
+    enhanced = _ENHANCED.match(text.lstrip())
+    meaning = _MEANINGS.get(code) or _CLASS_MEANINGS.get(code // 100, "unexpected reply")
+    return f"SMTP {code}{' ' + enhanced.group() if enhanced else ''}{at} ({meaning})"
+
+
+def _classify_reply(exc: aiosmtplib.SMTPResponseException) -> TransientError | PermanentError:
     """Only a 5xx reply is the server's final no; anything else unexpected (4xx, a garbled
-    or out-of-sequence reply) is worth another try."""
-    reason = f"SMTP {code}: {text}".strip()
+    or out-of-sequence reply) is worth another try. A reply that is not SMTP at all (another
+    kind of service answered) is said to be so, and nothing of it is quoted."""
+    code = exc.code
+    if not 200 <= code < 600:
+        return TransientError("the SMTP relay's answer is not SMTP")
+    stage = next((name for kind, name in _TRANSACTION_STAGES if isinstance(exc, kind)), None)
+    keep_text = stage is not None
+    if stage is None:
+        stage = next((name for kind, name in _SETUP_STAGES if isinstance(exc, kind)), None)
+    reason = _reason(code, exc.message, stage, keep_text)
     if 500 <= code < 600:
         return PermanentError(reason)
     return TransientError(reason)
@@ -278,8 +388,47 @@ def _classify_reply(code: int, text: str) -> TransientError | PermanentError:
 
 def _classify_refusals(exc: aiosmtplib.SMTPRecipientsRefused) -> TransientError | PermanentError:
     refusals = exc.recipients
+    reason = "; ".join(_reason(r.code, r.message, "RCPT TO", True) for r in refusals)
     if refusals and not any(500 <= r.code < 600 for r in refusals):
-        return TransientError("; ".join(f"SMTP {r.code}: {r.message}" for r in refusals))
-    return PermanentError(
-        "; ".join(f"SMTP {r.code}: {r.message}" for r in refusals) or "all recipients refused"
-    )
+        return TransientError(reason)
+    return PermanentError(reason or "all recipients refused")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and those it was raised from (aiosmtplib wraps OSError and SSL errors)."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < 8:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _connection_failure(exc: BaseException) -> str:
+    """A connection-phase failure in our own words: what failed, never what the peer said."""
+    chain = _chain(exc)
+    tls = next((e for e in chain if isinstance(e, ssl.SSLError)), None)
+    if isinstance(tls, ssl.SSLCertVerificationError):
+        why = _one_line(tls.verify_message or "unknown reason")
+        return f"TLS failed: the relay's certificate did not verify ({why})"
+    if tls is not None:
+        reason = (
+            tls.reason if tls.reason and _TLS_REASON.fullmatch(tls.reason) else "handshake error"
+        )
+        return f"TLS failed ({reason})"
+    if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError):
+        return "timed out connecting to the SMTP relay or waiting for its greeting"
+    if isinstance(exc, TimeoutError):
+        return "timed out talking to the SMTP relay"
+    if any(isinstance(e, ConnectionRefusedError) for e in chain):
+        return "connection to the SMTP relay refused"
+    if isinstance(exc, aiosmtplib.SMTPConnectError) and any(
+        isinstance(e, aiosmtplib.SMTPServerDisconnected) for e in chain
+    ):
+        return "the SMTP relay closed the connection before its greeting"
+    os_error = next((e for e in chain if isinstance(e, OSError) and e.errno), None)
+    if isinstance(os_error, OSError) and os_error.errno:
+        return f"cannot connect to the SMTP relay: {os.strerror(os_error.errno)}"
+    if isinstance(exc, aiosmtplib.SMTPNotSupported):
+        return "the SMTP relay does not offer an extension it needs to (STARTTLS, AUTH)"
+    return f"SMTP connection failed ({type(exc).__name__})"

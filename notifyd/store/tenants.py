@@ -49,6 +49,9 @@ class SmtpConfig:
     use_tls: bool  # STARTTLS after connecting
     use_ssl: bool  # implicit TLS from the first byte
     from_email: str
+    # the operator's EMAIL_* relay (smtp_for's fallback), which the egress policy does not
+    # check; never stored, so a tenant's own settings always have it false
+    operator_relay: bool = False
 
 
 @dataclass(frozen=True)
@@ -277,7 +280,7 @@ async def save(conn: Conn, tenant_id: str, settings: TenantSettings, box: Secret
 
 
 def smtp_for(tenant: TenantSettings, settings: Settings) -> SmtpConfig:
-    """The tenant's SMTP server, else the global `EMAIL_*` one."""
+    """The tenant's SMTP server, else the global `EMAIL_*` one (marked `operator_relay`)."""
     if tenant.smtp is not None:
         return tenant.smtp
     return SmtpConfig(
@@ -288,6 +291,7 @@ def smtp_for(tenant: TenantSettings, settings: Settings) -> SmtpConfig:
         use_tls=settings.email_use_tls,
         use_ssl=settings.email_use_ssl,
         from_email=settings.email_from,
+        operator_relay=True,
     )
 
 
