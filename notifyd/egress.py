@@ -26,22 +26,19 @@ The operator's own endpoints (`EMAIL_*`, `TWILIO_API_BASE_URL`) are not a tenant
 and are not subject to this policy.
 
 What a tenant is told names the kind of address, never the address a name resolved to: the
-resolver may answer from the operator's internal DNS, which is not the tenant's to read. The
-operator's log line has the address.
+resolver may answer from the operator's internal DNS, which is not the tenant's to read.
+`EgressRefused.address` has it, for the operator's log line the callers write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from notifyd.settings import EGRESS_DEFAULT_PORTS, Settings
-
-log = logging.getLogger("notifyd.egress")
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -62,12 +59,14 @@ _PRIVATE = tuple(
 
 class EgressRefused(Exception):
     """The policy refuses a tenant's relay; the message, for the tenant, says why and how an
-    operator may allow it. `field` is the setting at fault: `host` or `port`."""
+    operator may allow it. `field` is the setting at fault (`host` or `port`); `address`, the
+    address refused, is for the operator's log only."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, address: str) -> None:
         super().__init__(message)
         self.field = field
         self.message = message
+        self.address = address
 
 
 class ResolveFailed(Exception):
@@ -183,6 +182,7 @@ class Egress:
             return EgressRefused(
                 "host",
                 f"{said} {kind}; an operator may allow it with {NETWORKS_SETTING}",
+                str(address),
             )
         if self.allowed_ports and port not in self.allowed_ports:
             ports = ", ".join(map(str, self.allowed_ports))
@@ -190,6 +190,7 @@ class Egress:
                 "port",
                 f"port {port} is not an SMTP port notifyd connects to ({ports}); "
                 f"an operator may allow it with {PORTS_SETTING}",
+                str(address),
             )
         return None
 
@@ -223,10 +224,6 @@ class Egress:
         for address in addresses:
             refused = self.refusal(host, address, port)
             if refused is not None:
-                log.warning(
-                    "tenant relay refused by the egress policy",
-                    extra={"host": host, "address": str(address), "port": port},
-                )
                 raise refused
         return addresses
 

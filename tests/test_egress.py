@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -270,12 +271,15 @@ async def test_put_accepts_relays_in_networks_the_operator_allowed(
 
 
 async def test_dns_rebinding_is_refused_at_connection_time_and_the_global_relay_still_works(
-    settings_factory: Callable[..., Settings], db: asyncpg.Connection
+    settings_factory: Callable[..., Settings],
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Promise: a relay name that resolved to a public address when its settings were saved
     and resolves to loopback later is refused when a connection is opened (the delivery fails
     with the egress policy's reason, nothing reaches the loopback service), while another
     tenant's mail through the operator's relay on loopback is delivered."""
+    caplog.set_level(logging.WARNING, logger="notifyd.providers.smtp")
     with SmtpSink() as internal, SmtpSink() as operator_relay:
         settings = settings_factory(
             NOTIFYD_TENANT_SECRET_KEY=KEY,
@@ -300,6 +304,9 @@ async def test_dns_rebinding_is_refused_at_connection_time_and_the_global_relay_
     assert internal.sessions == 0 and internal.received == []
     assert len(operator_relay.received) == 1
     assert dns.asked.count("relay.tenant.example") >= 2  # resolved again to connect
+    # the operator's log has what the tenant is not told: the address, and whose relay
+    [logged] = [r for r in caplog.records if r.getMessage().startswith("tenant SMTP relay")]
+    assert (logged.__dict__["tenant_id"], logged.__dict__["address"]) == (TENANT, "127.0.0.1")
 
 
 async def test_the_provider_connects_to_the_address_it_checked(

@@ -289,6 +289,10 @@ async def _check_egress(egress: Egress, smtp: SmtpConfig, id_rule: OpaqueIdRule)
     try:
         await egress.check(smtp.host, smtp.port)
     except EgressRefused as exc:
+        log.info(
+            "tenant SMTP relay refused by the egress policy",
+            extra={"host": smtp.host, "address": exc.address, "port": smtp.port},
+        )
         fields = Fields({}, id_rule)
         fields.error(f"smtp.{exc.field}", exc.message)
         fields.done()

@@ -280,6 +280,15 @@ class SmtpProvider:
                     await client.sendmail(message.sender, [delivery.recipient], message.data)
                 return Sent(provider_message_id=message.message_id, provider_status="sent")
             except EgressRefused as exc:
+                log.warning(
+                    "tenant SMTP relay refused by the egress policy",
+                    extra={
+                        "tenant_id": delivery.tenant_id,
+                        "host": config.host,
+                        "address": exc.address,
+                        "port": config.port,
+                    },
+                )
                 raise PermanentError(f"refused by the egress policy: {exc.message}") from None
             except ResolveFailed as exc:
                 raise TransientError(f"cannot resolve the SMTP relay: {exc}") from None
