@@ -391,7 +391,7 @@ def delivery() -> Delivery:
     )
 
 
-async def reason_of(relay: Relay) -> ProviderError:
+async def reason_of(relay: Relay, timeout: float = 2) -> ProviderError:
     """The error a send through `relay` ends with (loopback allowed, as for an operator's
     internal relay: what is checked here is what comes back, not the policy)."""
 
@@ -399,7 +399,7 @@ async def reason_of(relay: Relay) -> ProviderError:
         return relay
 
     loopback = Egress(allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
-    provider = SmtpProvider(config_for, connections_per_config=1, timeout=2, egress=loopback)
+    provider = SmtpProvider(config_for, connections_per_config=1, timeout=timeout, egress=loopback)
     try:
         with pytest.raises(ProviderError) as caught:
             await provider.send(delivery())
@@ -477,7 +477,7 @@ async def test_last_error_of_a_row_does_not_carry_a_foreign_banner(
 
 async def test_last_error_names_refused_connections_and_tls_failures() -> None:
     """Promise: a closed port is "connection refused", TLS to a relay that does not speak it
-    is "TLS failed", each without the server's words."""
+    "TLS failed", a relay that never greets "timed out", each without the server's words."""
     async with fake_service(b"") as port:
         pass  # closed again: nothing listens on `port` now
     refused = await reason_of(Relay("127.0.0.1", port))
@@ -486,6 +486,22 @@ async def test_last_error_names_refused_connections_and_tls_failures() -> None:
     with SmtpSink() as plain:
         tls = await reason_of(Relay("127.0.0.1", plain.port, use_ssl=True))
     assert tls.reason.startswith("TLS failed"), tls.reason
+
+    async def never_greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read()  # until the client gives up and hangs up
+        finally:
+            writer.close()
+
+    silent = await asyncio.start_server(never_greet, "127.0.0.1", 0)
+    try:
+        port = silent.sockets[0].getsockname()[1]
+        timed_out = await reason_of(Relay("127.0.0.1", port), timeout=0.3)
+    finally:
+        silent.close()
+        await silent.wait_closed()
+    assert isinstance(timed_out, TransientError)
+    assert timed_out.reason == "timed out connecting to the SMTP relay or waiting for its greeting"
 
 
 async def test_transaction_replies_keep_their_text_on_one_bounded_line() -> None:

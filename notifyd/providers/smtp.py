@@ -427,8 +427,10 @@ def _connection_failure(exc: BaseException) -> str:
         return f"TLS failed ({reason})"
     if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError):
         return "timed out connecting to the SMTP relay or waiting for its greeting"
-    if isinstance(exc, TimeoutError):
-        return "timed out talking to the SMTP relay"
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError):
+        return "the SMTP relay did not answer in time"
+    if isinstance(exc, TimeoutError):  # ours: the egress policy's connect
+        return "timed out connecting to the SMTP relay"
     if any(isinstance(e, ConnectionRefusedError) for e in chain):
         return "connection to the SMTP relay refused"
     if isinstance(exc, aiosmtplib.SMTPConnectError) and any(
