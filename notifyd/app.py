@@ -74,6 +74,7 @@ class Daemon:
         self._extra_actors = extra_actors or []
         self.egress = egress or Egress.from_settings(settings)
         self._stack = AsyncExitStack()
+        self._stack.callback(self.egress.close)  # the last thing unwound
         self._runner: web.AppRunner | None = None
         self._stop_requested = asyncio.Event()
         self._watchdog: asyncio.Task[None] | None = None

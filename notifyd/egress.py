@@ -28,15 +28,21 @@ and are not subject to this policy.
 What a tenant is told names the kind of address, never the address a name resolved to: the
 resolver may answer from the operator's internal DNS, which is not the tenant's to read.
 `EgressRefused.address` has it, for the operator's log line the callers write.
+
+Lookups run on threads of the policy's own (`NOTIFYD_EGRESS_RESOLVE_THREADS`), not on the
+loop's shared executor: a tenant whose DNS never answers holds a thread past our deadline
+(getaddrinfo cannot be interrupted), and on the shared one it would hold up the operator's
+relay, Twilio and every other lookup of the daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 
 from notifyd.settings import EGRESS_DEFAULT_PORTS, Settings
 
@@ -124,19 +130,6 @@ def special_kind(address: Address) -> str | None:
     return None if kind is None else f"{kind} inside an IPv6 address"
 
 
-async def system_resolve(host: str, port: int) -> list[Address]:
-    """The loop's getaddrinfo (the OS resolver: /etc/hosts, DNS), TCP addresses only."""
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-    )
-    addresses: list[Address] = []
-    for _family, _type, _proto, _name, sockaddr in infos:
-        address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
-        if address not in addresses:
-            addresses.append(address)
-    return addresses
-
-
 def _literal(host: str) -> Address | None:
     try:
         return ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
@@ -144,14 +137,26 @@ def _literal(host: str) -> Address | None:
         return None
 
 
-@dataclass(frozen=True)
 class Egress:
-    """The policy for tenants' own relays. `allowed_ports` empty: any port."""
+    """The policy for tenants' own relays. `allowed_ports` empty: any port. `resolver`: the
+    system's (getaddrinfo on `resolve_threads` threads of its own) unless a test gives one;
+    `close()` stops those threads."""
 
-    allowed_networks: tuple[Network, ...] = ()
-    allowed_ports: tuple[int, ...] = EGRESS_DEFAULT_PORTS
-    resolve_timeout: float = 3.0
-    resolver: Resolver = system_resolve
+    def __init__(
+        self,
+        *,
+        allowed_networks: tuple[Network, ...] = (),
+        allowed_ports: tuple[int, ...] = EGRESS_DEFAULT_PORTS,
+        resolve_timeout: float = 3.0,
+        resolve_threads: int = 4,
+        resolver: Resolver | None = None,
+    ) -> None:
+        self.allowed_networks = allowed_networks
+        self.allowed_ports = allowed_ports
+        self.resolve_timeout = resolve_timeout
+        self._resolver = resolver or self._system_resolve
+        # threads start on first use: a policy that only judges literals starts none
+        self._threads = ThreadPoolExecutor(resolve_threads, thread_name_prefix="notifyd-egress")
 
     @classmethod
     def from_settings(cls, settings: Settings, resolver: Resolver | None = None) -> Egress:
@@ -159,8 +164,26 @@ class Egress:
             allowed_networks=settings.egress_allowed_networks,
             allowed_ports=settings.egress_allowed_ports,
             resolve_timeout=settings.egress_resolve_timeout,
-            resolver=resolver or system_resolve,
+            resolve_threads=settings.egress_resolve_threads,
+            resolver=resolver,
         )
+
+    def close(self) -> None:
+        """Stop the lookup threads (one still inside getaddrinfo ends when that returns)."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def _system_resolve(self, host: str, port: int) -> list[Address]:
+        """getaddrinfo (the OS resolver: /etc/hosts, DNS), TCP addresses only, in its order."""
+        lookup = functools.partial(
+            socket.getaddrinfo, host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+        infos = await asyncio.get_running_loop().run_in_executor(self._threads, lookup)
+        addresses: list[Address] = []
+        for _family, _type, _proto, _name, sockaddr in infos:
+            address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+            if address not in addresses:
+                addresses.append(address)
+        return addresses
 
     def operator_allowed(self, address: Address) -> bool:
         """Inside one of the operator's networks (an IPv4 one also matches the IPv4 address
@@ -201,7 +224,7 @@ class Egress:
             return [literal]
         try:
             async with asyncio.timeout(self.resolve_timeout):
-                addresses = await self.resolver(host, port)
+                addresses = await self._resolver(host, port)
         except TimeoutError:
             raise ResolveFailed(f"{host}: no DNS answer within {self.resolve_timeout:g}s") from None
         except socket.gaierror as exc:

@@ -79,10 +79,9 @@ def build_pipeline(
     redis: Redis,
     keys: Keys,
     metrics: Metrics,
-    egress: Egress | None = None,
+    egress: Egress,
 ) -> Pipeline:
-    """`egress`: the policy for tenants' own relays; by default the one the settings give
-    (tests pass one with a resolver of their own)."""
+    """`egress`: the policy for tenants' own relays (the daemon's, which closes it)."""
     box = SecretBox.from_settings(settings)
     tenants = TenantSettingsCache(pool, box)
     name = consumer_name(settings)
@@ -145,7 +144,7 @@ def build_pipeline(
                 connections_per_config=settings.smtp_connections_per_tenant,
                 timeout=settings.send_timeout,
                 unsubscribe_url_for=unsubscribe_url,
-                egress=egress or Egress.from_settings(settings),
+                egress=egress,
             ),
             settings.email_concurrency,
         ),

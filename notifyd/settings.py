@@ -123,6 +123,7 @@ class Settings:
     egress_allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     egress_allowed_ports: tuple[int, ...] = EGRESS_DEFAULT_PORTS
     egress_resolve_timeout: float = 3.0
+    egress_resolve_threads: int = 4
     alert_interval: float = 300.0
     # limits
     max_body_bytes: int = 1_048_576
@@ -416,6 +417,12 @@ SPECS: tuple[_Spec, ...] = (
         "egress.resolve_timeout",
         _to_float,
     ),
+    _spec(
+        "egress_resolve_threads",
+        "NOTIFYD_EGRESS_RESOLVE_THREADS",
+        "egress.resolve_threads",
+        _to_int,
+    ),
     _spec("alert_interval", "NOTIFYD_ALERT_INTERVAL", "delivery.alert_interval", _to_float),
     _spec("max_body_bytes", "NOTIFYD_MAX_BODY_BYTES", "limits.max_body_bytes", _to_int),
     _spec("message_max_length", "NOTIFYD_MESSAGE_MAX_LENGTH", "limits.message_max_length", _to_int),
@@ -649,6 +656,7 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_SMTP_CONNECTIONS_PER_TENANT": settings.smtp_connections_per_tenant,
         "NOTIFYD_ALERT_INTERVAL": settings.alert_interval,
         "NOTIFYD_EGRESS_RESOLVE_TIMEOUT": settings.egress_resolve_timeout,
+        "NOTIFYD_EGRESS_RESOLVE_THREADS": settings.egress_resolve_threads,
         "NOTIFYD_ACTOR_BACKOFF_CAP": settings.actor_backoff_cap,
         "NOTIFYD_ACTOR_MAX_RESTARTS": settings.actor_max_restarts,
         "NOTIFYD_ACTOR_RESTART_WINDOW": settings.actor_restart_window,

@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -139,6 +140,7 @@ def test_settings_parse_networks_and_ports() -> None:
         ("NOTIFYD_EGRESS_ALLOWED_NETWORKS", "10.0.0.0/33"),
         ("NOTIFYD_EGRESS_ALLOWED_PORTS", "25,70000"),
         ("NOTIFYD_EGRESS_RESOLVE_TIMEOUT", "0"),
+        ("NOTIFYD_EGRESS_RESOLVE_THREADS", "0"),
     ):
         with pytest.raises(SettingsError, match=env):
             load(**{env: value})
@@ -530,6 +532,20 @@ async def test_a_refused_relay_is_never_connected_to() -> None:
         finally:
             await provider.close()
         assert relay.sessions == 0
+
+
+async def test_the_system_resolver_runs_on_threads_of_its_own() -> None:
+    """Promise: a name goes through the OS resolver (here /etc/hosts' localhost, loopback:
+    refused), on the policy's own threads, not the loop's shared executor that the
+    operator's relay and Twilio need."""
+    policy = Egress()
+    try:
+        with pytest.raises(EgressRefused, match="localhost resolves to a loopback address"):
+            await policy.check("localhost", 25)
+        names = [thread.name for thread in threading.enumerate()]
+        assert any(name.startswith("notifyd-egress") for name in names), names
+    finally:
+        policy.close()
 
 
 def test_refusal_is_an_egress_error_with_the_field() -> None:
