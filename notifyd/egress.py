@@ -120,8 +120,9 @@ def special_kind(address: Address) -> str | None:
     """What makes an address special ("a loopback address", ...), None for a public one.
 
     An IPv6 address that carries an IPv4 one is judged by the IPv4 address it leads to:
-    Python 3.11 calls `::ffff:127.0.0.1` neither loopback nor private, and a NAT64 address
-    (`is_reserved` in 3.11) leads to a public host as often as to a private one.
+    Python 3.11 calls `::ffff:127.0.0.1` not loopback and `::ffff:8.8.8.8` reserved, and
+    a NAT64 address (reserved in 3.11 too) leads to a public host as often as to a private
+    one.
     """
     inner = embedded_ipv4(address)
     if inner is None:
