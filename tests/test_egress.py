@@ -535,13 +535,14 @@ async def test_a_refused_relay_is_never_connected_to() -> None:
 
 
 async def test_the_system_resolver_runs_on_threads_of_its_own() -> None:
-    """Promise: a name goes through the OS resolver (here /etc/hosts' localhost, loopback:
-    refused), on the policy's own threads, not the loop's shared executor that the
-    operator's relay and Twilio need."""
+    """Promise: a name goes through the OS resolver (here /etc/hosts' localhost, and the
+    numeric spellings inet_aton reads: all loopback, refused), on the policy's own threads,
+    not the loop's shared executor that the operator's relay and Twilio need."""
     policy = Egress()
     try:
-        with pytest.raises(EgressRefused, match="localhost resolves to a loopback address"):
-            await policy.check("localhost", 25)
+        for host in ("localhost", "127.1", "2130706433", "0x7f000001"):
+            with pytest.raises(EgressRefused, match=f"{host} resolves to a loopback address"):
+                await policy.check(host, 25)
         names = [thread.name for thread in threading.enumerate()]
         assert any(name.startswith("notifyd-egress") for name in names), names
     finally:
