@@ -9,30 +9,39 @@ NOTIFYD_EGRESS_ALLOWED_NETWORKS the same relays are accepted; a name that resolv
 public address when saved and to loopback later (DNS rebinding) is refused at connection
 time, while the operator's relay on loopback keeps working; the provider connects to the
 address it checked, not to the name; `last_error` of a failed connection never quotes
-what a foreign, non-SMTP service said.
+what a foreign, non-SMTP service said; TLS is still verified against the host name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import ipaddress
 import logging
 import socket
+import ssl
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+from aiosmtpd.controller import Controller
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from notifyd.app import Daemon
 from notifyd.egress import Address, Egress, EgressRefused, special_kind
 from notifyd.providers.base import Delivery, PermanentError, ProviderError, TransientError
 from notifyd.providers.smtp import SmtpProvider
 from notifyd.settings import Settings, SettingsError
+from scripts.localservers import free_port
 from tests.helpers import Api, make_settings, wait_for
 from tests.smtp_sink import SmtpSink
 
@@ -553,3 +562,119 @@ def test_refusal_is_an_egress_error_with_the_field() -> None:
     refused = Egress().refusal("10.1.2.3", ipaddress.ip_address("10.1.2.3"), 25)
     assert isinstance(refused, EgressRefused)
     assert refused.message.startswith("10.1.2.3 is a private address")
+
+
+# -- TLS is verified against the name -----------------------------------------------------------
+
+RELAY_NAME = "relay.tenant.invalid"
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path]:
+    """A test CA (ca.pem) and a certificate for RELAY_NAME only, with its key (relay.pem)."""
+    now = datetime.now(UTC)
+    start, end = now - dt.timedelta(hours=1), now + dt.timedelta(days=1)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "notifyd test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    relay = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, RELAY_NAME)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(RELAY_NAME)]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_file, relay_file = folder / "ca.pem", folder / "relay.pem"
+    ca_file.write_bytes(_pem(ca))
+    relay_file.write_bytes(
+        _pem(relay)
+        + key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return ca_file, relay_file
+
+
+class _Accept:
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.received.append(envelope.content)
+        return "250 OK"
+
+
+@contextmanager
+def tls_relay(certificate: Path, *, implicit: bool) -> Iterator[tuple[int, _Accept]]:
+    """An SMTP relay on loopback presenting a certificate for RELAY_NAME: implicit TLS, or
+    STARTTLS (required)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificate)
+    handler = _Accept()
+    port = free_port()
+    tls: dict[str, Any] = (
+        {"ssl_context": context} if implicit else {"tls_context": context, "require_starttls": True}
+    )
+    controller = Controller(handler, hostname="127.0.0.1", port=port, **tls)
+    controller.start()
+    try:
+        yield port, handler
+    finally:
+        controller.stop()
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit-tls", "starttls"])
+async def test_tls_is_verified_against_the_relay_name_not_the_address(
+    implicit: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Promise: connecting to the checked address keeps certificate verification against
+    the host name the tenant gave: a relay whose certificate names RELAY_NAME is reached by
+    that name (through the address the policy checked), and the same relay named by its IP
+    address fails verification."""
+    ca_file, certificate = make_certificates(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))  # read by ssl.create_default_context
+    dns = Dns({RELAY_NAME: ["127.0.0.1"]})
+    policy = Egress(allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),), resolver=dns.resolve)
+    tls = {"use_ssl": True} if implicit else {"use_tls": True}
+    with tls_relay(certificate, implicit=implicit) as (port, handler):
+        relays = {
+            "by-name": Relay(RELAY_NAME, port, **tls),
+            "by-ip": Relay("127.0.0.1", port, **tls),
+        }
+
+        async def config_for(tenant_id: str) -> Relay:
+            return relays[tenant_id]
+
+        provider = SmtpProvider(config_for, connections_per_config=1, timeout=3, egress=policy)
+        try:
+            item = delivery()
+            item.tenant_id = "by-name"
+            await provider.send(item)
+            item.tenant_id = "by-ip"
+            with pytest.raises(TransientError) as caught:
+                await provider.send(item)
+        finally:
+            await provider.close()
+    assert len(handler.received) == 1
+    assert caught.value.reason.startswith("TLS failed: the relay's certificate did not verify")
+    assert "mismatch" in caught.value.reason
