@@ -11,6 +11,7 @@ Every problem is collected before failing, so `notifyd check-config` can name al
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -148,6 +149,8 @@ class Settings:
     ws_message_rate: float = 10.0
     ws_message_burst: int = 20
     ws_presence_ttl: float = 30.0
+    # a socket is told its token is expiring this long before it is closed for it (0: never)
+    ws_token_warning: float = 30.0
     # chat messages stored (with their audit rows) and published in one statement and one
     # script call at most: under a burst, batches fill up, and fewer larger ones cost less
     # per message in notifyd, PostgreSQL and Redis alike (docs/benchmarks.md)
@@ -461,6 +464,7 @@ SPECS: tuple[_Spec, ...] = (
     _spec("ws_message_rate", "NOTIFYD_WS_MESSAGE_RATE", "realtime.message_rate", _to_float),
     _spec("ws_message_burst", "NOTIFYD_WS_MESSAGE_BURST", "realtime.message_burst", _to_int),
     _spec("ws_presence_ttl", "NOTIFYD_WS_PRESENCE_TTL", "realtime.presence_ttl", _to_float),
+    _spec("ws_token_warning", "NOTIFYD_WS_TOKEN_WARNING", "realtime.token_warning", _to_float),
     _spec("chat_write_batch", "NOTIFYD_CHAT_WRITE_BATCH", "realtime.chat_write_batch", _to_int),
     _spec("room_max_members", "NOTIFYD_ROOM_MAX_MEMBERS", "realtime.room_max_members", _to_int),
     _spec("ws_history_len", "NOTIFYD_WS_HISTORY_LEN", "realtime.history_len", _to_int),
@@ -676,6 +680,8 @@ def validate(settings: Settings) -> list[str]:
             "NOTIFYD_REMINDER_LOOKAHEAD: must be shorter than NOTIFYD_CLAIM_IDLE, or a reminder "
             "waiting for its time is taken over as if its reader had died"
         )
+    if not (math.isfinite(settings.ws_token_warning) and settings.ws_token_warning >= 0):
+        problems.append("NOTIFYD_WS_TOKEN_WARNING: a number of seconds, 0 or more (0: no warning)")
     if settings.send_timeout >= settings.shutdown_timeout:
         problems.append(
             "NOTIFYD_SEND_TIMEOUT: must be shorter than NOTIFYD_SHUTDOWN_TIMEOUT, so a send in "

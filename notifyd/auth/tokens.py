@@ -129,7 +129,7 @@ class TokenVerifier:
             self._jwks = JwksCache(settings.jwt_jwks_url, settings.jwt_jwks_cache_seconds, session)
         self._verified: dict[str, tuple[Identity, float]] = {}
 
-    async def verify(self, token: str, *, remember: bool = True) -> Identity:
+    async def verify(self, token: str) -> Identity:
         """The token's identity. A service sends thousands of requests with one token:
         a token verified once is remembered (by its exact text) until it expires, and for
         at most VERIFIED_TTL seconds, so a signing key that is withdrawn stops working
@@ -141,12 +141,18 @@ class TokenVerifier:
                 return identity
             del self._verified[token]
         identity, expires = await self._verify(token)
-        if not remember:  # a WebSocket verifies once for its whole life: nothing to save
-            return identity
         if len(self._verified) >= VERIFIED_MAX:
             del self._verified[next(iter(self._verified))]  # the oldest
         self._verified[token] = (identity, min(expires, time.time() + VERIFIED_TTL))
         return identity
+
+    async def verify_until(self, token: str) -> tuple[Identity, float]:
+        """The token's identity and the moment it stops being accepted (its `exp` plus
+        JWT_LEEWAY, in seconds since the epoch): a WebSocket verifies its token once and
+        is closed at that moment unless the client refreshes it. Never remembered: a
+        socket verifies once for its whole life, so there is nothing to save. Every
+        accepted token has an `exp` (it is required), so every socket has a deadline."""
+        return await self._verify(token)
 
     async def _verify(self, token: str) -> tuple[Identity, float]:
         try:

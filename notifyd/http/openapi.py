@@ -771,9 +771,10 @@ def _public() -> dict[str, dict[str, Any]]:
         "/ws/notifications/{tenant_id}/{user_id}/": {
             "get": {
                 "summary": "WebSocket: the user's live notifications and unread count; accepts "
-                "mark_read. Token: Authorization header, Sec-WebSocket-Protocol `bearer, "
-                "<token>`, or ?token=. Closes 4001 (token), 4003 (not your channel), 4008 "
-                "(too slow), 1001 (server going away).",
+                "mark_read and refresh {token}. Token: Authorization header, "
+                "Sec-WebSocket-Protocol `bearer, <token>`, or ?token=. Closes 4001 (token bad, "
+                "or expired without a refresh), 4003 (not your channel), 4008 (too slow), 1001 "
+                "(server going away).",
                 "security": [],
                 "parameters": [
                     {"name": "tenant_id", "in": "path", "required": True, "schema": _ID},
@@ -796,10 +797,11 @@ def _public() -> dict[str, dict[str, Any]]:
         "/ws/chat/{room}/": {
             "get": {
                 "summary": "WebSocket: a chat room, live. Send {message, receiver_id?, "
-                "client_id?}, {type: typing}, {type: read, up_to}, {type: ping}; receive "
-                "message, read, typing, join/leave and a first presence frame. Token as for "
-                "the notifications socket. Closes 4001 (token), 4003 (not a member), 4004 (no "
-                "such room), 4008 (too slow), 1001 (server going away).",
+                "client_id?}, {type: typing}, {type: read, up_to}, {type: ping}, {type: "
+                "refresh, token}; receive message, read, typing, join/leave and a first "
+                "presence frame. Token as for the notifications socket. Closes 4001 (token bad, "
+                "or expired without a refresh), 4003 (not a member), 4004 (no such room), 4008 "
+                "(too slow), 1001 (server going away).",
                 "security": [],
                 "parameters": [
                     {"name": "room", "in": "path", "required": True, "schema": {"type": "string"}},

@@ -5,11 +5,18 @@ The token comes from `Authorization: Bearer …`, from `Sec-WebSocket-Protocol: 
 accepted first and then closed with a code and reason when something is wrong, because a
 browser never shows the body of a refused handshake:
 
-- 4001 the token is missing, invalid or expired
+- 4001 the token is missing, invalid or expired; or it expired while the socket was open
+  (reason "token expired"), or a `refresh` frame named another identity
 - 4003 the path names a channel or room that is not the caller's
 - 4004 no such room in the caller's tenant
 - 4008 the client did not read fast enough (its bounded queue overflowed)
 - 1001 the server is shutting down (reconnect, possibly elsewhere)
+
+A socket lives as long as its token: at the token's `exp` plus JWT_LEEWAY it is closed with
+4001 "token expired", unless the client sent `{"type": "refresh", "token": "<jwt>"}` with a
+fresh token of the same identity first (answered `{"type": "refreshed", "expires_at",
+"expires_in"}`). NOTIFYD_WS_TOKEN_WARNING seconds before the close the server sends
+`{"type": "token_expiring", "expires_in": s}`, so a client knows to refresh.
 
 An `Origin` header must be in `NOTIFYD_WS_ALLOWED_ORIGINS` (or, when that is empty, name the
 same host as the request); clients that send none (servers, CLIs) are not browsers and pass.
@@ -18,10 +25,12 @@ same host as the request); clients that send none (servers, CLIs) are not browse
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,7 +39,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from prometheus_client import Counter
 
 from notifyd.auth.identity import Identity
-from notifyd.auth.tokens import TokenError
+from notifyd.auth.tokens import TokenError, TokenVerifier
 from notifyd.http.context import services
 from notifyd.payloads import dumps
 from notifyd.realtime.history import Missed, after, is_offset
@@ -43,6 +52,9 @@ UNAUTHORIZED = 4001
 FORBIDDEN = 4003
 NOT_FOUND = 4004
 TOO_SLOW = 4008
+EXPIRED = (UNAUTHORIZED, b"token expired")
+REFRESH = "refresh"  # the frame type every socket understands, besides its own
+REFUSED = "refresh_refused"  # the error code of a refresh that changed nothing
 
 
 class OpenSockets:
@@ -50,7 +62,8 @@ class OpenSockets:
 
     def __init__(self) -> None:
         self.sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
-        self.closing: set[asyncio.Task[bool]] = set()  # closes the hub asked for
+        # closes the hub or a token's deadline asked for, `token_expiring` frames
+        self.closing: set[asyncio.Task[Any]] = set()
 
 
 SOCKETS = web.AppKey("websockets", OpenSockets)
@@ -79,9 +92,82 @@ def origin_allowed(request: web.Request, allowed: tuple[str, ...]) -> bool:
     return urlsplit(origin).netloc == request.host
 
 
-async def accept(request: web.Request) -> tuple[web.WebSocketResponse, Identity | None]:
-    """Checks the Origin, completes the handshake and verifies the token; with no identity
-    the socket is already closed with the reason."""
+class SocketToken:
+    """Who a socket is for and until when: its token's identity, the moment the token stops
+    being accepted (`exp` plus JWT_LEEWAY), and the one timer that acts on it.
+
+    One timer per socket at a time (a `TimerHandle`, no task, no polling): first the warning
+    (`warn_before` ahead of the deadline, or halfway there for a token that lives less than
+    twice that), then the close. A refresh moves the deadline and re-arms it. Nothing here
+    runs per frame: the hub's writes and the client's frames never look at the token."""
+
+    __slots__ = (
+        "_expired",
+        "_timer",
+        "_warn",
+        "_warn_before",
+        "_warned",
+        "expires_at",
+        "identity",
+    )
+
+    def __init__(self, identity: Identity, expires_at: float, warn_before: float) -> None:
+        self.identity = identity
+        self.expires_at = expires_at
+        self._warn_before = warn_before
+        self._warned = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired: Callable[[], None] | None = None
+        self._warn: Callable[[float], None] | None = None
+
+    def start(self, expired: Callable[[], None], warn: Callable[[float], None]) -> None:
+        """Arms the timer: `warn(seconds left)` before the deadline, `expired()` at it."""
+        self._expired = expired
+        self._warn = warn
+        self._arm()
+
+    def stop(self) -> None:
+        """The socket is done: the timer and the callbacks (which hold the socket) go."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._expired = self._warn = None
+
+    def renew(self, expires_at: float) -> None:
+        """A fresh token of the same identity: the deadline follows it (earlier or later)."""
+        self.expires_at = expires_at
+        self._warned = False
+        if self._expired is not None:
+            self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        left = self.expires_at - time.time()
+        lead = min(self._warn_before, left / 2)
+        if not self._warned and lead > 0:
+            self._timer = loop.call_later(left - lead, self._on_warning)
+        else:
+            self._timer = loop.call_later(max(0.0, left), self._on_deadline)
+
+    def _on_warning(self) -> None:
+        self._warned = True
+        self._arm()
+        if self._warn is not None:
+            self._warn(max(0.0, self.expires_at - time.time()))
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        if time.time() < self.expires_at:  # the wall clock was set back meanwhile
+            self._arm()
+        elif self._expired is not None:
+            self._expired()
+
+
+async def accept(request: web.Request) -> tuple[web.WebSocketResponse, SocketToken | None]:
+    """Checks the Origin, completes the handshake and verifies the token; with no token the
+    socket is already closed with the reason."""
     s = services(request).settings
     if not origin_allowed(request, s.ws_allowed_origins):
         raise web.HTTPForbidden(text="origin not allowed")
@@ -96,9 +182,10 @@ async def accept(request: web.Request) -> tuple[web.WebSocketResponse, Identity 
     if token is None:
         return await refuse(request, ws, UNAUTHORIZED, b"send a bearer token"), None
     try:
-        return ws, await services(request).verifier.verify(token, remember=False)
+        identity, expires_at = await services(request).verifier.verify_until(token)
     except TokenError as exc:
         return await refuse(request, ws, UNAUTHORIZED, exc.reason.encode()[:120]), None
+    return ws, SocketToken(identity, expires_at, s.ws_token_warning)
 
 
 async def refuse(
@@ -113,7 +200,8 @@ async def refuse(
 
 
 class live:
-    """Subscribed to `channel` for the socket's lifetime, counted, closed on shutdown.
+    """Subscribed to `channel` for the socket's lifetime, counted, closed on shutdown or
+    when its token expires.
 
     A class with slots rather than an async generator: one of these lives as long as each
     socket, so its size counts once per open connection."""
@@ -125,14 +213,21 @@ class live:
         "_opened",
         "_request",
         "_subscriber",
+        "_token",
         "_ws",
     )
 
     def __init__(
-        self, request: web.Request, ws: web.WebSocketResponse, channel: str, endpoint: str
+        self,
+        request: web.Request,
+        ws: web.WebSocketResponse,
+        token: SocketToken,
+        channel: str,
+        endpoint: str,
     ) -> None:
         self._request = request
         self._ws = ws
+        self._token = token
         self._channel = channel
         self._endpoint = endpoint
         self._connections = services(request).metrics.ws_connections.labels(endpoint)
@@ -142,6 +237,7 @@ class live:
     async def __aenter__(self) -> Subscriber:
         ctx = services(self._request)
         self._request.app[SOCKETS].sockets.add(self._ws)
+        self._token.start(self._expired, self._warn)
         subscriber = Subscriber(ctx.settings.ws_send_queue, ctx.settings.ws_send_buffer, self._end)
         await ctx.hub.subscribe(self._channel, subscriber)
         self._subscriber = subscriber
@@ -151,8 +247,21 @@ class live:
 
     def _end(self, code: int, reason: bytes) -> None:
         """Called by the hub (which awaits nothing): the close runs as a task of its own."""
+        self._later(self._ws.close(code=code, message=reason))
+
+    def _expired(self) -> None:
+        """Called by the token's timer: the token expired and no refresh came."""
+        log.info("websocket token expired", extra={"endpoint": self._endpoint})
+        self._end(*EXPIRED)
+
+    def _warn(self, seconds_left: float) -> None:
+        """Called by the token's timer: tells the client to refresh while it can."""
+        frame = dumps({"type": "token_expiring", "expires_in": round(seconds_left, 1)})
+        self._later(_send_if_open(self._ws, frame.decode()))
+
+    def _later(self, step: Coroutine[Any, Any, Any]) -> None:
         closing = self._request.app[SOCKETS].closing
-        task = asyncio.get_running_loop().create_task(self._ws.close(code=code, message=reason))
+        task = asyncio.get_running_loop().create_task(step)
         closing.add(task)
         task.add_done_callback(closing.discard)
 
@@ -160,6 +269,7 @@ class live:
         ctx = services(self._request)
         subscriber = self._subscriber
         assert subscriber is not None
+        self._token.stop()
         try:
             await ctx.hub.unsubscribe(self._channel, subscriber)
         finally:  # counted and freed even when Redis fails the unsubscribe
@@ -176,6 +286,13 @@ class live:
                 "seconds": round(time.monotonic() - self._opened, 1),
             },
         )
+
+
+async def _send_if_open(ws: web.WebSocketResponse, text: str) -> None:
+    if ws.closed:
+        return
+    with contextlib.suppress(ConnectionError):  # gone meanwhile: its handler sees the close
+        await ws.send_str(text)
 
 
 def _drop_heartbeat_callback(request: web.Request) -> None:
@@ -266,12 +383,15 @@ async def commands(
     request: web.Request,
     endpoint: str,
     known: tuple[str, ...],
+    token: SocketToken,
     default: str | None = None,
 ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     """The client's frames as (type, JSON object), until the socket closes: over the rate
     limit, not JSON objects, or of an unknown type, they are answered with an error frame
-    here and never reach the endpoint. `default` is the type of a frame that names none."""
+    here and never reach the endpoint; `refresh` frames are handled here for every socket.
+    `default` is the type of a frame that names none."""
     ctx = services(request)
+    known = (*known, REFRESH)
     limit: RateLimit | None = None  # made at the first frame: idle sockets never need one
     counted = ctx.metrics.ws_messages_in
     counters: dict[str, Counter] = {}  # labels() validates and locks on each call: once per type
@@ -296,10 +416,46 @@ async def commands(
         counter.inc()
         if not isinstance(command, dict):
             await ws.send_str(error_frame("frames must be JSON objects"))
+        elif kind == REFRESH:
+            await refresh(ws, ctx.verifier, token, command)
         elif kind not in known:
             await ws.send_str(error_frame(f"unknown type; known: {', '.join(known)}"))
         else:
             yield kind, command
+
+
+async def refresh(
+    ws: web.WebSocketResponse,
+    verifier: TokenVerifier,
+    token: SocketToken,
+    command: dict[str, Any],
+) -> None:
+    """`{"type": "refresh", "token": "<jwt>"}`: a fresh token moves the socket's deadline.
+
+    The token is verified like any other. One that does not verify (garbage, expired, a bad
+    signature, keys unavailable) is answered with an error frame and changes nothing: the
+    socket still closes at its old deadline, so a failed refresh gains nothing and a client
+    may try again. One that verifies but names another identity (tenant, user or role)
+    closes the socket with 4001: a socket's identity is fixed when it opens (its channel,
+    its room, the role its audit rows record), so a changed role reconnects to take effect,
+    and a client holding someone else's token gets nothing from it."""
+    raw = command.get("token")
+    if not isinstance(raw, str) or not raw:
+        await ws.send_str(error_frame('token: refresh takes "token": "<jwt>"', REFUSED))
+        return
+    try:
+        identity, expires_at = await verifier.verify_until(raw)
+    except TokenError as exc:
+        await ws.send_str(error_frame(f"token: {exc.reason}", REFUSED))
+        return
+    if identity != token.identity:
+        log.info("websocket refresh named another identity")
+        await ws.close(code=UNAUTHORIZED, message=b"refresh token names another identity")
+        return
+    token.renew(expires_at)
+    at = datetime.fromtimestamp(expires_at, UTC).isoformat()
+    left = round(max(0.0, expires_at - time.time()), 1)
+    await ws.send_str(dumps({"type": "refreshed", "expires_at": at, "expires_in": left}).decode())
 
 
 class RateLimit:

@@ -6,7 +6,8 @@ The client sends (every frame counts against the connection's rate limit):
   must be the other member; in a group room it must be absent. `client_id` is echoed so a
   client can match its own message when it comes back.
 - `{"type": "typing", "typing": true}`, `{"type": "read", "up_to": "<message id>"}`,
-  `{"type": "ping"}`.
+  `{"type": "ping"}`, and `{"type": "refresh", "token": "<jwt>"}` before the socket's token
+  expires (see `websockets`).
 
 Every member receives `{"type": "message", "room", "id", "sender_id", "receiver_id",
 "message", "sent_at", "offset"}` (the sender too: that is its acknowledgement), `read`
@@ -45,9 +46,10 @@ CLIENT_ID_MAX = 100
 
 
 async def chat_socket(request: web.Request) -> web.StreamResponse:
-    ws, caller = await accept(request)
-    if caller is None:
+    ws, token = await accept(request)
+    if token is None:
         return ws
+    caller = token.identity  # fixed for the socket's life: a refresh cannot change it
     ctx = services(request)
     name = request.match_info["room"]
     try:
@@ -63,7 +65,7 @@ async def chat_socket(request: web.Request) -> web.StreamResponse:
 
     channel = ctx.keys.room_events(caller.tenant_id, name)
     poster = _Poster(request, caller, room)
-    async with live(request, ws, channel, ENDPOINT) as subscriber:
+    async with live(request, ws, token, channel, ENDPOINT) as subscriber:
         seat, online = await ctx.presence.join(caller.tenant_id, name, caller.user_id)
         try:
             await ws.send_str(dumps({"type": "presence", "room": name, "online": online}).decode())
@@ -78,7 +80,7 @@ async def chat_socket(request: web.Request) -> web.StreamResponse:
             if await catch_up(ws, request, subscriber, replayed_to, ends_with=removes_me):
                 # read here, not in a helper: one frame less waiting under every socket
                 async for kind, command in commands(
-                    ws, request, ENDPOINT, COMMANDS, default="message"
+                    ws, request, ENDPOINT, COMMANDS, token, default="message"
                 ):
                     if kind == "message":
                         await poster.post(ws, command)

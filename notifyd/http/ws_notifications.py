@@ -2,7 +2,8 @@
 
 New in-app notifications, delivery status changes, unread-count updates and new 1-on-1
 messages arrive as they happen; `?since=<offset>` replays what a reconnecting client missed.
-The client may send `mark_read` (ids or all) and `ping`.
+The client may send `mark_read` (ids or all), `ping`, and `refresh` (a fresh token, before
+the socket's own expires: see `websockets`).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ COMMANDS = ("mark_read", "ping")
 
 
 async def notifications_socket(request: web.Request) -> web.StreamResponse:
-    ws, caller = await accept(request)
-    if caller is None:
+    ws, token = await accept(request)
+    if token is None:
         return ws
+    caller = token.identity  # fixed for the socket's life: a refresh cannot change it
     if (caller.tenant_id, caller.user_id) != (
         request.match_info["tenant_id"],
         request.match_info["user_id"],
@@ -44,7 +46,7 @@ async def notifications_socket(request: web.Request) -> web.StreamResponse:
         return await refuse(request, ws, FORBIDDEN, b"this is not your notification channel")
     ctx = services(request)
     channel = ctx.keys.user_events(caller.tenant_id, caller.user_id)
-    async with live(request, ws, channel, ENDPOINT) as subscriber:
+    async with live(request, ws, token, channel, ENDPOINT) as subscriber:
         replayed_to = await replay(
             ws,
             request,
@@ -59,7 +61,7 @@ async def notifications_socket(request: web.Request) -> web.StreamResponse:
             )
             await ws.send_str(dumps({"type": "unread_count", "count": unread}).decode())
             # read here, not in a helper: one frame less waiting under every idle socket
-            async for kind, command in commands(ws, request, ENDPOINT, COMMANDS):
+            async for kind, command in commands(ws, request, ENDPOINT, COMMANDS, token):
                 if kind == "mark_read":
                     await _mark_read(ws, request, caller, command)
                 else:  # ping
