@@ -399,6 +399,72 @@ async def test_a_removed_member_is_disconnected_and_can_no_longer_write(
     ]
 
 
+async def test_a_removed_member_gets_every_message_up_to_the_removal_and_none_after(
+    daemon_factory: DaemonFactory, session: aiohttp.ClientSession
+) -> None:
+    """Issue 24, point 6: a member removed from a room is disconnected on every instance and
+    misses nothing in between. The cut is the room's event order, which every member's
+    socket sees alike (one Redis channel for the room): Carol, on instance b, receives exactly
+    the messages Bob's socket on instance a saw before her removal, every message sent
+    before the removal began among them, then the removal, then a 4003 close; messages sent
+    while the removal is under way fall on the same side of it for both, and none sent after
+    it reach her."""
+    a = await daemon_factory(NOTIFYD_INSTANCE_NAME="a")
+    b = await daemon_factory(NOTIFYD_INSTANCE_NAME="b")
+    await create_room(a, ALICE, [BOB, CAROL], name="panel-cut")
+    removed = f"removed:{CAROL}"
+
+    def seen(event: dict[str, Any]) -> str | None:
+        if event["type"] == "message":
+            return str(event["message"])
+        if event["type"] == "member_removed":
+            return f"removed:{event['user_id']}"
+        return None
+
+    async with (
+        connect(session, a, "panel-cut", BOB) as bob,
+        connect(session, b, "panel-cut", CAROL) as carol,
+    ):
+        await next_of_type(bob, "presence")
+        await next_of_type(carol, "presence")
+        bob_saw: list[str] = []
+        for i in range(5):
+            await bob.send_json({"message": f"before-{i}"})
+        while len(bob_saw) < 5:  # acknowledged: Bob's own echo is his acknowledgement
+            if (what := seen(await next_json(bob))) is not None:
+                bob_saw.append(what)
+
+        async def keep_sending() -> None:
+            for i in range(10):
+                await bob.send_json({"message": f"during-{i}"})
+                await asyncio.sleep(0.01)
+
+        sending = asyncio.create_task(keep_sending())
+        async with Api(a) as api:
+            status, _, _ = await api.request(
+                "DELETE", f"/rooms/panel-cut/members/{CAROL}/", tenant=TENANT, user=ALICE
+            )
+        assert status == 204
+        await sending
+        for i in range(3):
+            await bob.send_json({"message": f"after-{i}"})
+        while len(bob_saw) < 5 + 10 + 3 + 1:
+            if (what := seen(await next_json(bob))) is not None:
+                bob_saw.append(what)
+        carol_saw: list[str] = []
+        while True:
+            message = await carol.receive(timeout=10)
+            if message.type != aiohttp.WSMsgType.TEXT:
+                break
+            if (what := seen(orjson.loads(message.data))) is not None:
+                carol_saw.append(what)
+        assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, 4003)
+    cut = bob_saw.index(removed) + 1
+    assert carol_saw == bob_saw[:cut]
+    assert [f"before-{i}" for i in range(5)] == carol_saw[:5]
+    assert not [m for m in carol_saw if m.startswith("after-")]
+
+
 # --- presence, typing, receipts --------------------------------------------------------------
 
 
