@@ -41,6 +41,7 @@ from prometheus_client import Counter
 from notifyd.auth.identity import Identity
 from notifyd.auth.tokens import TokenError, TokenVerifier
 from notifyd.http.context import services
+from notifyd.logs import tenant_id_var
 from notifyd.payloads import dumps
 from notifyd.realtime.history import Missed, after, is_offset
 from notifyd.realtime.hub import Subscriber
@@ -185,6 +186,7 @@ async def accept(request: web.Request) -> tuple[web.WebSocketResponse, SocketTok
         identity, expires_at = await services(request).verifier.verify_until(token)
     except TokenError as exc:
         return await refuse(request, ws, UNAUTHORIZED, exc.reason.encode()[:120]), None
+    tenant_id_var.set(identity.tenant_id)  # this socket's log lines (and its timer's) name it
     return ws, SocketToken(identity, expires_at, s.ws_token_warning)
 
 
@@ -237,9 +239,10 @@ class live:
     async def __aenter__(self) -> Subscriber:
         ctx = services(self._request)
         self._request.app[SOCKETS].sockets.add(self._ws)
-        self._token.start(self._expired, self._warn)
         subscriber = Subscriber(ctx.settings.ws_send_queue, ctx.settings.ws_send_buffer, self._end)
         await ctx.hub.subscribe(self._channel, subscriber)
+        # from here on __aexit__ runs and stops the timer (a failed subscribe leaves none)
+        self._token.start(self._expired, self._warn)
         self._subscriber = subscriber
         self._connections.inc()
         log.info("websocket opened", extra={"endpoint": self._endpoint})
