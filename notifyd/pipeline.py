@@ -32,7 +32,7 @@ from notifyd.providers.base import Delivery, Provider, TransientError
 from notifyd.providers.inapp import InAppProvider
 from notifyd.providers.sms import TwilioSmsProvider
 from notifyd.providers.smtp import SmtpProvider, SmtpSettings
-from notifyd.realtime.history import History
+from notifyd.realtime.history import Bounds, History
 from notifyd.secretbox import SecretBox, SecretError
 from notifyd.settings import Settings
 from notifyd.store.tenants import (
@@ -87,7 +87,16 @@ def build_pipeline(
     name = consumer_name(settings)
     schedule = Schedule(redis, keys.timer, settings.stream_max_len)
     producer = Producer(redis, settings.stream_max_len)
-    history = History(redis, keys, settings.ws_history_len)
+    history = History(
+        redis,
+        keys,
+        Bounds(
+            max_len=settings.ws_history_len,
+            ttl=settings.ws_history_ttl,
+            replay_entries=settings.ws_replay_max_entries,
+            replay_bytes=settings.ws_replay_max_bytes,
+        ),
+    )
     alerts = Alerts(settings, redis, keys)
 
     async def tenant(tenant_id: str) -> TenantSettings:

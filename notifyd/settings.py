@@ -145,6 +145,14 @@ class Settings:
     ws_max_frame: int = 65_536
     ws_send_queue: int = 256
     ws_history_len: int = 1000
+    # a feed's history stream is dropped this long after its last event (the client that
+    # comes back later gets a `gap` and refetches over REST): one day covers a blip, a
+    # deploy or a night's sleep, and bounds how long made-up ids occupy Redis
+    ws_history_ttl: float = 86_400.0
+    # one `?since=` replay: at most this many events and bytes (the newest; a `gap` says to
+    # refetch the rest), so a reconnect never loads a whole stream into the daemon
+    ws_replay_max_entries: int = 200
+    ws_replay_max_bytes: int = 262_144
     ws_send_buffer: int = 1_048_576
     ws_message_rate: float = 10.0
     ws_message_burst: int = 20
@@ -171,6 +179,15 @@ class Settings:
     rabbitmq_url: str = field(default="", repr=False)
     rabbitmq_queue: str = "notifyd.events"
     rabbitmq_prefetch: int = 16
+    # retention in PostgreSQL (seconds; 0 keeps forever): rows in a final state older than
+    # this are deleted by the housekeeper, `retain_batch` rows a statement, `retain_pause`
+    # seconds between statements. Ingested event ids follow NOTIFYD_EVENT_DEDUPE_TTL.
+    retain_notifications: float = 7_776_000.0  # 90 days
+    retain_messages: float = 31_536_000.0  # 365 days
+    retain_reminders: float = 7_776_000.0  # 90 days after the interview
+    retain_audit: float = 31_536_000.0  # 365 days: check your compliance needs
+    retain_batch: int = 1000
+    retain_pause: float = 0.1
 
     @property
     def effective_redis_url(self) -> str:
@@ -468,6 +485,16 @@ SPECS: tuple[_Spec, ...] = (
     _spec("chat_write_batch", "NOTIFYD_CHAT_WRITE_BATCH", "realtime.chat_write_batch", _to_int),
     _spec("room_max_members", "NOTIFYD_ROOM_MAX_MEMBERS", "realtime.room_max_members", _to_int),
     _spec("ws_history_len", "NOTIFYD_WS_HISTORY_LEN", "realtime.history_len", _to_int),
+    _spec("ws_history_ttl", "NOTIFYD_WS_HISTORY_TTL", "realtime.history_ttl", _to_float),
+    _spec(
+        "ws_replay_max_entries",
+        "NOTIFYD_WS_REPLAY_MAX_ENTRIES",
+        "realtime.replay_max_entries",
+        _to_int,
+    ),
+    _spec(
+        "ws_replay_max_bytes", "NOTIFYD_WS_REPLAY_MAX_BYTES", "realtime.replay_max_bytes", _to_int
+    ),
     _spec("actor_backoff_cap", "NOTIFYD_ACTOR_BACKOFF_CAP", "actors.backoff_cap", _to_float),
     _spec("actor_max_restarts", "NOTIFYD_ACTOR_MAX_RESTARTS", "actors.max_restarts", _to_int),
     _spec(
@@ -481,6 +508,17 @@ SPECS: tuple[_Spec, ...] = (
     _spec("rabbitmq_url", "NOTIFYD_RABBITMQ_URL", "events.rabbitmq_url", _to_str, secret=True),
     _spec("rabbitmq_queue", "NOTIFYD_RABBITMQ_QUEUE", "events.rabbitmq_queue", _to_str),
     _spec("rabbitmq_prefetch", "NOTIFYD_RABBITMQ_PREFETCH", "events.rabbitmq_prefetch", _to_int),
+    _spec(
+        "retain_notifications",
+        "NOTIFYD_RETAIN_NOTIFICATIONS",
+        "retention.notifications",
+        _to_float,
+    ),
+    _spec("retain_messages", "NOTIFYD_RETAIN_MESSAGES", "retention.messages", _to_float),
+    _spec("retain_reminders", "NOTIFYD_RETAIN_REMINDERS", "retention.reminders", _to_float),
+    _spec("retain_audit", "NOTIFYD_RETAIN_AUDIT", "retention.audit", _to_float),
+    _spec("retain_batch", "NOTIFYD_RETAIN_BATCH", "retention.batch", _to_int),
+    _spec("retain_pause", "NOTIFYD_RETAIN_PAUSE", "retention.pause", _to_float),
 )
 
 
@@ -644,6 +682,10 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_ROOM_MAX_MEMBERS": settings.room_max_members,
         "NOTIFYD_WS_SEND_QUEUE": settings.ws_send_queue,
         "NOTIFYD_WS_HISTORY_LEN": settings.ws_history_len,
+        "NOTIFYD_WS_HISTORY_TTL": settings.ws_history_ttl,
+        "NOTIFYD_WS_REPLAY_MAX_ENTRIES": settings.ws_replay_max_entries,
+        "NOTIFYD_WS_REPLAY_MAX_BYTES": settings.ws_replay_max_bytes,
+        "NOTIFYD_RETAIN_BATCH": settings.retain_batch,
         "NOTIFYD_SEND_MAX_ATTEMPTS": settings.send_max_attempts,
         "NOTIFYD_RETRY_BASE": settings.retry_base,
         "NOTIFYD_RETRY_CAP": settings.retry_cap,
@@ -667,9 +709,25 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_EVENT_CONCURRENCY": settings.event_concurrency,
         "NOTIFYD_EVENT_MAX_RECIPIENTS": settings.event_max_recipients,
         "NOTIFYD_EVENT_MAX_DELIVERIES": settings.event_max_deliveries,
-        "NOTIFYD_EVENT_DEDUPE_TTL": settings.event_dedupe_ttl,
     }
     problems += [f"{name}: must be greater than 0" for name, v in positive.items() if v <= 0]
+    kept = {  # 0 keeps forever
+        "NOTIFYD_EVENT_DEDUPE_TTL": settings.event_dedupe_ttl,
+        "NOTIFYD_RETAIN_NOTIFICATIONS": settings.retain_notifications,
+        "NOTIFYD_RETAIN_MESSAGES": settings.retain_messages,
+        "NOTIFYD_RETAIN_REMINDERS": settings.retain_reminders,
+        "NOTIFYD_RETAIN_AUDIT": settings.retain_audit,
+    }
+    problems += [
+        f"{name}: must be 0 or more (0 keeps forever)" for name, v in kept.items() if v < 0
+    ]
+    if settings.retain_pause < 0:
+        problems.append("NOTIFYD_RETAIN_PAUSE: must be 0 or more seconds")
+    if settings.retain_batch > 10_000:
+        problems.append(
+            "NOTIFYD_RETAIN_BATCH: at most 10000 rows a statement (a larger batch holds its "
+            "row locks and its WAL burst long enough to slow the request path)"
+        )
     if not 0 <= settings.reminder_lookahead <= MAX_REMINDER_LOOKAHEAD:
         problems.append(
             f"NOTIFYD_REMINDER_LOOKAHEAD: must be between 0 and {MAX_REMINDER_LOOKAHEAD:g} "

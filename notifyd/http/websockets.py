@@ -319,7 +319,8 @@ async def replay(
     refetch: str,
 ) -> str | None:
     """With `?since=<offset>`: what the client missed, in order (or a `gap` frame naming
-    `refetch` when some of it is no longer kept); returns the last offset sent.
+    `refetch` when some of it is no longer kept, or is more than one replay carries: the
+    replay then holds the newest events); returns the last offset sent.
 
     Call it after subscribing: nothing falls between the two, and the writer skips live
     events the replay already sent."""
@@ -333,8 +334,11 @@ async def replay(
         return None
     missed = await missed_since(since)
     if missed.gap:
-        detail = f"some events after this offset are no longer kept; refetch {refetch}"
-        await ws.send_str(dumps({"type": "gap", "since": since, "detail": detail}).decode())
+        # expired, trimmed, or more than one replay carries (its bounds): what lies between
+        # `since` and `until` (the first event replayed, if any) is for REST
+        detail = f"some events after this offset are not replayed; refetch {refetch}"
+        gap = {"type": "gap", "since": since, "until": missed.until, "detail": detail}
+        await ws.send_str(dumps(gap).decode())
     last = None
     for offset, payload in missed.events:
         await ws.send_frame(payload, WSMsgType.TEXT)

@@ -72,9 +72,7 @@ async def chat_socket(request: web.Request) -> web.StreamResponse:
             replayed_to = await replay(
                 ws,
                 request,
-                lambda since: ctx.history.since_in_room(
-                    caller.tenant_id, name, since, ctx.settings.ws_history_len
-                ),
+                lambda since: ctx.history.since_in_room(caller.tenant_id, name, since),
                 refetch=f"GET /rooms/{name}/messages/",
             )
             if await catch_up(ws, request, subscriber, replayed_to, ends_with=removes_me):

@@ -50,9 +50,7 @@ async def notifications_socket(request: web.Request) -> web.StreamResponse:
         replayed_to = await replay(
             ws,
             request,
-            lambda since: ctx.history.since(
-                caller.tenant_id, caller.user_id, since, ctx.settings.ws_history_len
-            ),
+            lambda since: ctx.history.since(caller.tenant_id, caller.user_id, since),
             refetch="GET /notifications/",
         )
         if await catch_up(ws, request, subscriber, replayed_to):
