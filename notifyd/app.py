@@ -22,7 +22,7 @@ from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from notifyd.accept import Outbox
-from notifyd.actors.housekeeper import Housekeeper
+from notifyd.actors.housekeeper import Housekeeper, Retention
 from notifyd.auth.tokens import TokenVerifier
 from notifyd.egress import Egress
 from notifyd.http.context import Services
@@ -151,6 +151,15 @@ class Daemon:
                 redis=redis,
                 groups=keys.consumer_groups(),
                 event_ttl=s.event_dedupe_ttl,
+                retention=Retention(
+                    notifications=s.retain_notifications,
+                    messages=s.retain_messages,
+                    reminders=s.retain_reminders,
+                    audit=s.retain_audit,
+                    batch=s.retain_batch,
+                    pause=s.retain_pause,
+                ),
+                metrics=self.metrics,
             ),
             *self._extra_actors,
         ]

@@ -88,6 +88,12 @@ class Metrics:
             "Stranded rows the sweeper put back on a stream from PostgreSQL.",
             registry=self.registry,
         )
+        self.retention_purged = Counter(
+            "notifyd_retention_purged_rows_total",
+            "Rows the housekeeper deleted past their retention, by table.",
+            ["table"],
+            registry=self.registry,
+        )
         self.dead_letters = Counter(
             "notifyd_dead_letters_total",
             "Entries copied to the dead-letter stream, by source stream and cause: failed "

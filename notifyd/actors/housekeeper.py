@@ -1,5 +1,11 @@
-"""Housekeeper: deletes idempotency keys and ingested event ids past their lifetime, forgets
-dead consumers, and trims stream entries every group has acknowledged (`streams.trim`).
+"""Housekeeper: deletes idempotency keys and ingested event ids past their lifetime, rows of
+notifications, messages, reminders and audit past their retention, forgets dead consumers,
+and trims stream entries every group has acknowledged (`streams.trim`).
+
+Retention (`NOTIFYD_RETAIN_*`, 0 keeps forever) deletes only rows in a final state, a batch
+of `NOTIFYD_RETAIN_BATCH` rows by primary key per statement (its own short transaction),
+with `NOTIFYD_RETAIN_PAUSE` between statements so the request path keeps the database
+(`store.retention`: rows a request holds are skipped, not waited for).
 
 Batches keep each DELETE short so it never holds locks long enough to slow the request path;
 several instances running it at once only share the work. Consumer names of processes that
@@ -10,11 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import asyncpg
 from redis.asyncio import Redis
 
-from notifyd.store import idempotency, ingested_events
+from notifyd.metrics import Metrics
+from notifyd.store import audit, idempotency, ingested_events, messages, notifications, reminders
+from notifyd.store import retention as kept
 from notifyd.streams.consumer import forget_idle_consumers
 from notifyd.streams.trim import Trimmer
 from notifyd.supervisor import sleep_or_stop
@@ -22,6 +33,30 @@ from notifyd.supervisor import sleep_or_stop
 log = logging.getLogger("notifyd.actors.housekeeper")
 
 DEAD_CONSUMER_IDLE_S = 86_400.0
+
+Purge = Callable[[asyncpg.Pool, uuid.UUID, kept.Cutoff, int], Awaitable[kept.Batch]]
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """Seconds each family is kept (0: forever), and the pace of the purge."""
+
+    notifications: float = 0.0
+    messages: float = 0.0
+    reminders: float = 0.0
+    audit: float = 0.0
+    batch: int = 1000
+    pause: float = 0.1
+
+    def families(self) -> list[tuple[str, float, Purge]]:
+        """(table, seconds kept, its purge) for every family with a retention."""
+        every: list[tuple[str, float, Purge]] = [
+            ("notifications", self.notifications, notifications.purge_expired),
+            ("messages", self.messages, messages.purge_expired),
+            ("interview_reminders", self.reminders, reminders.purge_expired),
+            ("audit_log", self.audit, audit.purge_expired),
+        ]
+        return [family for family in every if family[1] > 0]
 
 
 class Housekeeper:
@@ -38,8 +73,12 @@ class Housekeeper:
         groups: list[tuple[str, str]] | None = None,
         consumer_idle: float = DEAD_CONSUMER_IDLE_S,
         event_ttl: float | None = None,
+        retention: Retention | None = None,
+        metrics: Metrics | None = None,
     ):
-        self._event_ttl = event_ttl
+        self._event_ttl = event_ttl or None  # 0 keeps them forever
+        self._retention = retention or Retention()
+        self._metrics = metrics
         self._pool = pool
         self._ttl = ttl
         self._interval = interval
@@ -57,6 +96,8 @@ class Housekeeper:
             events = await self.forget_old_events()
             if events:
                 log.info("old event ids forgotten", extra={"count": events})
+            for table, count in (await self.purge_expired(stop)).items():
+                log.info("expired rows deleted", extra={"table": table, "count": count})
             forgotten = await self.forget_dead_consumers()
             if forgotten:
                 log.info("dead stream consumers forgotten", extra={"count": forgotten})
@@ -84,8 +125,34 @@ class Housekeeper:
                 self._pool, self._event_ttl, self._batch
             )
             total += removed
+            self._count("ingested_events", removed)
             if removed < self._batch:
                 return total
+
+    async def purge_expired(self, stop: asyncio.Event | None = None) -> dict[str, int]:
+        """Rows past their family's retention, deleted a batch at a time (a pause between
+        batches); the count deleted per table. Returns early when `stop` is set."""
+        stop = stop or asyncio.Event()
+        r = self._retention
+        deleted: dict[str, int] = {}
+        for table, seconds, purge in r.families():
+            cut = kept.cutoff(seconds)
+            after = kept.NIL
+            while True:
+                batch = await purge(self._pool, after, cut, r.batch)
+                if batch.deleted:
+                    deleted[table] = deleted.get(table, 0) + batch.deleted
+                    self._count(table, batch.deleted)
+                if batch.deleted < r.batch or batch.last is None:
+                    break
+                after = batch.last
+                if await sleep_or_stop(stop, r.pause):
+                    return deleted
+        return deleted
+
+    def _count(self, table: str, rows: int) -> None:
+        if self._metrics is not None and rows:
+            self._metrics.retention_purged.labels(table).inc(rows)
 
     async def forget_dead_consumers(self) -> int:
         if self._redis is None:

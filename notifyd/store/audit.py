@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from notifyd.ids import uuid7
+from notifyd.store import retention
 from notifyd.store.pool import Conn, Executor
 
 
@@ -81,3 +82,22 @@ async def list_entries(
     limit: int,
 ) -> list[asyncpg.Record]:
     return await conn.fetch(LIST, tenant_id, before, action, user_id, limit)
+
+
+# Retention: audit rows written before the cutoff, oldest first.
+PURGE_EXPIRED = """
+WITH doomed AS (
+    SELECT id FROM audit_log
+    WHERE id > $1 AND id < $2 AND created_at < $3
+    ORDER BY id LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM audit_log a USING doomed d WHERE a.id = d.id RETURNING a.id
+"""
+
+
+async def purge_expired(
+    executor: Executor, after: uuid.UUID, cut: retention.Cutoff, limit: int
+) -> retention.Batch:
+    """Deletes up to `limit` audit rows older than the cutoff, after `after`."""
+    return await retention.purge_batch(executor, PURGE_EXPIRED, after, cut, limit)

@@ -9,7 +9,7 @@ from datetime import datetime
 
 import asyncpg
 
-from notifyd.store import audit
+from notifyd.store import audit, retention
 from notifyd.store.audit import AuditEntry
 from notifyd.store.pool import Conn, Executor
 
@@ -184,3 +184,23 @@ async def mark_read(
         if sender not in newest or newest[sender] < message_id:
             newest[sender] = message_id
     return len(rows), newest
+
+
+# Retention: chat messages (1-on-1 and group rooms) sent before the cutoff, oldest first.
+PURGE_EXPIRED = """
+WITH doomed AS (
+    SELECT id FROM messages
+    WHERE id > $1 AND id < $2 AND sent_at < $3
+    ORDER BY id LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM messages m USING doomed d WHERE m.id = d.id RETURNING m.id
+"""
+
+
+async def purge_expired(
+    executor: Executor, after: uuid.UUID, cut: retention.Cutoff, limit: int
+) -> retention.Batch:
+    """Deletes up to `limit` messages older than the cutoff, after `after`. A member's
+    `last_read_id` may name a deleted message: it is a position, still ordered by id."""
+    return await retention.purge_batch(executor, PURGE_EXPIRED, after, cut, limit)

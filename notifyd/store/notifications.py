@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from notifyd.store import audit
+from notifyd.store import audit, retention
 from notifyd.store.audit import AuditEntry
 from notifyd.store.pool import Conn, Executor
 
@@ -162,3 +162,26 @@ async def mark_read(conn: Conn, tenant_id: str, user_id: str, ids: list[uuid.UUI
     else:
         status = await conn.execute(MARK_READ_IDS, tenant_id, user_id, ids)
     return int(status.rsplit(" ", 1)[1])
+
+
+# Retention: notifications in a final state, created before the cutoff, oldest first. Never a
+# queued, dispatched, sending or retrying one, however old: it is still to be delivered.
+FINAL_STATUSES = ("sent", "delivered", "failed", "undelivered", "suppressed", "cancelled")
+PURGE_EXPIRED = f"""
+WITH doomed AS (
+    SELECT id FROM notifications
+    WHERE id > $1 AND id < $2 AND created_at < $3
+      AND status IN ({", ".join(f"'{s}'" for s in FINAL_STATUSES)})
+    ORDER BY id LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM notifications n USING doomed d WHERE n.id = d.id RETURNING n.id
+"""
+
+
+async def purge_expired(
+    executor: Executor, after: uuid.UUID, cut: retention.Cutoff, limit: int
+) -> retention.Batch:
+    """Deletes up to `limit` final notifications older than the cutoff, after `after`. A
+    late provider callback for one finds no row and is answered as for an unknown id."""
+    return await retention.purge_batch(executor, PURGE_EXPIRED, after, cut, limit)

@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 
+from notifyd.store import retention
 from notifyd.store.pool import Conn, Executor
 
 COLUMNS = """id, tenant_id, application_id, candidate_id, employer_id, created_by,
@@ -335,3 +336,24 @@ async def fire_many(
         template_key,
         category,
     )
+
+
+# Retention: reminders fired, skipped or cancelled whose interview is older than the cutoff
+# (so also created before it), oldest first. Never a scheduled one.
+PURGE_EXPIRED = """
+WITH doomed AS (
+    SELECT id FROM interview_reminders
+    WHERE id > $1 AND id < $2 AND interview_time < $3
+      AND status IN ('fired', 'skipped', 'cancelled')
+    ORDER BY id LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM interview_reminders r USING doomed d WHERE r.id = d.id RETURNING r.id
+"""
+
+
+async def purge_expired(
+    executor: Executor, after: uuid.UUID, cut: retention.Cutoff, limit: int
+) -> retention.Batch:
+    """Deletes up to `limit` finished reminders whose interview is older than the cutoff."""
+    return await retention.purge_batch(executor, PURGE_EXPIRED, after, cut, limit)

@@ -1,0 +1,51 @@
+"""What the purges of every table family share: the cutoff, and one batch by primary key.
+
+Ids notifyd makes are UUIDv7, whose first 48 bits are the creation time in milliseconds, so
+the primary key is already an index on creation time: a purge walks it from the oldest row,
+`retain_batch` rows a statement, with a cursor (the last id it deleted), and never needs an
+index of its own on a time column. The rows are taken `FOR UPDATE SKIP LOCKED`: a row the
+request path or a sender holds is left for the next round instead of waited for, and two
+instances purging at once take different rows instead of queueing behind each other.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from notifyd.store.pool import Executor
+
+NIL = uuid.UUID(int=0)  # the cursor before the first row
+
+
+@dataclass(frozen=True, slots=True)
+class Cutoff:
+    """Rows older than `at` have expired. `id` is the smallest UUIDv7 of `at`'s millisecond:
+    every id made before `at` sorts below it."""
+
+    at: datetime
+    id: uuid.UUID
+
+
+def cutoff(age: float, now: float | None = None) -> Cutoff:
+    """The cutoff of a retention of `age` seconds, as of `now` (epoch seconds)."""
+    ms = int(((time.time() if now is None else now) - age) * 1000)
+    return Cutoff(datetime.fromtimestamp(ms / 1000, UTC), uuid.UUID(int=max(0, ms) << 80))
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    deleted: int
+    last: uuid.UUID | None  # the cursor for the next batch: the highest id deleted
+
+
+async def purge_batch(
+    executor: Executor, sql: str, after: uuid.UUID, cut: Cutoff, limit: int
+) -> Batch:
+    """Runs one family's purge statement: `$1` cursor, `$2` cutoff id, `$3` cutoff time,
+    `$4` batch size; it returns the ids it deleted."""
+    rows = await executor.fetch(sql, after, cut.id, cut.at, limit)
+    ids = [row[0] for row in rows]
+    return Batch(len(ids), max(ids, key=lambda i: i.int) if ids else None)
