@@ -8,7 +8,17 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
-from bench import connections, email_e2e, limits, reminders, rest_ingest, suite, ws_fanout
+from bench import (
+    connections,
+    email_e2e,
+    limits,
+    redis_footprint,
+    reminders,
+    rest_ingest,
+    retention,
+    suite,
+    ws_fanout,
+)
 from bench.common import BenchError, emit
 
 T = TypeVar("T")
@@ -24,6 +34,11 @@ WORKLOADS: dict[str, tuple[Any, str]] = {
     "email_e2e": (email_e2e, "K emails posted, until all reach the harness's SMTP sink"),
     "ws_fanout": (ws_fanout, "R rooms x M members, S messages per sender (burst or --rate)"),
     "connections": (connections, "N idle WebSockets: notifyd's RSS per connection"),
+    "redis_footprint": (
+        redis_footprint,
+        "in-app notifications to N made-up ids: Redis memory and keys, before and after expiry",
+    ),
+    "retention": (retention, "rest_ingest's p99 while 1,000,000 expired rows are purged"),
     "all": (suite, "limits, then every workload, then each figure beside its ceiling"),
 }
 

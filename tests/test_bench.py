@@ -17,7 +17,17 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from bench import connections, email_e2e, limits, loadgen, rest_ingest, suite, ws_fanout
+from bench import (
+    connections,
+    email_e2e,
+    limits,
+    loadgen,
+    redis_footprint,
+    rest_ingest,
+    retention,
+    suite,
+    ws_fanout,
+)
 from bench.__main__ import WORKLOADS, build_parser
 from bench.common import BenchError, TokenMinter, free_port, require_loopback_url
 from bench.reminders import ReminderOptions, main
@@ -540,3 +550,69 @@ async def test_rest_ingest_without_a_readable_metrics_page_keeps_its_other_figur
         assert await rest_ingest._follow_delivery(session, url, None, 10, 5.0) == (None, 0.0)
         delivered, waited = await rest_ingest._follow_delivery(session, url, 0.0, 10, 0.3)
         assert delivered is None and 0.3 <= waited < 2.5
+
+
+async def test_retention_compares_ingest_alone_and_beside_a_purge(
+    daemon_factory: DaemonFactory, database_url: str, db: asyncpg.Connection
+) -> None:
+    """Promise: `python -m bench retention` generates expired rows, runs `rest_ingest` alone
+    and beside their purge, and reports both p99s and their ratio; the purge really deleted
+    every generated row (quick mode: a few thousand rows, one pair of one-second runs)."""
+    daemon = await daemon_factory()
+    result = as_json(
+        await retention.main(
+            retention.RetentionOptions(
+                url=f"http://127.0.0.1:{daemon.port}",
+                database_url=database_url,
+                jwt_secret=TEST_JWT_SECRET,
+                rows=3000,
+                pairs=1,
+                duration=1.0,
+                connections=4,
+                generator="python",
+                batch=200,
+                pause=0.0,
+                quiet=True,
+            )
+        )
+    )
+    assert result["workload"] == "retention"
+    [pair] = result["pairs"]
+    assert pair["order"] == "alone first"
+    assert pair["alone_p99_ms"] > 0 and pair["with_purge_p99_ms"] > 0
+    assert pair["ratio"] == result["ratio_max"] == result["ratio_median"]
+    # the daemon's own housekeeper may have taken some of them (older than its 90 days)
+    assert 0 < pair["purged"] <= 3000
+    assert pair["errors"] == 0
+    left = await db.fetchval(
+        "SELECT count(*) FROM notifications WHERE created_by = 'bench-retention'"
+    )
+    assert left == 0
+
+
+async def test_redis_footprint_measures_the_streams_and_sees_them_expire(
+    daemon_factory: DaemonFactory, redis_url: str
+) -> None:
+    """Promise: `python -m bench redis_footprint` sends to made-up ids, reports one history
+    stream per id with its size and expiry, and, waited for, that they are gone again."""
+    daemon = await daemon_factory(NOTIFYD_WS_HISTORY_TTL="2")
+    result = as_json(
+        await redis_footprint.main(
+            redis_footprint.FootprintOptions(
+                url=f"http://127.0.0.1:{daemon.port}",
+                redis_url=redis_url,
+                jwt_secret=TEST_JWT_SECRET,
+                prefix=daemon.settings.redis_prefix,
+                ids=50,
+                size=512,
+                concurrency=4,
+                expiry_wait=30.0,
+                quiet=True,
+            )
+        )
+    )
+    assert result["workload"] == "redis_footprint"
+    assert (result["accepted"], result["streams"]) == (50, 50)
+    assert result["per_stream_bytes"] > 512
+    assert 0 < result["ttl_s"]["min"] <= result["ttl_s"]["max"] <= 2
+    assert result["after_expiry"]["streams_left"] == 0
