@@ -17,9 +17,10 @@ second of both, `purged` (rows the purge deleted by the load's end, and in all) 
 
 The purge deletes every final-state notification older than `--retain-days` (300) in the
 database it is given, as notifyd's housekeeper would with that retention: run it on a
-benchmark stack. The daemon's own housekeeper may help with the generated rows (they are
-older than its 90-day default); the purge counts only what it deleted itself, and the run
-waits until none of them is left.
+benchmark stack. Start the daemon with `NOTIFYD_RETAIN_NOTIFICATIONS=0`: one instance purges
+a family at a time (an advisory lock), so a daemon purging the generated rows itself (they
+are older than its 90-day default) would leave the harness's purge nothing to do, and the
+figures would be those of the daemon's settings (`purged` shows what the harness deleted).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from notifyd.metrics import Metrics
 from notifyd.store import audit, idempotency, ingested_events, messages, notifications, reminders
 from notifyd.store import retention as kept
+from notifyd.store.pool import Conn, Executor
 from notifyd.streams.consumer import forget_idle_consumers
 from notifyd.streams.trim import Trimmer
 from notifyd.supervisor import sleep_or_stop
@@ -34,7 +35,7 @@ log = logging.getLogger("notifyd.actors.housekeeper")
 
 DEAD_CONSUMER_IDLE_S = 86_400.0
 
-Purge = Callable[[asyncpg.Pool, uuid.UUID, kept.Cutoff, int], Awaitable[kept.Batch]]
+Purge = Callable[[Executor, uuid.UUID, kept.Cutoff, int], Awaitable[kept.Batch]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,19 +137,41 @@ class Housekeeper:
         r = self._retention
         deleted: dict[str, int] = {}
         for table, seconds, purge in r.families():
-            cut = kept.cutoff(seconds)
-            after = kept.NIL
-            while True:
-                batch = await purge(self._pool, after, cut, r.batch)
-                if batch.deleted:
-                    deleted[table] = deleted.get(table, 0) + batch.deleted
-                    self._count(table, batch.deleted)
-                if batch.deleted < r.batch or batch.last is None:
-                    break
-                after = batch.last
-                if await sleep_or_stop(stop, r.pause):
-                    return deleted
+            async with self._pool.acquire() as conn:
+                if not await kept.try_lock(conn, table):
+                    continue  # another instance is purging this family
+                try:
+                    count = await self._purge_family(conn, stop, table, seconds, purge)
+                finally:
+                    await kept.unlock(conn, table)
+            if count:
+                deleted[table] = count
+            if stop.is_set():
+                break
         return deleted
+
+    async def _purge_family(
+        self,
+        conn: Conn,
+        stop: asyncio.Event,
+        table: str,
+        seconds: float,
+        purge: Purge,
+    ) -> int:
+        """One family's purge, batch after batch on this (locked) session."""
+        r = self._retention
+        cut = kept.cutoff(seconds)
+        after = kept.NIL
+        total = 0
+        while True:
+            batch = await purge(conn, after, cut, r.batch)
+            total += batch.deleted
+            self._count(table, batch.deleted)
+            if batch.deleted < r.batch or batch.last is None:
+                return total
+            after = batch.last
+            if await sleep_or_stop(stop, r.pause):
+                return total
 
     def _count(self, table: str, rows: int) -> None:
         if self._metrics is not None and rows:

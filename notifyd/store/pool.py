@@ -46,7 +46,8 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Pool release without asyncpg's default reset (four statements, one more round trip
     per checkout). notifyd never changes session state on pooled connections (no SET, no
-    LISTEN, no advisory locks: those live on the migration's own connection), and an open
+    LISTEN; the migration's advisory lock lives on its own connection, and the housekeeper
+    releases its retention lock before its connection goes back, or closes it), and an open
     transaction is still rolled back by asyncpg before this is called."""
     return None
 

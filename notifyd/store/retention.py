@@ -15,9 +15,16 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from notifyd.store.pool import Executor
+from notifyd.store.pool import Conn, Executor
 
 NIL = uuid.UUID(int=0)  # the cursor before the first row
+
+# pg_try_advisory_lock(int, int): notifyd's class of lock (not the migration's bigint key),
+# then one number per table family
+LOCK_CLASS = 0x6E6F7479
+FAMILIES = ("notifications", "messages", "interview_reminders", "audit_log")
+TRY_LOCK = "SELECT pg_try_advisory_lock($1::int, $2::int)"
+UNLOCK = "SELECT pg_advisory_unlock($1::int, $2::int)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +40,21 @@ def cutoff(age: float, now: float | None = None) -> Cutoff:
     """The cutoff of a retention of `age` seconds, as of `now` (epoch seconds)."""
     ms = int(((time.time() if now is None else now) - age) * 1000)
     return Cutoff(datetime.fromtimestamp(ms / 1000, UTC), uuid.UUID(int=max(0, ms) << 80))
+
+
+async def try_lock(conn: Conn, table: str) -> bool:
+    """Whether this session now purges `table` (False: another instance does)."""
+    return bool(await conn.fetchval(TRY_LOCK, LOCK_CLASS, FAMILIES.index(table)))
+
+
+async def unlock(conn: Conn, table: str) -> None:
+    """Releases the family's lock before the connection goes back to its pool (which keeps
+    sessions as they are); if that fails, the connection is closed, and the lock with it."""
+    try:
+        await conn.execute(UNLOCK, LOCK_CLASS, FAMILIES.index(table))
+    except BaseException:
+        conn.terminate()
+        raise
 
 
 @dataclass(frozen=True, slots=True)
