@@ -37,7 +37,7 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from notifyd import tags
-from notifyd.compose import compose
+from notifyd.compose import compose, render_limits
 from notifyd.ids import OpaqueIdRule, uuid7
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
@@ -303,6 +303,7 @@ async def prepare(
             message=order.message,
             locale=order.locale,
             default_locale=locale_for(tenant, settings),
+            limits=render_limits(settings),
         )
     except TemplateError as exc:
         raise Refused([Refusal(exc.field, exc.reason)]) from None

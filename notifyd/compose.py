@@ -8,6 +8,9 @@ notification says. Both resolve a template with the tenant's default locale
 A dispatcher batch renders many notifications made from the same few templates (a minute of
 interview reminders names two), so `Composer` resolves each distinct template once per batch:
 one query per row was one PostgreSQL round trip per reminder notification, awaited in turn.
+
+Every render is bounded by NOTIFYD_TEMPLATE_MAX_OUTPUT and NOTIFYD_TEMPLATE_MAX_STEPS
+(`render_limits`); a template over them, or failing in any way, is a `TemplateError`.
 """
 
 from __future__ import annotations
@@ -16,12 +19,21 @@ from collections.abc import Mapping
 from typing import Any
 
 from notifyd.providers.render import Rendered, TemplateError, TemplateSource, render
+from notifyd.providers.render_bounds import RenderLimits
+from notifyd.settings import Settings
 from notifyd.store import templates
 from notifyd.store.pool import Executor
 from notifyd.store.tenants import load_redacted
 
 # what resolving a template depends on, besides the composer's default locale
 _TemplateKey = tuple[str, str, str, str | None]  # tenant, template key, channel, locale
+
+
+def render_limits(settings: Settings) -> RenderLimits:
+    """What one rendered field may cost, from NOTIFYD_TEMPLATE_MAX_OUTPUT / _MAX_STEPS."""
+    return RenderLimits(
+        max_output=settings.template_max_output, max_steps=settings.template_max_steps
+    )
 
 
 class Composer:
@@ -35,12 +47,15 @@ class Composer:
         executor: Executor,
         fallback_locale: str,
         *,
+        limits: RenderLimits,
         default_locales: Mapping[str, str] | None = None,
     ) -> None:
         """`fallback_locale` (NOTIFYD_DEFAULT_LOCALE) serves a tenant that set no default
         locale of its own; `default_locales` gives tenants' defaults already known (else each
-        tenant's stored settings are read once, without opening any secret)."""
+        tenant's stored settings are read once, without opening any secret); `limits` bound
+        each render (`render_limits`)."""
         self._executor = executor
+        self._limits = limits
         self._fallback_locale = fallback_locale
         self._default_locales: dict[str, str] = dict(default_locales or {})
         self._sources: dict[_TemplateKey, TemplateSource | None] = {}
@@ -78,7 +93,10 @@ class Composer:
             )
         origin = "built-in" if source.locale is None else (source.locale or "default locale")
         rendered = render(
-            source, context or {}, name=f"template {template_key!r} ({channel}, {origin})"
+            source,
+            context or {},
+            limits=self._limits,
+            name=f"template {template_key!r} ({channel}, {origin})",
         )
         if rendered.subject is None and subject is not None:
             return Rendered(subject=subject, text=rendered.text, html=rendered.html)
@@ -105,6 +123,7 @@ async def compose(
     message: str | None,
     locale: str | None,
     default_locale: str,
+    limits: RenderLimits,
 ) -> Rendered:
     """Subject, text and HTML for one notification on `channel`.
 
@@ -113,7 +132,9 @@ async def compose(
     `context`; `message` is then ignored, and `subject` is used only when the template has
     none. Raises `TemplateError` for an unknown key, a missing variable or a broken template.
     """
-    composer = Composer(executor, default_locale, default_locales={tenant_id: default_locale})
+    composer = Composer(
+        executor, default_locale, limits=limits, default_locales={tenant_id: default_locale}
+    )
     return await composer.compose(
         tenant_id=tenant_id,
         channel=channel,

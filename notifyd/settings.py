@@ -132,6 +132,9 @@ class Settings:
     subject_max_length: int = 500
     notification_max_length: int = 100_000
     context_max_keys: int = 200
+    # one rendered template field: characters output (and, apart, built on the way), steps
+    template_max_output: int = 1_000_000
+    template_max_steps: int = 100_000
     id_max_length: int = 128
     id_pattern: str = DEFAULT_ID_PATTERN
     page_size_default: int = 50
@@ -454,6 +457,13 @@ SPECS: tuple[_Spec, ...] = (
         _to_int,
     ),
     _spec("context_max_keys", "NOTIFYD_CONTEXT_MAX_KEYS", "limits.context_max_keys", _to_int),
+    _spec(
+        "template_max_output",
+        "NOTIFYD_TEMPLATE_MAX_OUTPUT",
+        "limits.template_max_output",
+        _to_int,
+    ),
+    _spec("template_max_steps", "NOTIFYD_TEMPLATE_MAX_STEPS", "limits.template_max_steps", _to_int),
     _spec("id_max_length", "NOTIFYD_ID_MAX_LENGTH", "limits.id_max_length", _to_int),
     _spec("id_pattern", "NOTIFYD_ID_PATTERN", "limits.id_pattern", _to_str),
     _spec("page_size_default", "NOTIFYD_PAGE_SIZE_DEFAULT", "limits.page_size_default", _to_int),
@@ -664,6 +674,8 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_MESSAGE_MAX_LENGTH": settings.message_max_length,
         "NOTIFYD_SUBJECT_MAX_LENGTH": settings.subject_max_length,
         "NOTIFYD_NOTIFICATION_MAX_LENGTH": settings.notification_max_length,
+        "NOTIFYD_TEMPLATE_MAX_OUTPUT": settings.template_max_output,
+        "NOTIFYD_TEMPLATE_MAX_STEPS": settings.template_max_steps,
         "NOTIFYD_ID_MAX_LENGTH": settings.id_max_length,
         "NOTIFYD_PAGE_SIZE_DEFAULT": settings.page_size_default,
         "NOTIFYD_PAGE_SIZE_MAX": settings.page_size_max,

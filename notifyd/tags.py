@@ -1,4 +1,5 @@
-"""The shapes of what clients write: template keys, categories, locales, email addresses.
+"""The shapes of what clients write: template keys, categories, locales, email addresses,
+and the characters no value that reaches a mail header may hold.
 
 One definition each, so a locale accepted on a template is accepted on a notification, a
 reminder contact and a tenant's default alike.
@@ -16,6 +17,21 @@ EMAIL = re.compile(
     r"[^@\s<>\"',;]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+"
 )
+
+# Characters no value that reaches a mail header (subject, recipient, a contact's name) may
+# hold: every C0 control but tab (a header's own whitespace), DEL, every C1 control and the
+# Unicode line and paragraph separators. Python's email package starts a new header line at
+# \x0b, \x0c, \x1c-\x1e, \x85, \u2028 and \u2029 as well as at CR and LF, so any of them
+# can smuggle a header of its own ("Hello\x0cReply-To\t: x@evil.test").
+HEADER_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def header_problem(value: str) -> str | None:
+    """Why `value` may not reach a mail header, or None when it may."""
+    found = HEADER_UNSAFE.search(value)
+    if found is None:
+        return None
+    return f"must not contain line breaks or control characters (found {found.group()!r})"
 
 
 def is_email(text: str) -> bool:

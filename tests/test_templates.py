@@ -19,7 +19,8 @@ import pytest
 from notifyd.compose import Composer, compose
 from notifyd.providers import render as render_module
 from notifyd.providers.builtin_templates import builtin, builtin_keys
-from notifyd.providers.render import Rendered, TemplateError, TemplateSource, render
+from notifyd.providers.render import Rendered, TemplateError, TemplateSource
+from notifyd.providers.render_bounds import RenderLimits
 from notifyd.store import templates as store
 from notifyd.store import tenants
 from tests.helpers import Api
@@ -28,6 +29,11 @@ TENANT = "TEN-0001"
 OTHER = "TEN-0002"
 PROBLEM = "application/problem+json"
 SEED_CONTEXT = {"Candidate Name": "John Doe", "Position": "Backend Developer", "Company": "Acme"}
+LIMITS = RenderLimits()
+
+
+def render(source: TemplateSource, context: Mapping[str, Any], **options: Any) -> Rendered:
+    return render_module.render(source, context, limits=LIMITS, **options)
 
 
 def text(body: str, context: Mapping[str, Any]) -> str:
@@ -129,7 +135,7 @@ def test_a_syntax_error_names_the_field_and_line() -> None:
     assert (caught.value.field, caught.value.line) == ("html_body", 2)
     assert "html_body line 2" in caught.value.reason
     errors = render_module.check(
-        TemplateSource(subject="{{", text_body="{% for %}", html_body=None)
+        TemplateSource(subject="{{", text_body="{% for %}", html_body=None), limits=LIMITS
     )
     assert [e.field for e in errors] == ["subject", "text_body"]
 
@@ -218,6 +224,7 @@ async def test_compose_without_a_key_uses_subject_and_message(db: asyncpg.Connec
         message="Tomorrow at 10.",
         locale=None,
         default_locale="en",
+        limits=LIMITS,
     )
     assert out == Rendered(subject="Interview Scheduled", text="Tomorrow at 10.", html=None)
 
@@ -250,7 +257,7 @@ async def test_a_composer_resolves_each_template_once_and_renders_each_context(
         db, store.NewTemplate(OTHER, "k", "email", "", "S", "Other {{ name }}", None)
     )
     counting = CountingExecutor(db)
-    composer = Composer(counting, "en")  # type: ignore[arg-type]
+    composer = Composer(counting, "en", limits=LIMITS)  # type: ignore[arg-type]
     texts = []
     for index, (tenant, locale) in enumerate(
         [(TENANT, None)] * 20 + [(TENANT, "pt-BR")] * 10 + [(OTHER, None)] * 5
@@ -292,7 +299,7 @@ async def test_a_composer_falls_back_to_the_tenants_default_locale(
     await db.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
     async with db.transaction():
         await tenants.update(db, TENANT, None, default_locale="pt-BR")
-    composer = Composer(db, "en")
+    composer = Composer(db, "en", limits=LIMITS)
     args: dict[str, Any] = {"channel": "email", "template_key": "k", "context": {}}
     args |= {"subject": None, "message": None, "locale": "fr"}
     assert (await composer.compose(tenant_id=TENANT, **args)).text == "T pt-BR"
@@ -315,7 +322,12 @@ async def test_compose_renders_the_seed_context_and_refuses_unknown_keys(
             None,
         ),
     )
-    args: dict[str, Any] = {"tenant_id": TENANT, "locale": "de", "default_locale": "en"}
+    args: dict[str, Any] = {
+        "tenant_id": TENANT,
+        "locale": "de",
+        "default_locale": "en",
+        "limits": LIMITS,
+    }
     out = await compose(
         db,
         channel="email",

@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from notifyd.actors.direct_inapp import DirectInApp, Ready
 from notifyd.alerts import Alerts
-from notifyd.compose import Composer
+from notifyd.compose import Composer, render_limits
 from notifyd.keys import DISPATCH_GROUP, Keys
 from notifyd.metrics import Metrics
 from notifyd.payloads import DeliveryRef, NotificationIntent, PayloadError
@@ -143,7 +143,9 @@ class Dispatcher:
         the in-app rows here and mark the others dispatched (one UPDATE); returns the rows
         now dispatched, for their channels' streams."""
         ready: list[Ready] = []
-        composer = Composer(self._pool, self._settings.default_locale)
+        composer = Composer(
+            self._pool, self._settings.default_locale, limits=render_limits(self._settings)
+        )
         for row in rows:
             content = await self._content(composer, row)
             if content is None:

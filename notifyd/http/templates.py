@@ -16,13 +16,14 @@ from aiohttp import web
 
 from notifyd import tags
 from notifyd.auth.identity import Identity
-from notifyd.compose import Composer
+from notifyd.compose import Composer, render_limits
 from notifyd.http.context import audit_entry, identity, services
 from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found
 from notifyd.http.responses import iso, json_response
 from notifyd.http.validation import Fields, query_fields, read_json_object
 from notifyd.providers import render
 from notifyd.providers.render import Rendered, TemplateError, TemplateSource
+from notifyd.providers.render_bounds import RenderLimits
 from notifyd.settings import CHANNELS
 from notifyd.store import audit
 from notifyd.store import templates as store
@@ -109,8 +110,10 @@ def _source_fields(fields: Fields, request: web.Request, *, required: bool) -> T
     return TemplateSource(subject=subject, text_body=text_body or "", html_body=html_body)
 
 
-def _compile_errors(fields: Fields, source: TemplateSource, name: str) -> None:
-    for error in render.check(source, name=name):
+def _compile_errors(
+    fields: Fields, source: TemplateSource, name: str, limits: RenderLimits
+) -> None:
+    for error in render.check(source, limits=limits, name=name):
         fields.error(error.field, error.reason)
 
 
@@ -166,7 +169,9 @@ async def put_template(request: web.Request) -> web.Response:
     _check_locale(fields, locale)
     locale = tags.normalize_locale(locale or "")
     source = _source_fields(fields, request, required=True)
-    _compile_errors(fields, source, _label(template_key, channel, locale))
+    _compile_errors(
+        fields, source, _label(template_key, channel, locale), render_limits(ctx.settings)
+    )
     fields.done()
     row = store.NewTemplate(
         tenant_id=caller.tenant_id,
@@ -257,7 +262,9 @@ async def preview_template(request: web.Request) -> web.Response:
         assert channel is not None
         try:
             # with the tenant's default locale, as a send would be rendered
-            rendered = await Composer(ctx.pool, ctx.settings.default_locale).compose(
+            rendered = await Composer(
+                ctx.pool, ctx.settings.default_locale, limits=render_limits(ctx.settings)
+            ).compose(
                 tenant_id=caller.tenant_id,
                 channel=channel,
                 template_key=template_key,
@@ -277,10 +284,12 @@ async def preview_template(request: web.Request) -> web.Response:
             if fields.has(name):
                 fields.error(name, "is only used with template_key")
         source = _source_fields(fields, request, required=False)
-        _compile_errors(fields, source, "draft")
+        _compile_errors(fields, source, "draft", render_limits(ctx.settings))
         fields.done()
         try:
-            rendered = render.render(source, context, name="draft")
+            rendered = render.render(
+                source, context, limits=render_limits(ctx.settings), name="draft"
+            )
         except TemplateError as error:
             raise _template_problem(error) from None
     return json_response(_rendered_json(rendered))

@@ -1,9 +1,12 @@
 """Rendering notification templates in a sandboxed Jinja2 environment.
 
-Templates are written by tenant admins, so they run in jinja2's `SandboxedEnvironment`: no
-attribute starting with `_`, no `str.format` escapes, bounded `range`, and here also bounded
-`*` / `**` (a `{{ "x" * 10**9 }}` would otherwise eat the daemon's memory). Anything unsafe is
-a `TemplateError`, never a crash.
+Templates are written by tenant admins, so they run in jinja2's sandbox: no attribute
+starting with `_`, no `str.format` escapes, no mutation of lists and dicts, bounded `range`,
+and every render bounded in steps and characters (`render_bounds.py`: a `{{ "x" * 10**9 }}`,
+a `center(10**9)` or nested loops would otherwise eat the daemon's memory or freeze the event
+loop every tenant shares). Anything unsafe, over a limit or failing in any other way
+(a recursive macro's RecursionError included) is a `TemplateError` with its reason, never a
+crash of the caller.
 
 Missing variables are errors (`StrictUndefined`): a notification that would say "Dear ," is
 refused at send time with a reason naming the variable, instead of reaching an inbox. Use
@@ -12,8 +15,10 @@ refused at send time with a reason naming the variable, instead of reaching an i
 
 HTML bodies are autoescaped (a `<script>` in the context arrives as `&lt;script&gt;`); the
 subject and the text body are not (they are not HTML). The rendered subject is always one
-line (CR/LF and other line breaks become a space: no header injection) and at most 998
-characters (RFC 5322's line limit).
+line: every run of line breaks and other control characters (`tags.HEADER_UNSAFE`: CR, LF,
+\x0b, \x0c, \x85, \u2028, \u2029, every C0 and C1 control but tab), with the whitespace
+around it, becomes one space, so no rendered subject can carry a header of its own; and it
+is at most 998 characters (RFC 5322's line limit).
 
 How context keys reach a template (keys come from other services and need not be
 identifiers; the second seed sends `{"Candidate Name": "John Doe", "Position": …}`):
@@ -38,21 +43,36 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NoReturn, cast
 
-from jinja2 import StrictUndefined, Template, TemplateRuntimeError, TemplateSyntaxError
+from jinja2 import (
+    StrictUndefined,
+    Template,
+    TemplateRuntimeError,
+    TemplateSyntaxError,
+    pass_context,
+)
 from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.runtime import Context
-from jinja2.sandbox import SandboxedEnvironment
 from jinja2.utils import missing
 
+from notifyd.providers.render_bounds import (
+    BoundedEnvironment,
+    RenderLimitExceeded,
+    RenderLimits,
+    budget_of,
+    render_bounded,
+)
+from notifyd.tags import HEADER_UNSAFE
+
 SUBJECT_MAX_LENGTH = 998
-# Largest string or list a template may build with `*`, and largest integer power it may take.
-_MAX_REPEAT = 100_000
-_MAX_POWER_BITS = 4_096
 _COMPILE_CACHE_SIZE = 512
 _TEMPLATE_FILENAME = "<template>"
+# How much of an exception's own message a reason quotes.
+_REASON_DETAIL_MAX = 200
 
-# Line breaks and other control characters: none belongs in a mail header.
-_LINE_BREAKS = re.compile(r"\s*[\x00-\x08\n-\x1f\x7f\x85\u2028\u2029]+\s*")
+# Runs of line breaks and other control characters (tags.HEADER_UNSAFE): a subject is split
+# at them, with no `\s*` around the class: `\s*[…]+\s*` backtracked over every run of
+# spaces it failed on, quadratic in the run's length (16,000 spaces took 2.5 s).
+_HEADER_UNSAFE_RUNS = re.compile(HEADER_UNSAFE.pattern + "+")
 _NOT_ALNUM = re.compile(r"[\W_]+")
 
 
@@ -122,38 +142,26 @@ class _StrictUndefined(StrictUndefined):
         super().__init__(hint, obj, name, exc)
 
 
-class _Environment(SandboxedEnvironment):
-    """The sandbox, plus limits on the two operators that can allocate without bound."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
-        if operator == "*":
-            for seq, times in ((left, right), (right, left)):
-                if (
-                    isinstance(seq, str | bytes | list | tuple)
-                    and isinstance(times, int)
-                    and len(seq) * times > _MAX_REPEAT
-                ):
-                    raise SecurityError(f"a repetition longer than {_MAX_REPEAT} is not allowed")
-        elif (
-            operator == "**"
-            and isinstance(left, int)
-            and isinstance(right, int)
-            and abs(left) > 1
-            and right * max(abs(left).bit_length(), 1) > _MAX_POWER_BITS
-        ):
-            raise SecurityError(f"a power larger than 2**{_MAX_POWER_BITS} is not allowed")
-        return super().call_binop(context, operator, left, right)
+@pass_context
+def _finalize(context: Context, value: Any) -> Any:
+    """`null` in the context is a present, empty value (not the word "None"); every value
+    printed is charged to the render's budget before it becomes a string."""
+    if value is None:
+        return ""
+    budget = budget_of(context)
+    budget.build(len(value) if isinstance(value, str) else budget.measure(value))
+    return value
 
 
-def _finalize(value: Any) -> Any:
-    """`null` in the context is a present, empty value (not the word "None")."""
-    return "" if value is None else value
+@functools.lru_cache(maxsize=8)
+def _environments(limits: RenderLimits) -> tuple[BoundedEnvironment, BoundedEnvironment]:
+    """The plain and the HTML (autoescaping) environment for `limits` (one pair per daemon)."""
+    return _environment(limits, autoescape=False), _environment(limits, autoescape=True)
 
 
-def _environment(autoescape: bool) -> _Environment:
-    return _Environment(
+def _environment(limits: RenderLimits, *, autoescape: bool) -> BoundedEnvironment:
+    return BoundedEnvironment(
+        limits,
         undefined=_StrictUndefined,
         autoescape=autoescape,
         finalize=_finalize,
@@ -162,14 +170,11 @@ def _environment(autoescape: bool) -> _Environment:
     )
 
 
-_PLAIN = _environment(autoescape=False)
-_HTML = _environment(autoescape=True)
-
-
 @functools.lru_cache(maxsize=_COMPILE_CACHE_SIZE)
-def _compile(source: str, html: bool) -> Template:
+def _compile(source: str, html: bool, limits: RenderLimits) -> Template:
     """Compile once per distinct source text; rendering is then cheap on the hot path."""
-    return (_HTML if html else _PLAIN).from_string(source)
+    plain, escaping = _environments(limits)
+    return (escaping if html else plain).from_string(source)
 
 
 def slug(key: str) -> str:
@@ -209,13 +214,28 @@ def _at(field: str, line: int | None) -> str:
     return f"{field} line {line}" if line is not None else field
 
 
-def _compile_field(source: str, *, html: bool, field: str, name: str) -> Template:
+def _compile_field(
+    source: str, *, html: bool, field: str, name: str, limits: RenderLimits
+) -> Template:
     try:
-        return _compile(source, html)
+        return _compile(source, html, limits)
     except TemplateSyntaxError as exc:
         raise TemplateError(
             f"{name}: {_at(field, exc.lineno)}: {exc.message}", field=field, line=exc.lineno
         ) from None
+    except RecursionError:
+        raise TemplateError(f"{name}: {field}: nested too deeply", field=field) from None
+    except Exception as exc:  # a source jinja or Python cannot compile, however it fails
+        raise TemplateError(f"{name}: {field}: {_brief(exc)}", field=field) from None
+
+
+def _brief(exc: BaseException) -> str:
+    """An exception as a reason: its type and the start of its message (which may quote a
+    value of any size)."""
+    text = str(exc)
+    if len(text) > _REASON_DETAIL_MAX:
+        text = text[:_REASON_DETAIL_MAX] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _fail(exc: Exception, *, field: str, name: str) -> NoReturn:
@@ -227,51 +247,86 @@ def _fail(exc: Exception, *, field: str, name: str) -> NoReturn:
         else:
             reason = f"{name} needs {exc.name!r} of a value that does not have it ({where}): {exc}"
         raise TemplateError(reason, field="context", line=line) from None
+    if isinstance(exc, RenderLimitExceeded):
+        raise TemplateError(
+            f"{name}: {where}: over a limit: {exc}", field=field, line=line
+        ) from None
     if isinstance(exc, SecurityError):
         raise TemplateError(
             f"{name}: {where}: not allowed in a template: {exc}", field=field, line=line
         ) from None
-    raise TemplateError(
-        f"{name}: {where} fails: {type(exc).__name__}: {exc}", field=field, line=line
-    ) from None
+    if isinstance(exc, RecursionError):
+        raise TemplateError(
+            f"{name}: {where}: calls itself too deeply (a macro without an end to its recursion?)",
+            field=field,
+            line=line,
+        ) from None
+    if isinstance(exc, MemoryError):
+        raise TemplateError(
+            f"{name}: {where}: runs out of memory", field=field, line=line
+        ) from None
+    raise TemplateError(f"{name}: {where} fails: {_brief(exc)}", field=field, line=line) from None
 
 
 def _render_field(
-    source: str, variables: Mapping[str, Any], *, html: bool, field: str, name: str
+    source: str,
+    variables: Mapping[str, Any],
+    *,
+    html: bool,
+    field: str,
+    name: str,
+    limits: RenderLimits,
 ) -> str:
-    template = _compile_field(source, html=html, field=field, name=name)
+    template = _compile_field(source, html=html, field=field, name=name, limits=limits)
     try:
-        return template.render(variables)
-    except (TemplateRuntimeError, TypeError, ValueError, ArithmeticError, LookupError) as exc:
+        return render_bounded(template, variables)
+    except Exception as exc:  # whatever a tenant's template raises is that template's failure
         _fail(exc, field=field, name=name)
 
 
 def one_line_subject(subject: str) -> str:
-    """Line breaks collapsed to a space (no header injection), capped at 998 characters."""
-    return _LINE_BREAKS.sub(" ", subject).strip()[:SUBJECT_MAX_LENGTH]
+    """Every run of line breaks and control characters, with the whitespace around it,
+    collapsed to one space (no header injection), capped at 998 characters. One pass of a
+    split and a strip per part: linear in the subject's length."""
+    parts = (part.strip() for part in _HEADER_UNSAFE_RUNS.split(subject))
+    return " ".join(part for part in parts if part)[:SUBJECT_MAX_LENGTH]
 
 
 def render(
-    source: TemplateSource, context: Mapping[str, Any], *, name: str = "template"
+    source: TemplateSource,
+    context: Mapping[str, Any],
+    *,
+    limits: RenderLimits,
+    name: str = "template",
 ) -> Rendered:
     """Render every part of `source` with `context`; `name` prefixes every error reason.
 
-    Raises `TemplateError` for a syntax error, a missing variable or an unsafe construct.
+    Each part renders within `limits` (NOTIFYD_TEMPLATE_MAX_OUTPUT / _MAX_STEPS). Raises
+    `TemplateError` for a syntax error, a missing variable, an unsafe construct, a limit
+    exceeded, or any other failure of the template (RecursionError, MemoryError, …).
     """
     variables = template_variables(context)
     subject = None
     if source.subject is not None:
         subject = one_line_subject(
-            _render_field(source.subject, variables, html=False, field="subject", name=name)
+            _render_field(
+                source.subject, variables, html=False, field="subject", name=name, limits=limits
+            )
         )
-    text = _render_field(source.text_body, variables, html=False, field="text_body", name=name)
+    text = _render_field(
+        source.text_body, variables, html=False, field="text_body", name=name, limits=limits
+    )
     html = None
     if source.html_body is not None:
-        html = _render_field(source.html_body, variables, html=True, field="html_body", name=name)
+        html = _render_field(
+            source.html_body, variables, html=True, field="html_body", name=name, limits=limits
+        )
     return Rendered(subject=subject, text=text, html=html)
 
 
-def check(source: TemplateSource, *, name: str = "template") -> list[TemplateError]:
+def check(
+    source: TemplateSource, *, limits: RenderLimits, name: str = "template"
+) -> list[TemplateError]:
     """Every syntax error in `source`, one per field, without rendering anything."""
     errors: list[TemplateError] = []
     parts = (
@@ -283,7 +338,7 @@ def check(source: TemplateSource, *, name: str = "template") -> list[TemplateErr
         if text is None:
             continue
         try:
-            _compile_field(text, html=html, field=field, name=name)
+            _compile_field(text, html=html, field=field, name=name, limits=limits)
         except TemplateError as exc:
             errors.append(exc)
     return errors
