@@ -15,11 +15,13 @@ machine, and nothing interrupts the loop from outside). Each field of a notifica
   at its budget, long before its 2**depth calls; one that recurses deeper than Python's
   stack raises RecursionError, which render.py turns into a TemplateError).
 - **characters** (`RenderLimits.max_output`, NOTIFYD_TEMPLATE_MAX_OUTPUT): the field's output,
-  and, counted separately, every string its expressions build on the way (each `{{ }}`
-  value, each filter's, operator's and method's result). Where a string's size is known
-  before it is built (`center(N)`, `indent`, `wordwrap`, `"%*s"`, `"{:>N}"`, `*`, `+`, `~`,
-  `join`, `replace`, `str.ljust`, `int.to_bytes`, …) it is refused before the allocation;
-  a container is measured (bounded walk, charged as steps) before it is turned into a string.
+  and, counted separately against four times as much (`BUILT_PER_OUTPUT`), every string its
+  expressions build on the way (each `{{ }}` value, each filter's, operator's and method's
+  result: `{{ body|upper }}` counts the body twice, so the allowance is a multiple). Where a
+  string's size is known before it is built (`center(N)`, `indent`, `wordwrap`, `"%*s"`,
+  `"{:>N}"`, `*`, `+`, `~`, `join`, `replace`, `str.ljust`, `int.to_bytes`, …) it is refused
+  before the allocation; a container is measured (a bounded walk, its elements charged as
+  steps) before it is turned into a string.
 
 jinja2's sandbox is the base (`ImmutableSandboxedEnvironment`: no `_` attributes, no
 mutation of lists and dicts, which would let `l.extend(l)` double a list per step); the
@@ -51,6 +53,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
 from jinja2.utils import _PassArg  # the one way to learn how jinja calls a filter
 from markupsafe import EscapeFormatter, Markup, soft_str
 
+# What a field's expressions may build on the way, per character of output it may have: a
+# value printed is counted once built and once printed, a filtered one once more.
+BUILT_PER_OUTPUT = 4
 # Largest string or list a template may build with `*`, and largest integer an operator may make.
 MAX_REPEAT = 100_000
 MAX_INT_BITS = 4_096
@@ -97,7 +102,7 @@ class Budget:
 
     def left(self) -> int:
         """Characters a render may still build."""
-        return self.limits.max_output - self.built
+        return self.limits.max_output * BUILT_PER_OUTPUT - self.built
 
     def check(self, n: int, what: str) -> None:
         """Refuses to build `n` characters (`what` says what would have built them)."""
@@ -117,8 +122,8 @@ class Budget:
 
     def _too_large(self, what: str) -> NoReturn:
         raise RenderLimitExceeded(
-            f"{what} would build more than the {self.limits.max_output} characters "
-            "a template may build"
+            f"{what} would build more than the {self.limits.max_output * BUILT_PER_OUTPUT} "
+            "characters a template may build"
         )
 
     def measure(self, value: Any, *, indent: int = 0, what: str = "a value") -> int:
