@@ -52,7 +52,7 @@ from notifyd.store.batch import GroupCommit
 from notifyd.store.pool import Conn, Executor
 from notifyd.store.tenants import TenantSettings, load_redacted, locale_for, region_for
 from notifyd.streams.producer import Producer
-from notifyd.tags import is_email
+from notifyd.tags import header_problem, is_email
 
 log = logging.getLogger("notifyd.accept")
 
@@ -65,7 +65,6 @@ CATEGORY_MAX_LENGTH = 64
 
 # The loose shape of a phone number; full E.164 normalisation happens in `prepare`.
 _PHONE = re.compile(r"\+?[0-9][0-9 ().-]{4,30}")
-_HEADER_UNSAFE = re.compile(r"[\r\n]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,9 +191,16 @@ def rule_problems(
         found.append(Refusal("template_key", "may contain letters, digits and _ . : - only"))
     if context is not None and template_key is None:
         found.append(Refusal("context", "is only used with template_key"))
-    if subject is not None and _HEADER_UNSAFE.search(subject):
-        found.append(Refusal("subject", "must be a single line"))
-    if channel is not None and recipient is not None:
+    # the subject and the recipient reach mail headers (tags.HEADER_UNSAFE)
+    for name, value in (("subject", subject), ("recipient", recipient)):
+        problem = None if value is None else header_problem(value)
+        if problem is not None:
+            found.append(Refusal(name, problem))
+    if (
+        channel is not None
+        and recipient is not None
+        and "recipient" not in {p.field for p in found}
+    ):
         found.extend(_recipient_problems(channel, recipient.strip(), id_rule))
     if channel == "in_app" and user_id is not None:
         found.append(Refusal("user_id", "is implied by recipient for notification_type in_app"))

@@ -31,7 +31,7 @@ def header_problem(value: str) -> str | None:
     found = HEADER_UNSAFE.search(value)
     if found is None:
         return None
-    return f"must not contain line breaks or control characters (found {found.group()!r})"
+    return f"must be a single line without control characters (found {found.group()!r})"
 
 
 def is_email(text: str) -> bool:

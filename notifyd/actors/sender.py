@@ -40,6 +40,11 @@ def retry_item(keys: Keys, channel: str, ref: DeliveryRef, attempt: int) -> Sche
 
 
 BATCH = 64  # entries per read for a batched provider
+# Claims of one delivery beyond NOTIFYD_SEND_MAX_ATTEMPTS before it fails for good: a claim
+# that ended without an outcome (the handler crashed on the row, the process died while
+# sending) is counted by the row's attempts, and the sweeper puts such a row back; without a
+# bound a row that crashes its handler would be claimed, crash and be put back forever.
+UNRECORDED_CLAIMS = 2
 BATCHES_IN_FLIGHT = 2
 
 
@@ -151,6 +156,9 @@ class Sender:
                 raise Defer("the retry is not due yet")  # taken over again after the lease
             return  # done already, or not ours to send (suppressed, cancelled): ack
         delivery = _delivery(row)
+        if self._exhausted(delivery):
+            await self._fail(ref, delivery, self._exhausted_reason(delivery))
+            return
         started = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(self._settings.send_timeout):
@@ -220,7 +228,15 @@ class Sender:
             }
         if not rows:
             return deferred
-        batch = [_delivery(row) for row in rows]
+        batch = []
+        for delivery in map(_delivery, rows):
+            if self._exhausted(delivery):
+                ref = DeliveryRef(delivery.tenant_id, delivery.id)
+                await self._fail(ref, delivery, self._exhausted_reason(delivery))
+            else:
+                batch.append(delivery)
+        if not batch:
+            return deferred
         assert self._send_many is not None
         started = asyncio.get_running_loop().time()
         results = await self._send_many(batch)
@@ -240,6 +256,17 @@ class Sender:
                 ref = DeliveryRef(delivery.tenant_id, delivery.id)
                 await self._retry_or_fail(ref, delivery, result.reason, result.retry_after)
         return deferred
+
+    def _exhausted(self, delivery: Delivery) -> bool:
+        """Claimed more often than any run of attempts with outcomes can be (see
+        UNRECORDED_CLAIMS): earlier claims ended without one."""
+        return delivery.attempt > self._settings.send_max_attempts + UNRECORDED_CLAIMS
+
+    def _exhausted_reason(self, delivery: Delivery) -> str:
+        return (
+            f"gave up after {delivery.attempt - 1} attempts, of which some ended without an "
+            f"outcome (at most {self._settings.send_max_attempts} are allowed)"
+        )
 
     async def _retry_or_fail(
         self, ref: DeliveryRef, delivery: Delivery, reason: str, retry_after: float | None

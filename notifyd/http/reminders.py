@@ -82,7 +82,10 @@ def _contact(fields: Fields, name: str, region: str) -> dict[str, str] | None:
             fields.error(where, "must be a non-empty string of at most 320 characters")
             continue
         value = value.strip()
-        if key == "email" and not is_email(value):
+        problem = tags.header_problem(value)  # a name or an address may reach a mail header
+        if problem is not None:
+            fields.error(where, problem)
+        elif key == "email" and not is_email(value):
             fields.error(where, "must be an email address")
         elif key == "phone":
             try:
@@ -94,8 +97,6 @@ def _contact(fields: Fields, name: str, region: str) -> dict[str, str] | None:
             fields.error(where, "must be an IANA time zone such as Europe/Berlin")
         elif key == "locale" and not tags.is_locale(value):
             fields.error(where, "must be a language tag such as en or pt-BR")
-        elif key == "name" and "\n" in value:
-            fields.error(where, "must be a single line")
         contact[key] = value
     return contact
 

@@ -8,7 +8,6 @@ a context, which is what the preview route is for.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import asyncpg
@@ -27,8 +26,6 @@ from notifyd.providers.render_bounds import RenderLimits
 from notifyd.settings import CHANNELS
 from notifyd.store import audit
 from notifyd.store import templates as store
-
-_MULTILINE = re.compile(r"[\r\n]")
 
 
 def template_json(row: asyncpg.Record) -> dict[str, Any]:
@@ -104,8 +101,9 @@ def _source_fields(fields: Fields, request: web.Request, *, required: bool) -> T
     html_body = fields.string(
         "html_body", required=False, max_length=limits.notification_max_length
     )
-    if subject is not None and _MULTILINE.search(subject):
-        fields.error("subject", "must be a single line")
+    problem = None if subject is None else tags.header_problem(subject)
+    if problem is not None:
+        fields.error("subject", problem)
         subject = None
     return TemplateSource(subject=subject, text_body=text_body or "", html_body=html_body)
 

@@ -53,7 +53,6 @@ _ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 # Loose on purpose: the SMS provider normalises to E.164 with the tenant's default region.
 _PHONE = re.compile(r"\+?[0-9(][0-9 ().-]{4,30}")
 _REGION = re.compile(r"[A-Z]{2}")
-_LINE_BREAK = re.compile(r"[\r\n]")
 
 SMTP_FIELDS = frozenset(
     {"host", "port", "username", "password", "password_set", "use_tls", "use_ssl", "from_email"}
@@ -127,8 +126,10 @@ def _unknown(fields: Fields, data: Mapping[str, Any], known: frozenset[str]) -> 
 
 
 def _single_line(fields: Fields, name: str, value: str | None) -> str | None:
-    if value is not None and _LINE_BREAK.search(value):
-        fields.error(name, "must not contain line breaks")
+    """`value`, unless it holds a character no mail header or SMTP command may carry."""
+    problem = None if value is None else tags.header_problem(value)
+    if problem is not None:
+        fields.error(name, problem)
         return None
     return value
 

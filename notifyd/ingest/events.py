@@ -270,14 +270,15 @@ def _recipient(reader: _Reader, item: Any, where: str) -> Recipient | None:
             reader.error(field, f"must be a non-empty string of at most {CONTACT_MAX_LENGTH}")
             continue
         value = value.strip()
-        if key == "email" and not is_email(value):
+        problem = tags.header_problem(value)  # a name or an address may reach a mail header
+        if problem is not None:
+            reader.error(field, problem)
+        elif key == "email" and not is_email(value):
             reader.error(field, "must be an email address")
         elif key == "locale" and not tags.is_locale(value):
             reader.error(field, "must be a language tag such as en or pt-BR")
         elif key == "timezone" and not is_time_zone(value):
             reader.error(field, "must be an IANA time zone such as Europe/Berlin")
-        elif key in ("name", "phone") and ("\n" in value or "\r" in value):
-            reader.error(field, "must be a single line")
         else:
             found[key] = value
     if not any(found.get(key) for key in ("user_id", "email", "phone")):

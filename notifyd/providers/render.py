@@ -305,6 +305,8 @@ def render(
     `TemplateError` for a syntax error, a missing variable, an unsafe construct, a limit
     exceeded, or any other failure of the template (RecursionError, MemoryError, …).
     """
+    if not isinstance(context, Mapping) or not all(isinstance(k, str) for k in context):
+        raise TemplateError(f"{name}: the context must be a JSON object", field="context")
     variables = template_variables(context)
     subject = None
     if source.subject is not None:

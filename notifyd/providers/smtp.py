@@ -40,6 +40,7 @@ import aiosmtplib
 
 from notifyd.egress import Egress, EgressRefused, ResolveFailed
 from notifyd.providers.base import Delivery, PermanentError, Sent, TransientError
+from notifyd.tags import header_problem
 
 log = logging.getLogger("notifyd.providers.smtp")
 
@@ -87,18 +88,24 @@ class Built:
     data: bytes
 
 
+def _header_safe(name: str, value: str) -> None:
+    """No line break or other control character (tags.HEADER_UNSAFE): the email package
+    starts a new header at \x0b, \x0c, \x85, \u2028… as at CR/LF, so any of them, whatever
+    got this far, could inject a header, or make the message unbuildable on every retry."""
+    problem = header_problem(value)
+    if problem is not None:
+        raise PermanentError(f"cannot build the message headers: {name} {problem}")
+
+
 def _header(name: str, value: str) -> str:
-    """A header value safe to send: no CR/LF (no header can be injected, whatever got this
-    far), non-ASCII encoded as RFC 2047 words."""
-    if "\r" in value or "\n" in value:
-        raise PermanentError(f"cannot build the message headers: {name} holds a line break")
+    """A header value safe to send (`_header_safe`), non-ASCII encoded as RFC 2047 words."""
+    _header_safe(name, value)
     return value if value.isascii() else Header(value, "utf-8").encode()
 
 
 def _address(name: str, value: str) -> str:
     """An address header: a display name may be non-ASCII, the address itself may not."""
-    if "\r" in value or "\n" in value:
-        raise PermanentError(f"cannot build the message headers: {name} holds a line break")
+    _header_safe(name, value)
     display, address = parseaddr(value)
     if not address or not address.isascii():
         raise PermanentError(f"cannot build the message headers: {name} {value!r}")
@@ -110,9 +117,23 @@ def build_message(delivery: Delivery, from_email: str, unsubscribe_url: str | No
 
     Built with the email package's compat32 classes: its default policy parses every header
     it is given and costs about 0.4 ms a message, five times this, which at a thousand
-    emails a second is most of a core. The checks that policy gave (no CR/LF in a header,
-    addresses well formed) are made here instead.
+    emails a second is most of a core. The checks that policy gave (no line break or other
+    control character in a header, addresses well formed) are made here instead.
+
+    A message that cannot be built fails for good (`PermanentError` with the reason), however
+    the email package refuses it: the same row would fail the same way on every retry.
     """
+    try:
+        return _build(delivery, from_email, unsubscribe_url)
+    except PermanentError:
+        raise
+    except Exception as exc:  # HeaderParseError, UnicodeError, …: the content's fault
+        raise PermanentError(
+            f"cannot build the message: {type(exc).__name__}: {str(exc)[:200]}"
+        ) from None
+
+
+def _build(delivery: Delivery, from_email: str, unsubscribe_url: str | None) -> Built:
     text = MIMEText(delivery.body, "plain", "utf-8")
     if delivery.html_body:
         message: MIMEText | MIMEMultipart = MIMEMultipart("alternative")
