@@ -31,7 +31,10 @@ def header_problem(value: str) -> str | None:
     found = HEADER_UNSAFE.search(value)
     if found is None:
         return None
-    return f"must be a single line without control characters (found {found.group()!r})"
+    return (
+        "must be a single line, without line breaks or other control characters "
+        f"(found {found.group()!r})"
+    )
 
 
 def is_email(text: str) -> bool:

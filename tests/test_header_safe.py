@@ -272,7 +272,10 @@ async def test_a_stored_row_with_an_unsafe_subject_fails_for_good_at_once(
     good = await _dispatched_row(db, redis, daemon, subject="Fine")
     row = await _final(db, bad)
     assert row["status"] == "failed" and row["attempts"] == 1
-    assert "Subject must be a single line without control characters" in row["last_error"]
+    assert (
+        "Subject must be a single line, without line breaks or other control characters"
+        in row["last_error"]
+    )
     assert (await _final(db, good))["status"] == "sent"
     (mail,) = await asyncio.to_thread(smtp_sink.wait_for, 1, 10)
     assert mail.message["Subject"] == "Fine" and mail.message["Reply-To"] is None

@@ -132,6 +132,13 @@ PATHOLOGICAL = {
     "sum-of-lists": "{{ ([[1] * 1000] * 100)|sum(start=[])|length }}",
     "tojson-indent": "{{ {'a': [1, 2]}|tojson(indent=1000000000) }}",
     "output-loop": "{% for i in range(100000) %}{{ long }}{% endfor %}",
+    "compare-long-strings": "{% for i in range(100000) %}{{ long == long ~ '' }}{% endfor %}",
+    "in-long-string": "{% for i in range(100000) %}{{ 'z' in long }}{% endfor %}",
+    "slice-long-string": "{% for i in range(100000) %}{{ long[1:]|length }}{% endfor %}",
+    "split-long-string": "{% for i in range(100000) %}{{ long.split('y')|length }}{% endfor %}",
+    "count-long-string": "{% for i in range(100000) %}{{ long.count('y') }}{% endfor %}",
+    "list-of-a-long-string": "{% for i in range(100000) %}{{ long|list|length }}{% endfor %}",
+    "wordcount-long-string": "{% for i in range(100000) %}{{ long|wordcount }}{% endfor %}",
     "literal-output-loop": "{% for i in range(99000) %}" + "z" * 100 + "{% endfor %}",
 }
 

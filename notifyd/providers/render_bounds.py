@@ -33,9 +33,10 @@ the intercepted operators), `wrap_str_format` (str.format), the `filters` mappin
 notification needs). `range` keeps the sandbox's cap of 100,000 per range; what loops over
 it is counted here.
 
-Left out on purpose: operations that only read a string (`in`, comparisons, slicing,
-`startswith`, …) are not charged by its length; each costs at most one pass over a value
-the render already has, and repeating them is bounded by the steps.
+Reading costs steps too: a comparison, an `in` or a slice of a long string or list (a pass
+over it, or a copy) is charged a step per 1,000 characters or 100 elements, so a loop
+comparing a megabyte of context on every iteration runs out of steps, not of time. Method
+calls that only read (`startswith`, `find`, `count`, …) cost their one step.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from jinja2 import nodes, pass_context
-from jinja2.compiler import CodeGenerator, Frame, optimizeconst
+from jinja2.compiler import CodeGenerator, Frame, operators, optimizeconst
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context, Undefined, markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
@@ -67,6 +68,10 @@ _PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[#0 +-]*(\*|\d+)?(?:\.(\*|\d+))?[hlL
 # The width and precision of a `str.format` spec: `>1000`, `0=+#30,.2f`.
 _FORMAT_SPEC = re.compile(r"(?:.?[<>=^])?[-+ ]?z?#?0?(\d*)[,_]?(?:\.(\d+))?")
 _WORD = re.compile(r"\S+")
+# What a comparison, `in` or slice may read per step: a pass over a string is cheap per
+# character, a pass over a list costs a Python comparison per element.
+READ_CHARS_PER_STEP = 1_000
+READ_ITEMS_PER_STEP = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +102,7 @@ class Budget:
         if self.steps > self.limits.max_steps:
             raise RenderLimitExceeded(
                 f"the template takes more than {self.limits.max_steps} steps "
-                "(loop iterations, calls and elements walked)"
+                "(loop iterations, calls, elements walked and long values read)"
             )
 
     def left(self) -> int:
@@ -208,6 +213,30 @@ class _CodeGenerator(CodeGenerator):
         result = super().visit(node, *args, **kwargs)
         self.write(")")
         return result
+
+    @optimizeconst
+    def visit_Compare(self, node: nodes.Compare, frame: Frame) -> None:
+        self.write("(environment.read(context, ")
+        self.visit(node.expr, frame)
+        self.write(")")
+        for op in node.ops:
+            self.visit(op, frame)
+        self.write(")")
+
+    def visit_Operand(self, node: nodes.Operand, frame: Frame) -> None:
+        self.write(f" {operators[node.op]} environment.read(context, ")
+        self.visit(node.expr, frame)
+        self.write(")")
+
+    def visit_Getitem(self, node: nodes.Getitem, frame: Frame) -> None:
+        if not isinstance(node.arg, nodes.Slice):
+            super().visit_Getitem(node, frame)
+            return
+        self.write("environment.read(context, ")  # a slice copies up to all of it
+        self.visit(node.node, frame)
+        self.write(")[")
+        self.visit(node.arg, frame)
+        self.write("]")
 
     @optimizeconst
     def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
@@ -412,13 +441,25 @@ _FILTER_CHECKS: dict[str, _Check] = {
 }
 
 
-def _length(value: Any) -> int:
-    if isinstance(value, Undefined | str | bytes):
+def _cost(value: Any) -> int:
+    """Steps of walking `value`: an element each, a long string a step per
+    READ_CHARS_PER_STEP characters."""
+    if isinstance(value, Undefined):
         return 0
+    if isinstance(value, str | bytes):
+        return len(value) // READ_CHARS_PER_STEP
     try:
         return len(value)
     except TypeError:
         return 0
+
+
+def _charge_result(budget: Budget, result: Any, what: str) -> None:
+    """A string built is counted in characters, a list or dict built in steps."""
+    if isinstance(result, str | bytes):
+        budget.build(len(result), what)
+    elif isinstance(result, list | tuple | dict | set):
+        budget.step(len(result))
 
 
 def _bounded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
@@ -431,7 +472,7 @@ def _bounded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     @pass_context
     def bounded(context: Context, value: Any, *args: Any, **kwargs: Any) -> Any:
         budget = budget_of(context)
-        budget.step(1 + _length(value))
+        budget.step(1 + _cost(value))
         if stringifies and not isinstance(value, str | Undefined):
             budget.measure(value, what=name)
         if check is not None and not isinstance(value, Undefined):
@@ -444,8 +485,7 @@ def _bounded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
             result = func(context.environment, value, *args, **kwargs)
         else:
             result = func(value, *args, **kwargs)
-        if isinstance(result, str):
-            budget.build(len(result), name)
+        _charge_result(budget, result, name)
         return result
 
     bounded.__name__ = name
@@ -494,6 +534,15 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         self.globals.pop("lipsum", None)
         self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
 
+    def read(self, context: Context, value: Any) -> Any:
+        """`value`, about to be compared, searched (`in`) or sliced: a long string or list
+        costs a step per READ_CHARS_PER_STEP characters or READ_ITEMS_PER_STEP elements."""
+        if isinstance(value, str | bytes):
+            budget_of(context).step(len(value) // READ_CHARS_PER_STEP)
+        elif isinstance(value, list | tuple):
+            budget_of(context).step(len(value) // READ_ITEMS_PER_STEP)
+        return value
+
     def tick(self, context: Context) -> bool:
         """One step of a loop; true, so it can stand first in a loop filter's test."""
         budget_of(context).step()
@@ -501,11 +550,11 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         budget = budget_of(__context)
-        budget.step()
+        owner = getattr(__obj, "__self__", None)
+        budget.step(1 + (_cost(owner) if isinstance(owner, str | bytes) else 0))
         _check_method(budget, __obj, args, kwargs)
         result = super().call(__context, __obj, *args, **kwargs)
-        if isinstance(result, str | bytes):
-            budget.build(len(result), "a call")
+        _charge_result(budget, result, "a call")
         return result
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
