@@ -149,7 +149,7 @@ def _finalize(context: Context, value: Any) -> Any:
     if value is None:
         return ""
     budget = budget_of(context)
-    budget.build(len(value) if isinstance(value, str) else budget.measure(value))
+    budget.build(len(value) if type(value) is str else budget.measure(value))
     return value
 
 

@@ -41,6 +41,7 @@ calls that only read (`startswith`, `find`, `count`, …) cost their one step.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -89,10 +90,11 @@ class RenderLimitExceeded(SecurityError):
 class Budget:
     """What is left of one field's render; every charge checks before the work is done."""
 
-    __slots__ = ("built", "limits", "output", "steps")
+    __slots__ = ("built", "limits", "max_built", "output", "steps")
 
     def __init__(self, limits: RenderLimits) -> None:
         self.limits = limits
+        self.max_built = limits.max_output * BUILT_PER_OUTPUT
         self.steps = 0
         self.built = 0
         self.output = 0
@@ -100,14 +102,17 @@ class Budget:
     def step(self, n: int = 1) -> None:
         self.steps += n
         if self.steps > self.limits.max_steps:
-            raise RenderLimitExceeded(
-                f"the template takes more than {self.limits.max_steps} steps "
-                "(loop iterations, calls, elements walked and long values read)"
-            )
+            self._too_many()
+
+    def _too_many(self) -> NoReturn:
+        raise RenderLimitExceeded(
+            f"the template takes more than {self.limits.max_steps} steps "
+            "(loop iterations, calls, elements walked and long values read)"
+        )
 
     def left(self) -> int:
         """Characters a render may still build."""
-        return self.limits.max_output * BUILT_PER_OUTPUT - self.built
+        return self.max_built - self.built
 
     def check(self, n: int, what: str) -> None:
         """Refuses to build `n` characters (`what` says what would have built them)."""
@@ -115,7 +120,8 @@ class Budget:
             self._too_large(what)
 
     def build(self, n: int, what: str = "its values") -> None:
-        self.check(n, what)
+        if self.built + n > self.max_built:
+            self._too_large(what)
         self.built += n
 
     def emit(self, n: int) -> None:
@@ -127,8 +133,7 @@ class Budget:
 
     def _too_large(self, what: str) -> NoReturn:
         raise RenderLimitExceeded(
-            f"{what} would build more than the {self.limits.max_output * BUILT_PER_OUTPUT} "
-            "characters a template may build"
+            f"{what} would build more than the {self.max_built} characters a template may build"
         )
 
     def measure(self, value: Any, *, indent: int = 0, what: str = "a value") -> int:
@@ -136,6 +141,19 @@ class Budget:
         JSON with `indent`), found by a walk that stops once it exceeds what is left;
         each element walked is a step."""
         left = self.left()
+        kind = type(value)
+        if kind is str or kind is int or kind is float or kind is bool or value is None:
+            # the usual ones, without the walk
+            total = (
+                len(value) + 2
+                if kind is str
+                else value.bit_length() // 3 + 4
+                if kind is int
+                else 26
+            )
+            if total > left:
+                self._too_large(what)
+            return total
         total = 0
         stack: list[tuple[Any, int]] = [(value, 0)]
         while stack:
@@ -181,8 +199,9 @@ class _BudgetContext(Context):
 
 
 def budget_of(context: Context) -> Budget:
-    assert isinstance(context, _BudgetContext)
-    return context.budget
+    """The budget of a render of a `BoundedEnvironment` (whose contexts all carry one)."""
+    budget: Budget = context.budget  # type: ignore[attr-defined]
+    return budget
 
 
 class _CodeGenerator(CodeGenerator):
@@ -287,15 +306,28 @@ def _width(value: Any) -> int:
     return value if isinstance(value, int) else len(value) if isinstance(value, str) else 0
 
 
-def _percent_cost(budget: Budget, template: str, values: Any) -> None:
-    """Refuses a printf-style `%` whose widths and values would build too much."""
+@functools.lru_cache(maxsize=256)
+def _percent_widths(template: str) -> int:
+    """The widths and precisions of a printf-style template, added up (-1: a `*` one)."""
     widths = 0
     for match in _PERCENT_SPEC.finditer(template):
         for group in match.group(1, 2):
             if group == "*":
-                raise RenderLimitExceeded("a `*` width or precision is not allowed; write it")
+                return -1
             if group:
                 widths += int(group)
+    return widths
+
+
+def _percent_cost(budget: Budget, template: str, values: Any) -> None:
+    """Refuses a printf-style `%` whose widths and values would build too much."""
+    widths = (
+        _percent_widths(template)
+        if len(template) <= 1000
+        else _percent_widths.__wrapped__(template)
+    )
+    if widths < 0:
+        raise RenderLimitExceeded("a `*` width or precision is not allowed; write it")
     budget.build(len(template) + widths + budget.measure(values, what="`%`"), "`%` formatting")
 
 
@@ -444,6 +476,8 @@ _FILTER_CHECKS: dict[str, _Check] = {
 def _cost(value: Any) -> int:
     """Steps of walking `value`: an element each, a long string a step per
     READ_CHARS_PER_STEP characters."""
+    if type(value) is str:
+        return len(value) // READ_CHARS_PER_STEP
     if isinstance(value, Undefined):
         return 0
     if isinstance(value, str | bytes):
@@ -456,24 +490,31 @@ def _cost(value: Any) -> int:
 
 def _charge_result(budget: Budget, result: Any, what: str) -> None:
     """A string built is counted in characters, a list or dict built in steps."""
-    if isinstance(result, str | bytes):
+    if type(result) is str or isinstance(result, str | bytes):
         budget.build(len(result), what)
     elif isinstance(result, list | tuple | dict | set):
         budget.step(len(result))
 
 
+# Filters that neither walk their value nor build anything larger than it: left as they are
+# (`default` stands six times at the top of every built-in template).
+_CONSTANT_TIME = frozenset({"default", "d", "length", "count", "abs", "round", "attr"})
+
+
 def _bounded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     """`func` charged to the render's budget: a step per element of its value, the value
     measured first when the filter prints it, its own check, and the string it returns."""
+    if name in _CONSTANT_TIME:
+        return func
     pass_arg = _PassArg.from_obj(func)
     check = _FILTER_CHECKS.get(name)
     stringifies = name in _STRINGIFYING
 
     @pass_context
     def bounded(context: Context, value: Any, *args: Any, **kwargs: Any) -> Any:
-        budget = budget_of(context)
+        budget: Budget = context.budget  # type: ignore[attr-defined]
         budget.step(1 + _cost(value))
-        if stringifies and not isinstance(value, str | Undefined):
+        if stringifies and type(value) is not str and not isinstance(value, str | Undefined):
             budget.measure(value, what=name)
         if check is not None and not isinstance(value, Undefined):
             check(budget, value, args, kwargs)
@@ -537,7 +578,10 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
     def read(self, context: Context, value: Any) -> Any:
         """`value`, about to be compared, searched (`in`) or sliced: a long string or list
         costs a step per READ_CHARS_PER_STEP characters or READ_ITEMS_PER_STEP elements."""
-        if isinstance(value, str | bytes):
+        if type(value) is str:
+            if len(value) >= READ_CHARS_PER_STEP:
+                budget_of(context).step(len(value) // READ_CHARS_PER_STEP)
+        elif isinstance(value, str | bytes):
             budget_of(context).step(len(value) // READ_CHARS_PER_STEP)
         elif isinstance(value, list | tuple):
             budget_of(context).step(len(value) // READ_ITEMS_PER_STEP)
@@ -575,7 +619,10 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
     def bounded_join(self, context: Context, values: tuple[Any, ...], markup: bool) -> str:
         """`a ~ b ~ c`: every part measured before the string is built."""
         budget = budget_of(context)
-        budget.build(sum(budget.measure(v, what="`~`") for v in values), "`~`")
+        size = 0
+        for value in values:
+            size += len(value) if type(value) is str else budget.measure(value, what="`~`")
+        budget.build(size, "`~`")
         return str(markup_join(values) if markup else str_join(values))
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
@@ -638,9 +685,13 @@ def render_bounded(template: Any, variables: Mapping[str, Any]) -> str:
     context = template.new_context(dict(variables))
     budget = budget_of(context)
     parts: list[str] = []
+    limit = budget.limits.max_output
+    size = 0
     try:
         for chunk in template.root_render_func(context):
-            budget.emit(len(chunk))
+            size += len(chunk)
+            if size > limit:
+                budget.emit(size)
             parts.append(chunk)
     except Exception:
         template.environment.handle_exception()
