@@ -139,6 +139,7 @@ PATHOLOGICAL = {
     "count-long-string": "{% for i in range(100000) %}{{ long.count('y') }}{% endfor %}",
     "list-of-a-long-string": "{% for i in range(100000) %}{{ long|list|length }}{% endfor %}",
     "wordcount-long-string": "{% for i in range(100000) %}{{ long|wordcount }}{% endfor %}",
+    "is-in-long-string": "{% for i in range(100000) %}{{ 'z' is in long }}{% endfor %}",
     "literal-output-loop": "{% for i in range(99000) %}" + "z" * 100 + "{% endfor %}",
 }
 

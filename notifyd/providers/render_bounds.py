@@ -533,6 +533,26 @@ def _bounded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     return bounded
 
 
+def _bounded_test(func: Any) -> Callable[..., Any]:
+    """A test (`is in`, `is sameas`, …) charged for what it may read of its value and
+    arguments (`x is in long` scans `long`), as a comparison is."""
+    pass_arg = _PassArg.from_obj(func)
+
+    @pass_context
+    def bounded(context: Context, value: Any, *args: Any, **kwargs: Any) -> Any:
+        budget_of(context).step(1 + _cost(value) + sum(_cost(a) for a in args))
+        if pass_arg is _PassArg.context:
+            return func(context, value, *args, **kwargs)
+        if pass_arg is _PassArg.eval_context:
+            return func(context.eval_ctx, value, *args, **kwargs)
+        if pass_arg is _PassArg.environment:
+            return func(context.environment, value, *args, **kwargs)
+        return func(value, *args, **kwargs)
+
+    bounded.__name__ = func.__name__
+    return bounded
+
+
 def _check_method(
     budget: Budget, method: Any, args: tuple[Any, ...], kw: Mapping[str, Any]
 ) -> None:
@@ -574,6 +594,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         self.limits = limits
         self.globals.pop("lipsum", None)
         self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
+        self.tests = {name: _bounded_test(f) for name, f in self.tests.items()}
 
     def read(self, context: Context, value: Any) -> Any:
         """`value`, about to be compared, searched (`in`) or sliced: a long string or list
