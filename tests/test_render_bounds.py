@@ -316,3 +316,40 @@ async def test_a_send_with_a_failing_template_stays_the_callers_422(api: Api) ->
     )
     assert status == 422, problem
     assert "calls itself too deeply" in problem["errors"][0]["message"]
+
+
+async def test_an_ingested_event_whose_template_recurses_is_dead_lettered_with_the_reason(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection, redis: Redis
+) -> None:
+    """Ingestion renders at acceptance: the RecursionError used to escape as a crash of the
+    handler (retried, then dead-lettered without the template's reason)."""
+    daemon = await daemon_factory()
+    async with Api(daemon) as api:
+        for key, body in (("loop", RECURSIVE), ("fine", "Hello {{ name }}")):
+            status, _, _ = await api.request(
+                "PUT", f"/templates/{key}/in_app/", json={"text_body": body}, role="admin"
+            )
+            assert status == 200
+    for event_id, key in (("e-loop", "loop"), ("e-fine", "fine")):
+        event = {
+            "event_id": event_id,
+            "tenant_id": "TEN-0001",
+            "type": "t",
+            "template_key": key,
+            "context": {"name": "Jo"},
+            "recipients": [{"user_id": "u-1"}],
+            "channels": ["in_app"],
+        }
+        await redis.xadd("notifyd:events", {"event": orjson.dumps(event)})
+
+    async def dead() -> bool:
+        return bool(await redis.xlen("notifyd:dead") == 1)
+
+    await wait_for(dead, timeout=15)
+    ((_, letter),) = await redis.xrange("notifyd:dead")
+    assert b"calls itself too deeply" in letter[b"reason"]
+
+    async def fine_stored() -> bool:
+        return bool(await db.fetchval("SELECT count(*) FROM notifications") == 1)
+
+    await wait_for(fine_stored, timeout=15)
