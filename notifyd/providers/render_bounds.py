@@ -328,7 +328,11 @@ def _percent_cost(budget: Budget, template: str, values: Any) -> None:
     )
     if widths < 0:
         raise RenderLimitExceeded("a `*` width or precision is not allowed; write it")
-    budget.build(len(template) + widths + budget.measure(values, what="`%`"), "`%` formatting")
+    if type(values) is tuple:  # `|format(a, b)`: measured one by one, without the walk
+        size = sum(budget.measure(value, what="`%`") for value in values)
+    else:
+        size = budget.measure(values, what="`%`")
+    budget.build(len(template) + widths + size, "`%` formatting")
 
 
 def _replace_cost(budget: Budget, text: str, old: Any, new: Any, count: Any) -> None:
