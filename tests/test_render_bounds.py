@@ -97,6 +97,9 @@ PATHOLOGICAL = {
     "join-items": "{{ ([long] * 1000)|join }}",
     "str-join": "{{ ''.join([long] * 1000) }}",
     "print-a-list": "{{ [long] * 1000 }}",
+    "print-a-namespace": "{% set ns = namespace(a=[long] * 1000) %}{{ ns }}",
+    "print-dict-items": "{{ {'a': [long] * 1000}.items() }}",
+    "format-a-list": "{{ '{}'.format([long] * 1000) }}",
     "concat-doubling": (
         "{% set ns = namespace(s='x') %}{% for i in range(60) %}"
         "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}"

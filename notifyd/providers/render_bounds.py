@@ -35,15 +35,16 @@ it is counted here.
 
 Reading costs steps too: a comparison, an `in` or a slice of a long string or list (a pass
 over it, or a copy) is charged a step per 1,000 characters or 100 elements, so a loop
-comparing a megabyte of context on every iteration runs out of steps, not of time. Method
-calls that only read (`startswith`, `find`, `count`, …) cost their one step.
+comparing a megabyte of context on every iteration runs out of steps, not of time; so does a
+method of a long string (`count`, `split`, …) or a test (`is in`), and a list or dict a
+filter or a method builds costs a step per element.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -52,7 +53,7 @@ from jinja2.compiler import CodeGenerator, Frame, operators, optimizeconst
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context, Undefined, markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
-from jinja2.utils import _PassArg  # the one way to learn how jinja calls a filter
+from jinja2.utils import Namespace, _PassArg  # _PassArg: how jinja calls a filter
 from markupsafe import EscapeFormatter, Markup, soft_str
 
 # What a field's expressions may build on the way, per character of output it may have: a
@@ -167,12 +168,16 @@ class Budget:
                 total += item.bit_length() // 3 + 2
             elif isinstance(item, float):
                 total += 24
+            elif isinstance(item, Namespace):  # prints as the dict of its attributes
+                stack.append((item._Namespace__attrs, depth))
             elif isinstance(item, Mapping):
                 self.step(len(item))
                 for key, element in item.items():
                     stack.append((key, depth + 1))
                     stack.append((element, depth + 1))
-            elif isinstance(item, list | tuple | set | frozenset):
+            elif isinstance(item, range):
+                total += 40
+            elif isinstance(item, Collection):  # lists, tuples, sets, dict views…
                 self.step(len(item))
                 stack.extend((element, depth + 1) for element in item)
             else:
@@ -622,6 +627,9 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         owner = getattr(__obj, "__self__", None)
         budget.step(1 + (_cost(owner) if isinstance(owner, str | bytes) else 0))
         _check_method(budget, __obj, args, kwargs)
+        if getattr(__obj, "prints_its_arguments", False):  # str.format: measured first
+            for value in (*args, *kwargs.values()):
+                budget.check(budget.measure(value, what="str.format"), "str.format")
         result = super().call(__context, __obj, *args, **kwargs)
         _charge_result(budget, result, "a call")
         return result
@@ -671,6 +679,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
             return type(owner)(formatter.vformat(owner, args, kwargs))  # Markup stays Markup
 
         bounded_format.__name__ = value.__name__
+        bounded_format.prints_its_arguments = True  # type: ignore[attr-defined]
         return bounded_format
 
 
