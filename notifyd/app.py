@@ -29,14 +29,17 @@ from notifyd.http.context import Services
 from notifyd.http.server import build_app
 from notifyd.ids import OpaqueIdRule
 from notifyd.keys import Keys
+from notifyd.limits import Limiter, Limits
 from notifyd.metrics import Metrics
 from notifyd.pipeline import Pipeline, build_pipeline, consumer_name
 from notifyd.realtime import pubsub
 from notifyd.realtime.chat import Chat
 from notifyd.realtime.hub import Hub
 from notifyd.realtime.presence import Presence
+from notifyd.realtime.seats import SocketSeats
 from notifyd.settings import Settings
 from notifyd.store import migrate
+from notifyd.store.limits import TenantLimits
 from notifyd.store.pool import close_pool, create_pool
 from notifyd.supervisor import Actor, Supervisor
 from notifyd.systemd import SystemdNotifier
@@ -140,9 +143,14 @@ class Daemon:
             poll=s.stream_block,
         )
         presence = Presence(redis, keys, ttl=s.ws_presence_ttl)
+        seats = SocketSeats(redis, keys, ttl=s.ws_presence_ttl)
+        tenant_limits = TenantLimits(pool, Limits.from_settings(s), s.limits_refresh)
+        await tenant_limits.load()  # the first sends already see the operator's overrides
+        self._stack.push_async_callback(tenant_limits.close)
         actors: list[Actor] = [
             hub,
             presence,
+            seats,
             *pipeline.actors,
             Housekeeper(
                 queue_pool,
@@ -213,6 +221,9 @@ class Daemon:
             egress=self.egress,
             actors_healthy=lambda: supervisor.healthy,
             actors_status=supervisor.status,
+            limiter=Limiter(redis, keys),
+            tenant_limits=tenant_limits,
+            seats=seats,
         )
         self.services = services
         app = build_app(services)

@@ -89,3 +89,24 @@ class Keys:
     def presence(self, tenant_id: str, room: str) -> str:
         """Prefix of one room's presence keys: `:conns` (zset by expiry), `:who`, `:users`."""
         return f"{self.prefix}:presence:{len(tenant_id)}:{tenant_id}:{room}"
+
+    def caller_rate(self, tenant_id: str, role: str, user_id: str) -> str:
+        """GCRA state (theoretical arrival time, ms) of one caller's sends."""
+        return f"{self.prefix}:rate:{len(tenant_id)}:{tenant_id}:{role}:{user_id}"
+
+    def tenant_rate(self, tenant_id: str) -> str:
+        """GCRA state of every send of one tenant."""
+        return f"{self.prefix}:rate:{len(tenant_id)}:{tenant_id}"
+
+    def daily_quota(self, channel: str, tenant_id: str, day: str) -> str:
+        """How many `channel` sends of a tenant went through the platform's relay on `day`
+        (UTC, YYYYMMDD); expires after the day is over."""
+        return f"{self.prefix}:quota:{channel}:{day}:{len(tenant_id)}:{tenant_id}"
+
+    def user_sockets(self, tenant_id: str, user_id: str) -> str:
+        """Sorted set of one user's open sockets (every instance), scored by expiry."""
+        return f"{self.prefix}:sockets:{len(tenant_id)}:{tenant_id}:{user_id}"
+
+    def tenant_sockets(self, tenant_id: str) -> str:
+        """Sorted set of one tenant's open sockets (every instance), scored by expiry."""
+        return f"{self.prefix}:sockets:{len(tenant_id)}:{tenant_id}"

@@ -70,6 +70,15 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.limit_refusals = Counter(
+            "notifyd_limit_refusals_total",
+            "Sends and sockets refused by a limit: caller, tenant (send rates), email_daily, "
+            "sms_daily (quotas on the platform's relay and Twilio account), sockets_user, "
+            "sockets_tenant (socket caps).",
+            ["limit"],
+            registry=self.registry,
+        )
+
         self.deliveries = Counter(
             "notifyd_deliveries_total",
             "Delivery outcomes by channel: sent, retrying, failed.",

@@ -191,6 +191,19 @@ class Settings:
     retain_audit: float = 31_536_000.0  # 365 days: check your compliance needs
     retain_batch: int = 1000
     retain_pause: float = 0.1
+    # rate limits, daily quotas and socket caps (docs/limits.md); 0 means unlimited, and a
+    # platform operator may override each per tenant (`notifyd limits set`)
+    rate_user: float = 5.0  # sends a second, per `user` token (tenant + user + role)
+    rate_user_burst: int = 20
+    rate_service: float = 0.0  # per `service` or `admin` token: off, trusted services
+    rate_service_burst: int = 1000
+    rate_tenant: float = 20_000.0  # every caller of a tenant together
+    rate_tenant_burst: int = 40_000
+    quota_email_daily: int = 50_000  # per tenant and UTC day, on the global EMAIL_* relay
+    quota_sms_daily: int = 5_000  # per tenant and UTC day, on the platform's Twilio account
+    ws_max_per_user: int = 20  # open sockets of one user, every instance together
+    ws_max_per_tenant: int = 20_000
+    limits_refresh: float = 10.0  # seconds an operator's per-tenant override takes to apply
 
     @property
     def effective_redis_url(self) -> str:
@@ -529,6 +542,17 @@ SPECS: tuple[_Spec, ...] = (
     _spec("retain_audit", "NOTIFYD_RETAIN_AUDIT", "retention.audit", _to_float),
     _spec("retain_batch", "NOTIFYD_RETAIN_BATCH", "retention.batch", _to_int),
     _spec("retain_pause", "NOTIFYD_RETAIN_PAUSE", "retention.pause", _to_float),
+    _spec("rate_user", "NOTIFYD_RATE_USER", "quotas.rate_user", _to_float),
+    _spec("rate_user_burst", "NOTIFYD_RATE_USER_BURST", "quotas.rate_user_burst", _to_int),
+    _spec("rate_service", "NOTIFYD_RATE_SERVICE", "quotas.rate_service", _to_float),
+    _spec("rate_service_burst", "NOTIFYD_RATE_SERVICE_BURST", "quotas.rate_service_burst", _to_int),
+    _spec("rate_tenant", "NOTIFYD_RATE_TENANT", "quotas.rate_tenant", _to_float),
+    _spec("rate_tenant_burst", "NOTIFYD_RATE_TENANT_BURST", "quotas.rate_tenant_burst", _to_int),
+    _spec("quota_email_daily", "NOTIFYD_QUOTA_EMAIL_DAILY", "quotas.email_daily", _to_int),
+    _spec("quota_sms_daily", "NOTIFYD_QUOTA_SMS_DAILY", "quotas.sms_daily", _to_int),
+    _spec("ws_max_per_user", "NOTIFYD_WS_MAX_PER_USER", "quotas.sockets_per_user", _to_int),
+    _spec("ws_max_per_tenant", "NOTIFYD_WS_MAX_PER_TENANT", "quotas.sockets_per_tenant", _to_int),
+    _spec("limits_refresh", "NOTIFYD_LIMITS_REFRESH", "quotas.refresh", _to_float),
 )
 
 
@@ -786,8 +810,39 @@ def validate(settings: Settings) -> list[str]:
         problems.append("NOTIFYD_RABBITMQ_QUEUE: a queue name of 1-255 bytes")
     elif settings.rabbitmq_queue.startswith("amq."):
         problems.append("NOTIFYD_RABBITMQ_QUEUE: names starting with amq. are the broker's")
+    problems += _limit_problems(settings)
     if not 0 < settings.rabbitmq_prefetch <= 65535:  # AMQP's prefetch-count is 16 bits
         problems.append("NOTIFYD_RABBITMQ_PREFETCH: between 1 and 65535")
+    return problems
+
+
+def _limit_problems(settings: Settings) -> list[str]:
+    """Rates, quotas and caps: 0 is "unlimited", a negative value is a mistake, and a rate
+    needs a burst of at least one send."""
+    problems = [
+        f"{name}: must be 0 (unlimited) or more"
+        for name, value in (
+            ("NOTIFYD_RATE_USER", settings.rate_user),
+            ("NOTIFYD_RATE_SERVICE", settings.rate_service),
+            ("NOTIFYD_RATE_TENANT", settings.rate_tenant),
+            ("NOTIFYD_QUOTA_EMAIL_DAILY", settings.quota_email_daily),
+            ("NOTIFYD_QUOTA_SMS_DAILY", settings.quota_sms_daily),
+            ("NOTIFYD_WS_MAX_PER_USER", settings.ws_max_per_user),
+            ("NOTIFYD_WS_MAX_PER_TENANT", settings.ws_max_per_tenant),
+        )
+        if value < 0
+    ]
+    problems += [
+        f"{name}: must be at least 1 (sends allowed at once)"
+        for name, value in (
+            ("NOTIFYD_RATE_USER_BURST", settings.rate_user_burst),
+            ("NOTIFYD_RATE_SERVICE_BURST", settings.rate_service_burst),
+            ("NOTIFYD_RATE_TENANT_BURST", settings.rate_tenant_burst),
+        )
+        if value < 1
+    ]
+    if settings.limits_refresh <= 0:
+        problems.append("NOTIFYD_LIMITS_REFRESH: must be greater than 0")
     return problems
 
 

@@ -17,14 +17,17 @@ from notifyd.auth.tokens import TokenVerifier
 from notifyd.egress import Egress
 from notifyd.ids import OpaqueIdRule
 from notifyd.keys import Keys
+from notifyd.limits import Limiter
 from notifyd.metrics import Metrics
 from notifyd.realtime.chat import Chat
 from notifyd.realtime.history import History
 from notifyd.realtime.hub import Hub
 from notifyd.realtime.presence import Presence
+from notifyd.realtime.seats import SocketSeats
 from notifyd.secretbox import SecretError
 from notifyd.settings import Settings
 from notifyd.store.audit import AuditEntry
+from notifyd.store.limits import TenantLimits
 from notifyd.store.tenants import TenantSettings, TenantSettingsCache
 from notifyd.streams.producer import Producer
 from notifyd.streams.schedule import Schedule
@@ -50,6 +53,9 @@ class Services:
     egress: Egress
     actors_healthy: Callable[[], bool]
     actors_status: Callable[[], dict[str, str]]
+    limiter: Limiter
+    tenant_limits: TenantLimits
+    seats: SocketSeats
 
 
 SERVICES = web.AppKey("services", Services)

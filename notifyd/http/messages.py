@@ -9,6 +9,7 @@ from aiohttp import web
 
 from notifyd.http.context import audit_entry, identity, services
 from notifyd.http.idempotency import remember
+from notifyd.http.limits import check_send_rate
 from notifyd.http.responses import iso, json_response, page
 from notifyd.http.validation import Fields, query_fields, read_json_object
 from notifyd.ids import uuid7
@@ -36,6 +37,7 @@ def message_json(row: asyncpg.Record, room: str | None = None) -> dict[str, Any]
 async def send_message(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
+    await check_send_rate(request)
     fields = Fields(await read_json_object(request), ctx.id_rule)
     receiver_id = fields.opaque_id("receiver_id")
     content = fields.string("content", max_length=ctx.settings.message_max_length)

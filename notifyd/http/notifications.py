@@ -19,6 +19,7 @@ from notifyd.http.context import (
     tenant_settings_of,
 )
 from notifyd.http.idempotency import remember
+from notifyd.http.limits import check_daily_quota, check_send_rate
 from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found
 from notifyd.http.responses import iso, json_response, page
 from notifyd.http.validation import Fields, query_fields, read_json_object
@@ -66,6 +67,7 @@ def notification_json(row: asyncpg.Record) -> dict[str, Any]:
 async def send_notification(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
+    await check_send_rate(request)
     limits = ctx.settings
     fields = Fields(await read_json_object(request), ctx.id_rule)
     channel = fields.choice("notification_type", CHANNELS)
@@ -115,6 +117,7 @@ async def send_notification(request: web.Request) -> web.Response:
         locale=locale,
     )
     tenant = await tenant_settings_of(ctx, caller.tenant_id)
+    await check_daily_quota(ctx, caller, channel, tenant)
     try:
         prepared = await accept.prepare(ctx.pool, limits, tenant, caller.tenant_id, order)
     except accept.Refused as exc:

@@ -36,6 +36,7 @@ class Problem(Exception):
         title: str | None = None,
         errors: list[FieldError] | None = None,
         headers: Mapping[str, str] | None = None,
+        extensions: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
@@ -44,6 +45,7 @@ class Problem(Exception):
         self.title = title or HTTPStatus(status).phrase
         self.errors = errors or []
         self.headers = dict(headers or {})
+        self.extensions = dict(extensions or {})  # RFC 9457 extension members
 
     def body(self, instance: str | None = None) -> dict[str, Any]:
         document: dict[str, Any] = {
@@ -54,6 +56,7 @@ class Problem(Exception):
         }
         if instance:
             document["instance"] = instance
+        document.update(self.extensions)
         if self.errors:
             document["errors"] = [error.as_json() for error in self.errors]
         return document

@@ -25,6 +25,7 @@ from notifyd.http.context import (
     tenant_settings_of,
 )
 from notifyd.http.idempotency import remember
+from notifyd.http.limits import check_send_rate
 from notifyd.http.problems import Problem, forbidden, not_found
 from notifyd.http.responses import iso, json_response, page
 from notifyd.http.validation import Fields, is_email, query_fields, read_json_object
@@ -124,6 +125,7 @@ def _check_times(fields: Fields, interview: datetime | None, reminder: datetime 
 async def create_reminder(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
+    await check_send_rate(request)
     fields = Fields(await read_json_object(request), ctx.id_rule)
     application_id = fields.opaque_id("application_id")
     candidate_id = fields.opaque_id("candidate_id")

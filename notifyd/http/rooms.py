@@ -16,6 +16,7 @@ from aiohttp import web
 from notifyd.auth.identity import Identity
 from notifyd.http.context import audit_entry, identity, services
 from notifyd.http.idempotency import remember
+from notifyd.http.limits import check_send_rate
 from notifyd.http.messages import message_json
 from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found
 from notifyd.http.responses import iso, json_response, page
@@ -77,6 +78,7 @@ def _dm_json(room: Room) -> dict[str, Any]:
 async def create_room(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
+    await check_send_rate(request)
     fields = Fields(await read_json_object(request), ctx.id_rule)
     name = fields.string("name", required=False, max_length=100)
     title = fields.string("title", required=False, max_length=TITLE_MAX, allow_empty=True)

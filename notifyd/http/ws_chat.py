@@ -23,6 +23,7 @@ from aiohttp import web
 
 from notifyd.auth.identity import Identity
 from notifyd.http.context import client_ip, request_id, services
+from notifyd.http.limits import take_seat
 from notifyd.http.websockets import (
     FORBIDDEN,
     NOT_FOUND,
@@ -65,7 +66,10 @@ async def chat_socket(request: web.Request) -> web.StreamResponse:
 
     channel = ctx.keys.room_events(caller.tenant_id, name)
     poster = _Poster(request, caller, room)
-    async with live(request, ws, token, channel, ENDPOINT) as subscriber:
+    capped = await take_seat(request, ws, caller)
+    if capped is None:
+        return ws
+    async with capped, live(request, ws, token, channel, ENDPOINT) as subscriber:
         seat, online = await ctx.presence.join(caller.tenant_id, name, caller.user_id)
         try:
             await ws.send_str(dumps({"type": "presence", "room": name, "online": online}).decode())

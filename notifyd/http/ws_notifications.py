@@ -14,6 +14,7 @@ from aiohttp import web
 
 from notifyd.auth.identity import Identity
 from notifyd.http.context import client_ip, request_id, services
+from notifyd.http.limits import take_seat
 from notifyd.http.websockets import (
     FORBIDDEN,
     accept,
@@ -46,7 +47,10 @@ async def notifications_socket(request: web.Request) -> web.StreamResponse:
         return await refuse(request, ws, FORBIDDEN, b"this is not your notification channel")
     ctx = services(request)
     channel = ctx.keys.user_events(caller.tenant_id, caller.user_id)
-    async with live(request, ws, token, channel, ENDPOINT) as subscriber:
+    capped = await take_seat(request, ws, caller)
+    if capped is None:
+        return ws
+    async with capped, live(request, ws, token, channel, ENDPOINT) as subscriber:
         replayed_to = await replay(
             ws,
             request,

@@ -1,0 +1,150 @@
+"""Caps on open WebSockets per user and per tenant, counted across every instance.
+
+Each cap is a Redis sorted set of connection ids scored by when they expire (as presence
+does for rooms). Taking a seat is one Lua step: drop the expired members of both sets,
+count, and add the connection to both only if neither is full, so two instances admitting
+at once cannot both take the last seat. Every instance pushes the expiry of its own open
+connections forward (the `SocketSeats` actor, every third of `NOTIFYD_WS_PRESENCE_TTL`), and a
+closed socket leaves at once; an instance that crashed stops refreshing, and its sockets
+stop counting once they expire, within one TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from dataclasses import dataclass
+from types import TracebackType
+
+from redis.asyncio import Redis
+
+from notifyd.keys import Keys
+from notifyd.realtime.history import now_ms
+
+# KEYS[1] the user's set, KEYS[2] the tenant's; ARGV: now ms, expiry ms, connection id,
+# user cap, tenant cap (0: no cap), key ttl ms. Returns 0 (taken), 1 (user full),
+# 2 (tenant full).
+TAKE = """
+local caps = {tonumber(ARGV[4]), tonumber(ARGV[5])}
+for i = 1, 2 do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[1])
+  if caps[i] > 0 and redis.call('ZCARD', KEYS[i]) >= caps[i] then return i end
+end
+for i = 1, 2 do
+  redis.call('ZADD', KEYS[i], ARGV[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[i], ARGV[6])
+end
+return 0
+"""
+
+REFRESH_CHUNK = 500  # connection ids per ZADD of a refresh
+
+
+@dataclass(frozen=True, slots=True)
+class SeatRefused:
+    limit: str  # sockets_user or sockets_tenant (the metric's label)
+    detail: str
+
+
+class Seat:
+    """One open socket's place under its caps; `async with` gives it back on close."""
+
+    __slots__ = ("_seats", "connection_id", "tenant_id", "user_id")
+
+    def __init__(self, seats: SocketSeats, tenant_id: str, user_id: str) -> None:
+        self._seats = seats
+        self.tenant_id = tenant_id
+        self.user_id = user_id
+        self.connection_id = uuid.uuid4().hex
+
+    async def __aenter__(self) -> Seat:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._seats.release(self)
+
+
+class SocketSeats:
+    """This instance's seats; an actor that keeps them from expiring."""
+
+    name = "socket-seats"
+
+    def __init__(self, redis: Redis, keys: Keys, ttl: float) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._ttl_ms = int(ttl * 1000)
+        self._take = redis.register_script(TAKE)
+        self._open: dict[str, Seat] = {}
+
+    async def take(
+        self, tenant_id: str, user_id: str, per_user: int, per_tenant: int
+    ) -> Seat | SeatRefused:
+        """A seat for a new socket, or which cap is full. With both caps off: a seat that
+        is counted nowhere (no Redis call)."""
+        seat = Seat(self, tenant_id, user_id)
+        if per_user <= 0 and per_tenant <= 0:
+            return seat
+        now = now_ms()
+        full = await self._take(
+            keys=[
+                self._keys.user_sockets(tenant_id, user_id),
+                self._keys.tenant_sockets(tenant_id),
+            ],
+            args=[
+                now,
+                now + self._ttl_ms,
+                seat.connection_id,
+                per_user,
+                per_tenant,
+                2 * self._ttl_ms,
+            ],
+        )
+        if full == 1:
+            return SeatRefused("sockets_user", f"this user has {per_user} sockets open already")
+        if full == 2:
+            return SeatRefused(
+                "sockets_tenant", f"this tenant has {per_tenant} sockets open already"
+            )
+        self._open[seat.connection_id] = seat
+        return seat
+
+    async def release(self, seat: Seat) -> None:
+        if self._open.pop(seat.connection_id, None) is None:
+            return  # never counted
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(self._keys.user_sockets(seat.tenant_id, seat.user_id), seat.connection_id)
+            pipe.zrem(self._keys.tenant_sockets(seat.tenant_id), seat.connection_id)
+            await pipe.execute()
+
+    async def refresh(self) -> None:
+        """Pushes every local seat's expiry forward (`XX`: a seat whose socket was closed,
+        or that expired meanwhile, is not brought back)."""
+        expiry = now_ms() + self._ttl_ms
+        by_key: dict[str, list[str]] = {}
+        for seat in list(self._open.values()):
+            by_key.setdefault(self._keys.user_sockets(seat.tenant_id, seat.user_id), []).append(
+                seat.connection_id
+            )
+            by_key.setdefault(self._keys.tenant_sockets(seat.tenant_id), []).append(
+                seat.connection_id
+            )
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key, members in by_key.items():
+                for start in range(0, len(members), REFRESH_CHUNK):
+                    chunk = members[start : start + REFRESH_CHUNK]
+                    pipe.zadd(key, dict.fromkeys(chunk, expiry), xx=True)
+                pipe.pexpire(key, 2 * self._ttl_ms)
+            await pipe.execute()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        period = self._ttl_ms / 3000
+        while not stop.is_set():
+            await self.refresh()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=period)
