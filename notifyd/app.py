@@ -29,9 +29,10 @@ from notifyd.http.context import Services
 from notifyd.http.server import build_app
 from notifyd.ids import OpaqueIdRule
 from notifyd.keys import Keys
-from notifyd.limits import Limiter, Limits
+from notifyd.limits import Limits
 from notifyd.metrics import Metrics
 from notifyd.pipeline import Pipeline, build_pipeline, consumer_name
+from notifyd.ratelimit import Limiter
 from notifyd.realtime import pubsub
 from notifyd.realtime.chat import Chat
 from notifyd.realtime.hub import Hub

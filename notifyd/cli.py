@@ -1,5 +1,5 @@
 """`notifyd` command line: serve, migrate, token, check-config, and the operator commands
-send, dlq, reminders and stats (their logic lives in notifyd/operator/).
+send, dlq, reminders, limits and stats (their logic lives in notifyd/operator/).
 
 Exit codes: 0 done; 1 a server (PostgreSQL, Redis) unreachable or failing, or not everything
 asked for could be done; 2 bad settings or bad input, nothing changed."""
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from notifyd import __version__, logs
+from notifyd.limits import LIMIT_NAMES, RATE_NAMES
 from notifyd.settings import CHANNELS, ROLES, Settings, SettingsError, describe, load_settings
 
 # notifyd.http.reminders.STATUSES, not imported here: every command would load aiohttp
@@ -205,6 +206,50 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return _operator("stats", args, lambda s: stats.command(s, as_json=args.json))
 
 
+def cmd_limits_show(args: argparse.Namespace) -> int:
+    from notifyd.operator import limits
+
+    return _operator(
+        "limits show",
+        args,
+        lambda s: limits.show_command(s, tenant_id=args.tenant, as_json=args.json),
+    )
+
+
+def cmd_limits_set(args: argparse.Namespace) -> int:
+    from notifyd.operator import limits
+    from notifyd.operator.audit import cli_actor
+
+    values = {name: getattr(args, name) for name in LIMIT_NAMES if getattr(args, name) is not None}
+    if not values:
+        print("notifyd limits set: name at least one limit, e.g. --rate-user 10", file=sys.stderr)
+        return 2
+    return _operator(
+        "limits set",
+        args,
+        lambda s: limits.set_command(
+            s, tenant_id=args.tenant, values=values, actor=cli_actor(args.actor)
+        ),
+    )
+
+
+def cmd_limits_unset(args: argparse.Namespace) -> int:
+    from notifyd.operator import limits
+    from notifyd.operator.audit import cli_actor
+
+    names = list(LIMIT_NAMES) if args.all else [n for n in LIMIT_NAMES if getattr(args, n)]
+    if not names:
+        print("notifyd limits unset: name the limits to unset, or --all", file=sys.stderr)
+        return 2
+    return _operator(
+        "limits unset",
+        args,
+        lambda s: limits.unset_command(
+            s, tenant_id=args.tenant, names=names, actor=cli_actor(args.actor)
+        ),
+    )
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -298,6 +343,8 @@ def _add_operator_commands(sub: Any) -> None:
     due.add_argument("--json", action="store_true", help="one JSON document")
     due.set_defaults(func=cmd_reminders_list)
 
+    _add_limits_commands(sub)
+
     stats = sub.add_parser(
         "stats",
         help="streams, consumer groups, timer, dead letters, notifications by status",
@@ -307,6 +354,40 @@ def _add_operator_commands(sub: Any) -> None:
     )
     stats.add_argument("--json", action="store_true", help="one JSON document")
     stats.set_defaults(func=cmd_stats)
+
+
+def _add_limits_commands(sub: Any) -> None:
+    limits = sub.add_parser(
+        "limits",
+        help="show or override one tenant's rate limits, daily quotas and socket caps",
+        description="Per-tenant overrides of the NOTIFYD_RATE_*, NOTIFYD_QUOTA_* and "
+        "NOTIFYD_WS_MAX_* settings (docs/limits.md); 0 means unlimited. Running daemons "
+        "apply a change within NOTIFYD_LIMITS_REFRESH seconds. Changes are audited.",
+    )
+    limits_sub = limits.add_subparsers(dest="limits_command", required=True)
+    show = limits_sub.add_parser("show", help="a tenant's limits, and where each comes from")
+    show.add_argument("--tenant", required=True, help="tenant id")
+    show.add_argument("--json", action="store_true", help="one JSON document")
+    show.set_defaults(func=cmd_limits_show)
+    change = limits_sub.add_parser("set", help="override some of a tenant's limits")
+    change.add_argument("--tenant", required=True, help="tenant id")
+    for name in LIMIT_NAMES:
+        change.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=float,
+            metavar="N",
+            help="sends a second" if name in RATE_NAMES else None,
+        )
+    change.add_argument("--actor", default="cli", help="user id for the audit log (cli)")
+    change.set_defaults(func=cmd_limits_set)
+    unset = limits_sub.add_parser("unset", help="back to the defaults for some limits")
+    unset.add_argument("--tenant", required=True, help="tenant id")
+    for name in LIMIT_NAMES:
+        unset.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true")
+    unset.add_argument("--all", action="store_true", help="every override of the tenant")
+    unset.add_argument("--actor", default="cli", help="user id for the audit log (cli)")
+    unset.set_defaults(func=cmd_limits_unset)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,8 +17,8 @@ from notifyd.auth.tokens import TokenVerifier
 from notifyd.egress import Egress
 from notifyd.ids import OpaqueIdRule
 from notifyd.keys import Keys
-from notifyd.limits import Limiter
 from notifyd.metrics import Metrics
+from notifyd.ratelimit import Limiter
 from notifyd.realtime.chat import Chat
 from notifyd.realtime.history import History
 from notifyd.realtime.hub import Hub

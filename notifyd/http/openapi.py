@@ -49,12 +49,22 @@ def _problems(*codes: int) -> dict[str, Any]:
         413: "Body larger than the limit",
         415: "Body is not JSON",
         422: "Invalid fields (see errors[])",
+        429: "A send rate or daily quota said no (`limit` names which; nothing was stored): "
+        "retry after Retry-After seconds",
         503: "Not ready",
     }
-    return {
+    answers: dict[str, Any] = {
         str(code): {"description": text[code], "content": {PROBLEM: {"schema": _ref("Problem")}}}
         for code in codes
     }
+    if 429 in codes:
+        answers["429"]["headers"] = {
+            "Retry-After": {
+                "schema": {"type": "integer", "minimum": 1},
+                "description": "Whole seconds until the limit can allow a send again",
+            }
+        }
+    return answers
 
 
 _ID = {
@@ -110,6 +120,10 @@ SCHEMAS: dict[str, Any] = {
             "status": {"type": "integer"},
             "detail": {"type": "string"},
             "instance": {"type": "string"},
+            "limit": {
+                "enum": ["caller", "tenant", "email_daily", "sms_daily"],
+                "description": "On a 429: the limit that refused (docs/limits.md)",
+            },
             "errors": {
                 "type": "array",
                 "items": {
@@ -494,6 +508,7 @@ def _operations() -> dict[str, dict[str, Any]]:
                     "202": _ok(_ref("NotificationAccepted"), "Stored and queued"),
                     **_problems(403),
                     **write_errors,
+                    **_problems(429),
                 },
                 requestBody=_body("NotificationSend"),
                 parameters=[_IDEMPOTENCY],
@@ -534,7 +549,7 @@ def _operations() -> dict[str, dict[str, Any]]:
         "/messages/send/": {
             "post": op(
                 "Send a 1-on-1 message",
-                {"201": _ok(_ref("MessageCreated"), "Stored"), **write_errors},
+                {"201": _ok(_ref("MessageCreated"), "Stored"), **write_errors, **_problems(429)},
                 requestBody=_body("MessageSend"),
                 parameters=[_IDEMPOTENCY],
             )
@@ -557,7 +572,7 @@ def _operations() -> dict[str, dict[str, Any]]:
         "/rooms/": {
             "post": op(
                 "Create a group chat room with members",
-                {"201": _ok(_ref("Room"), "Created"), **write_errors},
+                {"201": _ok(_ref("Room"), "Created"), **write_errors, **_problems(429)},
                 requestBody=_body("RoomCreate"),
                 parameters=[_IDEMPOTENCY],
             ),
@@ -624,7 +639,12 @@ def _operations() -> dict[str, dict[str, Any]]:
         "/reminders/create/": {
             "post": op(
                 "Schedule an interview reminder (service or admin)",
-                {"201": _ok(_ref("Reminder"), "Scheduled"), **_problems(403), **write_errors},
+                {
+                    "201": _ok(_ref("Reminder"), "Scheduled"),
+                    **_problems(403),
+                    **write_errors,
+                    **_problems(429),
+                },
                 requestBody=_body("ReminderCreate"),
                 parameters=[_IDEMPOTENCY],
             )
@@ -773,7 +793,8 @@ def _public() -> dict[str, dict[str, Any]]:
                 "summary": "WebSocket: the user's live notifications and unread count; accepts "
                 "mark_read and refresh {token}. Token: Authorization header, "
                 "Sec-WebSocket-Protocol `bearer, <token>`, or ?token=. Closes 4001 (token bad, "
-                "or expired without a refresh), 4003 (not your channel), 4008 (too slow), 1001 "
+                "or expired without a refresh), 4003 (not your channel), 4008 (too slow), 4029 "
+                "(the user or tenant has its most sockets open), 1001 "
                 "(server going away).",
                 "security": [],
                 "parameters": [
@@ -801,7 +822,8 @@ def _public() -> dict[str, dict[str, Any]]:
                 "refresh, token}; receive message, read, typing, join/leave and a first "
                 "presence frame. Token as for the notifications socket. Closes 4001 (token bad, "
                 "or expired without a refresh), 4003 (not a member), 4004 (no such room), 4008 "
-                "(too slow), 1001 (server going away).",
+                "(too slow), 4029 (the user or tenant has its most sockets open), 1001 (server "
+                "going away).",
                 "security": [],
                 "parameters": [
                     {"name": "room", "in": "path", "required": True, "schema": {"type": "string"}},

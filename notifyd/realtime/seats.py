@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from dataclasses import dataclass
 from types import TracebackType
@@ -37,6 +38,8 @@ for i = 1, 2 do
 end
 return 0
 """
+
+log = logging.getLogger("notifyd.realtime.seats")
 
 REFRESH_CHUNK = 500  # connection ids per ZADD of a refresh
 
@@ -67,7 +70,7 @@ class Seat:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._seats.release(self)
+        self._seats.release_soon(self)
 
 
 class SocketSeats:
@@ -81,6 +84,7 @@ class SocketSeats:
         self._ttl_ms = int(ttl * 1000)
         self._take = redis.register_script(TAKE)
         self._open: dict[str, Seat] = {}
+        self._releasing: set[asyncio.Task[None]] = set()
 
     async def take(
         self, tenant_id: str, user_id: str, per_user: int, per_tenant: int
@@ -91,19 +95,25 @@ class SocketSeats:
         if per_user <= 0 and per_tenant <= 0:
             return seat
         now = now_ms()
-        full = await self._take(
-            keys=[
-                self._keys.user_sockets(tenant_id, user_id),
-                self._keys.tenant_sockets(tenant_id),
-            ],
-            args=[
-                now,
-                now + self._ttl_ms,
-                seat.connection_id,
-                per_user,
-                per_tenant,
-                2 * self._ttl_ms,
-            ],
+        # In a task of its own: an exception redis-py handles inside the call (NOSCRIPT on
+        # the first call after a Redis restart) keeps its traceback's frames in a cycle,
+        # and on Python 3.11 those frames link back to their callers, the socket handler
+        # holding the socket among them: it would stay until the cycle collector ran.
+        full = await asyncio.create_task(
+            self._take(
+                keys=[
+                    self._keys.user_sockets(tenant_id, user_id),
+                    self._keys.tenant_sockets(tenant_id),
+                ],
+                args=[
+                    now,
+                    now + self._ttl_ms,
+                    seat.connection_id,
+                    per_user,
+                    per_tenant,
+                    2 * self._ttl_ms,
+                ],
+            )
         )
         if full == 1:
             return SeatRefused("sockets_user", f"this user has {per_user} sockets open already")
@@ -113,6 +123,22 @@ class SocketSeats:
             )
         self._open[seat.connection_id] = seat
         return seat
+
+    def release_soon(self, seat: Seat) -> None:
+        """Gives the seat back in a task of its own: the socket's handler returns at once.
+        Awaiting Redis there, after the socket's own cleanup, kept the closed socket alive
+        (a heartbeat armed meanwhile) until the cycle collector ran."""
+        if seat.connection_id not in self._open:
+            return
+        task = asyncio.get_running_loop().create_task(self.release(seat))
+        self._releasing.add(task)
+        task.add_done_callback(self._released)
+
+    def _released(self, task: asyncio.Task[None]) -> None:
+        self._releasing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # the seat expires by itself within the TTL, as a crashed instance's do
+            log.warning("socket seat not released", extra={"error": repr(task.exception())})
 
     async def release(self, seat: Seat) -> None:
         if self._open.pop(seat.connection_id, None) is None:
