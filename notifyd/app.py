@@ -29,10 +29,8 @@ from notifyd.http.context import Services
 from notifyd.http.server import build_app
 from notifyd.ids import OpaqueIdRule
 from notifyd.keys import Keys
-from notifyd.limits import Limits
 from notifyd.metrics import Metrics
 from notifyd.pipeline import Pipeline, build_pipeline, consumer_name
-from notifyd.ratelimit import Limiter
 from notifyd.realtime import pubsub
 from notifyd.realtime.chat import Chat
 from notifyd.realtime.hub import Hub
@@ -40,7 +38,6 @@ from notifyd.realtime.presence import Presence
 from notifyd.realtime.seats import SocketSeats
 from notifyd.settings import Settings
 from notifyd.store import migrate
-from notifyd.store.limits import TenantLimits
 from notifyd.store.pool import close_pool, create_pool
 from notifyd.supervisor import Actor, Supervisor
 from notifyd.systemd import SystemdNotifier
@@ -145,7 +142,7 @@ class Daemon:
         )
         presence = Presence(redis, keys, ttl=s.ws_presence_ttl)
         seats = SocketSeats(redis, keys, ttl=s.ws_presence_ttl)
-        tenant_limits = TenantLimits(pool, Limits.from_settings(s), s.limits_refresh)
+        tenant_limits = pipeline.tenant_limits
         await tenant_limits.load()  # the first sends already see the operator's overrides
         self._stack.push_async_callback(tenant_limits.close)
         actors: list[Actor] = [
@@ -222,7 +219,7 @@ class Daemon:
             egress=self.egress,
             actors_healthy=lambda: supervisor.healthy,
             actors_status=supervisor.status,
-            limiter=Limiter(redis, keys),
+            limiter=pipeline.limiter,
             tenant_limits=tenant_limits,
             seats=seats,
         )

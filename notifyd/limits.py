@@ -58,6 +58,17 @@ class Limits:
         return replace(self, **changes)
 
 
+def platform_quota(limits: Limits, channel: str, *, own_smtp: bool, own_twilio: bool) -> int:
+    """The daily quota a `channel` send of a tenant counts against: email through the global
+    relay (the tenant has no SMTP relay of its own), SMS through the platform's Twilio
+    account (no account of its own); 0 for everything else (not counted)."""
+    if channel == "email" and not own_smtp:
+        return limits.email_daily
+    if channel == "sms" and not own_twilio:
+        return limits.sms_daily
+    return 0
+
+
 LIMIT_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Limits))
 RATE_NAMES = frozenset({"rate_user", "rate_service", "rate_tenant"})
 

@@ -27,14 +27,17 @@ from notifyd.ingest.accept import EventAcceptor
 from notifyd.ingest.rabbitmq_source import RabbitMqEventSource
 from notifyd.ingest.redis_source import RedisEventSource
 from notifyd.keys import Keys
+from notifyd.limits import Limits
 from notifyd.metrics import Metrics
 from notifyd.providers.base import Delivery, Provider, TransientError
 from notifyd.providers.inapp import InAppProvider
 from notifyd.providers.sms import TwilioSmsProvider
 from notifyd.providers.smtp import SmtpProvider, SmtpSettings
+from notifyd.ratelimit import Limiter
 from notifyd.realtime.history import Bounds, History
 from notifyd.secretbox import SecretBox, SecretError
 from notifyd.settings import Settings
+from notifyd.store.limits import TenantLimits
 from notifyd.store.tenants import (
     TenantSettings,
     TenantSettingsCache,
@@ -60,6 +63,8 @@ class Pipeline:
     schedule: Schedule
     alerts: Alerts
     tenant_settings: TenantSettingsCache
+    tenant_limits: TenantLimits
+    limiter: Limiter
     producer: Producer
     history: History
     dispatcher: Dispatcher  # also among `actors`; the outbox hands it what it just committed
@@ -84,6 +89,8 @@ def build_pipeline(
     """`egress`: the policy for tenants' own relays (the daemon's, which closes it)."""
     box = SecretBox.from_settings(settings)
     tenants = TenantSettingsCache(pool, box)
+    tenant_limits = TenantLimits(pool, Limits.from_settings(settings), settings.limits_refresh)
+    limiter = Limiter(redis, keys)
     name = consumer_name(settings)
     schedule = Schedule(redis, keys.timer, settings.stream_max_len)
     producer = Producer(redis, settings.stream_max_len)
@@ -222,7 +229,13 @@ def build_pipeline(
     ]
     if settings.events_enabled:
         acceptor = EventAcceptor(
-            pool=pool, producer=producer, keys=keys, settings=settings, metrics=metrics
+            pool=pool,
+            producer=producer,
+            keys=keys,
+            settings=settings,
+            metrics=metrics,
+            limiter=limiter,
+            tenant_limits=tenant_limits,
         )
         actors.append(
             RedisEventSource(
@@ -252,6 +265,8 @@ def build_pipeline(
         schedule=schedule,
         alerts=alerts,
         tenant_settings=tenants,
+        tenant_limits=tenant_limits,
+        limiter=limiter,
         producer=producer,
         history=history,
         dispatcher=dispatcher,

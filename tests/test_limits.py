@@ -7,7 +7,8 @@ Redis share the limit; a `service` token at the defaults is not limited; the dai
 refuses email past it on the global relay, not for a tenant with its own relay; the socket
 cap refuses the socket past it (close 4029) and admits again after one closes, and a
 crashed instance's sockets stop counting; an operator's override lowers or lifts a tenant's
-limit; the OpenAPI document lists 429 on every limited route.
+limit; an ingested event past the daily quota is dead-lettered with the reason; the OpenAPI
+document lists 429 on every limited route.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from notifyd.store.tenants import SmtpConfig, TenantSettings
 from tests.conftest import DaemonFactory
 from tests.helpers import Api, base_env, run_cli, token, wait_for
 from tests.smtp_sink import SmtpSink
+from tests.test_ingest_redis import consumed, dead_letters, event, publish, put_templates
 
 TENANT = "TEN-0001"
 SLOW = {"NOTIFYD_RATE_USER": "0.2", "NOTIFYD_RATE_USER_BURST": "3"}  # 3 now, then 1 / 5 s
@@ -326,3 +328,19 @@ async def test_the_openapi_document_lists_429_on_every_limited_route(api: Api) -
         answer = document["paths"][path]["post"]["responses"]["429"]
         assert "application/problem+json" in answer["content"], path
         assert "Retry-After" in answer["headers"], path
+
+
+async def test_ingested_events_count_against_the_daily_quota_and_past_it_are_dead_lettered(
+    daemon_factory: DaemonFactory, smtp_sink: SmtpSink, redis: Redis, db: asyncpg.Connection
+) -> None:
+    daemon = await daemon_factory(
+        NOTIFYD_QUOTA_EMAIL_DAILY="1", EMAIL_HOST="127.0.0.1", EMAIL_PORT=str(smtp_sink.port)
+    )
+    await put_templates(daemon, "TEN-A", ("email",))
+    await publish(redis, event("evt-1", channels=["email"]))
+    await consumed(redis)
+    await publish(redis, event("evt-2", channels=["email"]))
+    [dead] = await dead_letters(redis, 1)
+    assert "daily quota of 1 emails" in dead["reason"], dead
+    assert await db.fetchval("SELECT count(*) FROM notifications WHERE tenant_id = 'TEN-A'") == 1
+    assert await db.fetchval("SELECT count(*) FROM ingested_events") == 1

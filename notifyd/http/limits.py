@@ -14,7 +14,7 @@ from notifyd.auth.identity import Identity
 from notifyd.http.context import Services, identity, services
 from notifyd.http.problems import Problem
 from notifyd.http.websockets import refuse
-from notifyd.limits import Refusal
+from notifyd.limits import Refusal, platform_quota
 from notifyd.realtime.seats import Seat, SeatRefused
 from notifyd.store.tenants import TenantSettings
 
@@ -48,13 +48,12 @@ async def check_daily_quota(
 ) -> None:
     """Counts one email or SMS that will go through the platform's own relay or Twilio
     account (the tenant has none of its own) against the tenant's daily quota."""
-    limits = ctx.tenant_limits.of(caller.tenant_id)
-    if channel == "email" and tenant.smtp is None:
-        quota = limits.email_daily
-    elif channel == "sms" and tenant.twilio is None:
-        quota = limits.sms_daily
-    else:
-        return
+    quota = platform_quota(
+        ctx.tenant_limits.of(caller.tenant_id),
+        channel,
+        own_smtp=tenant.smtp is not None,
+        own_twilio=tenant.twilio is not None,
+    )
     refusal = await ctx.limiter.check_quota(channel, caller.tenant_id, quota)
     if refusal is not None:
         raise _problem(ctx, refusal)

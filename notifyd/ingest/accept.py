@@ -38,8 +38,11 @@ from notifyd.accept import (
 from notifyd.ids import OpaqueIdRule
 from notifyd.ingest.events import DomainEvent, MalformedEvent, Recipient
 from notifyd.keys import Keys
+from notifyd.limits import platform_quota
 from notifyd.metrics import Metrics
+from notifyd.ratelimit import Limiter
 from notifyd.settings import CHANNELS, Settings
+from notifyd.store.limits import TenantLimits
 from notifyd.store.pool import Executor
 from notifyd.store.tenants import TenantSettings, load_redacted
 from notifyd.streams.producer import Producer
@@ -149,8 +152,12 @@ class EventAcceptor:
         keys: Keys,
         settings: Settings,
         metrics: Metrics | None = None,
+        limiter: Limiter | None = None,
+        tenant_limits: TenantLimits | None = None,
     ) -> None:
         self._pool = pool
+        self._limiter = limiter
+        self._tenant_limits = tenant_limits
         self._producer = producer
         self._keys = keys
         self._settings = settings
@@ -169,6 +176,7 @@ class EventAcceptor:
         # region and locale only: nothing here needs the tenant's secrets
         tenant = (await load_redacted(self._pool, event.tenant_id)).settings
         prepared = await self._prepare(event, tenant)
+        await self._check_quotas(event, tenant, prepared)
         actor = Actor(
             user_id=creator(event),
             details={
@@ -195,6 +203,31 @@ class EventAcceptor:
         enqueued = await announce(self._producer, self._keys, rows, self._metrics)
         log.info("event accepted", extra={**_log_fields(event, source), "notifications": len(rows)})
         return Outcome(duplicate=False, notification_ids=ids, enqueued=enqueued)
+
+    async def _check_quotas(
+        self, event: DomainEvent, tenant: TenantSettings, prepared: list[Prepared]
+    ) -> None:
+        """Each email and SMS through the platform's relay or Twilio account counts against
+        the tenant's daily quota, as a REST send does; past it the event is dead-lettered
+        with the reason (nothing stored), for `notifyd dlq requeue` once the day is over."""
+        if self._limiter is None or self._tenant_limits is None:
+            return
+        limits = self._tenant_limits.of(event.tenant_id)
+        for item in prepared:
+            channel = item.order.channel
+            quota = platform_quota(
+                limits,
+                channel,
+                own_smtp=tenant.smtp is not None,
+                own_twilio=tenant.twilio is not None,
+            )
+            refusal = await self._limiter.check_quota(channel, event.tenant_id, quota)
+            if refusal is not None:
+                if self._metrics is not None:
+                    self._metrics.limit_refusals.labels(refusal.limit).inc()
+                raise MalformedEvent(
+                    [Refusal("channels", f"{refusal.detail}; requeue it after 00:00 UTC")]
+                )
 
     async def _prepare(self, event: DomainEvent, tenant: TenantSettings) -> list[Prepared]:
         """Every planned notification checked and rendered, or `MalformedEvent`.
