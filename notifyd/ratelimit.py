@@ -113,10 +113,6 @@ def lease_size(rate: float, burst: int) -> int:
     return max(1, min(int(rate * LEASE_SECONDS), burst // LEASE_MAX_BURST_SHARE))
 
 
-def _describe_rate(rate: float, burst: int) -> str:
-    return f"{rate:g} a second, {burst} at once"
-
-
 def utc_day(now: datetime) -> str:
     return now.strftime("%Y%m%d")
 
@@ -155,32 +151,31 @@ class Limiter:
             rate, burst, who = limits.rate_user, limits.rate_user_burst, "user"
         else:
             rate, burst, who = limits.rate_service, limits.rate_service_burst, caller.role
-        taken: list[_Bucket] = []
+        # (the buckets are described only when Redis must be asked: not per send)
+        taken = None
         if rate > 0:
-            key = self._keys.caller_rate(caller.tenant_id, caller.role, caller.user_id)
-            bucket = self._rate_bucket(
-                key,
-                "caller",
-                rate,
-                burst,
-                f"this {who} token may send {_describe_rate(rate, burst)}",
+            taken = self._keys.caller_rate(caller.tenant_id, caller.role, caller.user_id)
+            refusal = await self._take(
+                taken, functools.partial(self._rate_bucket, taken, "caller", rate, burst, who)
             )
-            refusal = await self._take(bucket)
             if refusal is not None:
                 return refusal
-            taken.append(bucket)
         if limits.rate_tenant > 0:
-            rate, burst = limits.rate_tenant, limits.rate_tenant_burst
-            bucket = self._rate_bucket(
-                self._keys.tenant_rate(caller.tenant_id),
-                "tenant",
-                rate,
-                burst,
-                f"this tenant may send {_describe_rate(rate, burst)}, all callers together",
+            key = self._keys.tenant_rate(caller.tenant_id)
+            refusal = await self._take(
+                key,
+                functools.partial(
+                    self._rate_bucket,
+                    key,
+                    "tenant",
+                    limits.rate_tenant,
+                    limits.rate_tenant_burst,
+                    None,
+                ),
             )
-            refusal = await self._take(bucket)
             if refusal is not None:
-                self._give_back(taken)
+                if taken is not None:
+                    self._give_back(taken)
                 return refusal
         return None
 
@@ -212,10 +207,18 @@ class Limiter:
             detail=f"this tenant's daily quota of {quota} {what} is used up until 00:00 UTC",
             refusal_memory=QUOTA_REFUSAL_MEMORY,
         )
-        return await self._take(bucket)
+        return await self._take(key, lambda: bucket)
 
-    def _rate_bucket(self, key: str, limit: str, rate: float, burst: int, detail: str) -> _Bucket:
+    def _rate_bucket(
+        self, key: str, limit: str, rate: float, burst: int, role: str | None
+    ) -> _Bucket:
+        """The caller's bucket (`role` names the token's kind), or the tenant's (None)."""
         interval = 1000.0 / rate
+        allowed = f"{rate:g} a second, {burst} at once"
+        if role is None:
+            detail = f"this tenant may send {allowed}, all callers together"
+        else:
+            detail = f"this {role} token may send {allowed}"
 
         async def fetch(want: int) -> tuple[int, float]:
             granted, wait_ms = await self._gcra(keys=[key], args=[want, interval, burst])
@@ -223,24 +226,27 @@ class Limiter:
 
         return _Bucket(key, limit, lease_size(rate, burst), LEASE_TTL, fetch, detail, None)
 
-    async def _take(self, bucket: _Bucket) -> Refusal | None:
+    async def _take(self, key: str, bucket: Callable[[], _Bucket]) -> Refusal | None:
+        """A token of the bucket at `key`: from this instance's lease, else from Redis
+        (`bucket` says how to ask); or the refusal."""
         while True:
             now = self._clock()
-            refused = self._refused.get(bucket.key)
+            refused = self._refused.get(key)
             if refused is not None:
                 until, retry_at, refusal = refused
                 if until > now:
                     return replace(refusal, retry_after=retry_at - now)
-                del self._refused[bucket.key]
-            lease = self._leases.get(bucket.key)
+                del self._refused[key]
+            lease = self._leases.get(key)
             if lease is not None and lease.tokens > 0 and lease.expires > now:
                 lease.tokens -= 1
                 return None
-            refill = self._refills.get(bucket.key)
+            refill = self._refills.get(key)
             if refill is None:
-                refill = asyncio.create_task(self._refill(bucket), name=f"limit:{bucket.limit}")
-                self._refills[bucket.key] = refill
-                refill.add_done_callback(functools.partial(self._refilled, bucket.key))
+                asking = bucket()
+                refill = asyncio.create_task(self._refill(asking), name=f"limit:{asking.limit}")
+                self._refills[key] = refill
+                refill.add_done_callback(functools.partial(self._refilled, key))
             # shielded: one waiter cancelled must not cancel the refill the others wait on
             await asyncio.shield(refill)
 
@@ -271,13 +277,13 @@ class Limiter:
         if not done.cancelled():
             done.exception()  # retrieved: a refill nobody awaited logs no warning
 
-    def _give_back(self, buckets: list[_Bucket]) -> None:
-        """A send refused by a later bucket returns the token it took from a leased one
-        (a token taken in Redis for a single send stays spent: the caller asked)."""
-        for bucket in buckets:
-            lease = self._leases.get(bucket.key)
-            if lease is not None and bucket.lease > 1:
-                lease.tokens += 1
+    def _give_back(self, key: str) -> None:
+        """A send the tenant's bucket refused returns the caller's token to this instance's
+        lease: it was taken from Redis but not used, and the caller's next send may use it
+        while the lease lasts."""
+        lease = self._leases.get(key)
+        if lease is not None:
+            lease.tokens += 1
 
     def _prune(self, now: float) -> None:
         if len(self._leases) > MAX_LOCAL_ENTRIES:
