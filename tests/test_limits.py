@@ -181,6 +181,25 @@ async def test_the_daily_email_quota_counts_the_global_relay_only(
     assert await stored_by(db, own, "backend") == 4
 
 
+async def test_the_daily_sms_quota_counts_the_platforms_twilio_account(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    daemon = await daemon_factory(
+        NOTIFYD_QUOTA_SMS_DAILY="1",
+        TWILIO_ACCOUNT_SID="AC" + "0" * 32,
+        TWILIO_AUTH_TOKEN="token-of-the-platform",
+        TWILIO_PHONE="+15005550006",
+        TWILIO_API_BASE_URL="http://127.0.0.1:1",  # never reached: acceptance is what counts
+    )
+    sms = {"notification_type": "sms", "recipient": "+14155550100", "message": "hi"}
+    async with Api(daemon) as api:
+        first = await api.post("/notifications/send/", sms, user="backend", role="service")
+        second = await api.post("/notifications/send/", sms, user="backend", role="service")
+    assert first[0] == 202, first[1]
+    assert_refused(*second, "sms_daily")
+    assert await stored_by(db, TENANT, "backend") == 1
+
+
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as client:
