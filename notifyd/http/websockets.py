@@ -10,6 +10,7 @@ browser never shows the body of a refused handshake:
 - 4003 the path names a channel or room that is not the caller's
 - 4004 no such room in the caller's tenant
 - 4008 the client did not read fast enough (its bounded queue overflowed)
+- 4029 the user or tenant has its most sockets open (`notifyd.http.limits`)
 - 1001 the server is shutting down (reconnect, possibly elsewhere)
 
 A socket lives as long as its token: at the token's `exp` plus JWT_LEEWAY it is closed with
