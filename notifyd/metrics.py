@@ -92,6 +92,29 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.relay_breaker = Gauge(
+            "notifyd_relay_breaker_state",
+            "Circuit breaker of each relay (SMTP configuration, Twilio account) in this "
+            "instance: 0 closed, 1 open (its mail is parked), 2 half open (one probe out). "
+            "`relay` is the owning tenant's id, or global for the platform's.",
+            ["channel", "relay"],
+            registry=self.registry,
+        )
+        self.parked = Counter(
+            "notifyd_deliveries_parked_total",
+            "Deliveries parked on the timer wheel without a provider call or an attempt, by "
+            "reason: breaker (their relay's circuit is open), tenant_cap (their tenant had "
+            "its sends in flight and its queue full).",
+            ["channel", "reason"],
+            registry=self.registry,
+        )
+        self.tenant_in_flight = Gauge(
+            "notifyd_tenant_sends_in_flight",
+            "Sends in flight in this instance, by channel and tenant "
+            "(at most NOTIFYD_TENANT_SEND_CONCURRENCY).",
+            ["channel", "tenant"],
+            registry=self.registry,
+        )
         self.requeued = Counter(
             "notifyd_requeued_total",
             "Stranded rows the sweeper put back on a stream from PostgreSQL.",

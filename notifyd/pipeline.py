@@ -125,6 +125,9 @@ def build_pipeline(
     async def twilio_config(tenant_id: str) -> TwilioConfig | None:
         return twilio_for(await tenant(tenant_id), settings)
 
+    async def twilio_owner(tenant_id: str) -> str:
+        return tenant_id if (await tenant(tenant_id)).twilio is not None else "global"
+
     async def region(tenant_id: str) -> str:
         return region_for(await tenant(tenant_id), settings)
 
@@ -159,12 +162,17 @@ def build_pipeline(
                 smtp_config,
                 connections_per_config=settings.smtp_connections_per_tenant,
                 timeout=settings.send_timeout,
+                # NOTIFYD_SEND_TIMEOUT bounds the whole send, connecting included
+                connect_timeout=min(settings.smtp_connect_timeout, settings.send_timeout),
                 unsubscribe_url_for=unsubscribe_url,
                 egress=egress,
             ),
             settings.email_concurrency,
         ),
-        (TwilioSmsProvider(settings, twilio_config, region), settings.sms_concurrency),
+        (
+            TwilioSmsProvider(settings, twilio_config, region, owner_for=twilio_owner),
+            settings.sms_concurrency,
+        ),
         (in_app, settings.inapp_concurrency),
     ]
     dispatcher = Dispatcher(

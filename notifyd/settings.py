@@ -125,6 +125,13 @@ class Settings:
     egress_allowed_ports: tuple[int, ...] = EGRESS_DEFAULT_PORTS
     egress_resolve_timeout: float = 3.0
     egress_resolve_threads: int = 4
+    # fair delivery across tenants (notifyd/fairness.py)
+    smtp_connect_timeout: float = 5.0
+    tenant_send_concurrency: int = 4
+    tenant_send_queue: int = 16
+    tenant_park_delay: float = 0.5
+    breaker_failures: int = 5
+    breaker_cooldown: float = 30.0
     alert_interval: float = 300.0
     # limits
     max_body_bytes: int = 1_048_576
@@ -459,6 +466,24 @@ SPECS: tuple[_Spec, ...] = (
         "egress.resolve_threads",
         _to_int,
     ),
+    _spec(
+        "smtp_connect_timeout",
+        "NOTIFYD_SMTP_CONNECT_TIMEOUT",
+        "delivery.smtp_connect_timeout",
+        _to_float,
+    ),
+    _spec(
+        "tenant_send_concurrency",
+        "NOTIFYD_TENANT_SEND_CONCURRENCY",
+        "delivery.tenant_send_concurrency",
+        _to_int,
+    ),
+    _spec("tenant_send_queue", "NOTIFYD_TENANT_SEND_QUEUE", "delivery.tenant_send_queue", _to_int),
+    _spec(
+        "tenant_park_delay", "NOTIFYD_TENANT_PARK_DELAY", "delivery.tenant_park_delay", _to_float
+    ),
+    _spec("breaker_failures", "NOTIFYD_BREAKER_FAILURES", "delivery.breaker_failures", _to_int),
+    _spec("breaker_cooldown", "NOTIFYD_BREAKER_COOLDOWN", "delivery.breaker_cooldown", _to_float),
     _spec("alert_interval", "NOTIFYD_ALERT_INTERVAL", "delivery.alert_interval", _to_float),
     _spec("max_body_bytes", "NOTIFYD_MAX_BODY_BYTES", "limits.max_body_bytes", _to_int),
     _spec("message_max_length", "NOTIFYD_MESSAGE_MAX_LENGTH", "limits.message_max_length", _to_int),
@@ -736,6 +761,11 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_INAPP_CONCURRENCY": settings.inapp_concurrency,
         "NOTIFYD_DISPATCH_CONCURRENCY": settings.dispatch_concurrency,
         "NOTIFYD_SMTP_CONNECTIONS_PER_TENANT": settings.smtp_connections_per_tenant,
+        "NOTIFYD_SMTP_CONNECT_TIMEOUT": settings.smtp_connect_timeout,
+        "NOTIFYD_TENANT_SEND_CONCURRENCY": settings.tenant_send_concurrency,
+        "NOTIFYD_TENANT_PARK_DELAY": settings.tenant_park_delay,
+        "NOTIFYD_BREAKER_FAILURES": settings.breaker_failures,
+        "NOTIFYD_BREAKER_COOLDOWN": settings.breaker_cooldown,
         "NOTIFYD_ALERT_INTERVAL": settings.alert_interval,
         "NOTIFYD_EGRESS_RESOLVE_TIMEOUT": settings.egress_resolve_timeout,
         "NOTIFYD_EGRESS_RESOLVE_THREADS": settings.egress_resolve_threads,
@@ -781,6 +811,8 @@ def validate(settings: Settings) -> list[str]:
             "NOTIFYD_SEND_TIMEOUT: must be shorter than NOTIFYD_SHUTDOWN_TIMEOUT, so a send in "
             "flight at SIGTERM can finish instead of being cut off"
         )
+    if settings.tenant_send_queue < 0:
+        problems.append("NOTIFYD_TENANT_SEND_QUEUE: must be 0 or more")
     if settings.send_timeout >= settings.claim_idle:
         problems.append(
             "NOTIFYD_SEND_TIMEOUT: must be shorter than NOTIFYD_CLAIM_IDLE, or a slow send "

@@ -5,25 +5,42 @@ replayed entry or a second instance harmless: only one claimant gets the row. A 
 died mid-send leaves the row `sending`; after the lease (NOTIFYD_CLAIM_IDLE) another instance
 may claim it again, which is the at-least-once edge: that one message can reach the provider
 twice, nothing can be lost.
+
+Email and SMS go through a fair gate first (`notifyd.fairness`): tenants with work take the
+channel's slots in turn, each at most NOTIFYD_TENANT_SEND_CONCURRENCY at once; an entry
+whose tenant also has its queue full, or whose relay's circuit breaker is open, is parked on
+the timer wheel as a retry that used no attempt, so it holds no slot and no place in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from notifyd.alerts import Alerts
+from notifyd.fairness import Breaker, BreakerState, FairGate, Full, Pacer, Park
 from notifyd.keys import SEND_GROUP, Keys
 from notifyd.metrics import Metrics
 from notifyd.payloads import DeliveryRef, PayloadError
-from notifyd.providers.base import Delivery, PermanentError, Provider, Sent, TransientError
+from notifyd.providers.base import (
+    Delivery,
+    PermanentError,
+    Provider,
+    ProviderError,
+    Sent,
+    TransientError,
+    Unreachable,
+)
 from notifyd.settings import Settings
 from notifyd.store import deliveries
 from notifyd.streams.consumer import Defer, Entry, Poison, StreamConsumer, Timing
@@ -46,6 +63,10 @@ BATCH = 64  # entries per read for a batched provider
 # bound a row that crashes its handler would be claimed, crash and be put back forever.
 UNRECORDED_CLAIMS = 2
 BATCHES_IN_FLIGHT = 2
+# a per-entry sender reads this many times its concurrency ahead: entries wait in the fair
+# gate (bounded per tenant), so a tenant at its cap cannot keep other tenants' entries unread
+READ_AHEAD = 4
+BREAKER_JITTER_S = 1.0  # parked mail of an open circuit comes back spread over this
 
 
 def delivery_of(
@@ -76,6 +97,18 @@ def _delivery(row: asyncpg.Record) -> Delivery:
         html=row["html_body"],
         attempt=row["attempts"],
     )
+
+
+class _Outcome(enum.Enum):
+    """What one send told of its relay, for the relay's circuit breaker."""
+
+    ANSWERED = "answered"  # sent, or a reply (4xx): the relay is up
+    UNREACHABLE = "unreachable"  # could not connect, no greeting, timed out
+    NOT_SENT = "not_sent"  # no provider call, or a failure that says nothing of the relay
+
+
+MAX_BREAKERS = 10_000
+_T = TypeVar("_T")
 
 
 # a provider's batch send (in-app): one result per delivery, in order
@@ -117,6 +150,16 @@ class Sender:
         self._metrics = metrics
         self._schedule = schedule
         self._alerts = alerts
+        self._gate = FairGate(
+            concurrency,
+            settings.tenant_send_concurrency,
+            settings.tenant_send_queue,
+            on_change=self._in_flight_changed,
+        )
+        self._pacer = Pacer(settings.tenant_park_delay)
+        self._breakers: dict[object, Breaker] = {}
+        self._send_seconds = 0.05  # moving average of one send: paces a capped tenant's parks
+        window = BATCHES_IN_FLIGHT if self._send_many else concurrency * READ_AHEAD
         self.consumer = StreamConsumer(
             redis,
             stream=keys.deliver(self.channel),
@@ -128,7 +171,7 @@ class Sender:
             dead_letters=keys.dead_letters,
             producer=producer,
             on_dead=self._on_dead,
-            concurrency=BATCHES_IN_FLIGHT if self._send_many else concurrency,
+            concurrency=window,
             batch=BATCH if self._send_many else concurrency,
             timing=Timing.from_settings(settings),
             # a crashing handler (not a failing provider: that is a retry) gives up after this
@@ -139,44 +182,143 @@ class Sender:
     async def run(self, stop: asyncio.Event) -> None:
         await self.consumer.run(stop)
 
+    def _in_flight_changed(self, tenant: str, count: int) -> None:
+        self._metrics.tenant_in_flight.labels(self.channel, tenant).set(count)
+
     async def handle(self, entry: Entry) -> None:
+        """Fair order first: an entry whose relay's circuit is open, or whose tenant has its
+        sends in flight and its queue full, is parked (no provider call, no attempt); the
+        rest wait their tenant's turn in the gate, then claim, send and record."""
         try:
             ref = DeliveryRef.from_fields(entry.fields)
-            notification_id = ref.uuid
         except PayloadError as exc:
             raise Poison(str(exc)) from None
+        breaker = await self._breaker(ref.tenant_id)
+        if breaker is not None and (parked := breaker.parked_until()) is not None:
+            await self._park(ref, parked.until + random.random() * BREAKER_JITTER_S, parked)
+            return
+        try:
+            await self._gate.acquire(ref.tenant_id)
+        except Full:
+            interval = self._send_seconds / self._settings.tenant_send_concurrency
+            await self._park(ref, self._pacer.next(ref.tenant_id, interval), None)
+            return
+        try:
+            probe = False
+            if breaker is not None:
+                parked = self._watch(breaker, breaker.check)
+                if parked is not None:
+                    await self._park(ref, parked.until + random.random() * BREAKER_JITTER_S, parked)
+                    return
+                probe = breaker.state is BreakerState.HALF_OPEN  # check() made this the probe
+            outcome = await self._deliver(ref)
+            if breaker is not None:
+                if outcome is _Outcome.UNREACHABLE:
+                    if self._watch(breaker, breaker.failed):
+                        log.warning(
+                            "relay circuit opened",
+                            extra={"tenant": ref.tenant_id, "relay": breaker.label},
+                        )
+                elif outcome is _Outcome.ANSWERED:
+                    if self._watch(breaker, breaker.succeeded):
+                        log.info(
+                            "relay circuit closed",
+                            extra={"tenant": ref.tenant_id, "relay": breaker.label},
+                        )
+                elif probe:
+                    self._watch(breaker, breaker.abandon)  # nothing was sent: probe again
+        finally:
+            self._gate.release(ref.tenant_id)
+
+    async def _breaker(self, tenant_id: str) -> Breaker | None:
+        """The circuit breaker of the tenant's relay (made on first use), if it has one."""
+        try:
+            route = await self._provider.route(tenant_id)
+        except ProviderError:
+            return None  # the send will fail the same way, and be retried as such
+        if route is None:
+            return None
+        breaker = self._breakers.get(route.key)
+        if breaker is None:
+            if len(self._breakers) >= MAX_BREAKERS:  # forget quiet ones: closed, no failures
+                self._breakers = {
+                    key: b
+                    for key, b in self._breakers.items()
+                    if b.state is not BreakerState.CLOSED or b.failures
+                }
+            s = self._settings
+            breaker = self._breakers[route.key] = Breaker(
+                label=route.label,
+                display=route.display,
+                threshold=s.breaker_failures,
+                cooldown=s.breaker_cooldown,
+                probe_timeout=s.send_timeout + 1.0,
+            )
+            self._metrics.relay_breaker.labels(self.channel, route.label).set(breaker.state)
+        return breaker
+
+    def _watch(self, breaker: Breaker, step: Callable[[], _T]) -> _T:
+        """Run one breaker step; its gauge follows a change of state."""
+        before = breaker.state
+        result = step()
+        if breaker.state is not before:
+            self._metrics.relay_breaker.labels(self.channel, breaker.label).set(breaker.state)
+        return result
+
+    async def _park(self, ref: DeliveryRef, until: float, breaker: Park | None) -> None:
+        """Move the entry off the head without a provider call or an attempt: the row waits
+        `retrying` until `until` and the wheel brings it back (the sweeper rebuilds that same
+        wheel entry from the row). The consumer acks once this returned: parked durably."""
+        due = datetime.fromtimestamp(until, UTC)
+        reason = breaker.reason if breaker is not None else None
+        attempts = await deliveries.park(self._pool, ref.tenant_id, ref.uuid, due, reason)
+        if attempts is None:
+            await self._not_claimed(ref)
+            return
+        await self._schedule.add(retry_item(self._keys, self.channel, ref, attempts), due)
+        self._metrics.parked.labels(
+            self.channel, "breaker" if breaker is not None else "tenant_cap"
+        ).inc()
+
+    async def _not_claimed(self, ref: DeliveryRef) -> None:
+        """The row was not ours to take: leave the entry pending while a peer holds it or its
+        retry is not due (Defer), ack it when it is done or not to be sent."""
+        current = await deliveries.state(self._pool, ref.tenant_id, ref.uuid)
+        if current is not None and current["status"] == "sending":
+            raise Defer("another sender holds this delivery")
+        if current is not None and current["status"] == "retrying":
+            raise Defer("the retry is not due yet")  # taken over again after the lease
+
+    async def _deliver(self, ref: DeliveryRef) -> _Outcome:
+        notification_id = ref.uuid
         row = await deliveries.claim(
             self._pool, ref.tenant_id, notification_id, self._settings.claim_idle
         )
         if row is None:
-            current = await deliveries.state(self._pool, ref.tenant_id, notification_id)
-            if current is not None and current["status"] == "sending":
-                raise Defer("another sender holds this delivery")
-            if current is not None and current["status"] == "retrying":
-                raise Defer("the retry is not due yet")  # taken over again after the lease
-            return  # done already, or not ours to send (suppressed, cancelled): ack
+            await self._not_claimed(ref)
+            return _Outcome.NOT_SENT  # done already, or not ours to send (suppressed): ack
         delivery = _delivery(row)
         if self._exhausted(delivery):
             await self._fail(ref, delivery, self._exhausted_reason(delivery))
-            return
+            return _Outcome.NOT_SENT
         started = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(self._settings.send_timeout):
                 sent = await self._provider.send(delivery)
         except TransientError as exc:
             await self._retry_or_fail(ref, delivery, exc.reason, exc.retry_after)
-            return
+            return _Outcome.UNREACHABLE if isinstance(exc, Unreachable) else _Outcome.ANSWERED
         except TimeoutError:
             reason = f"provider did not answer within {self._settings.send_timeout:g}s"
             await self._retry_or_fail(ref, delivery, reason, None)
-            return
+            return _Outcome.UNREACHABLE
         except PermanentError as exc:
             await self._fail(ref, delivery, exc.reason)
-            return
+            return _Outcome.NOT_SENT  # maybe the relay's no, maybe a message we cannot build
         finally:
-            self._metrics.provider_latency.labels(self.channel).observe(
-                asyncio.get_running_loop().time() - started
-            )
+            took = asyncio.get_running_loop().time() - started
+            self._send_seconds += (took - self._send_seconds) * 0.1
+            self._metrics.provider_latency.labels(self.channel).observe(took)
         recorded = await deliveries.mark_sent(
             self._pool,
             ref.tenant_id,
@@ -188,6 +330,7 @@ class Sender:
         if recorded:  # not when a peer that took over the claim recorded it first
             self._metrics.deliveries.labels(self.channel, "sent").inc()
             await self._tell(delivery, "sent")
+        return _Outcome.ANSWERED
 
     async def _tell(self, delivery: Delivery, status: str) -> None:
         """The user's open sockets learn what became of their email or SMS; a lost live

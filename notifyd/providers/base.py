@@ -4,6 +4,8 @@ A provider sends one delivery and either returns a `Sent` or raises one of two e
 split is the whole retry policy's input: `TransientError` (connection trouble, SMTP 4xx,
 Twilio 429/5xx) is retried with backoff, honouring `retry_after`; `PermanentError` (SMTP 5xx,
 an invalid number) fails the delivery at once, because retrying cannot change the answer.
+`Unreachable` (a `TransientError`) also tells the sender's circuit breaker of the delivery's
+`Route` that the relay itself is down, not just this message refused.
 """
 
 from __future__ import annotations
@@ -51,13 +53,37 @@ class TransientError(ProviderError):
         self.retry_after = retry_after
 
 
+class Unreachable(TransientError):
+    """The relay or API could not be reached, or did not answer in time (connect, greeting,
+    a hung session): counts against its route's circuit breaker. A reply, even a refusal,
+    is not this: the relay is alive."""
+
+
 class PermanentError(ProviderError):
     """Retrying cannot help: the delivery fails now, with this reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a tenant's deliveries go: one circuit breaker per distinct `key`.
+
+    `label` names it in metrics (a tenant id for a tenant's own relay or account, "global"
+    for the platform's: bounded by the number of tenants, never a hostname); `display` is
+    what that tenant may read in `last_error`.
+    """
+
+    key: object
+    label: str
+    display: str
 
 
 class Provider(Protocol):
     channel: str
 
     async def send(self, delivery: Delivery) -> Sent: ...
+
+    async def route(self, tenant_id: str) -> Route | None:
+        """The tenant's relay or account (None: no breaker, e.g. in-app)."""
+        ...
 
     async def close(self) -> None: ...

@@ -8,7 +8,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from notifyd.providers.base import Delivery, Sent, TransientError
+from notifyd.providers.base import Delivery, Route, Sent, TransientError
 
 # (tenant, user, event) → the event's offset in the user's history
 Publish = Callable[[str, str, dict[str, Any]], Awaitable[str]]
@@ -61,6 +61,9 @@ class InAppProvider:
             error = TransientError(f"live events not published: {exc}")
             return [error for _ in deliveries]
         return [Sent(provider_message_id=o, provider_status="sent") for o in offsets]
+
+    async def route(self, tenant_id: str) -> Route | None:
+        return None  # Redis is everyone's: no breaker per tenant
 
     async def close(self) -> None:
         return None

@@ -39,7 +39,14 @@ from twilio.base.exceptions import (
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
 
-from notifyd.providers.base import Delivery, PermanentError, Sent, TransientError
+from notifyd.providers.base import (
+    Delivery,
+    PermanentError,
+    Route,
+    Sent,
+    TransientError,
+    Unreachable,
+)
 from notifyd.providers.phones import InvalidPhone, to_e164
 from notifyd.settings import Settings
 
@@ -175,7 +182,14 @@ class TwilioSmsProvider:
 
     channel = "sms"
 
-    def __init__(self, settings: Settings, config_for: ConfigFor, region_for: RegionFor) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        config_for: ConfigFor,
+        region_for: RegionFor,
+        owner_for: Callable[[str], Awaitable[str]] | None = None,
+    ) -> None:
+        self._owner_for = owner_for  # a tenant's own account → its id; the global one → "global"
         self._settings = settings
         self._config_for = config_for
         self._region_for = region_for
@@ -188,6 +202,15 @@ class TwilioSmsProvider:
             found = _new_client(*key, self._settings.twilio_base_url)
             self._clients[key] = found
         return found[0]
+
+    async def route(self, tenant_id: str) -> Route | None:
+        """One breaker per Twilio account (and base URL: the same for all)."""
+        credentials = await self._config_for(tenant_id)
+        if credentials is None:
+            return None
+        label = await self._owner_for(tenant_id) if self._owner_for else "global"
+        display = "the platform's Twilio account" if label == "global" else "your Twilio account"
+        return Route(("twilio", credentials.account_sid), label, display)
 
     async def send(self, delivery: Delivery) -> Sent:
         credentials = await self._config_for(delivery.tenant_id)
@@ -226,11 +249,11 @@ class TwilioSmsProvider:
                 raise TransientError(reason, retry_after=box.seconds) from None
             raise PermanentError(reason) from None
         except TimeoutError:
-            raise TransientError(
+            raise Unreachable(
                 f"twilio did not answer within {self._settings.send_timeout:g}s"
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise TransientError(f"twilio unreachable: {type(exc).__name__}: {exc}") from None
+            raise Unreachable(f"twilio unreachable: {type(exc).__name__}: {exc}") from None
         except ValueError:
             # a 2xx whose body is not a message resource: whether it was sent is unknown, and
             # at-least-once prefers a second message to a lost one

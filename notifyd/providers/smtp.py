@@ -18,6 +18,10 @@ before the mail transaction, so a service that is not a mail relay cannot be rea
 it. The server's text is kept only for its replies to MAIL FROM, RCPT TO and DATA (a
 relay that greeted as one and said why it refused this message, e.g. `550 5.1.1 user
 unknown`), on one line of printable ASCII, at most `REPLY_TEXT_MAX` characters.
+
+Not reaching the relay at all (connect, TLS, the greeting within NOTIFYD_SMTP_CONNECT_TIMEOUT,
+a hung session, a name that does not resolve) is `Unreachable`, which the sender's circuit
+breaker for that relay counts; a reply, even a refusal, is not.
 """
 
 from __future__ import annotations
@@ -39,7 +43,14 @@ from typing import Protocol
 import aiosmtplib
 
 from notifyd.egress import Egress, EgressRefused, ResolveFailed
-from notifyd.providers.base import Delivery, PermanentError, Sent, TransientError
+from notifyd.providers.base import (
+    Delivery,
+    PermanentError,
+    Route,
+    Sent,
+    TransientError,
+    Unreachable,
+)
 from notifyd.tags import header_problem
 
 log = logging.getLogger("notifyd.providers.smtp")
@@ -162,9 +173,17 @@ def _build(delivery: Delivery, from_email: str, unsubscribe_url: str | None) -> 
 class _ConnectionPool:
     """Up to `size` connected clients for one configuration, handed out one at a time."""
 
-    def __init__(self, key: _PoolKey, size: int, timeout: float, egress: Egress | None) -> None:
+    def __init__(
+        self,
+        key: _PoolKey,
+        size: int,
+        timeout: float,
+        egress: Egress | None,
+        connect_timeout: float | None = None,
+    ) -> None:
         self._key = key
         self._timeout = timeout
+        self._connect_timeout = timeout if connect_timeout is None else connect_timeout
         self._egress = egress  # None: the operator's relay, connected to by name
         self._idle: list[aiosmtplib.SMTP] = []
         self._slots = asyncio.Semaphore(size)
@@ -176,7 +195,7 @@ class _ConnectionPool:
         # `hostname` stays the name, which TLS verifies the certificate against
         sock = None
         if self._egress is not None:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._connect_timeout):
                 sock = await self._egress.connect(k.host, k.port)
         client = aiosmtplib.SMTP(
             hostname=k.host,
@@ -188,7 +207,9 @@ class _ConnectionPool:
             tls_context=ssl.create_default_context() if (k.use_tls or k.use_ssl) else None,
         )
         try:
-            await client.connect()
+            # TCP connect, TLS and the greeting within the connect timeout: a relay that
+            # accepts and never speaks is given up on well before the whole send's timeout
+            await client.connect(timeout=self._connect_timeout)
             if k.username:
                 await client.login(k.username, k.password)
         except BaseException:
@@ -246,6 +267,7 @@ class SmtpProvider:
         *,
         connections_per_config: int,
         timeout: float,
+        connect_timeout: float | None = None,
         unsubscribe_url_for: Callable[[Delivery], str | None] | None = None,
         egress: Egress | None = None,
     ) -> None:
@@ -253,6 +275,7 @@ class SmtpProvider:
         `operator_relay` is false); None checks nothing (tests of the provider alone)."""
         self._config_for = config_for
         self._egress = egress
+        self._connect_timeout = connect_timeout
         self._size = connections_per_config
         self._timeout = timeout
         self._unsubscribe_url_for = unsubscribe_url_for
@@ -260,20 +283,22 @@ class SmtpProvider:
         self._tenant_pools: dict[str, _ConnectionPool] = {}  # the pool each tenant used last
 
     def _pool(self, config: SmtpSettings) -> _ConnectionPool:
-        key = _PoolKey(
-            config.host,
-            config.port,
-            config.username,
-            config.password,
-            config.use_tls,
-            config.use_ssl,
-            config.operator_relay,
-        )
+        key = _pool_key(config)
         pool = self._pools.get(key)
         if pool is None:
             egress = None if config.operator_relay else self._egress
-            pool = self._pools[key] = _ConnectionPool(key, self._size, self._timeout, egress)
+            pool = self._pools[key] = _ConnectionPool(
+                key, self._size, self._timeout, egress, self._connect_timeout
+            )
         return pool
+
+    async def route(self, tenant_id: str) -> Route | None:
+        """One circuit breaker per relay configuration, as one connection pool; the
+        operator's relay is "global" in metrics and "the platform relay" in `last_error`."""
+        config = await self._config_for(tenant_id)
+        if config.operator_relay:
+            return Route(_pool_key(config), "global", "the platform relay")
+        return Route(_pool_key(config), tenant_id, f"{config.host}:{config.port}")
 
     async def _retire_previous(self, tenant_id: str, current: _ConnectionPool) -> None:
         """A tenant moved to another relay (or credentials): close its old pool's connections
@@ -312,27 +337,39 @@ class SmtpProvider:
                 )
                 raise PermanentError(f"refused by the egress policy: {exc.message}") from None
             except ResolveFailed as exc:
-                raise TransientError(f"cannot resolve the SMTP relay: {exc}") from None
+                raise Unreachable(f"cannot resolve the SMTP relay: {exc}") from None
             except aiosmtplib.SMTPServerDisconnected:
                 # an idle pooled connection the server closed: one immediate retry, on a new
                 # connection, and none of the other idle ones (they idled as long)
                 if reused_attempt:
                     pool.discard_idle()
                     continue
-                raise TransientError("the SMTP relay closed the connection") from None
+                raise Unreachable("the SMTP relay closed the connection") from None
             except aiosmtplib.SMTPRecipientsRefused as exc:
                 raise _classify_refusals(exc) from None
             except aiosmtplib.SMTPResponseException as exc:
                 raise _classify_reply(exc) from None
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                raise TransientError(_connection_failure(exc)) from None
-        raise TransientError("the SMTP relay closed the connection twice")
+                raise Unreachable(_connection_failure(exc)) from None
+        raise Unreachable("the SMTP relay closed the connection twice")
 
     async def close(self) -> None:
         for pool in self._pools.values():
             await pool.close()
         self._pools.clear()
         self._tenant_pools.clear()
+
+
+def _pool_key(config: SmtpSettings) -> _PoolKey:
+    return _PoolKey(
+        config.host,
+        config.port,
+        config.username,
+        config.password,
+        config.use_tls,
+        config.use_ssl,
+        config.operator_relay,
+    )
 
 
 REPLY_TEXT_MAX = 200

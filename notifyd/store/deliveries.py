@@ -41,6 +41,22 @@ RETURNING id, tenant_id, channel, recipient, user_id, subject, body, html_body, 
           attempts, created_at
 """
 
+# Park: not sent now, and no attempt used (its relay's circuit is open, or its tenant is at
+# its cap). The row waits as a retry does, `retrying` until `next_attempt_at`, so the wheel
+# entry the sender adds is the one the sweeper rebuilds from the row (`retry_item` with the
+# same attempts), and a Redis that lost it gets it back. Taken only from a state a claim
+# could take: a peer that claimed or parked the row first wins, this matches nothing.
+# `last_error` NULL keeps the one there (a tenant at its cap is not an error).
+PARK = """
+UPDATE notifications
+SET status = 'retrying', next_attempt_at = $3, last_error = COALESCE($4, last_error),
+    updated_at = now()
+WHERE tenant_id = $1 AND id = $2
+  AND (status = 'dispatched'
+       OR (status = 'retrying' AND next_attempt_at <= now() + interval '2 seconds'))
+RETURNING attempts
+"""
+
 STATE = """
 SELECT status, claimed_at, next_attempt_at FROM notifications WHERE tenant_id = $1 AND id = $2
 """
@@ -149,6 +165,18 @@ async def claim(
     executor: Executor, tenant_id: str, notification_id: uuid.UUID, lease: float
 ) -> asyncpg.Record | None:
     return await executor.fetchrow(CLAIM, tenant_id, notification_id, lease)
+
+
+async def park(
+    executor: Executor,
+    tenant_id: str,
+    notification_id: uuid.UUID,
+    until: datetime,
+    reason: str | None,
+) -> int | None:
+    """The row's attempts if it is now parked until `until`, None if it was not ours to park."""
+    attempts: int | None = await executor.fetchval(PARK, tenant_id, notification_id, until, reason)
+    return attempts
 
 
 async def state(
