@@ -19,6 +19,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from notifyd.actors.sender import READ_AHEAD
 from notifyd.settings import SettingsError
 from tests.conftest import DaemonFactory
 from tests.helpers import Api, make_settings, wait_for
@@ -262,10 +263,12 @@ async def test_stream_length_pending_and_lag_follow_a_backlog_and_agree_with_red
     daemon_factory: DaemonFactory, redis: Redis
 ) -> None:
     """Promise: behind a hung SMTP relay with one email in flight at a time, /metrics shows
-    the email stream's length (3), its send group's pending entry (the one in flight, 1) and
-    lag (the two not read yet, 2), as Redis itself reports them; the dispatch group is caught
-    up (pending 0, lag 0), and the intents stream is empty: the sending process dispatched
-    its own rows; the dead-letter stream is measured too (0)."""
+    the email stream's length, its send group's pending entries (the one in flight and those
+    read ahead into the fair gate: READ_AHEAD per slot) and lag (the two not read yet, 2), as
+    Redis itself reports them; the dispatch group is caught
+    up (pending 0, lag 0), and the intents stream's length is Redis's (the sending process
+    dispatches its own rows, but one it is too busy for goes on the stream); the dead-letter
+    stream is measured too (0)."""
     relay = StalledRelay()
     port = await relay.start()
     try:
@@ -275,12 +278,14 @@ async def test_stream_length_pending_and_lag_follow_a_backlog_and_agree_with_red
             NOTIFYD_EMAIL_CONCURRENCY="1",
             # the one send in flight stays stuck for the whole test (until relay.close())
             NOTIFYD_SEND_TIMEOUT="30",
+            NOTIFYD_SMTP_CONNECT_TIMEOUT="30",
             NOTIFYD_CLAIM_IDLE="60",
             NOTIFYD_SHUTDOWN_TIMEOUT="40",
             NOTIFYD_STREAM_STATS_INTERVAL="0.05",
         )
         async with Api(daemon) as api:
-            for i in range(3):
+            total = READ_AHEAD + 2  # one slot: READ_AHEAD entries are read, two wait unread
+            for i in range(total):
                 await send(api, recipient=f"c{i}@example.com")
 
             async def one_connected() -> bool:
@@ -288,10 +293,9 @@ async def test_stream_length_pending_and_lag_follow_a_backlog_and_agree_with_red
 
             await wait_for(one_connected)
             send_group = {"stream": DELIVER_EMAIL, "group": "send"}
-            await wait_value(api, "notifyd_stream_length", 3, stream=DELIVER_EMAIL)
+            await wait_value(api, "notifyd_stream_length", total, stream=DELIVER_EMAIL)
             await wait_value(api, "notifyd_stream_lag", 2, **send_group)
-            await wait_value(api, "notifyd_stream_pending", 1, **send_group)
-            await wait_value(api, "notifyd_stream_length", 0, stream=INTENTS)
+            await wait_value(api, "notifyd_stream_pending", READ_AHEAD, **send_group)
             await wait_value(api, "notifyd_stream_lag", 0, stream=INTENTS, group="dispatch")
             await wait_value(api, "notifyd_stream_pending", 0, stream=INTENTS, group="dispatch")
             families = await scrape(api)
@@ -299,6 +303,11 @@ async def test_stream_length_pending_and_lag_follow_a_backlog_and_agree_with_red
             assert truth["lag"] == value(families, "notifyd_stream_lag", **send_group)
             assert truth["pending"] == value(families, "notifyd_stream_pending", **send_group)
             assert value(families, "notifyd_stream_length", stream=DEAD) == 0
+            # the sending process dispatches its own rows; one it was too busy for went on
+            # the intents stream, and was read from there (the dispatch group is caught up)
+            assert value(families, "notifyd_stream_length", stream=INTENTS) == await redis.xlen(
+                INTENTS
+            )
             assert len(relay.connections) == 1  # still one in flight: the backlog is real
     finally:
         await relay.close()

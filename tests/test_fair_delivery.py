@@ -1,0 +1,367 @@
+"""Fair delivery across tenants: one tenant's backlog or dead relay costs the others nothing.
+
+Real daemons, PostgreSQL, Redis and aiosmtpd; a tenant's own relay is `bench.relay.SwitchRelay`,
+a real TCP server that accepts and never answers (hung) until it recovers and forwards to the
+real sink. Promises checked (each test names its own): another tenant's mail arrives while a
+tenant's relay hangs, and the hung tenant's mail arrives exactly once after it recovers; the
+relay's circuit breaker opens, parks (no attempt used, `last_error` says so without the relay's
+words, metrics show it) and closes again; a tenant never has more than its cap of sends in
+flight; two instances racing over parked entries send each once; parked entries survive a
+daemon that stops and a Redis that loses everything. The gate, breaker and pacer themselves
+are checked as plain objects at the end (round-robin order, half open, spacing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from bench.relay import SwitchRelay
+from notifyd.app import Daemon
+from notifyd.fairness import Breaker, BreakerState, FairGate, Full, Pacer
+from tests.conftest import DaemonFactory
+from tests.helpers import Api, wait_for
+from tests.smtp_sink import SmtpSink
+
+A = "TEN-A"  # its own relay: hung
+B = "TEN-B"  # the platform relay: healthy
+FROM = "jobs@lumina.example"
+
+FAIR: dict[str, str] = {
+    "EMAIL_HOST": "127.0.0.1",
+    "EMAIL_FROM": FROM,
+    "NOTIFYD_RETRY_BASE": "0.05",
+    "NOTIFYD_RETRY_CAP": "0.5",
+    "NOTIFYD_CLAIM_IDLE": "20",
+    # a hung relay holds a send this long on a sender without connect timeouts
+    "NOTIFYD_SEND_TIMEOUT": "5",
+    "NOTIFYD_SHUTDOWN_TIMEOUT": "8",
+    "NOTIFYD_SMTP_CONNECT_TIMEOUT": "0.5",
+    "NOTIFYD_BREAKER_FAILURES": "3",
+    "NOTIFYD_BREAKER_COOLDOWN": "1",
+    "NOTIFYD_TENANT_SEND_CONCURRENCY": "2",
+    # each cool-down's probe uses an attempt of one message: no message may run out here
+    "NOTIFYD_SEND_MAX_ATTEMPTS": "50",
+}
+
+
+@pytest.fixture
+async def relay(smtp_sink: SmtpSink) -> AsyncIterator[SwitchRelay]:
+    """Tenant A's relay: hung until `recover()`, then forwarding to the sink."""
+    switch = SwitchRelay(smtp_sink.port)
+    await switch.start()
+    yield switch
+    await switch.close()
+
+
+async def start(daemon_factory: DaemonFactory, sink: SmtpSink, **env: str) -> Daemon:
+    return await daemon_factory(**{**FAIR, "EMAIL_PORT": str(sink.port), **env})
+
+
+async def use_relay(api: Api, tenant: str, port: int) -> None:
+    smtp = {"host": "127.0.0.1", "port": port, "from_email": "hr@a.example"}
+    status, body, _ = await api.request(
+        "PUT",
+        "/tenants/current/settings/",
+        json={"smtp": smtp},
+        tenant=tenant,
+        user="admin",
+        role="admin",
+    )
+    assert status == 200, body
+
+
+async def send_many(api: Api, tenant: str, count: int) -> list[str]:
+    async def one(i: int) -> str:
+        status, body, _ = await api.post(
+            "/notifications/send/",
+            {
+                "notification_type": "email",
+                "recipient": f"{tenant.lower()}-{i}@example.com",
+                "subject": f"{tenant} #{i}",
+                "message": "Your interview is tomorrow at 10 AM.",
+            },
+            tenant=tenant,
+            user="backend",
+            role="service",
+        )
+        assert status == 202, body
+        return str(body["notification_id"])
+
+    ids: list[str] = []
+    for first in range(0, count, 20):
+        ids += await asyncio.gather(*(one(i) for i in range(first, min(count, first + 20))))
+    return ids
+
+
+def arrivals(sink: SmtpSink, ids: list[str]) -> Counter[str]:
+    wanted = set(ids)
+    return Counter(r.notifyd_id for r in list(sink.received) if r.notifyd_id in wanted)
+
+
+async def all_arrived_once(sink: SmtpSink, db: asyncpg.Connection, ids: list[str]) -> None:
+    """Every id arrived, none twice, every row `sent` (waits for the rows, then the sink)."""
+
+    async def sent() -> bool:
+        n = await db.fetchval(
+            "SELECT count(*) FROM notifications WHERE id = ANY($1::uuid[]) AND status = 'sent'",
+            ids,
+        )
+        return bool(n == len(ids))
+
+    await wait_for(sent, timeout=40)
+    await wait_for(lambda: len(arrivals(sink, ids)) == len(ids), timeout=10)
+    counts = arrivals(sink, ids)
+    assert set(counts) == set(ids)
+    assert max(counts.values()) == 1, [i for i, n in counts.items() if n > 1]
+
+
+def sample(daemon: Daemon, name: str, **labels: str) -> float:
+    return daemon.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def parked_rows(db: asyncpg.Connection, tenant: str) -> list[asyncpg.Record]:
+    """Rows waiting without having used an attempt: parked, not retried."""
+    return await db.fetch(
+        "SELECT id, last_error, next_attempt_at FROM notifications "
+        "WHERE tenant_id = $1 AND status = 'retrying' AND attempts = 0",
+        tenant,
+    )
+
+
+async def test_a_hung_tenant_relay_does_not_delay_another_tenants_mail(
+    daemon_factory: DaemonFactory, smtp_sink: SmtpSink, relay: SwitchRelay, db: asyncpg.Connection
+) -> None:
+    """Promise: tenant A's relay accepts connections and never answers while A sends 100
+    emails; tenant B's 10 emails through the healthy platform relay still arrive promptly
+    (each sender slot a hung relay held for the whole send timeout starved B before). Once A's
+    relay recovers, every one of A's emails arrives exactly once."""
+    daemon = await start(daemon_factory, smtp_sink)
+    async with Api(daemon) as api:
+        await use_relay(api, A, relay.port)
+        a_ids = await send_many(api, A, 100)
+        await wait_for(lambda: relay.accepted >= 1)  # A's sends are hanging on its relay
+        b_ids = await send_many(api, B, 10)
+        # 100 sends held for 5 s each by 32 slots: about 15 s before B's first without fairness
+        await wait_for(lambda: len(arrivals(smtp_sink, b_ids)) == 10, timeout=6)
+        assert arrivals(smtp_sink, a_ids) == Counter()  # A's relay is still hung
+        relay.recover()
+        await all_arrived_once(smtp_sink, db, a_ids)
+        await all_arrived_once(smtp_sink, db, b_ids)
+
+
+async def test_the_breaker_opens_parks_without_attempts_and_closes_again(
+    daemon_factory: DaemonFactory, smtp_sink: SmtpSink, db: asyncpg.Connection
+) -> None:
+    """Promise: after NOTIFYD_BREAKER_FAILURES failures to reach a tenant's relay its circuit
+    opens: its mail is parked on the timer wheel without a connection and without using an
+    attempt, `last_error` names the relay and when it is tried again (never the relay's own
+    words), and /metrics shows the open circuit and the parked count. When the relay answers
+    again, a probe closes the circuit, everything arrives once and `last_error` is cleared."""
+    relay = SwitchRelay(smtp_sink.port)
+    port = await relay.start()
+    try:
+        daemon = await start(daemon_factory, smtp_sink)
+        async with Api(daemon) as api:
+            await use_relay(api, A, port)
+            ids = await send_many(api, A, 20)
+            state = {"channel": "email", "relay": A}
+            await wait_for(
+                lambda: sample(daemon, "notifyd_relay_breaker_state", **state) == 1, timeout=10
+            )
+
+            async def breaker_parked() -> list[asyncpg.Record]:
+                # (a few may have been parked for A's cap first: those keep last_error NULL)
+                return [r for r in await parked_rows(db, A) if r["last_error"] is not None]
+
+            async def many_parked() -> bool:
+                return len(await breaker_parked()) >= 10
+
+            await wait_for(many_parked, timeout=10)
+            for row in await breaker_parked():
+                assert row["last_error"].startswith(
+                    f"relay 127.0.0.1:{port} unavailable (circuit open after 3 failures); "
+                    "parked until "
+                ), row["last_error"]
+            parked_total = sample(
+                daemon, "notifyd_deliveries_parked_total", channel="email", reason="breaker"
+            )
+            assert parked_total >= 10
+            # parked mail does not touch the relay: a connection per attempt only
+            attempts = await db.fetchval(
+                "SELECT sum(attempts) FROM notifications WHERE tenant_id = $1", A
+            )
+            assert relay.accepted <= attempts + 2 * len(ids)  # a send reconnects once at most
+            assert attempts < len(ids)
+
+            relay.recover()
+            await all_arrived_once(smtp_sink, db, ids)
+            assert sample(daemon, "notifyd_relay_breaker_state", **state) == 0
+            errors = await db.fetch(
+                "SELECT last_error FROM notifications WHERE id = ANY($1::uuid[])", ids
+            )
+            assert {r["last_error"] for r in errors} == {None}
+    finally:
+        await relay.close()
+
+
+async def test_a_tenant_never_has_more_than_its_cap_of_sends_in_flight(
+    daemon_factory: DaemonFactory, smtp_sink: SmtpSink, db: asyncpg.Connection
+) -> None:
+    """Promise: with connections to spare (10 per relay) and 16 sender slots, one tenant's
+    burst of 60 emails never has more than NOTIFYD_TENANT_SEND_CONCURRENCY (2) connections
+    open to its relay at once, and all of them arrive once."""
+    relay = SwitchRelay(smtp_sink.port)
+    port = await relay.start()
+    relay.recover()
+    try:
+        daemon = await start(
+            daemon_factory,
+            smtp_sink,
+            NOTIFYD_SMTP_CONNECTIONS_PER_TENANT="10",
+            NOTIFYD_EMAIL_CONCURRENCY="16",
+        )
+        async with Api(daemon) as api:
+            await use_relay(api, A, port)
+            ids = await send_many(api, A, 60)
+            await all_arrived_once(smtp_sink, db, ids)
+        assert 1 <= relay.peak <= 2, relay.peak
+    finally:
+        await relay.close()
+
+
+async def test_two_instances_racing_over_parked_entries_send_each_once(
+    daemon_factory: DaemonFactory, smtp_sink: SmtpSink, relay: SwitchRelay, db: asyncpg.Connection
+) -> None:
+    """Promise: two instances share the stream and the wheel; both park A's mail while its
+    relay hangs, the parked entries come back to whichever instance reads them, and after the
+    relay recovers each email arrives exactly once."""
+    first = await start(daemon_factory, smtp_sink)
+    second = await start(daemon_factory, smtp_sink)
+    async with Api(first) as api:
+        await use_relay(api, A, relay.port)
+        ids = await send_many(api, A, 60)
+
+    def parked(daemon: Daemon) -> float:
+        return sample(daemon, "notifyd_deliveries_parked_total", channel="email", reason="breaker")
+
+    await wait_for(lambda: parked(first) + parked(second) >= 20, timeout=15)
+    relay.recover()
+    await all_arrived_once(smtp_sink, db, ids)
+
+
+async def test_parked_mail_survives_a_stopped_daemon_and_a_redis_that_lost_everything(
+    daemon_factory: DaemonFactory,
+    smtp_sink: SmtpSink,
+    relay: SwitchRelay,
+    db: asyncpg.Connection,
+    redis: Redis,
+) -> None:
+    """Promise: parked is durable. With A's mail parked, the daemon stops (its sender cut off
+    mid-send) and Redis loses its streams and wheel; a new daemon rebuilds the parked entries
+    from PostgreSQL (they are retries that used no attempt), and after the relay recovers
+    every email arrives exactly once."""
+    daemon = await start(daemon_factory, smtp_sink)
+    async with Api(daemon) as api:
+        await use_relay(api, A, relay.port)
+        ids = await send_many(api, A, 30)
+
+    async def parked() -> bool:
+        return len(await parked_rows(db, A)) >= 10
+
+    await wait_for(parked, timeout=15)
+    await daemon.stop()
+    await redis.flushdb()
+    relay.recover()
+    await start(daemon_factory, smtp_sink, NOTIFYD_REQUEUE_AFTER="1", NOTIFYD_SWEEP_INTERVAL="0.2")
+    await all_arrived_once(smtp_sink, db, ids)
+
+
+# --- the pieces themselves: plain objects, a clock of the test's own ------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_the_gate_serves_tenants_round_robin_within_their_caps() -> None:
+    """Promise: with every slot busy, freed slots go to the waiting tenants in turn (a tenant
+    with a long queue does not go twice before one that waits), never past a tenant's cap,
+    and a tenant may queue only so many entries (`Full`: the sender parks the rest)."""
+    gate = FairGate(slots=2, per_tenant=1, queue_per_tenant=3)
+    await gate.acquire("a")
+    await gate.acquire("b")
+    order: list[str] = []
+
+    async def wait(tenant: str) -> None:
+        await gate.acquire(tenant)
+        order.append(tenant)
+
+    waiters = [asyncio.create_task(wait(t)) for t in ("a", "a", "a", "c", "b")]
+    await asyncio.sleep(0)
+    with pytest.raises(Full):
+        await gate.acquire("a")  # three of a's wait already
+    assert gate.waiting("a") == 3
+    for tenant in ("a", "b", "a", "c", "a"):
+        gate.release(tenant)
+        await asyncio.sleep(0)
+    # a's second entry waits for c and b, who came after it but had nothing in flight
+    assert order == ["a", "c", "b", "a", "a"]
+    assert gate.in_flight("a") == 1 and gate.waiting("a") == 0
+    await asyncio.gather(*waiters)
+
+
+def test_the_breaker_opens_half_opens_with_one_probe_and_closes() -> None:
+    """Promise: N consecutive failures open the circuit (mail parked until the cool-down
+    ends), after it exactly one probe is let through (the rest still parked), a failed probe
+    opens it again, a successful one closes it; an answer in between resets the count."""
+    clock = Clock()
+    breaker = Breaker("TEN-A", "relay.a.example:25", 3, 30.0, 11.0, clock=clock)
+    assert breaker.check() is None
+    assert not breaker.failed() and not breaker.failed()
+    breaker.succeeded()  # an answer: the count starts again
+    assert not breaker.failed() and not breaker.failed()
+    assert breaker.failed() and breaker.state is BreakerState.OPEN
+    parked = breaker.check()
+    assert parked is not None and parked.until == clock.now + 30
+    assert parked.reason.startswith(
+        "relay relay.a.example:25 unavailable (circuit open after 3 failures); parked until "
+    )
+    clock.now += 30
+    assert breaker.check() is None and breaker.state is BreakerState.HALF_OPEN  # the probe
+    assert breaker.check() is not None  # only one
+    assert breaker.failed() and breaker.state is BreakerState.OPEN  # the probe failed
+    clock.now += 30
+    assert breaker.check() is None
+    breaker.abandon()  # the probe sent nothing: the next send probes
+    assert breaker.check() is None and breaker.state is BreakerState.HALF_OPEN
+    assert breaker.succeeded() and breaker.state is BreakerState.CLOSED
+    assert breaker.check() is None and breaker.parked_until() is None
+    clock.now += 100
+    # a probe never heard back from is given up on after its timeout
+    for _ in range(3):
+        breaker.failed()
+    clock.now += 30
+    assert breaker.check() is None
+    clock.now += 11
+    assert breaker.check() is None and breaker.state is BreakerState.HALF_OPEN
+
+
+def test_the_pacer_spreads_a_capped_tenants_parked_entries() -> None:
+    """Promise: a capped tenant's parked entries come back one `interval` apart after the
+    shortest delay, per tenant, so a backlog returns at the rate it can be sent."""
+    clock = Clock()
+    pacer = Pacer(0.5, clock=clock)
+    assert [pacer.next("a", 0.1) - clock.now for _ in range(3)] == pytest.approx([0.5, 0.6, 0.7])
+    assert pacer.next("b", 0.1) - clock.now == pytest.approx(0.5)
+    clock.now += 10
+    assert pacer.next("a", 0.1) - clock.now == pytest.approx(0.5)
