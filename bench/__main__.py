@@ -12,6 +12,7 @@ from bench import (
     connections,
     email_e2e,
     limits,
+    noisy_neighbour,
     redis_footprint,
     reminders,
     rest_ingest,
@@ -33,6 +34,10 @@ WORKLOADS: dict[str, tuple[Any, str]] = {
     "rest_ingest": (rest_ingest, "C connections POST in-app notifications for D seconds"),
     "email_e2e": (email_e2e, "K emails posted, until all reach the harness's SMTP sink"),
     "ws_fanout": (ws_fanout, "R rooms x M members, S messages per sender (burst or --rate)"),
+    "noisy_neighbour": (
+        noisy_neighbour,
+        "a tenant's relay hangs under its backlog: another tenant's email latency beside it",
+    ),
     "connections": (connections, "N idle WebSockets: notifyd's RSS per connection"),
     "redis_footprint": (
         redis_footprint,

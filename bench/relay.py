@@ -20,6 +20,7 @@ class SwitchRelay:
         self._upstream_port = upstream_port
         self._server: asyncio.Server | None = None
         self._held: set[asyncio.StreamWriter] = set()
+        self._writers: set[asyncio.StreamWriter] = set()  # every open connection, both ends
         self._tasks: set[asyncio.Task[None]] = set()
         self.up = False
         self.open = 0  # connections open right now
@@ -47,6 +48,7 @@ class SwitchRelay:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         self.accepted += 1
+        self._writers.add(writer)
         self.open += 1
         self.peak = max(self.peak, self.open)
         try:
@@ -60,11 +62,13 @@ class SwitchRelay:
             pass
         finally:
             self._held.discard(writer)
+            self._writers.discard(writer)
             self.open -= 1
             writer.close()
 
     async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._upstream_port)
+        self._writers.add(up_writer)
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
@@ -80,8 +84,11 @@ class SwitchRelay:
         task = asyncio.create_task(pump(up_reader, writer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        await pump(reader, up_writer)
-        await task
+        try:
+            await pump(reader, up_writer)
+            await task
+        finally:
+            self._writers.discard(up_writer)
 
     async def close(self) -> None:
         if self._server is None:
@@ -89,9 +96,13 @@ class SwitchRelay:
         self._server.close()
         for writer in list(self._held):
             writer.close()
+        for writer in list(self._writers):
+            writer.close()  # every handler then ends on its own (cancelling one makes
+            # asyncio's stream protocol log the cancellation as an error)
         tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=5.0)
+            for task in late:
+                task.cancel()
         await self._server.wait_closed()
         self._server = None
