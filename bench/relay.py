@@ -4,7 +4,8 @@
 says a word (no greeting): the worst relay a tenant can configure, since each connection
 holds its sender until a timeout. After `recover()` it forwards each new connection to a
 real SMTP server (`upstream_port`), byte for byte, so mail sent through it arrives there.
-It counts the connections open at once (`peak`), which is how a test sees a per-tenant cap.
+It counts the connections open at once (`peak`), which is how a test sees a per-tenant cap;
+with `delay` every command it forwards waits that long first: a slow relay that answers.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ CHUNK = 65_536
 
 
 class SwitchRelay:
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, *, delay: float = 0.0) -> None:
         self._upstream_port = upstream_port
+        self._delay = delay  # when up: each chunk from the client waits this long (a slow relay)
         self._server: asyncio.Server | None = None
         self._held: set[asyncio.StreamWriter] = set()
         self._writers: set[asyncio.StreamWriter] = set()  # every open connection, both ends
@@ -70,9 +72,13 @@ class SwitchRelay:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._upstream_port)
         self._writers.add(up_writer)
 
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pump(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: float = 0.0
+        ) -> None:
             try:
                 while data := await src.read(CHUNK):
+                    if delay:
+                        await asyncio.sleep(delay)
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):
@@ -85,7 +91,7 @@ class SwitchRelay:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         try:
-            await pump(reader, up_writer)
+            await pump(reader, up_writer, self._delay)
             await task
         finally:
             self._writers.discard(up_writer)

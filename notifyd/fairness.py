@@ -36,6 +36,12 @@ class FairGate:
 
     Invariant: an entry waits only while every slot is busy or its tenant is at its cap, so
     a free slot always goes at once to a tenant that can use it.
+
+    Work-conserving: a tenant past its cap may still borrow an idle slot while no other
+    tenant waits and `may_borrow(tenant)` (its sends are fast), but never the last
+    `per_tenant` slots: those stay free for a tenant that turns up, which therefore gets its
+    whole cap at once. A lone tenant on a healthy relay keeps the channel's throughput; a
+    tenant whose sends turn slow stops borrowing.
     """
 
     def __init__(
@@ -44,11 +50,13 @@ class FairGate:
         per_tenant: int,
         queue_per_tenant: int,
         on_change: Callable[[str, int], None] | None = None,
+        may_borrow: Callable[[str], bool] | None = None,
     ) -> None:
         self._slots = slots
         self._per_tenant = per_tenant
         self._queue_per_tenant = queue_per_tenant
         self._on_change = on_change  # (tenant, sends in flight) → a gauge
+        self._may_borrow = may_borrow
         self._running: dict[str, int] = {}
         self._busy = 0
         self._waiting: dict[str, deque[asyncio.Future[None]]] = {}
@@ -63,7 +71,14 @@ class FairGate:
     async def acquire(self, tenant: str) -> None:
         """A slot for one send of `tenant`; raises `Full` rather than queue past the bound."""
         queue = self._waiting.get(tenant)
-        if not queue and self._busy < self._slots and self.in_flight(tenant) < self._per_tenant:
+        if (
+            not queue
+            and self._busy < self._slots
+            and (
+                self.in_flight(tenant) < self._per_tenant
+                or (not self._ring and self._can_borrow(tenant))
+            )
+        ):
             self._take(tenant)
             return
         if queue is None:
@@ -96,6 +111,13 @@ class FairGate:
             self._on_change(tenant, left)
         self._grant()
 
+    def _can_borrow(self, tenant: str) -> bool:
+        return (
+            self._may_borrow is not None
+            and self._busy < self._slots - self._per_tenant
+            and self._may_borrow(tenant)
+        )
+
     def _take(self, tenant: str) -> None:
         running = self._running.get(tenant, 0) + 1
         self._running[tenant] = running
@@ -112,7 +134,10 @@ class FairGate:
                 if self.in_flight(tenant) < self._per_tenant:
                     break
             else:
-                return  # every tenant with work is at its cap
+                # every tenant with work is at its cap; a lone one may borrow
+                if len(self._ring) != 1 or not self._can_borrow(self._ring[0]):
+                    return
+                tenant = self._ring[0]
             queue = self._waiting[tenant]
             future = queue.popleft()
             if not queue:
@@ -221,18 +246,64 @@ class Pacer:
 
     Each tenant's parked entries are spread out at about the rate the tenant can send
     (`interval` apart), so a backlog of thousands comes back a little at a time instead of
-    all together, to be parked again.
+    all together, only to be parked again; never later than `longest` from now (a backlog
+    larger than that comes back in bunches, once per `longest`).
     """
 
-    def __init__(self, shortest: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, shortest: float, longest: float, clock: Callable[[], float] = time.time
+    ) -> None:
         self._shortest = shortest
+        self._longest = max(shortest, longest)
         self._clock = clock
         self._next: dict[str, float] = {}
 
     def next(self, tenant: str, interval: float) -> float:
         now = self._clock()
-        due = max(now + self._shortest, self._next.get(tenant, 0.0))
+        due = min(max(now + self._shortest, self._next.get(tenant, 0.0)), now + self._longest)
         self._next[tenant] = due + interval
         if len(self._next) > 10_000:  # forget tenants whose parked entries are all due
             self._next = {t: at for t, at in self._next.items() if at > now}
         return due
+
+
+class SendTimes:
+    """How long one tenant's send takes: a moving average of the finished ones, or the age
+    of the oldest still running if that is longer (a hung relay's sends are slow long
+    before they finish, and a fast average would bring its parked mail back too soon)."""
+
+    def __init__(self, initial: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._initial = initial
+        self._clock = clock
+        self._average: dict[str, float] = {}
+        self._running: dict[str, list[float]] = {}
+
+    def started(self, tenant: str) -> float:
+        at = self._clock()
+        self._running.setdefault(tenant, []).append(at)
+        return at
+
+    def finished(self, tenant: str, started: float, *, answered: bool = True) -> None:
+        """`answered` False (the relay could not be reached): the tenant's average is
+        forgotten, and it is not known to be fast until a send goes through again."""
+        running = self._running[tenant]
+        running.remove(started)
+        if not running:
+            del self._running[tenant]
+        if not answered:
+            self._average.pop(tenant, None)
+            return
+        took = self._clock() - started
+        average = self._average.get(tenant)
+        self._average[tenant] = took if average is None else average + (took - average) * 0.2
+        if len(self._average) > 10_000:
+            self._average = {t: a for t, a in self._average.items() if t in self._running}
+
+    def known(self, tenant: str) -> bool:
+        """Whether a send of the tenant finished lately (its average is its own)."""
+        return tenant in self._average
+
+    def estimate(self, tenant: str) -> float:
+        average = self._average.get(tenant, self._initial)
+        running = self._running.get(tenant)
+        return max(average, self._clock() - running[0]) if running else average

@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 
 from bench.relay import SwitchRelay
 from notifyd.app import Daemon
-from notifyd.fairness import Breaker, BreakerState, FairGate, Full, Pacer
+from notifyd.fairness import Breaker, BreakerState, FairGate, Full, Pacer, SendTimes
 from tests.conftest import DaemonFactory
 from tests.helpers import Api, wait_for
 from tests.smtp_sink import SmtpSink
@@ -210,13 +210,14 @@ async def test_the_breaker_opens_parks_without_attempts_and_closes_again(
         await relay.close()
 
 
-async def test_a_tenant_never_has_more_than_its_cap_of_sends_in_flight(
+async def test_a_slow_tenant_never_has_more_than_its_cap_of_sends_in_flight(
     daemon_factory: DaemonFactory, smtp_sink: SmtpSink, db: asyncpg.Connection
 ) -> None:
-    """Promise: with connections to spare (10 per relay) and 16 sender slots, one tenant's
-    burst of 60 emails never has more than NOTIFYD_TENANT_SEND_CONCURRENCY (2) connections
-    open to its relay at once, and all of them arrive once."""
-    relay = SwitchRelay(smtp_sink.port)
+    """Promise: with connections to spare (10 per relay) and 16 sender slots, a tenant whose
+    relay is slow (each command 0.25 s: over a second a message) never has more than
+    NOTIFYD_TENANT_SEND_CONCURRENCY (2) connections open to it at once (only a tenant whose
+    sends are proven fast may borrow idle slots), and all of its 12 emails arrive once."""
+    relay = SwitchRelay(smtp_sink.port, delay=0.25)
     port = await relay.start()
     relay.recover()
     try:
@@ -228,7 +229,7 @@ async def test_a_tenant_never_has_more_than_its_cap_of_sends_in_flight(
         )
         async with Api(daemon) as api:
             await use_relay(api, A, port)
-            ids = await send_many(api, A, 60)
+            ids = await send_many(api, A, 12)
             await all_arrived_once(smtp_sink, db, ids)
         assert 1 <= relay.peak <= 2, relay.peak
     finally:
@@ -320,6 +321,33 @@ async def test_the_gate_serves_tenants_round_robin_within_their_caps() -> None:
     await asyncio.gather(*waiters)
 
 
+async def test_a_lone_fast_tenant_borrows_idle_slots_but_leaves_a_cap_for_newcomers() -> None:
+    """Promise: the gate is work-conserving: a tenant past its cap may borrow idle slots
+    while nobody else waits and its sends are fast, but never the last `per_tenant` slots,
+    so a tenant that turns up gets its cap at once; a slow tenant borrows nothing."""
+    fast = {"a"}
+    gate = FairGate(slots=4, per_tenant=1, queue_per_tenant=4, may_borrow=fast.__contains__)
+    for _ in range(3):
+        await gate.acquire("a")  # one under its cap, two borrowed
+    assert gate.in_flight("a") == 3
+    blocked = asyncio.create_task(gate.acquire("a"))  # the last slot is not lent
+    await asyncio.sleep(0)
+    assert not blocked.done()
+    await gate.acquire("b")  # a newcomer: at once
+    gate.release("b")
+    await asyncio.sleep(0)
+    assert not blocked.done() and gate.in_flight("a") == 3  # still not the last slot
+    gate.release("a")
+    await asyncio.sleep(0)
+    assert blocked.done() and gate.in_flight("a") == 3  # a borrowed slot freed: borrowed again
+    slow = FairGate(slots=4, per_tenant=1, queue_per_tenant=4, may_borrow=fast.__contains__)
+    await slow.acquire("s")
+    waiting = asyncio.create_task(slow.acquire("s"))
+    await asyncio.sleep(0)
+    assert not waiting.done() and slow.in_flight("s") == 1
+    waiting.cancel()
+
+
 def test_the_breaker_opens_half_opens_with_one_probe_and_closes() -> None:
     """Promise: N consecutive failures open the circuit (mail parked until the cool-down
     ends), after it exactly one probe is let through (the rest still parked), a failed probe
@@ -360,8 +388,32 @@ def test_the_pacer_spreads_a_capped_tenants_parked_entries() -> None:
     """Promise: a capped tenant's parked entries come back one `interval` apart after the
     shortest delay, per tenant, so a backlog returns at the rate it can be sent."""
     clock = Clock()
-    pacer = Pacer(0.5, clock=clock)
+    pacer = Pacer(0.5, 2.0, clock=clock)
     assert [pacer.next("a", 0.1) - clock.now for _ in range(3)] == pytest.approx([0.5, 0.6, 0.7])
     assert pacer.next("b", 0.1) - clock.now == pytest.approx(0.5)
     clock.now += 10
     assert pacer.next("a", 0.1) - clock.now == pytest.approx(0.5)
+    # never later than the longest park: a larger backlog comes back in bunches
+    assert [pacer.next("c", 1.0) - clock.now for _ in range(4)] == pytest.approx(
+        [0.5, 1.5, 2.0, 2.0]
+    )
+
+
+def test_send_times_count_a_hung_send_before_it_finishes() -> None:
+    """Promise: a tenant's send time is the moving average of its finished sends, or the age
+    of its oldest running send when that is longer (a hung relay's sends never finish)."""
+    clock = Clock()
+    times = SendTimes(0.05, clock=clock)
+    assert times.estimate("a") == pytest.approx(0.05) and not times.known("a")
+    started = times.started("a")
+    clock.now += 4
+    assert times.estimate("a") == pytest.approx(4)
+    times.finished("a", started)
+    assert times.known("a") and times.estimate("a") == pytest.approx(4)  # its first: as is
+    started = times.started("a")
+    clock.now += 1
+    times.finished("a", started)
+    assert times.estimate("a") == pytest.approx(4 + (1 - 4) * 0.2)
+    assert times.estimate("b") == pytest.approx(0.05)
+    times.finished("a", times.started("a"), answered=False)  # the relay went away
+    assert not times.known("a")

@@ -20,6 +20,7 @@ import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -28,7 +29,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from notifyd.alerts import Alerts
-from notifyd.fairness import Breaker, BreakerState, FairGate, Full, Pacer, Park
+from notifyd.fairness import Breaker, BreakerState, FairGate, Full, Pacer, Park, SendTimes
 from notifyd.keys import SEND_GROUP, Keys
 from notifyd.metrics import Metrics
 from notifyd.payloads import DeliveryRef, PayloadError
@@ -43,6 +44,7 @@ from notifyd.providers.base import (
 )
 from notifyd.settings import Settings
 from notifyd.store import deliveries
+from notifyd.store.batch import GroupCommit
 from notifyd.streams.consumer import Defer, Entry, Poison, StreamConsumer, Timing
 from notifyd.streams.producer import Producer
 from notifyd.streams.schedule import Schedule, Scheduled
@@ -66,6 +68,8 @@ BATCHES_IN_FLIGHT = 2
 # a per-entry sender reads this many times its concurrency ahead: entries wait in the fair
 # gate (bounded per tenant), so a tenant at its cap cannot keep other tenants' entries unread
 READ_AHEAD = 4
+INITIAL_SEND_S = 0.05  # a tenant's send time until its first send finished
+BORROW_BELOW_S = 1.0  # a tenant whose sends take longer gets no idle slots past its cap
 BREAKER_JITTER_S = 1.0  # parked mail of an open circuit comes back spread over this
 
 
@@ -105,6 +109,13 @@ class _Outcome(enum.Enum):
     ANSWERED = "answered"  # sent, or a reply (4xx): the relay is up
     UNREACHABLE = "unreachable"  # could not connect, no greeting, timed out
     NOT_SENT = "not_sent"  # no provider call, or a failure that says nothing of the relay
+
+
+@dataclass(slots=True)  # a value, not frozen: see docs/architecture.md
+class _ParkOrder:
+    ref: DeliveryRef
+    due: datetime
+    reason: str | None  # None: keep the row's last_error (a tenant at its cap is no error)
 
 
 MAX_BREAKERS = 10_000
@@ -155,10 +166,15 @@ class Sender:
             settings.tenant_send_concurrency,
             settings.tenant_send_queue,
             on_change=self._in_flight_changed,
+            may_borrow=self._fast,
         )
-        self._pacer = Pacer(settings.tenant_park_delay)
+        # parks of concurrent entries share one UPDATE and one ZADD
+        self._parks: GroupCommit[_ParkOrder, int | None] = GroupCommit(
+            self._park_many, max_batch=BATCH
+        )
+        self._pacer = Pacer(settings.tenant_park_delay, settings.breaker_cooldown)
+        self._send_times = SendTimes(INITIAL_SEND_S)
         self._breakers: dict[object, Breaker] = {}
-        self._send_seconds = 0.05  # moving average of one send: paces a capped tenant's parks
         window = BATCHES_IN_FLIGHT if self._send_many else concurrency * READ_AHEAD
         self.consumer = StreamConsumer(
             redis,
@@ -182,6 +198,12 @@ class Sender:
     async def run(self, stop: asyncio.Event) -> None:
         await self.consumer.run(stop)
 
+    def _fast(self, tenant: str) -> bool:
+        """Whether the tenant's sends are proven quick enough to lend it idle slots past its
+        cap (a tenant not heard of lately is not: its relay may be the one that hangs)."""
+        times = self._send_times
+        return times.known(tenant) and times.estimate(tenant) < BORROW_BELOW_S
+
     def _in_flight_changed(self, tenant: str, count: int) -> None:
         self._metrics.tenant_in_flight.labels(self.channel, tenant).set(count)
 
@@ -200,7 +222,10 @@ class Sender:
         try:
             await self._gate.acquire(ref.tenant_id)
         except Full:
-            interval = self._send_seconds / self._settings.tenant_send_concurrency
+            # back at about the rate the tenant's sends finish
+            interval = (
+                self._send_times.estimate(ref.tenant_id) / self._settings.tenant_send_concurrency
+            )
             await self._park(ref, self._pacer.next(ref.tenant_id, interval), None)
             return
         try:
@@ -211,7 +236,13 @@ class Sender:
                     await self._park(ref, parked.until + random.random() * BREAKER_JITTER_S, parked)
                     return
                 probe = breaker.state is BreakerState.HALF_OPEN  # check() made this the probe
-            outcome = await self._deliver(ref)
+            started = self._send_times.started(ref.tenant_id)
+            outcome = _Outcome.NOT_SENT
+            try:
+                outcome = await self._deliver(ref)
+            finally:
+                answered = outcome is not _Outcome.UNREACHABLE
+                self._send_times.finished(ref.tenant_id, started, answered=answered)
             if breaker is not None:
                 if outcome is _Outcome.UNREACHABLE:
                     if self._watch(breaker, breaker.failed):
@@ -271,14 +302,26 @@ class Sender:
         wheel entry from the row). The consumer acks once this returned: parked durably."""
         due = datetime.fromtimestamp(until, UTC)
         reason = breaker.reason if breaker is not None else None
-        attempts = await deliveries.park(self._pool, ref.tenant_id, ref.uuid, due, reason)
-        if attempts is None:
+        if await self._parks.submit(_ParkOrder(ref, due, reason)) is None:
             await self._not_claimed(ref)
             return
-        await self._schedule.add(retry_item(self._keys, self.channel, ref, attempts), due)
         self._metrics.parked.labels(
             self.channel, "breaker" if breaker is not None else "tenant_cap"
         ).inc()
+
+    async def _park_many(self, orders: Sequence[_ParkOrder]) -> list[int | None]:
+        """One UPDATE for the rows, then one ZADD for their wheel entries: each caller's
+        entry is acked only after both."""
+        parked = await deliveries.park_many(
+            self._pool, [(o.ref.tenant_id, o.ref.uuid, o.due, o.reason) for o in orders]
+        )
+        items = [
+            (retry_item(self._keys, self.channel, o.ref, parked[o.ref.uuid]), o.due)
+            for o in orders
+            if o.ref.uuid in parked
+        ]
+        await self._schedule.add_many(items)
+        return [parked.get(o.ref.uuid) for o in orders]
 
     async def _not_claimed(self, ref: DeliveryRef) -> None:
         """The row was not ours to take: leave the entry pending while a peer holds it or its
@@ -316,9 +359,9 @@ class Sender:
             await self._fail(ref, delivery, exc.reason)
             return _Outcome.NOT_SENT  # maybe the relay's no, maybe a message we cannot build
         finally:
-            took = asyncio.get_running_loop().time() - started
-            self._send_seconds += (took - self._send_seconds) * 0.1
-            self._metrics.provider_latency.labels(self.channel).observe(took)
+            self._metrics.provider_latency.labels(self.channel).observe(
+                asyncio.get_running_loop().time() - started
+            )
         recorded = await deliveries.mark_sent(
             self._pool,
             ref.tenant_id,

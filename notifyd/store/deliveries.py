@@ -41,22 +41,6 @@ RETURNING id, tenant_id, channel, recipient, user_id, subject, body, html_body, 
           attempts, created_at
 """
 
-# Park: not sent now, and no attempt used (its relay's circuit is open, or its tenant is at
-# its cap). The row waits as a retry does, `retrying` until `next_attempt_at`, so the wheel
-# entry the sender adds is the one the sweeper rebuilds from the row (`retry_item` with the
-# same attempts), and a Redis that lost it gets it back. Taken only from a state a claim
-# could take: a peer that claimed or parked the row first wins, this matches nothing.
-# `last_error` NULL keeps the one there (a tenant at its cap is not an error).
-PARK = """
-UPDATE notifications
-SET status = 'retrying', next_attempt_at = $3, last_error = COALESCE($4, last_error),
-    updated_at = now()
-WHERE tenant_id = $1 AND id = $2
-  AND (status = 'dispatched'
-       OR (status = 'retrying' AND next_attempt_at <= now() + interval '2 seconds'))
-RETURNING attempts
-"""
-
 STATE = """
 SELECT status, claimed_at, next_attempt_at FROM notifications WHERE tenant_id = $1 AND id = $2
 """
@@ -165,18 +149,6 @@ async def claim(
     executor: Executor, tenant_id: str, notification_id: uuid.UUID, lease: float
 ) -> asyncpg.Record | None:
     return await executor.fetchrow(CLAIM, tenant_id, notification_id, lease)
-
-
-async def park(
-    executor: Executor,
-    tenant_id: str,
-    notification_id: uuid.UUID,
-    until: datetime,
-    reason: str | None,
-) -> int | None:
-    """The row's attempts if it is now parked until `until`, None if it was not ours to park."""
-    attempts: int | None = await executor.fetchval(PARK, tenant_id, notification_id, until, reason)
-    return attempts
 
 
 async def state(
@@ -304,6 +276,25 @@ RETURNING n.id, n.tenant_id, n.channel, n.recipient, n.user_id, n.subject, n.bod
           n.category, n.attempts, n.created_at
 """
 
+# Park: not sent now, and no attempt used (its relay's circuit is open, or its tenant is at
+# its cap). The row waits as a retry does, `retrying` until `next_attempt_at`, so the wheel
+# entry the sender adds is the one the sweeper rebuilds from the row (`retry_item` with the
+# same attempts), and a Redis that lost it gets it back. Taken only from a state a claim
+# could take: a peer that claimed or parked the row first wins, this matches nothing.
+# `last_error` NULL keeps the one there (a tenant at its cap is not an error). Many rows at
+# once: the sender group-commits its parks. Returns the ids parked with their attempts.
+PARK_MANY = """
+UPDATE notifications n
+SET status = 'retrying', next_attempt_at = k.until, last_error = COALESCE(k.reason, n.last_error),
+    updated_at = now()
+FROM unnest($1::text[], $2::uuid[], $3::timestamptz[], $4::text[])
+     AS k (tenant_id, id, until, reason)
+WHERE n.tenant_id = k.tenant_id AND n.id = k.id
+  AND (n.status = 'dispatched'
+       OR (n.status = 'retrying' AND n.next_attempt_at <= now() + interval '2 seconds')) IS TRUE
+RETURNING n.id, n.attempts
+"""
+
 STATES = """
 SELECT n.id, n.status FROM unnest($1::text[], $2::uuid[]) AS k (tenant_id, id)
 JOIN notifications n ON n.tenant_id = k.tenant_id AND n.id = k.id
@@ -365,6 +356,20 @@ async def dispatch_many(
 
 async def claim_many(executor: Executor, keys: Sequence[Key], lease: float) -> list[asyncpg.Record]:
     return await executor.fetch(CLAIM_MANY, *_columns(keys), lease)
+
+
+async def park_many(
+    executor: Executor, parks: Sequence[tuple[str, uuid.UUID, datetime, str | None]]
+) -> dict[uuid.UUID, int]:
+    """(tenant, id, until, reason) → the rows parked, id → attempts (see PARK_MANY)."""
+    rows = await executor.fetch(
+        PARK_MANY,
+        [p[0] for p in parks],
+        [p[1] for p in parks],
+        [p[2] for p in parks],
+        [p[3] for p in parks],
+    )
+    return {r["id"]: r["attempts"] for r in rows}
 
 
 async def states(executor: Executor, keys: Sequence[Key]) -> dict[uuid.UUID, str]:
