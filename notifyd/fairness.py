@@ -65,40 +65,66 @@ class FairGate:
     def in_flight(self, tenant: str) -> int:
         return self._running.get(tenant, 0)
 
+    @property
+    def lendable(self) -> int:
+        """The most sends one tenant may have in flight while it borrows."""
+        return max(self._per_tenant, self._slots - self._per_tenant)
+
+    def others_waiting(self, tenant: str) -> bool:
+        return any(other != tenant for other in self._ring)
+
     def waiting(self, tenant: str) -> int:
         return len(self._waiting.get(tenant, ()))
 
     async def acquire(self, tenant: str) -> None:
         """A slot for one send of `tenant`; raises `Full` rather than queue past the bound."""
+        if not self._grantable(tenant) and self.waiting(tenant) >= self._queue_per_tenant:
+            raise Full(tenant)
+        future = self.enqueue(tenant)
+        if future is None:
+            return
+        try:
+            await future
+        except asyncio.CancelledError:
+            self.withdraw(tenant, future)  # granted as we were cancelled: handed on
+            raise
+
+    def enqueue(self, tenant: str) -> asyncio.Future[None] | None:
+        """`acquire` past the queue bound, for a caller that waits on its own terms: None
+        when the slot is the caller's at once, else a future done when it is. The caller
+        either gets the slot or gives its place up with `withdraw`, keeping its place in
+        the queue while it looks around (see the sender's held entries)."""
+        if self._grantable(tenant):
+            self._take(tenant)
+            return None
         queue = self._waiting.get(tenant)
-        if (
-            not queue
+        if queue is None:
+            queue = self._waiting[tenant] = deque()
+        if not queue:
+            self._ring.append(tenant)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.append(future)
+        return future
+
+    def _grantable(self, tenant: str) -> bool:
+        """A slot at once: the tenant has nobody queued, and it is under its cap (or may
+        borrow) with a slot free."""
+        return (
+            not self._waiting.get(tenant)
             and self._busy < self._slots
             and (
                 self.in_flight(tenant) < self._per_tenant
                 or (not self._ring and self._can_borrow(tenant))
             )
-        ):
-            self._take(tenant)
-            return
-        if queue is None:
-            queue = self._waiting[tenant] = deque()
-        if len(queue) >= self._queue_per_tenant:
-            if not queue:
-                del self._waiting[tenant]
-            raise Full(tenant)
-        if not queue:
-            self._ring.append(tenant)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue.append(future)
-        try:
-            await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                self.release(tenant)  # granted as we were cancelled: hand it on
-            else:
-                self._forget(tenant, future)
-            raise
+        )
+
+    def withdraw(self, tenant: str, future: asyncio.Future[None]) -> None:
+        """Give up a place taken with `enqueue` (a slot granted meanwhile is handed on)."""
+        if future.done() and not future.cancelled():
+            self.release(tenant)
+        else:
+            future.cancel()
+            self._forget(tenant, future)
 
     def release(self, tenant: str) -> None:
         left = self._running[tenant] - 1
@@ -143,6 +169,8 @@ class FairGate:
             if not queue:
                 del self._waiting[tenant]
                 self._ring.remove(tenant)
+            if future.done():
+                continue  # its waiter was cancelled and has not forgotten it yet
             self._take(tenant)
             future.set_result(None)
 
@@ -268,15 +296,18 @@ class Pacer:
 
 
 class SendTimes:
-    """How long one tenant's send takes: a moving average of the finished ones, or the age
-    of the oldest still running if that is longer (a hung relay's sends are slow long
-    before they finish, and a fast average would bring its parked mail back too soon)."""
+    """How long sends take, per tenant: a moving average of the finished ones, or the age of
+    the oldest still running if that is longer (a hung relay's sends are slow long before
+    they finish, and a fast average would bring its parked mail back too soon). A send that
+    could not reach its relay marks the tenant failing until one goes through again; a
+    tenant not heard of yet is assumed to take the channel's average."""
 
     def __init__(self, initial: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._initial = initial
+        self._channel = initial
         self._clock = clock
         self._average: dict[str, float] = {}
         self._running: dict[str, list[float]] = {}
+        self._failing: set[str] = set()
 
     def started(self, tenant: str) -> float:
         at = self._clock()
@@ -284,26 +315,34 @@ class SendTimes:
         return at
 
     def finished(self, tenant: str, started: float, *, answered: bool = True) -> None:
-        """`answered` False (the relay could not be reached): the tenant's average is
-        forgotten, and it is not known to be fast until a send goes through again."""
         running = self._running[tenant]
         running.remove(started)
         if not running:
             del self._running[tenant]
-        if not answered:
-            self._average.pop(tenant, None)
-            return
         took = self._clock() - started
         average = self._average.get(tenant)
         self._average[tenant] = took if average is None else average + (took - average) * 0.2
+        if answered:
+            self._failing.discard(tenant)
+            self._channel += (took - self._channel) * 0.05
+        else:
+            self._failing.add(tenant)
         if len(self._average) > 10_000:
             self._average = {t: a for t, a in self._average.items() if t in self._running}
+            self._failing &= set(self._average)
 
     def known(self, tenant: str) -> bool:
         """Whether a send of the tenant finished lately (its average is its own)."""
         return tenant in self._average
 
+    def healthy(self, tenant: str) -> bool:
+        """Known, and its last finished send reached the relay."""
+        return tenant in self._average and tenant not in self._failing
+
+    def average(self, tenant: str) -> float:
+        return self._average.get(tenant, self._channel)
+
     def estimate(self, tenant: str) -> float:
-        average = self._average.get(tenant, self._initial)
+        average = self.average(tenant)
         running = self._running.get(tenant)
         return max(average, self._clock() - running[0]) if running else average

@@ -128,7 +128,7 @@ class Settings:
     # fair delivery across tenants (notifyd/fairness.py)
     smtp_connect_timeout: float = 5.0
     tenant_send_concurrency: int = 4
-    tenant_send_queue: int = 16
+    tenant_send_queue: int = 128
     tenant_park_delay: float = 0.5
     breaker_failures: int = 5
     breaker_cooldown: float = 30.0

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 from redis.asyncio import Redis
@@ -58,6 +58,13 @@ def retry_item(keys: Keys, channel: str, ref: DeliveryRef, attempt: int) -> Sche
     return Scheduled(keys.deliver(channel), ref.to_fields(), key=f"retry:{attempt}")
 
 
+def waiting_item(keys: Keys, channel: str, ref: DeliveryRef) -> Scheduled:
+    """The wheel entry of a delivery set aside while its tenant is at its cap. Redis only:
+    its row is untouched, so if Redis loses it the sweeper re-enqueues the row as it does
+    any row left `dispatched` (after NOTIFYD_REQUEUE_AFTER)."""
+    return Scheduled(keys.deliver(channel), ref.to_fields(), key="waiting")
+
+
 BATCH = 64  # entries per read for a batched provider
 # Claims of one delivery beyond NOTIFYD_SEND_MAX_ATTEMPTS before it fails for good: a claim
 # that ended without an outcome (the handler crashed on the row, the process died while
@@ -67,9 +74,12 @@ UNRECORDED_CLAIMS = 2
 BATCHES_IN_FLIGHT = 2
 # a per-entry sender reads this many times its concurrency ahead: entries wait in the fair
 # gate (bounded per tenant), so a tenant at its cap cannot keep other tenants' entries unread
-READ_AHEAD = 4
+READ_AHEAD = 8
 INITIAL_SEND_S = 0.05  # a tenant's send time until its first send finished
-BORROW_BELOW_S = 1.0  # a tenant whose sends take longer gets no idle slots past its cap
+BORROW_BELOW_S = 1.0
+PACE_MARGIN = 0.8
+HOLD_RECHECK_S = 0.2  # a held entry looks again this often whether others wait behind it
+LOOKAHEAD_ENTRIES = 1024  # a tenant whose sends take longer gets no idle slots past its cap
 BREAKER_JITTER_S = 1.0  # parked mail of an open circuit comes back spread over this
 
 
@@ -103,6 +113,38 @@ def _delivery(row: asyncpg.Record) -> Delivery:
     )
 
 
+class Lookahead:
+    """Which tenants have entries in the stream past the newest one this sender read: one
+    XRANGE of up to LOOKAHEAD_ENTRIES, at most every HOLD_RECHECK_S, and only while a
+    tenant's entries are held past its queue."""
+
+    def __init__(self, redis: Redis, stream: str) -> None:
+        self._redis = redis
+        self._stream = stream
+        self._newest = (0, 0)
+        self._tenants: frozenset[bytes] = frozenset()
+        self._fresh_until = 0.0
+        self._lock = asyncio.Lock()
+
+    def saw(self, entry_id: bytes) -> None:
+        ms, _, seq = entry_id.partition(b"-")
+        read = (int(ms), int(seq or 0))
+        if read > self._newest:
+            self._newest = read
+
+    async def others_behind(self, tenant: str) -> bool:
+        async with self._lock:  # one look for every entry that asks meanwhile
+            loop = asyncio.get_running_loop()
+            if loop.time() >= self._fresh_until:
+                ms, seq = self._newest
+                rows: Any = await self._redis.xrange(
+                    self._stream, min=f"({ms}-{seq}", max="+", count=LOOKAHEAD_ENTRIES
+                )
+                self._tenants = frozenset(fields.get(b"tenant_id", b"") for _, fields in rows)
+                self._fresh_until = loop.time() + HOLD_RECHECK_S
+        return bool(self._tenants - {tenant.encode()})
+
+
 class _Outcome(enum.Enum):
     """What one send told of its relay, for the relay's circuit breaker."""
 
@@ -115,7 +157,7 @@ class _Outcome(enum.Enum):
 class _ParkOrder:
     ref: DeliveryRef
     due: datetime
-    reason: str | None  # None: keep the row's last_error (a tenant at its cap is no error)
+    reason: str
 
 
 MAX_BREAKERS = 10_000
@@ -172,10 +214,17 @@ class Sender:
         self._parks: GroupCommit[_ParkOrder, int | None] = GroupCommit(
             self._park_many, max_batch=BATCH
         )
-        self._pacer = Pacer(settings.tenant_park_delay, settings.breaker_cooldown)
+        self._set_aside: GroupCommit[tuple[DeliveryRef, datetime], bool] = GroupCommit(
+            self._set_aside_many, max_batch=BATCH
+        )
+        # a set-aside entry is back well before the sweeper would re-enqueue its row
+        self._pacer = Pacer(
+            settings.tenant_park_delay, min(settings.breaker_cooldown, settings.requeue_after / 2)
+        )
         self._send_times = SendTimes(INITIAL_SEND_S)
         self._breakers: dict[object, Breaker] = {}
         window = BATCHES_IN_FLIGHT if self._send_many else concurrency * READ_AHEAD
+        self._lookahead = Lookahead(redis, keys.deliver(self.channel))
         self.consumer = StreamConsumer(
             redis,
             stream=keys.deliver(self.channel),
@@ -202,7 +251,58 @@ class Sender:
         """Whether the tenant's sends are proven quick enough to lend it idle slots past its
         cap (a tenant not heard of lately is not: its relay may be the one that hangs)."""
         times = self._send_times
-        return times.known(tenant) and times.estimate(tenant) < BORROW_BELOW_S
+        return times.healthy(tenant) and times.estimate(tenant) < BORROW_BELOW_S
+
+    def _park_interval(self, tenant: str) -> float:
+        """How far apart a capped tenant's set-aside entries come back: a little faster than
+        its sends finish (its queue absorbs the difference). A healthy tenant (or one not
+        heard of yet: the channel's average) is expected to borrow every lendable slot while
+        nobody else waits; a slow or failing one to send at its cap, as slowly as its oldest
+        send has been running."""
+        times, gate, cap = self._send_times, self._gate, self._settings.tenant_send_concurrency
+        if times.known(tenant) and not self._fast(tenant):  # slow, or failing
+            per_send, sending = times.estimate(tenant), cap
+        elif gate.others_waiting(tenant):
+            per_send, sending = times.average(tenant), cap
+        else:
+            per_send, sending = times.average(tenant), gate.lendable
+        return PACE_MARGIN * per_send / max(sending, gate.in_flight(tenant), 1)
+
+    async def _enter(self, tenant: str) -> bool:
+        """A send slot in the gate (True), or False: set the entry aside.
+
+        Within its tenant's queue an entry waits its turn. Past it, the entry is held only
+        while no other tenant's entries are behind it in the stream (one look ahead, shared
+        by every held entry): a lone tenant's burst then costs nothing more than before,
+        and as soon as another tenant's mail is queued behind, the excess is set aside so
+        the reader gets to it. Either way a place is not kept for ever: read entries must be
+        handled well within the lease, or XAUTOCLAIM would hand them out a second time.
+        """
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._settings.claim_idle / 4
+        try:
+            async with asyncio.timeout(give_up - loop.time()):
+                await self._gate.acquire(tenant)
+            return True
+        except TimeoutError:
+            return False
+        except Full:
+            pass
+        future = self._gate.enqueue(tenant)  # held: its place kept while it looks around
+        if future is None:
+            return True
+        try:
+            while not future.done() and loop.time() < give_up:
+                await asyncio.wait({future}, timeout=min(HOLD_RECHECK_S, give_up - loop.time()))
+                if not future.done() and await self._lookahead.others_behind(tenant):
+                    break
+        except BaseException:
+            self._gate.withdraw(tenant, future)
+            raise
+        if future.done() and not future.cancelled():
+            return True
+        self._gate.withdraw(tenant, future)
+        return False
 
     def _in_flight_changed(self, tenant: str, count: int) -> None:
         self._metrics.tenant_in_flight.labels(self.channel, tenant).set(count)
@@ -219,13 +319,9 @@ class Sender:
         if breaker is not None and (parked := breaker.parked_until()) is not None:
             await self._park(ref, parked.until + random.random() * BREAKER_JITTER_S, parked)
             return
-        try:
-            await self._gate.acquire(ref.tenant_id)
-        except Full:
-            # back at about the rate the tenant's sends finish
-            interval = (
-                self._send_times.estimate(ref.tenant_id) / self._settings.tenant_send_concurrency
-            )
+        self._lookahead.saw(entry.id)
+        if not await self._enter(ref.tenant_id):
+            interval = self._park_interval(ref.tenant_id)
             await self._park(ref, self._pacer.next(ref.tenant_id, interval), None)
             return
         try:
@@ -297,17 +393,27 @@ class Sender:
         return result
 
     async def _park(self, ref: DeliveryRef, until: float, breaker: Park | None) -> None:
-        """Move the entry off the head without a provider call or an attempt: the row waits
-        `retrying` until `until` and the wheel brings it back (the sweeper rebuilds that same
-        wheel entry from the row). The consumer acks once this returned: parked durably."""
+        """Move the entry off the head without a provider call or an attempt, to come back
+        from the wheel at `until`; the consumer acks once this returned. For an open circuit
+        the row waits `retrying` with the reason in `last_error` (the sweeper rebuilds that
+        same wheel entry from the row); for a tenant at its cap see `waiting_item`."""
         due = datetime.fromtimestamp(until, UTC)
-        reason = breaker.reason if breaker is not None else None
-        if await self._parks.submit(_ParkOrder(ref, due, reason)) is None:
+        if breaker is None:
+            # its tenant is merely at its cap: the row need not change (nothing to tell its
+            # owner), only the wheel entry is written; cheap enough for a whole backlog
+            await self._set_aside.submit((ref, due))
+            self._metrics.parked.labels(self.channel, "tenant_cap").inc()
+            return
+        if await self._parks.submit(_ParkOrder(ref, due, breaker.reason)) is None:
             await self._not_claimed(ref)
             return
-        self._metrics.parked.labels(
-            self.channel, "breaker" if breaker is not None else "tenant_cap"
-        ).inc()
+        self._metrics.parked.labels(self.channel, "breaker").inc()
+
+    async def _set_aside_many(self, items: Sequence[tuple[DeliveryRef, datetime]]) -> list[bool]:
+        await self._schedule.add_many(
+            [(waiting_item(self._keys, self.channel, ref), due) for ref, due in items]
+        )
+        return [True] * len(items)
 
     async def _park_many(self, orders: Sequence[_ParkOrder]) -> list[int | None]:
         """One UPDATE for the rows, then one ZADD for their wheel entries: each caller's
