@@ -14,7 +14,8 @@ knows (an admin token sets A's relay through `PUT /tenants/current/settings/`). 
 3. B beside A: A posts `--a-count` emails as fast as the daemon takes them (they queue ahead
    of B's on the delivery stream, and A's relay hangs), then B posts the same paced series
    again, measured the same way.
-4. A's relay recovers (forwards to the sink from then on); the run waits until every one of
+4. A's relay keeps hanging until `--hang` seconds after A's first post (so its circuit
+   opens), then recovers (forwards to the sink from then on); the run waits until every one of
    A's emails arrived, bounded by `--margin`, then `--settle` seconds for duplicates.
 
 Figures: `b_alone` and `b_beside` (p50/p99/max ms, missing), `p99_ratio` = beside ÷ alone
@@ -56,6 +57,7 @@ class NoisyOptions:
     b_count: int = 100
     b_rate: float = 50.0
     margin: float = 180.0
+    hang: float = 15.0
     settle: float = 1.0
     probe_timeout: float = 60.0
     quiet: bool = False
@@ -79,6 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds to wait for A's mail after its relay recovers (the breaker's cool-down, "
         "NOTIFYD_BREAKER_COOLDOWN, comes first)",
     )
+    parser.add_argument(
+        "--hang",
+        type=float,
+        default=15.0,
+        help="A's relay hangs at least this long after A's first post (long enough for its "
+        "circuit to open: NOTIFYD_BREAKER_FAILURES failures of NOTIFYD_SMTP_CONNECT_TIMEOUT)",
+    )
     parser.add_argument("--settle", type=float, default=1.0, help="seconds to watch for repeats")
     parser.add_argument("--probe-timeout", type=float, default=60.0, help="seconds for the probe")
 
@@ -92,6 +101,7 @@ def options_from(args: argparse.Namespace) -> NoisyOptions:
         b_count=args.b_count,
         b_rate=args.b_rate,
         margin=args.margin,
+        hang=args.hang,
         settle=args.settle,
         probe_timeout=args.probe_timeout,
     )
@@ -213,7 +223,7 @@ def _latencies(mail: MailLog, posted: dict[str, int]) -> dict[str, Any]:
 async def main(options: NoisyOptions) -> dict[str, Any]:
     """Run the workload; returns the result (the CLI prints it as one JSON line)."""
     o = options
-    if o.a_count < 1 or o.b_count < 1 or o.b_rate <= 0 or o.margin < 0 or o.settle < 0:
+    if o.a_count < 1 or o.b_count < 1 or o.b_rate <= 0 or min(o.margin, o.hang, o.settle) < 0:
         raise BenchError("--a-count, --b-count and --b-rate must be positive")
     require_loopback_url(o.url, "--url")
     minter = TokenMinter(o.jwt_secret)
@@ -256,6 +266,7 @@ async def main(options: NoisyOptions) -> dict[str, Any]:
             await client.use_relay(tenant_a, relay.port)
             say(f"A: {o.a_count} emails to a relay that never answers")
             a_tokens = [f"{run_id}-a-{i}" for i in range(o.a_count)]
+            hung_since = time.monotonic()
             a_accepted, a_errors = await _burst(client, tenant_a, a_tokens)
             say(f"B beside A: {o.b_count} emails at {o.b_rate:g}/s")
             beside_tokens = [f"{run_id}-b1-{i}" for i in range(o.b_count)]
@@ -263,6 +274,7 @@ async def main(options: NoisyOptions) -> dict[str, Any]:
             beside_errors = await _paced(client, tenant_b, beside_tokens, o.b_rate, beside_posted)
             mail.expect(set(beside_posted))
             await mail.wait(time.monotonic() + b_wait)
+            await asyncio.sleep(max(0.0, hung_since + o.hang - time.monotonic()))
             a_before = sum(1 for t in a_accepted if mail.first(t) is not None)
             parked = await client.parked()
 
