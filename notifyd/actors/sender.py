@@ -78,7 +78,7 @@ READ_AHEAD = 8
 INITIAL_SEND_S = 0.05  # a tenant's send time until its first send finished
 BORROW_BELOW_S = 1.0
 PACE_MARGIN = 0.8
-HOLD_RECHECK_S = 0.2  # a held entry looks again this often whether others wait behind it
+HOLD_RECHECK_S = 0.05  # a held entry looks again this often whether others wait behind it
 LOOKAHEAD_ENTRIES = 1024  # a tenant whose sends take longer gets no idle slots past its cap
 BREAKER_JITTER_S = 1.0  # parked mail of an open circuit comes back spread over this
 
@@ -237,7 +237,8 @@ class Sender:
             producer=producer,
             on_dead=self._on_dead,
             concurrency=window,
-            batch=BATCH if self._send_many else concurrency,
+            # per entry: reads of up to half the window, so a backlog to set aside goes fast
+            batch=BATCH if self._send_many else max(concurrency, window // 2),
             timing=Timing.from_settings(settings),
             # a crashing handler (not a failing provider: that is a retry) gives up after this
             max_deliveries=settings.send_max_attempts + 2,
@@ -255,12 +256,12 @@ class Sender:
 
     def _park_interval(self, tenant: str) -> float:
         """How far apart a capped tenant's set-aside entries come back: a little faster than
-        its sends finish (its queue absorbs the difference). A healthy tenant (or one not
-        heard of yet: the channel's average) is expected to borrow every lendable slot while
-        nobody else waits; a slow or failing one to send at its cap, as slowly as its oldest
-        send has been running."""
+        its sends finish (its queue absorbs the difference). A tenant proven fast is expected
+        to borrow every lendable slot while nobody else waits; any other sends at its cap,
+        as slowly as its oldest send has been running (a hung relay's sends are slow before
+        they finish)."""
         times, gate, cap = self._send_times, self._gate, self._settings.tenant_send_concurrency
-        if times.known(tenant) and not self._fast(tenant):  # slow, or failing
+        if not self._fast(tenant):  # slow, failing, or not proven fast: sends at its cap
             per_send, sending = times.estimate(tenant), cap
         elif gate.others_waiting(tenant):
             per_send, sending = times.average(tenant), cap
