@@ -573,36 +573,6 @@ async def test_retention_compares_ingest_alone_and_beside_a_purge(
                 generator="python",
                 batch=200,
                 pause=0.0,
-async def test_noisy_neighbour_measures_b_beside_a_hung_relay_and_loses_nothing(
-    daemon_factory: DaemonFactory, db: asyncpg.Connection
-) -> None:
-    """Promise: `noisy_neighbour` gives tenant A a relay that never answers and measures
-    tenant B alone and beside A's backlog; with fair delivery B's mail all arrives in both
-    phases, A's arrives once its relay recovers, and the figures (counts, parked entries,
-    duplicates) are what the sink and the daemon's rows say."""
-    port = free_port()
-    daemon = await daemon_factory(
-        EMAIL_HOST="127.0.0.1",
-        EMAIL_PORT=str(port),
-        NOTIFYD_SMTP_CONNECT_TIMEOUT="0.5",
-        NOTIFYD_BREAKER_FAILURES="3",
-        NOTIFYD_BREAKER_COOLDOWN="1",
-        NOTIFYD_RETRY_BASE="0.05",
-        NOTIFYD_RETRY_CAP="0.5",
-        NOTIFYD_SEND_MAX_ATTEMPTS="50",
-    )
-    result = as_json(
-        await noisy_neighbour.main(
-            noisy_neighbour.NoisyOptions(
-                url=f"http://127.0.0.1:{daemon.port}",
-                jwt_secret=TEST_JWT_SECRET,
-                smtp_port=port,
-                a_count=40,
-                b_count=10,
-                b_rate=50.0,
-                margin=30.0,
-                hang=2.5,
-                settle=0.3,
                 quiet=True,
             )
         )
@@ -646,6 +616,44 @@ async def test_redis_footprint_measures_the_streams_and_sees_them_expire(
     assert result["per_stream_bytes"] > 512
     assert 0 < result["ttl_s"]["min"] <= result["ttl_s"]["max"] <= 2
     assert result["after_expiry"]["streams_left"] == 0
+
+
+async def test_noisy_neighbour_measures_b_beside_a_hung_relay_and_loses_nothing(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    """Promise: `noisy_neighbour` gives tenant A a relay that never answers and measures
+    tenant B alone and beside A's backlog; with fair delivery B's mail all arrives in both
+    phases, A's arrives once its relay recovers, and the figures (counts, parked entries,
+    duplicates) are what the sink and the daemon's rows say."""
+    port = free_port()
+    daemon = await daemon_factory(
+        EMAIL_HOST="127.0.0.1",
+        EMAIL_PORT=str(port),
+        NOTIFYD_EGRESS_ALLOWED_NETWORKS="127.0.0.0/8",
+        NOTIFYD_EGRESS_ALLOWED_PORTS="any",
+        NOTIFYD_SMTP_CONNECT_TIMEOUT="0.5",
+        NOTIFYD_BREAKER_FAILURES="3",
+        NOTIFYD_BREAKER_COOLDOWN="1",
+        NOTIFYD_RETRY_BASE="0.05",
+        NOTIFYD_RETRY_CAP="0.5",
+        NOTIFYD_SEND_MAX_ATTEMPTS="50",
+    )
+    result = as_json(
+        await noisy_neighbour.main(
+            noisy_neighbour.NoisyOptions(
+                url=f"http://127.0.0.1:{daemon.port}",
+                jwt_secret=TEST_JWT_SECRET,
+                smtp_port=port,
+                a_count=40,
+                b_count=10,
+                b_rate=50.0,
+                margin=30.0,
+                hang=2.5,
+                settle=0.3,
+                quiet=True,
+            )
+        )
+    )
     assert result["workload"] == "noisy_neighbour"
     assert result["b_alone"]["arrived"] == result["b_beside"]["arrived"] == 10
     assert result["b_alone"]["missing"] == result["b_beside"]["missing"] == 0

@@ -35,6 +35,9 @@ FROM = "jobs@lumina.example"
 FAIR: dict[str, str] = {
     "EMAIL_HOST": "127.0.0.1",
     "EMAIL_FROM": FROM,
+    # tenant A's relay is on loopback, on a port of the test's own
+    "NOTIFYD_EGRESS_ALLOWED_NETWORKS": "127.0.0.0/8",
+    "NOTIFYD_EGRESS_ALLOWED_PORTS": "any",
     "NOTIFYD_RETRY_BASE": "0.05",
     "NOTIFYD_RETRY_CAP": "0.5",
     "NOTIFYD_CLAIM_IDLE": "20",
