@@ -94,6 +94,20 @@ class Subscriber:
     def direct(self) -> bool:
         return self._transport is not None
 
+    @property
+    def queued(self) -> int:
+        """Events waiting in the catch-up queue (at most the queue's size; none once the
+        socket is direct or cut off). With `buffered`, what this socket holds in the daemon:
+        read by the tests of the bounds, never on the hub's path."""
+        return len(self._queued) if self._queued else 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of frames written to the socket's transport that the client has not taken
+        yet (none before the socket goes direct, and none the hub adds once it is cut off)."""
+        transport = self._transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
     def take_queued(self) -> bytes | None:
         """The oldest event still queued, or None when caught up."""
         return self._queued.popleft() if self._queued else None
@@ -205,6 +219,10 @@ class Hub:
             confirming.add_done_callback(lambda _: self._forget_confirming(channel, confirming))
         if confirming is not None:  # else: confirmed long ago
             await self._confirmed(channel, confirming)
+
+    def subscribers_of(self, channel: str) -> tuple[Subscriber, ...]:
+        """The local sockets subscribed to `channel` (for inspection: tests, debugging)."""
+        return tuple(self._subscribers.get(channel, ()))
 
     def _forget_confirming(self, channel: str, confirming: asyncio.Future[None]) -> None:
         if self._confirming.get(channel) is confirming:
