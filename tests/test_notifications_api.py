@@ -90,7 +90,7 @@ async def notification_count(db: asyncpg.Connection) -> int:
 
 @pytest.mark.parametrize("path", ["/notifications/send/", "/api/notifications/send/"])
 @pytest.mark.parametrize("role", ["user", "service"])
-async def test_send_in_app_is_accepted_stored_queued_and_enqueued(
+async def test_send_in_app_is_accepted_stored_and_dispatched_by_the_accepting_process(
     api: Api, daemon: Daemon, db: asyncpg.Connection, path: str, role: str
 ) -> None:
     """202 {notification_id, status: queued} + Location; the row is in PostgreSQL, and the
