@@ -26,17 +26,18 @@ from tests.test_websockets import PATH, TENANT, USER, next_json, send_in_app, ur
 
 
 class Inbox:
-    """What a subscription handed over: the messages, and how many reads ended."""
+    """What a subscription handed over: the messages, and where each read ended (how many
+    messages had been handed over by then)."""
 
     def __init__(self) -> None:
         self.messages: list[tuple[bytes, bytes]] = []
-        self.reads = 0
+        self.read_ends: list[int] = []
 
     def on_message(self, channel: bytes, data: bytes) -> None:
         self.messages.append((channel, data))
 
     def on_read_end(self) -> None:
-        self.reads += 1
+        self.read_ends.append(len(self.messages))
 
 
 @contextlib.asynccontextmanager
@@ -66,8 +67,33 @@ async def test_published_messages_arrive_in_order_and_each_read_ends_with_one_ca
         f"m{n}".encode() for n in range(500)
     ]
     assert {channel for channel, _ in inbox.messages} == {b"hubtest:a", b"hubtest:b"}
-    # many messages per read: the hub writes each socket's share of a read at once
-    assert 1 <= inbox.reads < 500
+    # one call per read, after its messages: never a call with no new message before it,
+    # and the last message is followed by one (the hub writes a read's frames at once)
+    ends = inbox.read_ends
+    assert ends == sorted(set(ends)) and ends[0] > 0 and ends[-1] == 500, ends
+    # many messages per read (500 published in one pipeline), not a call per message
+    assert len(ends) < 500
+
+
+async def test_each_read_hands_over_its_whole_messages_then_ends_with_one_call() -> None:
+    """Fed as a transport feeds it: `on_read_end` runs once per read that completed
+    messages, after all of them; a read that completes none calls nothing."""
+    inbox = Inbox()
+    subscription = pubsub.Subscription(inbox.on_message, inbox.on_read_end)
+
+    def message(n: int) -> bytes:
+        return pubsub.pack("message", "hubtest:c", f"m{n}")
+
+    try:
+        subscription.data_received(message(0) + message(1) + message(2) + message(3)[:7])
+        assert [data for _, data in inbox.messages] == [b"m0", b"m1", b"m2"]
+        assert inbox.read_ends == [3]
+        subscription.data_received(message(3)[7:])
+        assert inbox.read_ends == [3, 4]
+        subscription.data_received(message(4)[:5])  # no whole message: no call
+        assert inbox.read_ends == [3, 4]
+    finally:
+        subscription.close()
 
 
 async def test_unsubscribing_stops_the_messages_of_that_channel(
@@ -145,6 +171,7 @@ class Relay:
         self._port = port
         self._delay = delay  # on the way to Redis only
         self.silent = False
+        self.pongs = 0  # PING answers relayed back from Redis
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
 
@@ -157,16 +184,23 @@ class Relay:
         self._writers += (client_w, redis_w)
 
         async def pipe(
-            src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: float = 0.0
+            src: asyncio.StreamReader,
+            dst: asyncio.StreamWriter,
+            delay: float = 0.0,
+            from_redis: bool = False,
         ) -> None:
             while data := await src.read(65536):
                 if delay:
                     await asyncio.sleep(delay)
                 if not self.silent:
                     dst.write(data)
+                    if from_redis:  # in subscribe mode Redis answers PING with ["pong", ""]
+                        self.pongs += data.count(b"$4\r\npong\r\n")
 
         with contextlib.suppress(ConnectionError):
-            await asyncio.gather(pipe(client_r, redis_w, self._delay), pipe(redis_r, client_w))
+            await asyncio.gather(
+                pipe(client_r, redis_w, self._delay), pipe(redis_r, client_w, from_redis=True)
+            )
 
     async def close(self) -> None:
         if self._server is not None:
@@ -187,8 +221,8 @@ async def test_a_connection_that_goes_silent_fails_the_hub_at_the_next_ping(
     stop = asyncio.Event()
     running = asyncio.create_task(hub.run(stop))
     try:
-        await asyncio.sleep(1.6)  # pings answered: still running
-        assert not running.done()
+        await wait_for(lambda: relay.pongs >= 2 or running.done(), timeout=10)
+        assert not running.done()  # its pings answered, the hub runs on
         relay.silent = True
         with pytest.raises(pubsub.PubSubError, match="did not answer a PING"):
             await asyncio.wait_for(running, timeout=5)
@@ -204,7 +238,8 @@ async def test_a_hub_stops_promptly_when_asked(redis_url: str) -> None:
     hub = Hub(connect, Keys("hubtest"), Metrics(), poll=0.05)
     stop = asyncio.Event()
     running = asyncio.create_task(hub.run(stop))
-    await asyncio.sleep(0.3)
+    await wait_for(lambda: hub._subscription is not None or running.done(), timeout=5)
+    assert not running.done()
     stop.set()
     await asyncio.wait_for(running, timeout=2)
 
