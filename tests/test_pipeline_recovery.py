@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 
 from notifyd.app import Daemon
 from notifyd.ids import uuid7
+from notifyd.keys import Keys
 from notifyd.payloads import DeliveryRef
 from scripts.localservers import RedisServer
 from tests.conftest import DaemonFactory
@@ -48,8 +49,10 @@ SLOW_RETRY: dict[str, str] = {"NOTIFYD_RETRY_BASE": "3", "NOTIFYD_RETRY_CAP": "3
 
 INSERT = """
 INSERT INTO notifications (id, tenant_id, created_by, user_id, channel, recipient, subject, body,
-                           status, updated_at)
-VALUES ($1, $2, 'backend', $3, $4, $5, $6, $7, $8, now() - make_interval(secs => $9))
+                           status, attempts, claimed_at, updated_at)
+VALUES ($1, $2, 'backend', $3, $4, $5, $6, $7, $8, $10,
+        CASE WHEN $10 > 0 THEN now() - make_interval(secs => $11) END,
+        now() - make_interval(secs => $9))
 """
 
 
@@ -64,8 +67,10 @@ async def insert_row(
     status: str = "queued",
     age: float = 60.0,
     recipient: str = "auth0|42",
+    claimed: float | None = None,
 ) -> uuid.UUID:
-    """A notification row written straight to PostgreSQL, as if its XADD never happened."""
+    """A notification row written straight to PostgreSQL, as if its XADD never happened;
+    `claimed` (seconds ago) makes it a sender's claim: one attempt, `claimed_at` then."""
     notification_id = uuid7()
     user_id = recipient if channel == "in_app" else None
     subject = "Stranded" if channel == "email" else None
@@ -80,6 +85,8 @@ async def insert_row(
         "A notification whose stream entry was lost.",
         status,
         age,
+        0 if claimed is None else 1,
+        claimed or 0.0,
     )
     return notification_id
 
@@ -139,6 +146,131 @@ async def test_row_committed_but_never_enqueued_is_swept_and_delivered(
     await wait_all(db, [str(notification_id)], "sent", timeout=10)
     row = await db.fetchrow("SELECT attempts FROM notifications WHERE id = $1", notification_id)
     assert row is not None and row["attempts"] == 1
+
+
+async def in_feed(redis: Redis, user_id: str, notification_id: str) -> int:
+    """How many live events on the user's feed name this notification."""
+    entries: Any = await redis.xrange(Keys("notifyd").user_history(TENANT, user_id))
+    return sum(notification_id.encode() in b"".join(fields.values()) for _, fields in entries)
+
+
+async def test_rows_stranded_dispatched_or_sending_without_a_stream_entry_are_delivered(
+    daemon_factory: DaemonFactory, smtp_sink: SmtpSink, db: asyncpg.Connection, redis: Redis
+) -> None:
+    """Promise: nothing accepted is lost. A row the dispatcher moved to `dispatched` whose
+    delivery entry never made it (the process died before its XADD, or Redis dropped the
+    stream), or one a sender claimed (`sending`) and died with while its entry was trimmed
+    away, has nothing left in Redis to bring it back: the sweeper puts it on its channel's
+    delivery stream after NOTIFYD_REQUEUE_AFTER, a sender takes the dead claim over after
+    the lease, and each is delivered: the emails arrive once, the in-app events are on the
+    users' feeds."""
+    stranded = {
+        "email-dispatched": await insert_row(
+            db, channel="email", status="dispatched", recipient="a@example.com"
+        ),
+        "email-sending": await insert_row(
+            db, channel="email", status="sending", recipient="b@example.com", claimed=60
+        ),
+        "inapp-dispatched": await insert_row(
+            db, channel="in_app", status="dispatched", recipient="user-d"
+        ),
+        "inapp-sending": await insert_row(
+            db, channel="in_app", status="sending", recipient="user-s", claimed=60
+        ),
+    }
+    ids = [str(i) for i in stranded.values()]
+    # no stream holds them: only PostgreSQL knows they are owed
+    assert await redis.keys("notifyd:*") == []
+    await daemon_factory(**email_env(smtp_sink))
+    await wait_all(db, ids, "sent", timeout=12)
+    await asyncio.to_thread(smtp_sink.wait_for, 2)
+    assert_each_once(smtp_sink, [str(stranded["email-dispatched"]), str(stranded["email-sending"])])
+    assert await in_feed(redis, "user-d", str(stranded["inapp-dispatched"])) == 1
+    assert await in_feed(redis, "user-s", str(stranded["inapp-sending"])) == 1
+    attempts = dict(
+        await db.fetch(
+            "SELECT id::text, attempts FROM notifications WHERE id = ANY($1::uuid[])", ids
+        )
+    )
+    # the dead claim counted as one attempt, the takeover as the next
+    assert attempts == {
+        str(stranded["email-dispatched"]): 1,
+        str(stranded["email-sending"]): 2,
+        str(stranded["inapp-dispatched"]): 1,
+        str(stranded["inapp-sending"]): 2,
+    }
+
+
+async def send_email_and_wait(api: Api, db: asyncpg.Connection, sink: SmtpSink) -> str:
+    notification_id = await send_email(api, 1)
+    await wait_all(db, [notification_id], "sent", timeout=15)
+    await asyncio.to_thread(sink.wait_for, 1)
+    return notification_id
+
+
+async def drained(redis: Redis, stream: str, group: str) -> None:
+    """Every entry of `stream` read by `group` and acknowledged."""
+
+    async def done() -> bool:
+        groups: Any = await redis.xinfo_groups(stream)
+        found = [g for g in groups if g["name"] in (group, group.encode())]
+        return bool(found) and found[0]["lag"] == 0 and found[0]["pending"] == 0
+
+    await wait_for(done, timeout=15)
+
+
+async def test_a_delivery_entry_replayed_after_the_send_sends_nothing_more(
+    daemon_factory: DaemonFactory, smtp_sink: SmtpSink, db: asyncpg.Connection, redis: Redis
+) -> None:
+    """Promise: at-least-once inside, idempotent at the edges. Entries come back (the
+    sweeper re-adds rows waiting in a backlog, XAUTOCLAIM hands out a slow peer's entry, an
+    operator replays a stream): the sender's claim in PostgreSQL (`WHERE status …`) is what
+    keeps a `sent` email from going out again."""
+    daemon = await daemon_factory(**email_env(smtp_sink))
+    async with Api(daemon) as api:
+        notification_id = await send_email_and_wait(api, db, smtp_sink)
+    ref = DeliveryRef(TENANT, notification_id)
+    for _ in range(3):
+        await redis.xadd(DELIVER_EMAIL, ref.to_fields())  # type: ignore[arg-type]
+    await drained(redis, DELIVER_EMAIL, "send")  # read, handled and acknowledged
+    assert len(smtp_sink.received) == 1
+    row = await db.fetchrow(
+        "SELECT status, attempts FROM notifications WHERE id = $1", uuid.UUID(notification_id)
+    )
+    assert row is not None and (row["status"], row["attempts"]) == ("sent", 1)
+
+
+async def test_a_live_senders_claim_is_left_alone_until_its_lease_ends(
+    daemon_factory: DaemonFactory, smtp_sink: SmtpSink, db: asyncpg.Connection, redis: Redis
+) -> None:
+    """Promise: at-least-once, with duplicates bounded. A row another sender claimed a moment
+    ago (`sending`, fresh `claimed_at`) is not sent a second time while that claim is live:
+    its entry is deferred and stays pending. Once the claim is older than NOTIFYD_CLAIM_IDLE
+    (the claimant died mid-send) the entry is taken over and the email goes out."""
+    # one sender slot: entries are handled in order, so once the marker is sent the held
+    # delivery's entry (added before it) has been handled; a lease long enough for that
+    daemon = await daemon_factory(
+        **email_env(
+            smtp_sink,
+            NOTIFYD_EMAIL_CONCURRENCY="1",
+            NOTIFYD_CLAIM_IDLE="5",
+            NOTIFYD_REQUEUE_AFTER="300",
+        )
+    )
+    held = await insert_row(
+        db, channel="email", status="sending", recipient="held@example.com", age=0, claimed=0
+    )
+    entry = await redis.xadd(DELIVER_EMAIL, DeliveryRef(TENANT, str(held)).to_fields())  # type: ignore[arg-type]
+    async with Api(daemon) as api:
+        await send_email_and_wait(api, db, smtp_sink)
+    # handled before the marker, deferred: still pending, not acknowledged
+    assert await redis.xpending_range(DELIVER_EMAIL, "send", min=entry, max=entry, count=1)
+    assert smtp_sink.messages_to("held@example.com") == []
+    row = await db.fetchrow("SELECT status, attempts FROM notifications WHERE id = $1", held)
+    assert row is not None and (row["status"], row["attempts"]) == ("sending", 1)
+    # the claimant never finishes: after the lease the entry is taken over and sent
+    await wait_all(db, [str(held)], "sent", timeout=20)
+    assert len(smtp_sink.messages_to("held@example.com")) == 1
 
 
 async def _retrying_then_flushed(
