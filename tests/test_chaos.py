@@ -32,8 +32,11 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest
+from redis.asyncio import Redis
 
-from scripts.localservers import free_port
+from notifyd.keys import Keys
+from notifyd.settings import load_settings
+from scripts.localservers import RedisServer, free_port
 from tests.conftest import DaemonFactory
 from tests.helpers import ROOT, Api, base_env, make_settings, token, wait_for
 from tests.smtp_sink import SmtpSink
@@ -398,3 +401,169 @@ async def test_a_write_and_its_idempotent_answer_commit_in_one_transaction(
     )
     assert row_xmin is not None
     assert row_xmin == key_xmin
+
+
+# --- ingested events: killed between the read and the commit, and between the commit and the ACK
+
+EVENTS = "notifyd:events"
+INGEST_GROUP = "ingest"
+EVENT_TENANT = "TEN-INGEST"
+EVENT_TEMPLATES = {
+    "email": {"subject": "Application for {{ Position }}", "text_body": "Thanks, {{ Position }}."},
+    "in_app": {"text_body": "Application for {{ Position }} received"},
+}
+# shorter leases than the burst's: one event, nothing slow in flight
+INGEST_RECOVERY = {"NOTIFYD_CLAIM_IDLE": "2", "NOTIFYD_SEND_TIMEOUT": "1"}
+
+
+def _event(event_id: str) -> bytes:
+    return orjson.dumps(
+        {
+            "event_id": event_id,
+            "tenant_id": EVENT_TENANT,
+            "type": "application.received",
+            "template_key": "application_received",
+            "context": {"Position": "Backend Engineer"},
+            "recipients": [{"user_id": "cand-1", "email": "cand-1@example.com"}],
+        }
+    )
+
+
+async def _ingest_cluster(cluster: Cluster, own_redis: RedisServer) -> Redis:
+    """The daemon on a Redis of the test's own (whose ACL the test changes), started, with
+    the tenant's templates; returns a client of that Redis."""
+    cluster.env.update(REDIS_URL=own_redis.url(0), **INGEST_RECOVERY)
+    cluster.start()
+    await cluster.wait_healthy()
+    settings = load_settings(cluster.env, dotenv_file=None)
+    bearer = token(settings, tenant=EVENT_TENANT, user="admin-1", role="admin")
+    async with aiohttp.ClientSession() as http:
+        for channel, template in EVENT_TEMPLATES.items():
+            async with http.put(
+                f"{cluster.base}/templates/application_received/{channel}/",
+                json=template,
+                headers={"Authorization": f"Bearer {bearer}"},
+            ) as response:
+                assert response.status == 200, await response.text()
+    return Redis.from_url(own_redis.url(0))
+
+
+async def _pending(redis: Redis) -> int:
+    summary: Any = await redis.xpending(EVENTS, INGEST_GROUP)
+    return int(summary["pending"])
+
+
+async def _event_delivered_once(
+    cluster: Cluster, db: asyncpg.Connection, redis: Redis, sink: SmtpSink, event_id: str
+) -> None:
+    """After the restart: the entry is acknowledged (read again by the new process), the
+    event has one dedupe row and one set of notifications, each delivered once."""
+
+    async def acknowledged() -> bool:
+        return await _pending(redis) == 0
+
+    try:
+        await wait_for(acknowledged, timeout=30, interval=0.1)
+
+        async def delivered() -> bool:
+            rows = await db.fetch(
+                "SELECT status FROM notifications WHERE tenant_id = $1", EVENT_TENANT
+            )
+            return len(rows) >= 2 and all(r["status"] == "sent" for r in rows)
+
+        await wait_for(delivered, timeout=30, interval=0.1)
+    except AssertionError:
+        rows = await db.fetch("SELECT channel, status, attempts FROM notifications")
+        raise AssertionError(f"event not delivered: {rows}\n{cluster.logs()}") from None
+    rows = await db.fetch(
+        "SELECT id, channel, recipient FROM notifications WHERE tenant_id = $1 ORDER BY channel",
+        EVENT_TENANT,
+    )
+    assert [(r["channel"], r["recipient"]) for r in rows] == [
+        ("email", "cand-1@example.com"),
+        ("in_app", "cand-1"),
+    ], "the event's notifications were stored twice"
+    dedupe = await db.fetch("SELECT event_id, notification_ids FROM ingested_events")
+    assert [r["event_id"] for r in dedupe] == [event_id]
+    assert sorted(dedupe[0]["notification_ids"]) == sorted(r["id"] for r in rows)
+    await asyncio.to_thread(sink.wait_for, 1)
+    assert [r.notifyd_id for r in sink.received] == [str(rows[0]["id"])]
+    feed: Any = await redis.xrange(Keys("notifyd").user_history(EVENT_TENANT, "cand-1"))
+    assert any(str(rows[1]["id"]).encode() in b"".join(f.values()) for _, f in feed)
+
+
+@pytest.mark.timeout(120)
+async def test_an_event_killed_before_its_commit_is_read_again_and_delivered(
+    cluster: Cluster, own_redis: RedisServer, smtp_sink: SmtpSink, db: asyncpg.Connection
+) -> None:
+    """Nothing accepted is lost: an event read from `notifyd:events` is acknowledged only
+    after its rows commit. Here the process is killed while its transaction waits: the test
+    holds the event's dedupe key (an uncommitted row in `ingested_events`, rolled back after
+    the kill), so the daemon's INSERT blocks on it. The entry is still pending at the kill,
+    and the restarted process takes it over and delivers the event."""
+    redis = await _ingest_cluster(cluster, own_redis)
+    event_id = "evt-before-commit"
+    try:
+        holder = db.transaction()
+        await holder.start()
+        try:
+            await db.execute(
+                "INSERT INTO ingested_events (tenant_id, event_id, event_type, source, "
+                "notification_ids) VALUES ($1, $2, 'held', 'redis', '{}')",
+                EVENT_TENANT,
+                event_id,
+            )
+            xid = await db.fetchval("SELECT txid_current()::text")
+            await redis.xadd(EVENTS, {"event": _event(event_id)})
+
+            async def insert_waiting() -> bool:
+                waiting = await db.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' "
+                    "AND transactionid::text = $1 AND NOT granted",
+                    xid,
+                )
+                return bool(waiting)
+
+            await wait_for(insert_waiting, timeout=20, interval=0.05)
+            cluster.current.sigkill()
+        finally:
+            await holder.rollback()
+        # the kill fell between the read and the commit: nothing stored, nothing acknowledged
+        assert await _pending(redis) == 1, "the entry was acknowledged before its commit"
+        assert await db.fetchval("SELECT count(*) FROM notifications") == 0
+        cluster.start()
+        await cluster.wait_healthy()
+        await _event_delivered_once(cluster, db, redis, smtp_sink, event_id)
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.timeout(120)
+async def test_an_event_killed_between_its_commit_and_its_ack_is_neither_lost_nor_doubled(
+    cluster: Cluster, own_redis: RedisServer, smtp_sink: SmtpSink, db: asyncpg.Connection
+) -> None:
+    """At-least-once inside, idempotent at the edges: an event whose rows committed but
+    whose XACK never happened (the process died in between) is read again after the
+    restart, and its dedupe row (`ingested_events`, written in the same transaction) makes
+    the second reading store nothing. The ACK is made to fail (the Redis ACL takes XACK
+    away from the daemon's user), so the kill lands in that window every time."""
+    redis = await _ingest_cluster(cluster, own_redis)
+    try:
+        await redis.execute_command("ACL", "SETUSER", "default", "-xack")
+        try:
+            await redis.xadd(EVENTS, {"event": _event("evt-after-commit")})
+
+            async def committed() -> bool:
+                return bool(await db.fetchval("SELECT count(*) FROM ingested_events"))
+
+            await wait_for(committed, timeout=20, interval=0.05)
+            cluster.current.sigkill()
+        finally:
+            await redis.execute_command("ACL", "SETUSER", "default", "+xack")
+        assert await _pending(redis) == 1  # committed, never acknowledged
+        assert await db.fetchval("SELECT count(*) FROM notifications") == 2
+        cluster.start()
+        await cluster.wait_healthy()
+        await _event_delivered_once(cluster, db, redis, smtp_sink, "evt-after-commit")
+    finally:
+        await redis.aclose()
