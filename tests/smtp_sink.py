@@ -8,6 +8,7 @@ refused at RCPT with `refuse_rcpt`.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
@@ -68,6 +69,8 @@ class _Handler:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self._sink.delay:
+            await asyncio.sleep(self._sink.delay)  # a slow relay: the 250 comes this late
         scripted = self._sink._next_reply()
         if scripted is not None:
             return scripted
@@ -87,7 +90,8 @@ class _Handler:
 
 class SmtpSink:
     """`with SmtpSink() as sink:` → `sink.port`, `sink.received`, `sink.fail_next(n, reply)`,
-    `sink.refuse_rcpt(address, reply)`, `sink.sessions` (SMTP sessions that greeted)."""
+    `sink.refuse_rcpt(address, reply)`, `sink.sessions` (SMTP sessions that greeted),
+    `sink.delay` (a slow relay)."""
 
     def __init__(self) -> None:
         self.port = free_port()
@@ -97,6 +101,7 @@ class SmtpSink:
         self._sessions = 0
         self._quits = 0
         self._lock = threading.Lock()
+        self.delay = 0.0  # seconds each message waits for its 250 (sessions run concurrently)
         self._controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port)
 
     def __enter__(self) -> SmtpSink:

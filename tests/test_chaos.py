@@ -35,6 +35,7 @@ import pytest
 from redis.asyncio import Redis
 
 from notifyd.keys import Keys
+from notifyd.payloads import NotificationIntent
 from notifyd.settings import load_settings
 from scripts.localservers import RedisServer, free_port
 from tests.conftest import DaemonFactory
@@ -401,6 +402,226 @@ async def test_a_write_and_its_idempotent_answer_commit_in_one_transaction(
     )
     assert row_xmin is not None
     assert row_xmin == key_xmin
+
+
+# --- the usual path: REST sends without an Idempotency-Key, group-committed by the outbox and
+# dispatched in the accepting process (`Dispatcher.dispatch_now`), killed mid-burst
+
+UNKEYED_BURST = 240  # half email, half in-app
+UNKEYED_TENANT = "TEN-OUTBOX"
+UNKEYED_CLIENTS = 16
+FLOWING_AT = 80  # answers before the dispatch is held: the whole pipeline is moving by then
+HELD_AFTER = 40  # answers after it: whole outbox batches committed, none dispatched
+RELAY_DELAY_S = 0.25  # a slow relay, so emails are still being sent at the kill
+FEED_USERS = 10
+
+
+def _unkeyed_body(i: int) -> dict[str, Any]:
+    if i % 2:
+        return {
+            "notification_type": "in_app",
+            "recipient": f"user-{i % FEED_USERS}",
+            "message": f"In-app {i:04d}",
+        }
+    return {
+        "notification_type": "email",
+        "recipient": f"candidate{i:04d}@example.com",
+        "subject": f"Outbox {i:04d}",
+        "message": f"Burst message number {i}.",
+    }
+
+
+@dataclass
+class Snapshot:
+    """The tenant's rows as the kill left them, read from PostgreSQL."""
+
+    by_status: Counter[str]
+    sending: set[str]
+    stranded: set[str]  # `queued` with no intent on the stream: only the sweeper has them
+
+
+async def _snapshot(db: asyncpg.Connection, redis: Redis) -> Snapshot:
+    rows = await db.fetch(
+        "SELECT id::text, status FROM notifications WHERE tenant_id = $1", UNKEYED_TENANT
+    )
+    entries: Any = await redis.xrange("notifyd:intents")
+    on_stream = {NotificationIntent.from_fields(f).notification_id for _, f in entries}
+    return Snapshot(
+        Counter(r["status"] for r in rows),
+        {r["id"] for r in rows if r["status"] == "sending"},
+        {r["id"] for r in rows if r["status"] == "queued" and r["id"] not in on_stream},
+    )
+
+
+@pytest.mark.timeout(180)
+async def test_kill_9_mid_burst_of_unkeyed_sends_delivers_every_accepted_notification(
+    cluster: Cluster,
+    smtp_sink: SmtpSink,
+    db: asyncpg.Connection,
+    redis: Redis,
+    database_url: str,
+    redis_url: str,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """Nothing accepted is lost, on the path production takes: REST sends without an
+    `Idempotency-Key` (the outbox's group commit, then this process's dispatcher, no intent
+    on any stream). Email through a slow SMTP relay and in-app, `kill -9` mid-burst.
+
+    To make sure the kill strands whole outbox batches, the test holds the dispatch for a
+    moment before it (a lock on `preferences`, which every dispatch reads): requests are
+    still answered 202, their rows stay `queued`, and nothing in Redis names them. The kill
+    comes while those rows, a backlog of `dispatched` emails and emails at the relay
+    (`sending`) are all in flight. After a restart every 2xx-answered notification ends
+    `sent`: the emails arrive, the in-app events are on the users' feeds. An email arrives
+    twice only if the kill fell between the relay's 250 and the row's update: at most the
+    rows `sending` at the kill.
+    """
+    settings = make_settings(database_url, redis_url)
+    bearer = token(settings, tenant=UNKEYED_TENANT, user="backend", role="service", ttl=900)
+    smtp_sink.delay = RELAY_DELAY_S
+    # the held dispatch must not time out (and fall back to the stream) before the kill
+    cluster.env["NOTIFYD_DB_COMMAND_TIMEOUT"] = "60"
+    cluster.start()
+    await cluster.wait_healthy()
+
+    accepted: dict[int, str] = {}
+    unanswered: list[int] = []
+    killed = asyncio.Event()
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(UNKEYED_BURST):
+        queue.put_nowait(i)
+    headers = {"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"}
+
+    # the burst is let out in three parts: the pipeline flowing, the dispatch held, the rest
+    # (in flight at the kill)
+    budget = [FLOWING_AT]
+
+    async def client(http: aiohttp.ClientSession) -> None:
+        while not killed.is_set():
+            try:
+                i = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            await wait_for(lambda n=i: killed.is_set() or n < budget[0], timeout=120, interval=0.01)
+            if killed.is_set():
+                return
+            body = orjson.dumps(_unkeyed_body(i))
+            try:
+                async with http.post(
+                    f"{cluster.base}/notifications/send/", data=body, headers=headers
+                ) as r:
+                    raw = await r.read()
+                    assert r.status == 202, f"POST {i}: {r.status} {raw[:300]!r}"
+                    accepted[i] = orjson.loads(raw)["notification_id"]
+            except (aiohttp.ClientConnectionError, TimeoutError):
+                unanswered.append(i)  # no key: a retry would be a new notification
+
+    async def answered(count: int) -> bool:
+        return len(accepted) >= count
+
+    hold = db.transaction()
+    held = False
+    timeout = aiohttp.ClientTimeout(total=30)
+    connector = aiohttp.TCPConnector(limit=UNKEYED_CLIENTS)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
+        clients = [asyncio.create_task(client(http)) for _ in range(UNKEYED_CLIENTS)]
+        try:
+            await wait_for(lambda: answered(FLOWING_AT), timeout=60)
+            await wait_for(lambda: len(smtp_sink.received) > 0, timeout=30)
+            await hold.start()
+            held = True
+            await db.execute("LOCK TABLE preferences IN ACCESS EXCLUSIVE MODE")
+            budget[0] = FLOWING_AT + HELD_AFTER
+            await wait_for(lambda: answered(FLOWING_AT + HELD_AFTER), timeout=60)
+            budget[0] = UNKEYED_BURST
+            await wait_for(lambda: answered(FLOWING_AT + HELD_AFTER + 1), timeout=60)
+            cluster.current.sigkill()  # kill -9, sends still arriving
+            killed.set()
+            at_kill = await _snapshot(db, redis)
+        finally:
+            if held:
+                await hold.rollback()
+            killed.set()
+            await asyncio.gather(*clients)
+    assert cluster.current.proc.returncode == -9
+    assert len(accepted) < UNKEYED_BURST, "the burst was over before the kill: nothing tested"
+    in_flight = sum(at_kill.by_status[s] for s in ("queued", "dispatched", "sending"))
+    assert in_flight > 0, f"nothing was in flight at the kill: {at_kill.by_status}"
+    assert at_kill.stranded, f"no outbox batch was stranded by the kill: {at_kill.by_status}"
+
+    cluster.start()  # same environment, same port
+    await cluster.wait_healthy()
+    ids = sorted(accepted.values())
+
+    async def all_sent() -> bool:
+        counts = dict(
+            await db.fetch(
+                "SELECT status, count(*) FROM notifications WHERE id = ANY($1::uuid[]) "
+                "GROUP BY status",
+                ids,
+            )
+        )
+        if counts.get("failed"):
+            raise AssertionError(f"failed deliveries: {counts}\n{cluster.logs()}")
+        return counts.get("sent", 0) == len(ids)
+
+    try:
+        await wait_for(all_sent, timeout=60, interval=0.1)
+    except AssertionError:
+        rows = await db.fetch(
+            "SELECT status, count(*) FROM notifications GROUP BY status ORDER BY status"
+        )
+        raise AssertionError(
+            f"not all sent: {rows}; at the kill {at_kill.by_status}\n{cluster.logs()}"
+        ) from None
+
+    emails = {accepted[i] for i in accepted if i % 2 == 0}
+    in_app = {i: accepted[i] for i in accepted if i % 2}
+    await asyncio.to_thread(smtp_sink.wait_for, len(emails), 30)
+    received = Counter(r.notifyd_id for r in smtp_sink.received)
+    missing = emails - set(received)
+    assert not missing, f"{len(missing)} accepted emails never reached SMTP: {sorted(missing)[:5]}"
+    # a POST cut off by the kill may have committed without an answer: delivered too, but
+    # nothing reaches SMTP that the tenant never asked for
+    tenant_ids = {
+        r["id"]
+        for r in await db.fetch(
+            "SELECT id::text FROM notifications WHERE tenant_id = $1", UNKEYED_TENANT
+        )
+    }
+    assert set(received) <= tenant_ids
+    duplicates = sum(count - 1 for count in received.values())
+
+    keys = Keys("notifyd")
+    events: Counter[str] = Counter()
+    for user in range(FEED_USERS):
+        feed: Any = await redis.xrange(keys.user_history(UNKEYED_TENANT, f"user-{user}"))
+        for _, fields in feed:
+            events.update(
+                nid for nid in in_app.values() if nid.encode() in b"".join(fields.values())
+            )
+    unpublished = [nid for nid in in_app.values() if not events[nid]]
+    assert not unpublished, f"{len(unpublished)} in-app rows sent without their live event"
+    offsets = await db.fetchval(
+        "SELECT count(*) FROM notifications WHERE id = ANY($1::uuid[]) "
+        "AND provider_message_id IS NOT NULL",
+        list(in_app.values()),
+    )
+    assert offsets == len(in_app)
+
+    summary = {
+        "accepted": len(accepted),
+        "unanswered": len(unanswered),
+        "at_kill": dict(at_kill.by_status),
+        "stranded_batches_rows": len(at_kill.stranded),
+        "email_duplicates": duplicates,
+        "inapp_events_published_twice": sum(c - 1 for c in events.values()),
+    }
+    print(f"\nchaos (no keys): {summary}")
+    for name, value in summary.items():
+        record_property(f"chaos_unkeyed_{name}", value)
+    # at-least-once: a second copy only of what was at the relay when the process died
+    assert duplicates <= len(at_kill.sending), summary
 
 
 # --- ingested events: killed between the read and the commit, and between the commit and the ACK
