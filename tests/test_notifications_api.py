@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from yarl import URL
 
 from notifyd.app import Daemon
+from notifyd.keys import Keys
 from notifyd.payloads import NotificationIntent
 from scripts.localservers import RedisServer
 from tests.conftest import DaemonFactory
@@ -287,17 +288,27 @@ async def test_send_reports_every_bad_field_at_once(api: Api) -> None:
     assert {"notification_type", "recipient", "subject", "extra"} <= error_fields(problem)
 
 
-async def test_send_answers_202_and_stores_the_row_when_redis_is_down(
+async def test_send_answers_202_while_redis_is_down_and_delivers_once_it_is_back(
     daemon_factory: DaemonFactory, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
     """Nothing accepted is lost: with Redis unreachable the row is committed and the answer is
     still 202. The dispatch that follows in the background cannot publish or enqueue; it
     counts the failure and leaves the row for the sweeper (`queued`, or `dispatched` if the
-    UPDATE came before the failed XADD: the sweeper takes both)."""
+    UPDATE came before the failed XADD: the sweeper takes both). Redis then comes back empty
+    (it had no persistence): the sweeper puts the row on the stream after
+    NOTIFYD_REQUEUE_AFTER and it is delivered, its live event on the user's feed."""
     own_redis = RedisServer(tmp_path / "redis", persistent=False)
     own_redis.start()
     try:
-        daemon = await daemon_factory(REDIS_URL=own_redis.url(0))
+        daemon = await daemon_factory(
+            REDIS_URL=own_redis.url(0),
+            NOTIFYD_REQUEUE_AFTER="1",
+            NOTIFYD_SWEEP_INTERVAL="0.2",
+            NOTIFYD_CLAIM_IDLE="2",
+            NOTIFYD_SEND_TIMEOUT="1",
+            # actors crash while Redis is away: back soon after it is, within the budget
+            NOTIFYD_ACTOR_BACKOFF_CAP="1",
+        )
         own_redis.kill()
         async with Api(daemon) as api:
             status, body, _ = await api.post(
@@ -312,11 +323,33 @@ async def test_send_answers_202_and_stores_the_row_when_redis_is_down(
                 return "notifyd_enqueue_failures_total 1.0" in metrics
 
             await wait_for(failure_counted, timeout=10)
-        row = await db.fetchrow(
-            "SELECT status FROM notifications WHERE id = $1", uuid.UUID(body["notification_id"])
-        )
+        notification_id = uuid.UUID(body["notification_id"])
+        row = await db.fetchrow("SELECT status FROM notifications WHERE id = $1", notification_id)
         assert row is not None
         assert row["status"] in ("queued", "dispatched")
+
+        own_redis.start()  # same port, nothing in it
+
+        async def sent() -> bool:
+            status = await db.fetchval(
+                "SELECT status FROM notifications WHERE id = $1", notification_id
+            )
+            return bool(status == "sent")
+
+        await wait_for(sent, timeout=15, interval=0.1)
+        offset = await db.fetchval(
+            "SELECT provider_message_id FROM notifications WHERE id = $1", notification_id
+        )
+        redis = Redis.from_url(own_redis.url(0))
+        try:
+            feed: Any = await redis.xrange(
+                Keys(daemon.settings.redis_prefix).user_history(TENANT, "user-2")
+            )
+        finally:
+            await redis.aclose()
+        assert [entry_id.decode() for entry_id, _ in feed] == [offset]
+        assert str(notification_id).encode() in b"".join(feed[0][1].values())
+        await daemon.stop()  # before its Redis goes away
     finally:
         own_redis.stop()
 
