@@ -246,16 +246,11 @@ async def test_a_live_senders_claim_is_left_alone_until_its_lease_ends(
     """Promise: at-least-once, with duplicates bounded. A row another sender claimed a moment
     ago (`sending`, fresh `claimed_at`) is not sent a second time while that claim is live:
     its entry is deferred and stays pending. Once the claim is older than NOTIFYD_CLAIM_IDLE
-    (the claimant died mid-send) the entry is taken over and the email goes out."""
+    (the claimant died mid-send) the row is taken over and the email goes out."""
     # one sender slot: entries are handled in order, so once the marker is sent the held
-    # delivery's entry (added before it) has been handled; a lease long enough for that
+    # delivery's entry (added before it) has been handled; a lease far longer than that
     daemon = await daemon_factory(
-        **email_env(
-            smtp_sink,
-            NOTIFYD_EMAIL_CONCURRENCY="1",
-            NOTIFYD_CLAIM_IDLE="5",
-            NOTIFYD_REQUEUE_AFTER="300",
-        )
+        **email_env(smtp_sink, NOTIFYD_EMAIL_CONCURRENCY="1", NOTIFYD_CLAIM_IDLE="60")
     )
     held = await insert_row(
         db, channel="email", status="sending", recipient="held@example.com", age=0, claimed=0
@@ -268,8 +263,14 @@ async def test_a_live_senders_claim_is_left_alone_until_its_lease_ends(
     assert smtp_sink.messages_to("held@example.com") == []
     row = await db.fetchrow("SELECT status, attempts FROM notifications WHERE id = $1", held)
     assert row is not None and (row["status"], row["attempts"]) == ("sending", 1)
-    # the claimant never finishes: after the lease the entry is taken over and sent
-    await wait_all(db, [str(held)], "sent", timeout=20)
+    # the claimant never finishes: once its claim is past the lease (aged here rather than
+    # waited for), the sweeper puts the row back and a sender takes it over
+    await db.execute(
+        "UPDATE notifications SET claimed_at = now() - interval '2 minutes', "
+        "updated_at = now() - interval '2 minutes' WHERE id = $1",
+        held,
+    )
+    await wait_all(db, [str(held)], "sent", timeout=15)
     assert len(smtp_sink.messages_to("held@example.com")) == 1
 
 
