@@ -164,7 +164,7 @@ WITH fired AS (
     FROM fired f
     RETURNING id
 )
-SELECT status, late, lateness_ms FROM fired
+SELECT id, tenant_id, status, late, lateness_ms FROM fired
 """
 
 
