@@ -14,10 +14,14 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+import asyncpg
 import jwt
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from notifyd.app import Daemon
 from notifyd.auth.tokens import mint_token
+from notifyd.keys import Keys
 from notifyd.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,3 +167,35 @@ def run_cli(
         timeout=timeout,
         cwd=cwd or ROOT,
     )
+
+
+IN_FLIGHT = """
+SELECT count(*) FROM notifications WHERE status IN ('queued', 'dispatched', 'sending', 'retrying')
+"""
+
+
+async def pipeline_idle(redis: Redis, db: asyncpg.Connection, keys: Keys) -> bool:
+    """Nothing left to do, now: every consumer group has read and acknowledged every entry of
+    its stream, no wheel entry is due, no notification is on its way. Counting "exactly once"
+    is only meaningful then: a duplicate still in a stream or a batch would come later."""
+    for stream, group in keys.consumer_groups():
+        try:
+            info: Any = await redis.xinfo_stream(stream)
+            groups: Any = await redis.xinfo_groups(stream)
+        except ResponseError:  # no such stream: nothing was ever added
+            continue
+        for found in groups:
+            if found["name"].decode() != group:
+                continue
+            if found["pending"] or found["last-delivered-id"] != info["last-generated-id"]:
+                return False
+    due: Any = await redis.zrangebyscore(keys.timer, "-inf", time.time() * 1000, start=0, num=1)
+    if due:
+        return False
+    return int(await db.fetchval(IN_FLIGHT)) == 0
+
+
+async def wait_pipeline_idle(
+    redis: Redis, db: asyncpg.Connection, keys: Keys, timeout: float = 15.0
+) -> None:
+    await wait_for(lambda: pipeline_idle(redis, db, keys), timeout=timeout, interval=0.05)

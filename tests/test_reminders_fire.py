@@ -6,9 +6,11 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+from redis.asyncio import Redis
 
+from notifyd.keys import Keys
 from tests.conftest import DaemonFactory
-from tests.helpers import Api, wait_for
+from tests.helpers import Api, wait_for, wait_pipeline_idle
 from tests.smtp_sink import SmtpSink
 
 
@@ -17,7 +19,7 @@ def rfc3339(when: datetime) -> str:
 
 
 async def test_a_due_reminder_fires_once_to_candidate_and_employer(
-    daemon_factory: DaemonFactory, smtp_sink: SmtpSink, db: asyncpg.Connection
+    daemon_factory: DaemonFactory, smtp_sink: SmtpSink, db: asyncpg.Connection, redis: Redis
 ) -> None:
     daemon = await daemon_factory(EMAIL_HOST="127.0.0.1", EMAIL_PORT=str(smtp_sink.port))
     now = datetime.now(UTC)
@@ -76,8 +78,14 @@ async def test_a_due_reminder_fires_once_to_candidate_and_employer(
         assert "JST" in content and "18:00" in content  # 09:00 UTC in Tokyo
         status, listed, _ = await api.get("/notifications/", user="emp-1")
         assert "CET" in listed[0]["message"] or "CEST" in listed[0]["message"]
-        # exactly once: nothing more arrives for this reminder
+        # exactly once: counted once the pipeline is idle (no entry unread or pending in any
+        # stream, nothing due on the wheel, no notification on its way), so a second firing
+        # still in flight would be counted too
+        await wait_pipeline_idle(redis, db, Keys(daemon.settings.redis_prefix))
         assert await db.fetchval("SELECT count(*) FROM notifications") == 3
+        assert len(smtp_sink.received) == 1
+        fired = "SELECT count(*) FROM audit_log WHERE action = 'reminder.fired'"
+        assert await db.fetchval(fired) == 1
 
 
 async def test_a_reminder_is_written_in_the_tenants_default_locale(

@@ -32,7 +32,7 @@ from notifyd.keys import FIRE_GROUP, Keys
 from notifyd.reminders import wheel_item
 from notifyd.streams.schedule import Schedule
 from tests.conftest import DaemonFactory
-from tests.helpers import Api, wait_for
+from tests.helpers import Api, wait_for, wait_pipeline_idle
 from tests.smtp_sink import SmtpSink
 from tests.twilio_standin import TwilioStandin
 
@@ -452,6 +452,167 @@ async def test_two_instances_fire_1000_reminders_due_in_the_same_second_exactly_
     assert await count(db, fired_audits) == total
     assert sum(per_instance) == total
     assert await wheel_scores(wheel) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# the same entry twice, and a takeover after a crash: the guarded UPDATE is the exactly-once
+# point, not the consumer group (which hands each entry to one instance, so two instances
+# alone never compete for a reminder)
+
+
+async def insert_due(db: asyncpg.Connection, due: datetime, count: int = 1) -> list[uuid.UUID]:
+    """Scheduled reminders due at `due`, in PostgreSQL only (no wheel member): the test
+    puts their stream entries on `notifyd:reminders` itself."""
+    ids = [uuid7() for _ in range(count)]
+    await db.executemany(
+        "INSERT INTO interview_reminders (id, tenant_id, application_id, candidate_id, "
+        "employer_id, created_by, interview_time, reminder_time) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        [
+            (
+                rid,
+                TENANT,
+                f"app-{i}",
+                f"cand-{i}",
+                f"emp-{i}",
+                SERVICE,
+                due + timedelta(hours=1),
+                due,
+            )
+            for i, rid in enumerate(ids)
+        ],
+    )
+    return ids
+
+
+async def deliver(redis: Redis, reminder_id: uuid.UUID, due: datetime) -> None:
+    """The entry the timer's move makes for this reminder (`due_ms`: the time it was moved
+    for); adding it again is a redelivery of the same due entry."""
+    fields = {**wheel_item(KEYS, TENANT, reminder_id).fields, "due_ms": str(due.timestamp() * 1000)}
+    await redis.xadd(KEYS.reminders, fields)
+
+
+async def settled_counts(db: asyncpg.Connection, redis: Redis) -> tuple[int, int]:
+    """(notifications, `reminder.fired` audit rows) once the pipeline is idle."""
+    await wait_pipeline_idle(redis, db, KEYS)
+    notifications = await count(db, "SELECT count(*) FROM notifications")
+    audits = await count(db, "SELECT count(*) FROM audit_log WHERE action = 'reminder.fired'")
+    return notifications, audits
+
+
+async def test_the_same_due_entry_delivered_twice_fires_once(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection, redis: Redis
+) -> None:
+    """Two copies of one due entry, read in two batches before the due time (as a replay or
+    an XAUTOCLAIM of a slow peer's entry would be): both batches read the reminder while it
+    was still scheduled, both fire their wave at its time; only the statement's guard
+    (`status = 'scheduled'` in FIRE_MANY) keeps the second from firing it again."""
+    daemon = await daemon_factory(**FAST)
+    due = soon(2)
+    [reminder_id] = await insert_due(db, due)
+    await deliver(redis, reminder_id, due)
+    await wait_for(lambda: read_by_firer(redis, 1), timeout=5, interval=0.01)
+    await deliver(redis, reminder_id, due)
+    await wait_for(lambda: read_by_firer(redis, 2), timeout=5, interval=0.01)
+    assert datetime.now(UTC) < due, "both copies must be read before the due time"
+
+    fired = await wait_status(db, reminder_id, "fired")
+    assert await settled_counts(db, redis) == (2, 1)
+    assert len(fired["notification_ids"]) == 2
+    assert fired_counter(daemon) == 1
+
+
+async def statements_waiting(db: asyncpg.Connection, prefix: str, least: int) -> bool:
+    """At least `least` statements starting with `prefix` wait for a lock."""
+    found = await db.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND ltrim(query, E' \\n') LIKE $1 || '%'",
+        prefix,
+    )
+    return int(found) >= least
+
+
+async def test_the_same_due_entry_twice_fires_once_when_the_reminder_changed_before_its_wave(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection, redis: Redis, database_url: str
+) -> None:
+    """As above, and the interview moves (a PATCH) just before the waves: both waves'
+    statements refuse their old plan, and each batch reads the reminder again and fires it on
+    its own (FIRE), where the guard is FIRE's `status = 'scheduled'`.
+
+    The interleaving is forced with locks: the waves wait for a table lock on `notifications`
+    (each firing statement inserts there, so it waits before it reads a row) while the
+    interview moves; then the test holds the reminder's row until every batch has read it
+    again, still scheduled, and its FIRE waits for the row; then they go at once."""
+    daemon = await daemon_factory(
+        **{**FAST, "NOTIFYD_REQUEUE_AFTER": "60", "NOTIFYD_CLAIM_IDLE": "30"},
+        NOTIFYD_DB_POOL_MAX="10",
+    )
+    due = soon(2)
+    [reminder_id] = await insert_due(db, due)
+    await deliver(redis, reminder_id, due)
+    await wait_for(lambda: read_by_firer(redis, 1), timeout=5, interval=0.01)
+    await deliver(redis, reminder_id, due)
+    await wait_for(lambda: read_by_firer(redis, 2), timeout=5, interval=0.01)
+    table, row_lock = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
+    try:
+        holding_table = table.transaction()
+        await holding_table.start()
+        await table.execute("LOCK TABLE notifications IN EXCLUSIVE MODE")
+        assert datetime.now(UTC) < due, "both copies must be read before the due time"
+        await wait_for(lambda: statements_waiting(db, "WITH input AS", 2), timeout=10)
+        await db.execute(
+            "UPDATE interview_reminders SET interview_time = interview_time + interval '1 hour'"
+            ", updated_at = now() WHERE id = $1 AND status = 'scheduled'",
+            reminder_id,
+        )
+        holding_row = row_lock.transaction()
+        await holding_row.start()
+        await row_lock.execute(
+            "SELECT 1 FROM interview_reminders WHERE id = $1 FOR UPDATE", reminder_id
+        )
+        await holding_table.rollback()  # the waves run, refuse, and each batch reads it again
+        await wait_for(lambda: statements_waiting(db, "WITH fired AS", 2), timeout=10)
+        await holding_row.rollback()  # every FIRE at once
+    finally:
+        await table.close()
+        await row_lock.close()
+
+    fired = await wait_status(db, reminder_id, "fired")
+    assert fired["interview_time"] == due + timedelta(hours=2)  # planned with the new time
+    assert await settled_counts(db, redis) == (2, 1)
+    assert fired_counter(daemon) == 1
+
+
+async def test_reminders_read_ahead_by_a_killed_instance_are_taken_over_and_fire_once(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection, redis: Redis, wheel: Schedule
+) -> None:
+    """Instance A reads three reminders ahead of their time (NOTIFYD_REMINDER_LOOKAHEAD) and
+    dies holding them (its actors cancelled: nothing acknowledged, as after kill -9). B takes
+    the entries over once they are idle past NOTIFYD_CLAIM_IDLE and fires each once. The
+    sweeper's overdue re-add is pushed out of the test's reach (NOTIFYD_REQUEUE_AFTER), so
+    only the takeover can fire them: an entry acknowledged before its reminder fired would be
+    lost here."""
+    env = {**AHEAD, "NOTIFYD_REQUEUE_AFTER": "60"}
+    first = await daemon_factory(NOTIFYD_INSTANCE_NAME="ahead-a", **env)
+    due = soon(3)
+    async with Api(first) as api:
+        ids = [await create(api, due, application_id=f"app-{i}") for i in range(3)]
+    await wait_for(lambda: read_by_firer(redis, 3), timeout=5, interval=0.01)
+    holders: Any = await redis.xpending(KEYS.reminders, FIRE_GROUP)
+    assert [(c["name"], c["pending"]) for c in holders["consumers"]] == [(b"ahead-a", 3)]
+    assert await wheel_scores(wheel) == {}, "all three left the wheel for A's batch"
+    assert first.supervisor is not None
+    await first.supervisor.stop(0)  # killed: its batch is cut short, nothing acknowledged
+    assert datetime.now(UTC) < due, "A must die holding reminders not yet due"
+    await wait_for(lambda: read_by_firer(redis, 3), timeout=2)
+
+    second = await daemon_factory(NOTIFYD_INSTANCE_NAME="ahead-b", **env)
+    for reminder_id in ids:
+        fired = await wait_status(db, reminder_id, "fired", timeout=15)
+        assert len(fired["notification_ids"]) == 2
+    assert await settled_counts(db, redis) == (6, 3)
+    assert fired_counter(first) == 0
+    assert fired_counter(second) == 3
 
 
 # ---------------------------------------------------------------------------------------------
