@@ -348,26 +348,44 @@ async def test_a_reminder_read_ahead_of_its_time_fires_at_its_time_not_when_read
 
 
 async def test_a_reminder_read_ahead_then_moved_later_or_cancelled_does_not_fire_then(
-    daemon_factory: DaemonFactory, db: asyncpg.Connection, wheel: Schedule, redis: Redis
+    daemon_factory: DaemonFactory,
+    db: asyncpg.Connection,
+    wheel: Schedule,
+    redis: Redis,
+    database_url: str,
 ) -> None:
     """The firer read and planned both while they waited for their time; the PATCH and the
-    DELETE land in between, and its statement's guard refuses the old plan."""
-    daemon = await daemon_factory(**AHEAD)
+    DELETE land in between, and its statement's guard refuses the old plan.
+
+    "In between" is made certain: the wave's statement is held back by a lock on
+    `notifications` (it inserts there, so it waits before it reads a row) until the changes
+    are made; seeing the statement wait proves the batch was read and planned before them.
+    (Waiting for the stream read alone did not: the batch's read of the rows follows it, and
+    when it came after the PATCH the plan left the moved reminder out, so the statement's
+    own guard went untested.)"""
+    daemon = await daemon_factory(**AHEAD, NOTIFYD_DB_POOL_MAX="10")
     due = soon(3)
     async with Api(daemon) as api:
         moved = await create(api, due, application_id="app-moved")
         cancelled = await create(api, due, application_id="app-cancelled")
         await wait_for(lambda: read_by_firer(redis, 2), timeout=5, interval=0.01)
-        new_due = soon(3600)
-        status, answer = await patch(api, moved, reminder_time=rfc3339(new_due))
-        assert status == 200, answer
-        status, _, _ = await api.request(
-            "DELETE", f"/reminders/{cancelled}/", user=SERVICE, role="service"
-        )
-        assert status == 204
-        assert datetime.now(UTC) < due, "the changes must land before the due time"
+        locker = await asyncpg.connect(database_url)
+        try:
+            holding = locker.transaction()
+            await holding.start()
+            await locker.execute("LOCK TABLE notifications IN EXCLUSIVE MODE")
+            await wait_for(lambda: statements_waiting(db, "WITH input AS", 1), timeout=10)
+            new_due = soon(3600)
+            status, answer = await patch(api, moved, reminder_time=rfc3339(new_due))
+            assert status == 200, answer
+            status, _, _ = await api.request(
+                "DELETE", f"/reminders/{cancelled}/", user=SERVICE, role="service"
+            )
+            assert status == 204
+            await holding.rollback()  # the wave's statement runs with the old plan
+        finally:
+            await locker.close()
 
-    await sleep_until(due + timedelta(seconds=1.5))
     await wait_for(lambda: read_by_firer(redis, 0), timeout=5)
     assert (await row(db, moved))["status"] == "scheduled"
     assert (await row(db, cancelled))["status"] == "cancelled"
