@@ -324,6 +324,24 @@ async def test_the_gate_serves_tenants_round_robin_within_their_caps() -> None:
     await asyncio.gather(*waiters)
 
 
+async def test_a_tenant_at_its_cap_waits_though_a_slot_is_free() -> None:
+    """Promise: a tenant never holds more than its cap of slots unless it may borrow: a freed
+    slot is not handed to a capped tenant (without borrowing, a hung relay's tenant would
+    fill every slot the others free)."""
+    gate = FairGate(slots=3, per_tenant=1, queue_per_tenant=3)
+    await gate.acquire("a")
+    await gate.acquire("b")
+    waiter = asyncio.create_task(gate.acquire("a"))
+    await asyncio.sleep(0)
+    assert gate.waiting("a") == 1
+    gate.release("b")  # two slots free now, and a is the only tenant with work
+    await asyncio.sleep(0)
+    assert not waiter.done() and gate.in_flight("a") == 1
+    gate.release("a")
+    await asyncio.wait_for(waiter, 1.0)
+    assert gate.in_flight("a") == 1
+
+
 async def test_a_lone_fast_tenant_borrows_idle_slots_but_leaves_a_cap_for_newcomers() -> None:
     """Promise: the gate is work-conserving: a tenant past its cap may borrow idle slots
     while nobody else waits and its sends are fast, but never the last `per_tenant` slots,
