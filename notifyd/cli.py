@@ -121,6 +121,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             if "." in toml_key
             else f"{env:<{width}}  {shown}    # {toml_key}"
         )
+    from notifyd.ingest.binding import open_sources
+
+    for warning in open_sources(settings):
+        print(f"warning: {warning}")
     print("configuration is valid")
     return 0
 

@@ -189,6 +189,12 @@ class Settings:
     rabbitmq_url: str = field(default="", repr=False)
     rabbitmq_queue: str = "notifyd.events"
     rabbitmq_prefetch: int = 16
+    # which tenants each source may publish for ("*": all) and whether it may send
+    # `critical`; open by default, as before (notifyd.ingest.binding says why)
+    events_tenants: tuple[str, ...] = ("*",)
+    events_allow_critical: bool = True
+    rabbitmq_tenants: tuple[str, ...] = ("*",)
+    rabbitmq_allow_critical: bool = True
     # retention in PostgreSQL (seconds; 0 keeps forever): rows in a final state older than
     # this are deleted by the housekeeper, `retain_batch` rows a statement, `retain_pause`
     # seconds between statements. Ingested event ids follow NOTIFYD_EVENT_DEDUPE_TTL.
@@ -556,6 +562,20 @@ SPECS: tuple[_Spec, ...] = (
     _spec("rabbitmq_url", "NOTIFYD_RABBITMQ_URL", "events.rabbitmq_url", _to_str, secret=True),
     _spec("rabbitmq_queue", "NOTIFYD_RABBITMQ_QUEUE", "events.rabbitmq_queue", _to_str),
     _spec("rabbitmq_prefetch", "NOTIFYD_RABBITMQ_PREFETCH", "events.rabbitmq_prefetch", _to_int),
+    _spec("events_tenants", "NOTIFYD_EVENTS_TENANTS", "events.tenants", _to_list),
+    _spec(
+        "events_allow_critical",
+        "NOTIFYD_EVENTS_ALLOW_CRITICAL",
+        "events.allow_critical",
+        _to_bool,
+    ),
+    _spec("rabbitmq_tenants", "NOTIFYD_RABBITMQ_TENANTS", "events.rabbitmq_tenants", _to_list),
+    _spec(
+        "rabbitmq_allow_critical",
+        "NOTIFYD_RABBITMQ_ALLOW_CRITICAL",
+        "events.rabbitmq_allow_critical",
+        _to_bool,
+    ),
     _spec(
         "retain_notifications",
         "NOTIFYD_RETAIN_NOTIFICATIONS",
@@ -845,6 +865,17 @@ def validate(settings: Settings) -> list[str]:
     problems += _limit_problems(settings)
     if not 0 < settings.rabbitmq_prefetch <= 65535:  # AMQP's prefetch-count is 16 bits
         problems.append("NOTIFYD_RABBITMQ_PREFETCH: between 1 and 65535")
+    for name, tenants in (
+        ("NOTIFYD_EVENTS_TENANTS", settings.events_tenants),
+        ("NOTIFYD_RABBITMQ_TENANTS", settings.rabbitmq_tenants),
+    ):
+        if not tenants:
+            problems.append(
+                f"{name}: list the tenants the source may publish for, or * for all (to "
+                "switch ingestion off: NOTIFYD_EVENTS_ENABLED=false)"
+            )
+        elif "*" in tenants and len(tenants) > 1:
+            problems.append(f"{name}: * (every tenant) or a list of tenants, not both")
     return problems
 
 

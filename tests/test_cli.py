@@ -81,6 +81,39 @@ def test_check_config_names_bad_port_and_missing_jwt_secret_together() -> None:
     assert "JWT_SECRET" in text
 
 
+def test_check_config_warns_about_each_event_source_open_to_every_tenant() -> None:
+    """The promise (issue 24, "ingestion is bound to tenants"): open stays the default for
+    compatibility, so check-config says which running source any tenant may publish
+    through; a source bound to a list is not warned about, nor a switched-off one."""
+    broker = {"NOTIFYD_RABBITMQ_URL": "amqp://guest:guest@127.0.0.1:1/"}
+    result = run_cli("check-config", env=base_env(MASKED_DB_URL, UNUSED_REDIS, **broker))
+    assert result.returncode == 0, output(result)
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2, warnings
+    assert "NOTIFYD_EVENTS_TENANTS: is *" in warnings[0]
+    assert "NOTIFYD_RABBITMQ_TENANTS: is *" in warnings[1]
+
+    bound = base_env(MASKED_DB_URL, UNUSED_REDIS, NOTIFYD_EVENTS_TENANTS="TEN-1,TEN-2")
+    result = run_cli("check-config", env=bound)
+    assert result.returncode == 0 and "warning:" not in result.stdout, output(result)
+    off = base_env(MASKED_DB_URL, UNUSED_REDIS, NOTIFYD_EVENTS_ENABLED="false", **broker)
+    assert "warning:" not in run_cli("check-config", env=off).stdout
+
+
+def test_check_config_refuses_an_empty_or_mixed_tenant_binding() -> None:
+    env = base_env(
+        MASKED_DB_URL,
+        UNUSED_REDIS,
+        NOTIFYD_EVENTS_TENANTS=" ",
+        NOTIFYD_RABBITMQ_TENANTS="*,TEN-1",
+    )
+    result = run_cli("check-config", env=env)
+    text = output(result)
+    assert result.returncode != 0, text
+    assert "NOTIFYD_EVENTS_TENANTS: list the tenants" in text
+    assert "NOTIFYD_RABBITMQ_TENANTS: * (every tenant) or a list" in text
+
+
 def test_check_config_reads_dotenv_in_the_working_folder_and_toml(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text(f"JWT_SECRET={TEST_JWT_SECRET}\nEMAIL_HOST=dotenv-smtp\n")
     config = tmp_path / "notifyd.toml"

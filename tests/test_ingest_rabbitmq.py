@@ -430,3 +430,53 @@ async def test_a_dead_lettered_message_is_replayed_by_dlq_requeue_once_its_templ
     await all_sent(db, 2)
     assert await db.fetchval("SELECT source FROM ingested_events") == "redis"
     assert int(await redis.xlen("notifyd:dead")) == 0
+
+
+async def test_a_message_beyond_the_queues_binding_is_dead_lettered_and_nothing_stored(
+    daemon_factory: DaemonFactory,
+    smtp_sink: SmtpSink,
+    db: asyncpg.Connection,
+    redis: Redis,
+    rabbitmq: RabbitMqServer,
+    queue: str,
+) -> None:
+    """The promise (issue 24, "ingestion is bound to tenants"): a queue bound to TEN-A
+    cannot send as TEN-B, nor `critical` when not allowed; each such message is copied to
+    the dead-letter stream with the reason (and the fields every RabbitMQ dead letter has),
+    acknowledged, and nothing is stored for it; the allowed message behind them is
+    delivered. The binding is per source: the Redis stream's (TEN-B here) does not open
+    the queue."""
+    daemon = await start_with_broker(
+        daemon_factory,
+        smtp_sink,
+        rabbitmq,
+        queue,
+        NOTIFYD_RABBITMQ_TENANTS=TENANT_A,
+        NOTIFYD_RABBITMQ_ALLOW_CRITICAL="false",
+        NOTIFYD_EVENTS_TENANTS=TENANT_B,
+    )
+    await put_templates(daemon, TENANT_A)
+    await put_templates(daemon, TENANT_B)
+    other_tenant = event("as-b", TENANT_B)
+    critical = event("urgent", critical=True)
+    await publish(rabbitmq, queue, other_tenant, critical, event("good"))
+
+    (mail,) = await arrived(smtp_sink, 1)
+    assert mail.rcpt_tos == ["cand-1@example.com"]
+    letters = await dead_letters(redis, 2)
+    assert all(x["source"] == "rabbitmq" and x["queue"] == queue for x in letters)
+    assert all(x["deliveries"] == "1" for x in letters)
+    reason_of = {x["f:event"].encode(): x["reason"] for x in letters}
+    assert reason_of[orjson.dumps(other_tenant)] == (
+        "tenant_id: the rabbitmq source may not publish for tenant 'TEN-B' "
+        "(not in NOTIFYD_RABBITMQ_TENANTS)"
+    )
+    assert reason_of[orjson.dumps(critical)] == (
+        "critical: the rabbitmq source may not send critical events "
+        "(NOTIFYD_RABBITMQ_ALLOW_CRITICAL is false)"
+    )
+    await all_sent(db, 2)
+    await daemon.stop()
+    assert await waiting_in(rabbitmq, queue) == 0  # acknowledged, not requeued
+    assert await rows_of(db, TENANT_B) == []
+    assert await db.fetchval("SELECT array_agg(event_id) FROM ingested_events") == ["good"]

@@ -452,3 +452,84 @@ async def test_ingestion_can_be_switched_off(
     on = await start(daemon_factory, smtp_sink)
     assert on.supervisor is not None
     assert on.supervisor.status().get("ingest:redis") is not None
+
+
+# --- the source's binding: which tenants it may publish for, and `critical` --------------
+
+
+async def test_an_event_beyond_the_streams_binding_is_dead_lettered_and_nothing_stored(
+    daemon_factory: DaemonFactory, smtp_sink: SmtpSink, db: asyncpg.Connection, redis: Redis
+) -> None:
+    """The promise (issue 24, "ingestion is bound to tenants"): a stream bound to TEN-A
+    cannot be used to send as TEN-B, nor to send `critical` when the operator said no: each
+    such event is dead-lettered with a reason naming the field and the setting, nothing is
+    stored for it (no notification, no dedupe row), and the allowed event behind them is
+    delivered."""
+    daemon = await start(
+        daemon_factory,
+        smtp_sink,
+        NOTIFYD_EVENTS_TENANTS=TENANT_A,
+        NOTIFYD_EVENTS_ALLOW_CRITICAL="false",
+    )
+    await put_templates(daemon, TENANT_A)
+    await put_templates(daemon, TENANT_B)  # TEN-B exists and could send: the binding refuses
+    other_tenant = event("as-b", TENANT_B)
+    critical = event("urgent", critical=True)
+    await publish(redis, other_tenant)
+    await publish(redis, critical)
+    await publish(redis, event("good"))
+
+    (mail,) = await arrived(smtp_sink, 1)
+    assert mail.rcpt_tos == ["cand-1@example.com"]
+    letters = await dead_letters(redis, 2)
+    reason_of = {letter["f:event"].encode(): letter["reason"] for letter in letters}
+    assert reason_of[orjson.dumps(other_tenant)] == (
+        "tenant_id: the redis source may not publish for tenant 'TEN-B' "
+        "(not in NOTIFYD_EVENTS_TENANTS)"
+    )
+    assert reason_of[orjson.dumps(critical)] == (
+        "critical: the redis source may not send critical events "
+        "(NOTIFYD_EVENTS_ALLOW_CRITICAL is false)"
+    )
+    await consumed(redis)  # acknowledged: refused for good, not retried
+    await all_sent(db, 2)
+    assert await rows_of(db, TENANT_B) == []
+    assert await db.fetchval("SELECT bool_or(critical) FROM notifications") is False
+    assert await db.fetchval("SELECT array_agg(event_id) FROM ingested_events") == ["good"]
+
+
+async def test_an_event_within_the_streams_binding_goes_through_critical_included(
+    daemon_factory: DaemonFactory, smtp_sink: SmtpSink, db: asyncpg.Connection, redis: Redis
+) -> None:
+    """The promise: a listed tenant's events, `critical` ones included when allowed (the
+    default), are accepted as before."""
+    daemon = await start(daemon_factory, smtp_sink, NOTIFYD_EVENTS_TENANTS=f"{TENANT_A},{TENANT_B}")
+    await put_templates(daemon, TENANT_B)
+    await publish(redis, event("urgent", TENANT_B, critical=True))
+    await arrived(smtp_sink, 1)
+    await all_sent(db, 2)
+    rows = await db.fetch("SELECT tenant_id, critical FROM notifications")
+    assert {(r["tenant_id"], r["critical"]) for r in rows} == {(TENANT_B, True)}
+    assert int(await redis.exists(DEAD)) == 0
+
+
+def test_admit_is_one_rule_for_tenant_and_critical() -> None:
+    """The rule itself: `*` admits every tenant; a list only its own; critical only where
+    allowed; both problems named at once."""
+    from notifyd.ingest.binding import Binding, EventNotAllowed, admit
+    from tests.helpers import make_settings
+
+    def binding(**env: str) -> Binding:
+        return Binding.for_source(make_settings("postgresql://x/y", "redis://x", **env), "redis")
+
+    parsed = parse_event(orjson.dumps(event("e", "TEN-Z", critical=True)), LIMITS)
+    admit(parsed, binding())  # the default: open, critical allowed
+    assert binding().open_to_all
+    admit(parsed, binding(NOTIFYD_EVENTS_TENANTS="TEN-A, TEN-Z"))
+    with pytest.raises(EventNotAllowed) as caught:
+        admit(
+            parsed,
+            binding(NOTIFYD_EVENTS_TENANTS="TEN-A", NOTIFYD_EVENTS_ALLOW_CRITICAL="false"),
+        )
+    assert [p.field for p in caught.value.problems] == ["tenant_id", "critical"]
+    assert isinstance(caught.value, MalformedEvent)  # handled (dead-lettered) like one

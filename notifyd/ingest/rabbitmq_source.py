@@ -11,8 +11,10 @@
 - A message is acknowledged only after its notifications are committed (or it turned out a
   duplicate). If the connection drops in between, the broker delivers it again and the
   (tenant, event id) row makes that a no-op.
-- A malformed event is copied to the dead-letter stream with the reason, then acknowledged:
-  requeueing it would only bring it back forever.
+- A malformed event, or one for a tenant (or `critical`) beyond the queue's binding
+  (`NOTIFYD_RABBITMQ_TENANTS`, `NOTIFYD_RABBITMQ_ALLOW_CRITICAL`), is copied to the
+  dead-letter stream with the reason, then acknowledged: requeueing it would only bring it
+  back forever.
 - Any other failure (PostgreSQL down) returns the message to the queue after a backoff; one
   that failed `NOTIFYD_EVENT_MAX_DELIVERIES` times is dead-lettered too.
 """
@@ -32,6 +34,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from notifyd.alerts import Alerts
 from notifyd.ingest.accept import EventAcceptor
+from notifyd.ingest.binding import Binding, admit
 from notifyd.ingest.events import EventLimits, MalformedEvent, parse_event
 from notifyd.keys import INGEST_GROUP, Keys
 from notifyd.settings import Settings, mask_url
@@ -65,6 +68,7 @@ class RabbitMqEventSource:
         self._max_deliveries = settings.event_max_deliveries
         self._backoff_cap = settings.actor_backoff_cap
         self._limits = EventLimits.from_settings(settings)
+        self._binding = Binding.for_source(settings, "rabbitmq")
         self._acceptor = acceptor
         self._producer = producer
         self._keys = keys
@@ -137,6 +141,7 @@ class RabbitMqEventSource:
         try:
             try:
                 event = parse_event(message.body, self._limits)
+                admit(event, self._binding)
                 await self._acceptor.accept(event, source="rabbitmq")
             except MalformedEvent as exc:
                 await self._dead_letter(message, str(exc), self._deliveries(message, key))

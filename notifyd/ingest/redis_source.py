@@ -7,8 +7,10 @@ Publishers add one field, `event`, holding the event's JSON:
 Built on the one consumer loop (`StreamConsumer`): several instances share the stream, a
 crashed peer's entries are taken over after `NOTIFYD_CLAIM_IDLE`, and an entry is
 acknowledged only once its notifications are committed (or it turned out a duplicate). A
-malformed event is `Poison`: it goes to the dead-letter stream with the reason at once,
-instead of being retried forever or holding up the entries behind it. An event that fails for
+malformed event, or one for a tenant (or `critical`) beyond the stream's binding
+(`NOTIFYD_EVENTS_TENANTS`, `NOTIFYD_EVENTS_ALLOW_CRITICAL`), is `Poison`: it goes to the
+dead-letter stream with the reason at once, instead of being retried forever or holding up
+the entries behind it. An event that fails for
 another reason (PostgreSQL down) stays pending and is retried, up to
 `NOTIFYD_EVENT_MAX_DELIVERIES` deliveries; the stream entry is its only copy until then, so
 that bound is generous.
@@ -24,6 +26,7 @@ from redis.asyncio import Redis
 from notifyd.accept import Refusal
 from notifyd.alerts import Alerts
 from notifyd.ingest.accept import EventAcceptor
+from notifyd.ingest.binding import Binding, admit
 from notifyd.ingest.events import DomainEvent, EventLimits, MalformedEvent, parse_event
 from notifyd.keys import INGEST_GROUP, Keys
 from notifyd.settings import Settings
@@ -62,6 +65,7 @@ class RedisEventSource:
         self._acceptor = acceptor
         self._alerts = alerts
         self._limits = EventLimits.from_settings(settings)
+        self._binding = Binding.for_source(settings, "redis")
         self.consumer = StreamConsumer(
             redis,
             stream=keys.events,
@@ -83,6 +87,7 @@ class RedisEventSource:
     async def handle(self, entry: Entry) -> None:
         try:
             event = event_of(entry.fields, self._limits)
+            admit(event, self._binding)
             await self._acceptor.accept(event, source="redis")
         except MalformedEvent as exc:
             raise Poison(str(exc)) from None
