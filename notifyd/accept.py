@@ -402,6 +402,7 @@ class Outbox:
         writers: int = 2,
         dispatch_now: DispatchNow | None = None,
         max_in_process: int = 4,
+        commit_timeout: float | None = None,
     ) -> None:
         self._pool = pool
         self._producer = producer
@@ -412,11 +413,16 @@ class Outbox:
         self._in_process: set[asyncio.Task[None]] = set()
         self._closed = False  # after `close`: straight to the stream, nothing left behind
         self._writes: GroupCommit[tuple[store.NewNotification, AuditEntry], bool] = GroupCommit(
-            self._write, max_batch=max_batch, max_concurrent=writers
+            self._write, max_batch=max_batch, max_concurrent=writers, timeout=commit_timeout
         )
 
     async def put(self, row: store.NewNotification, entry: AuditEntry) -> bool:
-        """Stores and hands on; False when only the enqueue failed (the sweeper will)."""
+        """Stores and hands on; False when only the enqueue failed (the sweeper will).
+
+        `CommitTimeout` past `commit_timeout`: the caller answers 503. A row whose batch
+        was being written then may still commit, and is then delivered like any other
+        (dispatched here, or by the sweeper): not accepted from the caller's view, but never
+        stranded."""
         return await self._writes.submit((row, entry))
 
     async def _write(

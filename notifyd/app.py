@@ -18,6 +18,7 @@ from contextlib import AsyncExitStack
 from urllib.parse import urlsplit
 
 import aiohttp
+import asyncpg
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 
@@ -25,6 +26,7 @@ from notifyd.accept import Outbox
 from notifyd.actors.housekeeper import Housekeeper, Retention
 from notifyd.auth.tokens import TokenVerifier
 from notifyd.egress import Egress
+from notifyd.health import all_ok, check_dependencies
 from notifyd.http.context import Services
 from notifyd.http.server import build_app
 from notifyd.ids import OpaqueIdRule
@@ -109,14 +111,18 @@ class Daemon:
                 "run `notifyd migrate` first"
             )
         # a blocking pool: a thousand sockets closing at once wait for a connection
-        # instead of failing with "too many connections"
+        # instead of failing with "too many connections". Every wait is bounded by
+        # NOTIFYD_REDIS_TIMEOUT: the free connection, connecting, and each command's reply
+        # (a hung Redis raises redis.exceptions.TimeoutError: an actor's crash and
+        # restart, a request's 503). Longer than any XREADGROUP BLOCK (settings check it).
         redis = Redis.from_pool(
             BlockingConnectionPool.from_url(
                 s.effective_redis_url,
                 max_connections=s.redis_max_connections,
-                timeout=s.db_command_timeout,
+                timeout=s.redis_timeout,
                 health_check_interval=30,
-                socket_connect_timeout=5,
+                socket_connect_timeout=s.redis_timeout,
+                socket_timeout=s.redis_timeout,
                 # TCP keepalive finds a peer that vanished; a Unix socket has no such option
                 **({} if _is_unix_socket(s.effective_redis_url) else {"socket_keepalive": True}),
             )
@@ -135,10 +141,14 @@ class Daemon:
         self.pipeline = pipeline
         self._stack.push_async_callback(pipeline.close)
         hub = Hub(
-            functools.partial(pubsub.connect, s.effective_redis_url, connect_timeout=5.0),
+            functools.partial(
+                pubsub.connect, s.effective_redis_url, connect_timeout=s.redis_timeout
+            ),
             keys,
             self.metrics,
             poll=s.stream_block,
+            # a PING every NOTIFYD_REDIS_TIMEOUT: a hung Redis is found within two of them
+            ping_every=s.redis_timeout,
         )
         presence = Presence(redis, keys, ttl=s.ws_presence_ttl)
         seats = SocketSeats(redis, keys, ttl=s.ws_presence_ttl)
@@ -196,6 +206,7 @@ class Daemon:
             keys,
             self.metrics,
             dispatch_now=pipeline.dispatcher.dispatch_now,
+            commit_timeout=s.commit_timeout,
         )
         # after the requests (runner.cleanup), before the actors and the pools; briefly: a
         # batch dispatches in milliseconds, and what a stuck one leaves is the sweeper's
@@ -247,13 +258,25 @@ class Daemon:
         )
         interval = self.notifier.watchdog_interval()
         if interval is not None:
-            self._watchdog = asyncio.create_task(self._feed_watchdog(interval), name="watchdog")
+            self._watchdog = asyncio.create_task(
+                self._feed_watchdog(interval, pool, redis), name="watchdog"
+            )
         log.info("notifyd serving", extra={"host": s.host, "port": self.port})
 
-    async def _feed_watchdog(self, interval: float) -> None:
-        """WATCHDOG=1 only while every actor is healthy: a stuck daemon gets restarted."""
+    async def _feed_watchdog(self, interval: float, pool: asyncpg.Pool, redis: Redis) -> None:
+        """WATCHDOG=1 only while every actor is healthy and PostgreSQL and Redis answer
+        within the deadline: a stuck daemon, or one whose dependency hangs, gets restarted
+        by systemd (fresh connections, which a failed-over server may need). The check is
+        bounded by the interval, so pings of a healthy daemon never drift past
+        WatchdogSec; it costs one `SELECT 1` and one PING per interval."""
+        deadline = min(self.settings.ready_timeout, interval)
         while True:
-            if self.supervisor is not None and self.supervisor.healthy:
+            if (
+                self.supervisor is not None
+                and self.supervisor.healthy
+                and all_ok(await check_dependencies(pool, redis, deadline))
+                and self.supervisor.healthy
+            ):
                 self.notifier.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 

@@ -60,6 +60,11 @@ class Settings:
     db_pool_min: int = 2
     db_pool_max: int = 20
     db_command_timeout: float = 10.0
+    # a connection from the pool within this, or TimeoutError (the caller's 503): a hung
+    # PostgreSQL holds every connection, and the queue for them would otherwise grow forever
+    db_acquire_timeout: float = 5.0
+    # a request waits this long for its group commit, then answers 503 (accept.Outbox)
+    commit_timeout: float = 10.0
     # redis
     redis_url: str = field(default="", repr=False)
     redis_host: str = "localhost"
@@ -68,6 +73,11 @@ class Settings:
     redis_password: str = field(default="", repr=False)
     redis_prefix: str = "notifyd"
     redis_max_connections: int = 64
+    # one Redis command (and connecting, and waiting for a pooled connection): a hung Redis
+    # raises TimeoutError instead of holding its caller forever; longer than any BLOCK
+    redis_timeout: float = 5.0
+    # /readyz and the watchdog's checks of PostgreSQL and Redis, each
+    ready_timeout: float = 2.0
     # email (the global SMTP fallback; tenants may override it)
     email_host: str = "localhost"
     email_port: int = 25
@@ -371,7 +381,16 @@ SPECS: tuple[_Spec, ...] = (
     _spec(
         "db_command_timeout", "NOTIFYD_DB_COMMAND_TIMEOUT", "database.command_timeout", _to_float
     ),
+    _spec(
+        "db_acquire_timeout",
+        "NOTIFYD_DB_ACQUIRE_TIMEOUT",
+        "database.acquire_timeout",
+        _to_float,
+    ),
+    _spec("commit_timeout", "NOTIFYD_COMMIT_TIMEOUT", "database.commit_timeout", _to_float),
     _spec("redis_url", "REDIS_URL", "redis.url", _to_str, secret=True),
+    _spec("redis_timeout", "NOTIFYD_REDIS_TIMEOUT", "redis.timeout", _to_float),
+    _spec("ready_timeout", "NOTIFYD_READY_TIMEOUT", "server.ready_timeout", _to_float),
     _spec("redis_host", "REDIS_HOST", "redis.host", _to_str),
     _spec("redis_port", "REDIS_PORT", "redis.port", _to_int),
     _spec("redis_db", "REDIS_DB", "redis.db", _to_int),
@@ -757,6 +776,11 @@ def validate(settings: Settings) -> list[str]:
         "NOTIFYD_WS_MESSAGE_RATE": settings.ws_message_rate,
         "NOTIFYD_WS_SEND_BUFFER": settings.ws_send_buffer,
         "NOTIFYD_REDIS_MAX_CONNECTIONS": settings.redis_max_connections,
+        "NOTIFYD_REDIS_TIMEOUT": settings.redis_timeout,
+        "NOTIFYD_READY_TIMEOUT": settings.ready_timeout,
+        "NOTIFYD_DB_COMMAND_TIMEOUT": settings.db_command_timeout,
+        "NOTIFYD_DB_ACQUIRE_TIMEOUT": settings.db_acquire_timeout,
+        "NOTIFYD_COMMIT_TIMEOUT": settings.commit_timeout,
         "NOTIFYD_WS_MESSAGE_BURST": settings.ws_message_burst,
         "NOTIFYD_WS_PRESENCE_TTL": settings.ws_presence_ttl,
         "NOTIFYD_CHAT_WRITE_BATCH": settings.chat_write_batch,
@@ -826,6 +850,11 @@ def validate(settings: Settings) -> list[str]:
         )
     if not (math.isfinite(settings.ws_token_warning) and settings.ws_token_warning >= 0):
         problems.append("NOTIFYD_WS_TOKEN_WARNING: a number of seconds, 0 or more (0: no warning)")
+    if settings.redis_timeout < settings.stream_block + 1:
+        problems.append(
+            "NOTIFYD_REDIS_TIMEOUT: must be at least NOTIFYD_STREAM_BLOCK + 1 s, or every "
+            "stream read that waits its whole block time would count as a hung Redis"
+        )
     if settings.send_timeout >= settings.shutdown_timeout:
         problems.append(
             "NOTIFYD_SEND_TIMEOUT: must be shorter than NOTIFYD_SHUTDOWN_TIMEOUT, so a send in "

@@ -18,6 +18,10 @@ class SystemdNotifier:
         self._socket: socket.socket | None = None
         if self._address:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # never wait on the event loop: a receiver that does not read (systemd stuck,
+            # a test) fills its queue, and a blocking send would then freeze every request
+            # and actor of the daemon; a notify that cannot go now is dropped (False)
+            self._socket.setblocking(False)
 
     @property
     def enabled(self) -> bool:

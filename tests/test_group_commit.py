@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 import asyncpg
 import pytest
 
-from notifyd.store.batch import GroupCommit
+from notifyd.store.batch import CommitTimeout, GroupCommit
 from tests.conftest import DaemonFactory
 from tests.helpers import Api, wait_for
 
@@ -142,3 +142,44 @@ async def test_a_write_submitted_as_the_last_flush_ends_is_not_stranded() -> Non
     assert await commit.submit(1) == 1
     assert await asyncio.wait_for(second, timeout=2) == 2
     assert batches == [[1], [2]]
+
+
+async def test_a_caller_gives_up_at_the_deadline_and_a_queued_item_is_never_written(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    """The promise (issue 24, "every wait has a deadline"): with a timeout, a caller whose
+    batch hangs (here: its row waits for a lock another transaction holds) gets
+    CommitTimeout instead of waiting forever. Its batch was being written, so it may still
+    commit (written=True), and does once the lock goes. A caller still queued behind the
+    hung batch is taken out of the queue at its deadline (written=False) and its item is
+    never written."""
+    blocker = await asyncpg.connect(database_url)
+    try:
+        holding = blocker.transaction()
+        await holding.start()
+        await blocker.execute("INSERT INTO gc_items (n) VALUES (1)")  # uncommitted: a lock
+        recorder = Recorder(pool)
+        commit: GroupCommit[int, int] = GroupCommit(
+            recorder.flush, max_batch=64, max_concurrent=1, timeout=0.3
+        )
+        first = asyncio.create_task(commit.submit(1))
+        await wait_for(lambda: recorder.batches == [[1]])  # its flush waits for the lock
+        second = asyncio.create_task(commit.submit(2))  # queued behind the hung flush
+        with pytest.raises(CommitTimeout) as in_flight:
+            await asyncio.wait_for(first, timeout=5)
+        assert in_flight.value.written is True
+        with pytest.raises(CommitTimeout) as queued:
+            await asyncio.wait_for(second, timeout=5)
+        assert queued.value.written is False
+        await holding.rollback()
+    finally:
+        await blocker.close()
+
+    async def settled() -> bool:
+        return await pool.fetchval("SELECT array_agg(n ORDER BY n) FROM gc_items") == [1]
+
+    await wait_for(settled)  # the given-up row 1 committed after all; row 2 never will
+    await asyncio.sleep(0)
+    assert recorder.batches == [[1]]
+    assert await commit.submit(3) == 30  # the queue still works
+    assert recorder.batches == [[1], [3]]

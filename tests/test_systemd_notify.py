@@ -259,6 +259,21 @@ def test_notify_to_a_missing_socket_returns_false_not_raises(tmp_path: Path) -> 
         notifier.close()
 
 
+def test_notify_to_a_receiver_that_does_not_read_drops_the_state_instead_of_blocking(
+    notify_path: Path, listener: NotifyListener
+) -> None:
+    """The promise (issue 24, "every wait has a deadline"): notify runs on the event loop,
+    so a full receive queue (systemd not reading) must not block it: past the queue's
+    room, notify returns False at once. A blocking send froze the whole daemon."""
+    notifier = SystemdNotifier(str(notify_path))
+    try:
+        sent = [notifier.notify("WATCHDOG=1") for _ in range(10_000)]
+    finally:
+        notifier.close()
+    assert sent[0] is True
+    assert sent[-1] is False  # the queue filled up long before; nothing waited for room
+
+
 def test_notify_socket_from_environment(
     notify_path: Path, listener: NotifyListener, monkeypatch: pytest.MonkeyPatch
 ) -> None:

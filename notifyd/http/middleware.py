@@ -11,6 +11,8 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 
+import asyncpg
+import redis.exceptions
 from aiohttp import web
 
 from notifyd.auth.tokens import TokenError
@@ -19,6 +21,7 @@ from notifyd.http.context import IDENTITY_KEY, REQUEST_ID_KEY, services
 from notifyd.http.problems import Problem
 from notifyd.ids import uuid7_hex
 from notifyd.logs import request_id_var, tenant_id_var
+from notifyd.store.batch import CommitTimeout
 
 log = logging.getLogger("notifyd.http")
 
@@ -29,6 +32,18 @@ PUBLIC_PATHS = frozenset(
 # a client may send any token as its method: metric labels take these, the rest is "other"
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _GOOD_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# PostgreSQL or Redis did not answer in time (every wait has a deadline: a pool checkout, a
+# statement, a Redis command, a group commit) or could not be reached: the service is
+# unavailable for now, not broken. 503 with Retry-After, and one log line, no traceback.
+UNAVAILABLE = (
+    TimeoutError,  # asyncio's, asyncpg's statement and checkout timeouts, CommitTimeout
+    ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ConnectionError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.ConnectionDoesNotExistError,
+)
+RETRY_AFTER_S = "2"
 
 
 def route_name(request: web.Request) -> str:
@@ -51,6 +66,19 @@ def _as_problem(exc: web.HTTPException) -> Problem:
         detail = f"this route does not accept that method (allowed: {headers.get('Allow', '')})"
     kinds = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}
     return Problem(exc.status, detail, kind=kinds.get(exc.status), headers=headers)
+
+
+def _unavailable(exc: BaseException) -> Problem:
+    if isinstance(exc, CommitTimeout):
+        detail = (
+            "the database did not commit in time; the notification was not accepted"
+            if not exc.written
+            else "the database did not commit in time; the notification was not accepted, "
+            "but may still be stored and sent (send with an Idempotency-Key to retry safely)"
+        )
+    else:
+        detail = "a database or Redis did not answer in time; retry later"
+    return Problem(503, detail, kind="unavailable", headers={"Retry-After": RETRY_AFTER_S})
 
 
 def _request_id(request: web.Request) -> str:
@@ -89,6 +117,9 @@ async def _edge(request: web.Request, handler: Handler) -> web.StreamResponse:
             if exc.status < 400:
                 raise
             response = problems.response(_as_problem(exc), rid)
+        except UNAVAILABLE as exc:
+            log.warning("dependency unavailable", extra={"path": request.path, "error": repr(exc)})
+            response = problems.response(_unavailable(exc), rid)
         except Exception:
             log.exception("unhandled error", extra={"path": request.path})
             response = problems.response(

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
-from redis.exceptions import RedisError
 
+from notifyd.health import all_ok, check_dependencies
 from notifyd.http.context import services
 from notifyd.http.responses import json_response
-
-READY_CHECK_TIMEOUT_S = 2.0
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -20,24 +16,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: PostgreSQL and Redis answer and every actor is running."""
+    """Ready: PostgreSQL and Redis answer (each within NOTIFYD_READY_TIMEOUT, checked at
+    once: a hung one answers 503 after that deadline, not never) and every actor is running."""
     ctx = services(request)
-    checks: dict[str, str] = {}
-    try:
-        async with asyncio.timeout(READY_CHECK_TIMEOUT_S):
-            await ctx.pool.fetchval("SELECT 1")
-        checks["postgresql"] = "ok"
-    except Exception as exc:  # whatever the failure, the answer is the same: not ready
-        checks["postgresql"] = f"failing: {type(exc).__name__}"
-    try:
-        async with asyncio.timeout(READY_CHECK_TIMEOUT_S):
-            await ctx.redis.ping()
-        checks["redis"] = "ok"
-    except (RedisError, OSError, TimeoutError) as exc:
-        checks["redis"] = f"failing: {type(exc).__name__}"
+    checks = await check_dependencies(ctx.pool, ctx.redis, ctx.settings.ready_timeout)
     actors = ctx.actors_status()
     checks["actors"] = "ok" if ctx.actors_healthy() else "failing"
-    ready = all(value == "ok" for value in checks.values())
+    ready = all_ok(checks)
     return json_response(
         {"status": "ready" if ready else "not ready", "checks": checks, "actors": actors},
         status=200 if ready else 503,

@@ -8,7 +8,14 @@ round trips) is paid once per batch instead of once per write. Each caller still
 after *its* row is committed: the durability promise is unchanged.
 
 If a batch fails, its items are retried one by one, so one bad row (a constraint it breaks)
-fails only its own caller, not the others that happened to share its batch.
+fails only its own caller, not the others that happened to share its batch. A batch that
+failed because PostgreSQL did not answer (a timeout, a lost connection) is not: that is no
+row's fault, and retrying 64 rows one at a time against a hung server would hold a flusher
+for 64 deadlines.
+
+With a `timeout`, a caller waits that long at most (`CommitTimeout`). An item that had not
+left the queue by then is taken out of it: never written. One whose batch was already being
+written may still commit after its caller gave up; the caller cannot know, and says so.
 """
 
 from __future__ import annotations
@@ -17,8 +24,28 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+import asyncpg
+
 T = TypeVar("T")
 R = TypeVar("R")
+
+# The batch failed because the server did not answer, not because of a row in it.
+NOT_ANSWERING = (
+    TimeoutError,
+    ConnectionError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+)
+
+
+class CommitTimeout(TimeoutError):
+    """The caller's deadline passed before its batch committed. `written`: False when the
+    item never left the queue (it is not stored, and never will be), True when its batch was
+    being written (it may still commit)."""
+
+    def __init__(self, seconds: float, *, written: bool) -> None:
+        super().__init__(f"not committed within {seconds:g} s")
+        self.written = written
 
 
 class GroupCommit(Generic[T, R]):
@@ -28,25 +55,43 @@ class GroupCommit(Generic[T, R]):
         *,
         max_batch: int = 64,
         max_concurrent: int = 2,
+        timeout: float | None = None,
     ) -> None:
         """`flush` writes a batch and returns one result (or the exception for that item)
         per item, in order. `max_concurrent` flushes may run at once (each on its own
-        connection), so a slow commit does not stall everyone behind it."""
+        connection), so a slow commit does not stall everyone behind it. `timeout`: the
+        longest a caller waits for its result (None: as long as the flush takes)."""
         self._flush = flush
         self._max_batch = max_batch
         self._max_concurrent = max_concurrent
+        self._timeout = timeout
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._running: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, future))
+        entry = (item, future)
+        self._waiting.append(entry)
         if len(self._running) < self._max_concurrent:
             task = asyncio.create_task(self._drain(), name="group-commit")
             self._running.add(task)
             # a task cancelled before its first step never runs `_drain`'s own discard
             task.add_done_callback(self._running.discard)
-        return await future
+        if self._timeout is None:
+            return await future
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await future  # cancelled at the deadline: `_write` skips it then
+        except TimeoutError:
+            raise CommitTimeout(self._timeout, written=not self._forget(entry)) from None
+
+    def _forget(self, entry: tuple[T, asyncio.Future[R]]) -> bool:
+        """Takes `entry` out of the queue; False when a flush had taken it already."""
+        for index, waiting in enumerate(self._waiting):
+            if waiting is entry:
+                del self._waiting[index]
+                return True
+        return False
 
     async def _drain(self) -> None:
         task = asyncio.current_task()
@@ -71,11 +116,12 @@ class GroupCommit(Generic[T, R]):
                 future.cancel()  # shutting down: nobody may wait forever
             raise
         except Exception as exc:
-            if len(batch) > 1:
+            if len(batch) > 1 and not isinstance(exc, NOT_ANSWERING):
                 for one in batch:
-                    await self._write([one])  # isolate the item at fault
+                    if not one[1].done():  # a caller that gave up is not written alone
+                        await self._write([one])  # isolate the item at fault
                 return
-            results = [exc]
+            results = [exc] * len(batch)
         for (_, future), result in zip(batch, results, strict=True):
             if future.done():  # the caller went away (cancelled); its row may still be in
                 continue

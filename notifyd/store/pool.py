@@ -1,13 +1,15 @@
-"""The asyncpg pool: JSON codecs once per connection, and a close that cannot hang shutdown."""
+"""The asyncpg pool: JSON codecs once per connection, a deadline on every checkout, and a
+close that cannot hang shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import asyncpg
 import orjson
-from asyncpg.pool import PoolConnectionProxy
+from asyncpg.pool import PoolAcquireContext, PoolConnectionProxy
 
 from notifyd.payloads import json_default
 from notifyd.settings import Settings
@@ -52,6 +54,28 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     return None
 
 
+class DeadlinePool(asyncpg.Pool):
+    """asyncpg's pool, with a deadline on every checkout that names none.
+
+    asyncpg waits for a free connection forever unless `acquire(timeout=…)` says otherwise,
+    and its own `fetch`, `fetchval`, `execute`… acquire without one. When PostgreSQL hangs,
+    every connection stays checked out by a statement waiting for
+    `NOTIFYD_DB_COMMAND_TIMEOUT`, and the callers queued behind them would wait with no
+    bound at all. Here each of those waits ends after `acquire_timeout` seconds with
+    `TimeoutError` (a request's 503, an actor's crash and restart). asyncpg applies the same
+    timeout to the release, including waiting out the cancellation of a statement that
+    timed out, so giving the connection back is bounded too."""
+
+    __slots__ = ("_acquire_timeout",)
+
+    def __init__(self, *args: Any, acquire_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._acquire_timeout = acquire_timeout
+
+    def acquire(self, *, timeout: float | None = None) -> PoolAcquireContext[asyncpg.Record]:
+        return super().acquire(timeout=self._acquire_timeout if timeout is None else timeout)
+
+
 async def create_pool(
     settings: Settings, *, connect_timeout: float = 30.0, queue: bool = False
 ) -> asyncpg.Pool:
@@ -64,14 +88,21 @@ async def create_pool(
     delay = 0.2
     while True:
         try:
-            pool = await asyncpg.create_pool(
+            # what asyncpg.create_pool does, with our class (it takes no pool class)
+            pool = await DeadlinePool(
                 settings.database_url,
+                acquire_timeout=settings.db_acquire_timeout,
                 min_size=settings.db_pool_min,
                 max_size=settings.db_pool_max,
+                max_queries=50_000,
+                max_inactive_connection_lifetime=300.0,
                 command_timeout=settings.db_command_timeout,
                 init=_init_connection,
                 reset=_keep_session,
                 server_settings=dict(QUEUE_SETTINGS) if queue else {},
+                loop=asyncio.get_running_loop(),
+                connection_class=asyncpg.Connection,
+                record_class=asyncpg.Record,
             )
         except (OSError, asyncpg.CannotConnectNowError) as exc:
             if asyncio.get_running_loop().time() + delay > deadline:
