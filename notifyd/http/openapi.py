@@ -51,7 +51,7 @@ def _problems(*codes: int) -> dict[str, Any]:
         422: "Invalid fields (see errors[])",
         429: "A send rate or daily quota said no (`limit` names which; nothing was stored): "
         "retry after Retry-After seconds",
-        503: "Not ready",
+        503: "PostgreSQL or Redis did not answer in time or cannot be reached (Retry-After)",
     }
     answers: dict[str, Any] = {
         str(code): {"description": text[code], "content": {PROBLEM: {"schema": _ref("Problem")}}}
@@ -489,7 +489,7 @@ SCHEMAS: dict[str, Any] = {
 def _operations() -> dict[str, dict[str, Any]]:
     """Path → method → operation, for the seed paths; `/api/...` aliases are added below."""
     secured: list[dict[str, list[str]]] = [{"bearer": []}]
-    auth_errors = _problems(401)
+    auth_errors = _problems(401, 503)  # every authenticated route reads PostgreSQL
     write_errors = _problems(400, 401, 409, 413, 415, 422)
 
     def op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
