@@ -242,7 +242,10 @@ class Limiter:
                 lease.tokens -= 1
                 return None
             refill = self._refills.get(key)
-            if refill is None:
+            if refill is None or refill.done():
+                # a finished refill whose done callback has not run yet (this call came in
+                # between): awaiting it returns without yielding, and this loop would spin
+                # the event loop forever; what it fetched is already in the lease above
                 asking = bucket()
                 refill = asyncio.create_task(self._refill(asking), name=f"limit:{asking.limit}")
                 self._refills[key] = refill
