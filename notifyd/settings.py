@@ -205,6 +205,9 @@ class Settings:
     events_allow_critical: bool = True
     rabbitmq_tenants: tuple[str, ...] = ("*",)
     rabbitmq_allow_critical: bool = True
+    # RabbitMQ user → tenants it may publish for (the AMQP `user_id` the broker checks);
+    # empty: any user, within NOTIFYD_RABBITMQ_TENANTS
+    rabbitmq_user_tenants: Mapping[str, frozenset[str]] = field(default_factory=dict)
     # retention in PostgreSQL (seconds; 0 keeps forever): rows in a final state older than
     # this are deleted by the housekeeper, `retain_batch` rows a statement, `retain_pause`
     # seconds between statements. Ingested event ids follow NOTIFYD_EVENT_DEDUPE_TTL.
@@ -326,6 +329,31 @@ def _to_ports(value: Any) -> tuple[int, ...]:
             raise ValueError(f"not a TCP port: {part!r}")
         ports.append(port)
     return tuple(ports)
+
+
+def parse_user_tenants(value: Any) -> Mapping[str, frozenset[str]]:
+    """`svc-a=TEN-1,TEN-2;svc-b=*` (or a TOML table of lists) → RabbitMQ user → tenants."""
+    table: dict[str, Any]
+    if isinstance(value, Mapping):
+        table = dict(value)
+    else:
+        table = {}
+        for part in str(value).split(";"):
+            if not part.strip():
+                continue
+            user, sep, tenants = part.partition("=")
+            if not sep or not user.strip():
+                raise ValueError(f"expected user=tenant,tenant in {part.strip()!r}")
+            table[user.strip()] = tenants
+    mapping: dict[str, frozenset[str]] = {}
+    for user, tenants in table.items():
+        names = frozenset(_to_list(tenants))
+        if not names:
+            raise ValueError(f"user {user!r}: list its tenants, or * for all")
+        if "*" in names and len(names) > 1:
+            raise ValueError(f"user {user!r}: * (every tenant) or a list of tenants, not both")
+        mapping[str(user)] = names
+    return mapping
 
 
 def parse_send_policy(value: Any) -> Mapping[str, frozenset[str]]:
@@ -594,6 +622,12 @@ SPECS: tuple[_Spec, ...] = (
         "NOTIFYD_RABBITMQ_ALLOW_CRITICAL",
         "events.rabbitmq_allow_critical",
         _to_bool,
+    ),
+    _spec(
+        "rabbitmq_user_tenants",
+        "NOTIFYD_RABBITMQ_USER_TENANTS",
+        "events.rabbitmq_user_tenants",
+        parse_user_tenants,
     ),
     _spec(
         "retain_notifications",

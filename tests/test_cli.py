@@ -106,12 +106,14 @@ def test_check_config_refuses_an_empty_or_mixed_tenant_binding() -> None:
         UNUSED_REDIS,
         NOTIFYD_EVENTS_TENANTS=" ",
         NOTIFYD_RABBITMQ_TENANTS="*,TEN-1",
+        NOTIFYD_RABBITMQ_USER_TENANTS="svc-a=TEN-1;svc-b",
     )
     result = run_cli("check-config", env=env)
     text = output(result)
     assert result.returncode != 0, text
     assert "NOTIFYD_EVENTS_TENANTS: list the tenants" in text
     assert "NOTIFYD_RABBITMQ_TENANTS: * (every tenant) or a list" in text
+    assert "NOTIFYD_RABBITMQ_USER_TENANTS" in text and "'svc-b'" in text
 
 
 def test_check_config_reads_dotenv_in_the_working_folder_and_toml(tmp_path: Path) -> None:

@@ -480,3 +480,72 @@ async def test_a_message_beyond_the_queues_binding_is_dead_lettered_and_nothing_
     assert await waiting_in(rabbitmq, queue) == 0  # acknowledged, not requeued
     assert await rows_of(db, TENANT_B) == []
     assert await db.fetchval("SELECT array_agg(event_id) FROM ingested_events") == ["good"]
+
+
+async def publish_as(
+    rabbitmq: RabbitMqServer, queue: str, body: Mapping[str, Any], user_id: str | None
+) -> None:
+    """A message with the AMQP `user_id` property (the broker checks it: a publisher can
+    only name the user it connected as), or without one."""
+    connection = await aio_pika.connect(rabbitmq.url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(queue, durable=True)
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                orjson.dumps(body),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                user_id=user_id,
+            ),
+            routing_key=queue,
+        )
+    finally:
+        await connection.close()
+
+
+async def test_each_broker_user_publishes_only_for_its_own_tenants(
+    daemon_factory: DaemonFactory,
+    smtp_sink: SmtpSink,
+    db: asyncpg.Connection,
+    redis: Redis,
+    rabbitmq: RabbitMqServer,
+    queue: str,
+) -> None:
+    """The promise: with NOTIFYD_RABBITMQ_USER_TENANTS, the tenants a message may be for
+    follow the broker user that published it (its AMQP user_id, which the broker checks: a
+    publisher cannot name another user); a message of that user for another tenant, or one
+    without a user_id, is dead-lettered with the reason and nothing is stored for it."""
+    daemon = await start_with_broker(
+        daemon_factory,
+        smtp_sink,
+        rabbitmq,
+        queue,
+        NOTIFYD_RABBITMQ_USER_TENANTS=f"guest={TENANT_A};svc-other=*",
+    )
+    await put_templates(daemon, TENANT_A)
+    await put_templates(daemon, TENANT_B)
+    with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed):
+        # guest cannot pass itself off as the user that may publish for every tenant
+        await publish_as(rabbitmq, queue, event("forged", TENANT_B), "svc-other")
+    theirs, anonymous = event("theirs", TENANT_B), event("anonymous")
+    await publish_as(rabbitmq, queue, theirs, "guest")
+    await publish_as(rabbitmq, queue, anonymous, None)
+    await publish_as(rabbitmq, queue, event("mine"), "guest")
+
+    (mail,) = await arrived(smtp_sink, 1)
+    assert mail.rcpt_tos == ["cand-1@example.com"]
+    letters = await dead_letters(redis, 2)
+    reason_of = {x["f:event"].encode(): x["reason"] for x in letters}
+    assert reason_of[orjson.dumps(theirs)] == (
+        "tenant_id: RabbitMQ user 'guest' may not publish for tenant 'TEN-B' "
+        "(not in its NOTIFYD_RABBITMQ_USER_TENANTS list)"
+    )
+    assert reason_of[orjson.dumps(anonymous)].startswith(
+        "user_id: the message has no AMQP user_id property"
+    )
+    await all_sent(db, 2)
+    await daemon.stop()
+    assert await waiting_in(rabbitmq, queue) == 0
+    assert await rows_of(db, TENANT_B) == []
+    assert await db.fetchval("SELECT array_agg(event_id) FROM ingested_events") == ["mine"]

@@ -14,6 +14,12 @@ answer).
 flag would deliver a notification its publisher meant to bypass opt-outs to no one who
 opted out, with nothing said; the dead letter tells the publisher and the operator.
 
+RabbitMQ can say more: who published. The broker refuses a message whose AMQP `user_id`
+property is not the user its publisher logged in as, so with
+`NOTIFYD_RABBITMQ_USER_TENANTS` (`svc-a=TEN-1,TEN-2;svc-b=*`) each broker user gets its own
+tenants, and a message must carry its `user_id` (one without could come from anyone). The
+Redis stream cannot tell who wrote an entry, so it has only the source-wide list.
+
 The defaults are `*` (every tenant) and critical allowed, as before the binding existed:
 existing publishers send for many tenants, and closing the sources by default would
 dead-letter their events on upgrade. `notifyd check-config` warns about every open source.
@@ -21,6 +27,7 @@ dead-letter their events on upgrade. `notifyd check-config` warns about every op
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from notifyd.accept import Refusal
@@ -39,6 +46,8 @@ class Binding:
     allow_critical: bool
     tenants_setting: str
     critical_setting: str
+    # RabbitMQ only: broker user → its tenants ("*": all); None: publishers not told apart
+    users: Mapping[str, frozenset[str]] | None = None
 
     @classmethod
     def for_source(cls, settings: Settings, source: str) -> Binding:
@@ -51,7 +60,8 @@ class Binding:
         else:
             raise ValueError(f"unknown event source {source!r}")
         tenants = None if ALL_TENANTS in listed else frozenset(listed)
-        return cls(source, tenants, critical, *names)
+        users = settings.rabbitmq_user_tenants if source == "rabbitmq" else None
+        return cls(source, tenants, critical, *names, users=users or None)
 
     @property
     def open_to_all(self) -> bool:
@@ -63,8 +73,9 @@ class EventNotAllowed(MalformedEvent):
     reason, like a malformed event (the same handling in both sources)."""
 
 
-def admit(event: DomainEvent, binding: Binding) -> None:
+def admit(event: DomainEvent, binding: Binding, publisher: str | None = None) -> None:
     """Raises `EventNotAllowed` naming each field beyond `binding`; returns when allowed.
+    `publisher`: the broker user that published it (RabbitMQ's checked `user_id`), if any.
 
     The tenant id is quoted in the reason: it is no one's personal data, and the operator
     reading the dead letter needs it to decide whether the binding or the publisher is wrong.
@@ -78,6 +89,8 @@ def admit(event: DomainEvent, binding: Binding) -> None:
                 f"(not in {binding.tenants_setting})",
             )
         )
+    if binding.users is not None:
+        problems += _publisher_problems(event, binding.users, publisher)
     if event.critical and not binding.allow_critical:
         problems.append(
             Refusal(
@@ -88,6 +101,32 @@ def admit(event: DomainEvent, binding: Binding) -> None:
         )
     if problems:
         raise EventNotAllowed(problems)
+
+
+def _publisher_problems(
+    event: DomainEvent, users: Mapping[str, frozenset[str]], publisher: str | None
+) -> list[Refusal]:
+    setting = "NOTIFYD_RABBITMQ_USER_TENANTS"
+    if not publisher:
+        return [
+            Refusal(
+                "user_id",
+                f"the message has no AMQP user_id property; {setting} requires it (set it to "
+                "the user you connect as: the broker checks it)",
+            )
+        ]
+    tenants = users.get(publisher)
+    if tenants is None:
+        return [Refusal("user_id", f"RabbitMQ user {publisher!r} is not in {setting}")]
+    if ALL_TENANTS not in tenants and event.tenant_id not in tenants:
+        return [
+            Refusal(
+                "tenant_id",
+                f"RabbitMQ user {publisher!r} may not publish for tenant {event.tenant_id!r} "
+                f"(not in its {setting} list)",
+            )
+        ]
+    return []
 
 
 def open_sources(settings: Settings) -> list[str]:
@@ -101,7 +140,7 @@ def open_sources(settings: Settings) -> list[str]:
     warnings = []
     for source, where in running:
         binding = Binding.for_source(settings, source)
-        if binding.open_to_all:
+        if binding.open_to_all and binding.users is None:
             warnings.append(
                 f"{binding.tenants_setting}: is * — whoever can publish to {where} can send "
                 f"as any tenant; list the tenants it serves (docs/limits.md, "

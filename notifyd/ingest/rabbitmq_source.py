@@ -141,7 +141,7 @@ class RabbitMqEventSource:
         try:
             try:
                 event = parse_event(message.body, self._limits)
-                admit(event, self._binding)
+                admit(event, self._binding, publisher=message.user_id)
                 await self._acceptor.accept(event, source="rabbitmq")
             except MalformedEvent as exc:
                 await self._dead_letter(message, str(exc), self._deliveries(message, key))
