@@ -85,15 +85,7 @@ async def list_entries(
 
 
 # Retention: audit rows written before the cutoff, oldest first.
-PURGE_EXPIRED = """
-WITH doomed AS (
-    SELECT id FROM audit_log
-    WHERE id > $1 AND id < $2 AND created_at < $3
-    ORDER BY id LIMIT $4
-    FOR UPDATE SKIP LOCKED
-)
-DELETE FROM audit_log a USING doomed d WHERE a.id = d.id RETURNING a.id
-"""
+PURGE_EXPIRED = retention.purge_statement("audit_log", "created_at")
 
 
 async def purge_expired(

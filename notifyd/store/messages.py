@@ -187,15 +187,7 @@ async def mark_read(
 
 
 # Retention: chat messages (1-on-1 and group rooms) sent before the cutoff, oldest first.
-PURGE_EXPIRED = """
-WITH doomed AS (
-    SELECT id FROM messages
-    WHERE id > $1 AND id < $2 AND sent_at < $3
-    ORDER BY id LIMIT $4
-    FOR UPDATE SKIP LOCKED
-)
-DELETE FROM messages m USING doomed d WHERE m.id = d.id RETURNING m.id
-"""
+PURGE_EXPIRED = retention.purge_statement("messages", "sent_at")
 
 
 async def purge_expired(

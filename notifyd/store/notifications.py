@@ -167,16 +167,11 @@ async def mark_read(conn: Conn, tenant_id: str, user_id: str, ids: list[uuid.UUI
 # Retention: notifications in a final state, created before the cutoff, oldest first. Never a
 # queued, dispatched, sending or retrying one, however old: it is still to be delivered.
 FINAL_STATUSES = ("sent", "delivered", "failed", "undelivered", "suppressed", "cancelled")
-PURGE_EXPIRED = f"""
-WITH doomed AS (
-    SELECT id FROM notifications
-    WHERE id > $1 AND id < $2 AND created_at < $3
-      AND status IN ({", ".join(f"'{s}'" for s in FINAL_STATUSES)})
-    ORDER BY id LIMIT $4
-    FOR UPDATE SKIP LOCKED
+PURGE_EXPIRED = retention.purge_statement(
+    "notifications",
+    "created_at",
+    only="status IN (" + ", ".join(f"'{s}'" for s in FINAL_STATUSES) + ")",
 )
-DELETE FROM notifications n USING doomed d WHERE n.id = d.id RETURNING n.id
-"""
 
 
 async def purge_expired(

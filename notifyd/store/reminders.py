@@ -340,16 +340,11 @@ async def fire_many(
 
 # Retention: reminders fired, skipped or cancelled whose interview is older than the cutoff
 # (so also created before it), oldest first. Never a scheduled one.
-PURGE_EXPIRED = """
-WITH doomed AS (
-    SELECT id FROM interview_reminders
-    WHERE id > $1 AND id < $2 AND interview_time < $3
-      AND status IN ('fired', 'skipped', 'cancelled')
-    ORDER BY id LIMIT $4
-    FOR UPDATE SKIP LOCKED
+PURGE_EXPIRED = retention.purge_statement(
+    "interview_reminders",
+    "interview_time",
+    only="status IN ('fired', 'skipped', 'cancelled')",
 )
-DELETE FROM interview_reminders r USING doomed d WHERE r.id = d.id RETURNING r.id
-"""
 
 
 async def purge_expired(

@@ -57,6 +57,23 @@ async def unlock(conn: Conn, table: str) -> None:
         raise
 
 
+def purge_statement(table: str, time_column: str, only: str | None = None) -> str:
+    """The one purge statement every family runs, for `table`: rows after the cursor `$1`,
+    below the cutoff id `$2` and older than the cutoff time `$3` by `time_column`, at most
+    `$4`, oldest first, taken `FOR UPDATE SKIP LOCKED`; `only` narrows it (a condition on
+    the table's own columns: which rows may ever go). It returns the ids it deleted."""
+    narrow = f"\n      AND {only}" if only else ""
+    return f"""
+WITH doomed AS (
+    SELECT id FROM {table}
+    WHERE id > $1 AND id < $2 AND {time_column} < $3{narrow}
+    ORDER BY id LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM {table} t USING doomed d WHERE t.id = d.id RETURNING t.id
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Batch:
     deleted: int
