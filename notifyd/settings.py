@@ -331,20 +331,25 @@ def _to_ports(value: Any) -> tuple[int, ...]:
     return tuple(ports)
 
 
+def _to_table(value: Any, shape: str) -> dict[str, Any]:
+    """`a=x,y;b=z` (or a TOML table) → key → its list (as text, or the TOML list); `shape`
+    names the form an entry must have (`user=tenant,tenant`) in the error."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    table: dict[str, Any] = {}
+    for part in str(value).split(";"):
+        if not part.strip():
+            continue
+        key, sep, rest = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected {shape} in {part.strip()!r}")
+        table[key.strip()] = rest
+    return table
+
+
 def parse_user_tenants(value: Any) -> Mapping[str, frozenset[str]]:
     """`svc-a=TEN-1,TEN-2;svc-b=*` (or a TOML table of lists) → RabbitMQ user → tenants."""
-    table: dict[str, Any]
-    if isinstance(value, Mapping):
-        table = dict(value)
-    else:
-        table = {}
-        for part in str(value).split(";"):
-            if not part.strip():
-                continue
-            user, sep, tenants = part.partition("=")
-            if not sep or not user.strip():
-                raise ValueError(f"expected user=tenant,tenant in {part.strip()!r}")
-            table[user.strip()] = tenants
+    table = _to_table(value, "user=tenant,tenant")
     mapping: dict[str, frozenset[str]] = {}
     for user, tenants in table.items():
         names = frozenset(_to_list(tenants))
@@ -358,18 +363,7 @@ def parse_user_tenants(value: Any) -> Mapping[str, frozenset[str]]:
 
 def parse_send_policy(value: Any) -> Mapping[str, frozenset[str]]:
     """`user=in_app;service=email,sms,in_app` (or a TOML table of lists) → role → channels."""
-    table: dict[str, Any]
-    if isinstance(value, Mapping):
-        table = dict(value)
-    else:
-        table = {}
-        for part in str(value).split(";"):
-            if not part.strip():
-                continue
-            role, sep, channels = part.partition("=")
-            if not sep:
-                raise ValueError(f"expected role=channel,channel in {part.strip()!r}")
-            table[role.strip()] = channels
+    table = _to_table(value, "role=channel,channel")
     policy: dict[str, frozenset[str]] = {role: frozenset() for role in ROLES}
     for role, channels in table.items():
         if role not in ROLES:
