@@ -300,12 +300,7 @@ def _add_operator_commands(sub: Any) -> None:
     )
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
     dlq_list = dlq_sub.add_parser("list", help="dead letters, newest first")
-    dlq_list.add_argument(
-        "--limit",
-        type=_positive_int,
-        metavar="N",
-        help="at most N (default: NOTIFYD_PAGE_SIZE_DEFAULT)",
-    )
+    _add_page_limit(dlq_list)
     dlq_list.add_argument("--json", action="store_true", help="one JSON document")
     dlq_list.set_defaults(func=cmd_dlq_list)
     requeue = dlq_sub.add_parser(
@@ -338,12 +333,7 @@ def _add_operator_commands(sub: Any) -> None:
         default="scheduled",
         help="default: scheduled",
     )
-    due.add_argument(
-        "--limit",
-        type=_positive_int,
-        metavar="N",
-        help="at most N (default: NOTIFYD_PAGE_SIZE_DEFAULT)",
-    )
+    _add_page_limit(due)
     due.add_argument("--json", action="store_true", help="one JSON document")
     due.set_defaults(func=cmd_reminders_list)
 
@@ -358,6 +348,16 @@ def _add_operator_commands(sub: Any) -> None:
     )
     stats.add_argument("--json", action="store_true", help="one JSON document")
     stats.set_defaults(func=cmd_stats)
+
+
+def _add_page_limit(parser: argparse.ArgumentParser) -> None:
+    """`--limit N`, the page size of a listing command (as `?limit=` is of a route)."""
+    parser.add_argument(
+        "--limit",
+        type=_positive_int,
+        metavar="N",
+        help="at most N (default: NOTIFYD_PAGE_SIZE_DEFAULT)",
+    )
 
 
 def _add_limits_commands(sub: Any) -> None:
