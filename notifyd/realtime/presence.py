@@ -17,7 +17,6 @@ instance's refresh of that room) announces those users' departure.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from redis.asyncio import Redis
 
 from notifyd.keys import Keys
 from notifyd.realtime.history import now_ms
+from notifyd.supervisor import sleep_or_stop
 
 # Removes connection ARGV[i] (for i in the given list); returns the users whose last connection
 # that was. Shared by the scripts below, which all take the same first four KEYS:
@@ -143,8 +143,7 @@ class Presence:
             )
 
     async def run(self, stop: asyncio.Event) -> None:
-        period = self._ttl_ms / 3000
         while not stop.is_set():
             await self.refresh()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=period)
+            if await sleep_or_stop(stop, self._ttl_ms / 3000):
+                return

@@ -12,7 +12,6 @@ stop counting once they expire, within one TTL.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from redis.asyncio import Redis
 
 from notifyd.keys import Keys
 from notifyd.realtime.history import now_ms
+from notifyd.supervisor import sleep_or_stop
 
 # KEYS[1] the user's set, KEYS[2] the tenant's; ARGV: now ms, expiry ms, connection id,
 # user cap, tenant cap (0: no cap), key ttl ms. Returns 0 (taken), 1 (user full),
@@ -169,8 +169,7 @@ class SocketSeats:
             await pipe.execute()
 
     async def run(self, stop: asyncio.Event) -> None:
-        period = self._ttl_ms / 3000
         while not stop.is_set():
             await self.refresh()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=period)
+            if await sleep_or_stop(stop, self._ttl_ms / 3000):
+                return
