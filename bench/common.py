@@ -6,6 +6,7 @@ checked before the first byte is sent.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import ipaddress
 import math
@@ -28,6 +29,24 @@ from notifyd.auth.tokens import mint_token
 from notifyd.settings import Settings, SettingsError, load_settings
 
 T = TypeVar("T")
+
+DEFAULT_URL = "http://127.0.0.1:8000"  # notifyd as `notifyd serve` listens by default
+
+
+def add_url_argument(parser: argparse.ArgumentParser) -> None:
+    """`--url`, notifyd's HTTP address (checked to be loopback before any request)."""
+    parser.add_argument("--url", default=DEFAULT_URL, help="notifyd (loopback)")
+
+
+def add_env_argument(
+    parser: argparse.ArgumentParser, flag: str, help: str, default: str | None = ""
+) -> None:
+    """`flag` (`--database-url`) defaulting to the daemon's own variable of the same name
+    (`$DATABASE_URL`): the shell that runs notifyd runs its benchmarks as it is."""
+    env = flag.removeprefix("--").replace("-", "_").upper()
+    parser.add_argument(
+        flag, default=os.environ.get(env, default), help=f"{help} (default: ${env})"
+    )
 
 
 class BenchError(Exception):

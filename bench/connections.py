@@ -40,8 +40,11 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from bench.common import (
+    DEFAULT_URL,
     BenchError,
     TokenMinter,
+    add_env_argument,
+    add_url_argument,
     all_or_none,
     log,
     machine,
@@ -59,7 +62,7 @@ _GAUGE = re.compile(
 
 @dataclass(slots=True)
 class ConnectionsOptions:
-    url: str = "http://127.0.0.1:8000"
+    url: str = DEFAULT_URL
     jwt_secret: str = ""
     count: int = 1000
     hold: float = 10.0
@@ -71,12 +74,8 @@ class ConnectionsOptions:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="notifyd (loopback)")
-    parser.add_argument(
-        "--jwt-secret",
-        default=os.environ.get("JWT_SECRET", ""),
-        help="the daemon's JWT_SECRET, to mint each user's token (default: $JWT_SECRET)",
-    )
+    add_url_argument(parser)
+    add_env_argument(parser, "--jwt-secret", "the daemon's JWT_SECRET, to mint each user's token")
     parser.add_argument("--count", type=int, default=1000, help="connections (N)")
     parser.add_argument("--hold", type=float, default=10.0, help="seconds to hold them")
     parser.add_argument(

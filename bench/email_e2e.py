@@ -39,7 +39,10 @@ import aiohttp
 import orjson
 
 from bench.common import (
+    DEFAULT_URL,
     BenchError,
+    add_env_argument,
+    add_url_argument,
     all_or_none,
     log,
     machine,
@@ -56,7 +59,7 @@ DEFAULT_SMTP_PORT = 2525
 
 @dataclass(slots=True)
 class EmailOptions:
-    url: str = "http://127.0.0.1:8000"
+    url: str = DEFAULT_URL
     jwt_secret: str = ""
     smtp_port: int = DEFAULT_SMTP_PORT
     count: int = 1000
@@ -69,12 +72,8 @@ class EmailOptions:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="notifyd (loopback)")
-    parser.add_argument(
-        "--jwt-secret",
-        default=os.environ.get("JWT_SECRET", ""),
-        help="the daemon's JWT_SECRET, to mint a service token (default: $JWT_SECRET)",
-    )
+    add_url_argument(parser)
+    add_env_argument(parser, "--jwt-secret", "the daemon's JWT_SECRET, to mint a service token")
     add_sink_argument(parser)
     parser.add_argument("--count", type=int, default=1000, help="emails (K)")
     parser.add_argument("--concurrency", type=int, default=16, help="HTTP connections")

@@ -45,6 +45,7 @@ from bench import loadgen, ws_fanout
 from bench.common import (
     BenchError,
     TokenMinter,
+    add_env_argument,
     all_or_none,
     log,
     machine,
@@ -116,16 +117,8 @@ class LimitsOptions:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL", ""),
-        help="a PostgreSQL (loopback) for the scratch table (default: $DATABASE_URL)",
-    )
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("REDIS_URL", ""),
-        help="a Redis (loopback) for the scratch stream (default: $REDIS_URL)",
-    )
+    add_env_argument(parser, "--database-url", "a PostgreSQL (loopback) for the scratch table")
+    add_env_argument(parser, "--redis-url", "a Redis (loopback) for the scratch stream")
     parser.add_argument(
         "--jwt-secret",
         default=os.environ.get("JWT_SECRET", ""),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -29,12 +28,21 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
-from bench.common import BenchError, log, machine, require_loopback_url, service_token
+from bench.common import (
+    DEFAULT_URL,
+    BenchError,
+    add_env_argument,
+    add_url_argument,
+    log,
+    machine,
+    require_loopback_url,
+    service_token,
+)
 
 
 @dataclass(slots=True)
 class FootprintOptions:
-    url: str = "http://127.0.0.1:8000"
+    url: str = DEFAULT_URL
     redis_url: str = ""
     jwt_secret: str = ""
     prefix: str = "notifyd"
@@ -47,17 +55,9 @@ class FootprintOptions:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="notifyd (loopback)")
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("REDIS_URL", ""),
-        help="notifyd's Redis (default: $REDIS_URL)",
-    )
-    parser.add_argument(
-        "--jwt-secret",
-        default=os.environ.get("JWT_SECRET", ""),
-        help="the daemon's JWT_SECRET (default: $JWT_SECRET)",
-    )
+    add_url_argument(parser)
+    add_env_argument(parser, "--redis-url", "notifyd's Redis")
+    add_env_argument(parser, "--jwt-secret", "the daemon's JWT_SECRET")
     parser.add_argument("--prefix", default="notifyd", help="the daemon's NOTIFYD_REDIS_PREFIX")
     parser.add_argument("--ids", type=int, default=10_000, help="made-up recipients")
     parser.add_argument("--size", type=int, default=2048, help="bytes of each message")

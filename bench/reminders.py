@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import itertools
 import math
-import os
 import random
 import secrets
 import time
@@ -45,7 +44,10 @@ import asyncpg
 import orjson
 
 from bench.common import (
+    DEFAULT_URL,
     BenchError,
+    add_env_argument,
+    add_url_argument,
     log,
     machine,
     postgres_version,
@@ -65,7 +67,7 @@ WARMUP_BOUND_S = 60.0
 
 @dataclass(slots=True)
 class ReminderOptions:
-    url: str = "http://127.0.0.1:8000"
+    url: str = DEFAULT_URL
     database_url: str = ""
     jwt_secret: str = ""
     redis_url: str | None = None  # only to report the Redis version
@@ -81,22 +83,10 @@ class ReminderOptions:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="notifyd (loopback)")
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL", ""),
-        help="notifyd's PostgreSQL, to read the outcomes (default: $DATABASE_URL)",
-    )
-    parser.add_argument(
-        "--jwt-secret",
-        default=os.environ.get("JWT_SECRET", ""),
-        help="the daemon's JWT_SECRET, to mint a service token (default: $JWT_SECRET)",
-    )
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("REDIS_URL"),
-        help="only to report the Redis version (default: $REDIS_URL)",
-    )
+    add_url_argument(parser)
+    add_env_argument(parser, "--database-url", "notifyd's PostgreSQL, to read the outcomes")
+    add_env_argument(parser, "--jwt-secret", "the daemon's JWT_SECRET, to mint a service token")
+    add_env_argument(parser, "--redis-url", "only to report the Redis version", default=None)
     parser.add_argument("--count", type=int, default=100_000, help="reminders (Q)")
     parser.add_argument("--spread", type=float, default=60.0, help="seconds they spread over (T)")
     parser.add_argument(

@@ -40,14 +40,23 @@ from typing import Any
 import aiohttp
 
 from bench import loadgen
-from bench.common import BenchError, log, machine, require_loopback_url, service_token
+from bench.common import (
+    DEFAULT_URL,
+    BenchError,
+    add_env_argument,
+    add_url_argument,
+    log,
+    machine,
+    require_loopback_url,
+    service_token,
+)
 
 SERVICE_USER = "bench-service"
 
 
 @dataclass(slots=True)
 class IngestOptions:
-    url: str = "http://127.0.0.1:8000"
+    url: str = DEFAULT_URL
     jwt_secret: str = ""
     connections: int = 32
     duration: float = 10.0
@@ -61,12 +70,8 @@ class IngestOptions:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="notifyd (loopback)")
-    parser.add_argument(
-        "--jwt-secret",
-        default=os.environ.get("JWT_SECRET", ""),
-        help="the daemon's JWT_SECRET, to mint a service token (default: $JWT_SECRET)",
-    )
+    add_url_argument(parser)
+    add_env_argument(parser, "--jwt-secret", "the daemon's JWT_SECRET, to mint a service token")
     parser.add_argument(
         "--pid",
         type=int,

@@ -37,7 +37,15 @@ from typing import Any
 import asyncpg
 
 from bench import rest_ingest
-from bench.common import BenchError, log, machine, require_loopback_url
+from bench.common import (
+    DEFAULT_URL,
+    BenchError,
+    add_env_argument,
+    add_url_argument,
+    log,
+    machine,
+    require_loopback_url,
+)
 from notifyd.actors.housekeeper import Housekeeper, Retention
 from notifyd.metrics import Metrics
 
@@ -63,7 +71,7 @@ LEFT = "SELECT EXISTS (SELECT 1 FROM notifications WHERE tenant_id = $1 AND id <
 
 @dataclass(slots=True)
 class RetentionOptions:
-    url: str = "http://127.0.0.1:8000"
+    url: str = DEFAULT_URL
     database_url: str = ""
     jwt_secret: str = ""
     rows: int = 1_000_000
@@ -79,17 +87,9 @@ class RetentionOptions:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="notifyd (loopback)")
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL", ""),
-        help="notifyd's PostgreSQL (default: $DATABASE_URL)",
-    )
-    parser.add_argument(
-        "--jwt-secret",
-        default=os.environ.get("JWT_SECRET", ""),
-        help="the daemon's JWT_SECRET (default: $JWT_SECRET)",
-    )
+    add_url_argument(parser)
+    add_env_argument(parser, "--database-url", "notifyd's PostgreSQL")
+    add_env_argument(parser, "--jwt-secret", "the daemon's JWT_SECRET")
     parser.add_argument("--rows", type=int, default=1_000_000, help="expired rows per purge")
     parser.add_argument("--pairs", type=int, default=3, help="alternating pairs of runs")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per run")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,7 +28,16 @@ import aiohttp
 import asyncpg
 
 from bench import connections, email_e2e, limits, reminders, rest_ingest, ws_fanout
-from bench.common import BenchError, log, machine, ratio, require_loopback_url
+from bench.common import (
+    DEFAULT_URL,
+    BenchError,
+    add_env_argument,
+    add_url_argument,
+    log,
+    machine,
+    ratio,
+    require_loopback_url,
+)
 
 RATIOS = (
     ("rest_ingest", "req_per_s", "http_req_per_s"),
@@ -43,7 +51,7 @@ WORKLOADS = ("limits", "connections", "rest_ingest", "email_e2e", "ws_fanout", "
 
 @dataclass(slots=True)
 class SuiteOptions:
-    url: str = "http://127.0.0.1:8000"
+    url: str = DEFAULT_URL
     database_url: str = ""
     redis_url: str = ""
     jwt_secret: str = ""
@@ -66,22 +74,10 @@ class SuiteOptions:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="notifyd (loopback)")
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL", ""),
-        help="notifyd's PostgreSQL (default: $DATABASE_URL)",
-    )
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("REDIS_URL", ""),
-        help="notifyd's Redis (default: $REDIS_URL)",
-    )
-    parser.add_argument(
-        "--jwt-secret",
-        default=os.environ.get("JWT_SECRET", ""),
-        help="the daemon's JWT_SECRET (default: $JWT_SECRET)",
-    )
+    add_url_argument(parser)
+    add_env_argument(parser, "--database-url", "notifyd's PostgreSQL")
+    add_env_argument(parser, "--redis-url", "notifyd's Redis")
+    add_env_argument(parser, "--jwt-secret", "the daemon's JWT_SECRET")
     email_e2e.add_sink_argument(parser)
     parser.add_argument(
         "--pid",

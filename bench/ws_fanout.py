@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -44,8 +43,11 @@ import aiohttp
 import orjson
 
 from bench.common import (
+    DEFAULT_URL,
     BenchError,
     TokenMinter,
+    add_env_argument,
+    add_url_argument,
     all_or_none,
     log,
     machine,
@@ -62,7 +64,7 @@ MAX_FRAME = 1 << 20
 
 @dataclass(slots=True)
 class FanoutOptions:
-    url: str = "http://127.0.0.1:8000"
+    url: str = DEFAULT_URL
     jwt_secret: str = ""
     rooms: int = 10
     members: int = 10
@@ -77,12 +79,8 @@ class FanoutOptions:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="notifyd (loopback)")
-    parser.add_argument(
-        "--jwt-secret",
-        default=os.environ.get("JWT_SECRET", ""),
-        help="the daemon's JWT_SECRET, to mint each member's token (default: $JWT_SECRET)",
-    )
+    add_url_argument(parser)
+    add_env_argument(parser, "--jwt-secret", "the daemon's JWT_SECRET, to mint each member's token")
     parser.add_argument(
         "--also-url",
         action="append",
