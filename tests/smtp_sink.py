@@ -23,6 +23,21 @@ from scripts.localservers import free_port
 
 
 @dataclass(frozen=True)
+class Relay:
+    """The SMTP settings a test hands `SmtpProvider` directly (`providers.smtp.SmtpSettings`),
+    in place of a tenant's stored ones: a relay such as this sink, or any other server."""
+
+    host: str
+    port: int
+    username: str = ""
+    password: str = ""
+    use_tls: bool = False
+    use_ssl: bool = False
+    from_email: str = "hr@example.com"
+    operator_relay: bool = False
+
+
+@dataclass(frozen=True)
 class Received:
     mail_from: str
     rcpt_tos: list[str]

@@ -43,7 +43,7 @@ from notifyd.providers.smtp import SmtpProvider
 from notifyd.settings import Settings, SettingsError
 from scripts.localservers import free_port
 from tests.helpers import Api, make_settings, wait_for
-from tests.smtp_sink import SmtpSink
+from tests.smtp_sink import Relay, SmtpSink
 
 KEY = "tenant-secret-key-for-egress-tests"
 TENANT = "TEN-EGRESS"
@@ -372,18 +372,6 @@ async def fake_service(
     finally:
         server.close()
         await server.wait_closed()
-
-
-@dataclass(frozen=True)
-class Relay:
-    host: str
-    port: int
-    username: str = ""
-    password: str = ""
-    use_tls: bool = False
-    use_ssl: bool = False
-    from_email: str = "hr@tenant.example"
-    operator_relay: bool = False
 
 
 def delivery() -> Delivery:

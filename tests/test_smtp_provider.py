@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from email.policy import default
 
@@ -13,19 +13,7 @@ import pytest
 from notifyd.providers.base import Delivery, PermanentError
 from notifyd.providers.smtp import SmtpProvider, build_message
 from tests.helpers import wait_for
-from tests.smtp_sink import SmtpSink
-
-
-@dataclass(frozen=True)
-class Relay:
-    host: str
-    port: int
-    username: str = ""
-    password: str = ""
-    use_tls: bool = False
-    use_ssl: bool = False
-    from_email: str = "hr@example.com"
-    operator_relay: bool = False
+from tests.smtp_sink import Relay, SmtpSink
 
 
 def delivery(n: int, tenant: str = "TEN-A") -> Delivery:
