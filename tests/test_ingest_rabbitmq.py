@@ -81,8 +81,15 @@ async def start_with_broker(
     return await start(daemon_factory, sink, **broker_env(rabbitmq, queue), **env)
 
 
-async def publish(rabbitmq: RabbitMqServer, queue: str, *bodies: Mapping[str, Any] | bytes) -> None:
-    """What another service does: a persistent JSON message to the durable queue."""
+async def publish(
+    rabbitmq: RabbitMqServer,
+    queue: str,
+    *bodies: Mapping[str, Any] | bytes,
+    user_id: str | None = None,
+) -> None:
+    """What another service does: a persistent JSON message to the durable queue. With
+    `user_id`, the AMQP `user_id` property (the broker checks it: a publisher can only name
+    the user it connected as)."""
     connection = await aio_pika.connect(rabbitmq.url)
     try:
         channel = await connection.channel()
@@ -94,6 +101,7 @@ async def publish(rabbitmq: RabbitMqServer, queue: str, *bodies: Mapping[str, An
                     raw,
                     content_type="application/json",
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    user_id=user_id,
                 ),
                 routing_key=queue,
             )
@@ -482,28 +490,6 @@ async def test_a_message_beyond_the_queues_binding_is_dead_lettered_and_nothing_
     assert await db.fetchval("SELECT array_agg(event_id) FROM ingested_events") == ["good"]
 
 
-async def publish_as(
-    rabbitmq: RabbitMqServer, queue: str, body: Mapping[str, Any], user_id: str | None
-) -> None:
-    """A message with the AMQP `user_id` property (the broker checks it: a publisher can
-    only name the user it connected as), or without one."""
-    connection = await aio_pika.connect(rabbitmq.url)
-    try:
-        channel = await connection.channel()
-        await channel.declare_queue(queue, durable=True)
-        await channel.default_exchange.publish(
-            aio_pika.Message(
-                orjson.dumps(body),
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                user_id=user_id,
-            ),
-            routing_key=queue,
-        )
-    finally:
-        await connection.close()
-
-
 async def test_each_broker_user_publishes_only_for_its_own_tenants(
     daemon_factory: DaemonFactory,
     smtp_sink: SmtpSink,
@@ -527,11 +513,11 @@ async def test_each_broker_user_publishes_only_for_its_own_tenants(
     await put_templates(daemon, TENANT_B)
     with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed):
         # guest cannot pass itself off as the user that may publish for every tenant
-        await publish_as(rabbitmq, queue, event("forged", TENANT_B), "svc-other")
+        await publish(rabbitmq, queue, event("forged", TENANT_B), user_id="svc-other")
     theirs, anonymous = event("theirs", TENANT_B), event("anonymous")
-    await publish_as(rabbitmq, queue, theirs, "guest")
-    await publish_as(rabbitmq, queue, anonymous, None)
-    await publish_as(rabbitmq, queue, event("mine"), "guest")
+    await publish(rabbitmq, queue, theirs, user_id="guest")
+    await publish(rabbitmq, queue, anonymous)
+    await publish(rabbitmq, queue, event("mine"), user_id="guest")
 
     (mail,) = await arrived(smtp_sink, 1)
     assert mail.rcpt_tos == ["cand-1@example.com"]
