@@ -229,6 +229,37 @@ async def _post_until_accepted(
 
 
 @pytest.mark.timeout(300)
+async def _wait_all_sent(
+    db: asyncpg.Connection, cluster: Cluster, ids: list[str], timeout: float, context: str = ""
+) -> None:
+    """Waits until every notification of `ids` is `sent`. A `failed` one fails the test at
+    once (nothing may fail for good on the way); the timeout fails it with the counts by
+    status, `context`, and the cluster's logs."""
+
+    async def all_sent() -> bool:
+        counts = dict(
+            await db.fetch(
+                "SELECT status, count(*) FROM notifications WHERE id = ANY($1::uuid[]) "
+                "GROUP BY status",
+                ids,
+            )
+        )
+        if counts.get("failed"):
+            errors = await db.fetch(
+                "SELECT id, attempts, last_error FROM notifications WHERE status = 'failed' LIMIT 5"
+            )
+            raise AssertionError(f"failed deliveries: {counts}, {errors}\n{cluster.logs()}")
+        return counts.get("sent", 0) == len(ids)
+
+    try:
+        await wait_for(all_sent, timeout=timeout, interval=0.1)
+    except AssertionError:
+        rows = await db.fetch(
+            "SELECT status, count(*) FROM notifications GROUP BY status ORDER BY status"
+        )
+        raise AssertionError(f"not all sent: {rows}{context}\n{cluster.logs()}") from None
+
+
 async def test_kill_9_mid_burst_loses_nothing_and_duplicates_at_most_in_flight_sends(
     cluster: Cluster,
     smtp_sink: SmtpSink,
@@ -311,28 +342,7 @@ async def test_kill_9_mid_burst_loses_nothing_and_duplicates_at_most_in_flight_s
     ids = sorted(set(accepted.values()))
 
     # Every accepted notification ends `sent`; nothing fails for good on the way.
-    async def all_sent() -> bool:
-        counts = dict(
-            await db.fetch(
-                "SELECT status, count(*) FROM notifications WHERE id = ANY($1::uuid[]) "
-                "GROUP BY status",
-                ids,
-            )
-        )
-        if counts.get("failed"):
-            errors = await db.fetch(
-                "SELECT id, attempts, last_error FROM notifications WHERE status = 'failed' LIMIT 5"
-            )
-            raise AssertionError(f"failed deliveries: {errors}\n{cluster.logs()}")
-        return counts.get("sent", 0) == len(ids)
-
-    try:
-        await wait_for(all_sent, timeout=90, interval=0.1)
-    except AssertionError:
-        rows = await db.fetch(
-            "SELECT status, count(*) FROM notifications GROUP BY status ORDER BY status"
-        )
-        raise AssertionError(f"not all sent: {rows}\n{cluster.logs()}") from None
+    await _wait_all_sent(db, cluster, ids, timeout=90)
     done_s = time.monotonic() - started
 
     # Each of them reached the SMTP server (a 250 comes before the row is marked sent).
@@ -569,27 +579,7 @@ async def test_kill_9_mid_burst_of_unkeyed_sends_delivers_every_accepted_notific
     await cluster.wait_healthy()
     ids = sorted(accepted.values())
 
-    async def all_sent() -> bool:
-        counts = dict(
-            await db.fetch(
-                "SELECT status, count(*) FROM notifications WHERE id = ANY($1::uuid[]) "
-                "GROUP BY status",
-                ids,
-            )
-        )
-        if counts.get("failed"):
-            raise AssertionError(f"failed deliveries: {counts}\n{cluster.logs()}")
-        return counts.get("sent", 0) == len(ids)
-
-    try:
-        await wait_for(all_sent, timeout=60, interval=0.1)
-    except AssertionError:
-        rows = await db.fetch(
-            "SELECT status, count(*) FROM notifications GROUP BY status ORDER BY status"
-        )
-        raise AssertionError(
-            f"not all sent: {rows}; at the kill {at_kill.by_status}\n{cluster.logs()}"
-        ) from None
+    await _wait_all_sent(db, cluster, ids, timeout=60, context=f"; at the kill {at_kill.by_status}")
 
     emails = {accepted[i] for i in accepted if i % 2 == 0}
     in_app = {i: accepted[i] for i in accepted if i % 2}
