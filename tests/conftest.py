@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 from redis.asyncio import Redis
@@ -63,6 +64,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP and WebSocket client of the test's own, closed after it."""
+    async with aiohttp.ClientSession() as client:
+        yield client
 
 
 @pytest.fixture

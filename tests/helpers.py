@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import jwt
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -68,6 +69,14 @@ def raw_token(
     payload = dict(claims)
     payload.setdefault("exp", int(time.time()) + 600)
     return jwt.encode(payload, key, algorithm=algorithm, headers=headers)
+
+
+async def next_json(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10) -> Any:
+    """The socket's next message, which must be a JSON text frame (else the test fails
+    naming what came instead, and the close code if the socket was closed)."""
+    message = await ws.receive(timeout=timeout)
+    assert message.type == aiohttp.WSMsgType.TEXT, (message, ws.close_code)
+    return orjson.loads(message.data)
 
 
 class Api:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,16 +22,10 @@ from notifyd.realtime.history import framed
 from notifyd.realtime.presence import Presence
 from notifyd.realtime.roomname import dm_members, dm_name, is_group_name
 from tests.conftest import DaemonFactory
-from tests.helpers import Api, token, wait_for
+from tests.helpers import Api, next_json, token, wait_for
 
 TENANT = "TEN-0001"
 ALICE, BOB, CAROL = "auth0|alice", "bob_1:x", "carol"
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
 
 def connect(
@@ -49,12 +42,6 @@ def connect(
         url += f"?since={since}"
     bearer = token(daemon.settings, tenant, user)
     return session.ws_connect(url, headers={"Authorization": f"Bearer {bearer}"})
-
-
-async def next_json(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10) -> Any:
-    message = await ws.receive(timeout=timeout)
-    assert message.type == aiohttp.WSMsgType.TEXT, (message, ws.close_code)
-    return orjson.loads(message.data)
 
 
 async def next_of_type(ws: aiohttp.ClientWebSocketResponse, kind: str) -> Any:

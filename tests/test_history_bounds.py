@@ -4,33 +4,18 @@ expired stream, more than its bounds) ends in a `gap`, never in silently nothing
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import orjson
-import pytest
 from redis.asyncio import Redis
 
 from notifyd.app import Daemon
 from notifyd.keys import Keys
 from tests.conftest import DaemonFactory
-from tests.helpers import Api, token, wait_for
+from tests.helpers import Api, next_json, token, wait_for
 
 TENANT, USER = "TEN-0001", "auth0|42"
 PATH = f"/ws/notifications/{TENANT}/{USER}/"
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
-
-
-async def next_json(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10) -> Any:
-    message = await ws.receive(timeout=timeout)
-    assert message.type == aiohttp.WSMsgType.TEXT, message
-    return orjson.loads(message.data)
 
 
 async def frames_until_count(

@@ -16,12 +16,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import asyncpg
-import pytest
 from redis.asyncio import Redis
 
 from notifyd.app import Daemon
@@ -198,12 +196,6 @@ async def test_the_daily_sms_quota_counts_the_platforms_twilio_account(
     assert first[0] == 202, first[1]
     assert_refused(*second, "sms_daily")
     assert await stored_by(db, TENANT, "backend") == 1
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
 
 async def open_socket(

@@ -15,7 +15,6 @@ not the process's memory (noisy), and what the client was sent.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -38,12 +37,6 @@ BUFFER = 256 * 1024  # NOTIFYD_WS_SEND_BUFFER in these tests
 # client that does not read: the socket stays in its replay, catching up, while events come.
 REPLAY_EVENTS, REPLAY_EVENT_SIZE = 64, 256 * 1024
 PUBLISHED = 2000  # events published while the slow client does not read
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
 
 async def slow_daemon(daemon_factory: DaemonFactory) -> Daemon:

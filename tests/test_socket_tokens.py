@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -35,12 +34,6 @@ from tests.helpers import Api, token
 TENANT, USER, OTHER = "TEN-0001", "auth0|42", "bob"
 ROOM = "panel-7"
 KINDS = ("notifications", "chat")
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
 
 @pytest.fixture

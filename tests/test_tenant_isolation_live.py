@@ -12,7 +12,6 @@ what B saw first, not by waiting for a silence.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -25,18 +24,12 @@ from notifyd.app import Daemon
 from notifyd.http.limits import SOCKETS_FULL
 from notifyd.realtime.roomname import dm_name
 from tests.conftest import DaemonFactory
-from tests.helpers import Api, token, wait_for
+from tests.helpers import Api, next_json, token, wait_for
 
 TEN_A, TEN_B = "TEN-0001", "TEN-0002"
 USER = "user-1"  # the same id in both tenants
 ALICE, BOB = "auth0|alice", "auth0|bob"  # the same DM pair in both tenants
 ROOM = "panel"  # the same group room name in both tenants
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
 
 def feed(session: aiohttp.ClientSession, daemon: Daemon, tenant: str, user: str, **q: str) -> Any:
@@ -56,12 +49,6 @@ def chat(
         [f"token={token(daemon.settings, tenant, user)}"] + [f"{k}={v}" for k, v in q.items()]
     )
     return session.ws_connect(f"ws://127.0.0.1:{daemon.port}/ws/chat/{room}/?{query}")
-
-
-async def next_json(ws: aiohttp.ClientWebSocketResponse) -> Any:
-    message = await ws.receive(timeout=10)
-    assert message.type == aiohttp.WSMsgType.TEXT, (message, ws.close_code)
-    return orjson.loads(message.data)
 
 
 async def next_of(ws: aiohttp.ClientWebSocketResponse, *kinds: str) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,12 +48,6 @@ async def daemon(daemon_factory: DaemonFactory) -> Daemon:
     return await daemon_factory(
         TWILIO_ACCOUNT_SID=SID, TWILIO_AUTH_TOKEN=TOKEN, NOTIFYD_PUBLIC_URL=PUBLIC_URL
     )
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
 
 async def insert_sms(

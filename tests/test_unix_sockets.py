@@ -6,7 +6,6 @@ fanned out."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -37,12 +36,6 @@ async def unix_daemon(
     assert socket_database_url.startswith("postgresql://postgres@/")
     assert socket_redis_url.startswith("unix://")
     return await daemon_factory(make_settings(socket_database_url, socket_redis_url))
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
 
 async def test_rest_sends_and_chat_work_over_unix_sockets(

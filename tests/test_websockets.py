@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -15,27 +14,15 @@ from redis.asyncio import Redis
 
 from notifyd.app import Daemon
 from tests.conftest import DaemonFactory
-from tests.helpers import Api, token, wait_for
+from tests.helpers import Api, next_json, token, wait_for
 from tests.smtp_sink import SmtpSink
 
 TENANT, USER = "TEN-0001", "auth0|42"
 PATH = f"/ws/notifications/{TENANT}/{USER}/"
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
-
-
 def url(daemon: Daemon, path: str = PATH) -> str:
     return f"ws://127.0.0.1:{daemon.port}{path}"
-
-
-async def next_json(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10) -> Any:
-    message = await ws.receive(timeout=timeout)
-    assert message.type == aiohttp.WSMsgType.TEXT, message
-    return orjson.loads(message.data)
 
 
 async def next_of_type(ws: aiohttp.ClientWebSocketResponse, kind: str) -> Any:
