@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -284,6 +285,66 @@ async def test_parked_mail_survives_a_stopped_daemon_and_a_redis_that_lost_every
     relay.recover()
     await start(daemon_factory, smtp_sink, NOTIFYD_REQUEUE_AFTER="1", NOTIFYD_SWEEP_INTERVAL="0.2")
     await all_arrived_once(smtp_sink, db, ids)
+
+
+async def xack_calls(redis: Redis) -> int:
+    """XACK commands the server ran so far (within a script, one per call of it)."""
+    stats: Any = await redis.info("commandstats")
+    return int(stats.get("cmdstat_xack", {}).get("calls", 0))
+
+
+async def test_a_held_backlog_is_set_aside_in_a_few_script_calls_once_another_tenant_waits(
+    daemon_factory: DaemonFactory,
+    smtp_sink: SmtpSink,
+    relay: SwitchRelay,
+    db: asyncpg.Connection,
+    redis: Redis,
+) -> None:
+    """Promise: a tenant's backlog held past its queue (its relay hangs, its circuit has not
+    opened) is passed quickly once another tenant's mail is queued behind it: every held
+    entry is set aside together, its wheel entries and its acks one script call per batch,
+    not one XACK per entry; the other tenant's email arrives, and no entry of the backlog is
+    lost (each is on the wheel, its row still `dispatched`)."""
+    daemon = await start(
+        daemon_factory,
+        smtp_sink,
+        NOTIFYD_SMTP_CONNECT_TIMEOUT="5",  # A's two sends hang through the test
+        NOTIFYD_BREAKER_FAILURES="1000",  # no circuit: the backlog is only set aside
+        NOTIFYD_TENANT_SEND_QUEUE="4",
+        NOTIFYD_TENANT_PARK_DELAY="60",  # nothing comes back from the wheel meanwhile
+    )
+
+    def set_aside() -> float:
+        return sample(
+            daemon, "notifyd_deliveries_parked_total", channel="email", reason="tenant_cap"
+        )
+
+    async with Api(daemon) as api:
+        await use_relay(api, A, relay.port)
+        a_ids = await send_many(api, A, 150)
+        await wait_for(lambda: relay.accepted >= 2)  # A's two sends hang; the rest wait
+        assert set_aside() == 0  # no other tenant behind: a lone tenant's burst is held
+        before = await xack_calls(redis)
+        b_ids = await send_many(api, B, 1)
+        await wait_for(lambda: len(arrivals(smtp_sink, b_ids)) == 1, timeout=10)
+        await wait_for(lambda: set_aside() >= 140, timeout=10)  # 150 - 2 sending - 4 queued
+        parked = set_aside()
+        acks = await xack_calls(redis) - before
+    # one XACK per script call of up to 64 entries, plus B's own entries' acks
+    assert acks <= parked / 8, (acks, parked)
+    assert daemon.pipeline is not None
+    waiting = {
+        item.fields["id"]
+        for item, _ in await daemon.pipeline.schedule.pending()
+        if item.key == "waiting"
+    }
+    assert len(waiting) >= 140 and waiting <= set(a_ids)  # every one set aside is stored
+    rows = await db.fetchval(
+        "SELECT count(*) FROM notifications WHERE id = ANY($1::uuid[]) AND status = 'dispatched'",
+        list(waiting),
+    )
+    assert rows == len(waiting)  # the sweeper's cover, should Redis lose the wheel
+    assert arrivals(smtp_sink, a_ids) == Counter()
 
 
 # --- the pieces themselves: plain objects, a clock of the test's own ------------------------

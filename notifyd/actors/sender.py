@@ -45,7 +45,7 @@ from notifyd.providers.base import (
 from notifyd.settings import Settings
 from notifyd.store import deliveries
 from notifyd.store.batch import GroupCommit
-from notifyd.streams.consumer import Defer, Entry, Poison, StreamConsumer, Timing
+from notifyd.streams.consumer import Acknowledged, Defer, Entry, Poison, StreamConsumer, Timing
 from notifyd.streams.producer import Producer
 from notifyd.streams.schedule import Schedule, Scheduled
 from notifyd.supervisor import exponential_backoff
@@ -116,7 +116,10 @@ def _delivery(row: asyncpg.Record) -> Delivery:
 class Lookahead:
     """Which tenants have entries in the stream past the newest one this sender read: one
     XRANGE of up to LOOKAHEAD_ENTRIES, at most every HOLD_RECHECK_S, and only while a
-    tenant's entries are held past its queue."""
+    tenant's entries are held past its queue. The look that first finds another tenant
+    behind wakes every held entry of the tenants it concerns at once (`others_seen`), so a
+    held backlog is set aside together, in a few batches, not entry by entry as each one's
+    own recheck comes round."""
 
     def __init__(self, redis: Redis, stream: str) -> None:
         self._redis = redis
@@ -125,6 +128,7 @@ class Lookahead:
         self._tenants: frozenset[bytes] = frozenset()
         self._fresh_until = 0.0
         self._lock = asyncio.Lock()
+        self._waiters: dict[bytes, asyncio.Future[None]] = {}
 
     def saw(self, entry_id: bytes) -> None:
         ms, _, seq = entry_id.partition(b"-")
@@ -142,7 +146,25 @@ class Lookahead:
                 )
                 self._tenants = frozenset(fields.get(b"tenant_id", b"") for _, fields in rows)
                 self._fresh_until = loop.time() + HOLD_RECHECK_S
+                self._wake()
         return bool(self._tenants - {tenant.encode()})
+
+    def others_seen(self, tenant: str) -> asyncio.Future[None]:
+        """Resolved by the next look that finds another tenant's entries behind `tenant`'s
+        (one future shared by all of that tenant's held entries)."""
+        key = tenant.encode()
+        waiter = self._waiters.get(key)
+        if waiter is None or waiter.done():
+            waiter = self._waiters[key] = asyncio.get_running_loop().create_future()
+        return waiter
+
+    def _wake(self) -> None:
+        for key, waiter in list(self._waiters.items()):
+            if waiter.done():
+                del self._waiters[key]
+            elif self._tenants - {key}:
+                waiter.set_result(None)
+                del self._waiters[key]
 
 
 class _Outcome(enum.Enum):
@@ -158,6 +180,7 @@ class _ParkOrder:
     ref: DeliveryRef
     due: datetime
     reason: str
+    entry_id: bytes  # acked with the wheel entry, in the same script call
 
 
 MAX_BREAKERS = 10_000
@@ -214,7 +237,8 @@ class Sender:
         self._parks: GroupCommit[_ParkOrder, int | None] = GroupCommit(
             self._park_many, max_batch=BATCH
         )
-        self._set_aside: GroupCommit[tuple[DeliveryRef, datetime], bool] = GroupCommit(
+        # set-aside entries: their wheel entries and their acks in one script call per batch
+        self._set_aside: GroupCommit[tuple[DeliveryRef, datetime, bytes], bool] = GroupCommit(
             self._set_aside_many, max_batch=BATCH
         )
         # a set-aside entry is back well before the sweeper would re-enqueue its row
@@ -276,7 +300,9 @@ class Sender:
         while no other tenant's entries are behind it in the stream (one look ahead, shared
         by every held entry): a lone tenant's burst then costs nothing more than before,
         and as soon as another tenant's mail is queued behind, the excess is set aside so
-        the reader gets to it. Either way a place is not kept for ever: read entries must be
+        the reader gets to it. A held entry looks at once (what the last look found, or a
+        new look if that one is stale), then whenever a look finds others or every
+        HOLD_RECHECK_S. Either way a place is not kept for ever: read entries must be
         handled well within the lease, or XAUTOCLAIM would hand them out a second time.
         """
         loop = asyncio.get_running_loop()
@@ -292,11 +318,15 @@ class Sender:
         future = self._gate.enqueue(tenant)  # held: its place kept while it looks around
         if future is None:
             return True
+        lookahead = self._lookahead
         try:
             while not future.done() and loop.time() < give_up:
-                await asyncio.wait({future}, timeout=min(HOLD_RECHECK_S, give_up - loop.time()))
-                if not future.done() and await self._lookahead.others_behind(tenant):
+                if await lookahead.others_behind(tenant):
                     break
+                await asyncio.wait(
+                    {future, lookahead.others_seen(tenant)},
+                    timeout=min(HOLD_RECHECK_S, give_up - loop.time()),
+                )
         except BaseException:
             self._gate.withdraw(tenant, future)
             raise
@@ -318,19 +348,21 @@ class Sender:
             raise Poison(str(exc)) from None
         breaker = await self._breaker(ref.tenant_id)
         if breaker is not None and (parked := breaker.parked_until()) is not None:
-            await self._park(ref, parked.until + random.random() * BREAKER_JITTER_S, parked)
+            await self._park(entry, ref, parked.until + random.random() * BREAKER_JITTER_S, parked)
             return
         self._lookahead.saw(entry.id)
         if not await self._enter(ref.tenant_id):
             interval = self._park_interval(ref.tenant_id)
-            await self._park(ref, self._pacer.next(ref.tenant_id, interval), None)
+            await self._park(entry, ref, self._pacer.next(ref.tenant_id, interval), None)
             return
         try:
             probe = False
             if breaker is not None:
                 parked = self._watch(breaker, breaker.check)
                 if parked is not None:
-                    await self._park(ref, parked.until + random.random() * BREAKER_JITTER_S, parked)
+                    await self._park(
+                        entry, ref, parked.until + random.random() * BREAKER_JITTER_S, parked
+                    )
                     return
                 probe = breaker.state is BreakerState.HALF_OPEN  # check() made this the probe
             started = self._send_times.started(ref.tenant_id)
@@ -393,32 +425,44 @@ class Sender:
             self._metrics.relay_breaker.labels(self.channel, breaker.label).set(breaker.state)
         return result
 
-    async def _park(self, ref: DeliveryRef, until: float, breaker: Park | None) -> None:
+    async def _park(
+        self, entry: Entry, ref: DeliveryRef, until: float, breaker: Park | None
+    ) -> None:
         """Move the entry off the head without a provider call or an attempt, to come back
-        from the wheel at `until`; the consumer acks once this returned. For an open circuit
-        the row waits `retrying` with the reason in `last_error` (the sweeper rebuilds that
-        same wheel entry from the row); for a tenant at its cap see `waiting_item`."""
+        from the wheel at `until`. For an open circuit the row waits `retrying` with the
+        reason in `last_error` (the sweeper rebuilds that same wheel entry from the row); for
+        a tenant at its cap see `waiting_item`. The wheel entries of a batch and the acks of
+        its stream entries are one script call (atomic: never an ack without its wheel
+        entry), so this raises `Acknowledged` for the consumer not to ack again; a row that
+        was not parked (not ours to take) goes the usual way instead."""
         due = datetime.fromtimestamp(until, UTC)
         if breaker is None:
             # its tenant is merely at its cap: the row need not change (nothing to tell its
             # owner), only the wheel entry is written; cheap enough for a whole backlog
-            await self._set_aside.submit((ref, due))
+            await self._set_aside.submit((ref, due, entry.id))
             self._metrics.parked.labels(self.channel, "tenant_cap").inc()
-            return
-        if await self._parks.submit(_ParkOrder(ref, due, breaker.reason)) is None:
+            raise Acknowledged
+        if await self._parks.submit(_ParkOrder(ref, due, breaker.reason, entry.id)) is None:
             await self._not_claimed(ref)
             return
         self._metrics.parked.labels(self.channel, "breaker").inc()
+        raise Acknowledged
 
-    async def _set_aside_many(self, items: Sequence[tuple[DeliveryRef, datetime]]) -> list[bool]:
-        await self._schedule.add_many(
-            [(waiting_item(self._keys, self.channel, ref), due) for ref, due in items]
+    async def _set_aside_many(
+        self, items: Sequence[tuple[DeliveryRef, datetime, bytes]]
+    ) -> list[bool]:
+        """One script call: ZADD of the batch's wheel entries and XACK of its entries."""
+        await self._schedule.add_many_acking(
+            [(waiting_item(self._keys, self.channel, ref), due) for ref, due, _ in items],
+            self.consumer.stream,
+            SEND_GROUP,
+            [entry_id for _, _, entry_id in items],
         )
         return [True] * len(items)
 
     async def _park_many(self, orders: Sequence[_ParkOrder]) -> list[int | None]:
-        """One UPDATE for the rows, then one ZADD for their wheel entries: each caller's
-        entry is acked only after both."""
+        """One UPDATE for the rows, then one script call for their wheel entries and the
+        acks of their stream entries (a row not parked is left to its caller)."""
         parked = await deliveries.park_many(
             self._pool, [(o.ref.tenant_id, o.ref.uuid, o.due, o.reason) for o in orders]
         )
@@ -427,7 +471,8 @@ class Sender:
             for o in orders
             if o.ref.uuid in parked
         ]
-        await self._schedule.add_many(items)
+        acks = [o.entry_id for o in orders if o.ref.uuid in parked]
+        await self._schedule.add_many_acking(items, self.consumer.stream, SEND_GROUP, acks)
         return [parked.get(o.ref.uuid) for o in orders]
 
     async def _not_claimed(self, ref: DeliveryRef) -> None:

@@ -7,6 +7,8 @@
 - An entry delivered more than `max_deliveries` times, or one the handler declares `Poison`,
   goes to the dead-letter stream with the reason and is acknowledged, so it cannot block the
   group forever.
+- A handler that stored its outcome and acked the entry in one script call (a batch of
+  entries set aside on the timer wheel) raises `Acknowledged`: the entry is not acked twice.
 - A handler exception leaves the entry pending: it is retried after `claim_idle_ms`.
   Redis errors propagate so the supervisor restarts the actor with backoff.
 """
@@ -44,6 +46,11 @@ class Poison(Exception):
 
 class Defer(Exception):
     """Not now, and not a failure: leave the entry pending (a live peer holds the work)."""
+
+
+class Acknowledged(Exception):
+    """Handled, and the handler acknowledged the entry itself, in the same atomic step that
+    stored its outcome (one script call for a whole batch): do not XACK it again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +282,8 @@ class StreamConsumer:
                 return
             except Defer as exc:
                 log.debug("entry deferred", extra={"stream": self.stream, "reason": str(exc)})
+                return
+            except Acknowledged:
                 return
             except asyncio.CancelledError:
                 raise

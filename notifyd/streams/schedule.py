@@ -54,6 +54,24 @@ return {moved, waiting or '-1', beyond[2] or '-1'}
 """
 
 
+# KEYS[1] = the sorted set, KEYS[2] = the stream whose entries these replace;
+# ARGV[1] = the consumer group, ARGV[2] = how many members follow, then that many
+# (score, member) pairs, then the entry ids to acknowledge.
+# The wheel entries and the acks of the stream entries they stand for, in one atomic step: an
+# entry is never acked without its wheel entry stored, and a batch costs one round trip.
+ADD_AND_ACK = """
+local n = tonumber(ARGV[2])
+if n > 0 then
+  redis.call('ZADD', KEYS[1], unpack(ARGV, 3, 2 + 2 * n))
+end
+local acked = 0
+if #ARGV > 2 + 2 * n then
+  acked = redis.call('XACK', KEYS[2], ARGV[1], unpack(ARGV, 3 + 2 * n, #ARGV))
+end
+return acked
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Scheduled:
     stream: str
@@ -80,6 +98,7 @@ class Schedule:
         self._key = key
         self._stream_max_len = stream_max_len
         self._move = redis.register_script(MOVE_DUE)
+        self._add_and_ack = redis.register_script(ADD_AND_ACK)
         # set when this process schedules something: the timer re-reads the earliest due
         # time at once instead of finishing a sleep computed before it existed
         self.changed = asyncio.Event()
@@ -99,6 +118,23 @@ class Schedule:
         scores = {_member(item): due.timestamp() * 1000 for item, due in items}
         await self._redis.zadd(self._key, scores, nx=only_new)
         self.changed.set()
+
+    async def add_many_acking(
+        self, items: list[tuple[Scheduled, datetime]], stream: str, group: str, ids: list[bytes]
+    ) -> int:
+        """`add_many`, and XACK of `ids` in `stream`'s `group` in the same atomic step (one
+        round trip): for stream entries whose work the wheel now holds. Returns how many
+        were acked (an id already acked, or taken over and acked by a peer, counts 0)."""
+        if not items and not ids:
+            return 0
+        args: list[bytes | str | float] = [group, len(items)]
+        for item, due in items:
+            args += [due.timestamp() * 1000, _member(item)]
+        args += ids
+        acked: Any = await self._add_and_ack(keys=[self._key, stream], args=args)
+        if items:
+            self.changed.set()
+        return int(acked)
 
     async def remove(self, item: Scheduled) -> bool:
         return bool(await self._redis.zrem(self._key, _member(item)))
