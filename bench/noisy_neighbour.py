@@ -46,6 +46,7 @@ from bench.spawn import BareServer, MailLog
 TARGET_RATIO = 2.0
 REQUEST_TIMEOUT_S = 30.0
 POST_CONCURRENCY = 16
+SLOWEST = 5  # the slowest of each series named in the result, with their place in it
 
 
 @dataclass(slots=True)
@@ -210,6 +211,17 @@ def _latencies(mail: MailLog, posted: dict[str, int]) -> dict[str, Any]:
     arrived = {t: mail.first(t) for t in posted}
     values = [(first - posted[t]) / 1e6 for t, first in arrived.items() if first is not None]
     got = summary(values)
+    # which of the series were slowest (0 = the first posted): B's first emails queued behind
+    # A's backlog, or slow ones spread over the run (the machine, not the daemon's order)
+    order = {t: i for i, t in enumerate(sorted(posted, key=posted.__getitem__))}
+    slowest = sorted(
+        (
+            (order[t], round((first - posted[t]) / 1e6, 1))
+            for t, first in arrived.items()
+            if first is not None
+        ),
+        key=lambda pair: -pair[1],
+    )[:SLOWEST]
     return {
         "accepted": len(posted),
         "arrived": len(values),
@@ -217,6 +229,7 @@ def _latencies(mail: MailLog, posted: dict[str, int]) -> dict[str, Any]:
         "p50_ms": got["p50"],
         "p99_ms": got["p99"],
         "max_ms": got["max"],
+        "slowest": [{"index": i, "ms": ms} for i, ms in slowest],
     }
 
 

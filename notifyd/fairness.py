@@ -76,9 +76,13 @@ class FairGate:
     def waiting(self, tenant: str) -> int:
         return len(self._waiting.get(tenant, ()))
 
+    def full(self, tenant: str) -> bool:
+        """Whether `acquire` would raise `Full`: no slot at once, and the queue at its bound."""
+        return not self._grantable(tenant) and self.waiting(tenant) >= self._queue_per_tenant
+
     async def acquire(self, tenant: str) -> None:
         """A slot for one send of `tenant`; raises `Full` rather than queue past the bound."""
-        if not self._grantable(tenant) and self.waiting(tenant) >= self._queue_per_tenant:
+        if self.full(tenant):
             raise Full(tenant)
         future = self.enqueue(tenant)
         if future is None:

@@ -78,8 +78,12 @@ READ_AHEAD = 8
 INITIAL_SEND_S = 0.05  # a tenant's send time until its first send finished
 BORROW_BELOW_S = 1.0
 PACE_MARGIN = 0.8
-HOLD_RECHECK_S = 0.05  # a held entry looks again this often whether others wait behind it
-LOOKAHEAD_ENTRIES = 1024  # a tenant whose sends take longer gets no idle slots past its cap
+HOLD_RECHECK_S = 0.05  # a held entry asks again this often whether others wait behind it
+# a question within this long of the last look is answered by it; the held entries ask at
+# staggered times, so a backlog's held entries have the tail looked at about this often
+# (one XRANGE of what was added since the last look: usually none or a few entries)
+LOOK_EVERY_S = 0.01
+LOOKAHEAD_ENTRIES = 1024  # the most entries one look reads
 BREAKER_JITTER_S = 1.0  # parked mail of an open circuit comes back spread over this
 
 
@@ -113,41 +117,64 @@ def _delivery(row: asyncpg.Record) -> Delivery:
     )
 
 
+def _entry_at(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
 class Lookahead:
-    """Which tenants have entries in the stream past the newest one this sender read: one
-    XRANGE of up to LOOKAHEAD_ENTRIES, at most every HOLD_RECHECK_S, and only while a
-    tenant's entries are held past its queue. The look that first finds another tenant
-    behind wakes every held entry of the tenants it concerns at once (`others_seen`), so a
-    held backlog is set aside together, in a few batches, not entry by entry as each one's
-    own recheck comes round."""
+    """Which tenants have entries in the stream past the newest one this sender read.
+
+    It reads the stream's tail on from where its last look ended (XRANGE of at most
+    LOOKAHEAD_ENTRIES, at most every LOOK_EVERY_S, only while a tenant's entries are held
+    past its queue), so each entry is looked at once however long a backlog is, and an empty
+    look is one cheap round trip; it keeps each tenant's newest entry id, and a tenant has
+    others behind it while another tenant's newest is past what this sender read. The look
+    that first finds another tenant behind wakes every held entry of the tenants it concerns
+    at once (`others_seen`), so a held backlog is set aside together, in a few batches."""
 
     def __init__(self, redis: Redis, stream: str) -> None:
         self._redis = redis
         self._stream = stream
-        self._newest = (0, 0)
-        self._tenants: frozenset[bytes] = frozenset()
+        self._newest = (0, 0)  # the newest entry this sender read
+        self._looked = (0, 0)  # the newest entry a look saw
+        self._last: dict[bytes, tuple[int, int]] = {}  # tenant → its newest entry looked at
         self._fresh_until = 0.0
         self._lock = asyncio.Lock()
         self._waiters: dict[bytes, asyncio.Future[None]] = {}
 
     def saw(self, entry_id: bytes) -> None:
-        ms, _, seq = entry_id.partition(b"-")
-        read = (int(ms), int(seq or 0))
+        read = _entry_at(entry_id)
         if read > self._newest:
             self._newest = read
 
     async def others_behind(self, tenant: str) -> bool:
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._fresh_until and not self._lock.locked():
+            # answered by the last look without queueing on the lock: a whole backlog of held
+            # entries asking at once must not pass a lock one loop iteration at a time
+            return self._others(tenant.encode())
         async with self._lock:  # one look for every entry that asks meanwhile
-            loop = asyncio.get_running_loop()
             if loop.time() >= self._fresh_until:
-                ms, seq = self._newest
-                rows: Any = await self._redis.xrange(
-                    self._stream, min=f"({ms}-{seq}", max="+", count=LOOKAHEAD_ENTRIES
-                )
-                self._tenants = frozenset(fields.get(b"tenant_id", b"") for _, fields in rows)
-                self._fresh_until = loop.time() + HOLD_RECHECK_S
+                await self._look()
+                self._fresh_until = loop.time() + LOOK_EVERY_S
                 self._wake()
-        return bool(self._tenants - {tenant.encode()})
+        return self._others(tenant.encode())
+
+    async def _look(self) -> None:
+        ms, seq = max(self._looked, self._newest)
+        rows: Any = await self._redis.xrange(
+            self._stream, min=f"({ms}-{seq}", max="+", count=LOOKAHEAD_ENTRIES
+        )
+        newest = self._newest
+        last = {key: at for key, at in self._last.items() if at > newest}  # not read yet
+        for entry_id, fields in rows:
+            last[fields.get(b"tenant_id", b"")] = self._looked = _entry_at(entry_id)
+        self._last = last
+
+    def _others(self, key: bytes) -> bool:
+        newest = self._newest
+        return any(at > newest for other, at in self._last.items() if other != key)
 
     def others_seen(self, tenant: str) -> asyncio.Future[None]:
         """Resolved by the next look that finds another tenant's entries behind `tenant`'s
@@ -162,7 +189,7 @@ class Lookahead:
         for key, waiter in list(self._waiters.items()):
             if waiter.done():
                 del self._waiters[key]
-            elif self._tenants - {key}:
+            elif self._others(key):
                 waiter.set_result(None)
                 del self._waiters[key]
 
@@ -173,6 +200,16 @@ class _Outcome(enum.Enum):
     ANSWERED = "answered"  # sent, or a reply (4xx): the relay is up
     UNREACHABLE = "unreachable"  # could not connect, no greeting, timed out
     NOT_SENT = "not_sent"  # no provider call, or a failure that says nothing of the relay
+
+
+@dataclass(slots=True)  # a value, not frozen: see docs/architecture.md
+class _Held:
+    """An entry held past its tenant's queue while it looks whether others wait behind."""
+
+    entry_id: bytes
+    ref: DeliveryRef
+    place: asyncio.Future[None]  # its place in the gate's queue
+    aside: asyncio.Future[None]  # done once set aside with the rest (stored and acked)
 
 
 @dataclass(slots=True)  # a value, not frozen: see docs/architecture.md
@@ -247,6 +284,7 @@ class Sender:
         )
         self._send_times = SendTimes(INITIAL_SEND_S)
         self._breakers: dict[object, Breaker] = {}
+        self._held: dict[str, dict[bytes, _Held]] = {}  # tenant → its held entries, by id
         window = BATCHES_IN_FLIGHT if self._send_many else concurrency * READ_AHEAD
         self._lookahead = Lookahead(redis, keys.deliver(self.channel))
         self.consumer = StreamConsumer(
@@ -257,6 +295,7 @@ class Sender:
             handle=self.handle,
             # a provider that sends a batch in one round trip (in-app) gets whole reads
             handle_batch=self.handle_batch if self._send_many else None,
+            triage=None if self._send_many else self.set_aside_backlog,
             dead_letters=keys.dead_letters,
             producer=producer,
             on_dead=self._on_dead,
@@ -293,18 +332,21 @@ class Sender:
             per_send, sending = times.average(tenant), gate.lendable
         return PACE_MARGIN * per_send / max(sending, gate.in_flight(tenant), 1)
 
-    async def _enter(self, tenant: str) -> bool:
+    async def _enter(self, entry: Entry, ref: DeliveryRef) -> bool:
         """A send slot in the gate (True), or False: set the entry aside.
 
         Within its tenant's queue an entry waits its turn. Past it, the entry is held only
         while no other tenant's entries are behind it in the stream (one look ahead, shared
         by every held entry): a lone tenant's burst then costs nothing more than before,
         and as soon as another tenant's mail is queued behind, the excess is set aside so
-        the reader gets to it. A held entry looks at once (what the last look found, or a
-        new look if that one is stale), then whenever a look finds others or every
-        HOLD_RECHECK_S. Either way a place is not kept for ever: read entries must be
-        handled well within the lease, or XAUTOCLAIM would hand them out a second time.
+        the reader gets to it: every held entry of the tenant at once, in one script call
+        (`_set_aside_held`; this raises `Acknowledged`). A held entry looks at once (what
+        the last look found, or a new look if that one is stale), then whenever a look
+        finds others or every HOLD_RECHECK_S. Either way a place is not kept for ever: read
+        entries must be handled well within the lease, or XAUTOCLAIM would hand them out a
+        second time.
         """
+        tenant = ref.tenant_id
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._settings.claim_idle / 4
         try:
@@ -318,22 +360,124 @@ class Sender:
         future = self._gate.enqueue(tenant)  # held: its place kept while it looks around
         if future is None:
             return True
+        held = _Held(entry.id, ref, future, loop.create_future())
+        self._held.setdefault(tenant, {})[entry.id] = held
         lookahead = self._lookahead
         try:
-            while not future.done() and loop.time() < give_up:
+            while not future.done() and not held.aside.done() and loop.time() < give_up:
                 if await lookahead.others_behind(tenant):
+                    await self._set_aside_held(tenant)
                     break
+                seen = lookahead.others_seen(tenant)
+                # spread: entries held together would otherwise all ask at the same moments,
+                # and the tail would be looked at only every HOLD_RECHECK_S
+                recheck = random.uniform(LOOK_EVERY_S, HOLD_RECHECK_S)
                 await asyncio.wait(
-                    {future, lookahead.others_seen(tenant)},
-                    timeout=min(HOLD_RECHECK_S, give_up - loop.time()),
+                    {future, seen, held.aside}, timeout=min(recheck, give_up - loop.time())
                 )
+                if seen.done() and not future.done() and not held.aside.done():
+                    await self._set_aside_held(tenant)
+                    break
         except BaseException:
-            self._gate.withdraw(tenant, future)
+            if self._unhold(tenant, held):
+                self._gate.withdraw(tenant, future)
             raise
+        if not self._unhold(tenant, held):  # taken by a set-aside: its place is given up
+            await asyncio.wait({held.aside})
+            if held.aside.cancelled() or held.aside.exception() is not None:
+                raise RuntimeError("setting the held entries aside failed") from (
+                    None if held.aside.cancelled() else held.aside.exception()
+                )
+            self._metrics.parked.labels(self.channel, "tenant_cap").inc()
+            raise Acknowledged
         if future.done() and not future.cancelled():
             return True
         self._gate.withdraw(tenant, future)
         return False
+
+    def _unhold(self, tenant: str, held: _Held) -> bool:
+        """Take `held` off its tenant's held entries; False if a set-aside took it."""
+        entries = self._held.get(tenant)
+        if entries is None or entries.get(held.entry_id) is not held:
+            return False
+        del entries[held.entry_id]
+        if not entries:
+            del self._held[tenant]
+        return True
+
+    async def _set_aside_held(self, tenant: str) -> None:
+        """Every entry of `tenant` held past its queue, set aside together: their places
+        in the gate given up, their wheel entries and acks one script call. Each held
+        entry learns the outcome from its `aside` future."""
+        batch = list(self._held.pop(tenant, {}).values())
+        if not batch:
+            return  # taken by another entry's call, which is under way
+        interval = self._park_interval(tenant)
+        items = []
+        for held in sorted(batch, key=lambda h: _entry_at(h.entry_id)):
+            self._gate.withdraw(tenant, held.place)
+            due = datetime.fromtimestamp(self._pacer.next(tenant, interval), UTC)
+            items.append((waiting_item(self._keys, self.channel, held.ref), due))
+        try:
+            await self._schedule.add_many_acking(
+                items, self.consumer.stream, SEND_GROUP, [h.entry_id for h in batch]
+            )
+        except BaseException as exc:
+            for held in batch:
+                if not held.aside.done():
+                    if isinstance(exc, Exception):
+                        held.aside.set_exception(exc)
+                    else:
+                        held.aside.cancel()
+            raise
+        for held in batch:
+            if not held.aside.done():
+                held.aside.set_result(None)
+
+    async def set_aside_backlog(self, entries: list[Entry]) -> list[Entry]:
+        """Before a read's entries get a task each: those of a tenant whose queue is full
+        while other tenants' mail waits behind in the stream are set aside together, their
+        wheel entries and acks one script call for the read, and never take a place in the
+        consumer's window; the rest are returned to be handled one by one. This is what
+        lets another tenant's mail overtake a backlog of thousands in a few reads. A tenant
+        whose circuit is open is left to `handle` (its mail is parked, the row told why)."""
+        for entry in entries:
+            self._lookahead.saw(entry.id)
+        aside: list[tuple[Entry, DeliveryRef]] = []
+        rest: list[Entry] = []
+        verdicts: dict[str, bool] = {}
+        for entry in entries:
+            try:
+                ref = DeliveryRef.from_fields(entry.fields)
+            except PayloadError:
+                rest.append(entry)  # handle dead-letters it
+                continue
+            tenant = ref.tenant_id
+            if tenant not in verdicts:
+                verdicts[tenant] = (
+                    self._gate.full(tenant)
+                    and await self._lookahead.others_behind(tenant)
+                    and not await self._circuit_open(tenant)
+                )
+            if verdicts[tenant]:
+                aside.append((entry, ref))
+            else:
+                rest.append(entry)
+        if aside:
+            items = []
+            for _, ref in aside:
+                interval = self._park_interval(ref.tenant_id)
+                due = datetime.fromtimestamp(self._pacer.next(ref.tenant_id, interval), UTC)
+                items.append((waiting_item(self._keys, self.channel, ref), due))
+            await self._schedule.add_many_acking(
+                items, self.consumer.stream, SEND_GROUP, [entry.id for entry, _ in aside]
+            )
+            self._metrics.parked.labels(self.channel, "tenant_cap").inc(len(aside))
+        return rest
+
+    async def _circuit_open(self, tenant_id: str) -> bool:
+        breaker = await self._breaker(tenant_id)
+        return breaker is not None and breaker.parked_until() is not None
 
     def _in_flight_changed(self, tenant: str, count: int) -> None:
         self._metrics.tenant_in_flight.labels(self.channel, tenant).set(count)
@@ -351,7 +495,7 @@ class Sender:
             await self._park(entry, ref, parked.until + random.random() * BREAKER_JITTER_S, parked)
             return
         self._lookahead.saw(entry.id)
-        if not await self._enter(ref.tenant_id):
+        if not await self._enter(entry, ref):
             interval = self._park_interval(ref.tenant_id)
             await self._park(entry, ref, self._pacer.next(ref.tenant_id, interval), None)
             return

@@ -78,6 +78,11 @@ Handler = Callable[[Entry], Awaitable[None]]
 # returns the ids of entries to leave pending (a peer holds their work: Defer), or None
 BatchHandler = Callable[[list[Entry]], Awaitable[Collection[bytes] | None]]
 DeadHandler = Callable[[Entry, str], Awaitable[None]]
+# Per entry: sees each read whole before its entries get a task each, and returns those
+# left to the handler; the rest it handled and acknowledged itself, together (a tenant's
+# backlog set aside in one script call). Raising ends the loop, as a Redis error does: the
+# read entries stay pending and are taken over after claim_idle_ms.
+Triage = Callable[[list[Entry]], Awaitable[list[Entry]]]
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> None:
@@ -117,6 +122,7 @@ class StreamConsumer:
         consumer: str,
         handle: Handler | None = None,
         handle_batch: BatchHandler | None = None,
+        triage: Triage | None = None,
         dead_letters: str,
         producer: Producer,
         on_dead: DeadHandler | None = None,
@@ -135,6 +141,7 @@ class StreamConsumer:
             raise ValueError("a consumer needs handle (per entry) or handle_batch")
         self._handle = handle
         self._handle_batch = handle_batch
+        self._triage = triage
         self._dead_letters = dead_letters
         self._producer = producer
         self._on_dead = on_dead
@@ -206,6 +213,8 @@ class StreamConsumer:
                         # one task per read: `concurrency` counts batches in flight
                         work = [self._handle_many(fresh)] if fresh else []
                     else:
+                        if self._triage is not None and fresh:
+                            fresh = await self._triage(fresh)
                         work = [self._handle_one(entry) for entry in fresh]
                     for job in work:
                         task = asyncio.create_task(job)
