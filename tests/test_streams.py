@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from notifyd.actors.timer import Timer
 from notifyd.streams.consumer import (
+    Acknowledged,
     Defer,
     Entry,
     Poison,
@@ -161,6 +162,48 @@ async def test_deferred_entries_stay_pending_without_counting_as_failures(redis:
         return seen == 3 and await pending_count(redis) == 0
 
     await run_until(stop, consumer(redis, handle, max_deliveries=5), done)
+    assert await redis.xlen(DEAD) == 0
+
+
+async def xack_calls(redis: Redis) -> int:
+    stats: Any = await redis.info("commandstats")
+    return int(stats.get("cmdstat_xack", {}).get("calls", 0))
+
+
+async def test_a_read_set_aside_whole_is_stored_and_acked_in_one_script_call(redis: Redis) -> None:
+    """Promise (a capped tenant's backlog passed in bulk): a triage that sets a read's
+    entries aside stores their wheel entries and acks them in one atomic script call, and
+    the consumer neither hands them to the handler nor acks them again; the entry it leaves
+    and the one whose handler acked it itself (`Acknowledged`) are each acked once."""
+    schedule = Schedule(redis, "t:timer")
+    await ensure_group(redis, STREAM, GROUP)
+    for n in range(40):
+        await redis.xadd(STREAM, {"n": str(n)})
+    handled: list[bytes] = []
+    due = datetime.now(UTC) + timedelta(hours=1)
+
+    async def triage(entries: list[Entry]) -> list[Entry]:
+        aside = [e for e in entries if e.fields[b"n"] not in (b"0", b"1")]
+        items = [(Scheduled(STREAM, {"n": e.fields[b"n"].decode()}, key="w"), due) for e in aside]
+        await schedule.add_many_acking(items, STREAM, GROUP, [e.id for e in aside])
+        return [e for e in entries if e not in aside]
+
+    async def handle(entry: Entry) -> None:
+        handled.append(entry.fields[b"n"])
+        if entry.fields[b"n"] == b"1":
+            await redis.xack(STREAM, GROUP, entry.id)  # as a script of its own would
+            raise Acknowledged
+
+    before = await xack_calls(redis)
+    stop = asyncio.Event()
+
+    async def done() -> bool:
+        return len(handled) == 2 and await pending_count(redis) == 0
+
+    await run_until(stop, consumer(redis, handle, triage=triage, batch=64, concurrency=64), done)
+    assert sorted(handled) == [b"0", b"1"]
+    assert len(await schedule.pending()) == 38  # every entry set aside is on the wheel
+    assert await xack_calls(redis) - before == 3  # the script's, entry 0's, entry 1's own
     assert await redis.xlen(DEAD) == 0
 
 
