@@ -78,9 +78,9 @@ READ_AHEAD = 8
 INITIAL_SEND_S = 0.05  # a tenant's send time until its first send finished
 BORROW_BELOW_S = 1.0
 PACE_MARGIN = 0.8
-HOLD_RECHECK_S = 0.05  # a held entry asks again this often whether others wait behind it
+HOLD_RECHECK_S = 0.05  # a held entry asks again about this often whether others wait behind
 # a question within this long of the last look is answered by it; the held entries ask at
-# staggered times, so a backlog's held entries have the tail looked at about this often
+# random times, so a backlog's held entries have the tail looked at about this often
 # (one XRANGE of what was added since the last look: usually none or a few entries)
 LOOK_EVERY_S = 0.01
 LOOKAHEAD_ENTRIES = 1024  # the most entries one look reads
@@ -370,8 +370,9 @@ class Sender:
                     break
                 seen = lookahead.others_seen(tenant)
                 # spread: entries held together would otherwise all ask at the same moments,
-                # and the tail would be looked at only every HOLD_RECHECK_S
-                recheck = random.uniform(LOOK_EVERY_S, HOLD_RECHECK_S)
+                # and the tail would be looked at only every HOLD_RECHECK_S; on average each
+                # asks every HOLD_RECHECK_S, so holding costs no more wake-ups than it did
+                recheck = random.uniform(LOOK_EVERY_S, 2 * HOLD_RECHECK_S - LOOK_EVERY_S)
                 await asyncio.wait(
                     {future, seen, held.aside}, timeout=min(recheck, give_up - loop.time())
                 )
