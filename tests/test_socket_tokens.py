@@ -28,8 +28,10 @@ import orjson
 import pytest
 
 from notifyd.app import Daemon
+from notifyd.auth.identity import Identity
+from notifyd.http.websockets import SocketToken, TokenClock
 from tests.conftest import DaemonFactory
-from tests.helpers import Api, token
+from tests.helpers import Api, token, wait_for
 
 TENANT, USER, OTHER = "TEN-0001", "auth0|42", "bob"
 ROOM = "panel-7"
@@ -195,3 +197,38 @@ async def test_a_socket_is_told_its_token_is_expiring_before_it_is_closed(
         assert 0 <= warning["expires_in"] <= 1
         assert time.time() < expiry(bearer)
         assert await closed(ws) == (4001, "token expired")
+
+
+async def test_one_token_clock_closes_every_socket_at_its_deadline_never_before() -> None:
+    """Promise: every open socket's deadline is kept by one process-wide timer (a timer per
+    socket cost memory per idle connection): each socket still closing at its own deadline,
+    never before it, a stopped one never, a renewed one at its new deadline, and nothing
+    left on the clock afterwards."""
+    clock = TokenClock()
+    closed: dict[int, float] = {}
+    now = time.time()
+    who = Identity("TEN-1", "u", "user")
+    tokens = [SocketToken(who, now + 1.0 + (i % 3) * 0.5, 0.0, clock) for i in range(300)]
+    for i, tok in enumerate(tokens):
+        tok.start(lambda i=i: closed.setdefault(i, time.time()), lambda _left: None)
+    stopped = set(range(0, 300, 7))
+    for i in stopped:
+        tokens[i].stop()
+    tokens[1].renew(now + 3.0)
+    assert clock._timer is not None  # one timer for all of them
+    await wait_for(lambda: len(closed) == 300 - len(stopped))
+    assert set(closed) == set(range(300)) - stopped
+    assert all(closed[i] >= tokens[i].expires_at for i in closed)
+    assert closed[1] >= now + 3.0
+    assert len(clock) == 0 and clock._timer is None
+
+
+async def test_the_token_clock_warns_once_before_the_deadline() -> None:
+    """Promise: the warning comes before the close, once, and a token that is renewed
+    after its warning is warned again before its new deadline."""
+    clock = TokenClock()
+    events: list[str] = []
+    tok = SocketToken(Identity("TEN-1", "u", "user"), time.time() + 2.0, 30.0, clock)
+    tok.start(lambda: events.append("closed"), lambda _left: events.append("warned"))
+    await wait_for(lambda: "closed" in events)
+    assert events == ["warned", "closed"]

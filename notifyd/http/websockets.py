@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
+import math
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -66,6 +68,7 @@ class OpenSockets:
         self.sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
         # closes the hub or a token's deadline asked for, `token_expiring` frames
         self.closing: set[asyncio.Task[Any]] = set()
+        self.deadlines = TokenClock()  # every socket's token moments, one timer
 
 
 SOCKETS = web.AppKey("websockets", OpenSockets)
@@ -94,18 +97,89 @@ def origin_allowed(request: web.Request, allowed: tuple[str, ...]) -> bool:
     return urlsplit(origin).netloc == request.host
 
 
+class TokenClock:
+    """Every open socket's next token moment (its warning, or its deadline), served by one
+    timer for the whole process.
+
+    A timer of its own per socket (a `TimerHandle`, under uvloop a libuv timer too) cost
+    about 0.7 KiB per idle connection, a twentieth of what a connection costs in all; here
+    a socket costs one entry in a set. Moments are kept in buckets of whole seconds of the
+    wall clock (a token's `exp` is whole seconds): a socket is warned and closed at most a
+    second after its moment, never before it. The buckets' seconds are a heap, and the one
+    timer sleeps until the earliest of them."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, set[SocketToken]] = {}
+        self._seconds: list[int] = []  # a heap of the buckets' seconds (an emptied one stays)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_second: int | None = None
+
+    def __len__(self) -> int:
+        return sum(len(bucket) for bucket in self._buckets.values())
+
+    def schedule(self, token: SocketToken, at: float) -> int:
+        """`token.due()` is called at `at` (rounded up to its second); returns that second,
+        which the token gives back to `cancel`."""
+        second = math.ceil(at)
+        bucket = self._buckets.get(second)
+        if bucket is None:
+            bucket = self._buckets[second] = set()
+            heapq.heappush(self._seconds, second)
+            if self._timer_second is None or second < self._timer_second:
+                self._arm(second)
+        bucket.add(token)
+        return second
+
+    def cancel(self, token: SocketToken, second: int) -> None:
+        bucket = self._buckets.get(second)
+        if bucket is not None:
+            bucket.discard(token)
+            if not bucket:
+                del self._buckets[second]
+
+    def close(self) -> None:
+        """The app is done: no timer is left on the loop."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._timer_second = None
+        self._buckets.clear()
+        self._seconds.clear()
+
+    def _arm(self, second: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        delay = max(0.0, second - time.time())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+        self._timer_second = second
+
+    def _fire(self) -> None:
+        self._timer = self._timer_second = None
+        now = time.time()
+        while self._seconds and self._seconds[0] <= now:
+            bucket = self._buckets.pop(heapq.heappop(self._seconds), None)
+            for token in bucket or ():
+                token.due()  # may schedule it again, into a later bucket
+        while self._seconds and self._seconds[0] not in self._buckets:
+            heapq.heappop(self._seconds)  # emptied by cancels meanwhile
+        if self._seconds:
+            self._arm(self._seconds[0])
+
+
 class SocketToken:
     """Who a socket is for and until when: its token's identity, the moment the token stops
-    being accepted (`exp` plus JWT_LEEWAY), and the one timer that acts on it.
+    being accepted (`exp` plus JWT_LEEWAY), and its next moment on the process's
+    `TokenClock`.
 
-    One timer per socket at a time (a `TimerHandle`, no task, no polling): first the warning
-    (`warn_before` ahead of the deadline, or halfway there for a token that lives less than
-    twice that), then the close. A refresh moves the deadline and re-arms it. Nothing here
-    runs per frame: the hub's writes and the client's frames never look at the token."""
+    One moment per socket at a time (no task, no polling, no timer of its own): first the
+    warning (`warn_before` ahead of the deadline, or halfway there for a token that lives
+    less than twice that), then the close. A refresh moves the deadline and re-arms it.
+    Nothing here runs per frame: the hub's writes and the client's frames never look at the
+    token."""
 
     __slots__ = (
+        "_clock",
         "_expired",
-        "_timer",
+        "_second",
         "_warn",
         "_warn_before",
         "_warned",
@@ -113,26 +187,29 @@ class SocketToken:
         "identity",
     )
 
-    def __init__(self, identity: Identity, expires_at: float, warn_before: float) -> None:
+    def __init__(
+        self, identity: Identity, expires_at: float, warn_before: float, clock: TokenClock
+    ) -> None:
         self.identity = identity
         self.expires_at = expires_at
         self._warn_before = warn_before
         self._warned = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._clock = clock
+        self._second: int | None = None
         self._expired: Callable[[], None] | None = None
         self._warn: Callable[[float], None] | None = None
 
     def start(self, expired: Callable[[], None], warn: Callable[[float], None]) -> None:
-        """Arms the timer: `warn(seconds left)` before the deadline, `expired()` at it."""
+        """Arms it: `warn(seconds left)` before the deadline, `expired()` at it."""
         self._expired = expired
         self._warn = warn
         self._arm()
 
     def stop(self) -> None:
-        """The socket is done: the timer and the callbacks (which hold the socket) go."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """The socket is done: its moment and the callbacks (which hold the socket) go."""
+        if self._second is not None:
+            self._clock.cancel(self, self._second)
+            self._second = None
         self._expired = self._warn = None
 
     def renew(self, expires_at: float) -> None:
@@ -143,28 +220,29 @@ class SocketToken:
             self._arm()
 
     def _arm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        loop = asyncio.get_running_loop()
+        if self._second is not None:
+            self._clock.cancel(self, self._second)
         left = self.expires_at - time.time()
         lead = min(self._warn_before, left / 2)
-        if not self._warned and lead > 0:
-            self._timer = loop.call_later(left - lead, self._on_warning)
-        else:
-            self._timer = loop.call_later(max(0.0, left), self._on_deadline)
+        at = self.expires_at - lead if not self._warned and lead > 0 else self.expires_at
+        self._second = self._clock.schedule(self, at)
 
-    def _on_warning(self) -> None:
-        self._warned = True
-        self._arm()
-        if self._warn is not None:
-            self._warn(max(0.0, self.expires_at - time.time()))
-
-    def _on_deadline(self) -> None:
-        self._timer = None
-        if time.time() < self.expires_at:  # the wall clock was set back meanwhile
-            self._arm()
-        elif self._expired is not None:
+    def due(self) -> None:
+        """Called by the clock at this socket's moment: the deadline passed (close), or the
+        warning is due (tell the client, then wait for the deadline), or the wall clock was
+        set back meanwhile (wait again)."""
+        self._second = None
+        if self._expired is None:
+            return  # stopped meanwhile
+        now = time.time()
+        if now >= self.expires_at:
             self._expired()
+            return
+        if not self._warned and self._warn_before > 0:
+            self._warned = True
+            if self._warn is not None:
+                self._warn(max(0.0, self.expires_at - now))
+        self._arm()
 
 
 async def accept(request: web.Request) -> tuple[web.WebSocketResponse, SocketToken | None]:
@@ -188,7 +266,8 @@ async def accept(request: web.Request) -> tuple[web.WebSocketResponse, SocketTok
     except TokenError as exc:
         return await refuse(request, ws, UNAUTHORIZED, exc.reason.encode()[:120]), None
     tenant_id_var.set(identity.tenant_id)  # this socket's log lines (and its timer's) name it
-    return ws, SocketToken(identity, expires_at, s.ws_token_warning)
+    clock = request.app[SOCKETS].deadlines
+    return ws, SocketToken(identity, expires_at, s.ws_token_warning, clock)
 
 
 async def refuse(
@@ -495,6 +574,7 @@ async def close_all(app: web.Application) -> None:
     """On shutdown: "going away", so clients reconnect (to another instance)."""
     for ws in list(app[SOCKETS].sockets):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+    app[SOCKETS].deadlines.close()
 
 
 def add_routes(app: web.Application) -> None:
