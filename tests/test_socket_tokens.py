@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -199,6 +200,20 @@ async def test_a_socket_is_told_its_token_is_expiring_before_it_is_closed(
         assert await closed(ws) == (4001, "token expired")
 
 
+class _Owner:
+    """A socket's side of its token, for the clock's tests: what each moment does."""
+
+    def __init__(self, expired: Callable[[], object], expiring: Callable[[], object]) -> None:
+        self._expired = expired
+        self._expiring = expiring
+
+    def token_expired(self) -> None:
+        self._expired()
+
+    def token_expiring(self, seconds_left: float) -> None:
+        self._expiring()
+
+
 async def test_one_token_clock_closes_every_socket_at_its_deadline_never_before() -> None:
     """Promise: every open socket's deadline is kept by one process-wide timer (a timer per
     socket cost memory per idle connection): each socket still closing at its own deadline,
@@ -210,7 +225,7 @@ async def test_one_token_clock_closes_every_socket_at_its_deadline_never_before(
     who = Identity("TEN-1", "u", "user")
     tokens = [SocketToken(who, now + 1.0 + (i % 3) * 0.5, 0.0, clock) for i in range(300)]
     for i, tok in enumerate(tokens):
-        tok.start(lambda i=i: closed.setdefault(i, time.time()), lambda _left: None)
+        tok.start(_Owner(lambda i=i: closed.setdefault(i, time.time()), lambda: None))
     stopped = set(range(0, 300, 7))
     for i in stopped:
         tokens[i].stop()
@@ -229,6 +244,6 @@ async def test_the_token_clock_warns_once_before_the_deadline() -> None:
     clock = TokenClock()
     events: list[str] = []
     tok = SocketToken(Identity("TEN-1", "u", "user"), time.time() + 2.0, 30.0, clock)
-    tok.start(lambda: events.append("closed"), lambda _left: events.append("warned"))
+    tok.start(_Owner(lambda: events.append("closed"), lambda: events.append("warned")))
     await wait_for(lambda: "closed" in events)
     assert events == ["warned", "closed"]

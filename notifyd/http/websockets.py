@@ -34,7 +34,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import orjson
@@ -95,6 +95,14 @@ def origin_allowed(request: web.Request, allowed: tuple[str, ...]) -> bool:
     if allowed:
         return "*" in allowed or origin in allowed
     return urlsplit(origin).netloc == request.host
+
+
+class TokenOwner(Protocol):
+    """What a socket's token tells when its moments come (the socket's `live`)."""
+
+    def token_expired(self) -> None: ...
+
+    def token_expiring(self, seconds_left: float) -> None: ...
 
 
 class TokenClock:
@@ -178,9 +186,8 @@ class SocketToken:
 
     __slots__ = (
         "_clock",
-        "_expired",
+        "_owner",
         "_second",
-        "_warn",
         "_warn_before",
         "_warned",
         "expires_at",
@@ -196,27 +203,27 @@ class SocketToken:
         self._warned = False
         self._clock = clock
         self._second: int | None = None
-        self._expired: Callable[[], None] | None = None
-        self._warn: Callable[[float], None] | None = None
+        self._owner: TokenOwner | None = None
 
-    def start(self, expired: Callable[[], None], warn: Callable[[float], None]) -> None:
-        """Arms it: `warn(seconds left)` before the deadline, `expired()` at it."""
-        self._expired = expired
-        self._warn = warn
+    def start(self, owner: TokenOwner) -> None:
+        """Arms it: `owner.token_expiring(seconds left)` before the deadline,
+        `owner.token_expired()` at it (one reference to the owner, not two bound methods:
+        this lives as long as its socket)."""
+        self._owner = owner
         self._arm()
 
     def stop(self) -> None:
-        """The socket is done: its moment and the callbacks (which hold the socket) go."""
+        """The socket is done: its moment and its owner (which holds the socket) go."""
         if self._second is not None:
             self._clock.cancel(self, self._second)
             self._second = None
-        self._expired = self._warn = None
+        self._owner = None
 
     def renew(self, expires_at: float) -> None:
         """A fresh token of the same identity: the deadline follows it (earlier or later)."""
         self.expires_at = expires_at
         self._warned = False
-        if self._expired is not None:
+        if self._owner is not None:
             self._arm()
 
     def _arm(self) -> None:
@@ -232,16 +239,16 @@ class SocketToken:
         warning is due (tell the client, then wait for the deadline), or the wall clock was
         set back meanwhile (wait again)."""
         self._second = None
-        if self._expired is None:
+        owner = self._owner
+        if owner is None:
             return  # stopped meanwhile
         now = time.time()
         if now >= self.expires_at:
-            self._expired()
+            owner.token_expired()
             return
         if not self._warned and self._warn_before > 0:
             self._warned = True
-            if self._warn is not None:
-                self._warn(max(0.0, self.expires_at - now))
+            owner.token_expiring(max(0.0, self.expires_at - now))
         self._arm()
 
 
@@ -322,7 +329,7 @@ class live:
         subscriber = Subscriber(ctx.settings.ws_send_queue, ctx.settings.ws_send_buffer, self._end)
         await ctx.hub.subscribe(self._channel, subscriber)
         # from here on __aexit__ runs and stops the timer (a failed subscribe leaves none)
-        self._token.start(self._expired, self._warn)
+        self._token.start(self)
         self._subscriber = subscriber
         self._connections.inc()
         log.info("websocket opened", extra={"endpoint": self._endpoint})
@@ -332,12 +339,12 @@ class live:
         """Called by the hub (which awaits nothing): the close runs as a task of its own."""
         self._later(self._ws.close(code=code, message=reason))
 
-    def _expired(self) -> None:
+    def token_expired(self) -> None:
         """Called by the token's timer: the token expired and no refresh came."""
         log.info("websocket token expired", extra={"endpoint": self._endpoint})
         self._end(*EXPIRED)
 
-    def _warn(self, seconds_left: float) -> None:
+    def token_expiring(self, seconds_left: float) -> None:
         """Called by the token's timer: tells the client to refresh while it can."""
         frame = dumps({"type": "token_expiring", "expires_in": round(seconds_left, 1)})
         self._later(_send_if_open(self._ws, frame.decode()))
