@@ -15,6 +15,7 @@ Every render is bounded by NOTIFYD_TEMPLATE_MAX_OUTPUT and NOTIFYD_TEMPLATE_MAX_
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,9 +32,13 @@ _TemplateKey = tuple[str, str, str, str | None]  # tenant, template key, channel
 
 def render_limits(settings: Settings) -> RenderLimits:
     """What one rendered field may cost, from NOTIFYD_TEMPLATE_MAX_OUTPUT / _MAX_STEPS."""
-    return RenderLimits(
-        max_output=settings.template_max_output, max_steps=settings.template_max_steps
-    )
+    return _render_limits(settings.template_max_output, settings.template_max_steps)
+
+
+@functools.lru_cache(maxsize=8)
+def _render_limits(max_output: int, max_steps: int) -> RenderLimits:
+    """One value per pair of settings: every send asks for it (a REST send builds none)."""
+    return RenderLimits(max_output=max_output, max_steps=max_steps)
 
 
 class Composer:

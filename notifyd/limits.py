@@ -58,6 +58,10 @@ class Limits:
         return replace(self, **changes)
 
 
+# the channels a daily quota may count (what platform_quota looks at): others skip the check
+QUOTA_CHANNELS = frozenset({"email", "sms"})
+
+
 def platform_quota(limits: Limits, channel: str, *, own_smtp: bool, own_twilio: bool) -> int:
     """The daily quota a `channel` send of a tenant counts against: email through the global
     relay (the tenant has no SMTP relay of its own), SMS through the platform's Twilio
