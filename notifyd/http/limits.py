@@ -62,8 +62,8 @@ async def check_daily_quota(
 async def take_seat(
     request: web.Request, ws: web.WebSocketResponse, caller: Identity
 ) -> Seat | None:
-    """A seat under the socket caps for this socket (`async with` it for the socket's
-    life), or None once the socket is closed with `SOCKETS_FULL`."""
+    """A seat under the socket caps for this socket (its `live` gives it back when the
+    socket is done), or None once the socket is closed with `SOCKETS_FULL`."""
     ctx = services(request)
     limits = ctx.tenant_limits.of(caller.tenant_id)
     seat = await ctx.seats.take(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
 import math
@@ -44,10 +45,10 @@ from prometheus_client import Counter
 from notifyd.auth.identity import Identity
 from notifyd.auth.tokens import TokenError, TokenVerifier
 from notifyd.http.context import services
-from notifyd.logs import tenant_id_var
 from notifyd.payloads import dumps
 from notifyd.realtime.history import Missed, after, is_offset
 from notifyd.realtime.hub import Subscriber
+from notifyd.realtime.seats import Seat
 
 log = logging.getLogger("notifyd.http.websockets")
 
@@ -272,7 +273,9 @@ async def accept(request: web.Request) -> tuple[web.WebSocketResponse, SocketTok
         identity, expires_at = await services(request).verifier.verify_until(token)
     except TokenError as exc:
         return await refuse(request, ws, UNAUTHORIZED, exc.reason.encode()[:120]), None
-    tenant_id_var.set(identity.tenant_id)  # this socket's log lines (and its timer's) name it
+    # No tenant_id_var.set here: a second context variable in every socket's task costs
+    # more than a tenant id in the socket's few log lines (`live` names it in each), and
+    # the token clock's callbacks run in whichever socket's context armed its timer.
     clock = request.app[SOCKETS].deadlines
     return ws, SocketToken(identity, expires_at, s.ws_token_warning, clock)
 
@@ -301,6 +304,7 @@ class live:
         "_endpoint",
         "_opened",
         "_request",
+        "_seat",
         "_subscriber",
         "_token",
         "_ws",
@@ -313,10 +317,12 @@ class live:
         token: SocketToken,
         channel: str,
         endpoint: str,
+        seat: Seat,
     ) -> None:
         self._request = request
         self._ws = ws
         self._token = token
+        self._seat = seat  # given back when the socket is done (one `async with`, not two)
         self._channel = channel
         self._endpoint = endpoint
         self._connections = services(request).metrics.ws_connections.labels(endpoint)
@@ -327,13 +333,20 @@ class live:
         ctx = services(self._request)
         self._request.app[SOCKETS].sockets.add(self._ws)
         subscriber = Subscriber(ctx.settings.ws_send_queue, ctx.settings.ws_send_buffer, self._end)
-        await ctx.hub.subscribe(self._channel, subscriber)
+        try:
+            await ctx.hub.subscribe(self._channel, subscriber)
+        except BaseException:
+            ctx.seats.release_soon(self._seat)  # no __aexit__ follows a failed __aenter__
+            raise
         # from here on __aexit__ runs and stops the timer (a failed subscribe leaves none)
         self._token.start(self)
         self._subscriber = subscriber
         self._connections.inc()
-        log.info("websocket opened", extra={"endpoint": self._endpoint})
+        log.info("websocket opened", extra=self._log_fields())
         return subscriber
+
+    def _log_fields(self, **more: Any) -> dict[str, Any]:
+        return {"tenant_id": self._token.identity.tenant_id, "endpoint": self._endpoint, **more}
 
     def _end(self, code: int, reason: bytes) -> None:
         """Called by the hub (which awaits nothing): the close runs as a task of its own."""
@@ -341,7 +354,7 @@ class live:
 
     def token_expired(self) -> None:
         """Called by the token's timer: the token expired and no refresh came."""
-        log.info("websocket token expired", extra={"endpoint": self._endpoint})
+        log.info("websocket token expired", extra=self._log_fields())
         self._end(*EXPIRED)
 
     def token_expiring(self, seconds_left: float) -> None:
@@ -366,15 +379,14 @@ class live:
             self._subscriber = None  # it holds our `_end`: no cycle left behind
             _drop_heartbeat_callback(self._request)
             self._connections.dec()
+            ctx.seats.release_soon(self._seat)
         if subscriber.overflowed:
             ctx.metrics.ws_dropped.inc()
         log.info(
             "websocket closed",
-            extra={
-                "endpoint": self._endpoint,
-                "code": self._ws.close_code,
-                "seconds": round(time.monotonic() - self._opened, 1),
-            },
+            extra=self._log_fields(
+                code=self._ws.close_code, seconds=round(time.monotonic() - self._opened, 1)
+            ),
         )
 
 
@@ -472,6 +484,12 @@ async def catch_up(
     return True
 
 
+@functools.cache
+def _with_refresh(known: tuple[str, ...]) -> tuple[str, ...]:
+    """An endpoint's frame types and `refresh`: one tuple per endpoint, not one per socket."""
+    return (*known, REFRESH)
+
+
 async def commands(
     ws: web.WebSocketResponse,
     request: web.Request,
@@ -485,7 +503,7 @@ async def commands(
     here and never reach the endpoint; `refresh` frames are handled here for every socket.
     `default` is the type of a frame that names none."""
     ctx = services(request)
-    known = (*known, REFRESH)
+    known = _with_refresh(known)
     limit: RateLimit | None = None  # made at the first frame: idle sockets never need one
     counted = ctx.metrics.ws_messages_in
     counters: dict[str, Counter] = {}  # labels() validates and locks on each call: once per type
@@ -543,7 +561,10 @@ async def refresh(
         await ws.send_str(error_frame(f"token: {exc.reason}", REFUSED))
         return
     if identity != token.identity:
-        log.info("websocket refresh named another identity")
+        log.info(
+            "websocket refresh named another identity",
+            extra={"tenant_id": token.identity.tenant_id},
+        )
         await ws.close(code=UNAUTHORIZED, message=b"refresh token names another identity")
         return
     token.renew(expires_at)

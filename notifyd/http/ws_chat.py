@@ -69,7 +69,7 @@ async def chat_socket(request: web.Request) -> web.StreamResponse:
     capped = await take_seat(request, ws, caller)
     if capped is None:
         return ws
-    async with capped, live(request, ws, token, channel, ENDPOINT) as subscriber:
+    async with live(request, ws, token, channel, ENDPOINT, capped) as subscriber:
         seat, online = await ctx.presence.join(caller.tenant_id, name, caller.user_id)
         try:
             await ws.send_str(dumps({"type": "presence", "room": name, "online": online}).decode())

@@ -50,7 +50,7 @@ async def notifications_socket(request: web.Request) -> web.StreamResponse:
     capped = await take_seat(request, ws, caller)
     if capped is None:
         return ws
-    async with capped, live(request, ws, token, channel, ENDPOINT) as subscriber:
+    async with live(request, ws, token, channel, ENDPOINT, capped) as subscriber:
         replayed_to = await replay(
             ws,
             request,

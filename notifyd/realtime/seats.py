@@ -12,10 +12,10 @@ stop counting once they expire, within one TTL.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import uuid
 from dataclasses import dataclass
-from types import TracebackType
 
 from redis.asyncio import Redis
 
@@ -51,26 +51,18 @@ class SeatRefused:
 
 
 class Seat:
-    """One open socket's place under its caps; `async with` gives it back on close."""
+    """One open socket's place under its caps, given back with `SocketSeats.release_soon`.
 
-    __slots__ = ("_seats", "connection_id", "tenant_id", "user_id")
+    Its number is unique in this instance; in Redis it is named with the instance's prefix
+    (`SocketSeats.member`), so the string exists only while a Redis call needs it: every
+    idle socket holds one of these."""
 
-    def __init__(self, seats: SocketSeats, tenant_id: str, user_id: str) -> None:
-        self._seats = seats
+    __slots__ = ("number", "tenant_id", "user_id")
+
+    def __init__(self, number: int, tenant_id: str, user_id: str) -> None:
+        self.number = number
         self.tenant_id = tenant_id
         self.user_id = user_id
-        self.connection_id = uuid.uuid4().hex
-
-    async def __aenter__(self) -> Seat:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._seats.release_soon(self)
 
 
 class SocketSeats:
@@ -83,7 +75,9 @@ class SocketSeats:
         self._keys = keys
         self._ttl_ms = int(ttl * 1000)
         self._take = redis.register_script(TAKE)
-        self._open: dict[str, Seat] = {}
+        self._prefix = uuid.uuid4().hex[:16] + ":"  # this instance's, in every member name
+        self._numbers = itertools.count(1)
+        self._open: dict[int, Seat] = {}
         self._releasing: set[asyncio.Task[None]] = set()
 
     async def take(
@@ -91,7 +85,7 @@ class SocketSeats:
     ) -> Seat | SeatRefused:
         """A seat for a new socket, or which cap is full. With both caps off: a seat that
         is counted nowhere (no Redis call)."""
-        seat = Seat(self, tenant_id, user_id)
+        seat = Seat(next(self._numbers), tenant_id, user_id)
         if per_user <= 0 and per_tenant <= 0:
             return seat
         now = now_ms()
@@ -108,7 +102,7 @@ class SocketSeats:
                 args=[
                     now,
                     now + self._ttl_ms,
-                    seat.connection_id,
+                    self.member(seat),
                     per_user,
                     per_tenant,
                     2 * self._ttl_ms,
@@ -121,14 +115,18 @@ class SocketSeats:
             return SeatRefused(
                 "sockets_tenant", f"this tenant has {per_tenant} sockets open already"
             )
-        self._open[seat.connection_id] = seat
+        self._open[seat.number] = seat
         return seat
+
+    def member(self, seat: Seat) -> str:
+        """The seat's name in the caps' sorted sets, unique across instances."""
+        return f"{self._prefix}{seat.number}"
 
     def release_soon(self, seat: Seat) -> None:
         """Gives the seat back in a task of its own: the socket's handler returns at once.
         Awaiting Redis there, after the socket's own cleanup, kept the closed socket alive
         (a heartbeat armed meanwhile) until the cycle collector ran."""
-        if seat.connection_id not in self._open:
+        if seat.number not in self._open:
             return
         task = asyncio.get_running_loop().create_task(self.release(seat))
         self._releasing.add(task)
@@ -141,11 +139,12 @@ class SocketSeats:
             log.warning("socket seat not released", extra={"error": repr(task.exception())})
 
     async def release(self, seat: Seat) -> None:
-        if self._open.pop(seat.connection_id, None) is None:
+        if self._open.pop(seat.number, None) is None:
             return  # never counted
+        member = self.member(seat)
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.zrem(self._keys.user_sockets(seat.tenant_id, seat.user_id), seat.connection_id)
-            pipe.zrem(self._keys.tenant_sockets(seat.tenant_id), seat.connection_id)
+            pipe.zrem(self._keys.user_sockets(seat.tenant_id, seat.user_id), member)
+            pipe.zrem(self._keys.tenant_sockets(seat.tenant_id), member)
             await pipe.execute()
 
     async def refresh(self) -> None:
@@ -154,12 +153,11 @@ class SocketSeats:
         expiry = now_ms() + self._ttl_ms
         by_key: dict[str, list[str]] = {}
         for seat in list(self._open.values()):
+            member = self.member(seat)
             by_key.setdefault(self._keys.user_sockets(seat.tenant_id, seat.user_id), []).append(
-                seat.connection_id
+                member
             )
-            by_key.setdefault(self._keys.tenant_sockets(seat.tenant_id), []).append(
-                seat.connection_id
-            )
+            by_key.setdefault(self._keys.tenant_sockets(seat.tenant_id), []).append(member)
         async with self._redis.pipeline(transaction=False) as pipe:
             for key, members in by_key.items():
                 for start in range(0, len(members), REFRESH_CHUNK):
