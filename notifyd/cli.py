@@ -1,4 +1,4 @@
-"""`notifyd` command line: serve, migrate, token, check-config, and the operator commands
+"""`notifyd` command line: serve, migrate, token, check-config, settings, and the operator commands
 send, dlq, reminders, limits and stats (their logic lives in notifyd/operator/).
 
 Exit codes: 0 done; 1 a server (PostgreSQL, Redis) unreachable or failing, or not everything
@@ -14,7 +14,16 @@ from typing import Any
 
 from notifyd import __version__, logs
 from notifyd.limits import LIMIT_NAMES, RATE_NAMES
-from notifyd.settings import CHANNELS, ROLES, Settings, SettingsError, describe, load_settings
+from notifyd.settings import (
+    CHANNELS,
+    ROLES,
+    Settings,
+    SettingsError,
+    describe,
+    example_toml,
+    load_settings,
+    markdown,
+)
 
 # notifyd.http.reminders.STATUSES, not imported here: every command would load aiohttp
 REMINDER_STATUSES = ("scheduled", "fired", "skipped", "cancelled")
@@ -105,6 +114,12 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    """Print a listing generated from the settings' one declaration (no settings are read)."""
+    print(markdown() if args.markdown else example_toml(), end="")
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(config_file=args.config)
@@ -123,7 +138,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         )
     from notifyd.ingest.binding import open_sources
 
-    for warning in open_sources(settings):
+    for warning in [*settings.notices, *open_sources(settings)]:
         print(f"warning: {warning}")
     print("configuration is valid")
     return 0
@@ -418,6 +433,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "check-config", help="print the effective settings and every problem"
     ).set_defaults(func=cmd_check_config)
+    listing = sub.add_parser(
+        "settings", help="print every setting: the example TOML file or the reference page"
+    )
+    form = listing.add_mutually_exclusive_group(required=True)
+    form.add_argument(
+        "--example-toml", action="store_true", help="config/notifyd.example.toml, every default"
+    )
+    form.add_argument("--markdown", action="store_true", help="docs/settings.md, the reference")
+    listing.set_defaults(func=cmd_settings)
     _add_operator_commands(sub)
     return parser
 

@@ -4,6 +4,7 @@ a fixed precedence, every bad value is reported at once, and secrets never show.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -439,3 +440,95 @@ def test_the_reminder_lookahead_is_bounded_and_zero_turns_it_off() -> None:
         {"JWT_SECRET": SECRET, "NOTIFYD_REMINDER_LOOKAHEAD": "2", "NOTIFYD_CLAIM_IDLE": "2"}
     )
     assert [p for p in found if "NOTIFYD_CLAIM_IDLE" in p], found
+
+
+# --- one declaration: bounds, retired settings --------------------------------------------
+
+
+def test_a_bound_names_the_setting_and_says_why() -> None:
+    problems = problems_of({"JWT_SECRET": SECRET, "NOTIFYD_RETAIN_BATCH": "20000"})
+    assert len(problems) == 1
+    assert problems[0].startswith("NOTIFYD_RETAIN_BATCH: must be at most 10000 (")
+    assert "row locks" in problems[0]
+
+
+def test_every_value_has_a_bound_even_those_once_unchecked() -> None:
+    problems = problems_of(
+        {
+            "JWT_SECRET": SECRET,
+            "NOTIFYD_CONTEXT_MAX_KEYS": "0",
+            "NOTIFYD_MARK_READ_MAX_IDS": "-1",
+            "EMAIL_PORT": "70000",
+            "JWT_LEEWAY": "-5",
+        }
+    )
+    text = names(problems)
+    for name in (
+        "NOTIFYD_CONTEXT_MAX_KEYS",
+        "NOTIFYD_MARK_READ_MAX_IDS",
+        "EMAIL_PORT",
+        "JWT_LEEWAY",
+    ):
+        assert name in text, text
+    assert len(problems) == 4
+
+
+def test_not_a_number_is_refused_where_every_comparison_would_pass() -> None:
+    for value in ("nan", "inf"):
+        problems = problems_of({"JWT_SECRET": SECRET, "NOTIFYD_SEND_TIMEOUT": value})
+        assert problems == [f"NOTIFYD_SEND_TIMEOUT: must be a finite number, got {value!r}"]
+
+
+def test_a_bound_broken_in_the_toml_file_names_the_file_and_key(tmp_path: Path) -> None:
+    config = tmp_path / "notifyd.toml"
+    config.write_text("[delivery]\nretry_cap = 0\n")
+    problems = problems_of({"JWT_SECRET": SECRET}, config_file=config)
+    assert problems == [f"{config} [delivery.retry_cap]: must be greater than 0"]
+
+
+def test_a_retired_setting_is_a_warning_not_an_error(tmp_path: Path) -> None:
+    config = tmp_path / "notifyd.toml"
+    config.write_text("[delivery]\ndispatch_concurrency = 16\n")
+    settings = load_settings(
+        {"JWT_SECRET": SECRET, "NOTIFYD_DISPATCH_CONCURRENCY": "16"},
+        config_file=config,
+        dotenv_file=None,
+    )
+    assert len(settings.notices) == 2
+    assert settings.notices[0].startswith("NOTIFYD_DISPATCH_CONCURRENCY: retired")
+    assert f"{config} [delivery.dispatch_concurrency]: retired" in settings.notices[1]
+    assert not hasattr(settings, "dispatch_concurrency")
+    assert load().notices == ()
+
+
+def test_settings_are_frozen() -> None:
+    settings = load()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.port = 1  # type: ignore[misc]
+    changed = dataclasses.replace(settings, port=1, send_policy=settings.send_policy)
+    assert (changed.port, changed.send_policy) == (1, settings.send_policy)
+
+
+def test_check_config_prints_a_retired_setting_as_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from notifyd.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no `.env` of the checkout
+    monkeypatch.setenv("JWT_SECRET", SECRET)
+    monkeypatch.setenv("NOTIFYD_DISPATCH_CONCURRENCY", "16")
+    monkeypatch.delenv("NOTIFYD_CONFIG", raising=False)
+    assert main(["check-config"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: NOTIFYD_DISPATCH_CONCURRENCY: retired" in out
+    assert "configuration is valid" in out
+
+
+def test_the_generated_listings_are_printed_by_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    from notifyd.cli import main
+    from notifyd.settings import example_toml, markdown
+
+    assert main(["settings", "--example-toml"]) == 0
+    assert capsys.readouterr().out == example_toml()
+    assert main(["settings", "--markdown"]) == 0
+    assert capsys.readouterr().out == markdown()
