@@ -7,6 +7,7 @@ asked for could be done; 2 bad settings or bad input, nothing changed."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -51,6 +52,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _load(args)
     logs.configure(settings.log_level, settings.log_format, settings.debug)
+    for notice in settings.notices:  # retired settings: said once, where the operator looks
+        logging.getLogger("notifyd.settings").warning("%s", notice)
     return _run(serve(settings))
 
 

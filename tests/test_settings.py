@@ -532,3 +532,10 @@ def test_the_generated_listings_are_printed_by_the_cli(capsys: pytest.CaptureFix
     assert capsys.readouterr().out == example_toml()
     assert main(["settings", "--markdown"]) == 0
     assert capsys.readouterr().out == markdown()
+
+
+def test_a_bad_signing_key_is_reported_once_not_also_as_missing() -> None:
+    assert problems_of({"JWT_SECRET": "short"}) == [
+        "JWT_SECRET: too short, use at least 16 characters (32 random bytes is better)"
+    ]
+    assert "JWT_SECRET: missing" in names(problems_of({"JWT_SECRET": ""}))

@@ -11,7 +11,6 @@ The declaration (`model.py`) is pydantic's; this module only picks each field's 
 
 from __future__ import annotations
 
-import logging
 import os
 import tomllib
 from collections.abc import Mapping
@@ -25,7 +24,6 @@ from pydantic_core import ErrorDetails
 from notifyd.settings.model import Settings, SettingsError
 from notifyd.settings.spec import SPECS, Spec
 
-log = logging.getLogger(__name__)
 _ADAPTER = TypeAdapter(Settings)
 
 # settings notifyd once read and no longer does: setting one is a warning, not an error, so an
@@ -89,8 +87,6 @@ def load_settings(
     settings = _validate(values, origin, problems)
     if problems or settings is None:
         raise SettingsError(problems)
-    for notice in notices:
-        log.warning("%s", notice)
     object.__setattr__(settings, "_notices", tuple(notices))  # not a field: see Settings.notices
     return settings
 
@@ -102,9 +98,10 @@ def _validate(
     defaults stand in for the values at fault and, valid on their own, add no second report.
     The rules across settings run once every single value is valid."""
     by_name = {spec.name: spec for spec in SPECS}
+    failed: set[str] = set()
     while True:
         try:
-            return _ADAPTER.validate_python(values, context={"starting": True})
+            return _ADAPTER.validate_python(values, context={"failed": frozenset(failed)})
         except SettingsError as exc:
             problems += exc.problems
             return None
@@ -116,6 +113,7 @@ def _validate(
                 label = origin.get(name) or (spec.env[0] if spec else name or "settings")
                 problems.append(f"{label}: {_message(error, spec)}")
                 dropped |= values.pop(name, None) is not None
+                failed.add(name)
             if not dropped:
                 return None
 

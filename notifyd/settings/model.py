@@ -559,20 +559,23 @@ class Settings:
     def _consistent(self, info: ValidationInfo) -> Self:
         """Rules across settings: what a running daemon would otherwise discover too late.
         Raises `SettingsError` (not a pydantic error: each problem names its settings)."""
-        problems = cross_field_problems(self, starting=bool(info.context))
+        failed = None if info.context is None else info.context["failed"]
+        problems = cross_field_problems(self, failed=failed)
         if problems:
             raise SettingsError(problems)
         return self
 
 
-def cross_field_problems(s: Settings, *, starting: bool) -> list[str]:
+def cross_field_problems(s: Settings, *, failed: frozenset[str] | None) -> list[str]:
     """Each rule that involves two settings or more, named by their environment names.
-    `starting`: the daemon needs a signing key; settings built in code (tests) need none."""
+    `failed`: from the loader, the settings already reported (their defaults stand in); the
+    daemon it starts needs a signing key, settings built in code (tests: None) need none."""
     problems: list[str] = []
     if s.db_pool_max < s.db_pool_min:
         problems.append("NOTIFYD_DB_POOL_MIN/MAX: need 1 <= min <= max")
     keys = bool(s.jwt_public_key_file or s.jwt_jwks_url)
-    if starting and not (s.jwt_secret or keys):
+    key_names = {"jwt_secret", "jwt_public_key_file", "jwt_jwks_url"}
+    if failed is not None and not (s.jwt_secret or keys or key_names & failed):
         problems.append(
             "JWT_SECRET: missing; set it (HS256), "
             "or JWT_PUBLIC_KEY_FILE / JWT_JWKS_URL (RS256/ES256)"
