@@ -1,12 +1,13 @@
 """Build `Settings` from layers, lowest first: built-in default, TOML file (`NOTIFYD_CONFIG` or
 `--config`), `.env` in the working folder, process environment.
 
-Why not pydantic-settings' sources (docs/architecture.md, "Settings"): its environment source
-decodes lists and tables as JSON where notifyd's syntax is `a,b` and `role=ch,ch;...`, it is
-case-insensitive where the seeds' names are not, `Settings()` would then read `os.environ`
-instead of meaning "the built-in defaults", and a bad value must be reported with where it came
-from (`NOTIFYD_PORT` or `notifyd.toml [server.port]`), which a merged source no longer knows.
-The declaration (`model.py`) is pydantic's; this module only picks each field's raw value.
+Why not pydantic-settings' sources (docs/architecture.md, "Settings declared once"): its
+environment source decodes lists and tables as JSON where notifyd's syntax is `a,b` and
+`role=ch,ch;...`, it is case-insensitive by default where the seeds' names are not,
+`Settings()` would then read `os.environ` instead of meaning "the built-in defaults", and a bad
+value must be reported with where it came from (`NOTIFYD_PORT` or `notifyd.toml
+[server.port]`), which a merged source no longer knows. The declaration (`model.py`) is
+pydantic's; this module only picks each field's raw value.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The one declaration of every setting: `Settings`, a frozen pydantic model.
+"""The one declaration of every setting: `Settings`, a frozen pydantic dataclass.
 
 Each field is declared once with `setting(default, ENV_NAME, "section.key", "help", bounds)`:
 its attribute name (read as `settings.xxx` everywhere), its environment name(s) (the first is
