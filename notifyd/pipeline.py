@@ -14,14 +14,13 @@ from urllib.parse import quote
 import asyncpg
 from redis.asyncio import Redis
 
-from notifyd.actors.direct_inapp import DirectInApp
-from notifyd.actors.dispatcher import Dispatcher
+from notifyd.actors.alerts import Alerts
+from notifyd.actors.dispatcher import DirectInApp, Dispatcher
 from notifyd.actors.reminder_firer import ReminderFirer
 from notifyd.actors.sender import Sender
 from notifyd.actors.stream_stats import StreamStats
 from notifyd.actors.sweeper import Sweeper
 from notifyd.actors.timer import Timer
-from notifyd.alerts import Alerts
 from notifyd.egress import Egress
 from notifyd.ingest.accept import EventAcceptor
 from notifyd.ingest.rabbitmq_source import RabbitMqEventSource

@@ -3,8 +3,9 @@
 For each intent it renders what was not rendered at accept time (notifications made by other
 producers: reminders, ingested events), applies the recipient's preferences (critical ones
 bypass opt-outs), marks the row `dispatched`, and adds the delivery to
-`notifyd:deliver:{channel}`. In-app rows are delivered here directly (`direct_inapp`): their
-"send" is one Redis publish, not worth a second stream hop. A replayed intent for an already
+`notifyd:deliver:{channel}`. In-app rows are delivered here directly (`DirectInApp`, a part
+of the dispatcher, not an actor): their "send" is one Redis publish, not worth a second
+stream hop. A replayed intent for an already
 dispatched row re-adds the delivery: senders claim rows in PostgreSQL, so a duplicate entry
 is harmless, a missing one would not be.
 """
@@ -15,17 +16,19 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import asyncpg
 from redis.asyncio import Redis
 
-from notifyd.actors.direct_inapp import DirectInApp, Ready
-from notifyd.alerts import Alerts
+from notifyd.alerts import Alerting
 from notifyd.compose import Composer, render_limits
 from notifyd.keys import DISPATCH_GROUP, Keys
 from notifyd.metrics import Metrics
 from notifyd.payloads import DeliveryRef, NotificationIntent, PayloadError
 from notifyd.preferences import suppression_reason
+from notifyd.providers.base import Sent, delivery_of
+from notifyd.providers.inapp import InAppProvider
 from notifyd.providers.render import TemplateError
 from notifyd.settings import Settings
 from notifyd.store import deliveries
@@ -40,6 +43,82 @@ BATCH = 64  # intents handled per stream read
 BATCHES_IN_FLIGHT = 2  # reads in flight: one waits on PostgreSQL while the next is read
 
 
+@dataclass(slots=True)  # a value, not frozen: see docs/architecture.md
+class Ready:
+    """A queued row the dispatcher cleared for delivery, with its final content (rendered
+    now when acceptance did not)."""
+
+    row: asyncpg.Record
+    subject: str | None
+    body: str
+    html: str | None
+
+
+class DirectInApp:
+    """In-app delivery done by the dispatcher itself, without a second stream hop.
+
+    An in-app "send" is one Redis script call that records the live event on the user's feed; the
+    row is already in the notification center. Sending it the way email goes (mark `dispatched`,
+    XADD to `notifyd:deliver:in_app`, a sender reads it, claims the row, publishes, marks it
+    `sent`) costs three row versions (each rewriting every index of `notifications`) and four
+    Redis round trips per batch for a single publish. Under load that was most of PostgreSQL's
+    work per notification. Here the dispatcher publishes the batch's events and moves the rows
+    from `queued` to `sent` in one UPDATE.
+
+    The promises are the sender's. The publish comes before the UPDATE, so a crash between the
+    two leaves the row `queued` and its intent pending: it is published again (at least once; the
+    event carries the notification id, which clients dedupe on). Rows whose publish failed stay
+    `queued` and the dispatcher routes them the ordinary way, where the in-app sender retries
+    with backoff. Two instances racing on one intent may both publish; one UPDATE wins.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, provider: InAppProvider, metrics: Metrics) -> None:
+        if not provider.batched:
+            raise ValueError("direct in-app delivery needs a provider that publishes in batches")
+        self._pool = pool
+        self._provider = provider
+        self._metrics = metrics
+
+    async def deliver(self, rows: Sequence[Ready]) -> set[uuid.UUID]:
+        """Publish the live events of queued in-app `rows` (preferences applied) and mark
+        them sent with their content. Returns the ids handled: sent now, or by a peer
+        first. The others failed to publish and are still `queued`."""
+        batch = [
+            # the row is still `queued`: this send is its next attempt
+            delivery_of(
+                r.row, subject=r.subject, body=r.body, html=r.html, attempt=r.row["attempts"] + 1
+            )
+            for r in rows
+        ]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        results = await self._provider.send_many(batch)
+        self._metrics.provider_latency.labels("in_app").observe(loop.time() - started)
+        published = [
+            deliveries.Published(
+                ready.row["tenant_id"],
+                ready.row["id"],
+                ready.subject,
+                ready.body,
+                ready.html,
+                result.provider_message_id or "",
+            )
+            for ready, result in zip(rows, results, strict=True)
+            if isinstance(result, Sent)
+        ]
+        failed = [r for r in results if not isinstance(r, Sent)]
+        if failed:
+            log.warning(
+                "live events not published; the in-app sender takes them over",
+                extra={"count": len(failed), "error": str(failed[0])},
+            )
+        if not published:
+            return set()
+        recorded = await deliveries.send_queued_many(self._pool, published)
+        self._metrics.deliveries.labels("in_app", "sent").inc(len(recorded))
+        return {p.id for p in published}
+
+
 class Dispatcher:
     name = "dispatcher"
 
@@ -51,13 +130,13 @@ class Dispatcher:
         keys: Keys,
         settings: Settings,
         consumer_name: str,
-        alerts: Alerts,
+        alerts: Alerting,
         producer: Producer,
         metrics: Metrics,
         direct_in_app: DirectInApp | None = None,
     ) -> None:
         """With `direct_in_app`, in-app rows are delivered here (rendered first if need be), not
-        through the in-app sender's stream (see `actors.direct_inapp`)."""
+        through the in-app sender's stream (see `DirectInApp`)."""
         self._alerts = alerts
         self._direct_in_app = direct_in_app
         self._producer = producer

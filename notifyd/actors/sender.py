@@ -28,7 +28,7 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from notifyd.alerts import Alerts
+from notifyd.alerts import Alerting
 from notifyd.fairness import Breaker, BreakerState, FairGate, Full, Pacer, Park, SendTimes
 from notifyd.keys import SEND_GROUP, Keys
 from notifyd.metrics import Metrics
@@ -41,28 +41,18 @@ from notifyd.providers.base import (
     Sent,
     TransientError,
     Unreachable,
+    delivery_of,
 )
+from notifyd.retries import retry_item, waiting_item
 from notifyd.settings import Settings
 from notifyd.store import deliveries
 from notifyd.store.batch import GroupCommit
 from notifyd.streams.consumer import Acknowledged, Defer, Entry, Poison, StreamConsumer, Timing
 from notifyd.streams.producer import Producer
-from notifyd.streams.schedule import Schedule, Scheduled
+from notifyd.streams.schedule import Schedule
 from notifyd.supervisor import exponential_backoff
 
 log = logging.getLogger("notifyd.actors.sender")
-
-
-def retry_item(keys: Keys, channel: str, ref: DeliveryRef, attempt: int) -> Scheduled:
-    """The wheel entry of one retry; the sweeper rebuilds the same one from the row."""
-    return Scheduled(keys.deliver(channel), ref.to_fields(), key=f"retry:{attempt}")
-
-
-def waiting_item(keys: Keys, channel: str, ref: DeliveryRef) -> Scheduled:
-    """The wheel entry of a delivery set aside while its tenant is at its cap. Redis only:
-    its row is untouched, so if Redis loses it the sweeper re-enqueues the row as it does
-    any row left `dispatched` (after NOTIFYD_REQUEUE_AFTER)."""
-    return Scheduled(keys.deliver(channel), ref.to_fields(), key="waiting")
 
 
 BATCH = 64  # entries per read for a batched provider
@@ -85,25 +75,6 @@ HOLD_RECHECK_S = 0.05  # a held entry asks again about this often whether others
 LOOK_EVERY_S = 0.01
 LOOKAHEAD_ENTRIES = 1024  # the most entries one look reads
 BREAKER_JITTER_S = 1.0  # parked mail of an open circuit comes back spread over this
-
-
-def delivery_of(
-    row: asyncpg.Record, *, subject: str | None, body: str, html: str | None, attempt: int
-) -> Delivery:
-    """A notification row as a provider sees it, with the content and attempt to send."""
-    return Delivery(
-        id=str(row["id"]),
-        tenant_id=row["tenant_id"],
-        channel=row["channel"],
-        recipient=row["recipient"],
-        user_id=row["user_id"],
-        subject=subject,
-        body=body,
-        html_body=html,
-        category=row["category"],
-        attempt=attempt,
-        created_at=row["created_at"],
-    )
 
 
 def _delivery(row: asyncpg.Record) -> Delivery:
@@ -242,7 +213,7 @@ class Sender:
         settings: Settings,
         metrics: Metrics,
         schedule: Schedule,
-        alerts: Alerts | None,
+        alerts: Alerting | None,
         consumer_name: str,
         concurrency: int,
         producer: Producer,

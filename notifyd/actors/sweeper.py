@@ -17,11 +17,11 @@ import logging
 import asyncpg
 from redis.asyncio import Redis
 
-from notifyd.actors.sender import retry_item
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
 from notifyd.payloads import DeliveryRef, NotificationIntent
 from notifyd.reminders import wheel_item
+from notifyd.retries import retry_item
 from notifyd.store import deliveries, reminders
 from notifyd.streams.producer import Producer
 from notifyd.streams.schedule import Schedule

@@ -32,7 +32,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-from notifyd.alerts import Alerts
+from notifyd.alerts import Alerting
 from notifyd.ingest.accept import EventAcceptor
 from notifyd.ingest.binding import Binding, admit
 from notifyd.ingest.events import EventLimits, MalformedEvent, parse_event
@@ -59,7 +59,7 @@ class RabbitMqEventSource:
         acceptor: EventAcceptor,
         producer: Producer,
         keys: Keys,
-        alerts: Alerts,
+        alerts: Alerting,
         consumer_name: str,
     ) -> None:
         self._url = settings.rabbitmq_url

@@ -24,7 +24,7 @@ import logging
 from redis.asyncio import Redis
 
 from notifyd.accept import Refusal
-from notifyd.alerts import Alerts
+from notifyd.alerts import Alerting
 from notifyd.ingest.accept import EventAcceptor
 from notifyd.ingest.binding import Binding, admit
 from notifyd.ingest.events import DomainEvent, EventLimits, MalformedEvent, parse_event
@@ -59,7 +59,7 @@ class RedisEventSource:
         settings: Settings,
         acceptor: EventAcceptor,
         producer: Producer,
-        alerts: Alerts,
+        alerts: Alerting,
         consumer_name: str,
     ) -> None:
         self._acceptor = acceptor

@@ -31,6 +31,32 @@ class Delivery:
     created_at: Any
 
 
+class Row(Protocol):
+    """A notification row read by column name (an asyncpg Record is one)."""
+
+    def __getitem__(self, column: str, /) -> Any: ...
+
+
+def delivery_of(
+    row: Row, *, subject: str | None, body: str, html: str | None, attempt: int
+) -> Delivery:
+    """A notification row as a provider sees it, with the content and attempt to send. Here,
+    below the sender and the dispatcher's direct in-app path, so both build it one way."""
+    return Delivery(
+        id=str(row["id"]),
+        tenant_id=row["tenant_id"],
+        channel=row["channel"],
+        recipient=row["recipient"],
+        user_id=row["user_id"],
+        subject=subject,
+        body=body,
+        html_body=html,
+        category=row["category"],
+        attempt=attempt,
+        created_at=row["created_at"],
+    )
+
+
 @dataclass(slots=True)  # a value, not frozen: see docs/architecture.md
 class Sent:
     """Accepted by the provider; `provider_message_id` links later status callbacks."""
