@@ -19,6 +19,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+from notifyd.providers.builtin_templates import builtin
 from notifyd.providers.render import Rendered, TemplateError, TemplateSource, render
 from notifyd.providers.render_bounds import RenderLimits
 from notifyd.settings import Settings
@@ -39,6 +40,24 @@ def render_limits(settings: Settings) -> RenderLimits:
 def _render_limits(max_output: int, max_steps: int) -> RenderLimits:
     """One value per pair of settings: every send asks for it (a REST send builds none)."""
     return RenderLimits(max_output=max_output, max_steps=max_steps)
+
+
+async def resolve(
+    executor: Executor,
+    tenant_id: str,
+    template_key: str,
+    channel: str,
+    locale: str | None,
+    default_locale: str,
+) -> TemplateSource | None:
+    """The tenant's template by locale fallback (`store.templates.resolve`), else notifyd's
+    built-in, else None: the whole fallback order in one place."""
+    stored = await templates.resolve(
+        executor, tenant_id, template_key, channel, locale, default_locale
+    )
+    if stored is None:
+        return builtin(template_key, channel)
+    return TemplateSource(stored.subject, stored.text_body, stored.html_body, stored.locale)
 
 
 class Composer:
@@ -83,7 +102,7 @@ class Composer:
         if key in self._sources:
             source = self._sources[key]
         else:
-            source = self._sources[key] = await templates.resolve(
+            source = self._sources[key] = await resolve(
                 self._executor,
                 tenant_id,
                 template_key,

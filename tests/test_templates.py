@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from notifyd.compose import Composer, compose
+from notifyd.compose import Composer, compose, resolve
 from notifyd.providers import render as render_module
 from notifyd.providers.builtin_templates import builtin, builtin_keys
 from notifyd.providers.render import Rendered, TemplateError, TemplateSource
@@ -181,7 +181,7 @@ async def put_row(
 
 
 async def resolved_locale(db: asyncpg.Connection, key: str, locale: str | None) -> str | None:
-    source = await store.resolve(db, TENANT, key, "email", locale, "en")
+    source = await resolve(db, TENANT, key, "email", locale, "en")
     if source is None:
         return "none"
     return source.locale  # None for a built-in
@@ -195,7 +195,7 @@ async def test_resolve_falls_back_locale_language_default_empty_builtin_none(
             await put_row(db, key, locale)
     await put_row(db, "custom", "fr", tenant=OTHER)
     # Another tenant's rows never answer.
-    assert await store.resolve(db, OTHER, "interview_reminder", "email", "fr", "en") == builtin(
+    assert await resolve(db, OTHER, "interview_reminder", "email", "fr", "en") == builtin(
         "interview_reminder", "email"
     )
     for key, last in (("interview_reminder", None), ("custom", "none")):

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 import asyncpg
 
 from notifyd import tags
-from notifyd.providers.builtin_templates import builtin
-from notifyd.providers.render import TemplateSource
 from notifyd.store.pool import Conn, Executor
 
 COLUMNS = """template_key, channel, locale, subject, text_body, html_body, created_at, updated_at"""
@@ -64,6 +62,16 @@ class NewTemplate:
     subject: str | None
     text_body: str
     html_body: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTemplate:
+    """The row that answers a resolve; `locale` is the row's own (`''` for the fallback row)."""
+
+    subject: str | None
+    text_body: str
+    html_body: str | None
+    locale: str
 
 
 def is_locale(locale: str) -> bool:
@@ -138,12 +146,13 @@ async def resolve(
     channel: str,
     locale: str | None,
     default_locale: str,
-) -> TemplateSource | None:
-    """The template to render, by fallback order, or None when neither tenant nor notifyd has one.
+) -> StoredTemplate | None:
+    """The tenant's template to render, by fallback order, or None when it stored none.
 
     Order: the exact locale (`pt-BR`), its language (`pt`), the tenant's default locale
-    (`default_locale`, then its language), the `''` row, notifyd's built-in. One query
-    fetches every candidate row.
+    (`default_locale`, then its language), the `''` row. One query fetches every candidate
+    row. notifyd's built-in, the last resort, is `compose.resolve`'s: the store knows rows,
+    not the renderer's templates (docs/architecture.md, "Layers").
     """
     order = locale_candidates(locale, default_locale)
     rows = await executor.fetch(CANDIDATES, tenant_id, template_key, channel, order)
@@ -151,10 +160,10 @@ async def resolve(
     for candidate in order:
         row = by_locale.get(candidate)
         if row is not None:
-            return TemplateSource(
+            return StoredTemplate(
                 subject=row["subject"],
                 text_body=row["text_body"],
                 html_body=row["html_body"],
                 locale=row["locale"],
             )
-    return builtin(template_key, channel)
+    return None
