@@ -24,8 +24,8 @@ from redis.asyncio import Redis
 
 from notifyd.app import Daemon
 from notifyd.keys import Keys
-from notifyd.realtime.hub import Subscriber
 from notifyd.realtime.roomname import dm_name
+from notifyd.realtime.subscriber import Subscriber
 from tests.conftest import DaemonFactory
 from tests.helpers import token, wait_for
 

@@ -21,9 +21,7 @@ from notifyd.metrics import Metrics
 from notifyd.ratelimit import Limiter
 from notifyd.realtime.chat import Chat
 from notifyd.realtime.history import History
-from notifyd.realtime.hub import Hub
-from notifyd.realtime.presence import Presence
-from notifyd.realtime.seats import SocketSeats
+from notifyd.realtime.ports import Channels, RoomPresence, SocketCaps
 from notifyd.secretbox import SecretError
 from notifyd.settings import Settings
 from notifyd.store.audit import AuditEntry
@@ -41,10 +39,10 @@ class Services:
     producer: Producer
     outbox: Outbox
     schedule: Schedule
-    hub: Hub
+    hub: Channels  # the hub actor, reached through its port (handlers never call actors)
     history: History
     chat: Chat
-    presence: Presence
+    presence: RoomPresence
     keys: Keys
     metrics: Metrics
     verifier: TokenVerifier
@@ -55,7 +53,7 @@ class Services:
     actors_status: Callable[[], dict[str, str]]
     limiter: Limiter
     tenant_limits: TenantLimits
-    seats: SocketSeats
+    seats: SocketCaps
 
 
 SERVICES = web.AppKey("services", Services)

@@ -15,7 +15,7 @@ from notifyd.http.context import Services, identity, services
 from notifyd.http.problems import Problem
 from notifyd.http.websockets import refuse
 from notifyd.limits import Refusal, platform_quota
-from notifyd.realtime.seats import Seat, SeatRefused
+from notifyd.realtime.ports import Seat, SeatRefused
 from notifyd.store.tenants import TenantSettings
 
 SOCKETS_FULL = 4029  # as HTTP 429: too many sockets open for this user or tenant

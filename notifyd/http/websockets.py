@@ -47,8 +47,8 @@ from notifyd.auth.tokens import TokenError, TokenVerifier
 from notifyd.http.context import services
 from notifyd.payloads import dumps
 from notifyd.realtime.history import Missed, after, is_offset
-from notifyd.realtime.hub import Subscriber
-from notifyd.realtime.seats import Seat
+from notifyd.realtime.ports import Seat
+from notifyd.realtime.subscriber import Subscriber
 
 log = logging.getLogger("notifyd.http.websockets")
 

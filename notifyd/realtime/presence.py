@@ -19,13 +19,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
 
 from notifyd.keys import Keys
 from notifyd.realtime.history import now_ms
+from notifyd.realtime.ports import RoomSeat
 from notifyd.supervisor import sleep_or_stop
 
 # Removes connection ARGV[i] (for i in the given list); returns the users whose last connection
@@ -78,16 +78,6 @@ return 0
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Seat:
-    """One open connection's place in a room's presence."""
-
-    tenant_id: str
-    room: str
-    user_id: str
-    connection_id: str
-
-
 class Presence:
     """Joins and leaves of this instance's connections; an actor that keeps them alive."""
 
@@ -111,9 +101,9 @@ class Presence:
             self._keys.room_events(tenant_id, room),
         ]
 
-    async def join(self, tenant_id: str, room: str, user_id: str) -> tuple[Seat, list[str]]:
+    async def join(self, tenant_id: str, room: str, user_id: str) -> tuple[RoomSeat, list[str]]:
         """Takes a seat; returns it and who is online now (the caller included)."""
-        seat = Seat(tenant_id, room, user_id, uuid.uuid4().hex)
+        seat = RoomSeat(tenant_id, room, user_id, uuid.uuid4().hex)
         now = now_ms()
         online: Any = await self._join(
             keys=self._room_keys(tenant_id, room),
@@ -122,7 +112,7 @@ class Presence:
         self._seats[(tenant_id, room)].add(seat.connection_id)
         return seat, sorted(u.decode() if isinstance(u, bytes) else str(u) for u in online)
 
-    async def leave(self, seat: Seat) -> None:
+    async def leave(self, seat: RoomSeat) -> None:
         seats = self._seats.get((seat.tenant_id, seat.room))
         if seats is not None:
             seats.discard(seat.connection_id)

@@ -15,12 +15,12 @@ import asyncio
 import itertools
 import logging
 import uuid
-from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
 from notifyd.keys import Keys
 from notifyd.realtime.history import now_ms
+from notifyd.realtime.ports import Seat, SeatRefused
 from notifyd.supervisor import sleep_or_stop
 
 # KEYS[1] the user's set, KEYS[2] the tenant's; ARGV: now ms, expiry ms, connection id,
@@ -42,27 +42,6 @@ return 0
 log = logging.getLogger("notifyd.realtime.seats")
 
 REFRESH_CHUNK = 500  # connection ids per ZADD of a refresh
-
-
-@dataclass(frozen=True, slots=True)
-class SeatRefused:
-    limit: str  # sockets_user or sockets_tenant (the metric's label)
-    detail: str
-
-
-class Seat:
-    """One open socket's place under its caps, given back with `SocketSeats.release_soon`.
-
-    Its number is unique in this instance; in Redis it is named with the instance's prefix
-    (`SocketSeats.member`), so the string exists only while a Redis call needs it: every
-    idle socket holds one of these."""
-
-    __slots__ = ("number", "tenant_id", "user_id")
-
-    def __init__(self, number: int, tenant_id: str, user_id: str) -> None:
-        self.number = number
-        self.tenant_id = tenant_id
-        self.user_id = user_id
 
 
 class SocketSeats:
