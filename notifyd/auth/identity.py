@@ -11,9 +11,4 @@ class Identity:
 
     tenant_id: str
     user_id: str
-    role: str  # user | service | admin
-
-    @property
-    def is_privileged(self) -> bool:
-        """Services and admins act for the whole tenant, not only for themselves."""
-        return self.role in ("service", "admin")
+    role: str  # user | service | admin; what each may do is auth/policy.py's

@@ -102,7 +102,7 @@ async def send_notification(request: web.Request) -> web.Response:
     assert recipient is not None
     if not policy.may_send(caller, channel, limits.send_policy):
         raise forbidden(f"role {caller.role!r} may not send {channel} notifications")
-    if critical and not caller.is_privileged:
+    if critical and not policy.may_send_critical(caller):
         raise forbidden("only service and admin tokens may send critical notifications")
 
     order = accept.Order(
@@ -226,7 +226,7 @@ async def retry_notification(request: web.Request) -> web.Response:
     )
     if row is None:
         raise not_found("notification")
-    if caller.role != "admin":
+    if not policy.may_requeue(caller):
         raise forbidden("only admins may requeue a failed delivery")
     async with ctx.pool.acquire() as conn, conn.transaction():
         channel = await accept.restart_failed(

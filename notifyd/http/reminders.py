@@ -203,7 +203,7 @@ async def list_reminders(request: web.Request) -> web.Response:
     rows = await store.list_visible(
         ctx.pool,
         caller.tenant_id,
-        None if caller.is_privileged else caller.user_id,
+        policy.only_own(caller),
         before=before,
         status=status,
         application_id=application_id,
@@ -221,7 +221,7 @@ async def _visible_reminder(request: web.Request) -> asyncpg.Record:
     if row is None:
         raise not_found("reminder")
     involved = (row["candidate_id"], row["employer_id"], row["created_by"])
-    if not caller.is_privileged and caller.user_id not in involved:
+    if not policy.may_view_reminder(caller, involved):
         raise not_found("reminder")
     return row
 

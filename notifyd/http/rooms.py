@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from notifyd.auth.identity import Identity
+from notifyd.auth import policy
 from notifyd.http.context import audit_entry, identity, services
 from notifyd.http.idempotency import remember
 from notifyd.http.limits import check_send_rate
@@ -44,7 +44,7 @@ async def _open(request: web.Request, name: str) -> Room:
     """The room as the caller may use it, or the problem that says why not."""
     ctx = services(request)
     caller = identity(request)
-    admin = caller.is_privileged and dm_members(name) is None
+    admin = policy.may_enter_any_room(caller, dm=dm_members(name) is not None)
     try:
         return await ctx.chat.open(caller.tenant_id, name, caller.user_id, admin=admin)
     except RoomNotFound:
@@ -87,7 +87,7 @@ async def create_room(request: web.Request) -> web.Response:
         fields.error("name", "may only contain A-Z a-z 0-9 _ - (at most 100 characters)")
     fields.done()
     assert members is not None
-    if not caller.is_privileged:
+    if not policy.acts_for_tenant(caller):  # a user creates rooms it is in
         members = [caller.user_id, *(m for m in members if m != caller.user_id)]
     if len(members) > ctx.settings.room_max_members:
         raise invalid(
@@ -97,7 +97,7 @@ async def create_room(request: web.Request) -> web.Response:
         raise invalid([FieldError("members", "a room needs at least one member")])
     room_id = uuid7()
     name = name or f"room-{room_id.hex}"
-    owner = None if caller.is_privileged else caller.user_id
+    owner = policy.only_own(caller)  # a user owns the room it creates
     async with ctx.pool.acquire() as conn, conn.transaction():
         created_at = await store.create(
             conn, room_id, caller.tenant_id, name, title or "", caller.user_id, members, owner
@@ -187,10 +187,6 @@ async def room_messages(request: web.Request) -> web.Response:
     return json_response([message_json(r, room.name) for r in rows], headers=headers)
 
 
-def _may_manage(caller: Identity, role: str | None) -> bool:
-    return caller.is_privileged or role == "owner"
-
-
 async def add_members(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
@@ -203,7 +199,7 @@ async def add_members(request: web.Request) -> web.Response:
     assert members is not None
     async with ctx.pool.acquire() as conn, conn.transaction():
         role = await store.role_of(conn, room.room_id, caller.user_id)
-        if not _may_manage(caller, role):
+        if not policy.may_manage_room(caller, role):
             raise forbidden("only the room's owners (and tenant admins) add members")
         # serialise concurrent additions so the size limit holds
         await conn.execute("SELECT 1 FROM rooms WHERE id = $1 FOR UPDATE", room.room_id)
@@ -233,7 +229,7 @@ async def remove_member(request: web.Request) -> web.Response:
     user_id = request.match_info["user_id"]
     async with ctx.pool.acquire() as conn, conn.transaction():
         role = await store.role_of(conn, room.room_id, caller.user_id)
-        if user_id != caller.user_id and not _may_manage(caller, role):
+        if not policy.may_remove_member(caller, role, user_id):
             raise forbidden("only the room's owners (and tenant admins) remove others")
         if not await store.remove_member(conn, room.room_id, user_id):
             raise not_found("member")

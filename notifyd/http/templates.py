@@ -14,6 +14,7 @@ import asyncpg
 from aiohttp import web
 
 from notifyd import tags
+from notifyd.auth import policy
 from notifyd.auth.identity import Identity
 from notifyd.compose import Composer, render_limits
 from notifyd.http.context import audit_entry, identity, services
@@ -41,21 +42,13 @@ def template_json(row: asyncpg.Record) -> dict[str, Any]:
     }
 
 
-def _may_read(caller: Identity) -> bool:
-    return caller.role in ("admin", "service")
-
-
-def _may_write(caller: Identity) -> bool:
-    return caller.role == "admin"
-
-
 def _check_read(caller: Identity) -> None:
-    if not _may_read(caller):
+    if not policy.may_read_templates(caller):
         raise forbidden("only admins and services may read templates")
 
 
 def _check_write(caller: Identity) -> None:
-    if not _may_write(caller):
+    if not policy.may_write_templates(caller):
         raise forbidden("only admins may change templates")
 
 

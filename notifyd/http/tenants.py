@@ -35,6 +35,7 @@ from typing import Any, Literal
 from aiohttp import web
 
 from notifyd import tags
+from notifyd.auth import policy
 from notifyd.egress import Egress, EgressRefused, ResolveFailed
 from notifyd.http.context import audit_entry, identity, services
 from notifyd.http.problems import Problem, forbidden
@@ -115,7 +116,7 @@ def settings_json(redacted: store.RedactedSettings) -> dict[str, Any]:
 
 
 def _require_admin(request: web.Request) -> None:
-    if identity(request).role != "admin":
+    if not policy.may_manage_tenant_settings(identity(request)):
         raise forbidden("only the tenant's admins may manage its delivery settings")
 
 

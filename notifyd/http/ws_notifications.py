@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from notifyd.auth import policy
 from notifyd.auth.identity import Identity
 from notifyd.http.context import client_ip, request_id, services
 from notifyd.http.limits import take_seat
@@ -40,9 +41,8 @@ async def notifications_socket(request: web.Request) -> web.StreamResponse:
     if token is None:
         return ws
     caller = token.identity  # fixed for the socket's life: a refresh cannot change it
-    if (caller.tenant_id, caller.user_id) != (
-        request.match_info["tenant_id"],
-        request.match_info["user_id"],
+    if not policy.may_watch_feed(
+        caller, request.match_info["tenant_id"], request.match_info["user_id"]
     ):
         return await refuse(request, ws, FORBIDDEN, b"this is not your notification channel")
     ctx = services(request)
