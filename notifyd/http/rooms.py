@@ -87,7 +87,8 @@ async def create_room(request: web.Request) -> web.Response:
         fields.error("name", "may only contain A-Z a-z 0-9 _ - (at most 100 characters)")
     fields.done()
     assert members is not None
-    if not policy.acts_for_tenant(caller):  # a user creates rooms it is in
+    for_tenant = policy.acts_for_tenant(caller)  # else a user: in the room it creates, its owner
+    if not for_tenant:
         members = [caller.user_id, *(m for m in members if m != caller.user_id)]
     if len(members) > ctx.settings.room_max_members:
         raise invalid(
@@ -97,7 +98,7 @@ async def create_room(request: web.Request) -> web.Response:
         raise invalid([FieldError("members", "a room needs at least one member")])
     room_id = uuid7()
     name = name or f"room-{room_id.hex}"
-    owner = policy.only_own(caller)  # a user owns the room it creates
+    owner = None if for_tenant else caller.user_id
     async with ctx.pool.acquire() as conn, conn.transaction():
         created_at = await store.create(
             conn, room_id, caller.tenant_id, name, title or "", caller.user_id, members, owner
