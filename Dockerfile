@@ -5,8 +5,9 @@
 #   docker run --rm --env-file notifyd.env notifyd migrate     # once per release
 #   docker run -d --env-file notifyd.env -p 8000:8000 notifyd  # serve
 #
-# Two stages: the builder resolves and installs into /opt/venv, the runtime copies that venv
-# and the source tree and nothing else (no pip cache, no compilers, no dev tools).
+# Two stages: the builder resolves and installs notifyd and its dependencies into /opt/venv,
+# the runtime copies that venv and nothing else (no source tree, no pip cache, no compilers, no
+# dev tools).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS builder
@@ -27,13 +28,12 @@ RUN mkdir notifyd && touch notifyd/__init__.py README.md \
     && pip uninstall --yes notifyd \
     && rm -rf notifyd notifyd.egg-info README.md build
 
-# The code, installed editable on purpose: migrations are read from sql/ beside the package
-# (notifyd/store/migrate.py, DEFAULT_SQL_DIR), which a site-packages install would not have.
+# The code, a regular (non-editable) install: the migrations ship inside the package
+# (notifyd/sql/, read through importlib.resources), so site-packages holds everything notifyd
+# runs and the source tree stays in the builder. pip writes the byte code as it installs.
 COPY README.md ./
 COPY notifyd ./notifyd
-COPY sql ./sql
-RUN pip install --no-deps --constraint requirements.lock --editable . \
-    && python -m compileall -q notifyd
+RUN pip install --no-deps --constraint requirements.lock .
 
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH \
@@ -45,9 +45,9 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN groupadd --system --gid 10001 notifyd \
     && useradd --system --uid 10001 --gid notifyd --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin notifyd
-# root owns the code and the venv; the service user can read them, not change them
+# root owns the venv (code included); the service user can read it, not change it. The
+# working folder is empty: notifyd would read a .env there
 COPY --from=builder /opt/venv /opt/venv
-COPY --from=builder /app /app
 WORKDIR /app
 USER 10001:10001
 EXPOSE 8000

@@ -423,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the daemon").set_defaults(func=cmd_serve)
     migrate = sub.add_parser("migrate", help="apply pending SQL migrations")
-    migrate.add_argument("--sql-dir", help="migrations folder (default: the project's sql/)")
+    migrate.add_argument(
+        "--sql-dir", help="migrations folder (default: the sql/ inside the notifyd package)"
+    )
     migrate.set_defaults(func=cmd_migrate)
     token = sub.add_parser("token", help="print a signed JWT for local use")
     token.add_argument("--tenant", required=True)
