@@ -2,8 +2,9 @@
 # Bootstrap a notifyd development machine (Debian/Ubuntu). Run from the repository root.
 #
 # Idempotent and minimal: installs only what is missing.
-#   1. OS packages `postgresql`, `redis-server` and `rabbitmq-server`, only those whose server
-#      binaries are absent (tests and the dev stack run private instances via
+#   1. OS packages `postgresql`, `redis-server`, `rabbitmq-server` and `wrk`, only those whose
+#      binaries are absent (wrk is the load generator bench/ prefers, and tests/test_bench.py
+#      skips its wrk cases without it; tests and the dev stack run private server instances via
 #      scripts/localservers.py and tests/rabbitmq_server.py; any system PostgreSQL/Redis the
 #      packages auto-start is left alone, but a system RabbitMQ just installed is stopped and
 #      disabled: nothing of notifyd's uses it, and it would hold ports 5672/25672).
@@ -31,6 +32,7 @@ missing=()
 have_pg_server || missing+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 have_rabbitmq_server || missing+=(rabbitmq-server)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]]; then
@@ -55,7 +57,7 @@ if ((${#missing[@]})); then
         fi
     fi
 else
-    log "postgresql, redis-server and rabbitmq-server already installed"
+    log "postgresql, redis-server, rabbitmq-server and wrk already installed"
 fi
 
 # --- 2. Python virtualenv -----------------------------------------------------------------
