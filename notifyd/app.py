@@ -340,14 +340,15 @@ async def serve(settings: Settings) -> int:
     # What startup made (modules, the app and its routes, pools, compiled scripts) lives as
     # long as the process. Frozen, the collector stops walking it again on each full
     # collection; under load those walks were pauses that set the p99 of every request
-    # (rest_ingest p99 43 → 17 ms, docs/benchmarks.md).
+    # (docs/benchmarks.md).
     gc.collect()  # what startup left in cycles goes now, not into the frozen set for good
     gc.freeze()
-    # A full collection walks every open socket's objects (half a second with 10,000 open),
+    # A full collection walks every open socket's objects (a long pause with many open),
     # and one comes each time the objects moved to the oldest generation since the last
     # reach a quarter of it. Young collections every 700 allocations moved whatever requests
-    # were in flight: with 10,000 sockets and REST load, a full collection every 2.5 s
-    # (p99 487 ms). Every 50,000, most of those objects are gone before they are looked at
-    # (p99 32 ms, no full collection in the run); a young collection costs a few ms more.
+    # were in flight, so with many sockets and REST load full collections came every few
+    # seconds and set the p99. Every 50,000, most of those objects are gone before they are
+    # looked at and full collections stop; a young collection costs a little more
+    # (docs/benchmarks.md).
     gc.set_threshold(50_000, 20, 10)
     return await daemon.run_until_stopped()

@@ -110,9 +110,9 @@ class TokenClock:
     """Every open socket's next token moment (its warning, or its deadline), served by one
     timer for the whole process.
 
-    A timer of its own per socket (a `TimerHandle`, under uvloop a libuv timer too) cost
-    about 0.7 KiB per idle connection, a twentieth of what a connection costs in all; here
-    a socket costs one entry in a set. Moments are kept in buckets of whole seconds of the
+    A timer of its own per socket (a `TimerHandle`, under uvloop a libuv timer too) was a
+    measurable share of an idle connection's memory (docs/benchmarks.md, `connections`);
+    here a socket costs one entry in a set. Moments are kept in buckets of whole seconds of the
     wall clock (a token's `exp` is whole seconds): a socket is warned and closed at most a
     second after its moment, never before it. The buckets' seconds are a heap, and the one
     timer sleeps until the earliest of them."""
@@ -400,8 +400,8 @@ async def _send_if_open(ws: web.WebSocketResponse, text: str) -> None:
 def _drop_heartbeat_callback(request: web.Request) -> None:
     """aiohttp leaves the response's heartbeat callback (a bound method) on the connection's
     protocol after the socket is done: a reference cycle through the request, so a closed
-    socket's ~35 objects waited for a full collection, and with 10,000 sockets open each
-    full collection held the loop for about half a second (docs/benchmarks.md). Without the
+    socket's objects waited for a full collection, and with many sockets open each full
+    collection held the loop for a long pause (docs/benchmarks.md). Without the
     callback, reference counting frees a closed socket at once. A private attribute of
     aiohttp; `tests/test_websockets.py` notices if an upgrade makes this a no-op. Only for a
     socket that is done: aiohttp notices pongs through this callback, so a live socket

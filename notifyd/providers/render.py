@@ -71,7 +71,7 @@ _REASON_DETAIL_MAX = 200
 
 # Runs of line breaks and other control characters (tags.HEADER_UNSAFE): a subject is split
 # at them, with no `\s*` around the class: `\s*[…]+\s*` backtracked over every run of
-# spaces it failed on, quadratic in the run's length (16,000 spaces took 2.5 s).
+# spaces it failed on, quadratic in the run's length (seconds for a long run of spaces).
 _HEADER_UNSAFE_RUNS = re.compile(HEADER_UNSAFE.pattern + "+")
 _NOT_ALNUM = re.compile(r"[\W_]+")
 

@@ -127,9 +127,10 @@ def build_message(delivery: Delivery, from_email: str, unsubscribe_url: str | No
     """Text with an HTML alternative when there is one; headers a spam filter expects.
 
     Built with the email package's compat32 classes: its default policy parses every header
-    it is given and costs about 0.4 ms a message, five times this, which at a thousand
-    emails a second is most of a core. The checks that policy gave (no line break or other
-    control character in a header, addresses well formed) are made here instead.
+    it is given and costs several times as much a message, which at the email rates notifyd
+    is built for is most of a core (docs/benchmarks.md). The checks that policy gave (no line
+    break or other control character in a header, addresses well formed) are made here
+    instead.
 
     A message that cannot be built fails for good (`PermanentError` with the reason), however
     the email package refuses it: the same row would fail the same way on every retry.

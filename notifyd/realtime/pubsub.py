@@ -1,15 +1,15 @@
 """The hub's Redis pub/sub connection: a protocol of our own, read inside its callback.
 
 redis-py's `PubSub.get_message` costs a stack of coroutines per message (timeouts, retries,
-the parser's layers, a push-handler lookup): in the ws_fanout burst, 10,000 chat events a
-second, reading them that way was 8 % of the process. Here the bytes Redis sends go straight
+the parser's layers, a push-handler lookup): under a chat burst, reading them that way was a
+visible share of the process's CPU (docs/benchmarks.md). Here the bytes Redis sends go straight
 into a hiredis reader in `data_received`, and every complete message is handed to the hub
 there and then: no await and no task switch per message, and what one read brought is
 written to the sockets at once (`on_read_end`).
 
 Only what a subscriber needs: connect (TCP, TLS or a Unix socket, from the same URL and
 options as notifyd's command pool: host, port, user, password, ssl_*), AUTH, SUBSCRIBE /
-UNSUBSCRIBE, PING. `subscribe_confirmed` waits for Redis's confirmation, which redis-py's
+UNSUBSCRIBE, PING. `subscribe_and_confirm` waits for Redis's confirmation, which redis-py's
 `subscribe` never did: a socket replays its history on another connection right after
 subscribing, and Redis orders commands only within one connection, so without it an event
 published between the replay's read and the SUBSCRIBE was neither replayed nor relayed.

@@ -239,8 +239,8 @@ async def retrying_due(executor: Executor, limit: int) -> list[asyncpg.Record]:
 # Their state guards are written `(n.status = …) IS TRUE`. A plain `n.status = 'queued'`
 # lets the planner answer the batch from the partial in-flight index, which it prices by
 # statistics taken when few rows were in flight; with a backlog (an outage, a burst) that
-# index holds every waiting row, and each batch of 64 would walk all of them: 23 ms instead
-# of 1.7 ms per batch at 50,000 queued rows, so the dispatcher slowed down exactly when it
+# index holds every waiting row, and each batch of 64 would walk all of them, slower the
+# longer the backlog (docs/benchmarks.md), so the dispatcher slowed down exactly when it
 # had the most to catch up on. `IS TRUE` means the same for a NOT NULL column, but the planner
 # cannot match it to the index predicate, so a batch always costs its primary-key probes.
 

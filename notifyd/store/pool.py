@@ -27,11 +27,11 @@ Executor = asyncpg.Pool | Conn
 # otherwise settles on a generic plan after five runs of a prepared statement and keeps it
 # until the next ANALYZE; one made on a fresh or purged table (a deploy, then a burst)
 # seq-scans the queue while it grows to hundreds of thousands of rows, and autovacuum may not
-# look for a minute. Measured on a freshly migrated database under rest_ingest: PostgreSQL's
-# CPU per notification went from 100-300 µs (varying with when each plan was cached) to
-# 65-71 µs. Planning costs a few µs per row at a loaded dispatcher's batch sizes, but a whole
-# statement's worth on a single-row read: the API's pool keeps cached plans (a notification
-# center page, two statements, cost PostgreSQL 215-259 µs planned each time, 152-161 cached).
+# look for a minute; PostgreSQL's CPU per notification then varied with when each plan was
+# cached, and planning every time made it low and steady (docs/benchmarks.md). Planning costs
+# little per row at a loaded dispatcher's batch sizes, but a whole statement's worth on a
+# single-row read: the API's pool keeps cached plans (a notification center page is cheaper
+# for PostgreSQL with them).
 QUEUE_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
 
 

@@ -25,7 +25,7 @@ def _encodable(fields: Fields) -> dict[Any, Any]:
 # Many XADDs in one call. KEYS = the distinct streams; ARGV[1] the max length, ARGV[2] a JSON
 # array with one array per entry: the index of its stream in KEYS, then its field/value pairs.
 # One JSON argument rather than one argument per field: redis-py packs each argument in
-# Python (~0.6 µs apiece; a batch of 64 intents had ~450), cjson decodes the lot in C.
+# Python (a batch of 64 intents had hundreds), cjson decodes the lot in C.
 XADD_MANY = """
 local entries = cjson.decode(ARGV[2])
 local ids = {}
