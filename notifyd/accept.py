@@ -382,7 +382,7 @@ class Outbox:
 
     After the commit, the batch goes to this process's dispatcher (`dispatch_now`) instead of
     the intents stream, in the background: the stream hop (XADD, then XREADGROUP, XACK and
-    the dispatcher's bookkeeping) was about a tenth of the daemon's CPU per request. The
+    the dispatcher's bookkeeping) was a sizeable share of the daemon's CPU per request. The
     promise is unchanged, because the row is what is durable, not the intent: if this
     process dies before the rows are dispatched they stay `queued`, and any instance's
     sweeper re-enqueues them after `NOTIFYD_REQUEUE_AFTER`. At most `max_in_process`

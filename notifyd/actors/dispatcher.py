@@ -165,7 +165,7 @@ class Dispatcher:
     async def handle_batch(self, entries: list[Entry]) -> None:
         """A whole stream read at once: one query loads the rows with their users'
         preferences, one UPDATE dispatches them, one pipelined round trip enqueues them.
-        The same decisions as `handle`, entry by entry, at a fraction of the round trips."""
+        Each entry gets the decisions it would get alone, at a fraction of the round trips."""
         wanted: list[tuple[Entry, str, uuid.UUID]] = []
         for entry in entries:
             try:

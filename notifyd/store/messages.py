@@ -139,7 +139,8 @@ SELECT id, sent_at FROM stored
 async def insert_many_audited(
     conn: Conn, messages: Sequence[NewMessage], audits: Sequence[AuditEntry]
 ) -> dict[uuid.UUID, datetime]:
-    """`insert_many`, each message with its audit row (`audits[i]` for `messages[i]`)."""
+    """Many messages in one statement, each with its audit row (`audits[i]` for
+    `messages[i]`); returns each message's stored time by id."""
     rows = await conn.fetch(
         INSERT_MANY_AUDITED,
         [m.id for m in messages],
