@@ -61,7 +61,7 @@ STREAM_MAX_LEN = 1_000_000
 UNVERIFIED_SECRET = "bench-limits-tokens-are-never-verified"
 SMTP_TIMEOUT_S = 30.0
 
-# the columns and indexes of notifyd's `notifications` (sql/0001, 0002, 0008), standing alone
+# the columns and indexes of notifyd's `notifications` (notifyd/sql/0001, 0002, 0008), alone
 SCRATCH_TABLE = """
 CREATE TABLE {table} (
     id uuid PRIMARY KEY, tenant_id text NOT NULL, created_by text NOT NULL, user_id text,

@@ -286,7 +286,7 @@ async def test_group_room_messages_stay_out_of_one_on_one_lists(
     api: Api, db: asyncpg.Connection
 ) -> None:
     """Room messages have no receiver and are listed by room only; the 1-on-1 indexes leave
-    them out (sql/0007), and so must every 1-on-1 query, a conversation with oneself too."""
+    them out (notifyd/sql/0007), and so must every 1-on-1 query, a conversation with oneself too."""
     status, room, _ = await api.post(
         "/rooms/", {"members": ["user-2"]}, tenant=TENANT, user="user-1"
     )
