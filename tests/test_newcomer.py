@@ -9,6 +9,8 @@ finds it current and never runs pip. Each command then runs with `bash -c` in an
 of PATH and HOME only, as a new terminal would. Every curl must say whether it worked
 (`--fail-with-body`: an error status fails the command), so success is its exit status.
 The one thing changed is the port: 8000 may be the developer's own dev server.
+
+And a fresh machine gets what the tests need: bootstrap installs `wrk`.
 """
 
 from __future__ import annotations
@@ -227,3 +229,34 @@ def test_the_dev_secret_stays_in_dev(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "JWT_SECRET" in result.stderr
+
+
+def test_bootstrap_installs_wrk_when_it_is_missing(tmp_path: Path) -> None:
+    """A fresh machine gets `wrk`, the load generator tests/test_bench.py's wrk cases need
+    (skipped without it). apt-get cannot run for real here: a stand-in records what
+    bootstrap asks of it, on a PATH that has every command of this machine but `wrk`."""
+    checkout = make_checkout(tmp_path)
+    path = tmp_path / "bin"
+    path.mkdir()
+    for folder in CLEAN_PATH.split(":"):
+        for command in Path(folder).iterdir() if Path(folder).is_dir() else []:
+            if command.name != "wrk" and not (path / command.name).exists():
+                (path / command.name).symlink_to(command)
+    asked = tmp_path / "apt-get.log"
+    for name, body in (("apt-get", f'echo "$*" >>{asked}'), ("sudo", 'exec "$@"')):
+        (path / name).unlink(missing_ok=True)
+        (path / name).write_text(f"#!/bin/sh\n{body}\n")
+        (path / name).chmod(0o755)
+    result = subprocess.run(
+        ["bash", "scripts/bootstrap.sh"],
+        cwd=checkout,
+        env=clean_env(PATH=str(path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    calls = asked.read_text() if asked.exists() else ""
+    installs = [line.split() for line in calls.splitlines()]
+    installs = [words for words in installs if words[:1] == ["install"]]
+    assert installs == [["install", "-y", "-q", "wrk"]], installs
