@@ -183,3 +183,28 @@ async def test_a_caller_gives_up_at_the_deadline_and_a_queued_item_is_never_writ
     assert recorder.batches == [[1]]
     assert await commit.submit(3) == 30  # the queue still works
     assert recorder.batches == [[1], [3]]
+
+
+async def test_answered_writes_hold_no_deadline_and_the_deadline_still_fires_later(
+    pool: asyncpg.Pool,
+) -> None:
+    """The callers' deadlines share one timer: a write that got its answer leaves nothing
+    behind (under steady load the deadline queue would otherwise keep every item and its
+    answer until the oldest deadline passed), and a caller submitting after a quiet spell
+    still gets its deadline."""
+    lock = await pool.acquire()
+    recorder = Recorder(pool)
+    commit: GroupCommit[int, int] = GroupCommit(
+        recorder.flush, max_batch=8, max_concurrent=2, timeout=0.5
+    )
+    try:
+        for round_ in range(5):
+            await asyncio.gather(*(commit.submit(round_ * 100 + n) for n in range(50)))
+            assert len(commit._deadlines) == 0
+        await asyncio.sleep(0.6)  # the first timer fires on an empty queue and stops
+        async with lock.transaction():
+            await lock.execute("LOCK TABLE gc_items IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(CommitTimeout):
+                await asyncio.wait_for(commit.submit(999), timeout=5)
+    finally:
+        await pool.release(lock)
