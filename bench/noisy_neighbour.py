@@ -55,7 +55,7 @@ class NoisyOptions:
     jwt_secret: str = ""
     smtp_port: int = 2525
     a_count: int = 600
-    b_count: int = 100
+    b_count: int = 500
     b_rate: float = 50.0
     margin: float = 180.0
     hang: float = 15.0
@@ -73,7 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_sink_argument(parser)
     parser.add_argument("--a-count", type=int, default=600, help="emails of the noisy tenant")
-    parser.add_argument("--b-count", type=int, default=100, help="emails of the other tenant")
+    parser.add_argument(
+        "--b-count",
+        type=int,
+        default=500,
+        help="emails of the other tenant in each series (the p99 of 100 would be the second "
+        "slowest: one email's noise)",
+    )
     parser.add_argument("--b-rate", type=float, default=50.0, help="B's posts per second")
     parser.add_argument(
         "--margin",
