@@ -2,12 +2,14 @@
 # Bootstrap a notifyd development machine (Debian/Ubuntu). Run from the repository root.
 #
 # Idempotent and minimal: installs only what is missing.
-#   1. OS packages `postgresql`, `redis-server`, `rabbitmq-server` and `wrk`, only those whose
-#      binaries are absent (wrk is the load generator bench/ prefers, and tests/test_bench.py
-#      skips its wrk cases without it; tests and the dev stack run private server instances via
-#      scripts/localservers.py and tests/rabbitmq_server.py; any system PostgreSQL/Redis the
-#      packages auto-start is left alone, but a system RabbitMQ just installed is stopped and
-#      disabled: nothing of notifyd's uses it, and it would hold ports 5672/25672).
+#   1. OS packages `postgresql`, `redis-server`, `rabbitmq-server`, `wrk` and `chromium`, only
+#      those whose binaries are absent (wrk is the load generator bench/ prefers, and
+#      tests/test_bench.py skips its wrk cases without it; chromium is the browser the web
+#      components' tests drive through Playwright, never a Playwright browser download; tests
+#      and the dev stack run private server instances via scripts/localservers.py and
+#      tests/rabbitmq_server.py; any system PostgreSQL/Redis the packages auto-start is left
+#      alone, but a system RabbitMQ just installed is stopped and disabled: nothing of
+#      notifyd's uses it, and it would hold ports 5672/25672).
 #   2. .venv (Python >= 3.11) with requirements.lock and an editable install of notifyd.
 #      pip is skipped when .venv/.lock-stamp matches the sha256 of
 #      requirements.lock + pyproject.toml, so repeat runs take about a second.
@@ -33,6 +35,7 @@ have_pg_server || missing+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 have_rabbitmq_server || missing+=(rabbitmq-server)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]]; then
@@ -57,7 +60,7 @@ if ((${#missing[@]})); then
         fi
     fi
 else
-    log "postgresql, redis-server, rabbitmq-server and wrk already installed"
+    log "postgresql, redis-server, rabbitmq-server, wrk and chromium already installed"
 fi
 
 # --- 2. Python virtualenv -----------------------------------------------------------------

@@ -10,7 +10,7 @@ of PATH and HOME only, as a new terminal would. Every curl must say whether it w
 (`--fail-with-body`: an error status fails the command), so success is its exit status.
 The one thing changed is the port: 8000 may be the developer's own dev server.
 
-And a fresh machine gets what the tests need: bootstrap installs `wrk`.
+And a fresh machine gets what the tests need: bootstrap installs `wrk` and `chromium`.
 """
 
 from __future__ import annotations
@@ -231,16 +231,18 @@ def test_the_dev_secret_stays_in_dev(tmp_path: Path) -> None:
     assert "JWT_SECRET" in result.stderr
 
 
-def test_bootstrap_installs_wrk_when_it_is_missing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("package", ["wrk", "chromium"])
+def test_bootstrap_installs_a_missing_test_tool(tmp_path: Path, package: str) -> None:
     """A fresh machine gets `wrk`, the load generator tests/test_bench.py's wrk cases need
-    (skipped without it). apt-get cannot run for real here: a stand-in records what
-    bootstrap asks of it, on a PATH that has every command of this machine but `wrk`."""
+    (skipped without it), and `chromium`, the browser tests/test_ui*.py drive. apt-get
+    cannot run for real here: a stand-in records what bootstrap asks of it, on a PATH that
+    has every command of this machine but the package's."""
     checkout = make_checkout(tmp_path)
     path = tmp_path / "bin"
     path.mkdir()
     for folder in CLEAN_PATH.split(":"):
         for command in Path(folder).iterdir() if Path(folder).is_dir() else []:
-            if command.name != "wrk" and not (path / command.name).exists():
+            if command.name != package and not (path / command.name).exists():
                 (path / command.name).symlink_to(command)
     asked = tmp_path / "apt-get.log"
     for name, body in (("apt-get", f'echo "$*" >>{asked}'), ("sudo", 'exec "$@"')):
@@ -259,4 +261,4 @@ def test_bootstrap_installs_wrk_when_it_is_missing(tmp_path: Path) -> None:
     calls = asked.read_text() if asked.exists() else ""
     installs = [line.split() for line in calls.splitlines()]
     installs = [words for words in installs if words[:1] == ["install"]]
-    assert installs == [["install", "-y", "-q", "wrk"]], installs
+    assert installs == [["install", "-y", "-q", package]], installs
