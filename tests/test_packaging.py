@@ -118,6 +118,19 @@ def test_the_wheel_carries_every_migration(installed: tuple[Path, Path]) -> None
             assert archive.read(name) == path.read_bytes()
 
 
+def test_the_wheel_carries_the_web_components(installed: tuple[Path, Path]) -> None:
+    """`/ui/notifyd-inbox.js` and the others are served from the installed package."""
+    wheel, _ = installed
+    shipped = [*sorted((ROOT / "notifyd" / "ui").glob("*.js")), ROOT / "notifyd/ui/demo.html"]
+    assert len(shipped) >= 3, shipped
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        for path in shipped:
+            name = f"notifyd/ui/{path.name}"
+            assert name in names, f"{name} is not in {wheel.name}"
+            assert archive.read(name) == path.read_bytes()
+
+
 def test_the_installed_package_is_the_wheels_not_the_checkouts(
     installed: tuple[Path, Path], tmp_path: Path
 ) -> None:

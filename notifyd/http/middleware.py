@@ -1,7 +1,9 @@
-"""Request edge: request ids, logging, metrics, problem+json for every error, and auth.
+"""Request edge: CORS, request ids, logging, metrics, problem+json for every error, and auth.
 
-Order matters and is fixed in `server.build_app`: the edge wraps everything (so even an auth
-failure or an unknown route is logged, counted and answered as problem+json), auth runs next.
+Order matters and is fixed in `server.build_app`: CORS wraps everything (so a refusal, a 401
+or a 503 reaches a host page on an allowed origin as the readable problem it is, not as an
+opaque network error), the edge next (so even an auth failure or an unknown route is logged,
+counted and answered as problem+json), auth runs last.
 """
 
 from __future__ import annotations
@@ -29,6 +31,24 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PATHS = frozenset(
     {"/healthz", "/readyz", "/metrics", "/openapi.json", "/webhooks/twilio/status"}
 )
+PUBLIC_PREFIX = "/ui/"  # the web components' files (notifyd.http.ui): code, no data
+# CORS: what the web components call from a host page on another origin (the files under
+# /ui/, the notification center and the chat's REST routes), for NOTIFYD_ALLOWED_ORIGINS only
+CORS_PREFIXES = (
+    "/notifications/",
+    "/messages/",
+    "/rooms/",
+    "/api/notifications/",
+    "/api/messages/",
+    "/api/rooms/",
+    PUBLIC_PREFIX,
+)
+CORS_PREFLIGHT = {
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Idempotency-Key, X-Request-ID",
+    "Access-Control-Max-Age": "600",
+}
+CORS_EXPOSED = "Link, X-Unread-Count, X-Request-ID, Retry-After, Location, ETag"
 # a client may send any token as its method: metric labels take these, the rest is "other"
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _GOOD_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -79,6 +99,37 @@ def _unavailable(exc: BaseException) -> Problem:
     else:
         detail = "a database or Redis did not answer in time; retry later"
     return Problem(503, detail, kind="unavailable", headers={"Retry-After": RETRY_AFTER_S})
+
+
+@web.middleware
+def cors_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+    """CORS for an `Origin` in NOTIFYD_ALLOWED_ORIGINS on the routes the components use:
+    preflights answered here, other answers given the headers. Every other origin, and
+    every other route, gets no CORS header at all (so a browser keeps the answer from the
+    page); requests without an Origin (servers, same-origin GETs) pass untouched."""
+    origin = request.headers.get("Origin")
+    if (
+        origin is None
+        or not request.path.startswith(CORS_PREFIXES)
+        or origin not in services(request).settings.allowed_origins
+    ):
+        return handler(request)
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin", **CORS_PREFLIGHT}
+        return _answered(web.Response(status=204, headers=headers))
+    return _with_cors(request, handler, origin)
+
+
+async def _answered(response: web.StreamResponse) -> web.StreamResponse:
+    return response
+
+
+async def _with_cors(request: web.Request, handler: Handler, origin: str) -> web.StreamResponse:
+    response = await handler(request)
+    response.headers["Access-Control-Allow-Origin"] = origin
+    response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
+    response.headers.add("Vary", "Origin")
+    return response
 
 
 def _request_id(request: web.Request) -> str:
@@ -179,7 +230,7 @@ def auth_middleware(request: web.Request, handler: Handler) -> Awaitable[web.Str
     if (
         request.match_info.http_exception is not None
         or request.path in PUBLIC_PATHS
-        or request.path.startswith("/ws/")
+        or request.path.startswith(("/ws/", PUBLIC_PREFIX))
     ):
         return handler(request)
     return _authenticated(request, handler)

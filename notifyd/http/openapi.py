@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from notifyd import __version__
+from notifyd.http.ui import openapi_paths as ui_paths
 from notifyd.payloads import dumps
 
 JSON = "application/json"
@@ -882,6 +883,7 @@ def _public() -> dict[str, dict[str, Any]]:
                 "responses": {"200": _ok({"type": "object"})},
             }
         },
+        **ui_paths(),
     }
 
 

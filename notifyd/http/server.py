@@ -15,6 +15,7 @@ from notifyd.http import (
     rooms,
     templates,
     tenants,
+    ui,
     webhooks,
     websockets,
     ws_chat,
@@ -22,12 +23,12 @@ from notifyd.http import (
 )
 from notifyd.http.context import SERVICES, Services
 from notifyd.http.idempotency import idempotency_middleware
-from notifyd.http.middleware import auth_middleware, edge_middleware
+from notifyd.http.middleware import auth_middleware, cors_middleware, edge_middleware
 
 
 def build_app(services: Services) -> web.Application:
     app = web.Application(
-        middlewares=[edge_middleware, auth_middleware, idempotency_middleware],
+        middlewares=[cors_middleware, edge_middleware, auth_middleware, idempotency_middleware],
         client_max_size=services.settings.max_body_bytes,
     )
     app[SERVICES] = services
@@ -43,6 +44,7 @@ def build_app(services: Services) -> web.Application:
         templates,
         rooms,
         webhooks,
+        ui,
         websockets,
         ws_notifications,
         ws_chat,

@@ -19,8 +19,9 @@ fresh token of the same identity first (answered `{"type": "refreshed", "expires
 "expires_in"}`). NOTIFYD_WS_TOKEN_WARNING seconds before the close the server sends
 `{"type": "token_expiring", "expires_in": s}`, so a client knows to refresh.
 
-An `Origin` header must be in `NOTIFYD_WS_ALLOWED_ORIGINS` (or, when that is empty, name the
-same host as the request); clients that send none (servers, CLIs) are not browsers and pass.
+An `Origin` header must be in `NOTIFYD_ALLOWED_ORIGINS` (alias `NOTIFYD_WS_ALLOWED_ORIGINS`;
+or, when that is empty, name the same host as the request); clients that send none (servers,
+CLIs) are not browsers and pass.
 """
 
 from __future__ import annotations
@@ -257,7 +258,7 @@ async def accept(request: web.Request) -> tuple[web.WebSocketResponse, SocketTok
     """Checks the Origin, completes the handshake and verifies the token; with no token the
     socket is already closed with the reason."""
     s = services(request).settings
-    if not origin_allowed(request, s.ws_allowed_origins):
+    if not origin_allowed(request, s.allowed_origins):
         raise web.HTTPForbidden(text="origin not allowed")
     token, protocol = token_of(request)
     ws = web.WebSocketResponse(

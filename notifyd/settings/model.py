@@ -444,8 +444,12 @@ class Settings:
     actor_restart_window: Float = setting(60.0, "NOTIFYD_ACTOR_RESTART_WINDOW",
         "actors.restart_window", "...past which notifyd exits 1 for systemd, seconds", gt=0)
     # --- realtime: WebSockets
-    ws_allowed_origins: Strs = setting((), "NOTIFYD_WS_ALLOWED_ORIGINS", "realtime.allowed_origins",
-        "browser Origins allowed (empty: same host only)")
+    # one list for the sockets' Origin check and CORS on /ui/ and the REST routes the web
+    # components use; NOTIFYD_WS_ALLOWED_ORIGINS is its older name (sockets only, then)
+    allowed_origins: Strs = setting((), ("NOTIFYD_ALLOWED_ORIGINS", "NOTIFYD_WS_ALLOWED_ORIGINS"),
+        "realtime.allowed_origins",
+        "browser Origins (scheme://host[:port]) allowed: WebSocket Origin check and CORS "
+        "(empty: same host only, no CORS)")
     ws_heartbeat: Float = setting(20.0, "NOTIFYD_WS_HEARTBEAT", "realtime.heartbeat",
         "ping interval, seconds; a socket that does not answer is closed", gt=0)
     ws_max_frame: Int = setting(65536, "NOTIFYD_WS_MAX_FRAME", "realtime.max_frame",
