@@ -47,7 +47,8 @@ async def test_the_demo_page_is_served_only_in_debug(
     assert status == 200
     assert headers["Cache-Control"] == "no-store"
     assert f"/ui/notifyd-inbox.js?v={asset('notifyd-inbox.js').version}" in body
-    assert "<notifyd-inbox" in body
+    assert f"/ui/notifyd-chat.js?v={asset('notifyd-chat.js').version}" in body
+    assert "<notifyd-inbox" in body and "<notifyd-chat" in body
 
 
 @pytest.mark.parametrize("env", ["NOTIFYD_ALLOWED_ORIGINS", "NOTIFYD_WS_ALLOWED_ORIGINS"])

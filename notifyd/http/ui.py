@@ -67,6 +67,7 @@ async def demo(request: web.Request) -> web.Response:
     page = asset(DEMO_PAGE).body.decode()
     values = {
         "{{INBOX_URL}}": versioned_url("notifyd-inbox.js"),
+        "{{CHAT_URL}}": versioned_url("notifyd-chat.js"),
         "{{TENANT}}": DEMO_TENANT,
     }
     for user in DEMO_USERS:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 
 CORE = "notifyd-core.js"
-COMPONENTS = (CORE, "notifyd-inbox.js")
+COMPONENTS = (CORE, "notifyd-inbox.js", "notifyd-chat.js")
 DEMO_PAGE = "demo.html"
 _CORE_IMPORT = b'from "./notifyd-core.js"'
 
