@@ -18,6 +18,7 @@ from bench import (
     rest_ingest,
     retention,
     suite,
+    ui,
     ws_fanout,
 )
 from bench.common import BenchError, emit
@@ -44,6 +45,7 @@ WORKLOADS: dict[str, tuple[Any, str]] = {
         "in-app notifications to N made-up ids: Redis memory and keys, before and after expiry",
     ),
     "retention": (retention, "rest_ingest's p99 while 1,000,000 expired rows are purged"),
+    "ui": (ui, "the web components: bytes, gzip, first render, a 1,000-item inbox's scroll"),
     "all": (suite, "limits, then every workload, then each figure beside its ceiling"),
 }
 

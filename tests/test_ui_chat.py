@@ -15,6 +15,7 @@ from playwright.async_api import Browser, Page
 
 from notifyd.app import Daemon
 from tests.conftest import DaemonFactory
+from tests.helpers import Api
 from tests.ui_browser import AXE, CHAT, HostSite, chromium, needs_chromium, open_chat
 
 pytestmark = needs_chromium
@@ -210,3 +211,24 @@ async def test_no_serious_or_critical_accessibility_violation(
             if v["impact"] in ("serious", "critical")
         ]
         assert bad == [], bad
+
+
+async def test_a_group_room_shows_senders_presence_and_who_has_seen(
+    daemon_factory: DaemonFactory, site: HostSite, browser: Browser
+) -> None:
+    daemon = await start(daemon_factory, site)
+    async with Api(daemon) as api:
+        status, body, _ = await api.post(
+            "/rooms/", {"name": "panel-42", "members": [BOB]}, tenant=TENANT, user=ALICE
+        )
+        assert status == 201, body
+    alice = await (await browser.new_context()).new_page()
+    bob = await (await browser.new_context()).new_page()
+    await open_chat(alice, site, TENANT, ALICE, room="panel-42")
+    await open_chat(bob, site, TENANT, BOB, room="panel-42")
+    await wait_part(alice, "presence", "2 online")
+    composer = alice.locator(f'{CHAT} [part~="composer"] textarea')
+    await composer.fill("Panel at 3pm")
+    await composer.press("Enter")
+    await wait_part(bob, "message", f"{ALICE}Panel at 3pm")  # the sender is named
+    await wait_part(alice, "receipt", f"Seen by {BOB}")

@@ -18,19 +18,11 @@ import pytest
 from aiohttp import web
 from playwright.async_api import Browser, Page, async_playwright
 
+from bench.ui import CHROMIUM, CHROMIUM_ARGS
 from notifyd.settings import Settings
 from scripts.localservers import free_port
 from tests.helpers import token
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 HOST_IP = "127.0.0.2"  # another origin than the daemon's 127.0.0.1 (all of 127/8 is loopback)
 AXE = Path(__file__).parent / "ui_vendor" / "axe-core" / "axe.min.js"
 INBOX = "notifyd-inbox"

@@ -180,9 +180,15 @@ const UNITS = [
   ["second", 1],
 ];
 
+const formats = new Map(); // locale → Intl.RelativeTimeFormat (made once: not cheap)
+
 export function relativeTime(iso, locale) {
   const seconds = (new Date(iso).getTime() - Date.now()) / 1000;
-  const format = new Intl.RelativeTimeFormat(locale || undefined, { numeric: "auto" });
+  let format = formats.get(locale || "");
+  if (!format) {
+    format = new Intl.RelativeTimeFormat(locale || undefined, { numeric: "auto" });
+    formats.set(locale || "", format);
+  }
   for (const [unit, size] of UNITS) {
     if (Math.abs(seconds) >= size || unit === "second") {
       return format.format(Math.round(seconds / size), unit);
