@@ -54,8 +54,7 @@ h2 { font-size: 1em; margin: 0; }
   cursor: pointer; padding: 4px; }
 .scroll { overflow-y: auto; flex: 1; }
 ul { list-style: none; margin: 0; padding: 0; }
-[part~="item"] { border-bottom: 1px solid var(--notifyd-border, #e3e3e3);
-  content-visibility: auto; contain-intrinsic-size: auto 64px; }
+[part~="item"] { border-bottom: 1px solid var(--notifyd-border, #e3e3e3); }
 [part~="item"] > button { display: block; width: 100%; text-align: left; border: 0; background: transparent;
   padding: 10px 12px; cursor: pointer; }
 [part~="item"][data-unread] > button { background: var(--notifyd-unread-bg, #eef3fd); }
