@@ -27,6 +27,7 @@ async def test_a_component_is_served_versioned_and_cacheable(api: Api, name: str
     assert body.encode() == asset(name).body
     assert headers["ETag"] == f'"{asset(name).version}"'
     assert headers["Cache-Control"] == "no-cache"  # an unversioned URL revalidates
+    assert headers["Vary"] == "Origin"  # answered with CORS headers or without, by Origin
 
     status, _, headers = await api.get(f"{path}?v={asset(name).version}", auth=False)
     assert status == 200
@@ -59,6 +60,7 @@ async def test_cors_for_the_allowed_origins_only(daemon_factory: DaemonFactory, 
             status, _, headers = await api.get(path, headers={"Origin": APP})
             assert status == 200, path
             assert headers["Access-Control-Allow-Origin"] == APP
+            assert headers.getall("Vary") == ["Origin"]
             assert "X-Unread-Count" in headers["Access-Control-Expose-Headers"]
             assert "Link" in headers["Access-Control-Expose-Headers"]
             status, _, headers = await api.get(path, headers={"Origin": EVIL})

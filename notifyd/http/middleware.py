@@ -128,7 +128,8 @@ async def _with_cors(request: web.Request, handler: Handler, origin: str) -> web
     response = await handler(request)
     response.headers["Access-Control-Allow-Origin"] = origin
     response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
-    response.headers.add("Vary", "Origin")
+    if "origin" not in response.headers.get("Vary", "").lower():
+        response.headers.add("Vary", "Origin")
     return response
 
 

@@ -37,7 +37,8 @@ async def component(request: web.Request) -> web.StreamResponse:
     name = request.path.rsplit("/", 1)[-1]
     served = asset(name)
     cache = IMMUTABLE if request.query.get("v") == served.version else REVALIDATE
-    headers = {"ETag": served.etag, "Cache-Control": cache}
+    # the same URL answers with or without CORS headers, by Origin: caches must keep both
+    headers = {"ETag": served.etag, "Cache-Control": cache, "Vary": "Origin"}
     if served.etag in _etags(request.headers.get("If-None-Match", "")):
         return web.Response(status=304, headers=headers)
     return web.Response(

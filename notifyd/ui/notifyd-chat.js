@@ -127,6 +127,7 @@ export class NotifydChat extends HTMLElement {
   }
 
   disconnectedCallback() {
+    document.removeEventListener("visibilitychange", this.onVisible);
     this.connection?.stop();
     for (const timer of this.typers.values()) clearTimeout(timer);
     this.reset();
@@ -177,7 +178,8 @@ export class NotifydChat extends HTMLElement {
       { root: this.log, rootMargin: "100px" },
     );
     this.observer.observe(root.querySelector(".top"));
-    document.addEventListener("visibilitychange", () => this.sendRead());
+    this.onVisible = () => this.sendRead();
+    document.addEventListener("visibilitychange", this.onVisible);
   }
 
   async start() {

@@ -109,6 +109,7 @@ export class NotifydInbox extends HTMLElement {
 
   connectedCallback() {
     this.render();
+    if (this.items.size) this.redraw(); // moved in the page: what it held is shown again
     if (this._tokenProvider) this.start();
     this.clock = setInterval(() => this.updateTimes(), 60000);
   }
