@@ -139,6 +139,34 @@ async def test_opening_an_item_marks_it_read(
         ]
 
 
+async def test_marking_read_elsewhere_updates_the_badge_and_the_items(
+    daemon_factory: DaemonFactory, site: HostSite, browser: Browser
+) -> None:
+    """Another tab, or another app over REST, marks notifications read: this page's badge
+    follows within a second (the stale badge of novu#1008)."""
+    daemon = await start(daemon_factory, site)
+    page = await browser.new_page()
+    async with Api(daemon) as api:
+        await open_inbox(page, site, TENANT, USER)
+        first = await send(api, "first")
+        await send(api, "second")
+        await wait_badge(page, "2")
+        status, body, _ = await api.post(
+            "/notifications/mark-as-read/", {"ids": [first]}, tenant=TENANT, user=USER
+        )
+        assert status == 200, body
+        await wait_badge(page, "1", timeout_ms=1_000)
+        status, _, _ = await api.post(
+            "/notifications/mark-as-read/", {"all": True}, tenant=TENANT, user=USER
+        )
+        assert status == 200
+        await wait_badge(page, None, timeout_ms=1_000)
+        await page.wait_for_function(
+            """() => ![...document.querySelector('notifyd-inbox').shadowRoot
+                .querySelectorAll('[part~="item"]')].some((li) => li.hasAttribute('data-unread'))"""
+        )
+
+
 async def test_after_a_server_restart_the_page_shows_every_notification_once_and_the_right_count(
     daemon_factory: DaemonFactory, site: HostSite, browser: Browser
 ) -> None:
@@ -271,5 +299,6 @@ async def test_the_panel_follows_the_link_cursor_and_shows_the_empty_state_in_fr
             """() => document.querySelector('notifyd-inbox').shadowRoot
                 .querySelectorAll('[part~="item"]').length === 45"""
         )
-        subjects = [i["subject"] for i in await items(page)]
-        assert subjects == [f"p{n:02d}" for n in reversed(range(45))]
+        shown = await items(page)
+        assert [i["subject"] for i in shown] == [f"p{n:02d}" for n in reversed(range(45))]
+        assert all(i["unread"] for i in shown)  # from REST (both pages), unread as stored

@@ -209,9 +209,20 @@ async def mark_as_read(request: web.Request) -> web.Response:
             ),
         )
         unread = await store.unread_count(conn, caller.tenant_id, caller.user_id)
-        return await remember(
+        response = await remember(
             request, conn, json_response({"updated": updated, "unread_count": unread})
         )
+    # every open socket of this user (other tabs, other devices) learns the new count, as
+    # after a socket's own mark_read; committed already, so a Redis failure only logs
+    try:
+        await ctx.history.signal_user(
+            caller.tenant_id,
+            caller.user_id,
+            {"type": "unread_count", "count": unread, "updated": updated},
+        )
+    except RedisError as exc:
+        log.warning("unread count not signalled", extra={"error": repr(exc)})
+    return response
 
 
 async def retry_notification(request: web.Request) -> web.Response:

@@ -198,7 +198,9 @@ export class NotifydInbox extends HTMLElement {
         break;
       case "unread_count":
         if ("updated" in frame) {
-          // another tab or device marked some read: those ids are unknown here, refetch
+          // another tab or device marked some read: which, the first page says; none
+          // left unread means every one shown is read
+          if (frame.count === 0) for (const id of this.items.keys()) this.markLocal(id);
           this.refetch();
         } else {
           // the server says the socket is caught up: without a replay (first connect, or
@@ -224,9 +226,8 @@ export class NotifydInbox extends HTMLElement {
       const response = await this.connection.fetch(`/notifications/?type=in_app&limit=${PAGE}`);
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       const rows = await response.json();
-      const readNow = new Set(rows.filter((r) => r.is_read).map((r) => r.id));
-      for (const row of rows) this.add(row, false);
-      for (const id of readNow) this.markLocal(id);
+      for (const row of rows) this.add(row, !row.is_read);
+      for (const row of rows) if (row.is_read) this.markLocal(row.id); // read elsewhere
       if (!this.paged) {
         // the cursor of the first page only: later refetches must not rewind the scroll
         this.paged = true;
