@@ -2,11 +2,13 @@
 # Bootstrap a notifyd development machine (Debian/Ubuntu). Run from the repository root.
 #
 # Idempotent and minimal: installs only what is missing.
-#   1. OS packages `postgresql`, `redis-server`, `rabbitmq-server`, `wrk` and `chromium`, only
-#      those whose binaries are absent (wrk is the load generator bench/ prefers, and
-#      tests/test_bench.py skips its wrk cases without it; chromium is the browser the web
-#      components' tests drive through Playwright, never a Playwright browser download; tests
-#      and the dev stack run private server instances via scripts/localservers.py and
+#   1. OS packages `postgresql`, `redis-server`, `rabbitmq-server`, `wrk`, `chromium`, and
+#      Java 17 with Maven, only those whose binaries are absent (wrk is the load generator
+#      bench/ prefers, and tests/test_bench.py skips its wrk cases without it; chromium is the
+#      browser the web components' tests drive through Playwright, never a Playwright browser
+#      download; Java and Maven fetch and run a real Kafka broker from Maven Central's jars,
+#      scripts/kafka.py, for tests/kafka_server.py and `NOTIFYD_DEV_KAFKA=1 bash scripts/dev`;
+#      tests and the dev stack run private server instances via scripts/localservers.py and
 #      tests/rabbitmq_server.py; any system PostgreSQL/Redis the packages auto-start is left
 #      alone, but a system RabbitMQ just installed is stopped and disabled: nothing of
 #      notifyd's uses it, and it would hold ports 5672/25672).
@@ -36,6 +38,8 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 have_rabbitmq_server || missing+=(rabbitmq-server)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || missing+=(maven)
 
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]]; then
@@ -60,7 +64,7 @@ if ((${#missing[@]})); then
         fi
     fi
 else
-    log "postgresql, redis-server, rabbitmq-server, wrk and chromium already installed"
+    log "postgresql, redis-server, rabbitmq-server, wrk, chromium, java and maven already installed"
 fi
 
 # --- 2. Python virtualenv -----------------------------------------------------------------
