@@ -23,6 +23,7 @@ from notifyd.actors.sweeper import Sweeper
 from notifyd.actors.timer import Timer
 from notifyd.egress import Egress
 from notifyd.ingest.accept import EventAcceptor
+from notifyd.ingest.kafka_source import KafkaEventSource
 from notifyd.ingest.rabbitmq_source import RabbitMqEventSource
 from notifyd.ingest.redis_source import RedisEventSource
 from notifyd.keys import Keys
@@ -258,6 +259,17 @@ def build_pipeline(
         if settings.rabbitmq_url:
             actors.append(
                 RabbitMqEventSource(
+                    settings=settings,
+                    acceptor=acceptor,
+                    producer=producer,
+                    keys=keys,
+                    alerts=alerts,
+                    consumer_name=name,
+                )
+            )
+        if settings.kafka_bootstrap_servers:
+            actors.append(
+                KafkaEventSource(
                     settings=settings,
                     acceptor=acceptor,
                     producer=producer,

@@ -49,7 +49,7 @@ from notifyd.streams.producer import Producer
 
 log = logging.getLogger("notifyd.ingest")
 
-SOURCES = ("redis", "rabbitmq")
+SOURCES = ("redis", "rabbitmq", "kafka")
 
 INSERT_EVENT = """
 INSERT INTO ingested_events (tenant_id, event_id, event_type, source, notification_ids)

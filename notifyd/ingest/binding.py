@@ -4,8 +4,9 @@ An event names its own tenant, and whoever can write to the Redis stream or the 
 queue could otherwise act as any tenant: send with that tenant's templates and relay, and
 mark the sends `critical` so no opt-out silences them. The operator binds each source
 (`NOTIFYD_EVENTS_TENANTS` / `NOTIFYD_EVENTS_ALLOW_CRITICAL` for the Redis stream,
-`NOTIFYD_RABBITMQ_TENANTS` / `NOTIFYD_RABBITMQ_ALLOW_CRITICAL` for RabbitMQ); `admit` is
-the one rule both sources apply to a parsed event before anything is read or written for
+`NOTIFYD_RABBITMQ_TENANTS` / `NOTIFYD_RABBITMQ_ALLOW_CRITICAL` for RabbitMQ,
+`NOTIFYD_KAFKA_TENANTS` / `NOTIFYD_KAFKA_ALLOW_CRITICAL` for Kafka); `admit` is
+the one rule every source applies to a parsed event before anything is read or written for
 it. An event outside its source's binding is refused like a malformed one: dead-lettered
 with the reason, nothing stored, never retried (publishing it again cannot change the
 answer).
@@ -41,7 +42,7 @@ ALL_TENANTS = "*"
 class Binding:
     """What one source may publish; its settings' names, to name them in a reason."""
 
-    source: str  # "redis" or "rabbitmq", as `EventAcceptor.accept` names sources
+    source: str  # "redis", "rabbitmq" or "kafka", as `EventAcceptor.accept` names sources
     tenants: frozenset[str] | None  # None: every tenant
     allow_critical: bool
     tenants_setting: str
@@ -57,6 +58,9 @@ class Binding:
         elif source == "rabbitmq":
             listed, critical = settings.rabbitmq_tenants, settings.rabbitmq_allow_critical
             names = ("NOTIFYD_RABBITMQ_TENANTS", "NOTIFYD_RABBITMQ_ALLOW_CRITICAL")
+        elif source == "kafka":
+            listed, critical = settings.kafka_tenants, settings.kafka_allow_critical
+            names = ("NOTIFYD_KAFKA_TENANTS", "NOTIFYD_KAFKA_ALLOW_CRITICAL")
         else:
             raise ValueError(f"unknown event source {source!r}")
         tenants = None if ALL_TENANTS in listed else frozenset(listed)
@@ -137,6 +141,8 @@ def open_sources(settings: Settings) -> list[str]:
     running = [("redis", "the Redis stream <prefix>:events")]
     if settings.rabbitmq_url:
         running.append(("rabbitmq", f"the RabbitMQ queue {settings.rabbitmq_queue}"))
+    if settings.kafka_bootstrap_servers:
+        running.append(("kafka", f"the Kafka topics {', '.join(settings.kafka_topics)}"))
     warnings = []
     for source, where in running:
         binding = Binding.for_source(settings, source)

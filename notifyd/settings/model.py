@@ -139,6 +139,18 @@ UrlTemplate = Annotated[Str, _check(_template_ok,
     "may use only {tenant_id}, {user_id} and {category}")]
 Region = Annotated[Str, _check(lambda v: re.fullmatch(r"[A-Z]{2}", v),
     "a two-letter country code such as US or GB")]
+KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+KafkaServers = Annotated[Strs, _check(lambda v: all(re.fullmatch(r"[A-Za-z0-9_.:\[\]-]+:\d{1,5}", s)
+    for s in v), "host:port, comma-separated (e.g. kafka:9092)")]
+KafkaTopics = Annotated[Strs, _check(lambda v: 0 < len(v) <= 100 and all(
+    re.fullmatch(r"[A-Za-z0-9._-]{1,249}", t) for t in v),
+    "1-100 topic names of 1-249 letters, digits and . _ -")]
+KafkaGroup = Annotated[Str, _check(lambda v: re.fullmatch(r"[A-Za-z0-9._-]{1,249}", v),
+    "1-249 letters, digits and . _ -")]
+KafkaProtocol = Annotated[Str, _check(lambda v: v in KAFKA_PROTOCOLS, ", ".join(KAFKA_PROTOCOLS))]
+KafkaSasl = Annotated[Str, _check(lambda v: not v or v in KAFKA_SASL_MECHANISMS,
+    ", ".join(KAFKA_SASL_MECHANISMS) + " (or empty)")]
 QueueName = Annotated[Str,
     _check(lambda v: 0 < len(v.encode()) <= 255, "a queue name of 1-255 bytes"),
     _check(lambda v: not v.startswith("amq."), "names starting with amq. are the broker's")]
@@ -403,9 +415,9 @@ class Settings:
     egress_resolve_threads: Int = setting(4, "NOTIFYD_EGRESS_RESOLVE_THREADS",
         "egress.resolve_threads", "threads for those lookups (apart from the rest of the daemon's)",
         gt=0)
-    # --- events: domain events from other services (Redis stream, RabbitMQ)
+    # --- events: domain events from other services (Redis stream, RabbitMQ, Kafka)
     events_enabled: Bool = setting(True, "NOTIFYD_EVENTS_ENABLED", "events.enabled",
-        "ingest events at all (the Redis stream <prefix>:events, and RabbitMQ when set)")
+        "ingest events at all (the Redis stream <prefix>:events, and RabbitMQ/Kafka when set)")
     event_concurrency: Int = setting(8, "NOTIFYD_EVENT_CONCURRENCY", "events.concurrency",
         "stream events handled at once per instance", gt=0)
     event_max_recipients: Int = setting(100, "NOTIFYD_EVENT_MAX_RECIPIENTS",
@@ -436,6 +448,35 @@ class Settings:
         "events.rabbitmq_user_tenants", "per broker user (the AMQP user_id the broker checks; "
         "then required) the tenants it may publish for (env: svc-a=TEN-1,TEN-2;svc-b=*); empty: "
         "any user", factory=dict)
+    # Kafka (notifyd/ingest/kafka_source.py; docs/deploy.md "Kafka")
+    kafka_bootstrap_servers: KafkaServers = setting((), ("KAFKA_BROKER",
+        "NOTIFYD_KAFKA_BOOTSTRAP_SERVERS"), "events.kafka_bootstrap_servers",
+        "host:port of Kafka brokers, comma-separated; empty: no Kafka")
+    kafka_topics: KafkaTopics = setting(("notifyd.events",), "NOTIFYD_KAFKA_TOPICS",
+        "events.kafka_topics", "topics whose events are consumed")
+    kafka_group: KafkaGroup = setting("notifyd-ingest", "NOTIFYD_KAFKA_GROUP",
+        "events.kafka_group", "consumer group: instances in one group share the partitions")
+    kafka_max_batch: Int = setting(100, "NOTIFYD_KAFKA_MAX_BATCH", "events.kafka_max_batch",
+        "records fetched at once per instance (each partition in order)", ge=1, le=10_000)
+    kafka_security_protocol: KafkaProtocol = setting("PLAINTEXT",
+        "NOTIFYD_KAFKA_SECURITY_PROTOCOL", "events.kafka_security_protocol",
+        "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    kafka_ssl_cafile: KeyFile = setting("", "NOTIFYD_KAFKA_SSL_CAFILE", "events.kafka_ssl_cafile",
+        "CA bundle (PEM) for SSL/SASL_SSL; empty: the system's")
+    kafka_ssl_certfile: KeyFile = setting("", "NOTIFYD_KAFKA_SSL_CERTFILE",
+        "events.kafka_ssl_certfile", "client certificate (PEM) for mutual TLS")
+    kafka_ssl_keyfile: KeyFile = setting("", "NOTIFYD_KAFKA_SSL_KEYFILE",
+        "events.kafka_ssl_keyfile", "its private key (PEM)")
+    kafka_sasl_mechanism: KafkaSasl = setting("", "NOTIFYD_KAFKA_SASL_MECHANISM",
+        "events.kafka_sasl_mechanism", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (SASL_* protocols)")
+    kafka_sasl_username: Str = setting("", "NOTIFYD_KAFKA_SASL_USERNAME",
+        "events.kafka_sasl_username", "SASL user")
+    kafka_sasl_password: Str = setting("", "NOTIFYD_KAFKA_SASL_PASSWORD",
+        "events.kafka_sasl_password", "SASL password", secret=True)
+    kafka_tenants: Tenants = setting(("*",), "NOTIFYD_KAFKA_TENANTS", "events.kafka_tenants",
+        "tenants the Kafka topics may publish for (\"*\": all)")
+    kafka_allow_critical: Bool = setting(True, "NOTIFYD_KAFKA_ALLOW_CRITICAL",
+        "events.kafka_allow_critical", "whether its events may be critical (else dead-lettered)")
     # --- actors: supervision of the background actors
     actor_backoff_cap: Float = setting(30.0, "NOTIFYD_ACTOR_BACKOFF_CAP", "actors.backoff_cap",
         "longest wait before restarting a crashed actor, seconds", gt=0)
@@ -613,6 +654,20 @@ def cross_field_problems(s: Settings, *, failed: frozenset[str] | None) -> list[
             "NOTIFYD_SEND_TIMEOUT: must be shorter than NOTIFYD_CLAIM_IDLE, or a slow send "
             "would be taken over by another instance while still running"
         )
+    if s.kafka_bootstrap_servers:
+        sasl = s.kafka_security_protocol.startswith("SASL_")
+        if sasl and not (s.kafka_sasl_mechanism and s.kafka_sasl_username):
+            problems.append(
+                "NOTIFYD_KAFKA_SECURITY_PROTOCOL: SASL_* needs NOTIFYD_KAFKA_SASL_MECHANISM and "
+                "NOTIFYD_KAFKA_SASL_USERNAME (and its password)"
+            )
+        if not sasl and s.kafka_sasl_mechanism:
+            problems.append(
+                "NOTIFYD_KAFKA_SASL_MECHANISM: set, but NOTIFYD_KAFKA_SECURITY_PROTOCOL is not "
+                "SASL_PLAINTEXT or SASL_SSL, so it would be ignored"
+            )
+        if bool(s.kafka_ssl_certfile) != bool(s.kafka_ssl_keyfile):
+            problems.append("NOTIFYD_KAFKA_SSL_CERTFILE/KEYFILE: set both or neither")
     if s.page_size_default > s.page_size_max:
         problems.append("NOTIFYD_PAGE_SIZE_DEFAULT: must not exceed NOTIFYD_PAGE_SIZE_MAX")
     return problems

@@ -1,0 +1,272 @@
+"""Events from Kafka topics: the same JSON events as the Redis stream, one per record.
+
+- One consumer (aiokafka) per instance in the group `NOTIFYD_KAFKA_GROUP`, on the topics
+  `NOTIFYD_KAFKA_TOPICS`: the broker splits their partitions between the group's instances
+  and moves them when one joins or leaves. Auto-commit is off: this actor commits.
+- Each partition is a log read in order, so a record is never skipped: its event is parsed,
+  checked against the source's binding (`NOTIFYD_KAFKA_TENANTS`,
+  `NOTIFYD_KAFKA_ALLOW_CRITICAL`) and accepted (rows + the `ingested_events` dedupe row in
+  one transaction) before anything behind it, and the partition's offset is committed only
+  after that (per fetched batch). A crash, `kill -9` included, between the rows and the
+  commit makes the next owner read the record again, and the (tenant, event id) row makes
+  that a no-op: nothing lost, nothing doubled.
+- Partitions of one batch are handled concurrently; records of one partition one by one.
+- A rebalance waits for the batch in hand (the listener's revoke takes the batch lock), so
+  the partitions leave with their offsets committed. Should a commit fail all the same (the
+  group moved on: a session that expired during a long retry), the records are read again
+  by the new owner and deduplicated.
+- A malformed event, or one beyond the binding, is copied to the dead-letter stream with the
+  reason and its topic, partition and offset; the partition moves on past it.
+- Any other failure (PostgreSQL down) retries the same record with a backoff; after
+  `NOTIFYD_EVENT_MAX_DELIVERIES` tries it is dead-lettered too, and the partition moves on.
+- A broker that cannot be reached at start makes the actor crash; the supervisor retries it
+  with backoff. Once started, aiokafka reconnects by itself (a broker restart is a pause).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from notifyd.alerts import Alerting
+from notifyd.ingest.accept import EventAcceptor
+from notifyd.ingest.binding import Binding, admit
+from notifyd.ingest.events import EventLimits, MalformedEvent, parse_event
+from notifyd.keys import INGEST_GROUP, Keys
+from notifyd.settings import Settings
+from notifyd.streams.producer import Producer
+from notifyd.supervisor import exponential_backoff, sleep_or_stop
+
+log = logging.getLogger("notifyd.ingest.kafka")
+
+SOURCE = "kafka"
+RETRY_BASE_S = 0.5
+POLL_MS = 1000  # one fetch waits at most this long, so a stop is seen within a second
+STOP_TIMEOUT_S = 10.0  # leaving the group on stop, when the broker does not answer
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaConnection:
+    """What any Kafka client of notifyd needs to reach the cluster (also the outbox's)."""
+
+    bootstrap_servers: tuple[str, ...]
+    security_protocol: str
+    ssl_context: ssl.SSLContext | None
+    sasl_mechanism: str
+    sasl_username: str
+    sasl_password: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KafkaConnection:
+        context = None
+        if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
+            if settings.kafka_ssl_certfile:
+                context.load_cert_chain(settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile)
+        return cls(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            security_protocol=settings.kafka_security_protocol,
+            ssl_context=context,
+            sasl_mechanism=settings.kafka_sasl_mechanism or "PLAIN",
+            sasl_username=settings.kafka_sasl_username,
+            sasl_password=settings.kafka_sasl_password,
+        )
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments for an aiokafka consumer or producer."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": list(self.bootstrap_servers),
+            "security_protocol": self.security_protocol,
+            "ssl_context": self.ssl_context,
+        }
+        if self.security_protocol.startswith("SASL_"):
+            options |= {
+                "sasl_mechanism": self.sasl_mechanism,
+                "sasl_plain_username": self.sasl_username,
+                "sasl_plain_password": self.sasl_password,
+            }
+        return options
+
+
+class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Partitions are given up only between batches: the batch in hand finishes and commits
+    first (aiokafka waits for this coroutine before it rejoins the group)."""
+
+    def __init__(self, batch_lock: asyncio.Lock) -> None:
+        self._lock = batch_lock
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        async with self._lock:
+            if revoked:
+                log.info("partitions revoked", extra={"partitions": _names(revoked)})
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        log.info("partitions assigned", extra={"partitions": _names(assigned)})
+
+
+class KafkaEventSource:
+    name = "ingest:kafka"
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        acceptor: EventAcceptor,
+        producer: Producer,
+        keys: Keys,
+        alerts: Alerting,
+        consumer_name: str,
+    ) -> None:
+        self._connection = KafkaConnection.from_settings(settings)
+        self._topics = settings.kafka_topics
+        self._group = settings.kafka_group
+        self._max_batch = settings.kafka_max_batch
+        self._max_deliveries = settings.event_max_deliveries
+        self._backoff_cap = settings.actor_backoff_cap
+        self._limits = EventLimits.from_settings(settings)
+        self._binding = Binding.for_source(settings, SOURCE)
+        self._acceptor = acceptor
+        self._producer = producer
+        self._keys = keys
+        self._alerts = alerts
+        self._consumer_name = consumer_name
+        self._batch_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+
+    def consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            group_id=self._group,
+            client_id=f"notifyd-{self._consumer_name}",
+            enable_auto_commit=False,
+            # a new group reads what was published before it: nothing accepted is lost
+            auto_offset_reset="earliest",
+            max_poll_records=self._max_batch,
+            # the largest event accepted, plus its record's headers and framing
+            max_partition_fetch_bytes=max(1_048_576, self._limits.max_bytes + 65_536),
+            **self._connection.client_options(),
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
+        consumer = self.consumer()
+        consumer.subscribe(list(self._topics), listener=_WaitForBatch(self._batch_lock))
+        try:
+            # raises when no broker answers: the supervisor retries with backoff
+            await consumer.start()
+            log.info(
+                "consuming events",
+                extra={"topics": list(self._topics), "group": self._group},
+            )
+            while not stop.is_set():
+                batch = await consumer.getmany(timeout_ms=POLL_MS)
+                if not batch:
+                    continue
+                async with self._batch_lock:
+                    done = await asyncio.gather(
+                        *(self._partition(records) for records in batch.values())
+                    )
+                    await self._commit(consumer, dict(zip(batch, done, strict=True)))
+        finally:
+            # leaves the group, so the partitions move to a peer at once
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(STOP_TIMEOUT_S):
+                    await consumer.stop()
+
+    async def _commit(
+        self, consumer: AIOKafkaConsumer, handled: Mapping[TopicPartition, int | None]
+    ) -> None:
+        """Each partition's next offset: after its records' rows are committed, never before."""
+        offsets = {tp: OffsetAndMetadata(nxt, "") for tp, nxt in handled.items() if nxt is not None}
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except KafkaError as exc:  # CommitFailedError (the group moved on) is one
+            # the next batch's commit covers these; a new owner reads them again (deduplicated)
+            log.warning("offsets not committed; the records may be read again", exc_info=exc)
+
+    async def _partition(self, records: list[ConsumerRecord[bytes, bytes]]) -> int | None:
+        """The records in order; the offset to commit next (None: none was handled, because
+        the actor is stopping)."""
+        handled: int | None = None
+        for record in records:
+            if not await self.handle(record):
+                break
+            handled = record.offset + 1
+        return handled
+
+    async def handle(self, record: ConsumerRecord[bytes, bytes]) -> bool:
+        """True once the record's outcome is stored (rows, or a dead letter); False when the
+        actor stops first (not committed: read again by whoever owns the partition next)."""
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                try:
+                    event = parse_event(record.value or b"", self._limits)
+                    admit(event, self._binding)
+                    await self._acceptor.accept(event, source=SOURCE)
+                except MalformedEvent as exc:
+                    await self._dead_letter(record, str(exc), tries)
+                return True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if tries >= self._max_deliveries:
+                    log.error("event failed; dead-lettered", exc_info=exc, extra={"tries": tries})
+                    reason = f"failed {tries} times, last with {type(exc).__name__}"
+                    try:
+                        await self._dead_letter(record, reason, tries)
+                    except Exception:
+                        log.exception("dead letter not written; the event is tried again")
+                    else:
+                        return True
+                log.error("event failed; retrying", exc_info=exc, extra={"tries": tries})
+                delay = exponential_backoff(tries, RETRY_BASE_S, self._backoff_cap)
+                if await sleep_or_stop(self._stop, delay):
+                    return False
+
+    async def _dead_letter(
+        self, record: ConsumerRecord[bytes, bytes], reason: str, tries: int
+    ) -> None:
+        where = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+        log.warning("event dead-lettered", extra={**where, "reason": reason, "tries": tries})
+        body = record.value or b""
+        fields: dict[bytes | str, bytes | str] = {
+            # shaped like a stream consumer's dead letter for the events stream, so that
+            # `notifyd dlq requeue` replays it there (same schema, deduplicated the same way)
+            "stream": self._keys.events,
+            "group": INGEST_GROUP,
+            "source": SOURCE,
+            "topic": record.topic,
+            "partition": str(record.partition),
+            "offset": str(record.offset),
+            "reason": reason,
+            "deliveries": str(tries),
+            # bounded: a huge record is refused, and only its head is kept
+            "f:event": body[: self._limits.max_bytes],
+        }
+        if len(body) > self._limits.max_bytes:
+            fields["truncated"] = str(len(body))
+        await self._producer.add(self._keys.dead_letters, fields)
+        self._alerts.raise_alert(
+            "dead-letter:events",
+            "notifyd: events are being dead-lettered",
+            f"An event from Kafka ({record.topic}[{record.partition}] at offset "
+            f"{record.offset}) was dead-lettered ({reason}). {self._keys.dead_letters} holds "
+            "it (field f:event) with the reason.",
+        )
+
+
+def _names(partitions: Sequence[TopicPartition]) -> list[str]:
+    return sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions)
