@@ -3,14 +3,15 @@
 - One consumer (aiokafka) per instance in the group `NOTIFYD_KAFKA_GROUP`, on the topics
   `NOTIFYD_KAFKA_TOPICS`: the broker splits their partitions between the group's instances
   and moves them when one joins or leaves. Auto-commit is off: this actor commits.
-- Each partition is a log read in order, so a record is never skipped: its event is parsed,
-  checked against the source's binding (`NOTIFYD_KAFKA_TENANTS`,
-  `NOTIFYD_KAFKA_ALLOW_CRITICAL`) and accepted (rows + the `ingested_events` dedupe row in
-  one transaction) before anything behind it, and the partition's offset is committed only
-  after that (per fetched batch). A crash, `kill -9` included, between the rows and the
-  commit makes the next owner read the record again, and the (tenant, event id) row makes
-  that a no-op: nothing lost, nothing doubled.
-- Partitions of one batch are handled concurrently; records of one partition one by one.
+- Each record's event is parsed, checked against the source's binding
+  (`NOTIFYD_KAFKA_TENANTS`, `NOTIFYD_KAFKA_ALLOW_CRITICAL`) and accepted (rows + the
+  `ingested_events` dedupe row in one transaction); a fetched batch (at most
+  `NOTIFYD_KAFKA_MAX_BATCH` records) is handled `NOTIFYD_EVENT_CONCURRENCY` records at once,
+  like the other sources (the order of two events is no promise of ingestion: each makes
+  notifications of its own). A partition's offset is committed only after every record
+  before it is stored: a crash, `kill -9` included, between the rows and the commit makes
+  the next owner read the records again, and the (tenant, event id) rows make that a no-op:
+  nothing lost, nothing doubled.
 - A rebalance waits for the batch in hand (the listener's revoke takes the batch lock), so
   the partitions leave with their offsets committed. Should a commit fail all the same (the
   group moved on: a session that expired during a long retry), the records are read again
@@ -131,6 +132,7 @@ class KafkaEventSource:
         self._topics = settings.kafka_topics
         self._group = settings.kafka_group
         self._max_batch = settings.kafka_max_batch
+        self._concurrency = settings.event_concurrency
         self._max_deliveries = settings.event_max_deliveries
         self._backoff_cap = settings.actor_backoff_cap
         self._limits = EventLimits.from_settings(settings)
@@ -172,10 +174,7 @@ class KafkaEventSource:
                 if not batch:
                     continue
                 async with self._batch_lock:
-                    done = await asyncio.gather(
-                        *(self._partition(records) for records in batch.values())
-                    )
-                    await self._commit(consumer, dict(zip(batch, done, strict=True)))
+                    await self._commit(consumer, await self._handle_batch(batch))
         finally:
             # leaves the group, so the partitions move to a peer at once
             with contextlib.suppress(Exception):
@@ -195,14 +194,27 @@ class KafkaEventSource:
             # the next batch's commit covers these; a new owner reads them again (deduplicated)
             log.warning("offsets not committed; the records may be read again", exc_info=exc)
 
-    async def _partition(self, records: list[ConsumerRecord[bytes, bytes]]) -> int | None:
-        """The records in order; the offset to commit next (None: none was handled, because
-        the actor is stopping)."""
-        handled: int | None = None
-        for record in records:
-            if not await self.handle(record):
-                break
-            handled = record.offset + 1
+    async def _handle_batch(
+        self, batch: Mapping[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+    ) -> dict[TopicPartition, int | None]:
+        """Every record of the batch, up to NOTIFYD_EVENT_CONCURRENCY at once (a batch often
+        holds one partition's records only, so one at a time per partition would be one at a
+        time); per partition, the offset to commit next: past the longest run of handled
+        records from its start (None: not even the first, because the actor is stopping)."""
+        slots = asyncio.Semaphore(self._concurrency)
+
+        async def one(record: ConsumerRecord[bytes, bytes]) -> bool:
+            async with slots:
+                return await self.handle(record)
+
+        partitions = list(batch.items())
+        done = await asyncio.gather(*(one(r) for _, records in partitions for r in records))
+        handled: dict[TopicPartition, int | None] = {}
+        at = 0
+        for tp, records in partitions:
+            outcomes, at = done[at : at + len(records)], at + len(records)
+            prefix = next((i for i, ok in enumerate(outcomes) if not ok), len(records))
+            handled[tp] = records[prefix - 1].offset + 1 if prefix else None
         return handled
 
     async def handle(self, record: ConsumerRecord[bytes, bytes]) -> bool:
