@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from bench import (
     connections,
     email_e2e,
+    kafka_ingest,
     limits,
     noisy_neighbour,
     redis_footprint,
@@ -43,6 +44,10 @@ WORKLOADS: dict[str, tuple[Any, str]] = {
     "redis_footprint": (
         redis_footprint,
         "in-app notifications to N made-up ids: Redis memory and keys, before and after expiry",
+    ),
+    "kafka_ingest": (
+        kafka_ingest,
+        "N events waiting in Kafka (and the Redis stream, RabbitMQ): stored notifications/s",
     ),
     "retention": (retention, "rest_ingest's p99 while 1,000,000 expired rows are purged"),
     "ui": (ui, "the web components: bytes, gzip, first render, a 1,000-item inbox's scroll"),
