@@ -30,6 +30,7 @@ from notifyd.health import all_ok, check_dependencies
 from notifyd.http.context import Services
 from notifyd.http.server import build_app
 from notifyd.ids import OpaqueIdRule
+from notifyd.ingest.kafka_delivery_events import set_capture
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
 from notifyd.pipeline import Pipeline, build_pipeline, consumer_name
@@ -110,6 +111,8 @@ class Daemon:
                 f"the database schema is behind ({', '.join(missing)} not applied); "
                 "run `notifyd migrate` first"
             )
+        # status changes are captured for the Kafka topic only where one is configured
+        await set_capture(pool, bool(s.kafka_events_topic))
         # a blocking pool: a thousand sockets closing at once wait for a connection
         # instead of failing with "too many connections". Every wait is bounded by
         # NOTIFYD_REDIS_TIMEOUT: the free connection, connecting, and each command's reply

@@ -23,6 +23,7 @@ from notifyd.actors.sweeper import Sweeper
 from notifyd.actors.timer import Timer
 from notifyd.egress import Egress
 from notifyd.ingest.accept import EventAcceptor
+from notifyd.ingest.kafka_delivery_events import KafkaDeliveryEvents
 from notifyd.ingest.kafka_source import KafkaEventSource
 from notifyd.ingest.rabbitmq_source import RabbitMqEventSource
 from notifyd.ingest.redis_source import RedisEventSource
@@ -267,7 +268,7 @@ def build_pipeline(
                     consumer_name=name,
                 )
             )
-        if settings.kafka_bootstrap_servers:
+        if settings.kafka_bootstrap_servers and settings.kafka_topics:
             actors.append(
                 KafkaEventSource(
                     settings=settings,
@@ -278,6 +279,8 @@ def build_pipeline(
                     consumer_name=name,
                 )
             )
+    if settings.kafka_events_topic:
+        actors.append(KafkaDeliveryEvents(settings=settings, pool=pool))
     return Pipeline(
         actors=actors,
         providers=[provider for provider, _ in providers],

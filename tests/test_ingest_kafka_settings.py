@@ -41,9 +41,9 @@ def test_the_seeds_kafka_broker_names_the_bootstrap_servers() -> None:
     ("env", "expected"),
     [
         ({"KAFKA_BROKER": "kafka"}, "KAFKA_BROKER: host:port"),
-        ({"NOTIFYD_KAFKA_TOPICS": "a topic"}, "NOTIFYD_KAFKA_TOPICS: 1-100 topic names"),
-        ({"NOTIFYD_KAFKA_TOPICS": ","}, "NOTIFYD_KAFKA_TOPICS: 1-100 topic names"),
-        ({"NOTIFYD_KAFKA_TOPICS": ",".join(f"t{n}" for n in range(101))}, "1-100 topic names"),
+        ({"NOTIFYD_KAFKA_TOPICS": "a topic"}, "NOTIFYD_KAFKA_TOPICS: at most 100 topic names"),
+        ({"NOTIFYD_KAFKA_TOPICS": ",".join(f"t{n}" for n in range(101))}, "at most 100 topic"),
+        ({"NOTIFYD_KAFKA_EVENTS_TOPIC": "a/b"}, "NOTIFYD_KAFKA_EVENTS_TOPIC: a topic name"),
         ({"NOTIFYD_KAFKA_GROUP": "g/1"}, "NOTIFYD_KAFKA_GROUP: 1-249 letters"),
         ({"NOTIFYD_KAFKA_MAX_BATCH": "0"}, "NOTIFYD_KAFKA_MAX_BATCH"),
         ({"NOTIFYD_KAFKA_MAX_BATCH": "10001"}, "NOTIFYD_KAFKA_MAX_BATCH"),
@@ -62,6 +62,10 @@ def test_settings_that_only_make_sense_together_are_checked_together() -> None:
     assert "SASL_* needs NOTIFYD_KAFKA_SASL_MECHANISM and NOTIFYD_KAFKA_SASL_USERNAME" in said
     said = problems(**on, NOTIFYD_KAFKA_SASL_MECHANISM="PLAIN")
     assert "NOTIFYD_KAFKA_SASL_MECHANISM: set, but NOTIFYD_KAFKA_SECURITY_PROTOCOL" in said
+    said = problems(NOTIFYD_KAFKA_EVENTS_TOPIC="out")
+    assert "NOTIFYD_KAFKA_EVENTS_TOPIC: needs KAFKA_BROKER" in said
+    said = problems(**on, NOTIFYD_KAFKA_EVENTS_TOPIC="notifyd.events")
+    assert "NOTIFYD_KAFKA_EVENTS_TOPIC: is also in NOTIFYD_KAFKA_TOPICS" in said
     said = problems(**on, NOTIFYD_KAFKA_SSL_CERTFILE=__file__)
     assert "NOTIFYD_KAFKA_SSL_CERTFILE/KEYFILE: set both or neither" in said
 

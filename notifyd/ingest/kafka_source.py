@@ -29,10 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -43,6 +40,7 @@ from notifyd.alerts import Alerting
 from notifyd.ingest.accept import EventAcceptor
 from notifyd.ingest.binding import Binding, admit
 from notifyd.ingest.events import EventLimits, MalformedEvent, parse_event
+from notifyd.ingest.kafka_connection import KafkaConnection
 from notifyd.keys import INGEST_GROUP, Keys
 from notifyd.settings import Settings
 from notifyd.streams.producer import Producer
@@ -54,49 +52,6 @@ SOURCE = "kafka"
 RETRY_BASE_S = 0.5
 POLL_MS = 1000  # one fetch waits at most this long, so a stop is seen within a second
 STOP_TIMEOUT_S = 10.0  # leaving the group on stop, when the broker does not answer
-
-
-@dataclass(frozen=True, slots=True)
-class KafkaConnection:
-    """What any Kafka client of notifyd needs to reach the cluster (also the outbox's)."""
-
-    bootstrap_servers: tuple[str, ...]
-    security_protocol: str
-    ssl_context: ssl.SSLContext | None
-    sasl_mechanism: str
-    sasl_username: str
-    sasl_password: str
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> KafkaConnection:
-        context = None
-        if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
-            context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
-            if settings.kafka_ssl_certfile:
-                context.load_cert_chain(settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile)
-        return cls(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
-            security_protocol=settings.kafka_security_protocol,
-            ssl_context=context,
-            sasl_mechanism=settings.kafka_sasl_mechanism or "PLAIN",
-            sasl_username=settings.kafka_sasl_username,
-            sasl_password=settings.kafka_sasl_password,
-        )
-
-    def client_options(self) -> dict[str, Any]:
-        """Keyword arguments for an aiokafka consumer or producer."""
-        options: dict[str, Any] = {
-            "bootstrap_servers": list(self.bootstrap_servers),
-            "security_protocol": self.security_protocol,
-            "ssl_context": self.ssl_context,
-        }
-        if self.security_protocol.startswith("SASL_"):
-            options |= {
-                "sasl_mechanism": self.sasl_mechanism,
-                "sasl_plain_username": self.sasl_username,
-                "sasl_plain_password": self.sasl_password,
-            }
-        return options
 
 
 class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -143,9 +143,11 @@ KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 KafkaServers = Annotated[Strs, _check(lambda v: all(re.fullmatch(r"[A-Za-z0-9_.:\[\]-]+:\d{1,5}", s)
     for s in v), "host:port, comma-separated (e.g. kafka:9092)")]
-KafkaTopics = Annotated[Strs, _check(lambda v: 0 < len(v) <= 100 and all(
+KafkaTopics = Annotated[Strs, _check(lambda v: len(v) <= 100 and all(
     re.fullmatch(r"[A-Za-z0-9._-]{1,249}", t) for t in v),
-    "1-100 topic names of 1-249 letters, digits and . _ -")]
+    "at most 100 topic names of 1-249 letters, digits and . _ -")]
+KafkaTopic = Annotated[Str, _check(lambda v: not v or re.fullmatch(r"[A-Za-z0-9._-]{1,249}", v),
+    "a topic name of 1-249 letters, digits and . _ - (or empty)")]
 KafkaGroup = Annotated[Str, _check(lambda v: re.fullmatch(r"[A-Za-z0-9._-]{1,249}", v),
     "1-249 letters, digits and . _ -")]
 KafkaProtocol = Annotated[Str, _check(lambda v: v in KAFKA_PROTOCOLS, ", ".join(KAFKA_PROTOCOLS))]
@@ -453,7 +455,8 @@ class Settings:
         "NOTIFYD_KAFKA_BOOTSTRAP_SERVERS"), "events.kafka_bootstrap_servers",
         "host:port of Kafka brokers, comma-separated; empty: no Kafka")
     kafka_topics: KafkaTopics = setting(("notifyd.events",), "NOTIFYD_KAFKA_TOPICS",
-        "events.kafka_topics", "topics whose events are consumed")
+        "events.kafka_topics", "topics whose events are consumed (empty: none, e.g. to publish "
+        "delivery events only)")
     kafka_group: KafkaGroup = setting("notifyd-ingest", "NOTIFYD_KAFKA_GROUP",
         "events.kafka_group", "consumer group: instances in one group share the partitions")
     kafka_max_batch: Int = setting(100, "NOTIFYD_KAFKA_MAX_BATCH", "events.kafka_max_batch",
@@ -473,6 +476,9 @@ class Settings:
         "events.kafka_sasl_username", "SASL user")
     kafka_sasl_password: Str = setting("", "NOTIFYD_KAFKA_SASL_PASSWORD",
         "events.kafka_sasl_password", "SASL password", secret=True)
+    kafka_events_topic: KafkaTopic = setting("", "NOTIFYD_KAFKA_EVENTS_TOPIC",
+        "events.kafka_events_topic", "topic that notification status changes are published to, "
+        "keyed by tenant (a durable outbox; at least once); empty: none")
     kafka_tenants: Tenants = setting(("*",), "NOTIFYD_KAFKA_TENANTS", "events.kafka_tenants",
         "tenants the Kafka topics may publish for (\"*\": all)")
     kafka_allow_critical: Bool = setting(True, "NOTIFYD_KAFKA_ALLOW_CRITICAL",
@@ -666,8 +672,15 @@ def cross_field_problems(s: Settings, *, failed: frozenset[str] | None) -> list[
                 "NOTIFYD_KAFKA_SASL_MECHANISM: set, but NOTIFYD_KAFKA_SECURITY_PROTOCOL is not "
                 "SASL_PLAINTEXT or SASL_SSL, so it would be ignored"
             )
+        if s.kafka_events_topic in s.kafka_topics:
+            problems.append(
+                "NOTIFYD_KAFKA_EVENTS_TOPIC: is also in NOTIFYD_KAFKA_TOPICS; notifyd would "
+                "read its own delivery events back as domain events"
+            )
         if bool(s.kafka_ssl_certfile) != bool(s.kafka_ssl_keyfile):
             problems.append("NOTIFYD_KAFKA_SSL_CERTFILE/KEYFILE: set both or neither")
+    elif s.kafka_events_topic:
+        problems.append("NOTIFYD_KAFKA_EVENTS_TOPIC: needs KAFKA_BROKER (the brokers to use)")
     if s.page_size_default > s.page_size_max:
         problems.append("NOTIFYD_PAGE_SIZE_DEFAULT: must not exceed NOTIFYD_PAGE_SIZE_MAX")
     return problems
