@@ -388,3 +388,37 @@ async def test_a_kill_9_between_the_rows_and_the_offset_commit_rereads_and_dedup
     await start(daemon_factory, smtp_sink, **topic.env())
     await all_committed(topic)
     await assert_each_once(db, [f"evt-{n}" for n in range(5)])
+
+
+async def test_a_failing_record_is_retried_then_dead_lettered_and_the_partition_moves_on(
+    daemon_factory: DaemonFactory,
+    smtp_sink: SmtpSink,
+    db: asyncpg.Connection,
+    redis: Redis,
+    kafka: KafkaBroker,  # noqa: F811
+) -> None:
+    """The promise: a record that cannot be stored (PostgreSQL fails: here its table is
+    missing) is retried in place with a backoff, not skipped, and after
+    NOTIFYD_EVENT_MAX_DELIVERIES tries dead-lettered with the reason; the partition then
+    moves on and its offset is committed past it."""
+    topic = Topic(kafka, partitions=1)
+    await topic.create()
+    daemon = await start(
+        daemon_factory,
+        smtp_sink,
+        **topic.env(NOTIFYD_EVENT_MAX_DELIVERIES="3", NOTIFYD_ACTOR_BACKOFF_CAP="0.2"),
+    )
+    await put_templates(daemon, TENANT_A, ("in_app",))
+    await db.execute("ALTER TABLE ingested_events RENAME TO ingested_events_away")
+    try:
+        await topic.publish(in_app("stuck"), key=b"k")
+        (letter,) = await dead_letters(redis, 1)
+    finally:
+        await db.execute("ALTER TABLE ingested_events_away RENAME TO ingested_events")
+    assert letter["reason"] == "failed 3 times, last with UndefinedTableError"
+    assert (letter["deliveries"], letter["offset"]) == ("3", "0")
+    assert orjson.loads(letter["f:event"])["event_id"] == "evt-stuck"
+    await topic.publish(in_app("next"), key=b"k")
+    await stored(db, 1)
+    await all_committed(topic)
+    await assert_each_once(db, ["evt-next"])
