@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from bench import (
     connections,
     email_e2e,
-    kafka_ingest,
+    ingest,
     limits,
     noisy_neighbour,
     redis_footprint,
@@ -45,8 +45,8 @@ WORKLOADS: dict[str, tuple[Any, str]] = {
         redis_footprint,
         "in-app notifications to N made-up ids: Redis memory and keys, before and after expiry",
     ),
-    "kafka_ingest": (
-        kafka_ingest,
+    "ingest": (
+        ingest,
         "N events waiting in Kafka (and the Redis stream, RabbitMQ): stored notifications/s",
     ),
     "retention": (retention, "rest_ingest's p99 while 1,000,000 expired rows are purged"),

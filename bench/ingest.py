@@ -1,9 +1,10 @@
-"""`kafka_ingest`: N domain events waiting in Kafka (and, beside it in the same run, in the
+"""`ingest`: N domain events waiting in Kafka (and, beside it in the same run, in the
 Redis stream and a RabbitMQ queue): how fast does each source turn them into stored
 notifications?
 
-For each source of `--sources` (default `kafka,redis`, plus `rabbitmq` when
-`--rabbitmq-url` is given), in one process and against one PostgreSQL and Redis:
+For each source (`--source kafka`: Kafka, then beside it the Redis stream, and RabbitMQ when
+`--rabbitmq-url` is given; `--source redis,rabbitmq` measures just those; without `--source`,
+every source there is), in one process and against one PostgreSQL and Redis:
 
 1. A daemon (in this process, its own free port) with ingestion off stores the in-app
    template of a tenant of this run only (`bench-<run>-<source>`), and stops.
@@ -69,21 +70,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_env_argument(parser, "--jwt-secret", "a JWT_SECRET for the daemons (any 16+ chars)")
     parser.add_argument("--kafka-bootstrap", default="", help="host:port (default: own broker)")
     parser.add_argument("--rabbitmq-url", default="", help="amqp:// URL (adds rabbitmq)")
-    parser.add_argument("--sources", default="", help="comma-separated: kafka,redis,rabbitmq")
+    parser.add_argument(
+        "--source",
+        "--sources",
+        dest="sources",
+        default="",
+        help="kafka, redis or rabbitmq: that source, then the others beside it in the same "
+        "run; several, comma-separated: just those (default: every source there is)",
+    )
     parser.add_argument("--count", type=int, default=5000, help="events per source (N)")
     parser.add_argument("--partitions", type=int, default=4, help="of the Kafka topic")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per source")
 
 
 def options_from(args: argparse.Namespace) -> KafkaIngestOptions:
-    sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
-    if not sources:
-        sources = ("kafka", "redis", "rabbitmq") if args.rabbitmq_url else ("kafka", "redis")
-    unknown = [s for s in sources if s not in SOURCES]
+    named = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+    unknown = [s for s in named if s not in SOURCES]
     if unknown:
-        raise BenchError(f"--sources: unknown {', '.join(unknown)} (of {', '.join(SOURCES)})")
-    if "rabbitmq" in sources and not args.rabbitmq_url:
-        raise BenchError("--sources rabbitmq needs --rabbitmq-url")
+        raise BenchError(f"--source: unknown {', '.join(unknown)} (of {', '.join(SOURCES)})")
+    if "rabbitmq" in named and not args.rabbitmq_url:
+        raise BenchError("--source rabbitmq needs --rabbitmq-url")
+    available = ("kafka", "redis", "rabbitmq") if args.rabbitmq_url else ("kafka", "redis")
+    if len(named) == 1:  # the source under test first, the others beside it
+        sources: tuple[str, ...] = (*named, *(s for s in available if s not in named))
+    else:
+        sources = named or available
     if args.count < 1 or args.partitions < 1:
         raise BenchError("--count and --partitions must be at least 1")
     return KafkaIngestOptions(
@@ -273,10 +284,10 @@ async def main(o: KafkaIngestOptions) -> dict[str, Any]:
     async with _kafka(o.kafka_bootstrap if "kafka" in o.sources else "unused") as kafka:
         run = _Run(o, kafka, run_id)
         for source in o.sources:
-            log(f"kafka_ingest: {o.count} events through {source}")
+            log(f"ingest: {o.count} events through {source}")
             results.append(await run.measure(source))
     return {
-        "workload": "kafka_ingest",
+        "workload": "ingest",
         "partitions": o.partitions,
         "sources": results,
         "machine": machine(),
