@@ -3,7 +3,8 @@
 The REST send route, `notifyd send` and event ingestion all go through here, so a smoke test
 from the shell or an ingested event is checked, rendered and stored exactly as a POST is:
 
-1. `problems` / `rule_problems`: what is wrong with the request, every field at once;
+1. `problems`: what is wrong with the request, every field at once (the REST body's model,
+   `schemas.notifications`; the REST route reads its body into that model itself);
 2. `prepare`: SMS numbers to E.164 in the tenant's region and the content rendered now, so a
    number that cannot be read or a template that cannot render is the caller's error, never
    a blank in someone's inbox later;
@@ -27,16 +28,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import re
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 from redis.exceptions import RedisError
 
-from notifyd import tags
 from notifyd.compose import compose, render_limits
 from notifyd.ids import OpaqueIdRule, uuid7
 from notifyd.keys import Keys
@@ -44,7 +43,11 @@ from notifyd.metrics import Metrics
 from notifyd.payloads import DeliveryRef, NotificationIntent
 from notifyd.providers.phones import InvalidPhone, to_e164
 from notifyd.providers.render import Rendered, TemplateError
-from notifyd.settings import CHANNELS, Settings
+from notifyd.schemas.errors import FieldError, Invalid
+from notifyd.schemas.notifications import NotificationSend
+from notifyd.schemas.reader import Reader
+from notifyd.schemas.registry import Schemas
+from notifyd.settings import Settings
 from notifyd.store import audit, deliveries
 from notifyd.store import notifications as store
 from notifyd.store.audit import AuditEntry
@@ -52,27 +55,14 @@ from notifyd.store.batch import GroupCommit
 from notifyd.store.pool import Conn, Executor
 from notifyd.store.tenants import TenantSettings, load_redacted, locale_for, region_for
 from notifyd.streams.producer import Producer
-from notifyd.tags import header_problem, is_email
 
 log = logging.getLogger("notifyd.accept")
 
 SEND_ACTION = "notification.send"
 RETRY_ACTION = "notification.retry"
 
-RECIPIENT_MAX_LENGTH = 320
-TEMPLATE_KEY_MAX_LENGTH = 128
-CATEGORY_MAX_LENGTH = 64
-
-# The loose shape of a phone number; full E.164 normalisation happens in `prepare`.
-_PHONE = re.compile(r"\+?[0-9][0-9 ().-]{4,30}")
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """One thing wrong with a request, named by its field in the REST body's terms."""
-
-    field: str
-    message: str
+Refusal = FieldError
+"""The one error type (`schemas.errors.FieldError`), by the name the ingestion code uses."""
 
 
 class Refused(Exception):
@@ -164,118 +154,27 @@ class Accepted:
     enqueued: bool  # False: stored, but Redis failed; the sweeper enqueues them later
 
 
-def rule_problems(
-    *,
-    channel: str | None,
-    recipient: str | None,
-    subject: str | None,
-    message: str | None,
-    template_key: str | None,
-    context: Mapping[str, Any] | None,
-    user_id: str | None,
-    category: str | None,
-    locale: str | None,
-    id_rule: OpaqueIdRule,
-    at_fault: Collection[str] = (),
-) -> list[Refusal]:
-    """The rules across fields, over values already of the right type (None: absent or
-    already refused). A field in `at_fault` already has an error and gets no second one."""
-    found: list[Refusal] = []
-    if category is not None and not tags.CATEGORY.fullmatch(category):
-        found.append(Refusal("category", "may contain letters, digits and _ . : - only"))
-    if locale is not None and not tags.is_locale(locale):
-        found.append(Refusal("locale", "must be a language tag such as en or pt-BR"))
-    if message is None and template_key is None:
-        found.append(Refusal("message", "is required unless template_key is given"))
-    if template_key is not None and not tags.TEMPLATE_KEY.fullmatch(template_key):
-        found.append(Refusal("template_key", "may contain letters, digits and _ . : - only"))
-    if context is not None and template_key is None:
-        found.append(Refusal("context", "is only used with template_key"))
-    # the subject and the recipient reach mail headers (tags.HEADER_UNSAFE)
-    for name, value in (("subject", subject), ("recipient", recipient)):
-        problem = None if value is None else header_problem(value)
-        if problem is not None:
-            found.append(Refusal(name, problem))
-    if (
-        channel is not None
-        and recipient is not None
-        and "recipient" not in {p.field for p in found}
-    ):
-        found.extend(_recipient_problems(channel, recipient.strip(), id_rule))
-    if channel == "in_app" and user_id is not None:
-        found.append(Refusal("user_id", "is implied by recipient for notification_type in_app"))
-    return [p for p in found if p.field not in at_fault]
-
-
-def _recipient_problems(channel: str, recipient: str, id_rule: OpaqueIdRule) -> list[Refusal]:
-    if channel == "email":
-        if not is_email(recipient):
-            return [Refusal("recipient", "must be an email address for notification_type email")]
-    elif channel == "sms":
-        if not _PHONE.fullmatch(recipient) or sum(c.isdigit() for c in recipient) < 5:
-            return [Refusal("recipient", "must be a phone number for notification_type sms")]
-    else:
-        problem = id_rule.problem(recipient)
-        if problem is not None:
-            return [
-                Refusal("recipient", f"must be a user id for notification_type in_app: {problem}")
-            ]
+def problems(order: Order, send: Reader[NotificationSend]) -> list[Refusal]:
+    """Everything wrong with `order`, as the REST route says it about the same body (through
+    the same model, `Schemas.send`): for callers whose input did not come through a JSON body
+    (the CLI, ingested events)."""
+    body = {
+        "notification_type": order.channel,
+        "recipient": order.recipient,
+        "subject": order.subject,
+        "message": order.message,
+        "template_key": order.template_key,
+        "context": order.context,
+        "user_id": order.user_id,
+        "category": order.category,
+        "critical": order.critical,
+        "locale": order.locale,
+    }
+    try:
+        send.python({k: v for k, v in body.items() if v is not None})
+    except Invalid as exc:
+        return exc.errors
     return []
-
-
-def _text_problem(value: str | None, max_length: int) -> str | None:
-    """The REST body's rules for a text field (see `http.validation.Fields.string`)."""
-    if value is None:
-        return None
-    if not value.strip():
-        return "must not be empty"
-    if len(value) > max_length:
-        return f"must be at most {max_length} characters"
-    if "\x00" in value:
-        return "must not contain NUL characters"
-    return None
-
-
-def problems(order: Order, settings: Settings, id_rule: OpaqueIdRule) -> list[Refusal]:
-    """Everything wrong with `order`, as the REST route would say it about the same body:
-    for callers whose input did not come through a JSON body (the CLI, ingested events)."""
-    found: list[Refusal] = []
-    if order.channel not in CHANNELS:
-        found.append(Refusal("notification_type", f"must be one of: {', '.join(CHANNELS)}"))
-    for name, value, max_length in (
-        ("recipient", order.recipient, RECIPIENT_MAX_LENGTH),
-        ("subject", order.subject, settings.subject_max_length),
-        ("message", order.message, settings.notification_max_length),
-        ("template_key", order.template_key, TEMPLATE_KEY_MAX_LENGTH),
-        ("category", order.category, CATEGORY_MAX_LENGTH),
-        ("locale", order.locale, tags.LOCALE_MAX_LENGTH),
-    ):
-        problem = _text_problem(value, max_length)
-        if problem is not None:
-            found.append(Refusal(name, problem))
-    if order.context is not None and len(order.context) > settings.context_max_keys:
-        found.append(Refusal("context", f"must have at most {settings.context_max_keys} keys"))
-    if order.user_id is not None:
-        problem = id_rule.problem(order.user_id)
-        if problem is not None:
-            found.append(Refusal("user_id", problem))
-    at_fault = {p.field for p in found}
-    found.extend(
-        rule_problems(
-            channel=order.channel if order.channel in CHANNELS else None,
-            recipient=order.recipient,
-            subject=order.subject,
-            message=order.message,
-            template_key=order.template_key,
-            context=order.context,
-            user_id=order.user_id,
-            category=order.category,
-            locale=order.locale,
-            id_rule=id_rule,
-            at_fault=at_fault,
-        )
-    )
-    return found
 
 
 async def prepare(
@@ -481,7 +380,7 @@ async def accept(
     tenant_id: str,
     actor: Actor,
     orders: Sequence[Order],
-    id_rule: OpaqueIdRule | None = None,
+    send: Reader[NotificationSend] | None = None,
     tenant: TenantSettings | None = None,
     metrics: Metrics | None = None,
 ) -> Accepted:
@@ -493,7 +392,8 @@ async def accept(
     read without opening any secret. Database errors propagate (nothing is stored); a Redis
     failure after the commit does not (see `Accepted.enqueued`).
     """
-    rule = id_rule or OpaqueIdRule.from_settings(settings.id_max_length, settings.id_pattern)
+    rule = OpaqueIdRule.from_settings(settings.id_max_length, settings.id_pattern)
+    send = send or Schemas.build(settings).send
     found = [
         Refusal(name, problem)
         for name, value in (("tenant_id", tenant_id), ("actor", actor.user_id))
@@ -501,7 +401,7 @@ async def accept(
     ]
     for index, order in enumerate(orders):
         prefix = f"{index}." if len(orders) > 1 else ""
-        found += [Refusal(prefix + p.field, p.message) for p in problems(order, settings, rule)]
+        found += [Refusal(prefix + p.field, p.message) for p in problems(order, send)]
     if found:
         raise Refused(found)
     if tenant is None:

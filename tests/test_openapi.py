@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 from notifyd.app import Daemon
+from notifyd.http.openapi import build_document
+from notifyd.settings import Settings
 from tests.helpers import Api
 
 
@@ -38,3 +43,37 @@ async def test_every_operation_documents_its_errors_as_problems(api: Api) -> Non
             problem = operation["responses"]["401"]["content"]
             assert "application/problem+json" in problem
     assert len(ids) == sum(len(ops) for ops in document["paths"].values())
+
+
+def test_limits_that_are_settings_appear_in_the_document_with_their_value() -> None:
+    # one source: the schema the server validates with is the schema the document shows
+    settings = replace(Settings(), subject_max_length=42, context_max_keys=7, page_size_max=9)
+    schemas = build_document(settings)["components"]["schemas"]
+    send = schemas["NotificationSend"]["properties"]
+    assert send["subject"]["anyOf"][0]["maxLength"] == 42
+    assert send["context"]["anyOf"][0]["maxProperties"] == 7
+    assert {"category", "critical", "locale"} <= set(send)
+    listing = build_document(settings)["paths"]["/notifications/"]["get"]["parameters"]
+    assert {p["name"]: p["schema"].get("maximum") for p in listing}["limit"] == 9
+
+
+async def test_served_document_is_built_from_the_daemons_settings(api: Api, daemon: Daemon) -> None:
+    _, document, _ = await api.get("/openapi.json", auth=False)
+    assert document == json.loads(json.dumps(build_document(daemon.settings)))
+
+
+async def test_a_notification_answer_has_exactly_the_documented_fields(api: Api) -> None:
+    status, sent, _ = await api.post(
+        "/notifications/send/",
+        {"notification_type": "in_app", "recipient": "user-1", "message": "hi", "locale": "en"},
+        user="svc",
+        role="service",
+    )
+    assert status == 202, sent
+    status, answer, _ = await api.get(f"/notifications/{sent['notification_id']}/")
+    assert status == 200, answer
+    _, document, _ = await api.get("/openapi.json", auth=False)
+    described = document["components"]["schemas"]["Notification"]
+    assert set(answer) == set(described["properties"]) == set(described["required"])
+    statuses = described["properties"]["status"]["enum"]
+    assert {"queued", "dispatched", "retrying", "suppressed"} <= set(statuses)

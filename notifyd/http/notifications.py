@@ -9,7 +9,7 @@ import asyncpg
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from notifyd import accept, tags
+from notifyd import accept
 from notifyd.auth import policy
 from notifyd.http.context import (
     audit_entry,
@@ -22,10 +22,13 @@ from notifyd.http.idempotency import remember
 from notifyd.http.limits import check_daily_quota, check_send_rate
 from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found
 from notifyd.http.responses import iso, json_response, page
-from notifyd.http.validation import Fields, query_fields, read_json_object
+from notifyd.http.validation import (
+    read_model,
+    read_query,
+    schemas,
+)
 from notifyd.ids import parse_uuid
 from notifyd.limits import QUOTA_CHANNELS
-from notifyd.settings import CHANNELS
 from notifyd.store import audit
 from notifyd.store import notifications as store
 
@@ -70,52 +73,25 @@ async def send_notification(request: web.Request) -> web.Response:
     caller = identity(request)
     await check_send_rate(request)
     limits = ctx.settings
-    fields = Fields(await read_json_object(request), ctx.id_rule)
-    channel = fields.choice("notification_type", CHANNELS)
-    recipient = fields.string("recipient", max_length=accept.RECIPIENT_MAX_LENGTH)
-    subject = fields.string("subject", required=False, max_length=limits.subject_max_length)
-    message = fields.string("message", required=False, max_length=limits.notification_max_length)
-    template_key = fields.string(
-        "template_key", required=False, max_length=accept.TEMPLATE_KEY_MAX_LENGTH
-    )
-    context = fields.mapping("context", max_keys=limits.context_max_keys)
-    user_id = fields.opaque_id("user_id", required=False)
-    category = fields.string("category", required=False, max_length=accept.CATEGORY_MAX_LENGTH)
-    critical = fields.boolean("critical") or False
-    locale = fields.string("locale", required=False, max_length=tags.LOCALE_MAX_LENGTH)
-    for problem in accept.rule_problems(
-        channel=channel,
-        recipient=recipient,
-        subject=subject,
-        message=message,
-        template_key=template_key,
-        context=context,
-        user_id=user_id,
-        category=category,
-        locale=locale,
-        id_rule=ctx.id_rule,
-        at_fault={error.field for error in fields.errors},
-    ):
-        fields.error(problem.field, problem.message)
-    fields.done()
-    assert channel is not None
-    assert recipient is not None
+    body = await read_model(request, schemas(request).send)
+    channel = body.notification_type
     if not policy.may_send(caller, channel, limits.send_policy):
         raise forbidden(f"role {caller.role!r} may not send {channel} notifications")
+    critical = bool(body.critical)
     if critical and not policy.may_send_critical(caller):
         raise forbidden("only service and admin tokens may send critical notifications")
 
     order = accept.Order(
         channel=channel,
-        recipient=recipient,
-        subject=subject,
-        message=message,
-        template_key=template_key,
-        context=context,
-        user_id=user_id,
-        category=category,
+        recipient=body.recipient,
+        subject=body.subject,
+        message=body.message,
+        template_key=body.template_key,
+        context=body.context,
+        user_id=body.user_id,
+        category=body.category,
         critical=critical,
-        locale=locale,
+        locale=body.locale,
     )
     tenant = await tenant_settings_of(ctx, caller.tenant_id)
     if channel in QUOTA_CHANNELS:  # an in-app send counts against no quota: no call at all
@@ -152,12 +128,8 @@ async def send_notification(request: web.Request) -> web.Response:
 async def list_notifications(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
-    query = query_fields(request, ctx.id_rule)
-    limit = query.page_limit(ctx.settings.page_size_default, ctx.settings.page_size_max)
-    before = query.cursor()
-    unread = query.boolean("unread") or False
-    channel = query.choice("type", CHANNELS, required=False)
-    query.done()
+    query = read_query(request, schemas(request).notification_query)
+    limit, before, unread, channel = query.limit, query.before, query.unread, query.type
     rows = await store.list_for_user(
         ctx.pool,
         caller.tenant_id,
@@ -188,14 +160,8 @@ async def get_notification(request: web.Request) -> web.Response:
 async def mark_as_read(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
-    fields = Fields(await read_json_object(request), ctx.id_rule)
-    ids = fields.uuid_list("ids", max_items=ctx.settings.mark_read_max_ids)
-    everything = fields.boolean("all")
-    if ids is None and not everything:
-        fields.error("ids", 'send "ids": [...] or "all": true')
-    if ids is not None and everything:
-        fields.error("all", 'send either "ids" or "all", not both')
-    fields.done()
+    body = await read_model(request, schemas(request).mark_read)
+    ids, everything = body.ids, bool(body.all)
     async with ctx.pool.acquire() as conn, conn.transaction():
         updated = await store.mark_read(
             conn, caller.tenant_id, caller.user_id, None if everything else ids

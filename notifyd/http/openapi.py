@@ -1,8 +1,10 @@
 """The OpenAPI 3.1 document describing every route, served at `/openapi.json`.
 
-Written as data next to the handlers rather than generated from them: the request rules live
-in handler code (validation.py), and a test checks that this document and the router agree
-route for route, so neither can drift silently.
+The payloads' schemas are generated from the models the server validates with
+(`notifyd.schemas`, built from the daemon's settings, so a limit that is a setting shows its
+configured value); what stays written here is the routes: paths, parameters, responses and
+security. A test checks that this document and the router agree route for route.
+(Resources not yet moved to a model keep a hand-written schema in `SCHEMAS`.)
 """
 
 from __future__ import annotations
@@ -10,10 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 
 from notifyd import __version__
+from notifyd.http.context import SERVICES
 from notifyd.http.ui import openapi_paths as ui_paths
 from notifyd.payloads import dumps
+from notifyd.schemas.registry import RESPONSES, Schemas
+from notifyd.settings import Settings
 
 JSON = "application/json"
 PROBLEM = "application/problem+json"
@@ -111,6 +118,39 @@ _TEMPLATE_PARAMS = [
     {"name": "locale", "in": "query", "schema": {"type": "string"}},
 ]
 
+REF_TEMPLATE = "#/components/schemas/{model}"
+
+
+def generated(schemas: Schemas) -> dict[str, Any]:
+    """The models' JSON Schemas, by model name: requests as validated, answers as written."""
+    models: list[tuple[type[BaseModel], Any]] = [(m, "validation") for m in schemas.requests()]
+    models += [(m, "serialization") for m in RESPONSES]
+    _, top = models_json_schema(models, ref_template=REF_TEMPLATE)
+    found: dict[str, Any] = top.get("$defs", {})
+    return found
+
+
+def query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    """A query model's fields as OpenAPI parameters (in: query)."""
+    schema = model.model_json_schema(ref_template=REF_TEMPLATE)
+    required = set(schema.get("required", []))
+    parameters = []
+    for name, field in schema["properties"].items():
+        # a query string has no null: an optional parameter is one left out
+        options = [o for o in field.pop("anyOf", []) if o != {"type": "null"}]
+        if len(options) == 1:
+            field.update(options[0])
+        if field.get("default", 0) is None:
+            del field["default"]
+        parameter: dict[str, Any] = {"name": name, "in": "query", "schema": field}
+        if "description" in field:
+            parameter["description"] = field["description"]
+        if name in required:
+            parameter["required"] = True
+        parameters.append(parameter)
+    return parameters
+
+
 SCHEMAS: dict[str, Any] = {
     "Problem": {
         "type": "object",
@@ -135,68 +175,6 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
-    "NotificationSend": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["notification_type", "recipient"],
-        "properties": {
-            "notification_type": {"enum": ["email", "sms", "in_app"]},
-            "recipient": {
-                "type": "string",
-                "maxLength": 320,
-                "description": "Email address, phone number or user id.",
-            },
-            "subject": {"type": "string"},
-            "message": {"type": "string"},
-            "template_key": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"},
-            "context": {"type": "object"},
-            "user_id": {**_ID, "description": "For email/sms: show it in this user's center."},
-        },
-    },
-    "NotificationAccepted": {
-        "type": "object",
-        "required": ["notification_id", "status"],
-        "properties": {"notification_id": _UUID, "status": {"const": "queued"}},
-    },
-    "Notification": {
-        "type": "object",
-        "properties": {
-            "id": _UUID,
-            "tenant_id": {"type": "string"},
-            "notification_type": {"enum": ["email", "sms", "in_app"]},
-            "recipient": {"type": "string"},
-            "user_id": _NULLABLE_STR,
-            "created_by": {"type": "string"},
-            "subject": _NULLABLE_STR,
-            "message": _NULLABLE_STR,
-            "template_key": _NULLABLE_STR,
-            "context": {"type": ["object", "null"]},
-            "status": {
-                "enum": [
-                    "queued",
-                    "sending",
-                    "sent",
-                    "delivered",
-                    "failed",
-                    "undelivered",
-                    "cancelled",
-                ]
-            },
-            "is_sent": {"type": "boolean"},
-            "is_read": {"type": "boolean"},
-            "read_at": _NULLABLE_TIME,
-            "attempts": {"type": "integer"},
-            "last_error": _NULLABLE_STR,
-            "created_at": _TIME,
-            "updated_at": _TIME,
-            "sent_at": _NULLABLE_TIME,
-        },
-    },
-    "MarkRead": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {"ids": {"type": "array", "items": _UUID}, "all": {"type": "boolean"}},
-    },
     "MessageMarkRead": {
         "type": "object",
         "additionalProperties": False,
@@ -205,11 +183,6 @@ SCHEMAS: dict[str, Any] = {
             "with": _ID,
             "all": {"type": "boolean"},
         },
-    },
-    "MarkReadResult": {
-        "type": "object",
-        "required": ["updated"],
-        "properties": {"updated": {"type": "integer"}, "unread_count": {"type": "integer"}},
     },
     "MessageSend": {
         "type": "object",
@@ -487,7 +460,7 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
-def _operations() -> dict[str, dict[str, Any]]:
+def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
     """Path → method → operation, for the seed paths; `/api/...` aliases are added below."""
     secured: list[dict[str, list[str]]] = [{"bearer": []}]
     auth_errors = _problems(401, 503)  # every authenticated route reads PostgreSQL
@@ -525,11 +498,7 @@ def _operations() -> dict[str, dict[str, Any]]:
                     ),
                     **_problems(422),
                 },
-                parameters=[
-                    *_PAGE_PARAMS,
-                    {"name": "unread", "in": "query", "schema": {"type": "boolean"}},
-                    {"name": "type", "in": "query", "schema": {"enum": ["email", "sms", "in_app"]}},
-                ],
+                parameters=query_parameters(schemas.notification_query.model),
             )
         },
         "/notifications/mark-as-read/": {
@@ -887,9 +856,11 @@ def _public() -> dict[str, dict[str, Any]]:
     }
 
 
-def build_document() -> dict[str, Any]:
+def build_document(settings: Settings | None = None) -> dict[str, Any]:
+    """The document for a daemon with `settings` (the defaults when None)."""
+    schemas = Schemas.build(settings or Settings())
     paths: dict[str, Any] = {}
-    for path, operations in _operations().items():
+    for path, operations in _operations(schemas).items():
         paths[path] = operations
         alias = "/api" + path
         paths[alias] = {
@@ -919,7 +890,7 @@ def build_document() -> dict[str, Any]:
         },
         "paths": paths,
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, **generated(schemas)},
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
             },
@@ -935,7 +906,7 @@ def _slug(path: str) -> str:
 
 
 def add_routes(app: web.Application) -> None:
-    document = dumps(build_document())  # built once; it does not depend on settings
+    document = dumps(build_document(app[SERVICES].settings))  # built once, at start-up
 
     async def openapi_json(request: web.Request) -> web.Response:
         return web.Response(body=document, content_type=JSON)

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
 
 from notifyd.payloads import dumps
+from notifyd.schemas.errors import FieldError
+
+__all__ = ["FieldError", "Problem", "forbidden", "invalid", "not_found", "response"]
 
 PROBLEM_TYPE = "application/problem+json"
 TYPE_BASE = "urn:notifyd:problem:"
-
-
-@dataclass(frozen=True, slots=True)
-class FieldError:
-    field: str
-    message: str
-
-    def as_json(self) -> dict[str, str]:
-        return {"field": self.field, "message": self.message}
 
 
 class Problem(Exception):

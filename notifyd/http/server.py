@@ -24,6 +24,8 @@ from notifyd.http import (
 from notifyd.http.context import SERVICES, Services
 from notifyd.http.idempotency import idempotency_middleware
 from notifyd.http.middleware import auth_middleware, cors_middleware, edge_middleware
+from notifyd.http.validation import SCHEMAS
+from notifyd.schemas.registry import Schemas
 
 
 def build_app(services: Services) -> web.Application:
@@ -32,6 +34,7 @@ def build_app(services: Services) -> web.Application:
         client_max_size=services.settings.max_body_bytes,
     )
     app[SERVICES] = services
+    app[SCHEMAS] = Schemas.build(services.settings)  # once: every limit that is a setting
     for module in (
         ops,
         openapi,

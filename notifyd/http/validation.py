@@ -1,8 +1,9 @@
 """Reading request bodies and query strings into typed values, naming every field at fault.
 
-Handlers describe what they accept field by field; all problems are collected and answered in
-one 422 so a client fixes its request in one round trip. Unknown fields are errors too: a
-misspelt optional field silently ignored is a bug the caller never sees.
+A body is read into its model (`notifyd.schemas`) by `read_model`; every problem is answered
+in one 422 so a client fixes its request in one round trip. Unknown fields are errors too: a
+misspelt optional field silently ignored is a bug the caller never sees. (`Fields`, the
+hand-written reader, serves the routes not yet moved to a model.)
 """
 
 from __future__ import annotations
@@ -11,20 +12,33 @@ import re
 import uuid
 from collections.abc import Collection, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
+from pydantic import BaseModel
 
 from notifyd.http.problems import FieldError, Problem, invalid
 from notifyd.ids import OpaqueIdRule, parse_uuid
+from notifyd.schemas.errors import Invalid, NotAnObject
+from notifyd.schemas.reader import Reader
+from notifyd.schemas.registry import Schemas
 from notifyd.tags import is_email as is_email  # one email rule for every entry point
+
+M = TypeVar("M", bound=BaseModel)
+
+SCHEMAS = web.AppKey("schemas", Schemas)
+"""Every payload's reader, built from the settings once, in `server.build_app`."""
 
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
 
 
-async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object; 400 for malformed JSON, 415 for another media type."""
+def schemas(request: web.Request) -> Schemas:
+    return request.app[SCHEMAS]
+
+
+async def _read_raw(request: web.Request) -> bytes:
+    """The body's bytes, not empty; 415 for a media type other than JSON."""
     declared = "Content-Type" in request.headers  # aiohttp reports octet-stream when absent
     if (
         declared
@@ -39,6 +53,33 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     raw = await request.read()  # aiohttp enforces client_max_size (413) here
     if not raw.strip():
         raise Problem(400, "the request body is empty; send a JSON object", kind="malformed-json")
+    return raw
+
+
+async def read_model(request: web.Request, reader: Reader[M]) -> M:
+    """The body read into `reader`'s model; 400 unless it is a JSON object, 422 naming every
+    field at fault (validated from the raw bytes: no intermediate dict on the hot path)."""
+    raw = await _read_raw(request)
+    try:
+        return reader.json(raw)
+    except NotAnObject as exc:
+        raise Problem(400, exc.detail, kind="malformed-json") from None
+    except Invalid as exc:
+        raise invalid(exc.errors) from None
+
+
+def read_query(request: web.Request, reader: Reader[M]) -> M:
+    """The query string read into `reader`'s model (the first of a repeated parameter); 422
+    naming every parameter at fault."""
+    try:
+        return reader.python({key: request.query[key] for key in request.query})
+    except Invalid as exc:
+        raise invalid(exc.errors) from None
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object; 400 for malformed JSON, 415 for another media type."""
+    raw = await _read_raw(request)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

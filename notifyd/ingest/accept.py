@@ -35,12 +35,12 @@ from notifyd.accept import (
     problems,
     record,
 )
-from notifyd.ids import OpaqueIdRule
 from notifyd.ingest.events import DomainEvent, MalformedEvent, Recipient
 from notifyd.keys import Keys
 from notifyd.limits import platform_quota
 from notifyd.metrics import Metrics
 from notifyd.ratelimit import Limiter
+from notifyd.schemas.registry import Schemas
 from notifyd.settings import CHANNELS, Settings
 from notifyd.store.limits import TenantLimits
 from notifyd.store.pool import Executor
@@ -162,7 +162,7 @@ class EventAcceptor:
         self._keys = keys
         self._settings = settings
         self._metrics = metrics
-        self._id_rule = OpaqueIdRule.from_settings(settings.id_max_length, settings.id_pattern)
+        self._send = Schemas.build(settings).send  # the REST body's model, built once
 
     async def accept(self, event: DomainEvent, *, source: str) -> Outcome:
         """Store the event's notifications once; `MalformedEvent` when it can never be
@@ -249,7 +249,7 @@ class EventAcceptor:
             # checked with the event's own context: the recipient's name and time zone
             # added to it do not count against the publisher's NOTIFYD_CONTEXT_MAX_KEYS
             as_published = replace(item.order, context=event.context)
-            found = problems(as_published, self._settings, self._id_rule)
+            found = problems(as_published, self._send)
             if found:
                 raise MalformedEvent([_in_event_terms(event, item, p) for p in found])
             try:

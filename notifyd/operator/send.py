@@ -26,6 +26,7 @@ from notifyd.operator import connect
 from notifyd.operator.audit import cli_actor
 from notifyd.operator.output import print_json
 from notifyd.payloads import loads
+from notifyd.schemas.registry import Schemas
 from notifyd.settings import Settings
 from notifyd.streams.producer import Producer
 
@@ -107,7 +108,7 @@ def build_order(
         critical=options.critical,
         locale=options.locale,
     )
-    for refusal in accept.problems(order, settings, id_rule):
+    for refusal in accept.problems(order, Schemas.build(settings).send):
         if refusal.field == "recipient" and recipient is None:
             continue  # said above, in this command's words
         if refusal.field == "context" and options.context is not None and context is None:
@@ -139,7 +140,6 @@ async def run(settings: Settings, options: SendOptions) -> int:
                 tenant_id=options.tenant,
                 actor=cli_actor(options.actor),
                 orders=[order],
-                id_rule=rule,
             )
         except accept.Refused as exc:
             return _refused([f"{_flag(p.field, order.channel)}: {p.message}" for p in exc.problems])

@@ -1,0 +1,74 @@
+"""The kinds of field payloads are made of, as pydantic annotations: text, ids, channels.
+
+A field's rule is a JSON Schema keyword wherever one can say it (`maxLength`, `pattern`,
+`enum`), so the document shows the rule the server applies. `PATTERN_MESSAGES` says what a
+value that misses each pattern is told (`errors.message`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import Field, StrictBool
+
+from notifyd import tags
+from notifyd.settings import CHANNELS, Settings
+
+# What Python's str.strip() removes, spelt out: the same class in pydantic-core's Rust regex,
+# in Python's `re` (schemathesis) and in ECMA-262 (JSON Schema), where `\s` differs.
+_SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+TEXT_PATTERN = rf"^[^\x00]*[^\x00{_SPACE}][^\x00]*$"
+"""Text: at least one character that is not white space, and no NUL (PostgreSQL refuses it)."""
+
+Channel = Literal["email", "sms", "in_app"]
+"""A delivery channel: `settings.CHANNELS`, as a type."""
+assert get_args(Channel) == CHANNELS, "Channel and settings.CHANNELS name the same channels"
+
+Flag = StrictBool
+"""true or false in a JSON body; a string "true" is refused there (query strings: `QueryFlag`)."""
+
+
+def anchored(pattern: str) -> str:
+    """A `re.fullmatch` pattern as a JSON Schema `pattern` (which matches anywhere)."""
+    return f"^(?:{pattern})$"
+
+
+TEMPLATE_KEY_PATTERN = anchored(tags.TEMPLATE_KEY.pattern)
+CATEGORY_PATTERN = anchored(tags.CATEGORY.pattern)
+LOCALE_PATTERN = anchored(tags.LOCALE.pattern)
+
+PATTERN_MESSAGES = {
+    TEXT_PATTERN: "must not be empty",
+    TEMPLATE_KEY_PATTERN: "may contain letters, digits and _ . : - only",
+    CATEGORY_PATTERN: "may contain letters, digits and _ . : - only",
+    LOCALE_PATTERN: "must be a language tag such as en or pt-BR",
+}
+
+TemplateKey = Annotated[str, Field(pattern=TEMPLATE_KEY_PATTERN)]
+Category = Annotated[str, Field(pattern=CATEGORY_PATTERN)]
+Locale = Annotated[str, Field(max_length=tags.LOCALE_MAX_LENGTH, pattern=LOCALE_PATTERN)]
+
+
+def text(max_length: int, description: str | None = None) -> object:
+    """A text field's bounds: `Annotated[str, text(n)]`."""
+    return Field(max_length=max_length, pattern=TEXT_PATTERN, description=description)
+
+
+def opaque_id(max_length: int, pattern: str, description: str | None = None) -> object:
+    """An id minted by another service (users, tenants): `settings.id_max_length` and
+    `settings.id_pattern`, the same rule as `ids.OpaqueIdRule`."""
+    re.compile(pattern)  # the settings checked it; fail here, at start-up, if not
+    return Field(
+        min_length=1, max_length=max_length, pattern=anchored(pattern), description=description
+    )
+
+
+def id_pattern_message(pattern: str) -> dict[str, str]:
+    """The `PATTERN_MESSAGES` entry for the configured id pattern (as `OpaqueIdRule` says it)."""
+    return {anchored(pattern): f"may only contain characters matching {pattern}"}
+
+
+def page_limit(settings: Settings) -> Any:
+    """The type of a page size, 1 to `settings.page_size_max` (a type made at run time)."""
+    return Annotated[int, Field(ge=1, le=settings.page_size_max)]

@@ -1,0 +1,246 @@
+"""Notifications: the send order (REST body, `notifyd send`), its rules across fields, and the
+mark-as-read body.
+
+`NotificationSend` declares the fields and the bounds that are not settings; `send_model`
+makes, at start-up, the subclass that also carries the bounds that are (subject and message
+lengths, context keys, the id rule). `send_problems` holds the rules no single field can say
+(message or template, recipient by channel, headers), over values already of the right type.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Collection, Mapping
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from notifyd import tags
+from notifyd.ids import OpaqueIdRule
+from notifyd.schemas.errors import FieldError
+from notifyd.schemas.fields import (
+    Category,
+    Channel,
+    Flag,
+    Locale,
+    TemplateKey,
+    opaque_id,
+    page_limit,
+    text,
+)
+from notifyd.settings import Settings
+
+RECIPIENT_MAX_LENGTH = 320
+
+# The loose shape of a phone number; full E.164 normalisation happens in `accept.prepare`.
+_PHONE = re.compile(r"\+?[0-9][0-9 ().-]{4,30}")
+
+
+class NotificationSend(BaseModel):
+    """One notification to send. Field names are the seeds' (`notification_type`, `message`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    notification_type: Channel
+    recipient: Annotated[
+        str,
+        text(RECIPIENT_MAX_LENGTH, "Email address (email), phone (sms) or user id (in_app)."),
+    ]
+    subject: str | None = None
+    message: str | None = Field(None, description="Required unless template_key is given.")
+    template_key: TemplateKey | None = Field(None, description="Render this stored template.")
+    context: dict[str, Any] | None = Field(None, description="The template's values.")
+    user_id: str | None = Field(None, description="For email/sms: show it in this user's center.")
+    category: Category | None = Field(None, description="Matched by the user's preferences.")
+    critical: Flag | None = Field(None, description="Ignores preferences (service and admin).")
+    locale: Locale | None = Field(None, description="The template's locale (else the tenant's).")
+
+
+def send_model(settings: Settings) -> type[NotificationSend]:
+    """`NotificationSend` with the bounds that are settings, made once at start-up."""
+    return create_model(
+        "NotificationSend",
+        __base__=NotificationSend,
+        __module__=__name__,
+        subject=(Annotated[str, text(settings.subject_max_length)] | None, None),
+        message=(
+            Annotated[str, text(settings.notification_max_length)] | None,
+            Field(None, description="Required unless template_key is given."),
+        ),
+        context=(
+            Annotated[dict[str, Any], Field(max_length=settings.context_max_keys)] | None,
+            Field(None, description="The template's values (template_key only)."),
+        ),
+        user_id=(
+            Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)] | None,
+            Field(None, description="For email/sms: show it in this user's center."),
+        ),
+    )
+
+
+def send_problems(
+    values: Mapping[str, Any], id_rule: OpaqueIdRule, at_fault: Collection[str] = ()
+) -> list[FieldError]:
+    """The rules across a send's fields, over `values` of the right type (a field absent or in
+    `at_fault` is skipped: it has its error already, and gets no second one)."""
+
+    def value(name: str) -> Any:
+        return None if name in at_fault else values.get(name)
+
+    channel, recipient = value("notification_type"), value("recipient")
+    found: list[FieldError] = []
+    if values.get("message") is None and values.get("template_key") is None:
+        found.append(FieldError("message", "is required unless template_key is given"))
+    if value("context") is not None and values.get("template_key") is None:
+        found.append(FieldError("context", "is only used with template_key"))
+    # the subject and the recipient reach mail headers (tags.HEADER_UNSAFE)
+    for name in ("subject", "recipient"):
+        text_value = value(name)
+        problem = None if text_value is None else tags.header_problem(text_value)
+        if problem is not None:
+            found.append(FieldError(name, problem))
+    if (
+        channel is not None
+        and recipient is not None
+        and not any(e.field == "recipient" for e in found)
+    ):
+        found.extend(_recipient_problems(channel, recipient.strip(), id_rule))
+    if channel == "in_app" and value("user_id") is not None:
+        found.append(FieldError("user_id", "is implied by recipient for notification_type in_app"))
+    return [e for e in found if e.field not in at_fault]
+
+
+def _recipient_problems(channel: str, recipient: str, id_rule: OpaqueIdRule) -> list[FieldError]:
+    if channel == "email":
+        if not tags.is_email(recipient):
+            return [FieldError("recipient", "must be an email address for notification_type email")]
+    elif channel == "sms":
+        if not _PHONE.fullmatch(recipient) or sum(c.isdigit() for c in recipient) < 5:
+            return [FieldError("recipient", "must be a phone number for notification_type sms")]
+    else:
+        problem = id_rule.problem(recipient)
+        if problem is not None:
+            return [
+                FieldError(
+                    "recipient", f"must be a user id for notification_type in_app: {problem}"
+                )
+            ]
+    return []
+
+
+Status = Literal[
+    "queued",
+    "dispatched",
+    "sending",
+    "retrying",
+    "sent",
+    "delivered",
+    "failed",
+    "undelivered",
+    "suppressed",
+    "cancelled",
+]
+"""A notification's delivery state (the `notifications.status` CHECK in sql/)."""
+
+
+class NotificationAccepted(BaseModel):
+    """The 202 of a send: the id to poll (also in Location)."""
+
+    notification_id: uuid.UUID
+    status: Literal["queued"]
+
+
+class Notification(BaseModel):
+    """One notification with its delivery state (field names as in the first API:
+    `notification_type`, `message`, `is_sent`)."""
+
+    # documents the answer of `http.notifications.notification_json` (a test keeps the two
+    # equal); answers are not validated on the way out
+
+    id: uuid.UUID
+    tenant_id: str
+    notification_type: Channel
+    recipient: str
+    user_id: str | None
+    created_by: str
+    subject: str | None
+    message: str | None
+    html: str | None
+    template_key: str | None
+    context: dict[str, Any] | None
+    locale: str | None
+    category: str | None
+    critical: bool
+    status: Status
+    is_sent: bool
+    is_read: bool
+    read_at: datetime | None
+    attempts: int
+    last_error: str | None
+    provider_message_id: str | None
+    provider_status: str | None
+    next_attempt_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    sent_at: datetime | None
+    delivered_at: datetime | None
+
+
+class MarkRead(BaseModel):
+    """Mark the caller's notifications read: these `ids`, or `all`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[uuid.UUID] | None = None
+    all: Flag | None = None
+
+
+def mark_read_model(settings: Settings) -> type[MarkRead]:
+    """`MarkRead` with `settings.mark_read_max_ids`."""
+    return create_model(
+        "MarkRead",
+        __base__=MarkRead,
+        __module__=__name__,
+        ids=(Annotated[list[uuid.UUID], Field(max_length=settings.mark_read_max_ids)] | None, None),
+    )
+
+
+def mark_read_problems(
+    values: Mapping[str, Any], at_fault: Collection[str] = ()
+) -> list[FieldError]:
+    """Exactly one of `ids` and `all: true`."""
+    everything = values.get("all")
+    if "ids" in at_fault:
+        return []
+    if values.get("ids") is None and not everything:
+        return [FieldError("ids", 'send "ids": [...] or "all": true')]
+    if values.get("ids") is not None and everything:
+        return [FieldError("all", 'send either "ids" or "all", not both')]
+    return []
+
+
+class MarkReadResult(BaseModel):
+    updated: int
+    unread_count: int
+
+
+class NotificationQuery(BaseModel):
+    """`GET /notifications/`'s query: a page of the caller's notifications, newest first.
+    Unknown parameters are ignored (proxies and caches add their own)."""
+
+    limit: int = 50
+    before: uuid.UUID | None = Field(None, description="The last id of the previous page.")
+    unread: bool = False
+    type: Channel | None = None
+
+
+def notification_query_model(settings: Settings) -> type[NotificationQuery]:
+    """`NotificationQuery` with the page sizes that are settings."""
+    return create_model(
+        "NotificationQuery",
+        __base__=NotificationQuery,
+        __module__=__name__,
+        limit=(page_limit(settings), settings.page_size_default),
+    )

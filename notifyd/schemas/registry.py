@@ -1,0 +1,52 @@
+"""`Schemas`: every payload's reader, built once from the settings when the app is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from notifyd.ids import OpaqueIdRule
+from notifyd.schemas import notifications
+from notifyd.schemas.fields import PATTERN_MESSAGES, id_pattern_message
+from notifyd.schemas.reader import Reader
+from notifyd.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Schemas:
+    """The readers handlers, the CLI and ingestion validate with, and the models behind them
+    (whose JSON Schemas `/openapi.json` publishes)."""
+
+    send: Reader[notifications.NotificationSend]
+    mark_read: Reader[notifications.MarkRead]
+    notification_query: Reader[notifications.NotificationQuery]
+
+    @classmethod
+    def build(cls, settings: Settings) -> Schemas:
+        id_rule = OpaqueIdRule.from_settings(settings.id_max_length, settings.id_pattern)
+        patterns = {**PATTERN_MESSAGES, **id_pattern_message(settings.id_pattern)}
+
+        def send_rules(values: Any, at_fault: Any) -> list[Any]:
+            return notifications.send_problems(values, id_rule, at_fault)
+
+        return cls(
+            send=Reader(notifications.send_model(settings), patterns, send_rules),
+            mark_read=Reader(
+                notifications.mark_read_model(settings), patterns, notifications.mark_read_problems
+            ),
+            notification_query=Reader(notifications.notification_query_model(settings), patterns),
+        )
+
+    def requests(self) -> list[type[BaseModel]]:
+        """The request bodies' models, for the document's components."""
+        return [self.send.model, self.mark_read.model]
+
+
+RESPONSES: list[type[BaseModel]] = [
+    notifications.Notification,
+    notifications.NotificationAccepted,
+    notifications.MarkReadResult,
+]
+"""The answers' models, for the document's components (answers are not validated)."""
