@@ -84,50 +84,49 @@ def send_problems(
     values: Mapping[str, Any], id_rule: OpaqueIdRule, at_fault: Collection[str] = ()
 ) -> list[FieldError]:
     """The rules across a send's fields, over `values` of the right type (a field absent or in
-    `at_fault` is skipped: it has its error already, and gets no second one)."""
-
-    def value(name: str) -> Any:
-        return None if name in at_fault else values.get(name)
-
-    channel, recipient = value("notification_type"), value("recipient")
+    `at_fault` is skipped: it has its error already, and gets no second one). On the hot path:
+    plain lookups, no error list until there is an error."""
+    if at_fault:
+        values = {k: v for k, v in values.items() if k not in at_fault}
+    get = values.get
+    channel, recipient, subject = get("notification_type"), get("recipient"), get("subject")
     found: list[FieldError] = []
-    if values.get("message") is None and values.get("template_key") is None:
-        found.append(FieldError("message", "is required unless template_key is given"))
-    if value("context") is not None and values.get("template_key") is None:
-        found.append(FieldError("context", "is only used with template_key"))
+    if get("template_key") is None:
+        if get("message") is None:
+            found.append(FieldError("message", "is required unless template_key is given"))
+        if get("context") is not None:
+            found.append(FieldError("context", "is only used with template_key"))
     # the subject and the recipient reach mail headers (tags.HEADER_UNSAFE)
-    for name in ("subject", "recipient"):
-        text_value = value(name)
-        problem = None if text_value is None else tags.header_problem(text_value)
+    problem = None if subject is None else tags.header_problem(subject)
+    if problem is not None:
+        found.append(FieldError("subject", problem))
+    if recipient is not None:
+        problem = tags.header_problem(recipient)
         if problem is not None:
-            found.append(FieldError(name, problem))
-    if (
-        channel is not None
-        and recipient is not None
-        and not any(e.field == "recipient" for e in found)
-    ):
-        found.extend(_recipient_problems(channel, recipient.strip(), id_rule))
-    if channel == "in_app" and value("user_id") is not None:
+            found.append(FieldError("recipient", problem))
+        elif channel is not None:
+            problem = _recipient_problem(channel, recipient.strip(), id_rule)
+            if problem is not None:
+                found.append(FieldError("recipient", problem))
+    if channel == "in_app" and get("user_id") is not None:
         found.append(FieldError("user_id", "is implied by recipient for notification_type in_app"))
-    return [e for e in found if e.field not in at_fault]
+    if found and at_fault:
+        return [e for e in found if e.field not in at_fault]
+    return found
 
 
-def _recipient_problems(channel: str, recipient: str, id_rule: OpaqueIdRule) -> list[FieldError]:
+def _recipient_problem(channel: str, recipient: str, id_rule: OpaqueIdRule) -> str | None:
     if channel == "email":
         if not tags.is_email(recipient):
-            return [FieldError("recipient", "must be an email address for notification_type email")]
+            return "must be an email address for notification_type email"
     elif channel == "sms":
         if not _PHONE.fullmatch(recipient) or sum(c.isdigit() for c in recipient) < 5:
-            return [FieldError("recipient", "must be a phone number for notification_type sms")]
+            return "must be a phone number for notification_type sms"
     else:
         problem = id_rule.problem(recipient)
         if problem is not None:
-            return [
-                FieldError(
-                    "recipient", f"must be a user id for notification_type in_app: {problem}"
-                )
-            ]
-    return []
+            return f"must be a user id for notification_type in_app: {problem}"
+    return None
 
 
 Status = Literal[
