@@ -24,7 +24,8 @@ from notifyd.store.pool import Conn, Executor
 log = logging.getLogger("notifyd.http.idempotency")
 
 HEADER = "Idempotency-Key"
-_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+KEY = re.compile(r"[\x21-\x7e]{1,255}")
+"""An Idempotency-Key: 1-255 visible ASCII characters (/openapi.json shows this pattern)."""
 _REPLAYED_HEADERS = ("Content-Type", "Location")
 
 
@@ -49,7 +50,7 @@ def idempotency_middleware(request: web.Request, handler: Handler) -> Awaitable[
 async def _idempotent(request: web.Request, handler: Handler) -> web.StreamResponse:
     key = request.headers[HEADER]
     caller = request[IDENTITY_KEY]
-    if not _KEY.fullmatch(key):
+    if not KEY.fullmatch(key):
         raise Problem(
             400, f"{HEADER} must be 1-255 visible ASCII characters", kind="bad-idempotency-key"
         )

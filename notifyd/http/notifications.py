@@ -20,7 +20,7 @@ from notifyd.http.context import (
 )
 from notifyd.http.idempotency import remember
 from notifyd.http.limits import check_daily_quota, check_send_rate
-from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found
+from notifyd.http.problems import Problem, forbidden, not_found, unsendable
 from notifyd.http.responses import iso, json_response, page
 from notifyd.http.validation import (
     read_model,
@@ -99,7 +99,7 @@ async def send_notification(request: web.Request) -> web.Response:
     try:
         prepared = await accept.prepare(ctx.pool, limits, tenant, caller.tenant_id, order)
     except accept.Refused as exc:
-        raise invalid([FieldError(p.field, p.message) for p in exc.problems]) from None
+        raise unsendable(exc.problems) from None
     idempotency_key = request.headers.get("Idempotency-Key")
     row = prepared.row(
         tenant_id=caller.tenant_id,

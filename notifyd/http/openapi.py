@@ -16,9 +16,11 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from notifyd import __version__
+from notifyd.http import idempotency
 from notifyd.http.context import SERVICES
 from notifyd.http.ui import openapi_paths as ui_paths
 from notifyd.payloads import dumps
+from notifyd.schemas.fields import anchored
 from notifyd.schemas.registry import RESPONSES, Schemas
 from notifyd.settings import Settings
 
@@ -56,7 +58,11 @@ def _problems(*codes: int) -> dict[str, Any]:
         409: "Conflicting state or a request with the same Idempotency-Key in flight",
         413: "Body larger than the limit",
         415: "Body is not JSON",
-        422: "Invalid fields (see errors[])",
+        422: "Invalid fields (see errors[]). Two 422s answer requests this document allows: "
+        "type urn:notifyd:problem:unsendable, a send the tenant's state cannot serve (no such "
+        "template, a number that is not one in the tenant's region, an email template "
+        "without a subject); urn:notifyd:problem:idempotency-key-reused, an Idempotency-Key "
+        "sent before with another request",
         429: "A send rate or daily quota said no (`limit` names which; nothing was stored): "
         "retry after Retry-After seconds",
         503: "PostgreSQL or Redis did not answer in time or cannot be reached (Retry-After)",
@@ -98,7 +104,7 @@ _LINK = {"Link": {"schema": {"type": "string"}, "description": 'rel="next" page,
 _IDEMPOTENCY = {
     "name": "Idempotency-Key",
     "in": "header",
-    "schema": {"type": "string", "maxLength": 255},
+    "schema": {"type": "string", "pattern": anchored(idempotency.KEY.pattern)},
     "description": "Replays the first response for 24 h.",
 }
 _PATH_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -183,6 +189,11 @@ SCHEMAS: dict[str, Any] = {
             "with": _ID,
             "all": {"type": "boolean"},
         },
+    },
+    "MarkReadResult": {
+        "type": "object",
+        "required": ["updated"],
+        "properties": {"updated": {"type": "integer"}},
     },
     "MessageSend": {
         "type": "object",
@@ -504,7 +515,7 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
         "/notifications/mark-as-read/": {
             "post": op(
                 "Mark the caller's notifications read",
-                {"200": _ok(_ref("MarkReadResult")), **write_errors},
+                {"200": _ok(_ref("NotificationsMarkedRead")), **write_errors},
                 requestBody=_body("MarkRead"),
                 parameters=[_IDEMPOTENCY],
             )

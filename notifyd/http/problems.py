@@ -11,7 +11,16 @@ from aiohttp import web
 from notifyd.payloads import dumps
 from notifyd.schemas.errors import FieldError
 
-__all__ = ["FieldError", "Problem", "forbidden", "invalid", "not_found", "response"]
+__all__ = [
+    "UNSENDABLE",
+    "FieldError",
+    "Problem",
+    "forbidden",
+    "invalid",
+    "not_found",
+    "response",
+    "unsendable",
+]
 
 PROBLEM_TYPE = "application/problem+json"
 TYPE_BASE = "urn:notifyd:problem:"
@@ -55,11 +64,23 @@ class Problem(Exception):
         return document
 
 
+UNSENDABLE = "unsendable"
+"""The kind of a 422 for a body the document allows that the tenant's state cannot serve:
+no such template, a number that is not one in the tenant's region, an email template without
+a subject. /openapi.json says so on the 422; the fuzz test tells it from a schema violation."""
+
+
 def invalid(errors: list[FieldError], detail: str | None = None) -> Problem:
     """422 naming every field at fault."""
     if detail is None:
         detail = "; ".join(f"{e.field}: {e.message}" for e in errors)
     return Problem(422, detail, kind="validation", title="Invalid request", errors=errors)
+
+
+def unsendable(errors: list[FieldError]) -> Problem:
+    """422 for a well-formed send that cannot be sent as asked (`UNSENDABLE`)."""
+    detail = "; ".join(f"{e.field}: {e.message}" for e in errors)
+    return Problem(422, detail, kind=UNSENDABLE, title="Cannot send as asked", errors=errors)
 
 
 def not_found(what: str) -> Problem:

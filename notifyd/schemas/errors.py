@@ -3,7 +3,7 @@ and the translation of pydantic's errors into it, in the words clients have alwa
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -55,7 +55,11 @@ def _choices(expected: str) -> str:
     return expected.replace("'", "").replace(" or ", ", ")
 
 
-def message(error: ErrorDetails, patterns: Mapping[str, str]) -> str:
+Patterns = Mapping[str, str | Callable[[str], str]]
+"""Per regular expression a model uses, what a value that misses it is told (or how to say it)."""
+
+
+def message(error: ErrorDetails, patterns: Patterns) -> str:
     """What a client reads for one pydantic error. `patterns` says, per regular expression a
     model uses, what a value that does not match it is told."""
     kind = error["type"]
@@ -77,7 +81,8 @@ def message(error: ErrorDetails, patterns: Mapping[str, str]) -> str:
         if not value.strip():
             return "must not be empty"
         pattern = str(ctx.get("pattern", ""))
-        return patterns.get(pattern, f"must match {pattern}")
+        said = patterns.get(pattern, f"must match {pattern}")
+        return said if isinstance(said, str) else said(value)
     if kind == "literal_error":
         return f"must be one of: {_choices(str(ctx['expected']))}"
     if kind in ("bool_type", "bool_parsing"):
@@ -103,7 +108,7 @@ def message(error: ErrorDetails, patterns: Mapping[str, str]) -> str:
     return text[:1].lower() + text[1:]
 
 
-def field_errors(exc: ValidationError, patterns: Mapping[str, str]) -> list[FieldError]:
+def field_errors(exc: ValidationError, patterns: Patterns) -> list[FieldError]:
     """Every field at fault in `exc`, one error per field (the first pydantic found)."""
     found: dict[str, FieldError] = {}
     for error in exc.errors(include_url=False):

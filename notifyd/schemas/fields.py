@@ -8,6 +8,7 @@ value that misses each pattern is told (`errors.message`).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, StrictBool
@@ -20,6 +21,13 @@ from notifyd.settings import CHANNELS, Settings
 _SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 TEXT_PATTERN = rf"^[^\x00]*[^\x00{_SPACE}][^\x00]*$"
 """Text: at least one character that is not white space, and no NUL (PostgreSQL refuses it)."""
+
+_UNSAFE = tags.HEADER_UNSAFE.pattern.removeprefix("[").removesuffix("]")
+HEADER_TEXT_PATTERN = rf"^[^{_UNSAFE}]*[^{_UNSAFE}{_SPACE}][^{_UNSAFE}]*$"
+"""Text that reaches a mail header: `TEXT_PATTERN`, and no character of `tags.HEADER_UNSAFE`."""
+
+SPACES = rf"[{_SPACE}]*"
+"""Any white space, as `str.strip()` takes it off (around a recipient)."""
 
 Channel = Literal["email", "sms", "in_app"]
 """A delivery channel: `settings.CHANNELS`, as a type."""
@@ -38,8 +46,17 @@ TEMPLATE_KEY_PATTERN = anchored(tags.TEMPLATE_KEY.pattern)
 CATEGORY_PATTERN = anchored(tags.CATEGORY.pattern)
 LOCALE_PATTERN = anchored(tags.LOCALE.pattern)
 
-PATTERN_MESSAGES = {
+
+def _header_message(value: str) -> str:
+    return tags.header_problem(value) or "must not be empty"
+
+
+Message = str | Callable[[str], str]
+"""What a value that misses a pattern is told: fixed, or made from the value."""
+
+PATTERN_MESSAGES: dict[str, Message] = {
     TEXT_PATTERN: "must not be empty",
+    HEADER_TEXT_PATTERN: _header_message,
     TEMPLATE_KEY_PATTERN: "may contain letters, digits and _ . : - only",
     CATEGORY_PATTERN: "may contain letters, digits and _ . : - only",
     LOCALE_PATTERN: "must be a language tag such as en or pt-BR",
@@ -50,9 +67,10 @@ Category = Annotated[str, Field(pattern=CATEGORY_PATTERN)]
 Locale = Annotated[str, Field(max_length=tags.LOCALE_MAX_LENGTH, pattern=LOCALE_PATTERN)]
 
 
-def text(max_length: int, description: str | None = None) -> object:
-    """A text field's bounds: `Annotated[str, text(n)]`."""
-    return Field(max_length=max_length, pattern=TEXT_PATTERN, description=description)
+def text(max_length: int, description: str | None = None, *, header: bool = False) -> object:
+    """A text field's bounds: `Annotated[str, text(n)]`; `header`: it reaches a mail header."""
+    pattern = HEADER_TEXT_PATTERN if header else TEXT_PATTERN
+    return Field(max_length=max_length, pattern=pattern, description=description)
 
 
 def opaque_id(max_length: int, pattern: str, description: str | None = None) -> object:
@@ -64,7 +82,7 @@ def opaque_id(max_length: int, pattern: str, description: str | None = None) -> 
     )
 
 
-def id_pattern_message(pattern: str) -> dict[str, str]:
+def id_pattern_message(pattern: str) -> dict[str, Message]:
     """The `PATTERN_MESSAGES` entry for the configured id pattern (as `OpaqueIdRule` says it)."""
     return {anchored(pattern): f"may only contain characters matching {pattern}"}
 

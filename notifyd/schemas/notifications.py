@@ -4,7 +4,9 @@ mark-as-read body.
 `NotificationSend` declares the fields and the bounds that are not settings; `send_model`
 makes, at start-up, the subclass that also carries the bounds that are (subject and message
 lengths, context keys, the id rule). `send_problems` holds the rules no single field can say
-(message or template, recipient by channel, headers), over values already of the right type.
+(message or template, recipient by channel), over values already of the right type, and
+`send_rules_schema` says the same rules in JSON Schema for the document, built from the same
+patterns.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from notifyd import tags
 from notifyd.ids import OpaqueIdRule
 from notifyd.schemas.errors import FieldError
 from notifyd.schemas.fields import (
+    SPACES,
     Category,
     Channel,
     Flag,
     Locale,
     TemplateKey,
+    anchored,
     opaque_id,
     page_limit,
     text,
@@ -34,8 +38,9 @@ from notifyd.settings import Settings
 
 RECIPIENT_MAX_LENGTH = 320
 
-# The loose shape of a phone number; full E.164 normalisation happens in `accept.prepare`.
-_PHONE = re.compile(r"\+?[0-9][0-9 ().-]{4,30}")
+# The loose shape of a phone number; whether it is one (E.164 in the tenant's region) is
+# `accept.prepare`'s question, answered with a 422 of its own ("unsendable").
+PHONE = re.compile(r"\+?[0-9][0-9 ().-]{4,30}")
 
 
 class NotificationSend(BaseModel):
@@ -46,7 +51,11 @@ class NotificationSend(BaseModel):
     notification_type: Channel
     recipient: Annotated[
         str,
-        text(RECIPIENT_MAX_LENGTH, "Email address (email), phone (sms) or user id (in_app)."),
+        text(
+            RECIPIENT_MAX_LENGTH,
+            "Email address (email), phone number (sms) or user id (in_app).",
+            header=True,
+        ),
     ]
     subject: str | None = None
     message: str | None = Field(None, description="Required unless template_key is given.")
@@ -59,12 +68,13 @@ class NotificationSend(BaseModel):
 
 
 def send_model(settings: Settings) -> type[NotificationSend]:
-    """`NotificationSend` with the bounds that are settings, made once at start-up."""
-    return create_model(
+    """`NotificationSend` with the bounds that are settings, made once at start-up; its JSON
+    Schema also carries the rules across fields (`send_rules_schema`)."""
+    model = create_model(
         "NotificationSend",
         __base__=NotificationSend,
         __module__=__name__,
-        subject=(Annotated[str, text(settings.subject_max_length)] | None, None),
+        subject=(Annotated[str, text(settings.subject_max_length, header=True)] | None, None),
         message=(
             Annotated[str, text(settings.notification_max_length)] | None,
             Field(None, description="Required unless template_key is given."),
@@ -78,6 +88,57 @@ def send_model(settings: Settings) -> type[NotificationSend]:
             Field(None, description="For email/sms: show it in this user's center."),
         ),
     )
+    # create_model takes no config beside a base: the subclass's own config dict, read when
+    # the document is generated
+    model.model_config["json_schema_extra"] = send_rules_schema(settings)
+    return model
+
+
+def _present(name: str, kind: str) -> dict[str, Any]:
+    return {"required": [name], "properties": {name: {"type": kind}}}
+
+
+def _when_channel(channel: str, then: dict[str, Any]) -> dict[str, Any]:
+    return {"if": {"properties": {"notification_type": {"const": channel}}}, "then": then}
+
+
+def send_rules_schema(settings: Settings) -> dict[str, Any]:
+    """`send_problems` in JSON Schema: what the document says about the fields together."""
+    around = SPACES  # a recipient is read without the white space around it
+    return {
+        "allOf": [
+            {"anyOf": [_present("message", "string"), _present("template_key", "string")]},
+            {"if": _present("context", "object"), "then": _present("template_key", "string")},
+            _when_channel(
+                "email",
+                {
+                    "properties": {
+                        "recipient": {"pattern": f"^{around}(?:{tags.EMAIL.pattern}){around}$"}
+                    }
+                },
+            ),
+            _when_channel(
+                "sms",
+                {
+                    "properties": {
+                        "recipient": {"pattern": f"^{around}(?:{PHONE.pattern}){around}$"}
+                    }
+                },
+            ),
+            _when_channel(
+                "in_app",
+                {
+                    "properties": {
+                        "recipient": {
+                            "pattern": anchored(settings.id_pattern),
+                            "maxLength": settings.id_max_length,
+                        },
+                        "user_id": {"type": "null"},
+                    }
+                },
+            ),
+        ]
+    }
 
 
 def send_problems(
@@ -89,25 +150,17 @@ def send_problems(
     if at_fault:
         values = {k: v for k, v in values.items() if k not in at_fault}
     get = values.get
-    channel, recipient, subject = get("notification_type"), get("recipient"), get("subject")
+    channel, recipient = get("notification_type"), get("recipient")
     found: list[FieldError] = []
     if get("template_key") is None:
         if get("message") is None:
             found.append(FieldError("message", "is required unless template_key is given"))
         if get("context") is not None:
             found.append(FieldError("context", "is only used with template_key"))
-    # the subject and the recipient reach mail headers (tags.HEADER_UNSAFE)
-    problem = None if subject is None else tags.header_problem(subject)
-    if problem is not None:
-        found.append(FieldError("subject", problem))
-    if recipient is not None:
-        problem = tags.header_problem(recipient)
+    if recipient is not None and channel is not None:
+        problem = _recipient_problem(channel, recipient, id_rule)
         if problem is not None:
             found.append(FieldError("recipient", problem))
-        elif channel is not None:
-            problem = _recipient_problem(channel, recipient.strip(), id_rule)
-            if problem is not None:
-                found.append(FieldError("recipient", problem))
     if channel == "in_app" and get("user_id") is not None:
         found.append(FieldError("user_id", "is implied by recipient for notification_type in_app"))
     if found and at_fault:
@@ -116,11 +169,12 @@ def send_problems(
 
 
 def _recipient_problem(channel: str, recipient: str, id_rule: OpaqueIdRule) -> str | None:
+    """An address read without the white space around it; a user id as it is."""
     if channel == "email":
-        if not tags.is_email(recipient):
+        if not tags.is_email(recipient.strip()):
             return "must be an email address for notification_type email"
     elif channel == "sms":
-        if not _PHONE.fullmatch(recipient) or sum(c.isdigit() for c in recipient) < 5:
+        if not PHONE.fullmatch(recipient.strip()):
             return "must be a phone number for notification_type sms"
     else:
         problem = id_rule.problem(recipient)
@@ -190,7 +244,21 @@ class Notification(BaseModel):
 class MarkRead(BaseModel):
     """Mark the caller's notifications read: these `ids`, or `all`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={  # `mark_read_problems`, for the document
+            "anyOf": [
+                {
+                    "required": ["ids"],
+                    "properties": {"ids": {"type": "array"}, "all": {"enum": [False, None]}},
+                },
+                {
+                    "required": ["all"],
+                    "properties": {"all": {"const": True}, "ids": {"type": "null"}},
+                },
+            ]
+        },
+    )
 
     ids: list[uuid.UUID] | None = None
     all: Flag | None = None
@@ -220,7 +288,9 @@ def mark_read_problems(
     return []
 
 
-class MarkReadResult(BaseModel):
+class NotificationsMarkedRead(BaseModel):
+    """How many were marked, and how many stay unread."""
+
     updated: int
     unread_count: int
 

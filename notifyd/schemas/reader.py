@@ -8,7 +8,7 @@ from typing import Any, Generic, TypeVar
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from notifyd.schemas.errors import FieldError, Invalid, field_errors, not_an_object
+from notifyd.schemas.errors import FieldError, Invalid, Patterns, field_errors, not_an_object
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -28,9 +28,7 @@ class Reader(Generic[M]):
     answer still lists everything wrong.
     """
 
-    def __init__(
-        self, model: type[M], patterns: Mapping[str, str], rules: Rules = _no_rules
-    ) -> None:
+    def __init__(self, model: type[M], patterns: Patterns, rules: Rules = _no_rules) -> None:
         self.model = model
         self._patterns = patterns
         self._rules = rules

@@ -47,6 +47,6 @@ class Schemas:
 RESPONSES: list[type[BaseModel]] = [
     notifications.Notification,
     notifications.NotificationAccepted,
-    notifications.MarkReadResult,
+    notifications.NotificationsMarkedRead,
 ]
 """The answers' models, for the document's components (answers are not validated)."""
