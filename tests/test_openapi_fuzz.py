@@ -70,6 +70,9 @@ MODELLED = (
     "POST /notifications/mark-as-read/",
     "GET /notifications/{id}/",
     "POST /notifications/{id}/retry/",
+    "POST /messages/send/",
+    "GET /messages/",
+    "POST /messages/mark-as-read/",
 )
 
 

@@ -10,8 +10,9 @@ from aiohttp import web
 from notifyd.http.context import audit_entry, identity, services
 from notifyd.http.idempotency import remember
 from notifyd.http.limits import check_send_rate
+from notifyd.http.problems import FieldError, invalid
 from notifyd.http.responses import iso, json_response, page
-from notifyd.http.validation import Fields, query_fields, read_json_object
+from notifyd.http.validation import read_model, read_query, schemas
 from notifyd.ids import uuid7
 from notifyd.realtime.chat import Room
 from notifyd.realtime.roomname import dm_name
@@ -38,14 +39,10 @@ async def send_message(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
     await check_send_rate(request)
-    fields = Fields(await read_json_object(request), ctx.id_rule)
-    receiver_id = fields.opaque_id("receiver_id")
-    content = fields.string("content", max_length=ctx.settings.message_max_length)
-    if receiver_id is not None and receiver_id == caller.user_id:
-        fields.error("receiver_id", "must be another user than the sender")
-    fields.done()
-    assert receiver_id is not None
-    assert content is not None
+    body = await read_model(request, schemas(request).message_send)
+    receiver_id, content = body.receiver_id, body.content
+    if receiver_id == caller.user_id:  # the one rule that depends on who asks
+        raise invalid([FieldError("receiver_id", "must be another user than the sender")])
     message_id = uuid7()
     room = Room.dm(caller.tenant_id, caller.user_id, receiver_id)
     async with ctx.pool.acquire() as conn, conn.transaction():
@@ -73,11 +70,8 @@ async def send_message(request: web.Request) -> web.Response:
 async def list_messages(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
-    query = query_fields(request, ctx.id_rule)
-    limit = query.page_limit(ctx.settings.page_size_default, ctx.settings.page_size_max)
-    before = query.cursor()
-    with_user = query.opaque_id("with", required=False)
-    query.done()
+    query = read_query(request, schemas(request).message_query)
+    limit, before, with_user = query.limit, query.before, query.with_
     rows = await store.list_for_user(
         ctx.pool,
         caller.tenant_id,
@@ -93,18 +87,8 @@ async def list_messages(request: web.Request) -> web.Response:
 async def mark_messages_read(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
-    fields = Fields(await read_json_object(request), ctx.id_rule)
-    ids = fields.uuid_list("ids", max_items=ctx.settings.mark_read_max_ids)
-    from_user = fields.opaque_id("with", required=False)
-    everything = fields.boolean("all")
-    chosen = [
-        n
-        for n, v in (("ids", ids), ("with", from_user), ("all", everything or None))
-        if v is not None
-    ]
-    if len(chosen) != 1 and not fields.errors:
-        fields.error("ids", 'send exactly one of "ids": [...], "with": <user id> or "all": true')
-    fields.done()
+    body = await read_model(request, schemas(request).message_mark_read)
+    ids, from_user = body.ids, body.with_
     async with ctx.pool.acquire() as conn, conn.transaction():
         updated, newest = await store.mark_read(
             conn, caller.tenant_id, caller.user_id, ids=ids, from_user=from_user

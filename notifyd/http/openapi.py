@@ -181,30 +181,10 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
-    "MessageMarkRead": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "ids": {"type": "array", "items": _UUID},
-            "with": _ID,
-            "all": {"type": "boolean"},
-        },
-    },
     "MarkReadResult": {
         "type": "object",
         "required": ["updated"],
         "properties": {"updated": {"type": "integer"}},
-    },
-    "MessageSend": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["receiver_id", "content"],
-        "properties": {"receiver_id": _ID, "content": {"type": "string", "minLength": 1}},
-    },
-    "MessageCreated": {
-        "type": "object",
-        "required": ["message_id"],
-        "properties": {"message_id": _UUID, "sent_at": _TIME},
     },
     "Message": {
         "type": "object",
@@ -539,7 +519,7 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             "get": op(
                 "The caller's messages, newest first",
                 {"200": _ok(_list_of("Message"), headers=_LINK), **_problems(422)},
-                parameters=[*_PAGE_PARAMS, {"name": "with", "in": "query", "schema": _ID}],
+                parameters=query_parameters(schemas.message_query.model),
             )
         },
         "/messages/mark-as-read/": {

@@ -8,10 +8,11 @@ value that misses each pattern is told (`errors.message`).
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Literal, TypeVar, get_args
 
-from pydantic import Field, StrictBool
+from pydantic import BaseModel, Field, StrictBool, create_model
 
 from notifyd import tags
 from notifyd.settings import CHANNELS, Settings
@@ -87,6 +88,27 @@ def id_pattern_message(pattern: str) -> dict[str, Message]:
     return {anchored(pattern): f"may only contain characters matching {pattern}"}
 
 
-def page_limit(settings: Settings) -> Any:
-    """The type of a page size, 1 to `settings.page_size_max` (a type made at run time)."""
-    return Annotated[int, Field(ge=1, le=settings.page_size_max)]
+class PageQuery(BaseModel):
+    """A page of a list, newest first: `limit` items before the cursor `before`. Unknown
+    parameters are ignored (proxies and caches add their own)."""
+
+    limit: int = 50
+    before: uuid.UUID | None = Field(
+        None, description="Cursor: the last id of the previous page (see the Link header)."
+    )
+
+
+Q = TypeVar("Q", bound=PageQuery)
+
+
+def paged(model: type[Q], settings: Settings) -> type[Q]:
+    """`model` with the page sizes that are settings (`page_size_default`, `page_size_max`)."""
+    return create_model(
+        model.__name__,
+        __base__=model,
+        __module__=model.__module__,
+        limit=(
+            Annotated[int, Field(ge=1, le=settings.page_size_max)],
+            settings.page_size_default,
+        ),
+    )

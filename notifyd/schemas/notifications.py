@@ -28,10 +28,10 @@ from notifyd.schemas.fields import (
     Channel,
     Flag,
     Locale,
+    PageQuery,
     TemplateKey,
     anchored,
     opaque_id,
-    page_limit,
     text,
 )
 from notifyd.settings import Settings
@@ -295,21 +295,8 @@ class NotificationsMarkedRead(BaseModel):
     unread_count: int
 
 
-class NotificationQuery(BaseModel):
-    """`GET /notifications/`'s query: a page of the caller's notifications, newest first.
-    Unknown parameters are ignored (proxies and caches add their own)."""
+class NotificationQuery(PageQuery):
+    """A page of the caller's notifications, newest first."""
 
-    limit: int = 50
-    before: uuid.UUID | None = Field(None, description="The last id of the previous page.")
     unread: bool = False
     type: Channel | None = None
-
-
-def notification_query_model(settings: Settings) -> type[NotificationQuery]:
-    """`NotificationQuery` with the page sizes that are settings."""
-    return create_model(
-        "NotificationQuery",
-        __base__=NotificationQuery,
-        __module__=__name__,
-        limit=(page_limit(settings), settings.page_size_default),
-    )

@@ -8,8 +8,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from notifyd.ids import OpaqueIdRule
-from notifyd.schemas import notifications
-from notifyd.schemas.fields import PATTERN_MESSAGES, id_pattern_message
+from notifyd.schemas import messages, notifications
+from notifyd.schemas.fields import PATTERN_MESSAGES, id_pattern_message, paged
 from notifyd.schemas.reader import Reader
 from notifyd.settings import Settings
 
@@ -22,6 +22,9 @@ class Schemas:
     send: Reader[notifications.NotificationSend]
     mark_read: Reader[notifications.MarkRead]
     notification_query: Reader[notifications.NotificationQuery]
+    message_send: Reader[messages.MessageSend]
+    message_query: Reader[messages.MessageQuery]
+    message_mark_read: Reader[messages.MessageMarkRead]
 
     @classmethod
     def build(cls, settings: Settings) -> Schemas:
@@ -36,17 +39,28 @@ class Schemas:
             mark_read=Reader(
                 notifications.mark_read_model(settings), patterns, notifications.mark_read_problems
             ),
-            notification_query=Reader(notifications.notification_query_model(settings), patterns),
+            notification_query=Reader(paged(notifications.NotificationQuery, settings), patterns),
+            message_send=Reader(messages.send_model(settings), patterns),
+            message_query=Reader(paged(messages.query_model(settings), settings), patterns),
+            message_mark_read=Reader(
+                messages.mark_read_model(settings), patterns, messages.mark_read_problems
+            ),
         )
 
     def requests(self) -> list[type[BaseModel]]:
         """The request bodies' models, for the document's components."""
-        return [self.send.model, self.mark_read.model]
+        return [
+            self.send.model,
+            self.mark_read.model,
+            self.message_send.model,
+            self.message_mark_read.model,
+        ]
 
 
 RESPONSES: list[type[BaseModel]] = [
     notifications.Notification,
     notifications.NotificationAccepted,
     notifications.NotificationsMarkedRead,
+    messages.MessageCreated,
 ]
 """The answers' models, for the document's components (answers are not validated)."""

@@ -1,0 +1,128 @@
+"""1-on-1 messages: the send body, the list query and the mark-as-read body."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection, Mapping
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from notifyd.schemas.errors import FieldError
+from notifyd.schemas.fields import Flag, PageQuery, opaque_id, text
+from notifyd.settings import Settings
+
+
+class MessageSend(BaseModel):
+    """A message to another user of the tenant (not the sender)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    receiver_id: str
+    content: str
+
+
+def send_model(settings: Settings) -> type[MessageSend]:
+    """`MessageSend` with `message_max_length` and the id rule."""
+    return create_model(
+        "MessageSend",
+        __base__=MessageSend,
+        __module__=__name__,
+        receiver_id=(Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)], ...),
+        content=(Annotated[str, text(settings.message_max_length)], ...),
+    )
+
+
+class MessageQuery(PageQuery):
+    """A page of the caller's messages, newest first; `with`: one conversation only."""
+
+    with_: str | None = Field(None, alias="with", description="The other user's id.")
+
+
+def query_model(settings: Settings) -> type[MessageQuery]:
+    return create_model(
+        "MessageQuery",
+        __base__=MessageQuery,
+        __module__=__name__,
+        with_=(
+            Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)] | None,
+            Field(None, alias="with", description="The other user's id."),
+        ),
+    )
+
+
+_ONE_OF = 'send exactly one of "ids": [...], "with": <user id> or "all": true'
+
+
+class MessageMarkRead(BaseModel):
+    """Mark messages the caller received as read: these `ids`, those `with` one user, or
+    `all`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra={  # `mark_read_problems`, for the document
+            "oneOf": [
+                {
+                    "required": ["ids"],
+                    "properties": {
+                        "ids": {"type": "array"},
+                        "with": {"type": "null"},
+                        "all": {"enum": [None, False]},
+                    },
+                },
+                {
+                    "required": ["with"],
+                    "properties": {
+                        "ids": {"type": "null"},
+                        "with": {"type": "string"},
+                        "all": {"enum": [None, False]},
+                    },
+                },
+                {
+                    "required": ["all"],
+                    "properties": {
+                        "ids": {"type": "null"},
+                        "with": {"type": "null"},
+                        "all": {"const": True},
+                    },
+                },
+            ]
+        },
+    )
+
+    ids: list[uuid.UUID] | None = None
+    with_: str | None = Field(None, alias="with")
+    all: Flag | None = None
+
+
+def mark_read_model(settings: Settings) -> type[MessageMarkRead]:
+    return create_model(
+        "MessageMarkRead",
+        __base__=MessageMarkRead,
+        __module__=__name__,
+        ids=(Annotated[list[uuid.UUID], Field(max_length=settings.mark_read_max_ids)] | None, None),
+        with_=(
+            Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)] | None,
+            Field(None, alias="with"),
+        ),
+    )
+
+
+def mark_read_problems(
+    values: Mapping[str, Any], at_fault: Collection[str] = ()
+) -> list[FieldError]:
+    """Exactly one of `ids`, `with` and `all: true` (nothing said when one is at fault)."""
+    if at_fault:
+        return []
+    chosen = [
+        name
+        for name, key in (("ids", "ids"), ("with", "with_"), ("all", "all"))
+        if values.get(key, values.get(name)) not in (None, False)
+    ]
+    return [] if len(chosen) == 1 else [FieldError("ids", _ONE_OF)]
+
+
+class MessageCreated(BaseModel):
+    message_id: uuid.UUID
+    sent_at: str = Field(json_schema_extra={"format": "date-time"})
