@@ -73,6 +73,8 @@ MODELLED = (
     "POST /messages/send/",
     "GET /messages/",
     "POST /messages/mark-as-read/",
+    "GET /preferences/",
+    "PUT /preferences/",
 )
 
 

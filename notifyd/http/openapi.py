@@ -378,22 +378,6 @@ SCHEMAS: dict[str, Any] = {
             "default_locale": {"type": ["string", "null"], "pattern": "^[a-z]{2,3}(-[A-Z]{2})?$"},
         },
     },
-    "Preferences": {
-        "type": "object",
-        "properties": {
-            "channels": {
-                "type": "object",
-                "properties": {c: {"type": "boolean"} for c in ("email", "sms", "in_app")},
-                "additionalProperties": False,
-            },
-            "categories": {
-                "type": "object",
-                "maxProperties": 100,
-                "propertyNames": {"pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
-                "additionalProperties": {"type": "boolean"},
-            },
-        },
-    },
     "Template": {
         "type": "object",
         "properties": {

@@ -39,13 +39,19 @@ class NotAnObject(Exception):
         self.detail = detail
 
 
+NAME_PART_MAX_LENGTH = 64
+"""A key a client chose is echoed in a field name up to this many characters."""
+
+
 def field_name(loc: Iterable[int | str]) -> str:
-    """`("ids", 3)` → `ids[3]`; `("recipients", 0, "email")` → `recipients[0].email`."""
+    """`("ids", 3)` → `ids[3]`; `("recipients", 0, "email")` → `recipients[0].email`; a
+    mapping's key at fault (`("channels", "fax", "[key]")`) → `channels.fax`."""
     name = ""
     for part in loc:
         if isinstance(part, int):
             name += f"[{part}]"
-        else:
+        elif part != "[key]":
+            part = part[:NAME_PART_MAX_LENGTH]
             name += f".{part}" if name else part
     return name
 
@@ -65,7 +71,7 @@ def message(error: ErrorDetails, patterns: Patterns) -> str:
     kind = error["type"]
     ctx = error.get("ctx", {})
     value = error.get("input")
-    if kind == "missing" or (value is None and kind.endswith("_type")):
+    if kind == "missing" or (value is None and kind.endswith("_type") and len(error["loc"]) == 1):
         return "is required"  # a null is an absent field
     if kind == "extra_forbidden":
         return "is not a known field"

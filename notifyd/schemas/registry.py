@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from notifyd.ids import OpaqueIdRule
-from notifyd.schemas import messages, notifications
+from notifyd.schemas import messages, notifications, preferences
 from notifyd.schemas.fields import PATTERN_MESSAGES, id_pattern_message, paged
 from notifyd.schemas.reader import Reader
 from notifyd.settings import Settings
@@ -25,6 +25,7 @@ class Schemas:
     message_send: Reader[messages.MessageSend]
     message_query: Reader[messages.MessageQuery]
     message_mark_read: Reader[messages.MessageMarkRead]
+    preferences: Reader[preferences.Preferences]
 
     @classmethod
     def build(cls, settings: Settings) -> Schemas:
@@ -45,6 +46,7 @@ class Schemas:
             message_mark_read=Reader(
                 messages.mark_read_model(settings), patterns, messages.mark_read_problems
             ),
+            preferences=Reader(preferences.Preferences, patterns),
         )
 
     def requests(self) -> list[type[BaseModel]]:
@@ -54,6 +56,7 @@ class Schemas:
             self.mark_read.model,
             self.message_send.model,
             self.message_mark_read.model,
+            self.preferences.model,  # also the answer's shape
         ]
 
 
