@@ -75,6 +75,7 @@ MODELLED = (
     "POST /messages/mark-as-read/",
     "GET /preferences/",
     "PUT /preferences/",
+    "GET /audit/",
 )
 
 

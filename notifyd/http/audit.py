@@ -8,7 +8,7 @@ from notifyd.auth import policy
 from notifyd.http.context import identity, services
 from notifyd.http.problems import forbidden
 from notifyd.http.responses import iso, json_response, page
-from notifyd.http.validation import query_fields
+from notifyd.http.validation import read_query, schemas
 from notifyd.store import audit as store
 
 
@@ -17,12 +17,8 @@ async def list_audit(request: web.Request) -> web.Response:
     caller = identity(request)
     if not policy.may_read_audit(caller):
         raise forbidden("only admins may read the audit log")
-    query = query_fields(request, ctx.id_rule)
-    limit = query.page_limit(ctx.settings.page_size_default, ctx.settings.page_size_max)
-    before = query.cursor()
-    action = query.string("action", required=False, max_length=64)
-    user_id = query.opaque_id("user_id", required=False)
-    query.done()
+    query = read_query(request, schemas(request).audit_query)
+    limit, before, action, user_id = query.limit, query.before, query.action, query.user_id
     rows = await store.list_entries(
         ctx.pool, caller.tenant_id, before=before, action=action, user_id=user_id, limit=limit + 1
     )

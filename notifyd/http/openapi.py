@@ -698,11 +698,7 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             "get": op(
                 "The tenant's audit log (admin)",
                 {"200": _ok(_list_of("AuditEntry"), headers=_LINK), **_problems(403, 422)},
-                parameters=[
-                    *_PAGE_PARAMS,
-                    {"name": "action", "in": "query", "schema": {"type": "string"}},
-                    {"name": "user_id", "in": "query", "schema": _ID},
-                ],
+                parameters=query_parameters(schemas.audit_query.model),
             )
         },
     }

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from notifyd.ids import OpaqueIdRule
-from notifyd.schemas import messages, notifications, preferences
+from notifyd.schemas import audit, messages, notifications, preferences
 from notifyd.schemas.fields import PATTERN_MESSAGES, id_pattern_message, paged
 from notifyd.schemas.reader import Reader
 from notifyd.settings import Settings
@@ -26,6 +26,7 @@ class Schemas:
     message_query: Reader[messages.MessageQuery]
     message_mark_read: Reader[messages.MessageMarkRead]
     preferences: Reader[preferences.Preferences]
+    audit_query: Reader[audit.AuditQuery]
 
     @classmethod
     def build(cls, settings: Settings) -> Schemas:
@@ -47,6 +48,7 @@ class Schemas:
                 messages.mark_read_model(settings), patterns, messages.mark_read_problems
             ),
             preferences=Reader(preferences.Preferences, patterns),
+            audit_query=Reader(paged(audit.query_model(settings), settings), patterns),
         )
 
     def requests(self) -> list[type[BaseModel]]:
