@@ -76,6 +76,7 @@ MODELLED = (
     "GET /preferences/",
     "PUT /preferences/",
     "GET /audit/",
+    "GET /reminders/",
 )
 
 

@@ -598,15 +598,7 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             "get": op(
                 "Reminders where the caller is candidate, employer or creator (all for services)",
                 {"200": _ok(_list_of("Reminder"), headers=_LINK), **_problems(422)},
-                parameters=[
-                    *_PAGE_PARAMS,
-                    {
-                        "name": "status",
-                        "in": "query",
-                        "schema": {"enum": ["scheduled", "fired", "skipped", "cancelled"]},
-                    },
-                    {"name": "application_id", "in": "query", "schema": _ID},
-                ],
+                parameters=query_parameters(schemas.reminder_query.model),
             )
         },
         "/reminders/{id}/": {

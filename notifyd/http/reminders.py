@@ -28,7 +28,7 @@ from notifyd.http.idempotency import remember
 from notifyd.http.limits import check_send_rate
 from notifyd.http.problems import Problem, forbidden, not_found
 from notifyd.http.responses import iso, json_response, page
-from notifyd.http.validation import Fields, is_email, query_fields, read_json_object
+from notifyd.http.validation import Fields, is_email, read_json_object, read_query, schemas
 from notifyd.ids import parse_uuid, uuid7
 from notifyd.providers.phones import InvalidPhone, to_e164
 from notifyd.reminders import CHANNELS as REMINDER_CHANNELS
@@ -38,8 +38,6 @@ from notifyd.store import reminders as store
 from notifyd.store.tenants import region_for
 
 log = logging.getLogger("notifyd.http.reminders")
-
-STATUSES = ("scheduled", "fired", "skipped", "cancelled")
 
 
 def reminder_json(row: asyncpg.Record) -> dict[str, Any]:
@@ -194,12 +192,9 @@ async def create_reminder(request: web.Request) -> web.Response:
 async def list_reminders(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
-    query = query_fields(request, ctx.id_rule)
-    limit = query.page_limit(ctx.settings.page_size_default, ctx.settings.page_size_max)
-    before = query.cursor()
-    status = query.choice("status", STATUSES, required=False)
-    application_id = query.opaque_id("application_id", required=False)
-    query.done()
+    query = read_query(request, schemas(request).reminder_query)
+    limit, before, status = query.limit, query.before, query.status
+    application_id = query.application_id
     rows = await store.list_visible(
         ctx.pool,
         caller.tenant_id,

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from notifyd.ids import OpaqueIdRule
-from notifyd.schemas import audit, messages, notifications, preferences
+from notifyd.schemas import audit, messages, notifications, preferences, reminders
 from notifyd.schemas.fields import PATTERN_MESSAGES, id_pattern_message, paged
 from notifyd.schemas.reader import Reader
 from notifyd.settings import Settings
@@ -27,6 +27,7 @@ class Schemas:
     message_mark_read: Reader[messages.MessageMarkRead]
     preferences: Reader[preferences.Preferences]
     audit_query: Reader[audit.AuditQuery]
+    reminder_query: Reader[reminders.ReminderQuery]
 
     @classmethod
     def build(cls, settings: Settings) -> Schemas:
@@ -49,6 +50,7 @@ class Schemas:
             ),
             preferences=Reader(preferences.Preferences, patterns),
             audit_query=Reader(paged(audit.query_model(settings), settings), patterns),
+            reminder_query=Reader(paged(reminders.query_model(settings), settings), patterns),
         )
 
     def requests(self) -> list[type[BaseModel]]:
