@@ -77,6 +77,8 @@ MODELLED = (
     "PUT /preferences/",
     "GET /audit/",
     "GET /reminders/",
+    "GET /rooms/",
+    "GET /rooms/{room}/messages/",
 )
 
 

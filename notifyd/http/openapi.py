@@ -91,15 +91,6 @@ _UUID = {"type": "string", "format": "uuid"}
 _TIME = {"type": "string", "format": "date-time"}
 _NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
 _NULLABLE_STR = {"type": ["string", "null"]}
-_PAGE_PARAMS = [
-    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
-    {
-        "name": "before",
-        "in": "query",
-        "schema": _UUID,
-        "description": "Cursor: the last id of the previous page (see the Link header).",
-    },
-]
 _LINK = {"Link": {"schema": {"type": "string"}, "description": 'rel="next" page, when full'}}
 _IDEMPOTENCY = {
     "name": "Idempotency-Key",
@@ -524,7 +515,7 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             "get": op(
                 "The group rooms the caller is a member of, newest first",
                 {"200": _ok(_list_of("RoomSummary"), headers=_LINK), **_problems(422)},
-                parameters=_PAGE_PARAMS,
+                parameters=query_parameters(schemas.page_query.model),
             ),
         },
         **{
@@ -555,7 +546,7 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
                 {"200": _ok(_list_of("Message"), headers=_LINK), **_problems(403, 404, 422)},
                 parameters=[
                     {"name": "room", "in": "path", "required": True, "schema": {"type": "string"}},
-                    *_PAGE_PARAMS,
+                    *query_parameters(schemas.page_query.model),
                 ],
             )
         },

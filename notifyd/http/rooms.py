@@ -20,7 +20,7 @@ from notifyd.http.limits import check_send_rate
 from notifyd.http.messages import message_json
 from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found
 from notifyd.http.responses import iso, json_response, page
-from notifyd.http.validation import Fields, query_fields, read_json_object
+from notifyd.http.validation import Fields, read_json_object, read_query, schemas
 from notifyd.ids import uuid7
 from notifyd.realtime.chat import NotAMember, Room, RoomNotFound
 from notifyd.realtime.roomname import dm_members, is_group_name
@@ -123,10 +123,8 @@ async def create_room(request: web.Request) -> web.Response:
 async def list_rooms(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
-    query = query_fields(request, ctx.id_rule)
-    limit = query.page_limit(ctx.settings.page_size_default, ctx.settings.page_size_max)
-    before = query.cursor()
-    query.done()
+    query = read_query(request, schemas(request).page_query)
+    limit, before = query.limit, query.before
     rows = await store.rooms_of(
         ctx.pool, caller.tenant_id, caller.user_id, before=before, limit=limit + 1
     )
@@ -167,10 +165,8 @@ async def room_messages(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
     room = await _open(request, request.match_info["room"])
-    query = query_fields(request, ctx.id_rule)
-    limit = query.page_limit(ctx.settings.page_size_default, ctx.settings.page_size_max)
-    before = query.cursor()
-    query.done()
+    query = read_query(request, schemas(request).page_query)
+    limit, before = query.limit, query.before
     peer = room.peer_of(caller.user_id)
     if peer is not None:
         rows = await message_store.list_for_user(

@@ -210,27 +210,6 @@ class Fields:
             return None
         return value
 
-    def uuid_list(
-        self, name: str, *, required: bool = False, max_items: int
-    ) -> list[uuid.UUID] | None:
-        value = self._get(name, required)
-        if value is None:
-            return None
-        if not isinstance(value, list):
-            self.error(name, "must be a list of ids")
-            return None
-        if len(value) > max_items:
-            self.error(name, f"must have at most {max_items} ids")
-            return None
-        ids: list[uuid.UUID] = []
-        for index, item in enumerate(value):
-            parsed = parse_uuid(item) if isinstance(item, str) else None
-            if parsed is None:
-                self.error(f"{name}[{index}]", "must be a notification id (UUID)")
-            else:
-                ids.append(parsed)
-        return ids
-
     def opaque_ids(self, name: str, *, required: bool = False, max_items: int) -> list[str] | None:
         """A list of ids from other services (users...), duplicates dropped, order kept."""
         value = self._get(name, required)

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from notifyd.ids import OpaqueIdRule
 from notifyd.schemas import audit, messages, notifications, preferences, reminders
-from notifyd.schemas.fields import PATTERN_MESSAGES, id_pattern_message, paged
+from notifyd.schemas.fields import PATTERN_MESSAGES, PageQuery, id_pattern_message, paged
 from notifyd.schemas.reader import Reader
 from notifyd.settings import Settings
 
@@ -28,6 +28,7 @@ class Schemas:
     preferences: Reader[preferences.Preferences]
     audit_query: Reader[audit.AuditQuery]
     reminder_query: Reader[reminders.ReminderQuery]
+    page_query: Reader[PageQuery]
 
     @classmethod
     def build(cls, settings: Settings) -> Schemas:
@@ -51,6 +52,7 @@ class Schemas:
             preferences=Reader(preferences.Preferences, patterns),
             audit_query=Reader(paged(audit.query_model(settings), settings), patterns),
             reminder_query=Reader(paged(reminders.query_model(settings), settings), patterns),
+            page_query=Reader(paged(PageQuery, settings), patterns),
         )
 
     def requests(self) -> list[type[BaseModel]]:
