@@ -47,7 +47,9 @@ async def test_every_operation_documents_its_errors_as_problems(api: Api) -> Non
 
 def test_limits_that_are_settings_appear_in_the_document_with_their_value() -> None:
     # one source: the schema the server validates with is the schema the document shows
-    settings = replace(Settings(), subject_max_length=42, context_max_keys=7, page_size_max=9)
+    settings = replace(
+        Settings(), subject_max_length=42, context_max_keys=7, page_size_default=5, page_size_max=9
+    )
     schemas = build_document(settings)["components"]["schemas"]
     send = schemas["NotificationSend"]["properties"]
     assert send["subject"]["anyOf"][0]["maxLength"] == 42
