@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, create_model
+from pydantic import Field
 
-from notifyd.schemas.fields import PageQuery, opaque_id, text
+from notifyd.schemas.fields import PageQuery, bounded, optional_id, text
 from notifyd.settings import Settings
 
 ACTION_MAX_LENGTH = 64
@@ -23,12 +23,4 @@ class AuditQuery(PageQuery):
 
 def query_model(settings: Settings) -> type[AuditQuery]:
     """`AuditQuery` with the id rule."""
-    return create_model(
-        "AuditQuery",
-        __base__=AuditQuery,
-        __module__=__name__,
-        user_id=(
-            Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)] | None,
-            None,
-        ),
-    )
+    return bounded(AuditQuery, user_id=optional_id(settings))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable
-from typing import Annotated, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, Field, StrictBool, create_model
 
@@ -98,17 +98,30 @@ class PageQuery(BaseModel):
     )
 
 
+B = TypeVar("B", bound=BaseModel)
 Q = TypeVar("Q", bound=PageQuery)
+
+
+def bounded(model: type[B], **fields: Any) -> type[B]:
+    """`model` again, under its own name, with `fields` (name → (type, default)) replacing
+    its own: how a limit that is a setting gets into a model, once, at start-up."""
+    return create_model(model.__name__, __base__=model, __module__=model.__module__, **fields)
+
+
+def optional_id(
+    settings: Settings, alias: str | None = None, description: str | None = None
+) -> Any:
+    """(type, default) of an optional opaque id field, for `bounded`."""
+    rule = opaque_id(settings.id_max_length, settings.id_pattern)
+    return Annotated[str, rule] | None, Field(None, alias=alias, description=description)
+
+
+def id_list(settings: Settings) -> Any:
+    """(type, default) of an optional list of UUIDs, `settings.mark_read_max_ids` long at most."""
+    return Annotated[list[uuid.UUID], Field(max_length=settings.mark_read_max_ids)] | None, None
 
 
 def paged(model: type[Q], settings: Settings) -> type[Q]:
     """`model` with the page sizes that are settings (`page_size_default`, `page_size_max`)."""
-    return create_model(
-        model.__name__,
-        __base__=model,
-        __module__=model.__module__,
-        limit=(
-            Annotated[int, Field(ge=1, le=settings.page_size_max)],
-            settings.page_size_default,
-        ),
-    )
+    limit = Annotated[int, Field(ge=1, le=settings.page_size_max)]
+    return bounded(model, limit=(limit, settings.page_size_default))

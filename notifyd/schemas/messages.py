@@ -6,10 +6,10 @@ import uuid
 from collections.abc import Collection, Mapping
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field
 
 from notifyd.schemas.errors import FieldError
-from notifyd.schemas.fields import Flag, PageQuery, opaque_id, text
+from notifyd.schemas.fields import Flag, PageQuery, bounded, id_list, opaque_id, optional_id, text
 from notifyd.settings import Settings
 
 
@@ -24,10 +24,8 @@ class MessageSend(BaseModel):
 
 def send_model(settings: Settings) -> type[MessageSend]:
     """`MessageSend` with `message_max_length` and the id rule."""
-    return create_model(
-        "MessageSend",
-        __base__=MessageSend,
-        __module__=__name__,
+    return bounded(
+        MessageSend,
         receiver_id=(Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)], ...),
         content=(Annotated[str, text(settings.message_max_length)], ...),
     )
@@ -40,14 +38,9 @@ class MessageQuery(PageQuery):
 
 
 def query_model(settings: Settings) -> type[MessageQuery]:
-    return create_model(
-        "MessageQuery",
-        __base__=MessageQuery,
-        __module__=__name__,
-        with_=(
-            Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)] | None,
-            Field(None, alias="with", description="The other user's id."),
-        ),
+    """`MessageQuery` with the id rule."""
+    return bounded(
+        MessageQuery, with_=optional_id(settings, alias="with", description="The other user's id.")
     )
 
 
@@ -97,15 +90,9 @@ class MessageMarkRead(BaseModel):
 
 
 def mark_read_model(settings: Settings) -> type[MessageMarkRead]:
-    return create_model(
-        "MessageMarkRead",
-        __base__=MessageMarkRead,
-        __module__=__name__,
-        ids=(Annotated[list[uuid.UUID], Field(max_length=settings.mark_read_max_ids)] | None, None),
-        with_=(
-            Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)] | None,
-            Field(None, alias="with"),
-        ),
+    """`MessageMarkRead` with `settings.mark_read_max_ids` and the id rule."""
+    return bounded(
+        MessageMarkRead, ids=id_list(settings), with_=optional_id(settings, alias="with")
     )
 
 

@@ -17,7 +17,7 @@ from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field
 
 from notifyd import tags
 from notifyd.ids import OpaqueIdRule
@@ -31,7 +31,9 @@ from notifyd.schemas.fields import (
     PageQuery,
     TemplateKey,
     anchored,
-    opaque_id,
+    bounded,
+    id_list,
+    optional_id,
     text,
 )
 from notifyd.settings import Settings
@@ -70,10 +72,8 @@ class NotificationSend(BaseModel):
 def send_model(settings: Settings) -> type[NotificationSend]:
     """`NotificationSend` with the bounds that are settings, made once at start-up; its JSON
     Schema also carries the rules across fields (`send_rules_schema`)."""
-    model = create_model(
-        "NotificationSend",
-        __base__=NotificationSend,
-        __module__=__name__,
+    model = bounded(
+        NotificationSend,
         subject=(Annotated[str, text(settings.subject_max_length, header=True)] | None, None),
         message=(
             Annotated[str, text(settings.notification_max_length)] | None,
@@ -83,10 +83,7 @@ def send_model(settings: Settings) -> type[NotificationSend]:
             Annotated[dict[str, Any], Field(max_length=settings.context_max_keys)] | None,
             Field(None, description="The template's values (template_key only)."),
         ),
-        user_id=(
-            Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)] | None,
-            Field(None, description="For email/sms: show it in this user's center."),
-        ),
+        user_id=optional_id(settings, description="For email/sms: show it in this user's center."),
     )
     # create_model takes no config beside a base: the subclass's own config dict, read when
     # the document is generated
@@ -266,12 +263,7 @@ class MarkRead(BaseModel):
 
 def mark_read_model(settings: Settings) -> type[MarkRead]:
     """`MarkRead` with `settings.mark_read_max_ids`."""
-    return create_model(
-        "MarkRead",
-        __base__=MarkRead,
-        __module__=__name__,
-        ids=(Annotated[list[uuid.UUID], Field(max_length=settings.mark_read_max_ids)] | None, None),
-    )
+    return bounded(MarkRead, ids=id_list(settings))
 
 
 def mark_read_problems(

@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, get_args
+from typing import Literal, get_args
 
-from pydantic import create_model
-
-from notifyd.schemas.fields import PageQuery, opaque_id
+from notifyd.schemas.fields import PageQuery, bounded, optional_id
 from notifyd.settings import Settings
 
 ReminderStatus = Literal["scheduled", "fired", "skipped", "cancelled"]
@@ -24,12 +22,4 @@ class ReminderQuery(PageQuery):
 
 def query_model(settings: Settings) -> type[ReminderQuery]:
     """`ReminderQuery` with the id rule."""
-    return create_model(
-        "ReminderQuery",
-        __base__=ReminderQuery,
-        __module__=__name__,
-        application_id=(
-            Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)] | None,
-            None,
-        ),
-    )
+    return bounded(ReminderQuery, application_id=optional_id(settings))
