@@ -61,14 +61,11 @@ log = logging.getLogger("notifyd.accept")
 SEND_ACTION = "notification.send"
 RETRY_ACTION = "notification.retry"
 
-Refusal = FieldError
-"""The one error type (`schemas.errors.FieldError`), by the name the ingestion code uses."""
-
 
 class Refused(Exception):
     """The request cannot be accepted; nothing was stored."""
 
-    def __init__(self, problems: Sequence[Refusal]) -> None:
+    def __init__(self, problems: Sequence[FieldError]) -> None:
         super().__init__("; ".join(f"{p.field}: {p.message}" for p in problems))
         self.problems = list(problems)
 
@@ -154,7 +151,7 @@ class Accepted:
     enqueued: bool  # False: stored, but Redis failed; the sweeper enqueues them later
 
 
-def problems(order: Order, send: Reader[NotificationSend]) -> list[Refusal]:
+def problems(order: Order, send: Reader[NotificationSend]) -> list[FieldError]:
     """Everything wrong with `order`, as the REST route says it about the same body (through
     the same model, `Schemas.send`): for callers whose input did not come through a JSON body
     (the CLI, ingested events)."""
@@ -196,7 +193,7 @@ async def prepare(
         try:
             recipient = to_e164(recipient, region_for(tenant, settings))
         except InvalidPhone as exc:
-            raise Refused([Refusal("recipient", str(exc))]) from None
+            raise Refused([FieldError("recipient", str(exc))]) from None
     try:
         rendered = await compose(
             executor,
@@ -211,9 +208,9 @@ async def prepare(
             limits=render_limits(settings),
         )
     except TemplateError as exc:
-        raise Refused([Refusal(exc.field, exc.reason)]) from None
+        raise Refused([FieldError(exc.field, exc.reason)]) from None
     if order.channel == "email" and not (rendered.subject or "").strip():
-        raise Refused([Refusal("subject", "is required for email (directly or by template)")])
+        raise Refused([FieldError("subject", "is required for email (directly or by template)")])
     return Prepared(order, recipient, rendered)
 
 
@@ -395,13 +392,13 @@ async def accept(
     rule = OpaqueIdRule.from_settings(settings.id_max_length, settings.id_pattern)
     send = send or Schemas.build(settings).send
     found = [
-        Refusal(name, problem)
+        FieldError(name, problem)
         for name, value in (("tenant_id", tenant_id), ("actor", actor.user_id))
         if (problem := rule.problem(value)) is not None
     ]
     for index, order in enumerate(orders):
         prefix = f"{index}." if len(orders) > 1 else ""
-        found += [Refusal(prefix + p.field, p.message) for p in problems(order, send)]
+        found += [FieldError(prefix + p.field, p.message) for p in problems(order, send)]
     if found:
         raise Refused(found)
     if tenant is None:
@@ -413,7 +410,7 @@ async def accept(
         except Refused as exc:
             if len(orders) == 1:
                 raise
-            numbered = [Refusal(f"{index}.{p.field}", p.message) for p in exc.problems]
+            numbered = [FieldError(f"{index}.{p.field}", p.message) for p in exc.problems]
             raise Refused(numbered) from None
     rows = [
         p.row(tenant_id=tenant_id, created_by=actor.user_id, request_id=actor.request_id)

@@ -27,7 +27,6 @@ from notifyd.accept import (
     Actor,
     Order,
     Prepared,
-    Refusal,
     Refused,
     announce,
     audit_details,
@@ -40,6 +39,7 @@ from notifyd.keys import Keys
 from notifyd.limits import platform_quota
 from notifyd.metrics import Metrics
 from notifyd.ratelimit import Limiter
+from notifyd.schemas.errors import FieldError
 from notifyd.schemas.registry import Schemas
 from notifyd.settings import CHANNELS, Settings
 from notifyd.store.limits import TenantLimits
@@ -126,18 +126,20 @@ def plan(event: DomainEvent) -> list[_Planned]:
     return planned
 
 
-def _in_event_terms(event: DomainEvent, item: _Planned, refusal: Refusal) -> Refusal:
+def _in_event_terms(event: DomainEvent, item: _Planned, refusal: FieldError) -> FieldError:
     """A refusal worded for the REST body (`recipient`, `subject`), said about the event."""
     channel = item.order.channel
     where = f"recipients[{item.index}]"
     if refusal.field == "recipient":
-        return Refusal(f"{where}.{_ADDRESS_FIELD[channel]}", refusal.message)
+        return FieldError(f"{where}.{_ADDRESS_FIELD[channel]}", refusal.message)
     if refusal.field in ("user_id", "locale"):
-        return Refusal(f"{where}.{refusal.field}", refusal.message)
+        return FieldError(f"{where}.{refusal.field}", refusal.message)
     if refusal.field == "subject":
-        return Refusal("template_key", f"template {event.template_key!r} has no subject for email")
+        return FieldError(
+            "template_key", f"template {event.template_key!r} has no subject for email"
+        )
     if refusal.field in ("text_body", "html_body"):  # the stored template itself is broken
-        return Refusal("template_key", refusal.message)
+        return FieldError("template_key", refusal.message)
     return refusal
 
 
@@ -226,7 +228,7 @@ class EventAcceptor:
                 if self._metrics is not None:
                     self._metrics.limit_refusals.labels(refusal.limit).inc()
                 raise MalformedEvent(
-                    [Refusal("channels", f"{refusal.detail}; requeue it after 00:00 UTC")]
+                    [FieldError("channels", f"{refusal.detail}; requeue it after 00:00 UTC")]
                 )
 
     async def _prepare(self, event: DomainEvent, tenant: TenantSettings) -> list[Prepared]:
@@ -239,7 +241,7 @@ class EventAcceptor:
         if not planned:
             wanted = ", ".join(event.channels or CHANNELS)
             raise MalformedEvent(
-                [Refusal("recipients", f"none has an address for the channels ({wanted})")]
+                [FieldError("recipients", f"none has an address for the channels ({wanted})")]
             )
         prepared: list[Prepared] = []
         without_template: set[str] = set()
@@ -266,7 +268,7 @@ class EventAcceptor:
         if not prepared:
             raise MalformedEvent(
                 [
-                    Refusal(
+                    FieldError(
                         "template_key",
                         f"unknown template_key {event.template_key!r} for every channel the "
                         f"recipients have an address for ({', '.join(sorted(without_template))})",
@@ -276,7 +278,7 @@ class EventAcceptor:
         return prepared
 
 
-def _only_missing_template(found: Sequence[Refusal]) -> bool:
+def _only_missing_template(found: Sequence[FieldError]) -> bool:
     """`compose` names `template_key` only when there is no template at all for the channel
     (a broken or unrenderable template names its source field or `context`)."""
     return [p.field for p in found] == ["template_key"]

@@ -31,8 +31,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from notifyd.accept import Refusal
 from notifyd.ingest.events import DomainEvent, MalformedEvent
+from notifyd.schemas.errors import FieldError
 from notifyd.settings import Settings
 
 ALL_TENANTS = "*"
@@ -84,10 +84,10 @@ def admit(event: DomainEvent, binding: Binding, publisher: str | None = None) ->
     The tenant id is quoted in the reason: it is no one's personal data, and the operator
     reading the dead letter needs it to decide whether the binding or the publisher is wrong.
     """
-    problems: list[Refusal] = []
+    problems: list[FieldError] = []
     if binding.tenants is not None and event.tenant_id not in binding.tenants:
         problems.append(
-            Refusal(
+            FieldError(
                 "tenant_id",
                 f"the {binding.source} source may not publish for tenant {event.tenant_id!r} "
                 f"(not in {binding.tenants_setting})",
@@ -97,7 +97,7 @@ def admit(event: DomainEvent, binding: Binding, publisher: str | None = None) ->
         problems += _publisher_problems(event, binding.users, publisher)
     if event.critical and not binding.allow_critical:
         problems.append(
-            Refusal(
+            FieldError(
                 "critical",
                 f"the {binding.source} source may not send critical events "
                 f"({binding.critical_setting} is false)",
@@ -109,11 +109,11 @@ def admit(event: DomainEvent, binding: Binding, publisher: str | None = None) ->
 
 def _publisher_problems(
     event: DomainEvent, users: Mapping[str, frozenset[str]], publisher: str | None
-) -> list[Refusal]:
+) -> list[FieldError]:
     setting = "NOTIFYD_RABBITMQ_USER_TENANTS"
     if not publisher:
         return [
-            Refusal(
+            FieldError(
                 "user_id",
                 f"the message has no AMQP user_id property; {setting} requires it (set it to "
                 "the user you connect as: the broker checks it)",
@@ -121,10 +121,10 @@ def _publisher_problems(
         ]
     tenants = users.get(publisher)
     if tenants is None:
-        return [Refusal("user_id", f"RabbitMQ user {publisher!r} is not in {setting}")]
+        return [FieldError("user_id", f"RabbitMQ user {publisher!r} is not in {setting}")]
     if ALL_TENANTS not in tenants and event.tenant_id not in tenants:
         return [
-            Refusal(
+            FieldError(
                 "tenant_id",
                 f"RabbitMQ user {publisher!r} may not publish for tenant {event.tenant_id!r} "
                 f"(not in its {setting} list)",

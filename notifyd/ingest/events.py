@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from notifyd import tags
-from notifyd.accept import Refusal
 from notifyd.ids import OpaqueIdRule
 from notifyd.payloads import loads
 from notifyd.reminders import is_time_zone
+from notifyd.schemas.errors import FieldError
 from notifyd.settings import CHANNELS, Settings
 from notifyd.tags import is_email
 
@@ -104,7 +104,7 @@ class EventLimits:
 class MalformedEvent(ValueError):
     """The event can never be accepted as it is: it goes to the dead-letter stream."""
 
-    def __init__(self, problems: list[Refusal]) -> None:
+    def __init__(self, problems: list[FieldError]) -> None:
         super().__init__("; ".join(f"{p.field}: {p.message}" for p in problems))
         self.problems = problems
 
@@ -114,14 +114,14 @@ def parse_event(raw: bytes | str, limits: EventLimits) -> DomainEvent:
     data = raw.encode() if isinstance(raw, str) else raw
     if len(data) > limits.max_bytes:
         raise MalformedEvent(
-            [Refusal("event", f"is {len(data)} bytes; at most {limits.max_bytes} are accepted")]
+            [FieldError("event", f"is {len(data)} bytes; at most {limits.max_bytes} are accepted")]
         )
     try:
         value = loads(data)
     except ValueError as exc:  # orjson's JSONDecodeError is one
-        raise MalformedEvent([Refusal("event", f"is not valid JSON: {exc}")]) from None
+        raise MalformedEvent([FieldError("event", f"is not valid JSON: {exc}")]) from None
     if not isinstance(value, dict):
-        raise MalformedEvent([Refusal("event", "must be a JSON object")])
+        raise MalformedEvent([FieldError("event", "must be a JSON object")])
     return decode_event(value, limits)
 
 
@@ -168,10 +168,10 @@ class _Reader:
 
     def __init__(self, id_rule: OpaqueIdRule) -> None:
         self.id_rule = id_rule
-        self.problems: list[Refusal] = []
+        self.problems: list[FieldError] = []
 
     def error(self, field: str, message: str) -> None:
-        self.problems.append(Refusal(field, message))
+        self.problems.append(FieldError(field, message))
 
     def opaque_id(self, data: Mapping[str, Any], field: str, where: str = "") -> str | None:
         value = data.get(field)

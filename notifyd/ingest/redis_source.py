@@ -23,12 +23,12 @@ import logging
 
 from redis.asyncio import Redis
 
-from notifyd.accept import Refusal
 from notifyd.alerts import Alerting
 from notifyd.ingest.accept import EventAcceptor
 from notifyd.ingest.binding import Binding, admit
 from notifyd.ingest.events import DomainEvent, EventLimits, MalformedEvent, parse_event
 from notifyd.keys import INGEST_GROUP, Keys
+from notifyd.schemas.errors import FieldError
 from notifyd.settings import Settings
 from notifyd.streams.consumer import Entry, Poison, StreamConsumer, Timing
 from notifyd.streams.producer import Producer
@@ -43,7 +43,7 @@ def event_of(fields: dict[bytes, bytes], limits: EventLimits) -> DomainEvent:
     raw = fields.get(EVENT_FIELD)
     if raw is None:
         raise MalformedEvent(
-            [Refusal("event", "the entry has no 'event' field (XADD <stream> * event '<json>')")]
+            [FieldError("event", "the entry has no 'event' field (XADD <stream> * event '<json>')")]
         )
     return parse_event(raw, limits)
 
