@@ -38,6 +38,7 @@ class Keys:
             (self.intents, DISPATCH_GROUP),
             *[(self.deliver(channel), SEND_GROUP) for channel in ("email", "sms", "in_app")],
             (self.reminders, FIRE_GROUP),
+            (self.workflow_steps, FIRE_GROUP),
             (self.events, INGEST_GROUP),
         ]
 
@@ -50,6 +51,11 @@ class Keys:
     def reminders(self) -> str:
         """Stream of due reminders, moved there by the timer, consumed by the fire group."""
         return f"{self.prefix}:reminders"
+
+    @property
+    def workflow_steps(self) -> str:
+        """Stream of due workflow steps, moved there by the timer, consumed by the fire group."""
+        return f"{self.prefix}:workflow-steps"
 
     @property
     def wheel_epoch(self) -> str:

@@ -167,6 +167,19 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.workflow_steps = Counter(
+            "notifyd_workflow_steps_total",
+            "Workflow steps by what happened at their time: sent, skipped, failed.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.workflow_step_lateness = Histogram(
+            "notifyd_workflow_step_lateness_ms",
+            "How long after its due time a workflow step was sent or skipped, in milliseconds.",
+            buckets=(5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 60000, 600000),
+            registry=self.registry,
+        )
+
         self.ws_connections = Gauge(
             "notifyd_ws_connections",
             "WebSocket connections open on this instance, by endpoint (notifications, chat).",

@@ -21,6 +21,7 @@ from notifyd.actors.sender import Sender
 from notifyd.actors.stream_stats import StreamStats
 from notifyd.actors.sweeper import Sweeper
 from notifyd.actors.timer import Timer
+from notifyd.actors.workflow_firer import WorkflowFirer
 from notifyd.egress import Egress
 from notifyd.ingest.accept import EventAcceptor
 from notifyd.ingest.kafka_delivery_events import KafkaDeliveryEvents
@@ -207,6 +208,15 @@ def build_pipeline(
             for provider, concurrency in providers
         ],
         ReminderFirer(
+            pool=pool,
+            redis=redis,
+            keys=keys,
+            settings=settings,
+            metrics=metrics,
+            producer=producer,
+            consumer_name=name,
+        ),
+        WorkflowFirer(
             pool=pool,
             redis=redis,
             keys=keys,

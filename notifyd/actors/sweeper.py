@@ -23,9 +23,11 @@ from notifyd.payloads import DeliveryRef, NotificationIntent
 from notifyd.reminders import wheel_item
 from notifyd.retries import retry_item
 from notifyd.store import deliveries, reminders
+from notifyd.store import workflows as workflow_store
 from notifyd.streams.producer import Producer
 from notifyd.streams.schedule import Schedule
 from notifyd.supervisor import sleep_or_stop
+from notifyd.workflows import wheel_item as step_item
 
 log = logging.getLogger("notifyd.actors.sweeper")
 
@@ -66,16 +68,19 @@ class Sweeper:
                 await self.rebuild_wheel()
             await self.sweep_once()
             await self.requeue_overdue_reminders()
+            await self.requeue_overdue_steps()
             if await sleep_or_stop(stop, self._interval):
                 return
 
     async def rebuild_wheel(self) -> int:
-        """Every pending retry and scheduled reminder back on the wheel, from PostgreSQL.
+        """Every pending retry, scheduled reminder and pending workflow step back on the
+        wheel, from PostgreSQL.
 
         Members already there keep their due time (NX), so a rebuild racing the normal flow,
         or another instance's rebuild, changes nothing and fires nothing twice.
         """
         count = await self.rebuild_retries() + await self.rebuild_reminders()
+        count += await self.rebuild_workflow_steps()
         await self._redis.set(self._keys.wheel_epoch, b"1")
         if count:
             log.info("timer wheel rebuilt from PostgreSQL", extra={"entries": count})
@@ -116,6 +121,37 @@ class Sweeper:
             if len(rows) < BATCH:
                 return total
             after = (rows[-1]["reminder_time"], rows[-1]["id"])
+
+    async def rebuild_workflow_steps(self) -> int:
+        total = 0
+        after = None
+        while True:
+            rows = await workflow_store.pending_page(self._pool, after, BATCH)
+            await self._schedule.add_many(
+                [
+                    (step_item(self._keys, r["tenant_id"], r["run_id"], r["position"]), r["due_at"])
+                    for r in rows
+                ],
+                only_new=True,
+            )
+            total += len(rows)
+            if len(rows) < BATCH:
+                return total
+            last = rows[-1]
+            after = (last["due_at"], last["run_id"], last["position"])
+
+    async def requeue_overdue_steps(self) -> int:
+        """A pending workflow step long past due lost its wheel or stream entry: put it back
+        (as `requeue_overdue_reminders` does for reminders)."""
+        rows = await workflow_store.overdue(self._pool, self._reminder_overdue_after, BATCH)
+        await self._schedule.add_many(
+            [
+                (step_item(self._keys, r["tenant_id"], r["run_id"], r["position"]), r["due_at"])
+                for r in rows
+            ],
+            only_new=True,
+        )
+        return len(rows)
 
     async def requeue_overdue_reminders(self) -> int:
         """A scheduled reminder long past due lost its wheel entry (or its stream entry):

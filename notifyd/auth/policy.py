@@ -73,6 +73,34 @@ def may_change_reminder(identity: Identity, created_by: str, employer_id: str) -
     return identity.role in TENANT_WIDE or identity.user_id in (created_by, employer_id)
 
 
+# ---------------------------------------------------------------- recipients and workflows
+
+
+def may_manage_recipients(identity: Identity) -> bool:
+    """Addresses are set by the backend that knows them (a service) or an admin; a user
+    changes only their own time zone and locale (`/recipients/me/`)."""
+    return identity.role in TENANT_WIDE
+
+
+def may_read_workflows(identity: Identity) -> bool:
+    return identity.role in TENANT_WIDE
+
+
+def may_write_workflows(identity: Identity) -> bool:
+    """A workflow decides what reaches every user of the tenant: an operator's decision."""
+    return identity.role == "admin"
+
+
+def may_trigger_workflows(identity: Identity) -> bool:
+    """Triggers and cancels come from the backend (a service) or an admin."""
+    return identity.role in TENANT_WIDE
+
+
+def may_view_workflow_run(identity: Identity, recipient: str) -> bool:
+    """A user sees the runs addressed to them; services and admins every run."""
+    return identity.role in TENANT_WIDE or identity.user_id == recipient
+
+
 # ---------------------------------------------------------------- rooms
 
 

@@ -22,6 +22,7 @@ from notifyd.http.ui import openapi_paths as ui_paths
 from notifyd.payloads import dumps
 from notifyd.schemas.fields import anchored
 from notifyd.schemas.registry import RESPONSES, Schemas
+from notifyd.schemas.workflows import WORKFLOW_KEY_PATTERN
 from notifyd.settings import Settings
 
 JSON = "application/json"
@@ -114,6 +115,14 @@ _TEMPLATE_PARAMS = [
     },
     {"name": "locale", "in": "query", "schema": {"type": "string"}},
 ]
+
+_USER_ID = {"name": "user_id", "in": "path", "required": True, "schema": _ID}
+_WORKFLOW_KEY = {
+    "name": "workflow_key",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": WORKFLOW_KEY_PATTERN},
+}
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 
@@ -676,6 +685,97 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
                 {"204": {"description": "Deleted"}, **_problems(403, 404, 422)},
                 parameters=_TEMPLATE_PARAMS,
             ),
+        },
+        "/recipients/me/": {
+            "get": op(
+                "The caller's own recipient (addresses, time zone, locale)",
+                {"200": _ok(_ref("Recipient")), **_problems(404)},
+            ),
+            "patch": op(
+                "Change the caller's own time zone and locale (null clears)",
+                {"200": _ok(_ref("Recipient")), **_problems(400, 413, 415, 422)},
+                requestBody=_body("RecipientOwnPatch"),
+            ),
+        },
+        "/recipients/{user_id}/": {
+            "put": op(
+                "Store a user's addresses, time zone, locale and name (service, admin); "
+                "replaces the whole recipient",
+                {"200": _ok(_ref("Recipient")), **_problems(400, 403, 413, 415, 422)},
+                requestBody=_body("RecipientPut"),
+                parameters=[_USER_ID],
+            ),
+            "get": op(
+                "A user's recipient (service, admin)",
+                {"200": _ok(_ref("Recipient")), **_problems(403, 404, 422)},
+                parameters=[_USER_ID],
+            ),
+            "delete": op(
+                "Delete a user's recipient (service, admin)",
+                {"204": {"description": "Deleted"}, **_problems(403, 404, 422)},
+                parameters=[_USER_ID],
+            ),
+        },
+        "/workflows/": {
+            "get": op(
+                "The tenant's workflows (service, admin), by key",
+                {"200": _ok(_list_of("Workflow")), **_problems(403)},
+            )
+        },
+        "/workflows/{workflow_key}/": {
+            "put": op(
+                "Define or replace a workflow (admin); runs already started keep theirs",
+                {"200": _ok(_ref("Workflow")), **_problems(400, 403, 409, 413, 415, 422)},
+                requestBody=_body("WorkflowDefinition"),
+                parameters=[_WORKFLOW_KEY],
+            ),
+            "get": op(
+                "One workflow (service, admin)",
+                {"200": _ok(_ref("Workflow")), **_problems(403, 404, 422)},
+                parameters=[_WORKFLOW_KEY],
+            ),
+            "delete": op(
+                "Delete a workflow (admin); runs already started go on",
+                {"204": {"description": "Deleted"}, **_problems(403, 404, 422)},
+                parameters=[_WORKFLOW_KEY],
+            ),
+        },
+        "/workflows/{workflow_key}/trigger/": {
+            "post": op(
+                "Start the workflow for each recipient (service, admin): one run each",
+                {
+                    "202": _ok(_ref("WorkflowTriggered"), "Accepted"),
+                    **write_errors,
+                    **_problems(403, 404, 429),
+                },
+                requestBody=_body("WorkflowTrigger"),
+                parameters=[_WORKFLOW_KEY, _IDEMPOTENCY],
+            )
+        },
+        "/workflows/{workflow_key}/cancel/": {
+            "post": op(
+                "Cancel every step not yet sent of the runs with this cancel_key (service, "
+                "admin): none of them is sent after the answer",
+                {"200": _ok(_ref("WorkflowCancelled")), **write_errors, **_problems(403)},
+                requestBody=_body("WorkflowCancel"),
+                parameters=[_WORKFLOW_KEY, _IDEMPOTENCY],
+            )
+        },
+        "/workflows/runs/": {
+            "get": op(
+                "Workflow runs, newest first, with their steps (a user: their own)",
+                {"200": _ok(_list_of("WorkflowRun"), headers=_LINK), **_problems(403, 422)},
+                parameters=query_parameters(schemas.run_query.model),
+            )
+        },
+        "/workflows/runs/{run_id}/": {
+            "get": op(
+                "One workflow run and each of its steps",
+                {"200": _ok(_ref("WorkflowRun")), **_problems(404)},
+                parameters=[
+                    {"name": "run_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+            )
         },
         "/audit/": {
             "get": op(

@@ -8,7 +8,15 @@ from typing import Any
 from pydantic import BaseModel
 
 from notifyd.ids import OpaqueIdRule
-from notifyd.schemas import audit, messages, notifications, preferences, reminders
+from notifyd.schemas import (
+    audit,
+    messages,
+    notifications,
+    preferences,
+    recipients,
+    reminders,
+    workflows,
+)
 from notifyd.schemas.fields import PATTERN_MESSAGES, PageQuery, id_pattern_message, paged
 from notifyd.schemas.reader import Reader
 from notifyd.settings import Settings
@@ -29,11 +37,21 @@ class Schemas:
     audit_query: Reader[audit.AuditQuery]
     reminder_query: Reader[reminders.ReminderQuery]
     page_query: Reader[PageQuery]
+    recipient_put: Reader[recipients.RecipientPut]
+    recipient_patch: Reader[recipients.RecipientOwnPatch]
+    workflow: Reader[workflows.WorkflowDefinition]
+    workflow_trigger: Reader[workflows.WorkflowTrigger]
+    workflow_cancel: Reader[workflows.WorkflowCancel]
+    run_query: Reader[workflows.RunQuery]
 
     @classmethod
     def build(cls, settings: Settings) -> Schemas:
         id_rule = OpaqueIdRule.from_settings(settings.id_max_length, settings.id_pattern)
-        patterns = {**PATTERN_MESSAGES, **id_pattern_message(settings.id_pattern)}
+        patterns = {
+            **PATTERN_MESSAGES,
+            **workflows.PATTERN_MESSAGES,
+            **id_pattern_message(settings.id_pattern),
+        }
 
         def send_rules(values: Any, at_fault: Any) -> list[Any]:
             return notifications.send_problems(values, id_rule, at_fault)
@@ -53,6 +71,22 @@ class Schemas:
             audit_query=Reader(paged(audit.query_model(settings), settings), patterns),
             reminder_query=Reader(paged(reminders.query_model(settings), settings), patterns),
             page_query=Reader(paged(PageQuery, settings), patterns),
+            recipient_put=Reader(recipients.RecipientPut, patterns),
+            recipient_patch=Reader(recipients.RecipientOwnPatch, patterns),
+            workflow=Reader(
+                workflows.definition_model(settings),
+                patterns,
+                workflows.definition_rules(settings.workflow_max_delay),
+            ),
+            workflow_trigger=Reader(
+                workflows.trigger_model(settings),
+                patterns,
+                workflows.trigger_rules(settings.workflow_max_delay),
+            ),
+            workflow_cancel=Reader(
+                workflows.cancel_model(settings), patterns, workflows.cancel_rules
+            ),
+            run_query=Reader(paged(workflows.run_query_model(settings), settings), patterns),
         )
 
     def requests(self) -> list[type[BaseModel]]:
@@ -63,6 +97,11 @@ class Schemas:
             self.message_send.model,
             self.message_mark_read.model,
             self.preferences.model,  # also the answer's shape
+            self.recipient_put.model,
+            self.recipient_patch.model,
+            self.workflow.model,
+            self.workflow_trigger.model,
+            self.workflow_cancel.model,
         ]
 
 
@@ -71,5 +110,10 @@ RESPONSES: list[type[BaseModel]] = [
     notifications.NotificationAccepted,
     notifications.NotificationsMarkedRead,
     messages.MessageCreated,
+    recipients.Recipient,
+    workflows.Workflow,
+    workflows.WorkflowTriggered,
+    workflows.WorkflowCancelled,
+    workflows.WorkflowRun,
 ]
 """The answers' models, for the document's components (answers are not validated)."""

@@ -335,6 +335,15 @@ class Settings:
         "items in a page at most", gt=0)
     mark_read_max_ids: Int = setting(1000, "NOTIFYD_MARK_READ_MAX_IDS", "limits.mark_read_max_ids",
         "ids in one mark-as-read request", gt=0)
+    workflow_max_steps: Int = setting(10, "NOTIFYD_WORKFLOW_MAX_STEPS", "limits.workflow_max_steps",
+        "steps in one workflow", gt=0, le=100)
+    workflow_max_delay: Float = setting(2_592_000.0, "NOTIFYD_WORKFLOW_MAX_DELAY",
+        "limits.workflow_max_delay",
+        "seconds a workflow's step delay, digest window or throttle period may be at most", gt=0)
+    workflow_max_recipients: Int = setting(1000, "NOTIFYD_WORKFLOW_MAX_RECIPIENTS",
+        "limits.workflow_max_recipients", "recipients of one trigger (or cancel)", gt=0)
+    workflows_per_tenant: Int = setting(1000, "NOTIFYD_WORKFLOWS_PER_TENANT",
+        "limits.workflows_per_tenant", "workflow definitions one tenant may keep", gt=0)
     idempotency_ttl: Float = setting(86_400.0, "NOTIFYD_IDEMPOTENCY_TTL", "limits.idempotency_ttl",
         "seconds an Idempotency-Key is remembered", gt=0)
     idempotency_stale_after: Float = setting(60.0, "NOTIFYD_IDEMPOTENCY_STALE_AFTER",

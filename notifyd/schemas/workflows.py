@@ -1,0 +1,367 @@
+"""Workflows (issue 27): the definition a PUT stores, a trigger, a cancel, the runs' list
+query, and the answers.
+
+Every value a tenant controls has a bound: the steps' count (`NOTIFYD_WORKFLOW_MAX_STEPS`),
+every duration (`NOTIFYD_WORKFLOW_MAX_DELAY`), the recipients of one trigger or cancel
+(`NOTIFYD_WORKFLOW_MAX_RECIPIENTS`), the data's keys (`NOTIFYD_CONTEXT_MAX_KEYS`, as a send's
+context). Durations are written `90s`, `15m`, `2h`, `1d`; times of day `HH:MM` or `HH:MM:SS`.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Collection, Mapping
+from datetime import UTC, datetime, time, timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, create_model
+
+from notifyd.schemas.errors import FieldError
+from notifyd.schemas.fields import (
+    Category,
+    Channel,
+    Flag,
+    PageQuery,
+    TemplateKey,
+    anchored,
+    opaque_id,
+)
+from notifyd.settings import Settings
+
+DURATION_PATTERN = r"^[1-9][0-9]{0,6}[smhd]$"
+TIME_OF_DAY_PATTERN = r"^(?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9])?$"
+DATA_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+WORKFLOW_KEY_PATTERN = anchored(r"[A-Za-z0-9_.:-]{1,128}")
+
+PATTERN_MESSAGES = {
+    DURATION_PATTERN: "must be a duration such as 90s, 15m, 2h or 1d",
+    TIME_OF_DAY_PATTERN: "must be a time of day, HH:MM or HH:MM:SS",
+    DATA_KEY_PATTERN: "must be a data key: letters, digits and _, not starting with a digit",
+    WORKFLOW_KEY_PATTERN: "may contain letters, digits and _ . : - only",
+}
+"""What a value missing each of these patterns is told (merged into the readers' patterns)."""
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+Duration = Annotated[str, Field(pattern=DURATION_PATTERN, description="90s, 15m, 2h or 1d.")]
+TimeOfDay = Annotated[str, Field(pattern=TIME_OF_DAY_PATTERN, description="HH:MM or HH:MM:SS.")]
+DataKey = Annotated[str, Field(pattern=DATA_KEY_PATTERN)]
+WorkflowKey = Annotated[str, Field(pattern=WORKFLOW_KEY_PATTERN)]
+
+Unless = Literal["read", "online"]
+"""`read`: the run's in-app notification was read; `online`: the recipient has a socket open."""
+
+StepStatus = Literal["pending", "sent", "skipped", "cancelled", "throttled", "failed"]
+"""A step's state (the `workflow_steps.status` CHECK in sql/)."""
+
+RunStatus = Literal["pending", "completed", "cancelled", "throttled"]
+"""A run's state as answered: `pending` while a step is, else how it ended."""
+
+
+def duration(text: str) -> timedelta:
+    """`"15m"` → 15 minutes; the text matched `DURATION_PATTERN` (the model checked it)."""
+    return timedelta(seconds=int(text[:-1]) * _UNITS[text[-1]])
+
+
+def time_of_day(text: str) -> time:
+    """`"21:00"` → 21:00; the text matched `TIME_OF_DAY_PATTERN`."""
+    return time.fromisoformat(text)
+
+
+class WorkflowStep(BaseModel):
+    """One step: which channel and template, how long after the trigger, and when not."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    channel: Channel
+    template_key: TemplateKey
+    delay: Duration | None = Field(None, description="After the trigger (or send_at).")
+    unless: Annotated[list[Unless], Field(max_length=2)] = Field(
+        default_factory=list, description="Skip the step when any of these holds at its time."
+    )
+    critical_only: Flag = Field(False, description="Only for triggers marked critical.")
+
+
+class Digest(BaseModel):
+    """Triggers within `window` of the first, for the same recipient and `data[key]`, merge
+    (stored and validated; not run yet)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window: Duration
+    key: DataKey
+
+
+class Throttle(BaseModel):
+    """At most `limit` runs per recipient per `per` (stored and validated; not run yet)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit: Annotated[StrictInt, Field(ge=1, le=10_000)]
+    per: Duration
+
+
+class QuietHours(BaseModel):
+    """A step falling inside [start, end) of the recipient's day waits until `end` (stored
+    and validated; not run yet)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: TimeOfDay
+    end: TimeOfDay
+
+
+class WorkflowDefinition(BaseModel):
+    """A workflow: its steps in order, and the policies around them. A PUT replaces it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    category: Category | None = Field(None, description="Matched by the users' preferences.")
+    steps: list[WorkflowStep]
+    digest: Digest | None = None
+    throttle: Throttle | None = None
+    quiet_hours: QuietHours | None = None
+
+
+def definition_model(settings: Settings) -> type[WorkflowDefinition]:
+    """`WorkflowDefinition` with the steps' bound (`NOTIFYD_WORKFLOW_MAX_STEPS`)."""
+    return create_model(
+        "WorkflowDefinition",
+        __base__=WorkflowDefinition,
+        __module__=__name__,
+        steps=(
+            Annotated[
+                list[WorkflowStep], Field(min_length=1, max_length=settings.workflow_max_steps)
+            ],
+            ...,
+        ),
+    )
+
+
+def _get(value: Any, name: str) -> Any:
+    """A field of a model or of the raw object it came from (the rules also run over the
+    raw values when some other field failed, so one answer names everything)."""
+    return value.get(name) if isinstance(value, Mapping) else getattr(value, name, None)
+
+
+_DURATION = re.compile(DURATION_PATTERN)
+_TIME_OF_DAY = re.compile(TIME_OF_DAY_PATTERN)
+
+
+def _too_long(text: Any, bound: timedelta) -> bool:
+    return isinstance(text, str) and bool(_DURATION.match(text)) and duration(text) > bound
+
+
+def _bound_text(bound: timedelta) -> str:
+    return f"must be at most {int(bound.total_seconds())}s"
+
+
+def definition_rules(max_delay: float) -> Any:
+    """The rules no single field says: durations within `max_delay`, `unless` without
+    repeats, a quiet window that is not empty."""
+    bound = timedelta(seconds=max_delay)
+
+    def rules(values: Mapping[str, Any], at_fault: Collection[str]) -> list[FieldError]:
+        found: list[FieldError] = []
+        steps = values.get("steps")
+        for index, step in enumerate(steps if isinstance(steps, list) else []):
+            if _too_long(_get(step, "delay"), bound):
+                found.append(FieldError(f"steps[{index}].delay", _bound_text(bound)))
+            unless = _get(step, "unless")
+            if (
+                isinstance(unless, list)
+                and all(isinstance(u, str) for u in unless)
+                and len(set(unless)) != len(unless)
+            ):
+                found.append(FieldError(f"steps[{index}].unless", "must not repeat a value"))
+        if _too_long(_get(values.get("digest"), "window"), bound):
+            found.append(FieldError("digest.window", _bound_text(bound)))
+        if _too_long(_get(values.get("throttle"), "per"), bound):
+            found.append(FieldError("throttle.per", _bound_text(bound)))
+        quiet = values.get("quiet_hours")
+        start, end = _get(quiet, "start"), _get(quiet, "end")
+        if (
+            isinstance(start, str)
+            and isinstance(end, str)
+            and _TIME_OF_DAY.match(start)
+            and _TIME_OF_DAY.match(end)
+            and time_of_day(start) == time_of_day(end)
+        ):
+            found.append(FieldError("quiet_hours.end", "must differ from start"))
+        return [f for f in found if f.field not in at_fault]
+
+    return rules
+
+
+class WorkflowTrigger(BaseModel):
+    """Start the workflow for each recipient: one run each."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipients: list[str]
+    data: dict[str, Any] = Field(default_factory=dict, description="The templates' values.")
+    send_at: AwareDatetime | None = Field(None, description="Delays count from here.")
+    cancel_key: str | None = Field(None, description="What a cancel names these runs by.")
+    critical: Flag = Field(False, description="Ignores preferences; runs critical_only steps.")
+
+
+class WorkflowCancel(BaseModel):
+    """Cancel every step not yet sent of the runs with `cancel_key` (of these recipients)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cancel_key: str
+    recipients: list[str] | None = None
+
+
+def _ids(settings: Settings) -> Any:
+    return Annotated[
+        list[Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)]],
+        Field(min_length=1, max_length=settings.workflow_max_recipients),
+    ]
+
+
+def trigger_model(settings: Settings) -> type[WorkflowTrigger]:
+    """`WorkflowTrigger` with the id rule and the recipients' and data's bounds."""
+    key = Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)]
+    return create_model(
+        "WorkflowTrigger",
+        __base__=WorkflowTrigger,
+        __module__=__name__,
+        recipients=(_ids(settings), ...),
+        data=(
+            Annotated[dict[str, Any], Field(max_length=settings.context_max_keys)],
+            Field(default_factory=dict, description="The templates' values."),
+        ),
+        cancel_key=(key | None, Field(None, description="What a cancel names these runs by.")),
+    )
+
+
+def cancel_model(settings: Settings) -> type[WorkflowCancel]:
+    """`WorkflowCancel` with the id rule and the recipients' bound."""
+    key = Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)]
+    return create_model(
+        "WorkflowCancel",
+        __base__=WorkflowCancel,
+        __module__=__name__,
+        cancel_key=(key, ...),
+        recipients=(_ids(settings) | None, None),
+    )
+
+
+def _repeats(name: str, ids: Any) -> list[FieldError]:
+    seen: set[str] = set()
+    found = []
+    for index, value in enumerate(ids if isinstance(ids, list) else []):
+        if value in seen:
+            found.append(FieldError(f"{name}[{index}]", "appears twice"))
+        seen.add(value)
+    return found[:1]
+
+
+def trigger_rules(max_ahead: float) -> Any:
+    """Recipients without repeats; `send_at` not further ahead than `max_ahead` seconds."""
+
+    def rules(values: Mapping[str, Any], at_fault: Collection[str]) -> list[FieldError]:
+        found = [] if "recipients" in at_fault else _repeats("recipients", values.get("recipients"))
+        send_at = values.get("send_at")
+        if isinstance(send_at, str):  # raw: another field failed
+            try:
+                send_at = datetime.fromisoformat(send_at)
+            except ValueError:
+                send_at = None
+        if isinstance(send_at, datetime) and send_at.tzinfo is None:
+            send_at = None
+        ahead = datetime.now(UTC) + timedelta(seconds=max_ahead)
+        if isinstance(send_at, datetime) and "send_at" not in at_fault and send_at > ahead:
+            found.append(FieldError("send_at", f"must be at most {int(max_ahead)}s ahead"))
+        return found
+
+    return rules
+
+
+def cancel_rules(values: Mapping[str, Any], at_fault: Collection[str]) -> list[FieldError]:
+    if "recipients" in at_fault:
+        return []
+    return _repeats("recipients", values.get("recipients"))
+
+
+class RunQuery(PageQuery):
+    """A page of the runs of one recipient (or the tenant's), newest first."""
+
+    recipient: str | None = None
+    workflow_key: WorkflowKey | None = None
+
+
+def run_query_model(settings: Settings) -> type[RunQuery]:
+    """`RunQuery` with the id rule."""
+    return create_model(
+        "RunQuery",
+        __base__=RunQuery,
+        __module__=__name__,
+        recipient=(
+            Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)] | None,
+            None,
+        ),
+    )
+
+
+# ---------------------------------------------------------------- answers
+
+
+class Workflow(WorkflowDefinition):
+    """A stored workflow (the answer of PUT and GET)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    workflow_key: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class RunStarted(BaseModel):
+    run_id: uuid.UUID
+    recipient: str
+
+
+class WorkflowTriggered(BaseModel):
+    """The 202 of a trigger: one run per recipient, in the order given."""
+
+    runs: list[RunStarted]
+
+
+class WorkflowCancelled(BaseModel):
+    """How many runs had a step cancelled: none of their steps is sent after this answer."""
+
+    cancelled: int
+
+
+class StepState(BaseModel):
+    position: int
+    channel: Channel
+    template_key: str
+    unless: list[Unless]
+    status: StepStatus
+    reason: str | None
+    due_at: datetime
+    done_at: datetime | None
+    lateness_ms: int | None
+    notification_ids: list[uuid.UUID]
+
+
+class WorkflowRun(BaseModel):
+    """A run and each of its steps."""
+
+    run_id: uuid.UUID
+    workflow_key: str
+    recipient: str
+    status: RunStatus
+    cancel_key: str | None
+    critical: bool
+    data: dict[str, Any]
+    created_by: str
+    starts_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    steps: list[StepState]

@@ -1,0 +1,316 @@
+"""Workflows: definitions, runs and their steps. A step row is the truth: the timer wheel
+holds only a pointer to it and is rebuilt from `workflow_steps` after Redis lost its data.
+
+Firing and cancelling a step serialise on the step's row lock: the firer locks the row
+(`SELECT … FOR UPDATE`) and writes its outcome in the same transaction, a cancel is one
+guarded UPDATE (`status = 'pending'`), so whichever comes second sees what the first did.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from notifyd.store.pool import Conn, Executor
+
+# ---------------------------------------------------------------- definitions
+
+DEFINITION_COLUMNS = "workflow_key, definition, created_at, updated_at"
+
+PUT = f"""
+INSERT INTO workflows (tenant_id, workflow_key, definition)
+SELECT $1, $2, $3
+WHERE EXISTS (SELECT 1 FROM workflows WHERE tenant_id = $1 AND workflow_key = $2)
+   OR (SELECT count(*) FROM workflows WHERE tenant_id = $1) < $4
+ON CONFLICT (tenant_id, workflow_key)
+DO UPDATE SET definition = EXCLUDED.definition, updated_at = now()
+RETURNING {DEFINITION_COLUMNS}
+"""
+
+GET = f"SELECT {DEFINITION_COLUMNS} FROM workflows WHERE tenant_id = $1 AND workflow_key = $2"
+
+LIST = f"""
+SELECT {DEFINITION_COLUMNS} FROM workflows WHERE tenant_id = $1 ORDER BY workflow_key LIMIT $2
+"""
+
+DELETE = "DELETE FROM workflows WHERE tenant_id = $1 AND workflow_key = $2 RETURNING 1"
+
+
+async def put(
+    conn: Conn, tenant_id: str, key: str, definition: dict[str, Any], max_per_tenant: int
+) -> asyncpg.Record | None:
+    """Create or replace; None when the tenant already has `max_per_tenant` other ones."""
+    return await conn.fetchrow(PUT, tenant_id, key, definition, max_per_tenant)
+
+
+async def get(executor: Executor, tenant_id: str, key: str) -> asyncpg.Record | None:
+    return await executor.fetchrow(GET, tenant_id, key)
+
+
+async def list_all(executor: Executor, tenant_id: str, limit: int) -> list[asyncpg.Record]:
+    return await executor.fetch(LIST, tenant_id, limit)
+
+
+async def delete(conn: Conn, tenant_id: str, key: str) -> bool:
+    """Runs already started keep their copy of the definition and go on."""
+    return await conn.fetchval(DELETE, tenant_id, key) is not None
+
+
+# ---------------------------------------------------------------- runs and steps
+
+RUN_COLUMNS = """r.id, r.tenant_id, r.workflow_key, r.recipient, r.data, r.critical,
+    r.cancel_key, r.status, r.created_by, r.starts_at, r.created_at, r.updated_at"""
+
+STEP_COLUMNS = """s.run_id, s.position, s.channel, s.template_key, s.unless, s.status,
+    s.reason, s.due_at, s.done_at, s.lateness_ms, s.notification_ids"""
+
+
+@dataclass(frozen=True, slots=True)
+class NewStep:
+    position: int
+    channel: str
+    template_key: str
+    unless: list[str]
+    due_at: datetime
+    status: str = "pending"
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewRun:
+    id: uuid.UUID
+    tenant_id: str
+    workflow_key: str
+    recipient: str
+    definition: dict[str, Any]
+    data: dict[str, Any]
+    critical: bool
+    cancel_key: str | None
+    created_by: str
+    starts_at: datetime
+    steps: list[NewStep]
+
+
+INSERT_RUNS = """
+INSERT INTO workflow_runs (id, tenant_id, workflow_key, recipient, definition, data, critical,
+                           cancel_key, created_by, starts_at)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[],
+                     $7::boolean[], $8::text[], $9::text[], $10::timestamptz[])
+"""
+
+INSERT_STEPS = """
+INSERT INTO workflow_steps (run_id, position, tenant_id, channel, template_key, unless,
+                            due_at, status, reason, done_at)
+SELECT i.run_id, i.position, i.tenant_id, i.channel, i.template_key,
+       string_to_array(i.unless, ','), i.due_at, i.status, i.reason,
+       CASE WHEN i.status = 'pending' THEN NULL ELSE now() END
+FROM unnest($1::uuid[], $2::smallint[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::timestamptz[], $8::text[], $9::text[])
+    AS i(run_id, position, tenant_id, channel, template_key, unless, due_at, status, reason)
+"""
+
+
+async def insert_runs(conn: Conn, runs: Sequence[NewRun]) -> None:
+    """The runs and every step of each, in two statements; call inside a transaction."""
+    await conn.execute(
+        INSERT_RUNS,
+        [r.id for r in runs],
+        [r.tenant_id for r in runs],
+        [r.workflow_key for r in runs],
+        [r.recipient for r in runs],
+        [r.definition for r in runs],
+        [r.data for r in runs],
+        [r.critical for r in runs],
+        [r.cancel_key for r in runs],
+        [r.created_by for r in runs],
+        [r.starts_at for r in runs],
+    )
+    steps = [(r, s) for r in runs for s in r.steps]
+    await conn.execute(
+        INSERT_STEPS,
+        [r.id for r, _ in steps],
+        [s.position for _, s in steps],
+        [r.tenant_id for r, _ in steps],
+        [s.channel for _, s in steps],
+        [s.template_key for _, s in steps],
+        [",".join(s.unless) for _, s in steps],  # a list per step: no ragged arrays
+        [s.due_at for _, s in steps],
+        [s.status for _, s in steps],
+        [s.reason for _, s in steps],
+    )
+
+
+GET_RUN = f"SELECT {RUN_COLUMNS} FROM workflow_runs r WHERE r.tenant_id = $1 AND r.id = $2"
+
+LIST_RUNS = f"""
+SELECT {RUN_COLUMNS} FROM workflow_runs r
+WHERE r.tenant_id = $1
+  AND ($2::text IS NULL OR r.recipient = $2)
+  AND ($3::text IS NULL OR r.workflow_key = $3)
+  AND ($4::uuid IS NULL OR r.id < $4)
+ORDER BY r.id DESC
+LIMIT $5
+"""
+
+STEPS_OF = f"""
+SELECT {STEP_COLUMNS} FROM workflow_steps s
+WHERE s.tenant_id = $1 AND s.run_id = ANY($2::uuid[])
+ORDER BY s.run_id, s.position
+"""
+
+
+async def get_run(executor: Executor, tenant_id: str, run_id: uuid.UUID) -> asyncpg.Record | None:
+    return await executor.fetchrow(GET_RUN, tenant_id, run_id)
+
+
+async def list_runs(
+    executor: Executor,
+    tenant_id: str,
+    *,
+    recipient: str | None,
+    workflow_key: str | None,
+    before: uuid.UUID | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    return await executor.fetch(LIST_RUNS, tenant_id, recipient, workflow_key, before, limit)
+
+
+async def steps_of(
+    executor: Executor, tenant_id: str, run_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, list[asyncpg.Record]]:
+    found: dict[uuid.UUID, list[asyncpg.Record]] = {run_id: [] for run_id in run_ids}
+    for row in await executor.fetch(STEPS_OF, tenant_id, list(run_ids)):
+        found[row["run_id"]].append(row)
+    return found
+
+
+# One statement: every step not yet sent of the matching runs, and the runs themselves. The
+# UPDATE waits for the row lock of a step being fired; it then sees that step `sent` (or
+# skipped) and leaves it, so a cancel never counts a step that went, and a step never goes
+# after a cancel that counted it.
+CANCEL = """
+WITH runs AS (
+    UPDATE workflow_runs r SET status = 'cancelled', updated_at = now()
+    WHERE r.tenant_id = $1 AND r.workflow_key = $2 AND r.cancel_key = $3
+      AND ($4::text[] IS NULL OR r.recipient = ANY($4::text[]))
+      AND r.status = 'active'
+    RETURNING r.id
+), steps AS (
+    UPDATE workflow_steps s SET status = 'cancelled', reason = 'cancelled', done_at = now()
+    FROM runs
+    WHERE s.run_id = runs.id AND s.status = 'pending'
+    RETURNING s.run_id, s.position
+)
+SELECT run_id, position FROM steps
+"""
+
+
+async def cancel(
+    conn: Conn, tenant_id: str, key: str, cancel_key: str, recipients: Sequence[str] | None
+) -> list[asyncpg.Record]:
+    """(run_id, position) of every step cancelled; call inside a transaction."""
+    return await conn.fetch(
+        CANCEL, tenant_id, key, cancel_key, None if recipients is None else list(recipients)
+    )
+
+
+# ---------------------------------------------------------------- firing
+
+# What a due step needs: its run, and the recipient's addresses and preferences.
+PEEK_STEP = f"""
+SELECT {STEP_COLUMNS}, r.tenant_id, r.workflow_key, r.recipient, r.data, r.critical,
+       r.created_by, r.definition->>'category' AS category,
+       c.email, c.phone, c.timezone, c.locale,
+       p.channels AS pref_channels, p.categories AS pref_categories
+FROM workflow_steps s
+JOIN workflow_runs r ON r.id = s.run_id
+LEFT JOIN recipients c ON c.tenant_id = r.tenant_id AND c.user_id = r.recipient
+LEFT JOIN preferences p ON p.tenant_id = r.tenant_id AND p.user_id = r.recipient
+WHERE s.tenant_id = $1 AND s.run_id = $2 AND s.position = $3
+"""
+
+# The lock the fire and a cancel serialise on; read `unless: read` under it, at the step's
+# time: an in-app notification an earlier step of this run made, read by now.
+LOCK_STEP = """
+SELECT s.status,
+       EXISTS (
+           SELECT 1 FROM workflow_steps e JOIN notifications n
+               ON n.tenant_id = e.tenant_id AND n.id = ANY(e.notification_ids)
+           WHERE e.run_id = s.run_id AND e.position < s.position
+             AND n.channel = 'in_app' AND n.read_at IS NOT NULL
+       ) AS read
+FROM workflow_steps s
+WHERE s.tenant_id = $1 AND s.run_id = $2 AND s.position = $3
+FOR UPDATE OF s
+"""
+
+FINISH_STEP = """
+UPDATE workflow_steps
+SET status = $4, reason = $5, notification_ids = $6, done_at = now(),
+    lateness_ms = GREATEST(0, EXTRACT(EPOCH FROM (now() - due_at)) * 1000)::int
+WHERE tenant_id = $1 AND run_id = $2 AND position = $3 AND status = 'pending'
+RETURNING lateness_ms
+"""
+
+
+async def peek_step(
+    executor: Executor, tenant_id: str, run_id: uuid.UUID, position: int
+) -> asyncpg.Record | None:
+    return await executor.fetchrow(PEEK_STEP, tenant_id, run_id, position)
+
+
+async def lock_step(
+    conn: Conn, tenant_id: str, run_id: uuid.UUID, position: int
+) -> asyncpg.Record | None:
+    """Locks the step's row until the transaction ends; its status and whether the run's
+    in-app notification was read, as of now."""
+    return await conn.fetchrow(LOCK_STEP, tenant_id, run_id, position)
+
+
+async def finish_step(
+    conn: Conn,
+    tenant_id: str,
+    run_id: uuid.UUID,
+    position: int,
+    *,
+    status: str,
+    reason: str | None,
+    notification_ids: Sequence[uuid.UUID] = (),
+) -> int | None:
+    """The step's outcome (under `lock_step`'s lock); its lateness in ms."""
+    lateness: int | None = await conn.fetchval(
+        FINISH_STEP, tenant_id, run_id, position, status, reason, list(notification_ids)
+    )
+    return lateness
+
+
+# Keyset pages over every pending step, for rebuilding the wheel from PostgreSQL.
+PENDING_PAGE = """
+SELECT tenant_id, run_id, position, due_at FROM workflow_steps
+WHERE status = 'pending' AND (due_at, run_id, position) > ($1, $2, $3)
+ORDER BY due_at, run_id, position
+LIMIT $4
+"""
+
+OVERDUE = """
+SELECT tenant_id, run_id, position, due_at FROM workflow_steps
+WHERE status = 'pending' AND due_at < now() - make_interval(secs => $1)
+ORDER BY due_at
+LIMIT $2
+"""
+
+
+async def pending_page(
+    executor: Executor, after: tuple[datetime, uuid.UUID, int] | None, limit: int
+) -> list[asyncpg.Record]:
+    start = after or (datetime.min.replace(tzinfo=UTC), uuid.UUID(int=0), -1)
+    return await executor.fetch(PENDING_PAGE, *start, limit)
+
+
+async def overdue(executor: Executor, older_than: float, limit: int) -> list[asyncpg.Record]:
+    return await executor.fetch(OVERDUE, older_than, limit)
