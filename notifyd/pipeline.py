@@ -224,6 +224,7 @@ def build_pipeline(
             metrics=metrics,
             producer=producer,
             consumer_name=name,
+            tenant_settings=tenant,
         ),
         Timer(schedule, lookahead=settings.reminder_lookahead, ahead=frozenset({keys.reminders})),
         Sweeper(

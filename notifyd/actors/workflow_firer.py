@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -33,7 +34,7 @@ from notifyd.store import preferences as stored_preferences
 from notifyd.store import workflows as store
 from notifyd.store.audit import AuditEntry
 from notifyd.store.notifications import NewNotification
-from notifyd.store.tenants import load_redacted
+from notifyd.store.tenants import TenantSettings
 from notifyd.streams.consumer import Entry, Poison, StreamConsumer, Timing
 from notifyd.streams.producer import Producer
 from notifyd.workflows import address
@@ -83,8 +84,12 @@ class WorkflowFirer:
         metrics: Metrics,
         producer: Producer,
         consumer_name: str,
+        tenant_settings: Callable[[str], Awaitable[TenantSettings]],
     ) -> None:
+        """`tenant_settings`: the tenant's settings (cached; only region and locale are
+        read, to render and to read phone numbers)."""
         self._pool = pool
+        self._tenant_settings = tenant_settings
         self._redis = redis
         self._keys = keys
         self._settings = settings
@@ -145,7 +150,7 @@ class WorkflowFirer:
             critical=step["critical"],
             locale=step["locale"],
         )
-        tenant = (await load_redacted(self._pool, tenant_id)).settings
+        tenant = await self._tenant_settings(tenant_id)
         try:
             prepared = await accept.prepare(self._pool, self._settings, tenant, tenant_id, order)
         except accept.Refused as exc:
