@@ -17,7 +17,17 @@ from notifyd.schemas.workflows import WorkflowDefinition, duration
 from notifyd.store.workflows import NewStep
 from notifyd.streams.schedule import Scheduled
 
-REASONS = ("read", "online", "opted_out", "no_address", "not_critical", "render", "cancelled")
+REASONS = (
+    "read",
+    "online",
+    "opted_out",
+    "no_address",
+    "not_critical",
+    "render",
+    "cancelled",
+    "throttle",
+    "quiet_hours",
+)
 """Why a step did not send (`workflow_steps.reason`); `render`: its template could not."""
 
 
@@ -50,6 +60,22 @@ def plan_steps(
             )
         )
     return steps
+
+
+def throttled(steps: list[NewStep]) -> list[NewStep]:
+    """The steps of a run past its workflow's throttle: none is sent."""
+    return [
+        NewStep(
+            position=step.position,
+            channel=step.channel,
+            template_key=step.template_key,
+            unless=step.unless,
+            due_at=step.due_at,
+            status="throttled",
+            reason="throttle",
+        )
+        for step in steps
+    ]
 
 
 def address(channel: str, user_id: str, email: str | None, phone: str | None) -> str | None:

@@ -12,12 +12,14 @@ runs addressed to them; every change is audited.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
+from notifyd.store import workflows as workflow_store
 from tests.helpers import Api
 
 TENANT = "TEN-0001"
@@ -302,3 +304,66 @@ async def test_tenant_b_cannot_see_trigger_or_cancel_tenant_as_workflows_and_run
     assert status == 200  # the same key in another tenant is another workflow
     pending = "SELECT count(*) FROM workflow_steps WHERE status = 'pending'"
     assert await db.fetchval(pending) == 2  # tenant A's run is untouched
+
+
+async def test_a_trigger_past_the_throttle_makes_a_throttled_run_that_sends_nothing(
+    api: Api, db: asyncpg.Connection
+) -> None:
+    definition = {
+        "steps": [{"channel": "in_app", "template_key": "t", "delay": "1h"}],
+        "throttle": {"limit": 2, "per": "1h"},
+    }
+    status, answer = await define(api, "digestless", definition)
+    assert status == 200, answer
+    statuses = []
+    for _ in range(3):
+        status, answer = await trigger(api, "digestless", {"recipients": ["cand-1"]})
+        assert status == 202, answer
+        run_id = answer["runs"][0]["run_id"]
+        _, run, _ = await api.get(f"/workflows/runs/{run_id}/", user=SERVICE, role="service")
+        statuses.append((run["status"], [(s["status"], s["reason"]) for s in run["steps"]]))
+    assert statuses == [
+        ("pending", [("pending", None)]),
+        ("pending", [("pending", None)]),
+        ("throttled", [("throttled", "throttle")]),
+    ]
+    # another recipient has a window of their own; concurrent triggers still count each
+    results = await asyncio.gather(
+        *(trigger(api, "digestless", {"recipients": ["cand-2"]}) for _ in range(6))
+    )
+    assert all(status == 202 for status, _ in results)
+    active = await db.fetchval(
+        "SELECT count(*) FROM workflow_runs WHERE recipient = 'cand-2' AND status = 'active'"
+    )
+    assert active == 2
+    pending = "SELECT count(*) FROM workflow_steps WHERE status = 'pending'"
+    assert await db.fetchval(pending) == 4
+
+
+async def test_two_triggers_for_one_recipient_count_their_throttle_one_after_the_other(
+    database_url: str,
+) -> None:
+    """The second trigger's count waits for the first to commit, then sees its run."""
+    first, second = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
+    try:
+        one, two = first.transaction(), second.transaction()
+        await one.start()
+        assert await workflow_store.recent_runs(first, TENANT, "w", ["cand-1"], 3600) == {}
+        await first.execute(
+            "INSERT INTO workflow_runs (id, tenant_id, workflow_key, recipient, definition, "
+            "created_by, starts_at) VALUES ($1, $2, 'w', 'cand-1', '{}', 'svc', now())",
+            uuid.uuid4(),
+            TENANT,
+        )
+        await two.start()
+        counting = asyncio.ensure_future(
+            workflow_store.recent_runs(second, TENANT, "w", ["cand-1"], 3600)
+        )
+        done, _ = await asyncio.wait({counting}, timeout=0.5)
+        assert not done, "the second count must wait for the first trigger's commit"
+        await one.commit()
+        assert await counting == {"cand-1": 1}
+        await two.commit()
+    finally:
+        await first.close()
+        await second.close()

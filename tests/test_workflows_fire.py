@@ -464,3 +464,48 @@ async def test_a_cancel_while_the_firer_holds_the_due_step_stops_it(
         assert status == 200 and answer == {"cancelled": 0}, answer
     assert (await db.fetch(STEPS, second))[0]["status"] == "sent"
     assert await db.fetchval("SELECT count(*) FROM notifications") == 1
+
+
+async def test_steps_held_by_a_killed_instance_fire_once_on_another(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection, redis: Redis
+) -> None:
+    """Instance A reads three steps before their time and dies holding them (its actors
+    cancelled: nothing acknowledged, as after kill -9). Instance B fires each once: from
+    the entries it takes over after NOTIFYD_CLAIM_IDLE, or from the wheel its start rebuilt
+    from PostgreSQL, whichever comes first; the other finds the step sent."""
+    env = {**FAST, "NOTIFYD_REQUEUE_AFTER": "60"}
+    definition = {"steps": [{"channel": "in_app", "template_key": "interviewScheduling"}]}
+    first = await daemon_factory(NOTIFYD_INSTANCE_NAME="wf-killed", **env)
+    async with Api(first) as api:
+        await setup_tenant(api, definition)
+        due = datetime.now(UTC) + timedelta(seconds=3)
+        run_ids = await trigger(
+            api, recipients=["cand-1", "cand-2", "cand-3"], send_at=due.isoformat()
+        )
+    wheel = Schedule(redis, KEYS.timer)
+    for run_id in run_ids:  # as if A's timer had moved them: only A's firer holds them
+        assert await wheel.remove(wheel_item(KEYS, TENANT, run_id, 0))
+        await _deliver_early(redis, run_id, due, copies=1)
+
+    async def held_by_a() -> bool:
+        holders: Any = await redis.xpending(KEYS.workflow_steps, "fire")
+        return [(c["name"], c["pending"]) for c in holders["consumers"]] == [(b"wf-killed", 3)]
+
+    await wait_for(held_by_a, timeout=5)
+    assert first.supervisor is not None
+    await first.supervisor.stop(0)  # killed: cut short, nothing acknowledged
+    assert datetime.now(UTC) < due, "A must die holding steps not yet due"
+
+    await daemon_factory(NOTIFYD_INSTANCE_NAME="wf-survivor", **env)
+    for run_id in run_ids:
+        steps = await wait_done(db, run_id, timeout=20)
+        assert [s["status"] for s in steps] == ["sent"]
+
+    async def settled() -> bool:
+        holders: Any = await redis.xpending(KEYS.workflow_steps, "fire")
+        return holders["pending"] == 0
+
+    await wait_for(settled, timeout=15)
+    assert await db.fetchval("SELECT count(*) FROM notifications") == 3
+    sent = "SELECT count(*) FROM audit_log WHERE action = 'workflow.step.sent'"
+    assert await db.fetchval(sent) == 3

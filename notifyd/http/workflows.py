@@ -9,6 +9,7 @@ it did not count is pending any more.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import uuid
@@ -27,11 +28,18 @@ from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_f
 from notifyd.http.responses import iso, json_response, page
 from notifyd.http.validation import read_model, read_query, schemas
 from notifyd.ids import parse_uuid, uuid7
-from notifyd.schemas.workflows import PATTERN_MESSAGES, WORKFLOW_KEY_PATTERN, WorkflowDefinition
+from notifyd.schemas.workflows import (
+    PATTERN_MESSAGES,
+    WORKFLOW_KEY_PATTERN,
+    Throttle,
+    WorkflowDefinition,
+    duration,
+)
 from notifyd.store import audit
 from notifyd.store import workflows as store
+from notifyd.store.pool import Conn
 from notifyd.streams.schedule import Scheduled
-from notifyd.workflows import plan_steps, wheel_item
+from notifyd.workflows import plan_steps, throttled, wheel_item
 
 log = logging.getLogger("notifyd.http.workflows")
 
@@ -208,6 +216,8 @@ async def trigger_workflow(request: web.Request) -> web.Response:
     ]
     answer = {"runs": [{"run_id": str(run.id), "recipient": run.recipient} for run in runs]}
     async with ctx.pool.acquire() as conn, conn.transaction():
+        if definition.throttle is not None:
+            runs = await _throttle(conn, caller.tenant_id, key, definition.throttle, runs)
         await store.insert_runs(conn, runs)
         await audit.record(
             conn,
@@ -233,6 +243,24 @@ async def trigger_workflow(request: web.Request) -> web.Response:
         ],
     )
     return response
+
+
+async def _throttle(
+    conn: Conn, tenant_id: str, key: str, throttle: Throttle, runs: list[store.NewRun]
+) -> list[store.NewRun]:
+    """`runs` with those past the throttle marked `throttled` (their steps too): at most
+    `limit` runs per recipient and workflow within `per`, counting these in order."""
+    window = duration(throttle.per).total_seconds()
+    counts = await store.recent_runs(conn, tenant_id, key, [r.recipient for r in runs], window)
+    decided = []
+    for run in runs:
+        seen = counts.get(run.recipient, 0)
+        if seen >= throttle.limit:
+            run = dataclasses.replace(run, status="throttled", steps=throttled(run.steps))
+        else:
+            counts[run.recipient] = seen + 1
+        decided.append(run)
+    return decided
 
 
 async def cancel_workflow(request: web.Request) -> web.Response:

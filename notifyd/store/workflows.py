@@ -94,13 +94,14 @@ class NewRun:
     created_by: str
     starts_at: datetime
     steps: list[NewStep]
+    status: str = "active"
 
 
 INSERT_RUNS = """
 INSERT INTO workflow_runs (id, tenant_id, workflow_key, recipient, definition, data, critical,
-                           cancel_key, created_by, starts_at)
+                           cancel_key, created_by, starts_at, status)
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[],
-                     $7::boolean[], $8::text[], $9::text[], $10::timestamptz[])
+                     $7::boolean[], $8::text[], $9::text[], $10::timestamptz[], $11::text[])
 """
 
 INSERT_STEPS = """
@@ -129,6 +130,7 @@ async def insert_runs(conn: Conn, runs: Sequence[NewRun]) -> None:
         [r.cancel_key for r in runs],
         [r.created_by for r in runs],
         [r.starts_at for r in runs],
+        [r.status for r in runs],
     )
     steps = [(r, s) for r in runs for s in r.steps]
     await conn.execute(
@@ -143,6 +145,33 @@ async def insert_runs(conn: Conn, runs: Sequence[NewRun]) -> None:
         [s.status for _, s in steps],
         [s.reason for _, s in steps],
     )
+
+
+# Throttle: the recipients' locks (in one order, so concurrent triggers cannot deadlock),
+# held to the end of the transaction, then how many runs each already has in the window. A
+# second trigger for the same recipient waits for the first to commit and counts its runs.
+LOCK_RECIPIENTS = """
+SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2 || chr(31) || r, 0))
+FROM unnest($3::text[]) AS r ORDER BY r
+"""
+
+RECENT_RUNS = """
+SELECT recipient, count(*) AS runs FROM workflow_runs
+WHERE tenant_id = $1 AND workflow_key = $2 AND recipient = ANY($3::text[])
+  AND status <> 'throttled' AND created_at > now() - make_interval(secs => $4)
+GROUP BY recipient
+"""
+
+
+async def recent_runs(
+    conn: Conn, tenant_id: str, key: str, recipients: Sequence[str], window: float
+) -> dict[str, int]:
+    """Runs (not throttled) of each recipient started within the last `window` seconds,
+    after taking the recipients' throttle locks; call inside the transaction that inserts
+    the new runs."""
+    await conn.execute(LOCK_RECIPIENTS, tenant_id, key, list(recipients))
+    rows = await conn.fetch(RECENT_RUNS, tenant_id, key, list(recipients), window)
+    return {row["recipient"]: row["runs"] for row in rows}
 
 
 GET_RUN = f"SELECT {RUN_COLUMNS} FROM workflow_runs r WHERE r.tenant_id = $1 AND r.id = $2"
