@@ -225,6 +225,7 @@ def build_pipeline(
             producer=producer,
             consumer_name=name,
             tenant_settings=tenant,
+            schedule=schedule,
         ),
         Timer(schedule, lookahead=settings.reminder_lookahead, ahead=frozenset({keys.reminders})),
         Sweeper(

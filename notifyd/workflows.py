@@ -10,10 +10,13 @@ wheel for its time (`actors.workflow_firer`).
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
+from collections.abc import Mapping
+from datetime import datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from notifyd.keys import Keys
-from notifyd.schemas.workflows import WorkflowDefinition, duration
+from notifyd.schemas.workflows import WorkflowDefinition, duration, time_of_day
 from notifyd.store.workflows import NewStep
 from notifyd.streams.schedule import Scheduled
 
@@ -88,3 +91,36 @@ def address(channel: str, user_id: str, email: str | None, phone: str | None) ->
     if channel == "sms":
         return phone
     return None
+
+
+def _zone(name: str | None) -> ZoneInfo:
+    try:
+        return ZoneInfo(name or "UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo("UTC")
+
+
+def _inside(moment: time, start: time, end: time) -> bool:
+    """Whether `moment` falls in [start, end), a window that may wrap midnight."""
+    if start < end:
+        return start <= moment < end
+    return moment >= start or moment < end
+
+
+def quiet_until(
+    now: datetime, quiet_hours: Mapping[str, Any] | None, zone_name: str | None
+) -> datetime | None:
+    """When a step due `now` may go, if `now` falls inside the quiet hours of the
+    recipient's zone (UTC when they have none): the window's next end, as an aware
+    datetime; None when it may go now (no quiet hours, or outside them)."""
+    if not quiet_hours:
+        return None
+    start, end = time_of_day(quiet_hours["start"]), time_of_day(quiet_hours["end"])
+    zone = _zone(zone_name)
+    local = now.astimezone(zone)
+    if not _inside(local.time().replace(tzinfo=None), start, end):
+        return None
+    until = datetime.combine(local.date(), end, tzinfo=zone)
+    if until <= local:
+        until = datetime.combine(local.date() + timedelta(days=1), end, tzinfo=zone)
+    return until

@@ -37,7 +37,8 @@ from notifyd.store.notifications import NewNotification
 from notifyd.store.tenants import TenantSettings
 from notifyd.streams.consumer import Entry, Poison, StreamConsumer, Timing
 from notifyd.streams.producer import Producer
-from notifyd.workflows import address
+from notifyd.streams.schedule import Schedule
+from notifyd.workflows import address, quiet_until, wheel_item
 
 log = logging.getLogger("notifyd.actors.workflows")
 
@@ -85,11 +86,13 @@ class WorkflowFirer:
         producer: Producer,
         consumer_name: str,
         tenant_settings: Callable[[str], Awaitable[TenantSettings]],
+        schedule: Schedule,
     ) -> None:
         """`tenant_settings`: the tenant's settings (cached; only region and locale are
         read, to render and to read phone numbers)."""
         self._pool = pool
         self._tenant_settings = tenant_settings
+        self._schedule = schedule
         self._redis = redis
         self._keys = keys
         self._settings = settings
@@ -160,8 +163,14 @@ class WorkflowFirer:
 
     async def fire(self, step: asyncpg.Record) -> str | None:
         """The step's outcome, written under its row lock; None when it was no longer
-        pending (cancelled, or fired by a peer) and nothing was written."""
+        pending (cancelled, or fired by a peer) and nothing was written. A step inside its
+        recipient's quiet hours (of a trigger that is not critical) is `deferred`: due at
+        their end, back on the wheel."""
         tenant_id, run_id, position = step["tenant_id"], step["run_id"], step["position"]
+        if not step["critical"]:
+            until = quiet_until(datetime.now(UTC), step["quiet_hours"], step["timezone"])
+            if until is not None:
+                return await self._defer(step, until)
         status, reason, row = await self._decide(step)
         async with self._pool.acquire() as conn, conn.transaction():
             locked = await store.lock_step(conn, tenant_id, run_id, position)
@@ -221,3 +230,34 @@ class WorkflowFirer:
             extra={"run_id": str(run_id), "position": position, "reason": reason},
         )
         return status
+
+    async def _defer(self, step: asyncpg.Record, until: datetime) -> str | None:
+        """Quiet hours: the step's due time moves to their end (under the row lock, so a
+        cancel serialises with it), audited, then its wheel member is re-scored."""
+        tenant_id, run_id, position = step["tenant_id"], step["run_id"], step["position"]
+        async with self._pool.acquire() as conn, conn.transaction():
+            locked = await store.lock_step(conn, tenant_id, run_id, position)
+            if locked is None or locked["status"] != "pending":
+                return None
+            await store.defer_step(conn, tenant_id, run_id, position, until, "quiet_hours")
+            await audit.record(
+                conn,
+                AuditEntry(
+                    tenant_id=tenant_id,
+                    user_id=None,
+                    action="workflow.step.deferred",
+                    ip_address=None,
+                    request_id=None,
+                    details={
+                        "run_id": str(run_id),
+                        "position": position,
+                        "reason": "quiet_hours",
+                        "until": until.isoformat(),
+                    },
+                ),
+            )
+        # the row holds the new time: if Redis fails here, the sweeper's overdue check puts
+        # the step back on the wheel from PostgreSQL (late), as after any lost member
+        await self._schedule.add(wheel_item(self._keys, tenant_id, run_id, position), until)
+        self._metrics.workflow_steps.labels("deferred").inc()
+        return "deferred"

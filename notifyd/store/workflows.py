@@ -254,6 +254,7 @@ async def cancel(
 PEEK_STEP = f"""
 SELECT {STEP_COLUMNS}, r.tenant_id, r.workflow_key, r.recipient, r.data, r.critical,
        r.created_by, r.definition->>'category' AS category,
+       r.definition->'quiet_hours' AS quiet_hours,
        c.email, c.phone, c.timezone, c.locale,
        p.channels AS pref_channels, p.categories AS pref_categories
 FROM workflow_steps s
@@ -285,6 +286,20 @@ SET status = $4, reason = $5, notification_ids = $6, done_at = now(),
 WHERE tenant_id = $1 AND run_id = $2 AND position = $3 AND status = 'pending'
 RETURNING lateness_ms
 """
+
+
+DEFER_STEP = """
+UPDATE workflow_steps SET due_at = $4, reason = $5
+WHERE tenant_id = $1 AND run_id = $2 AND position = $3 AND status = 'pending'
+RETURNING due_at
+"""
+
+
+async def defer_step(
+    conn: Conn, tenant_id: str, run_id: uuid.UUID, position: int, until: datetime, reason: str
+) -> bool:
+    """A pending step's new due time (quiet hours): False when it was no longer pending."""
+    return await conn.fetchval(DEFER_STEP, tenant_id, run_id, position, until, reason) is not None
 
 
 async def peek_step(

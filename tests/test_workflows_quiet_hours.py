@@ -1,0 +1,107 @@
+"""Quiet hours (issue 27): a step inside the recipient's quiet window waits for its end.
+
+Promises checked: the window is read in the recipient's time zone (UTC when they have none),
+wraps midnight, ends at `end` (a step due at `end` goes), and crosses a daylight saving
+change at the local `end`; a step inside it is deferred to the window's end (`reason`
+`quiet_hours` while it waits) and then sent once; a critical trigger ignores quiet hours.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import asyncpg
+
+from notifyd.workflows import quiet_until
+from tests.conftest import DaemonFactory
+from tests.helpers import Api, wait_for
+from tests.test_workflows_fire import (
+    FAST,
+    SERVICE,
+    STEPS,
+    USER,
+    setup_tenant,
+    trigger,
+    wait_done,
+)
+
+NIGHT = {"start": "21:00", "end": "08:00"}
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def at(zone: ZoneInfo, *parts: int) -> datetime:
+    return datetime(*parts, tzinfo=zone)  # type: ignore[misc]
+
+
+def test_the_window_is_read_in_the_recipients_zone_and_wraps_midnight() -> None:
+    # 22:30 in Berlin (20:30 UTC, summer): quiet until 08:00 Berlin the next morning
+    late = at(BERLIN, 2026, 7, 1, 22, 30)
+    assert quiet_until(late, NIGHT, "Europe/Berlin") == at(BERLIN, 2026, 7, 2, 8, 0)
+    # 05:00 Berlin: quiet until 08:00 the same morning
+    early = at(BERLIN, 2026, 7, 2, 5, 0)
+    assert quiet_until(early, NIGHT, "Europe/Berlin") == at(BERLIN, 2026, 7, 2, 8, 0)
+    # midday, and exactly at the end: it goes now
+    assert quiet_until(at(BERLIN, 2026, 7, 2, 12, 0), NIGHT, "Europe/Berlin") is None
+    assert quiet_until(at(BERLIN, 2026, 7, 2, 8, 0), NIGHT, "Europe/Berlin") is None
+    # the same instant for a recipient without a zone is 20:30 UTC: not quiet yet
+    assert quiet_until(late, NIGHT, None) is None
+    # a window within one day, to the second
+    day = {"start": "12:00", "end": "13:30:15"}
+    assert quiet_until(at(UTC, 2026, 7, 2, 12, 5), day, None) == at(UTC, 2026, 7, 2, 13, 30, 15)
+    assert quiet_until(at(UTC, 2026, 7, 2, 11, 59), day, None) is None
+    assert quiet_until(at(UTC, 2026, 7, 2, 12, 0), None, None) is None
+
+
+def test_the_end_is_local_across_a_daylight_saving_change() -> None:
+    # the night of 28 to 29 March 2026: Berlin moves from +01:00 to +02:00 at 02:00
+    night = at(BERLIN, 2026, 3, 28, 23, 0)
+    until = quiet_until(night, NIGHT, "Europe/Berlin")
+    assert until is not None
+    assert until.astimezone(BERLIN).hour == 8
+    assert until.astimezone(UTC) == datetime(2026, 3, 29, 6, 0, tzinfo=UTC)
+
+
+async def test_a_step_inside_quiet_hours_waits_for_their_end_then_goes_once_unless_critical(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    zone = ZoneInfo("Asia/Tokyo")
+    now = datetime.now(UTC).astimezone(zone)
+    end = now + timedelta(seconds=4)
+    quiet = {
+        "start": (now - timedelta(hours=1)).strftime("%H:%M:%S"),
+        "end": end.strftime("%H:%M:%S"),
+    }
+    definition = {
+        "steps": [{"channel": "in_app", "template_key": "interviewScheduling"}],
+        "quiet_hours": quiet,
+    }
+    daemon = await daemon_factory(**FAST)
+    async with Api(daemon) as api:
+        await setup_tenant(api, definition)
+        status, answer, _ = await api.request(
+            "PATCH", "/recipients/me/", json={"timezone": "Asia/Tokyo"}, user=USER
+        )
+        assert status == 200, answer
+        (quiet_run,) = await trigger(api)
+        (critical_run,) = await trigger(api, critical=True)
+
+        async def deferred() -> bool:
+            rows = await db.fetch(STEPS, quiet_run)
+            return rows[0]["reason"] == "quiet_hours"
+
+        await wait_for(deferred, timeout=5)
+        waiting = (await db.fetch(STEPS, quiet_run))[0]
+        assert waiting["status"] == "pending"
+        expected = end.replace(microsecond=0)
+        assert waiting["due_at"] == expected
+        _, run, _ = await api.get(f"/workflows/runs/{quiet_run}/", user=SERVICE, role="service")
+        assert run["steps"][0]["reason"] == "quiet_hours"
+    critical = await wait_done(db, critical_run)
+    assert critical[0]["status"] == "sent"
+    assert critical[0]["done_at"] < expected
+    sent = await wait_done(db, quiet_run, timeout=15)
+    assert sent[0]["status"] == "sent"
+    assert sent[0]["done_at"] >= expected
+    made = "SELECT count(*) FROM notifications WHERE id = ANY($1)"
+    assert await db.fetchval(made, sent[0]["notification_ids"]) == 1
