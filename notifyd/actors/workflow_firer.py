@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
@@ -130,7 +131,9 @@ class WorkflowFirer:
         key = self._keys.user_sockets(tenant_id, user_id)
         return int(await self._redis.zcount(key, f"({now_ms}", "+inf")) > 0
 
-    async def _decide(self, step: asyncpg.Record) -> tuple[str, str | None, NewNotification | None]:
+    async def _decide(
+        self, step: asyncpg.Record, context: dict[str, Any]
+    ) -> tuple[str, str | None, NewNotification | None]:
         """(status, reason, the notification to make) from what can be read before the lock."""
         tenant_id, user_id = step["tenant_id"], step["recipient"]
         if "online" in step["unless"] and await self.online(tenant_id, user_id):
@@ -147,7 +150,7 @@ class WorkflowFirer:
             channel=step["channel"],
             recipient=to,
             template_key=step["template_key"],
-            context=dict(step["data"] or {}),
+            context=context,
             user_id=None if step["channel"] == "in_app" else user_id,
             category=step["category"],
             critical=step["critical"],
@@ -171,7 +174,12 @@ class WorkflowFirer:
             until = quiet_until(datetime.now(UTC), step["quiet_hours"], step["timezone"])
             if until is not None:
                 return await self._defer(step, until)
-        status, reason, row = await self._decide(step)
+        context = dict(step["data"] or {})
+        if step["digest_key"] is not None:
+            # closed first: every trigger merged into the run is among the items read now
+            items = await store.close_digest(self._pool, tenant_id, run_id)
+            context |= {"items": items, "count": len(items)}
+        status, reason, row = await self._decide(step, context)
         async with self._pool.acquire() as conn, conn.transaction():
             locked = await store.lock_step(conn, tenant_id, run_id, position)
             if locked is None or locked["status"] != "pending":

@@ -28,6 +28,7 @@ from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_f
 from notifyd.http.responses import iso, json_response, page
 from notifyd.http.validation import read_model, read_query, schemas
 from notifyd.ids import parse_uuid, uuid7
+from notifyd.payloads import dumps
 from notifyd.schemas.workflows import (
     PATTERN_MESSAGES,
     WORKFLOW_KEY_PATTERN,
@@ -81,6 +82,13 @@ def run_json(run: asyncpg.Record, steps: list[asyncpg.Record]) -> dict[str, Any]
         "data": run["data"],
         "created_by": run["created_by"],
         "starts_at": iso(run["starts_at"]),
+        "digest": None
+        if run["digest_key"] is None
+        else {
+            "key": run["digest_key"],
+            "closes_at": iso(run["digest_closes_at"]),
+            "items": run["digest_items"],
+        },
         "created_at": iso(run["created_at"]),
         "updated_at": iso(run["updated_at"]),
         "steps": [
@@ -99,6 +107,11 @@ def run_json(run: asyncpg.Record, steps: list[asyncpg.Record]) -> dict[str, Any]
             for step in steps
         ],
     }
+
+
+def digest_text(value: Any) -> str:
+    """The digest key's value as stored: a string as it is, anything else as JSON."""
+    return value if isinstance(value, str) else dumps(value).decode()
 
 
 def _workflow_key(request: web.Request) -> str:
@@ -198,6 +211,12 @@ async def trigger_workflow(request: web.Request) -> web.Response:
         raise not_found("workflow")
     definition = WorkflowDefinition.model_validate(found["definition"])
     starts_at = body.send_at or datetime.now(UTC)
+    digest = definition.digest
+    digest_value = None if digest is None else body.data.get(digest.key)
+    # a digest run takes triggers until its window closes; its steps start then
+    closes_at = None
+    if digest is not None and digest_value is not None:
+        closes_at = starts_at + duration(digest.window)
     runs = [
         store.NewRun(
             id=uuid7(),
@@ -210,15 +229,31 @@ async def trigger_workflow(request: web.Request) -> web.Response:
             cancel_key=body.cancel_key,
             created_by=caller.user_id,
             starts_at=starts_at,
-            steps=plan_steps(definition, starts_at, critical=body.critical),
+            steps=plan_steps(definition, closes_at or starts_at, critical=body.critical),
+            digest_key=None if closes_at is None else digest_text(digest_value),
+            digest_closes_at=closes_at,
         )
         for recipient in body.recipients
     ]
-    answer = {"runs": [{"run_id": str(run.id), "recipient": run.recipient} for run in runs]}
     async with ctx.pool.acquire() as conn, conn.transaction():
+        joined: dict[str, uuid.UUID] = {}
+        if closes_at is not None:
+            await store.lock_recipients(conn, caller.tenant_id, key, body.recipients)
+            joined = await store.join_digests(
+                conn,
+                caller.tenant_id,
+                key,
+                body.recipients,
+                digest_text(digest_value),
+                body.data,
+                ctx.settings.workflow_digest_max_items,
+            )
+            runs = [run for run in runs if run.recipient not in joined]
         if definition.throttle is not None:
             runs = await _throttle(conn, caller.tenant_id, key, definition.throttle, runs)
         await store.insert_runs(conn, runs)
+        started = {run.recipient: run.id for run in runs} | joined
+        answer = {"runs": [{"run_id": str(started[r]), "recipient": r} for r in body.recipients]}
         await audit.record(
             conn,
             audit_entry(
@@ -226,7 +261,8 @@ async def trigger_workflow(request: web.Request) -> web.Response:
                 "workflow.trigger",
                 {
                     "workflow_key": key,
-                    "run_ids": [str(run.id) for run in runs],
+                    "run_ids": [str(started[r]) for r in body.recipients],
+                    "merged": len(joined),
                     "cancel_key": body.cancel_key,
                     "critical": body.critical,
                 },

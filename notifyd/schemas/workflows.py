@@ -350,6 +350,15 @@ class StepState(BaseModel):
     notification_ids: list[uuid.UUID]
 
 
+class DigestState(BaseModel):
+    """A digest run: the value of `data[key]` it merges, when it stops taking triggers, and
+    how many it holds."""
+
+    key: str
+    closes_at: datetime
+    items: int
+
+
 class WorkflowRun(BaseModel):
     """A run and each of its steps."""
 
@@ -362,6 +371,7 @@ class WorkflowRun(BaseModel):
     data: dict[str, Any]
     created_by: str
     starts_at: datetime
+    digest: DigestState | None
     created_at: datetime
     updated_at: datetime
     steps: list[StepState]

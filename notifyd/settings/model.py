@@ -342,6 +342,9 @@ class Settings:
         "seconds a workflow's step delay, digest window or throttle period may be at most", gt=0)
     workflow_max_recipients: Int = setting(1000, "NOTIFYD_WORKFLOW_MAX_RECIPIENTS",
         "limits.workflow_max_recipients", "recipients of one trigger (or cancel)", gt=0)
+    workflow_digest_max_items: Int = setting(100, "NOTIFYD_WORKFLOW_DIGEST_MAX_ITEMS",
+        "limits.workflow_digest_max_items",
+        "triggers merged into one digest run (the next opens another)", gt=0, le=10_000)
     workflows_per_tenant: Int = setting(1000, "NOTIFYD_WORKFLOWS_PER_TENANT",
         "limits.workflows_per_tenant", "workflow definitions one tenant may keep", gt=0)
     idempotency_ttl: Float = setting(86_400.0, "NOTIFYD_IDEMPOTENCY_TTL", "limits.idempotency_ttl",

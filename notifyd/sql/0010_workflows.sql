@@ -37,6 +37,12 @@ CREATE TABLE workflow_runs (
                   CHECK (status IN ('active', 'cancelled', 'throttled')),
     created_by    text NOT NULL,
     starts_at     timestamptz NOT NULL,
+    -- a digest run: the value of data[key] it merges, until when it takes more triggers,
+    -- how many it holds; closed once its first step fires (no item is added after that)
+    digest_key        text,
+    digest_closes_at  timestamptz,
+    digest_items      integer NOT NULL DEFAULT 0,
+    digest_closed     boolean NOT NULL DEFAULT false,
     created_at    timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now()
 );
@@ -44,6 +50,20 @@ CREATE TABLE workflow_runs (
 CREATE INDEX workflow_runs_recipient_idx ON workflow_runs (tenant_id, recipient, id DESC);
 CREATE INDEX workflow_runs_cancel_idx ON workflow_runs (tenant_id, workflow_key, cancel_key)
     WHERE cancel_key IS NOT NULL;
+
+CREATE INDEX workflow_runs_open_digest_idx
+    ON workflow_runs (tenant_id, workflow_key, recipient, digest_key)
+    WHERE digest_key IS NOT NULL AND NOT digest_closed;
+
+-- each trigger merged into a digest run: its data, in order (the first trigger's too)
+CREATE TABLE workflow_run_items (
+    run_id      uuid NOT NULL REFERENCES workflow_runs (id) ON DELETE CASCADE,
+    seq         integer NOT NULL,
+    tenant_id   text NOT NULL,
+    data        jsonb NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, seq)
+);
 
 CREATE TABLE workflow_steps (
     run_id            uuid NOT NULL REFERENCES workflow_runs (id) ON DELETE CASCADE,

@@ -64,7 +64,8 @@ async def delete(conn: Conn, tenant_id: str, key: str) -> bool:
 # ---------------------------------------------------------------- runs and steps
 
 RUN_COLUMNS = """r.id, r.tenant_id, r.workflow_key, r.recipient, r.data, r.critical,
-    r.cancel_key, r.status, r.created_by, r.starts_at, r.created_at, r.updated_at"""
+    r.cancel_key, r.status, r.created_by, r.starts_at, r.created_at, r.updated_at,
+    r.digest_key, r.digest_closes_at, r.digest_items"""
 
 STEP_COLUMNS = """s.run_id, s.position, s.channel, s.template_key, s.unless, s.status,
     s.reason, s.due_at, s.done_at, s.lateness_ms, s.notification_ids"""
@@ -95,13 +96,26 @@ class NewRun:
     starts_at: datetime
     steps: list[NewStep]
     status: str = "active"
+    digest_key: str | None = None  # a digest run: its first item is `data`
+    digest_closes_at: datetime | None = None
 
 
 INSERT_RUNS = """
 INSERT INTO workflow_runs (id, tenant_id, workflow_key, recipient, definition, data, critical,
-                           cancel_key, created_by, starts_at, status)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[],
-                     $7::boolean[], $8::text[], $9::text[], $10::timestamptz[], $11::text[])
+                           cancel_key, created_by, starts_at, status, digest_key,
+                           digest_closes_at, digest_items)
+SELECT i.*, CASE WHEN i.digest_key IS NULL THEN 0 ELSE 1 END
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[],
+            $7::boolean[], $8::text[], $9::text[], $10::timestamptz[], $11::text[],
+            $12::text[], $13::timestamptz[])
+    AS i(id, tenant_id, workflow_key, recipient, definition, data, critical, cancel_key,
+         created_by, starts_at, status, digest_key, digest_closes_at)
+"""
+
+# a new digest run's first item: the data of the trigger that opened it
+FIRST_ITEMS = """
+INSERT INTO workflow_run_items (run_id, seq, tenant_id, data)
+SELECT id, 1, tenant_id, data FROM workflow_runs WHERE id = ANY($1::uuid[])
 """
 
 INSERT_STEPS = """
@@ -131,7 +145,12 @@ async def insert_runs(conn: Conn, runs: Sequence[NewRun]) -> None:
         [r.created_by for r in runs],
         [r.starts_at for r in runs],
         [r.status for r in runs],
+        [r.digest_key for r in runs],
+        [r.digest_closes_at for r in runs],
     )
+    digests = [r.id for r in runs if r.digest_key is not None]
+    if digests:
+        await conn.execute(FIRST_ITEMS, digests)
     steps = [(r, s) for r in runs for s in r.steps]
     await conn.execute(
         INSERT_STEPS,
@@ -163,6 +182,12 @@ GROUP BY recipient
 """
 
 
+async def lock_recipients(conn: Conn, tenant_id: str, key: str, recipients: Sequence[str]) -> None:
+    """The recipients' locks for this workflow, held until the transaction ends (digests and
+    throttles are decided under them)."""
+    await conn.execute(LOCK_RECIPIENTS, tenant_id, key, sorted(recipients))
+
+
 async def recent_runs(
     conn: Conn, tenant_id: str, key: str, recipients: Sequence[str], window: float
 ) -> dict[str, int]:
@@ -172,6 +197,68 @@ async def recent_runs(
     await conn.execute(LOCK_RECIPIENTS, tenant_id, key, list(recipients))
     rows = await conn.fetch(RECENT_RUNS, tenant_id, key, list(recipients), window)
     return {row["recipient"]: row["runs"] for row in rows}
+
+
+# Digests. The open runs a trigger's data joins, locked: a step of the run that falls due
+# closes it first (`CLOSE_DIGEST`, an UPDATE of the same row), so an item is either added
+# before the close (and the step, reading the items after it, renders it) or finds the run
+# closed on the lock's re-check (clock_timestamp() and `digest_closed` are read again then)
+# and goes into a new run: never dropped, never in two runs.
+OPEN_DIGESTS = """
+SELECT id, recipient FROM workflow_runs
+WHERE tenant_id = $1 AND workflow_key = $2 AND recipient = ANY($3::text[])
+  AND digest_key = $4 AND NOT digest_closed AND status = 'active'
+  AND digest_closes_at > clock_timestamp() AND digest_items < $5
+ORDER BY recipient, id DESC
+FOR UPDATE
+"""
+
+APPEND_ITEMS = """
+WITH bumped AS (
+    UPDATE workflow_runs SET digest_items = digest_items + 1, updated_at = now()
+    WHERE id = ANY($1::uuid[])
+    RETURNING id, tenant_id, digest_items
+)
+INSERT INTO workflow_run_items (run_id, seq, tenant_id, data)
+SELECT id, digest_items, tenant_id, $2 FROM bumped
+"""
+
+CLOSE_DIGEST = """
+UPDATE workflow_runs SET digest_closed = true, updated_at = now()
+WHERE tenant_id = $1 AND id = $2 AND NOT digest_closed
+"""
+
+ITEMS = """
+SELECT data FROM workflow_run_items WHERE tenant_id = $1 AND run_id = $2 ORDER BY seq
+"""
+
+
+async def join_digests(
+    conn: Conn,
+    tenant_id: str,
+    key: str,
+    recipients: Sequence[str],
+    digest_key: str,
+    data: dict[str, Any],
+    max_items: int,
+) -> dict[str, uuid.UUID]:
+    """Adds `data` as the next item of each recipient's open digest run (locked until the
+    transaction ends); returns recipient → run id for those that had one. Call under the
+    recipients' locks (`lock_recipients`), inside the trigger's transaction."""
+    rows = await conn.fetch(OPEN_DIGESTS, tenant_id, key, list(recipients), digest_key, max_items)
+    joined: dict[str, uuid.UUID] = {}
+    for row in rows:
+        joined.setdefault(row["recipient"], row["id"])  # the newest open one
+    if joined:
+        await conn.execute(APPEND_ITEMS, list(joined.values()), data)
+    return joined
+
+
+async def close_digest(executor: Executor, tenant_id: str, run_id: uuid.UUID) -> list[Any]:
+    """Closes a digest run (waiting for a trigger adding to it) and returns its items, in
+    order; from here on none is added."""
+    await executor.execute(CLOSE_DIGEST, tenant_id, run_id)
+    return [row["data"] for row in await executor.fetch(ITEMS, tenant_id, run_id)]
 
 
 GET_RUN = f"SELECT {RUN_COLUMNS} FROM workflow_runs r WHERE r.tenant_id = $1 AND r.id = $2"
@@ -254,7 +341,7 @@ async def cancel(
 PEEK_STEP = f"""
 SELECT {STEP_COLUMNS}, r.tenant_id, r.workflow_key, r.recipient, r.data, r.critical,
        r.created_by, r.definition->>'category' AS category,
-       r.definition->'quiet_hours' AS quiet_hours,
+       r.definition->'quiet_hours' AS quiet_hours, r.digest_key,
        c.email, c.phone, c.timezone, c.locale,
        p.channels AS pref_channels, p.categories AS pref_categories
 FROM workflow_steps s
