@@ -163,7 +163,7 @@ async def test_a_trigger_makes_one_run_per_recipient_with_each_step_due_after_it
         "interview",
         {
             "recipients": ["cand-1", "cand-2"],
-            "data": {"application_id": "app-1"},
+            "data": {"position": "Engineer"},  # no application_id: not a digest
             "send_at": send_at.isoformat(),
             "cancel_key": "interview-app-1",
         },
