@@ -239,6 +239,10 @@ async def test_trigger_input_is_bounded_and_named(api: Api, db: asyncpg.Connecti
     assert set(fields(answer)) == {"data", "critical", "recipients[1]", "send_at"}, answer
     status, answer = await trigger(api, "interview", {"recipients": []})
     assert status == 422 and set(fields(answer)) == {"recipients"}, answer
+    # PostgreSQL's jsonb refuses NUL anywhere: named here, not a 500 at the insert
+    for data in ({"a": "x\u0000y"}, {"a\u0000": 1}, {"a": [{"b": ["\u0000"]}]}):
+        status, answer = await trigger(api, "interview", {"recipients": ["c"], "data": data})
+        assert status == 422 and fields(answer) == {"data": "must not contain NUL characters"}
     status, answer = await trigger(api, "missing", {"recipients": ["cand-1"]})
     assert status == 404, answer
     status, answer, _ = await api.post(

@@ -260,11 +260,32 @@ def _repeats(name: str, ids: Any) -> list[FieldError]:
     return found[:1]
 
 
+def has_nul(value: Any) -> bool:
+    """Whether a NUL character is anywhere in a JSON value, keys included (PostgreSQL's jsonb
+    refuses it). A walk with a stack: a deeply nested value cannot exhaust the recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            if any(isinstance(k, str) and "\x00" in k for k in item):
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def trigger_rules(max_ahead: float) -> Any:
-    """Recipients without repeats; `send_at` not further ahead than `max_ahead` seconds."""
+    """Recipients without repeats; `send_at` not further ahead than `max_ahead` seconds;
+    `data` without NUL characters."""
 
     def rules(values: Mapping[str, Any], at_fault: Collection[str]) -> list[FieldError]:
         found = [] if "recipients" in at_fault else _repeats("recipients", values.get("recipients"))
+        if "data" not in at_fault and has_nul(values.get("data")):
+            found.append(FieldError("data", "must not contain NUL characters"))
         send_at = values.get("send_at")
         if isinstance(send_at, str):  # raw: another field failed
             try:
