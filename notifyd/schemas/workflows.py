@@ -15,7 +15,7 @@ from collections.abc import Collection, Mapping
 from datetime import UTC, datetime, time, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, create_model
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt
 
 from notifyd.schemas.errors import FieldError
 from notifyd.schemas.fields import (
@@ -25,7 +25,9 @@ from notifyd.schemas.fields import (
     PageQuery,
     TemplateKey,
     anchored,
+    bounded,
     opaque_id,
+    optional_id,
 )
 from notifyd.settings import Settings
 
@@ -126,10 +128,8 @@ class WorkflowDefinition(BaseModel):
 
 def definition_model(settings: Settings) -> type[WorkflowDefinition]:
     """`WorkflowDefinition` with the steps' bound (`NOTIFYD_WORKFLOW_MAX_STEPS`)."""
-    return create_model(
-        "WorkflowDefinition",
-        __base__=WorkflowDefinition,
-        __module__=__name__,
+    return bounded(
+        WorkflowDefinition,
         steps=(
             Annotated[
                 list[WorkflowStep], Field(min_length=1, max_length=settings.workflow_max_steps)
@@ -224,27 +224,22 @@ def _ids(settings: Settings) -> Any:
 
 def trigger_model(settings: Settings) -> type[WorkflowTrigger]:
     """`WorkflowTrigger` with the id rule and the recipients' and data's bounds."""
-    key = Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)]
-    return create_model(
-        "WorkflowTrigger",
-        __base__=WorkflowTrigger,
-        __module__=__name__,
+    return bounded(
+        WorkflowTrigger,
         recipients=(_ids(settings), ...),
         data=(
             Annotated[dict[str, Any], Field(max_length=settings.context_max_keys)],
             Field(default_factory=dict, description="The templates' values."),
         ),
-        cancel_key=(key | None, Field(None, description="What a cancel names these runs by.")),
+        cancel_key=optional_id(settings, description="What a cancel names these runs by."),
     )
 
 
 def cancel_model(settings: Settings) -> type[WorkflowCancel]:
     """`WorkflowCancel` with the id rule and the recipients' bound."""
     key = Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)]
-    return create_model(
-        "WorkflowCancel",
-        __base__=WorkflowCancel,
-        __module__=__name__,
+    return bounded(
+        WorkflowCancel,
         cancel_key=(key, ...),
         recipients=(_ids(settings) | None, None),
     )
@@ -317,15 +312,7 @@ class RunQuery(PageQuery):
 
 def run_query_model(settings: Settings) -> type[RunQuery]:
     """`RunQuery` with the id rule."""
-    return create_model(
-        "RunQuery",
-        __base__=RunQuery,
-        __module__=__name__,
-        recipient=(
-            Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)] | None,
-            None,
-        ),
-    )
+    return bounded(RunQuery, recipient=optional_id(settings))
 
 
 # ---------------------------------------------------------------- answers
