@@ -13,6 +13,8 @@ TEMPLATE_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 CATEGORY = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 LOCALE = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*")
 LOCALE_MAX_LENGTH = 35
+ROOM_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
+"""A group chat room's name (a 1-on-1 room's has a dot: `realtime.roomname`)."""
 EMAIL = re.compile(
     r"[^@\s<>\"',;]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+"

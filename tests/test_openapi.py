@@ -59,6 +59,15 @@ def test_limits_that_are_settings_appear_in_the_document_with_their_value() -> N
     assert {p["name"]: p["schema"].get("maximum") for p in listing}["limit"] == 9
 
 
+def test_room_bodies_show_the_configured_member_limit_and_id_rule() -> None:
+    settings = replace(Settings(), room_max_members=12, id_max_length=40)
+    schemas = build_document(settings)["components"]["schemas"]
+    for name in ("RoomCreate", "RoomMembersAdd"):
+        members = schemas[name]["properties"]["members"]
+        assert members["maxItems"] == 12, name
+        assert members["items"]["maxLength"] == 40, name
+
+
 async def test_served_document_is_built_from_the_daemons_settings(api: Api, daemon: Daemon) -> None:
     _, document, _ = await api.get("/openapi.json", auth=False)
     assert document == json.loads(json.dumps(build_document(daemon.settings)))

@@ -79,6 +79,8 @@ MODELLED = (
     "GET /reminders/",
     "GET /rooms/",
     "GET /rooms/{room}/messages/",
+    "POST /rooms/",
+    "POST /rooms/{room}/members/",
 )
 
 

@@ -60,9 +60,10 @@ def _problems(*codes: int) -> dict[str, Any]:
         413: "Body larger than the limit",
         415: "Body is not JSON",
         422: "Invalid fields (see errors[]). Two 422s answer requests this document allows: "
-        "type urn:notifyd:problem:unsendable, a send the tenant's state cannot serve (no such "
-        "template, a number that is not one in the tenant's region, an email template "
-        "without a subject); urn:notifyd:problem:idempotency-key-reused, an Idempotency-Key "
+        "type urn:notifyd:problem:unsendable, a request the tenant's state or the caller's role "
+        "cannot serve (no such template, a number that is not one in the tenant's region, an "
+        "email template without a subject, a full room); "
+        "urn:notifyd:problem:idempotency-key-reused, an Idempotency-Key "
         "sent before with another request",
         429: "A send rate or daily quota said no (`limit` names which; nothing was stored): "
         "retry after Retry-After seconds",
@@ -199,24 +200,6 @@ SCHEMAS: dict[str, Any] = {
             "read_at": _NULLABLE_TIME,
         },
     },
-    "RoomCreate": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["members"],
-        "properties": {
-            "name": {
-                "type": "string",
-                "pattern": "^[A-Za-z0-9_-]{1,100}$",
-                "description": "Chosen name; generated when left out",
-            },
-            "title": {"type": "string", "maxLength": 200},
-            "members": {
-                "type": "array",
-                "items": _ID,
-                "description": "User ids; a user who creates a room is always its owner",
-            },
-        },
-    },
     "RoomMember": {
         "type": "object",
         "properties": {
@@ -250,12 +233,6 @@ SCHEMAS: dict[str, Any] = {
                 "description": "RoomMember objects for a group room, the two user ids for dm",
             },
         },
-    },
-    "RoomMembersAdd": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["members"],
-        "properties": {"members": {"type": "array", "items": _ID}},
     },
     "RoomMembersAdded": {
         "type": "object",

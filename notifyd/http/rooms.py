@@ -18,17 +18,15 @@ from notifyd.http.context import audit_entry, identity, services
 from notifyd.http.idempotency import remember
 from notifyd.http.limits import check_send_rate
 from notifyd.http.messages import message_json
-from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found
+from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found, unsendable
 from notifyd.http.responses import iso, json_response, page
-from notifyd.http.validation import Fields, read_json_object, read_query, schemas
+from notifyd.http.validation import read_model, read_query, schemas
 from notifyd.ids import uuid7
 from notifyd.realtime.chat import NotAMember, Room, RoomNotFound
-from notifyd.realtime.roomname import dm_members, is_group_name
+from notifyd.realtime.roomname import dm_members
 from notifyd.store import audit
 from notifyd.store import messages as message_store
 from notifyd.store import rooms as store
-
-TITLE_MAX = 200
 
 
 def _member_json(row: asyncpg.Record) -> dict[str, Any]:
@@ -79,23 +77,19 @@ async def create_room(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
     await check_send_rate(request)
-    fields = Fields(await read_json_object(request), ctx.id_rule)
-    name = fields.string("name", required=False, max_length=100)
-    title = fields.string("title", required=False, max_length=TITLE_MAX, allow_empty=True)
-    members = fields.opaque_ids("members", required=True, max_items=ctx.settings.room_max_members)
-    if name is not None and not is_group_name(name):
-        fields.error("name", "may only contain A-Z a-z 0-9 _ - (at most 100 characters)")
-    fields.done()
-    assert members is not None
+    asked = await read_model(request, schemas(request).room_create)
+    name, title = asked.name, asked.title
+    members = list(dict.fromkeys(asked.members))
     for_tenant = policy.acts_for_tenant(caller)  # else a user: in the room it creates, its owner
     if not for_tenant:
         members = [caller.user_id, *(m for m in members if m != caller.user_id)]
+    # the caller's role decides these, not the body's shape: `unsendable`, as for a send
     if len(members) > ctx.settings.room_max_members:
-        raise invalid(
+        raise unsendable(
             [FieldError("members", f"a room has at most {ctx.settings.room_max_members} members")]
         )
     if not members:
-        raise invalid([FieldError("members", "a room needs at least one member")])
+        raise unsendable([FieldError("members", "a room needs at least one member")])
     room_id = uuid7()
     name = name or f"room-{room_id.hex}"
     owner = None if for_tenant else caller.user_id
@@ -190,10 +184,9 @@ async def add_members(request: web.Request) -> web.Response:
     room = await _open(request, request.match_info["room"])
     if room.room_id is None:
         raise forbidden("a 1-on-1 room always has exactly its two members")
-    fields = Fields(await read_json_object(request), ctx.id_rule)
-    members = fields.opaque_ids("members", required=True, max_items=ctx.settings.room_max_members)
-    fields.done()
-    assert members is not None
+    members = list(
+        dict.fromkeys((await read_model(request, schemas(request).room_members)).members)
+    )
     async with ctx.pool.acquire() as conn, conn.transaction():
         role = await store.role_of(conn, room.room_id, caller.user_id)
         if not policy.may_manage_room(caller, role):
@@ -203,7 +196,7 @@ async def add_members(request: web.Request) -> web.Response:
         current = len(await store.members(conn, room.room_id))
         new = [m for m in members if await store.role_of(conn, room.room_id, m) is None]
         if current + len(new) > ctx.settings.room_max_members:
-            raise invalid(
+            raise unsendable(
                 [
                     FieldError(
                         "members", f"a room has at most {ctx.settings.room_max_members} members"

@@ -20,8 +20,10 @@ import base64
 import binascii
 import re
 
+from notifyd import tags
+
 DM_PREFIX = "dm."
-GROUP_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
+GROUP_NAME = tags.ROOM_NAME
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 

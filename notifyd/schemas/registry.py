@@ -15,6 +15,7 @@ from notifyd.schemas import (
     preferences,
     recipients,
     reminders,
+    rooms,
     workflows,
 )
 from notifyd.schemas.fields import PATTERN_MESSAGES, PageQuery, id_pattern_message, paged
@@ -43,6 +44,8 @@ class Schemas:
     workflow_trigger: Reader[workflows.WorkflowTrigger]
     workflow_cancel: Reader[workflows.WorkflowCancel]
     run_query: Reader[workflows.RunQuery]
+    room_create: Reader[rooms.RoomCreate]
+    room_members: Reader[rooms.RoomMembersAdd]
 
     @classmethod
     def build(cls, settings: Settings) -> Schemas:
@@ -50,6 +53,7 @@ class Schemas:
         patterns = {
             **PATTERN_MESSAGES,
             **workflows.PATTERN_MESSAGES,
+            **rooms.PATTERN_MESSAGES,
             **id_pattern_message(settings.id_pattern),
         }
 
@@ -87,6 +91,8 @@ class Schemas:
                 workflows.cancel_model(settings), patterns, workflows.cancel_rules
             ),
             run_query=Reader(paged(workflows.run_query_model(settings), settings), patterns),
+            room_create=Reader(rooms.create_model(settings), patterns),
+            room_members=Reader(rooms.add_members_model(settings), patterns),
         )
 
     def requests(self) -> list[type[BaseModel]]:
@@ -102,6 +108,8 @@ class Schemas:
             self.workflow.model,
             self.workflow_trigger.model,
             self.workflow_cancel.model,
+            self.room_create.model,
+            self.room_members.model,
         ]
 
 
