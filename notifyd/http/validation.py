@@ -9,7 +9,6 @@ hand-written reader, serves the routes not yet moved to a model.)
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
@@ -19,7 +18,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from notifyd.http.problems import FieldError, Problem, invalid
-from notifyd.ids import OpaqueIdRule, parse_uuid
+from notifyd.ids import OpaqueIdRule
 from notifyd.schemas.errors import Invalid, NotAnObject
 from notifyd.schemas.reader import Reader
 from notifyd.schemas.registry import Schemas
@@ -210,26 +209,6 @@ class Fields:
             return None
         return value
 
-    def opaque_ids(self, name: str, *, required: bool = False, max_items: int) -> list[str] | None:
-        """A list of ids from other services (users...), duplicates dropped, order kept."""
-        value = self._get(name, required)
-        if value is None:
-            return None
-        if not isinstance(value, list):
-            self.error(name, "must be a list of ids")
-            return None
-        if len(value) > max_items:
-            self.error(name, f"must have at most {max_items} ids")
-            return None
-        ids: list[str] = []
-        for index, item in enumerate(value):
-            problem = self.id_rule.problem(item)
-            if problem is not None:
-                self.error(f"{name}[{index}]", problem)
-            else:
-                ids.append(item)
-        return list(dict.fromkeys(ids))
-
     def page_limit(self, default: int, maximum: int) -> int:
         value = self._get("limit", False)
         if value is None:
@@ -243,15 +222,6 @@ class Fields:
             self.error("limit", f"must be between 1 and {maximum}")
             return default
         return limit
-
-    def cursor(self, name: str = "before") -> uuid.UUID | None:
-        value = self._get(name, False)
-        if value is None:
-            return None
-        parsed = parse_uuid(value) if isinstance(value, str) else None
-        if parsed is None:
-            self.error(name, "must be an id taken from a previous page")
-        return parsed
 
     def done(self) -> None:
         """Raise one 422 for everything wrong, unknown fields included."""
