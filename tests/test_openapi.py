@@ -68,6 +68,19 @@ def test_room_bodies_show_the_configured_member_limit_and_id_rule() -> None:
         assert members["items"]["maxLength"] == 40, name
 
 
+def test_template_bodies_show_the_configured_lengths_and_the_preview_rule() -> None:
+    settings = replace(Settings(), notification_max_length=300, context_max_keys=4)
+    schemas = build_document(settings)["components"]["schemas"]
+    assert schemas["TemplatePut"]["properties"]["text_body"]["maxLength"] == 300
+    preview = schemas["TemplatePreview"]
+    assert preview["properties"]["context"]["anyOf"][0]["maxProperties"] == 4
+    # a stored template (template_key + channel) or a draft (text_body): exactly one
+    assert [branch["required"] for branch in preview["oneOf"]] == [
+        ["template_key", "channel"],
+        ["text_body"],
+    ]
+
+
 async def test_served_document_is_built_from_the_daemons_settings(api: Api, daemon: Daemon) -> None:
     _, document, _ = await api.get("/openapi.json", auth=False)
     assert document == json.loads(json.dumps(build_document(daemon.settings)))

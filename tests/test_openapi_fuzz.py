@@ -81,6 +81,8 @@ MODELLED = (
     "GET /rooms/{room}/messages/",
     "POST /rooms/",
     "POST /rooms/{room}/members/",
+    "PUT /templates/{template_key}/{channel}/",
+    "POST /templates/preview/",
 )
 
 

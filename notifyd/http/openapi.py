@@ -62,7 +62,8 @@ def _problems(*codes: int) -> dict[str, Any]:
         422: "Invalid fields (see errors[]). Two 422s answer requests this document allows: "
         "type urn:notifyd:problem:unsendable, a request the tenant's state or the caller's role "
         "cannot serve (no such template, a number that is not one in the tenant's region, an "
-        "email template without a subject, a full room); "
+        "email template without a subject, a template that cannot render with the context, a full "
+        "room); "
         "urn:notifyd:problem:idempotency-key-reused, an Idempotency-Key "
         "sent before with another request",
         429: "A send rate or daily quota said no (`limit` names which; nothing was stored): "
@@ -366,31 +367,6 @@ SCHEMAS: dict[str, Any] = {
             "html_body": _NULLABLE_STR,
             "created_at": _TIME,
             "updated_at": _TIME,
-        },
-    },
-    "TemplatePut": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["text_body"],
-        "properties": {
-            "locale": {"type": "string"},
-            "subject": {"type": "string"},
-            "text_body": {"type": "string"},
-            "html_body": {"type": "string"},
-        },
-    },
-    "TemplatePreview": {
-        "type": "object",
-        "additionalProperties": False,
-        "description": "A stored template (template_key + channel) or an inline draft",
-        "properties": {
-            "template_key": {"type": "string"},
-            "channel": {"enum": ["email", "sms", "in_app"]},
-            "locale": {"type": "string"},
-            "subject": {"type": "string"},
-            "text_body": {"type": "string"},
-            "html_body": {"type": "string"},
-            "context": {"type": "object"},
         },
     },
     "Rendered": {

@@ -18,12 +18,13 @@ from notifyd.auth import policy
 from notifyd.auth.identity import Identity
 from notifyd.compose import Composer, render_limits
 from notifyd.http.context import audit_entry, identity, services
-from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found
+from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found, unsendable
 from notifyd.http.responses import iso, json_response
-from notifyd.http.validation import Fields, query_fields, read_json_object
+from notifyd.http.validation import Fields, query_fields, read_model, schemas
 from notifyd.providers import render
 from notifyd.providers.render import Rendered, TemplateError, TemplateSource
 from notifyd.providers.render_bounds import RenderLimits
+from notifyd.schemas.templates import TemplatePreview, TemplatePut
 from notifyd.settings import CHANNELS
 from notifyd.store import audit
 from notifyd.store import templates as store
@@ -62,13 +63,22 @@ def _check_locale(fields: Fields, locale: str | None) -> None:
         fields.error("locale", 'must be a locale such as "en" or "pt-BR", or "" for the default')
 
 
-def _path(request: web.Request, fields: Fields) -> tuple[str, str]:
-    """The path's template_key and channel, errors collected with the body's."""
+def _path_problems(request: web.Request) -> tuple[str, str, list[FieldError]]:
+    """The path's template_key and channel, and what is wrong with them."""
     template_key = request.match_info["template_key"]
     channel = request.match_info["channel"]
-    _check_key(fields, template_key)
+    errors = []
+    if not tags.TEMPLATE_KEY.fullmatch(template_key):
+        errors.append(FieldError("template_key", "must be 1-128 letters, digits and _ . : - only"))
     if channel not in CHANNELS:
-        fields.error("channel", f"must be one of: {', '.join(CHANNELS)}")
+        errors.append(FieldError("channel", f"must be one of: {', '.join(CHANNELS)}"))
+    return template_key, channel, errors
+
+
+def _path(request: web.Request, fields: Fields) -> tuple[str, str]:
+    """The path's template_key and channel, errors collected with the query's."""
+    template_key, channel, errors = _path_problems(request)
+    fields.errors += errors
     return template_key, channel
 
 
@@ -84,32 +94,20 @@ def _label(template_key: str, channel: str, locale: str) -> str:
     return f"template {template_key!r} ({channel}, {locale or 'default locale'})"
 
 
-def _source_fields(fields: Fields, request: web.Request, *, required: bool) -> TemplateSource:
-    """subject / text_body / html_body of a body, each checked alone and then compiled."""
-    limits = services(request).settings
-    subject = fields.string("subject", required=False, max_length=limits.subject_max_length)
-    text_body = fields.string(
-        "text_body", required=required, max_length=limits.notification_max_length
-    )
-    html_body = fields.string(
-        "html_body", required=False, max_length=limits.notification_max_length
-    )
-    problem = None if subject is None else tags.header_problem(subject)
-    if problem is not None:
-        fields.error("subject", problem)
-        subject = None
-    return TemplateSource(subject=subject, text_body=text_body or "", html_body=html_body)
+def _compile_errors(source: TemplateSource, name: str, limits: RenderLimits) -> list[FieldError]:
+    return [FieldError(e.field, e.reason) for e in render.check(source, limits=limits, name=name)]
 
 
-def _compile_errors(
-    fields: Fields, source: TemplateSource, name: str, limits: RenderLimits
-) -> None:
-    for error in render.check(source, limits=limits, name=name):
-        fields.error(error.field, error.reason)
+def _source(body: TemplatePut | TemplatePreview) -> TemplateSource:
+    return TemplateSource(
+        subject=body.subject, text_body=body.text_body or "", html_body=body.html_body
+    )
 
 
 def _template_problem(error: TemplateError) -> Problem:
-    return invalid([FieldError(error.field, error.reason)], detail=error.reason)
+    """A template that cannot render as asked (no such stored template, a variable the context
+    lacks): the body's shape was fine, so `unsendable`, as for a send."""
+    return unsendable([FieldError(error.field, error.reason)])
 
 
 async def list_templates(request: web.Request) -> web.Response:
@@ -152,18 +150,15 @@ async def put_template(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
     _check_write(caller)
-    fields = Fields(await read_json_object(request), ctx.id_rule)
-    template_key, channel = _path(request, fields)
-    locale = fields.string(
-        "locale", required=False, max_length=tags.LOCALE_MAX_LENGTH, allow_empty=True
+    template_key, channel, path_errors = _path_problems(request)
+    body = await read_model(request, schemas(request).template_put, also=path_errors)
+    locale = tags.normalize_locale(body.locale or "")
+    source = _source(body)
+    errors = _compile_errors(
+        source, _label(template_key, channel, locale), render_limits(ctx.settings)
     )
-    _check_locale(fields, locale)
-    locale = tags.normalize_locale(locale or "")
-    source = _source_fields(fields, request, required=True)
-    _compile_errors(
-        fields, source, _label(template_key, channel, locale), render_limits(ctx.settings)
-    )
-    fields.done()
+    if errors:
+        raise invalid(errors)
     row = store.NewTemplate(
         tenant_id=caller.tenant_id,
         template_key=template_key,
@@ -233,50 +228,30 @@ async def preview_template(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
     _check_read(caller)
-    fields = Fields(await read_json_object(request), ctx.id_rule)
-    template_key = fields.string("template_key", required=False, max_length=128)
-    _check_key(fields, template_key)
-    context = fields.mapping("context", max_keys=ctx.settings.context_max_keys) or {}
-    stored = template_key is not None or fields.has("template_key")
-    if stored:
-        channel = fields.choice("channel", CHANNELS)
-        locale = fields.string(
-            "locale", required=False, max_length=tags.LOCALE_MAX_LENGTH, allow_empty=True
-        )
-        _check_locale(fields, locale)
-        _source_fields(fields, request, required=False)  # read only to name them below
-        for name in ("subject", "text_body", "html_body"):
-            if fields.has(name):
-                fields.error(name, "is not used with template_key (send one or the other)")
-        fields.done()
-        assert template_key is not None
-        assert channel is not None
+    body = await read_model(request, schemas(request).template_preview)
+    context = body.context or {}
+    if body.template_key is not None:
+        assert body.channel is not None
         try:
             # with the tenant's default locale, as a send would be rendered
             rendered = await Composer(
                 ctx.pool, ctx.settings.default_locale, limits=render_limits(ctx.settings)
             ).compose(
                 tenant_id=caller.tenant_id,
-                channel=channel,
-                template_key=template_key,
+                channel=body.channel,
+                template_key=body.template_key,
                 context=context,
                 subject=None,
                 message=None,
-                locale=locale or None,
+                locale=body.locale or None,
             )
         except TemplateError as error:
             raise _template_problem(error) from None
     else:
-        if not fields.has("text_body"):
-            fields.error("text_body", "is required unless template_key is given")
-        fields.choice("channel", CHANNELS, required=False)
-        fields.string("locale", required=False, max_length=tags.LOCALE_MAX_LENGTH, allow_empty=True)
-        for name in ("channel", "locale"):
-            if fields.has(name):
-                fields.error(name, "is only used with template_key")
-        source = _source_fields(fields, request, required=False)
-        _compile_errors(fields, source, "draft", render_limits(ctx.settings))
-        fields.done()
+        source = _source(body)
+        errors = _compile_errors(source, "draft", render_limits(ctx.settings))
+        if errors:
+            raise invalid(errors)
         try:
             rendered = render.render(
                 source, context, limits=render_limits(ctx.settings), name="draft"

@@ -9,7 +9,7 @@ hand-written reader, serves the routes not yet moved to a model.)
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -55,16 +55,20 @@ async def _read_raw(request: web.Request) -> bytes:
     return raw
 
 
-async def read_model(request: web.Request, reader: Reader[M]) -> M:
+async def read_model(request: web.Request, reader: Reader[M], also: Sequence[FieldError] = ()) -> M:
     """The body read into `reader`'s model; 400 unless it is a JSON object, 422 naming every
-    field at fault (validated from the raw bytes: no intermediate dict on the hot path)."""
+    field at fault (validated from the raw bytes: no intermediate dict on the hot path).
+    `also`: what is wrong outside the body (the path), in the same 422."""
     raw = await _read_raw(request)
     try:
-        return reader.json(raw)
+        found = reader.json(raw)
     except NotAnObject as exc:
         raise Problem(400, exc.detail, kind="malformed-json") from None
     except Invalid as exc:
-        raise invalid(exc.errors) from None
+        raise invalid([*also, *exc.errors]) from None
+    if also:
+        raise invalid(list(also))
+    return found
 
 
 def read_query(request: web.Request, reader: Reader[M]) -> M:

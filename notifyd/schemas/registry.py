@@ -16,6 +16,7 @@ from notifyd.schemas import (
     recipients,
     reminders,
     rooms,
+    templates,
     workflows,
 )
 from notifyd.schemas.fields import PATTERN_MESSAGES, PageQuery, id_pattern_message, paged
@@ -46,6 +47,8 @@ class Schemas:
     run_query: Reader[workflows.RunQuery]
     room_create: Reader[rooms.RoomCreate]
     room_members: Reader[rooms.RoomMembersAdd]
+    template_put: Reader[templates.TemplatePut]
+    template_preview: Reader[templates.TemplatePreview]
 
     @classmethod
     def build(cls, settings: Settings) -> Schemas:
@@ -54,6 +57,7 @@ class Schemas:
             **PATTERN_MESSAGES,
             **workflows.PATTERN_MESSAGES,
             **rooms.PATTERN_MESSAGES,
+            **templates.PATTERN_MESSAGES,
             **id_pattern_message(settings.id_pattern),
         }
 
@@ -93,6 +97,10 @@ class Schemas:
             run_query=Reader(paged(workflows.run_query_model(settings), settings), patterns),
             room_create=Reader(rooms.create_model(settings), patterns),
             room_members=Reader(rooms.add_members_model(settings), patterns),
+            template_put=Reader(templates.put_model(settings), patterns),
+            template_preview=Reader(
+                templates.preview_model(settings), patterns, templates.preview_problems
+            ),
         )
 
     def requests(self) -> list[type[BaseModel]]:
@@ -110,6 +118,8 @@ class Schemas:
             self.workflow_cancel.model,
             self.room_create.model,
             self.room_members.model,
+            self.template_put.model,
+            self.template_preview.model,
         ]
 
 
