@@ -81,6 +81,15 @@ def test_template_bodies_show_the_configured_lengths_and_the_preview_rule() -> N
     ]
 
 
+def test_tenant_settings_show_the_rules_the_server_applies() -> None:
+    schemas = build_document()["components"]["schemas"]
+    number = schemas["TwilioSettings"]["properties"]["from_number"]
+    assert number["pattern"].startswith("^") and number["maxLength"] == 40
+    assert number["allOf"]  # at least five digits
+    assert schemas["SmtpSettings"]["properties"]["port"]["maximum"] == 65535
+    assert schemas["SmtpSettings"]["not"]["required"] == ["use_tls", "use_ssl"]
+
+
 async def test_served_document_is_built_from_the_daemons_settings(api: Api, daemon: Daemon) -> None:
     _, document, _ = await api.get("/openapi.json", auth=False)
     assert document == json.loads(json.dumps(build_document(daemon.settings)))

@@ -83,6 +83,8 @@ MODELLED = (
     "POST /rooms/{room}/members/",
     "PUT /templates/{template_key}/{channel}/",
     "POST /templates/preview/",
+    "PUT /tenants/current/settings/",
+    "GET /tenants/current/settings/",
 )
 
 

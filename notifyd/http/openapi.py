@@ -63,7 +63,7 @@ def _problems(*codes: int) -> dict[str, Any]:
         "type urn:notifyd:problem:unsendable, a request the tenant's state or the caller's role "
         "cannot serve (no such template, a number that is not one in the tenant's region, an "
         "email template without a subject, a template that cannot render with the context, a full "
-        "room); "
+        "room, a new Twilio account without a token, an SMTP relay the egress policy refuses); "
         "urn:notifyd:problem:idempotency-key-reused, an Idempotency-Key "
         "sent before with another request",
         429: "A send rate or daily quota said no (`limit` names which; nothing was stored): "
@@ -302,58 +302,6 @@ SCHEMAS: dict[str, Any] = {
             "channels": {"type": ["array", "null"], "items": {"type": "string"}},
             "created_at": _TIME,
             "updated_at": _TIME,
-        },
-    },
-    "SmtpSettings": {
-        "type": "object",
-        "required": ["host", "port", "from_email"],
-        "properties": {
-            "host": {
-                "type": "string",
-                "description": "Refused (422) when it is or resolves to a loopback, private or "
-                "otherwise special address, unless the operator allowed that network",
-            },
-            "port": {
-                "type": "integer",
-                "minimum": 1,
-                "maximum": 65535,
-                "description": "At a public address: one of the operator's allowed SMTP ports "
-                "(by default 25, 465, 587, 2465, 2525, 2587)",
-            },
-            "username": {"type": "string"},
-            "password": {
-                "type": "string",
-                "writeOnly": True,
-                "description": 'Omit to keep the stored one; "" for no AUTH',
-            },
-            "password_set": {"type": "boolean", "readOnly": True},
-            "use_tls": {"type": "boolean", "description": "STARTTLS"},
-            "use_ssl": {"type": "boolean", "description": "Implicit TLS"},
-            "from_email": {"type": "string", "format": "email"},
-        },
-    },
-    "TwilioSettings": {
-        "type": "object",
-        "required": ["account_sid", "from_number"],
-        "properties": {
-            "account_sid": {"type": "string", "pattern": "^AC[0-9a-fA-F]{32}$"},
-            "auth_token": {
-                "type": "string",
-                "writeOnly": True,
-                "description": "Omit to keep the stored one",
-            },
-            "auth_token_set": {"type": "boolean", "readOnly": True},
-            "from_number": {"type": "string"},
-        },
-    },
-    "TenantSettings": {
-        "type": "object",
-        "description": "A section left out of a PUT is kept; null falls back to the global setting",
-        "properties": {
-            "smtp": {"oneOf": [_ref("SmtpSettings"), {"type": "null"}]},
-            "twilio": {"oneOf": [_ref("TwilioSettings"), {"type": "null"}]},
-            "default_region": {"type": ["string", "null"], "pattern": "^[A-Z]{2}$"},
-            "default_locale": {"type": ["string", "null"], "pattern": "^[a-z]{2,3}(-[A-Z]{2})?$"},
         },
     },
     "Template": {

@@ -17,6 +17,7 @@ from notifyd.schemas import (
     reminders,
     rooms,
     templates,
+    tenants,
     workflows,
 )
 from notifyd.schemas.fields import PATTERN_MESSAGES, PageQuery, id_pattern_message, paged
@@ -49,6 +50,7 @@ class Schemas:
     room_members: Reader[rooms.RoomMembersAdd]
     template_put: Reader[templates.TemplatePut]
     template_preview: Reader[templates.TemplatePreview]
+    tenant_settings: Reader[tenants.TenantSettings]
 
     @classmethod
     def build(cls, settings: Settings) -> Schemas:
@@ -58,6 +60,7 @@ class Schemas:
             **workflows.PATTERN_MESSAGES,
             **rooms.PATTERN_MESSAGES,
             **templates.PATTERN_MESSAGES,
+            **tenants.PATTERN_MESSAGES,
             **id_pattern_message(settings.id_pattern),
         }
 
@@ -101,6 +104,7 @@ class Schemas:
             template_preview=Reader(
                 templates.preview_model(settings), patterns, templates.preview_problems
             ),
+            tenant_settings=Reader(tenants.TenantSettings, patterns, tenants.settings_problems),
         )
 
     def requests(self) -> list[type[BaseModel]]:
@@ -120,6 +124,7 @@ class Schemas:
             self.room_members.model,
             self.template_put.model,
             self.template_preview.model,
+            self.tenant_settings.model,  # also the answer's shape
         ]
 
 
