@@ -115,9 +115,6 @@ class Fields:
     def error(self, name: str, message: str) -> None:
         self.errors.append(FieldError(name, message))
 
-    def has(self, name: str) -> bool:
-        return name in self._data and self._data[name] is not None
-
     def _get(self, name: str, required: bool) -> Any:
         self._seen.add(name)
         value = self._data.get(name)
@@ -180,17 +177,6 @@ class Fields:
             return None
         assert isinstance(value, str)
         return value
-
-    def boolean(self, name: str, *, required: bool = False) -> bool | None:
-        value = self._get(name, required)
-        if value is None:
-            return None
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-            return value.lower() in ("true", "1")
-        self.error(name, "must be true or false")
-        return None
 
     def timestamp(self, name: str, *, required: bool = True) -> datetime | None:
         value = self._get(name, required)
