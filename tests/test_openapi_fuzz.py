@@ -60,33 +60,14 @@ CHECKS = [
     checks.response_headers_conformance,
     checks.response_schema_conformance,
 ]
-# "The document forbids it, the server accepts it" and the reverse: run where the payloads'
-# schemas are generated from the models the server validates with (notifyd/schemas/); the
-# other resources join as they move to models
+# "The document forbids it, the server accepts it" and the reverse: every operation, its
+# payloads' schemas generated from the models the server validates with (notifyd/schemas/),
+# but those still read by hand (`http.validation.Fields`) listed here until they move
 AGREEMENT_CHECKS = [checks.negative_data_rejection, accepts_what_the_document_allows]
-MODELLED = (
-    "POST /notifications/send/",
-    "GET /notifications/",
-    "POST /notifications/mark-as-read/",
-    "GET /notifications/{id}/",
-    "POST /notifications/{id}/retry/",
-    "POST /messages/send/",
-    "GET /messages/",
-    "POST /messages/mark-as-read/",
-    "GET /preferences/",
-    "PUT /preferences/",
-    "GET /audit/",
-    "GET /reminders/",
-    "GET /rooms/",
-    "GET /rooms/{room}/messages/",
-    "POST /rooms/",
-    "POST /rooms/{room}/members/",
-    "PUT /templates/{template_key}/{channel}/",
-    "POST /templates/preview/",
-    "PUT /tenants/current/settings/",
-    "GET /tenants/current/settings/",
+NOT_YET_MODELLED = (
+    "POST /reminders/create/",
+    "POST /webhooks/twilio/status",
 )
-
 
 Operation = schemathesis.APIOperation[Any, Any, Any, Any]
 
@@ -126,7 +107,7 @@ KNOWN_BUGS: dict[str, KnownBug] = {}
 def fuzz(operation: Operation, base_url: str, bearers: list[str]) -> None:
     session = requests.Session()
     session.trust_env = False  # loopback: no proxy from the environment
-    answer_checks = CHECKS + (AGREEMENT_CHECKS if operation.label in MODELLED else [])
+    answer_checks = CHECKS + ([] if operation.label in NOT_YET_MODELLED else AGREEMENT_CHECKS)
     modes = [operation.as_strategy(generation_mode=GenerationMode.POSITIVE)]
     if operation.body or any(True for _ in operation.iter_parameters()):
         modes.append(operation.as_strategy(generation_mode=GenerationMode.NEGATIVE))

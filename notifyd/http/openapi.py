@@ -15,15 +15,16 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from notifyd import __version__
+from notifyd import __version__, tags
 from notifyd.http import idempotency
 from notifyd.http.context import SERVICES
 from notifyd.http.ui import openapi_paths as ui_paths
 from notifyd.payloads import dumps
-from notifyd.schemas.fields import anchored
+from notifyd.schemas.fields import TEMPLATE_KEY_PATTERN, anchored
 from notifyd.schemas.registry import RESPONSES, Schemas
+from notifyd.schemas.templates import TEMPLATE_LOCALE_PATTERN
 from notifyd.schemas.workflows import WORKFLOW_KEY_PATTERN
-from notifyd.settings import Settings
+from notifyd.settings import CHANNELS, Settings
 
 JSON = "application/json"
 PROBLEM = "application/problem+json"
@@ -102,21 +103,31 @@ _IDEMPOTENCY = {
     "description": "Replays the first response for 24 h.",
 }
 _PATH_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-_TEMPLATE_PARAMS = [
+_TEMPLATE_PARAMS: list[dict[str, Any]] = [
     {
         "name": "template_key",
         "in": "path",
         "required": True,
-        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"},
+        "schema": {"type": "string", "pattern": TEMPLATE_KEY_PATTERN},
     },
+    {"name": "channel", "in": "path", "required": True, "schema": {"enum": list(CHANNELS)}},
     {
-        "name": "channel",
-        "in": "path",
-        "required": True,
-        "schema": {"enum": ["email", "sms", "in_app"]},
+        "name": "locale",
+        "in": "query",
+        "schema": {
+            "type": "string",
+            "maxLength": tags.LOCALE_MAX_LENGTH,
+            "pattern": TEMPLATE_LOCALE_PATTERN,
+        },
+        "description": 'A language tag, or "" for the default',
     },
-    {"name": "locale", "in": "query", "schema": {"type": "string"}},
 ]
+_TEMPLATE_CURSOR = {
+    "name": "after",
+    "in": "query",
+    "schema": {"type": "string", "maxLength": 300, "pattern": "^[^/\\x00]*/[^/\\x00]*/[^/\\x00]*$"},
+    "description": "Cursor: taken from the previous page's Link header",
+}
 
 _USER_ID = {"name": "user_id", "in": "path", "required": True, "schema": _ID}
 _WORKFLOW_KEY = {
@@ -336,8 +347,17 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
+def _id_rule(schemas: Schemas) -> dict[str, Any]:
+    """The opaque id rule (the configured length and pattern), as the models state it."""
+    schema: dict[str, Any] = schemas.message_send.model.model_json_schema()["properties"][
+        "receiver_id"
+    ]
+    return schema
+
+
 def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
     """Path → method → operation, for the seed paths; `/api/...` aliases are added below."""
+    page = query_parameters(schemas.page_query.model)
     secured: list[dict[str, list[str]]] = [{"bearer": []}]
     auth_errors = _problems(401, 503)  # every authenticated route reads PostgreSQL
     write_errors = _problems(400, 401, 409, 413, 415, 422)
@@ -435,7 +455,12 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
                     "never stored: dm.<base64url(id)>.<base64url(id)>, ids sorted)",
                     {"200": _ok(_ref("Room")), **_problems(422)},
                     parameters=[
-                        {"name": "other_user_id", "in": "path", "required": True, "schema": _ID}
+                        {
+                            "name": "other_user_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": _id_rule(schemas),
+                        }
                     ],
                 )
             }
@@ -551,14 +576,10 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
                 "The tenant's templates (admin, service)",
                 {"200": _ok(_list_of("Template"), headers=_LINK), **_problems(403, 422)},
                 parameters=[
-                    {"name": "template_key", "in": "query", "schema": {"type": "string"}},
-                    {
-                        "name": "channel",
-                        "in": "query",
-                        "schema": {"enum": ["email", "sms", "in_app"]},
-                    },
-                    {"name": "limit", "in": "query", "schema": {"type": "integer"}},
-                    {"name": "after", "in": "query", "schema": {"type": "string"}},
+                    {**_TEMPLATE_PARAMS[0], "in": "query", "required": False},
+                    {**_TEMPLATE_PARAMS[1], "in": "query", "required": False},
+                    *(p for p in page if p["name"] == "limit"),
+                    _TEMPLATE_CURSOR,
                 ],
             )
         },
