@@ -352,6 +352,7 @@ def _id_rule(schemas: Schemas) -> dict[str, Any]:
     schema: dict[str, Any] = schemas.message_send.model.model_json_schema()["properties"][
         "receiver_id"
     ]
+    schema.pop("title", None)  # "Receiver Id": not this parameter's name
     return schema
 
 
