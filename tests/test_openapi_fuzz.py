@@ -67,6 +67,16 @@ AGREEMENT_CHECKS = [checks.negative_data_rejection, accepts_what_the_document_al
 NOT_YET_MODELLED = (
     "POST /reminders/create/",
     "POST /webhooks/twilio/status",
+    # Built beside the schema work (issue 27's first slices): their models do not yet put
+    # every rule the server checks into the document (an IANA zone, E.164, a workflow's
+    # rules across steps, a recipient id in the path). Next.
+    "PATCH /recipients/me/",
+    "PUT /recipients/{user_id}/",
+    "GET /recipients/{user_id}/",
+    "DELETE /recipients/{user_id}/",
+    "PUT /workflows/{workflow_key}/",
+    "POST /workflows/{workflow_key}/trigger/",
+    "POST /workflows/{workflow_key}/cancel/",
 )
 
 Operation = schemathesis.APIOperation[Any, Any, Any, Any]
