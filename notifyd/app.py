@@ -22,7 +22,7 @@ import asyncpg
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from notifyd.accept import Outbox
+from notifyd.accept.outbox import Outbox
 from notifyd.actors.housekeeper import Housekeeper, Retention
 from notifyd.auth.tokens import TokenVerifier
 from notifyd.egress import Egress

@@ -25,7 +25,10 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from notifyd import accept
+from notifyd.accept.intents import announce
+from notifyd.accept.orders import Order, Refused
+from notifyd.accept.prepare import prepare
+from notifyd.accept.rows import SEND_ACTION, audit_details, new_row
 from notifyd.keys import FIRE_GROUP, Keys
 from notifyd.metrics import Metrics
 from notifyd.preferences import suppression_reason
@@ -34,7 +37,7 @@ from notifyd.store import audit
 from notifyd.store import preferences as stored_preferences
 from notifyd.store import workflows as store
 from notifyd.store.audit import AuditEntry
-from notifyd.store.notifications import NewNotification
+from notifyd.store.notifications import NewNotification, insert_many_audited
 from notifyd.store.tenants import TenantSettings
 from notifyd.streams.consumer import Entry, Poison, StreamConsumer, Timing
 from notifyd.streams.producer import Producer
@@ -146,7 +149,7 @@ class WorkflowFirer:
             prefs, channel=step["channel"], category=step["category"], critical=step["critical"]
         ):
             return "skipped", "opted_out", None
-        order = accept.Order(
+        order = Order(
             channel=step["channel"],
             recipient=to,
             template_key=step["template_key"],
@@ -158,10 +161,10 @@ class WorkflowFirer:
         )
         tenant = await self._tenant_settings(tenant_id)
         try:
-            prepared = await accept.prepare(self._pool, self._settings, tenant, tenant_id, order)
-        except accept.Refused as exc:
+            prepared = await prepare(self._pool, self._settings, tenant, tenant_id, order)
+        except Refused as exc:
             return "failed", f"render: {exc}"[:REASON_MAX_LENGTH], None
-        row = prepared.row(tenant_id=tenant_id, created_by=step["created_by"])
+        row = new_row(prepared, tenant_id=tenant_id, created_by=step["created_by"])
         return "sent", None, row
 
     async def fire(self, step: asyncpg.Record) -> str | None:
@@ -187,22 +190,15 @@ class WorkflowFirer:
             if "read" in step["unless"] and locked["read"]:
                 status, reason, row = "skipped", "read", None
             if row is not None:
-                await accept.record(
-                    conn,
-                    row,
-                    AuditEntry(
-                        tenant_id=tenant_id,
-                        user_id=None,
-                        action=accept.SEND_ACTION,
-                        ip_address=None,
-                        request_id=None,
-                        details={
-                            "via": "workflow",
-                            "run_id": str(run_id),
-                            **accept.audit_details(row),
-                        },
-                    ),
+                sent = AuditEntry(
+                    tenant_id=tenant_id,
+                    user_id=None,
+                    action=SEND_ACTION,
+                    ip_address=None,
+                    request_id=None,
+                    details={"via": "workflow", "run_id": str(run_id), **audit_details(row)},
                 )
+                await insert_many_audited(conn, [row], [sent])
             lateness = await store.finish_step(
                 conn,
                 tenant_id,
@@ -229,7 +225,7 @@ class WorkflowFirer:
                 ),
             )
         if row is not None:
-            await accept.announce(self._producer, self._keys, [row], self._metrics)
+            await announce(self._producer, self._keys, [row], self._metrics)
         self._metrics.workflow_steps.labels(status).inc()
         self._metrics.workflow_step_lateness.observe(lateness or 0)
         log.info(

@@ -9,7 +9,10 @@ import asyncpg
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from notifyd import accept
+from notifyd.accept.intents import announce
+from notifyd.accept.orders import Order, Refused
+from notifyd.accept.prepare import prepare
+from notifyd.accept.rows import SEND_ACTION, audit_details, new_row
 from notifyd.auth import policy
 from notifyd.http.context import (
     audit_entry,
@@ -29,6 +32,7 @@ from notifyd.http.validation import (
 )
 from notifyd.ids import parse_uuid
 from notifyd.limits import QUOTA_CHANNELS
+from notifyd.requeue import RETRY_ACTION, delivery_ref, restart_failed
 from notifyd.store import audit
 from notifyd.store import notifications as store
 
@@ -81,7 +85,7 @@ async def send_notification(request: web.Request) -> web.Response:
     if critical and not policy.may_send_critical(caller):
         raise forbidden("only service and admin tokens may send critical notifications")
 
-    order = accept.Order(
+    order = Order(
         channel=channel,
         recipient=body.recipient,
         subject=body.subject,
@@ -97,17 +101,18 @@ async def send_notification(request: web.Request) -> web.Response:
     if channel in QUOTA_CHANNELS:  # an in-app send counts against no quota: no call at all
         await check_daily_quota(ctx, caller, channel, tenant)
     try:
-        prepared = await accept.prepare(ctx.pool, limits, tenant, caller.tenant_id, order)
-    except accept.Refused as exc:
+        prepared = await prepare(ctx.pool, limits, tenant, caller.tenant_id, order)
+    except Refused as exc:
         raise unsendable(exc.problems) from None
     idempotency_key = request.headers.get("Idempotency-Key")
-    row = prepared.row(
+    row = new_row(
+        prepared,
         tenant_id=caller.tenant_id,
         created_by=caller.user_id,
         idempotency_key=idempotency_key,
         request_id=request_id(request) or None,
     )
-    entry = audit_entry(request, accept.SEND_ACTION, accept.audit_details(row))
+    entry = audit_entry(request, SEND_ACTION, audit_details(row))
     accepted = json_response(
         {"notification_id": str(row.id), "status": "queued"},
         status=202,
@@ -118,10 +123,10 @@ async def send_notification(request: web.Request) -> web.Response:
         await ctx.outbox.put(row, entry)
         return accepted
     async with ctx.pool.acquire() as conn, conn.transaction():
-        await accept.record(conn, row, entry)
+        await store.insert_many_audited(conn, [row], [entry])
         response = await remember(request, conn, accepted)
     # committed: a Redis failure now still answers 202; the sweeper enqueues it later
-    await accept.announce(ctx.producer, ctx.keys, [row], ctx.metrics)
+    await announce(ctx.producer, ctx.keys, [row], ctx.metrics)
     return response
 
 
@@ -206,11 +211,11 @@ async def retry_notification(request: web.Request) -> web.Response:
     if not policy.may_requeue(caller):
         raise forbidden("only admins may requeue a failed delivery")
     async with ctx.pool.acquire() as conn, conn.transaction():
-        channel = await accept.restart_failed(
+        channel = await restart_failed(
             conn,
             caller.tenant_id,
             row["id"],
-            audit_entry(request, accept.RETRY_ACTION, {"notification_id": str(row["id"])}),
+            audit_entry(request, RETRY_ACTION, {"notification_id": str(row["id"])}),
         )
         if channel is None:
             raise Problem(
@@ -224,9 +229,7 @@ async def retry_notification(request: web.Request) -> web.Response:
             request, conn, json_response(notification_json(fresh), status=202)
         )
     try:
-        await ctx.producer.add(
-            ctx.keys.deliver(channel), accept.delivery_ref(caller.tenant_id, row["id"])
-        )
+        await ctx.producer.add(ctx.keys.deliver(channel), delivery_ref(caller.tenant_id, row["id"]))
     except RedisError as exc:
         # committed as `dispatched`: the sweeper puts it back on the stream
         log.warning("requeued delivery left for the sweeper", extra={"error": repr(exc)})

@@ -18,14 +18,6 @@ COLUMNS = """id, tenant_id, created_by, user_id, channel, recipient, subject, bo
     provider_message_id, provider_status, next_attempt_at, read_at, created_at, updated_at,
     sent_at, delivered_at"""
 
-INSERT = """
-INSERT INTO notifications (id, tenant_id, created_by, user_id, channel, recipient, subject, body,
-                           html_body, template_key, context, locale, category, critical,
-                           idempotency_key, request_id)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
-RETURNING created_at
-"""
-
 LIST_FOR_USER = f"""
 SELECT {COLUMNS} FROM notifications
 WHERE tenant_id = $1 AND user_id = $2
@@ -98,8 +90,8 @@ def _args(row: NewNotification) -> tuple[Any, ...]:
     )
 
 
-# Many rows and their audit rows in one statement (a group commit of concurrent sends): one
-# round trip, one statement to plan, arrays encoded once, no BEGIN/COMMIT of our own.
+# Rows and their audit rows in one statement (one send, or a group commit of concurrent ones):
+# one round trip, one statement to plan, arrays encoded once, no BEGIN/COMMIT of our own.
 INSERT_MANY_AUDITED = """
 WITH stored AS (
     INSERT INTO notifications (id, tenant_id, created_by, user_id, channel, recipient, subject,
@@ -118,20 +110,16 @@ SELECT * FROM unnest($17::uuid[], $18::text[], $19::text[], $20::text[], $21::te
 
 
 async def insert_many_audited(
-    conn: Conn, rows: Sequence[NewNotification], audits: Sequence[AuditEntry]
+    executor: Executor, rows: Sequence[NewNotification], audits: Sequence[AuditEntry]
 ) -> None:
-    """Stores the rows (`queued`) and the audit rows, all or none."""
+    """Stores the rows (`queued`) and the audit rows, all or none (one statement: inside the
+    caller's transaction when it writes more there)."""
     columns = list(zip(*(_args(row) for row in rows), strict=True))
-    await conn.execute(
+    await executor.execute(
         INSERT_MANY_AUDITED,
         *(list(column) for column in columns),
         *audit.as_columns(audits),
     )
-
-
-async def insert(conn: Conn, row: NewNotification) -> Any:
-    """Store the row as `queued`; returns its `created_at`."""
-    return await conn.fetchval(INSERT, *_args(row))
 
 
 async def list_for_user(
