@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 from redis.exceptions import RedisError
 
@@ -39,36 +38,36 @@ from notifyd.store import notifications as store
 log = logging.getLogger("notifyd.http.notifications")
 
 
-def notification_json(row: asyncpg.Record) -> dict[str, Any]:
+def notification_json(n: store.Notification) -> dict[str, Any]:
     """The seeds' field names (`notification_type`, `message`, `is_sent`) plus delivery state."""
     return {
-        "id": str(row["id"]),
-        "tenant_id": row["tenant_id"],
-        "notification_type": row["channel"],
-        "recipient": row["recipient"],
-        "user_id": row["user_id"],
-        "created_by": row["created_by"],
-        "subject": row["subject"],
-        "message": row["body"],
-        "html": row["html_body"],
-        "template_key": row["template_key"],
-        "context": row["context"],
-        "locale": row["locale"],
-        "category": row["category"],
-        "critical": row["critical"],
-        "status": row["status"],
-        "is_sent": row["status"] in ("sent", "delivered"),
-        "is_read": row["read_at"] is not None,
-        "read_at": iso(row["read_at"]),
-        "attempts": row["attempts"],
-        "last_error": row["last_error"],
-        "provider_message_id": row["provider_message_id"],
-        "provider_status": row["provider_status"],
-        "next_attempt_at": iso(row["next_attempt_at"]),
-        "created_at": iso(row["created_at"]),
-        "updated_at": iso(row["updated_at"]),
-        "sent_at": iso(row["sent_at"]),
-        "delivered_at": iso(row["delivered_at"]),
+        "id": str(n.id),
+        "tenant_id": n.tenant_id,
+        "notification_type": n.channel,
+        "recipient": n.recipient,
+        "user_id": n.user_id,
+        "created_by": n.created_by,
+        "subject": n.subject,
+        "message": n.body,
+        "html": n.html_body,
+        "template_key": n.template_key,
+        "context": n.context,
+        "locale": n.locale,
+        "category": n.category,
+        "critical": n.critical,
+        "status": n.status,
+        "is_sent": n.status in ("sent", "delivered"),
+        "is_read": n.read_at is not None,
+        "read_at": iso(n.read_at),
+        "attempts": n.attempts,
+        "last_error": n.last_error,
+        "provider_message_id": n.provider_message_id,
+        "provider_status": n.provider_status,
+        "next_attempt_at": iso(n.next_attempt_at),
+        "created_at": iso(n.created_at),
+        "updated_at": iso(n.updated_at),
+        "sent_at": iso(n.sent_at),
+        "delivered_at": iso(n.delivered_at),
     }
 
 
@@ -157,7 +156,7 @@ async def get_notification(request: web.Request) -> web.Response:
     row = None
     if notification_id is not None:
         row = await store.get(ctx.pool, caller.tenant_id, notification_id)
-    if row is None or not policy.may_view_notification(caller, row["user_id"], row["created_by"]):
+    if row is None or not policy.may_view_notification(caller, row.user_id, row.created_by):
         raise not_found("notification")
     return json_response(notification_json(row))
 
@@ -214,22 +213,22 @@ async def retry_notification(request: web.Request) -> web.Response:
         channel = await restart_failed(
             conn,
             caller.tenant_id,
-            row["id"],
-            audit_entry(request, RETRY_ACTION, {"notification_id": str(row["id"])}),
+            row.id,
+            audit_entry(request, RETRY_ACTION, {"notification_id": str(row.id)}),
         )
         if channel is None:
             raise Problem(
                 409,
-                f"the notification is {row['status']}; only failed deliveries are requeued",
+                f"the notification is {row.status}; only failed deliveries are requeued",
                 kind="not-failed",
             )
-        fresh = await store.get(conn, caller.tenant_id, row["id"])
+        fresh = await store.get(conn, caller.tenant_id, row.id)
         assert fresh is not None
         response = await remember(
             request, conn, json_response(notification_json(fresh), status=202)
         )
     try:
-        await ctx.producer.add(ctx.keys.deliver(channel), delivery_ref(caller.tenant_id, row["id"]))
+        await ctx.producer.add(ctx.keys.deliver(channel), delivery_ref(caller.tenant_id, row.id))
     except RedisError as exc:
         # committed as `dispatched`: the sweeper puts it back on the stream
         log.warning("requeued delivery left for the sweeper", extra={"error": repr(exc)})

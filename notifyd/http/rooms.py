@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 
 from notifyd.auth import policy
@@ -29,12 +28,12 @@ from notifyd.store import messages as message_store
 from notifyd.store import rooms as store
 
 
-def _member_json(row: asyncpg.Record) -> dict[str, Any]:
+def _member_json(member: store.Member) -> dict[str, Any]:
     return {
-        "user_id": row["user_id"],
-        "role": row["role"],
-        "joined_at": iso(row["joined_at"]),
-        "last_read_id": str(row["last_read_id"]) if row["last_read_id"] else None,
+        "user_id": member.user_id,
+        "role": member.role,
+        "joined_at": iso(member.joined_at),
+        "last_read_id": str(member.last_read_id) if member.last_read_id else None,
     }
 
 
@@ -125,11 +124,11 @@ async def list_rooms(request: web.Request) -> web.Response:
     rows, headers = page(request, rows, limit)
     body = [
         {
-            "name": r["name"],
+            "name": r.name,
             "kind": "group",
-            "title": r["title"],
-            "created_by": r["created_by"],
-            "created_at": iso(r["created_at"]),
+            "title": r.title,
+            "created_by": r.created_by,
+            "created_at": iso(r.created_at),
         }
         for r in rows
     ]

@@ -278,7 +278,7 @@ class Requeuer:
             return Outcome(
                 letter.id,
                 "already_requeued",
-                f"the notification is {current['status']} already; dead letter removed",
+                f"the notification is {current.status} already; dead letter removed",
                 None,
                 str(notification_id),
             )

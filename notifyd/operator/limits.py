@@ -47,8 +47,8 @@ def _shown(value: float) -> str:
 async def show_command(settings: Settings, *, tenant_id: str, as_json: bool) -> int:
     defaults = Limits.from_settings(settings)
     async with connect.postgres(settings) as pool:
-        rows = {r["name"]: r for r in await store.overrides_of(pool, tenant_id)}
-    effective = defaults.overridden({name: row["value"] for name, row in rows.items()})
+        rows = {r.name: r for r in await store.overrides_of(pool, tenant_id)}
+    effective = defaults.overridden({name: row.value for name, row in rows.items()})
     if as_json:
         print_json(
             {
@@ -57,9 +57,9 @@ async def show_command(settings: Settings, *, tenant_id: str, as_json: bool) -> 
                 "defaults": asdict(defaults),
                 "overrides": {
                     name: {
-                        "value": row["value"],
-                        "updated_by": row["updated_by"],
-                        "updated_at": iso(row["updated_at"]),
+                        "value": row.value,
+                        "updated_by": row.updated_by,
+                        "updated_at": iso(row.updated_at),
                     }
                     for name, row in rows.items()
                 },
@@ -70,9 +70,7 @@ async def show_command(settings: Settings, *, tenant_id: str, as_json: bool) -> 
     for name in LIMIT_NAMES:
         row = rows.get(name)
         source = (
-            "default"
-            if row is None
-            else f"override by {row['updated_by']} at {iso(row['updated_at'])}"
+            "default" if row is None else f"override by {row.updated_by} at {iso(row.updated_at)}"
         )
         lines.append(
             (name, _shown(getattr(effective, name)), _shown(getattr(defaults, name)), source)

@@ -4,19 +4,48 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from datetime import datetime
 from typing import Any
-
-import asyncpg
 
 from notifyd.store import audit, retention
 from notifyd.store.audit import AuditEntry
 from notifyd.store.pool import Conn, Executor
 
-COLUMNS = """id, tenant_id, created_by, user_id, channel, recipient, subject, body, html_body,
-    template_key, context, locale, category, critical, status, attempts, last_error,
-    provider_message_id, provider_status, next_attempt_at, read_at, created_at, updated_at,
-    sent_at, delivered_at"""
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A stored notification as the API shows it (`GET`, the list, a retry's answer); its
+    fields are the columns read, in order."""
+
+    id: uuid.UUID
+    tenant_id: str
+    created_by: str
+    user_id: str | None
+    channel: str
+    recipient: str
+    subject: str | None
+    body: str | None
+    html_body: str | None
+    template_key: str | None
+    context: dict[str, Any] | None
+    locale: str | None
+    category: str | None
+    critical: bool
+    status: str
+    attempts: int
+    last_error: str | None
+    provider_message_id: str | None
+    provider_status: str | None
+    next_attempt_at: datetime | None
+    read_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    sent_at: datetime | None
+    delivered_at: datetime | None
+
+
+COLUMNS = ", ".join(f.name for f in fields(Notification))
 
 LIST_FOR_USER = f"""
 SELECT {COLUMNS} FROM notifications
@@ -131,16 +160,18 @@ async def list_for_user(
     unread_only: bool,
     channel: str | None,
     limit: int,
-) -> list[asyncpg.Record]:
-    return await conn.fetch(LIST_FOR_USER, tenant_id, user_id, before, unread_only, channel, limit)
+) -> list[Notification]:
+    rows = await conn.fetch(LIST_FOR_USER, tenant_id, user_id, before, unread_only, channel, limit)
+    return [Notification(*row) for row in rows]
 
 
 async def unread_count(conn: Executor, tenant_id: str, user_id: str) -> int:
     return int(await conn.fetchval(UNREAD_COUNT, tenant_id, user_id))
 
 
-async def get(conn: Executor, tenant_id: str, notification_id: uuid.UUID) -> asyncpg.Record | None:
-    return await conn.fetchrow(GET, tenant_id, notification_id)
+async def get(conn: Executor, tenant_id: str, notification_id: uuid.UUID) -> Notification | None:
+    row = await conn.fetchrow(GET, tenant_id, notification_id)
+    return None if row is None else Notification(*row)
 
 
 async def mark_read(conn: Conn, tenant_id: str, user_id: str, ids: list[uuid.UUID] | None) -> int:
