@@ -193,7 +193,8 @@ UNLIMITED = "0 is unlimited"
 
 # A pydantic dataclass, not a BaseModel: a plain frozen dataclass to the rest of the code
 # (`dataclasses.replace` works, `FrozenInstanceError` on a write) whose attribute reads are
-# plain instance reads; BaseModel's `__getattr__` makes every read about 3x slower.
+# plain instance reads; BaseModel's `__getattr__` keeps CPython from specialising them (see
+# docs/architecture.md, "Settings declared once").
 @dataclass(
     frozen=True,
     config=ConfigDict(
