@@ -269,28 +269,22 @@ def build_pipeline(
                 consumer_name=name,
             )
         )
+        brokers: list[type[RabbitMqEventSource | KafkaEventSource]] = []
         if settings.rabbitmq_url:
-            actors.append(
-                RabbitMqEventSource(
-                    settings=settings,
-                    acceptor=acceptor,
-                    producer=producer,
-                    keys=keys,
-                    alerts=alerts,
-                    consumer_name=name,
-                )
-            )
+            brokers.append(RabbitMqEventSource)
         if settings.kafka_bootstrap_servers and settings.kafka_topics:
-            actors.append(
-                KafkaEventSource(
-                    settings=settings,
-                    acceptor=acceptor,
-                    producer=producer,
-                    keys=keys,
-                    alerts=alerts,
-                    consumer_name=name,
-                )
+            brokers.append(KafkaEventSource)
+        actors += [
+            source(
+                settings=settings,
+                acceptor=acceptor,
+                producer=producer,
+                keys=keys,
+                alerts=alerts,
+                consumer_name=name,
             )
+            for source in brokers
+        ]
     if settings.kafka_events_topic:
         actors.append(KafkaDeliveryEvents(settings=settings, pool=pool))
     return Pipeline(

@@ -14,9 +14,9 @@ event is checked, rendered and stored exactly as a POST is:
 3. `rows`: the outbox row and its audit row (`new_row`, `authored`), stored in one statement by
    `store.notifications.insert_many_audited`, inside the caller's transaction when it has more
    to write there (an idempotency record, an event's dedupe row, a workflow step's outcome);
-4. after the commit, `intents.announce`: the intents on the stream. If Redis fails there the
-   notification is still accepted (the row is committed) and the sweeper enqueues it later.
-   REST sends without an Idempotency-Key go through `outbox.Outbox` instead, a group commit
+4. `outbox`: after the commit, `announce` puts the intents on the stream. If Redis fails there
+   the notification is still accepted (the row is committed) and the sweeper enqueues it
+   later. REST sends without an Idempotency-Key go through `Outbox` instead, a group commit
    that hands its batches to this process's dispatcher.
 
 Who may send what (the role policy) stays with each entry point: a token's role means nothing

@@ -1,23 +1,60 @@
-"""The REST sends' group commit, and where their committed batches go."""
+"""Where accepted rows go after their commit: their intents on the stream (`announce`), or,
+for REST sends, a group commit handed to this process's dispatcher (`Outbox`)."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
+from redis.exceptions import RedisError
 
-from notifyd.accept.intents import announce, count_accepted
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
+from notifyd.payloads import NotificationIntent
 from notifyd.store.audit import AuditEntry
 from notifyd.store.batch import GroupCommit
 from notifyd.store.notifications import NewNotification, insert_many_audited
 from notifyd.streams.producer import Producer
 
 log = logging.getLogger("notifyd.accept")
+
+
+def count_accepted(metrics: Metrics, rows: Sequence[NewNotification]) -> None:
+    for channel, count in collections.Counter(row.channel for row in rows).items():
+        metrics.notifications_accepted.labels(channel).inc(count)
+
+
+async def announce(
+    producer: Producer,
+    keys: Keys,
+    rows: Sequence[NewNotification],
+    metrics: Metrics | None = None,
+    *,
+    counted: bool = False,
+) -> bool:
+    """After the commit: count the rows accepted (unless `counted` already) and put their
+    intents on the stream. False when Redis failed; the rows stay queued and the sweeper
+    enqueues them later."""
+    if metrics is not None and not counted:
+        count_accepted(metrics, rows)
+    try:
+        await producer.add_many(
+            [
+                (keys.intents, NotificationIntent(row.tenant_id, str(row.id)).to_fields())
+                for row in rows
+            ]
+        )
+    except RedisError as exc:
+        if metrics is not None:
+            metrics.enqueue_failures.inc(len(rows))
+        log.warning("intents not enqueued; left for the sweeper", extra={"error": repr(exc)})
+        return False
+    return True
+
 
 # (tenant, id) of rows just committed → dispatched by this process (raises when it could not)
 DispatchNow = Callable[[Sequence[tuple[str, uuid.UUID]]], Awaitable[None]]
@@ -29,8 +66,8 @@ class Outbox:
     Each `put` returns once its row and audit row are committed; rows that arrive while a
     commit is in flight share the next one (`insert_many_audited`: one statement for the rows
     and their audit rows). Under load that turns the round trips per request into round trips
-    per batch of up to `max_batch`. Requests that must keep an
-    idempotency record in the same transaction do not come here.
+    per batch of up to `max_batch`. Requests that must keep an idempotency record in the same
+    transaction do not come here.
 
     After the commit, the batch goes to this process's dispatcher (`dispatch_now`) instead of
     the intents stream, in the background: the stream hop (XADD, then XREADGROUP, XACK and

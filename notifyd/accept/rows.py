@@ -61,8 +61,5 @@ def authored(
 ) -> tuple[list[NewNotification], list[AuditEntry]]:
     """The rows of `prepared` for a caller outside a request (the CLI, ingestion): `author`'s
     user is each row's `created_by` and its audit row's user."""
-    rows = [
-        new_row(p, tenant_id=tenant_id, created_by=author.user_id, request_id=author.request_id)
-        for p in prepared
-    ]
+    rows = [new_row(p, tenant_id=tenant_id, created_by=author.user_id) for p in prepared]
     return rows, [author.entry(tenant_id, SEND_ACTION, audit_details(row)) for row in rows]

@@ -25,8 +25,8 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from notifyd.accept.intents import announce
 from notifyd.accept.orders import Order, Refused
+from notifyd.accept.outbox import announce
 from notifyd.accept.prepare import prepare
 from notifyd.accept.rows import SEND_ACTION, audit_details, new_row
 from notifyd.keys import FIRE_GROUP, Keys

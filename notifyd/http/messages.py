@@ -109,9 +109,7 @@ async def mark_messages_read(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/messages/send/", send_message)
-    app.router.add_post("/api/messages/send/", send_message)
-    app.router.add_get("/messages/", list_messages)
-    app.router.add_get("/api/messages/", list_messages)
-    app.router.add_post("/messages/mark-as-read/", mark_messages_read)
-    app.router.add_post("/api/messages/mark-as-read/", mark_messages_read)
+    for base in ("/messages", "/api/messages"):
+        app.router.add_post(f"{base}/send/", send_message)
+        app.router.add_get(f"{base}/", list_messages)
+        app.router.add_post(f"{base}/mark-as-read/", mark_messages_read)

@@ -8,8 +8,8 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from notifyd.accept.intents import announce
 from notifyd.accept.orders import Order, Refused
+from notifyd.accept.outbox import announce
 from notifyd.accept.prepare import prepare
 from notifyd.accept.rows import SEND_ACTION, audit_details, new_row
 from notifyd.auth import policy
@@ -236,13 +236,9 @@ async def retry_notification(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/notifications/send/", send_notification)
-    app.router.add_post("/api/notifications/send/", send_notification)
-    app.router.add_get("/notifications/", list_notifications)
-    app.router.add_get("/api/notifications/", list_notifications)
-    app.router.add_post("/notifications/mark-as-read/", mark_as_read)
-    app.router.add_post("/api/notifications/mark-as-read/", mark_as_read)
-    app.router.add_get("/notifications/{id}/", get_notification)
-    app.router.add_get("/api/notifications/{id}/", get_notification)
-    app.router.add_post("/notifications/{id}/retry/", retry_notification)
-    app.router.add_post("/api/notifications/{id}/retry/", retry_notification)
+    for base in ("/notifications", "/api/notifications"):
+        app.router.add_post(f"{base}/send/", send_notification)
+        app.router.add_get(f"{base}/", list_notifications)
+        app.router.add_post(f"{base}/mark-as-read/", mark_as_read)
+        app.router.add_get(f"{base}/{{id}}/", get_notification)
+        app.router.add_post(f"{base}/{{id}}/retry/", retry_notification)

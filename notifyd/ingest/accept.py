@@ -22,8 +22,8 @@ from typing import Any
 
 import asyncpg
 
-from notifyd.accept.intents import announce
 from notifyd.accept.orders import Order, Refused, order_problems
+from notifyd.accept.outbox import announce
 from notifyd.accept.prepare import Prepared, prepare
 from notifyd.accept.rows import authored
 from notifyd.ingest.events import DomainEvent, MalformedEvent, Recipient

@@ -19,8 +19,8 @@ from typing import Any
 
 import orjson
 
-from notifyd.accept.intents import announce
 from notifyd.accept.orders import Order, Refused, order_problems
+from notifyd.accept.outbox import announce
 from notifyd.accept.prepare import prepare
 from notifyd.accept.rows import authored
 from notifyd.ids import OpaqueIdRule

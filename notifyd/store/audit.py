@@ -36,18 +36,9 @@ class Author:
 
     user_id: str
     details: Mapping[str, Any] = field(default_factory=dict)
-    ip_address: str | None = None
-    request_id: str | None = None
 
     def entry(self, tenant_id: str, action: str, details: Mapping[str, Any]) -> AuditEntry:
-        return AuditEntry(
-            tenant_id=tenant_id,
-            user_id=self.user_id,
-            action=action,
-            ip_address=self.ip_address,
-            request_id=self.request_id,
-            details={**self.details, **details},
-        )
+        return AuditEntry(tenant_id, self.user_id, action, None, None, {**self.details, **details})
 
 
 INSERT = """
