@@ -8,6 +8,7 @@ a context, which is what the preview route is for.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from aiohttp import web
@@ -30,16 +31,7 @@ from notifyd.store import templates as store
 
 
 def template_json(t: store.Template) -> dict[str, Any]:
-    return {
-        "template_key": t.template_key,
-        "channel": t.channel,
-        "locale": t.locale,
-        "subject": t.subject,
-        "text_body": t.text_body,
-        "html_body": t.html_body,
-        "created_at": iso(t.created_at),
-        "updated_at": iso(t.updated_at),
-    }
+    return {**asdict(t), "created_at": iso(t.created_at), "updated_at": iso(t.updated_at)}
 
 
 def _check_read(caller: Identity) -> None:

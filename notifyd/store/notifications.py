@@ -6,7 +6,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
-from operator import attrgetter
 from typing import Any
 
 from notifyd.store import audit, retention
@@ -99,8 +98,25 @@ class NewNotification:
     request_id: str | None
 
 
-# A row's values in the INSERT's column order (the dataclass's), as one tuple: made in C.
-_args = attrgetter(*(f.name for f in fields(NewNotification)))
+def _args(row: NewNotification) -> tuple[Any, ...]:
+    return (
+        row.id,
+        row.tenant_id,
+        row.created_by,
+        row.user_id,
+        row.channel,
+        row.recipient,
+        row.subject,
+        row.body,
+        row.html_body,
+        row.template_key,
+        row.context,
+        row.locale,
+        row.category,
+        row.critical,
+        row.idempotency_key,
+        row.request_id,
+    )
 
 
 # Rows and their audit rows in one statement (one send, or a group commit of concurrent ones):
@@ -127,7 +143,7 @@ async def insert_many_audited(
 ) -> None:
     """Stores the rows (`queued`) and the audit rows, all or none (one statement: inside the
     caller's transaction when it writes more there)."""
-    columns = list(zip(*map(_args, rows), strict=True))
+    columns = list(zip(*(_args(row) for row in rows), strict=True))
     await executor.execute(
         INSERT_MANY_AUDITED,
         *(list(column) for column in columns),
