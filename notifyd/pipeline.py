@@ -21,6 +21,7 @@ from notifyd.actors.sender import Sender
 from notifyd.actors.stream_stats import StreamStats
 from notifyd.actors.sweeper import Sweeper
 from notifyd.actors.timer import Timer
+from notifyd.actors.webhook_sender import WebhookSender
 from notifyd.actors.workflow_firer import WorkflowFirer
 from notifyd.egress import Egress
 from notifyd.ingest.accept import EventAcceptor
@@ -246,6 +247,7 @@ def build_pipeline(
             streams=[keys.dead_letters],
             interval=settings.stream_stats_interval,
         ),
+        WebhookSender(pool=pool, settings=settings, egress=egress, metrics=metrics, alerts=alerts),
         alerts,
     ]
     if settings.events_enabled:
