@@ -175,6 +175,7 @@ class Daemon:
                     messages=s.retain_messages,
                     reminders=s.retain_reminders,
                     audit=s.retain_audit,
+                    webhook_deliveries=s.retain_webhook_deliveries,
                     batch=s.retain_batch,
                     pause=s.retain_pause,
                 ),

@@ -27,6 +27,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -40,9 +42,12 @@ from aiohttp import web
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
+from notifyd.actors.housekeeper import Housekeeper, Retention
 from notifyd.app import Daemon
 from notifyd.egress import Address, Egress
+from notifyd.metrics import Metrics
 from notifyd.settings import Settings
+from notifyd.store.pool import close_pool, create_pool
 from scripts.localservers import free_port
 from tests.conftest import DaemonFactory
 from tests.helpers import ROOT, Api, base_env, make_settings, token, wait_for
@@ -709,3 +714,56 @@ class _RemoteApi:
             headers={"Authorization": f"Bearer {self._bearer('service')}"},
         ) as response:
             assert response.status == 202, await response.text()
+
+
+# ------------------------------------------------------------------ retention
+
+
+async def test_finished_deliveries_past_their_retention_are_purged(
+    settings_factory: Callable[..., Settings], db: asyncpg.Connection
+) -> None:
+    """Promise: past NOTIFYD_RETAIN_WEBHOOK_DELIVERIES the housekeeper deletes succeeded and
+    failed deliveries (their data and attempts); a waiting one, or a recent one, stays."""
+    day = 86_400.0
+    endpoint = uuid.UUID(int=(1 << 76) | (0b10 << 62) | 1)
+    await db.execute(
+        "INSERT INTO webhook_endpoints (id, tenant_id, url, events, secret_enc) "
+        "VALUES ($1, $2, 'https://h.example/', '{notification.sent}', 'sealed')",
+        endpoint,
+        TENANT,
+    )
+    rows = [
+        (100 * day, "succeeded"),
+        (100 * day, "failed"),
+        (100 * day, "pending"),
+        (day, "failed"),
+    ]
+    ids = []
+    for n, (age, status) in enumerate(rows):
+        ms = int((time.time() - age) * 1000)
+        ids.append(uuid.UUID(int=(ms << 80) | (0x7 << 76) | (0b10 << 62) | n))
+        await db.execute(
+            """INSERT INTO webhook_deliveries (id, tenant_id, endpoint_id, event_type,
+                   occurred_at, data, status, next_attempt_at, window_start, done_at)
+               VALUES ($1, $2, $3, 'notification.sent', now(), '{}', $4, now(), now(),
+                       CASE WHEN $4 <> 'pending' THEN now() - make_interval(secs => $5) END)""",
+            ids[-1],
+            TENANT,
+            endpoint,
+            status,
+            age,
+        )
+    pool = await create_pool(settings_factory(), queue=True)
+    try:
+        housekeeper = Housekeeper(
+            pool,
+            ttl=day,
+            interval=60,
+            retention=Retention(webhook_deliveries=30 * day, pause=0),
+            metrics=Metrics(),
+        )
+        assert await housekeeper.purge_expired() == {"webhook_deliveries": 2}
+    finally:
+        await close_pool(pool)
+    left = await db.fetch("SELECT id FROM webhook_deliveries ORDER BY id")
+    assert [r["id"] for r in left] == ids[2:]

@@ -24,7 +24,15 @@ import asyncpg
 from redis.asyncio import Redis
 
 from notifyd.metrics import Metrics
-from notifyd.store import audit, idempotency, ingested_events, messages, notifications, reminders
+from notifyd.store import (
+    audit,
+    idempotency,
+    ingested_events,
+    messages,
+    notifications,
+    reminders,
+    webhooks,
+)
 from notifyd.store import retention as kept
 from notifyd.store.pool import Conn, Executor
 from notifyd.streams.consumer import forget_idle_consumers
@@ -46,6 +54,7 @@ class Retention:
     messages: float = 0.0
     reminders: float = 0.0
     audit: float = 0.0
+    webhook_deliveries: float = 0.0
     batch: int = 1000
     pause: float = 0.1
 
@@ -56,6 +65,7 @@ class Retention:
             ("messages", self.messages, messages.purge_expired),
             ("interview_reminders", self.reminders, reminders.purge_expired),
             ("audit_log", self.audit, audit.purge_expired),
+            ("webhook_deliveries", self.webhook_deliveries, webhooks.purge_expired),
         ]
         return [family for family in every if family[1] > 0]
 

@@ -589,6 +589,10 @@ class Settings:
     retain_audit: Float = setting(31_536_000.0, "NOTIFYD_RETAIN_AUDIT", "retention.audit",
         "seconds an audit row is kept (365 days; compliance may require longer)", ge=0,
         note=FOREVER)
+    retain_webhook_deliveries: Float = setting(2_592_000.0, "NOTIFYD_RETAIN_WEBHOOK_DELIVERIES",
+        "retention.webhook_deliveries",
+        "seconds a succeeded or failed webhook delivery (its data and attempts) is kept (30 days)",
+        ge=0, note=FOREVER)
     retain_batch: Int = setting(1000, "NOTIFYD_RETAIN_BATCH", "retention.batch",
         "rows one DELETE removes at most", gt=0, le=10_000,
         note="a larger batch holds its row locks and its WAL burst long enough to slow the "

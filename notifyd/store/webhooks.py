@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncpg
 
+from notifyd.store import retention
 from notifyd.store.pool import Conn, Executor
 
 NOTIFY_CHANNEL = "notifyd_webhooks"
@@ -161,13 +162,10 @@ SET status = 'failed', done_at = now(), last_error = $2
 WHERE endpoint_id = $1 AND status = 'pending'
 """
 
-PURGE = """
-DELETE FROM webhook_deliveries WHERE id IN (
-    SELECT id FROM webhook_deliveries
-    WHERE status IN ('succeeded', 'failed') AND done_at < now() - make_interval(secs => $1)
-    LIMIT $2
+# finished deliveries past NOTIFYD_RETAIN_WEBHOOK_DELIVERIES, by their ids (UUIDv7)
+PURGE_EXPIRED = retention.purge_statement(
+    "webhook_deliveries", "done_at", "status IN ('succeeded', 'failed')"
 )
-"""
 
 
 class TooManyEndpoints(Exception):
@@ -339,7 +337,8 @@ async def endpoint_failed(
         return row
 
 
-async def purge(executor: Executor, older_than: float, batch: int) -> int:
-    """Delete one batch of finished deliveries older than `older_than` seconds."""
-    status: str = await executor.execute(PURGE, older_than, batch)
-    return int(status.split()[-1])
+async def purge_expired(
+    executor: Executor, after: uuid.UUID, cut: retention.Cutoff, limit: int
+) -> retention.Batch:
+    """Deletes up to `limit` finished deliveries done before the cutoff, after `after`."""
+    return await retention.purge_batch(executor, PURGE_EXPIRED, after, cut, limit)
