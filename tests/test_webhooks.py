@@ -356,11 +356,22 @@ async def test_a_tenant_never_sees_or_manages_another_tenants_endpoints(
     # and nothing changed
     status, still = await admin(fast_api, "GET", path)
     assert (status, still["url"]) == (200, hook.url)
-    # another tenant's events never reach this tenant's endpoint
+    # another tenant's events reach its own endpoint, never this tenant's
     count = len(hook.received)
-    await send_in_app(fast_api, tenant=OTHER)
-    await asyncio.sleep(0.3)
+    async with receiver() as others:
+        created = await create(fast_api, others.url, ["notification.queued"], tenant=OTHER)
+        others.secrets.append(created["secret"])
+        await send_in_app(fast_api, tenant=OTHER)
+        await wait_for(lambda: others.received)
+        await asyncio.sleep(0.3)
     assert len(hook.received) == count
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM webhook_deliveries d JOIN webhook_endpoints e "
+            "ON e.id = d.endpoint_id WHERE d.tenant_id <> e.tenant_id"
+        )
+        == 0
+    )
 
 
 # ------------------------------------------------------------------ signed, durable delivery
@@ -602,6 +613,58 @@ async def test_a_name_connects_to_the_address_the_policy_checked(
                 await wait_for(lambda: hook.received)
         finally:
             await daemon.stop()
+
+
+async def test_a_literal_address_is_checked_again_at_connect_time(
+    daemon_factory: DaemonFactory, hook: Receiver, db: asyncpg.Connection
+) -> None:
+    """aiohttp never resolves an IP literal, so the sender checks it itself: an endpoint on
+    loopback stored while the operator allowed it is refused once they no longer do."""
+    allowed = await daemon_factory(**FAST)
+    async with Api(allowed) as api:
+        hook.secrets.append((await create(api, hook.url, ["notification.queued"]))["secret"])
+    await allowed.stop()
+    refusing = await daemon_factory(**{**FAST, "NOTIFYD_EGRESS_ALLOWED_NETWORKS": ""})
+    async with Api(refusing) as api:
+        await send_in_app(api)
+
+        async def refused() -> bool:
+            error = await db.fetchval("SELECT last_error FROM webhook_deliveries")
+            return error is not None and "loopback" in error
+
+        await wait_for(refused, timeout=5)
+    assert hook.received == []
+
+
+async def test_an_endless_answer_is_cut_off_and_a_2xx_still_counts(
+    fast_api: Api, db: asyncpg.Connection
+) -> None:
+    """At most NOTIFYD_WEBHOOK_RESPONSE_MAX_BYTES of an answer are read: a receiver that
+    streams forever after its 200 does not hold the request (or memory) to the timeout."""
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(status=200)
+        await response.prepare(request)
+        while True:
+            await response.write(b"x" * 65536)
+            await asyncio.sleep(0.01)
+
+    app = web.Application()
+    app.router.add_post("/hook", endless)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await create(fast_api, f"http://127.0.0.1:{port}/hook", ["notification.queued"])
+        await send_in_app(fast_api)
+        await wait_for(delivery_status(db, "succeeded"), timeout=5)
+        latency = await db.fetchval("SELECT last_latency_ms FROM webhook_deliveries")
+        assert latency < 900  # well inside the 1 s timeout
+    finally:
+        await runner.cleanup()
 
 
 # ------------------------------------------------------------------ kill -9
