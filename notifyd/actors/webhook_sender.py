@@ -145,9 +145,11 @@ class WebhookSender:
             if free > 0 and len(claimed) == free:
                 continue  # more may be due
             wait = FALLBACK_POLL_S
-            due = await store.next_due(self._pool)
-            if due is not None:
-                wait = min(wait, due)
+            if len(self._tasks) < s.webhook_concurrency:
+                # (every slot busy: only a request ending can let another start)
+                due = await store.next_due(self._pool)
+                if due is not None:
+                    wait = min(wait, due)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(wait, 0.0)):
                     await _first(stop, self._wake)
