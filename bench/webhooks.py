@@ -10,8 +10,9 @@ daemon under test must be allowed to call it and to store a secret: start notify
 1. An admin token of a tenant of this run only (`bench-<run>`) creates an endpoint for
    `notification.queued` pointing at the receiver; a probe notification's webhook must
    arrive within `--probe-timeout` seconds, else the run stops saying what to set.
-2. K `POST /notifications/send/` (in-app, `--concurrency` connections), each answer's id
-   noted with the time its POST was sent.
+2. K `POST /notifications/send/` (in-app, `--concurrency` connections; at `--rate` posts a
+   second if given, else as fast as they are accepted), each answer's id noted with the
+   time its POST was sent.
 3. Wait until every accepted notification's webhook arrived, bounded by `--margin` seconds
    after the last post, then `--settle` seconds more (a second sending would show there);
    the endpoint is deleted.
@@ -63,6 +64,7 @@ class WebhookOptions:
     receiver_port: int = 0
     count: int = 1000
     concurrency: int = 16
+    rate: float = 0.0  # posts per second in all; 0: as fast as the daemon takes them
     margin: float = 60.0
     settle: float = 1.0
     probe_timeout: float = 30.0
@@ -77,6 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--count", type=int, default=1000, help="notifications (K)")
     parser.add_argument("--concurrency", type=int, default=16, help="HTTP connections")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="posts per second (paced: latency without a backlog); 0: as fast as accepted",
+    )
     parser.add_argument(
         "--margin", type=float, default=60.0, help="seconds to wait after the last post"
     )
@@ -95,6 +103,7 @@ def options_from(args: argparse.Namespace) -> WebhookOptions:
         receiver_port=args.receiver_port,
         count=args.count,
         concurrency=args.concurrency,
+        rate=args.rate,
         margin=args.margin,
         settle=args.settle,
         probe_timeout=args.probe_timeout,
@@ -155,7 +164,7 @@ async def _send(
 async def main(options: WebhookOptions) -> dict[str, Any]:
     """Run the workload; returns the result (the CLI prints it as one JSON line)."""
     o = options
-    if o.count < 1 or o.concurrency < 1 or o.margin < 0 or o.settle < 0:
+    if o.count < 1 or o.concurrency < 1 or o.margin < 0 or o.settle < 0 or o.rate < 0:
         raise BenchError("--count and --concurrency must be positive")
     require_loopback_url(o.url, "--url")
     run_id = secrets.token_hex(4)
@@ -215,6 +224,9 @@ async def main(options: WebhookOptions) -> dict[str, Any]:
 
             async def worker() -> None:
                 while (i := next(counter)) <= o.count:
+                    if o.rate > 0:  # the i-th post's time on the schedule
+                        due = first_post_ns + int((i - 1) * 1e9 / o.rate)
+                        await asyncio.sleep(max(0.0, (due - time.monotonic_ns()) / 1e9))
                     sent_ns = time.monotonic_ns()
                     notification_id, problem = await _send(session, send_url, send_headers, i)
                     if notification_id is not None:
@@ -247,6 +259,7 @@ async def main(options: WebhookOptions) -> dict[str, Any]:
         "workload": "webhooks",
         "count": o.count,
         "concurrency": o.concurrency,
+        "rate": o.rate,
         "accepted": len(posted_ns),
         "post_errors": dict(errors),
         "posted_per_s": round(len(posted_ns) / post_s, 1),

@@ -8,8 +8,11 @@ lease that runs out, and whichever instance claims it next sends it again with t
 
 No Redis stream: the rows are made by triggers, which cannot XADD, and PostgreSQL already
 orders them by due time. The sender wakes on `NOTIFY notifyd_webhooks` (sent at the commit of
-a transaction that made rows), when a request of its own ends (a slot is free), and when the
-next retry falls due; `FALLBACK_POLL_S` covers a notification lost with a connection.
+a transaction that made rows), when a request of its own ends (a slot is free), and, when it
+has none in flight, at the next retry's time; `FALLBACK_POLL_S` (2 s) bounds every other wait
+(a retry falling due while requests are in flight, a notification lost with a connection, a
+dead instance's lease running out). Per delivery: its share of a claim, the request, and one
+statement recording the outcome.
 
 Tenants cost each other nothing:
 - each tenant has `NOTIFYD_WEBHOOK_TENANT_CONCURRENCY` requests in flight at most (per
@@ -145,8 +148,9 @@ class WebhookSender:
             if free > 0 and len(claimed) == free:
                 continue  # more may be due
             wait = FALLBACK_POLL_S
-            if len(self._tasks) < s.webhook_concurrency:
-                # (every slot busy: only a request ending can let another start)
+            if not self._tasks:
+                # with requests in flight, each one ending wakes the loop (and a retry due
+                # meanwhile waits for that, or FALLBACK_POLL_S at most): no query per wake
                 due = await store.next_due(self._pool)
                 if due is not None:
                     wait = min(wait, due)
@@ -217,7 +221,6 @@ class WebhookSender:
             if error is None:
                 lag = (datetime.now(UTC) - row["occurred_at"]).total_seconds()
                 self._metrics.webhook_delivered_seconds.observe(max(lag, 0.0))
-                await store.endpoint_answered(self._pool, endpoint_id)
             else:
                 await self._failed(endpoint_id, row, last=status == "failed")
         except (asyncpg.PostgresError, OSError, TimeoutError):

@@ -125,8 +125,11 @@ FROM webhook_deliveries
 WHERE status IN ('pending', 'sending') AND next_attempt_at > now()
 """
 
-# $3: succeeded | pending | failed; $4: seconds to the next attempt (pending)
+# $3: succeeded | pending | failed; $4: seconds to the next attempt (pending). A success
+# also notes the endpoint's `answered_at`, at most once a second (concurrent successes do not
+# queue on the endpoint's row), in the same statement.
 RECORD = """
+WITH recorded AS (
 UPDATE webhook_deliveries
 SET status = $3,
     next_attempt_at = CASE WHEN $3 = 'pending' THEN now() + make_interval(secs => $4)
@@ -137,11 +140,13 @@ SET status = $3,
                         THEN attempt_log - 0 ELSE attempt_log END) || $8::jsonb
 WHERE id = $1 AND status = 'sending' AND attempts = $2
 RETURNING endpoint_id
-"""
-# at most one write a second per endpoint: concurrent successes do not queue on its row
-ENDPOINT_ANSWERED = """
-UPDATE webhook_endpoints SET answered_at = now()
-WHERE id = $1 AND (answered_at IS NULL OR answered_at < now() - interval '1 second')
+), answered AS (
+UPDATE webhook_endpoints e SET answered_at = now()
+FROM recorded
+WHERE $3 = 'succeeded' AND e.id = recorded.endpoint_id
+  AND (e.answered_at IS NULL OR e.answered_at < now() - interval '1 second')
+)
+SELECT endpoint_id FROM recorded
 """
 # A failed attempt disables its endpoint when nothing answered 2xx there since it was
 # enabled and for NOTIFYD_WEBHOOK_RETRY_FOR ($2) seconds, or, when this attempt was the
@@ -311,10 +316,6 @@ async def record(
         kept,
     )
     return endpoint_id
-
-
-async def endpoint_answered(executor: Executor, endpoint_id: uuid.UUID) -> None:
-    await executor.execute(ENDPOINT_ANSWERED, endpoint_id)
 
 
 async def endpoint_failed(
