@@ -667,6 +667,25 @@ async def test_an_endless_answer_is_cut_off_and_a_2xx_still_counts(
         await runner.cleanup()
 
 
+async def test_a_stop_hands_its_requests_in_flight_back(
+    daemon_factory: DaemonFactory, hook: Receiver, db: asyncpg.Connection
+) -> None:
+    """A graceful stop (a deploy) cuts the requests in flight and hands their claims back at
+    once: the next instance sends them without waiting for the lease, with the same id."""
+    first = await daemon_factory(**{**FAST, "NOTIFYD_WEBHOOK_TIMEOUT": "30"})
+    async with Api(first) as api:
+        hook.secrets.append((await create(api, hook.url, ["notification.queued"]))["secret"])
+        hook.hang_forever = True
+        await send_in_app(api)
+        await wait_for(lambda: hook.received)
+    await first.stop()
+    assert await db.fetchval("SELECT status FROM webhook_deliveries") == "pending"
+    hook.hang_forever = False
+    await daemon_factory(**{**FAST, "NOTIFYD_WEBHOOK_TIMEOUT": "30"})  # lease: 61 s
+    await wait_for(lambda: len(hook.received) == 2, timeout=5)
+    assert len(set(hook.ids())) == 1
+
+
 # ------------------------------------------------------------------ kill -9
 
 

@@ -60,6 +60,7 @@ log = logging.getLogger("notifyd.webhooks")
 
 FALLBACK_POLL_S = 2.0
 LEASE_MARGIN_S = 1.0  # a claim outlives the longest attempt (and its record) by this much
+RELEASE_TIMEOUT_S = 2.0  # a stop hands its claims back within this, else leaves them
 USER_AGENT = f"notifyd/{__version__} (webhooks)"
 
 
@@ -92,7 +93,7 @@ class WebhookSender:
         self._alerts = alerts
         self._box = SecretBox.from_settings(settings)
         self._wake = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], tuple[uuid.UUID, int]] = {}  # → its claim
         self._busy: Counter[str] = Counter()  # tenant → requests in flight here
         self._timeout = aiohttp.ClientTimeout(
             total=settings.webhook_timeout,
@@ -162,10 +163,10 @@ class WebhookSender:
         tenant_id = row["tenant_id"]
         self._busy[tenant_id] += 1
         task = asyncio.create_task(self._deliver(http, row), name=f"webhook:{row['id']}")
-        self._tasks.add(task)
+        self._tasks[task] = (row["id"], row["attempts"])
 
         def done(finished: asyncio.Task[None]) -> None:
-            self._tasks.discard(finished)
+            self._tasks.pop(finished, None)
             self._busy[tenant_id] -= 1
             if self._busy[tenant_id] <= 0:
                 del self._busy[tenant_id]
@@ -174,12 +175,20 @@ class WebhookSender:
         task.add_done_callback(done)
 
     async def _drain(self) -> None:
-        """Stop: requests in flight are cancelled; their rows' leases run out and another
-        instance (or this one, restarted) sends them again with the same id."""
-        tasks = list(self._tasks)
-        for task in tasks:
+        """Stop: requests in flight are cancelled and their claims handed back (due now, for
+        any instance, with the same id); if that fails (PostgreSQL is what broke), their
+        leases run out instead."""
+        claims = dict(self._tasks)
+        for task in claims:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*claims, return_exceptions=True)
+        if not claims:
+            return
+        try:
+            async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                await store.release(self._pool, list(claims.values()))
+        except (asyncpg.PostgresError, OSError, TimeoutError):
+            log.warning("webhook claims left to their leases", extra={"count": len(claims)})
 
     async def _deliver(self, http: aiohttp.ClientSession, row: asyncpg.Record) -> None:
         s = self._settings

@@ -118,6 +118,12 @@ RETURNING d.id, d.tenant_id, d.endpoint_id, d.event_type, d.occurred_at, d.data,
           e.url, e.secret_enc,
           CASE WHEN e.previous_until > now() THEN e.previous_secret_enc END AS previous_secret_enc
 """
+# a stopping sender's claims, handed back: due now, for whichever instance claims them
+RELEASE = """
+UPDATE webhook_deliveries d SET status = 'pending', next_attempt_at = now()
+FROM unnest($1::uuid[], $2::int[]) AS claim (id, attempts)
+WHERE d.id = claim.id AND d.status = 'sending' AND d.attempts = claim.attempts
+"""
 # seconds until the next row falls due that is not due already (those wait for a free slot)
 NEXT_DUE = """
 SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - now())::float8
@@ -274,6 +280,11 @@ async def claim(
             CLAIM, tenants, [busy[t] for t in tenants], tenant_cap, limit, lease, retry_for
         )
     )
+
+
+async def release(executor: Executor, claims: Sequence[tuple[uuid.UUID, int]]) -> None:
+    """Hand back claims (delivery id, attempts) whose requests were cut off by a stop."""
+    await executor.execute(RELEASE, [c[0] for c in claims], [c[1] for c in claims])
 
 
 async def next_due(executor: Executor) -> float | None:
