@@ -32,6 +32,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -407,6 +408,59 @@ async def test_events_arrive_signed_as_standard_webhooks_verify_them(
     [message] = hook.of_type("message.created")
     assert message.body["data"]["message_id"] == body["message_id"]
     assert len(set(hook.ids())) == len(hook.received)  # one id per event
+
+
+async def test_reminders_and_workflow_steps_make_their_events(
+    fast_api: Api, hook: Receiver
+) -> None:
+    """`reminder.fired` when a reminder fires (with the notifications it made) and
+    `workflow.step` when a step's outcome is decided."""
+    created = await create(fast_api, hook.url, ["reminder.fired", "workflow.step"])
+    hook.secrets.append(created["secret"])
+    now = datetime.now(UTC)
+    status, reminder, _ = await fast_api.post(
+        "/reminders/create/",
+        {
+            "application_id": "app-1",
+            "candidate_id": "cand-1",
+            "employer_id": "emp-1",
+            "interview_time": (now + timedelta(days=1)).isoformat(),
+            "reminder_time": (now + timedelta(seconds=1)).isoformat(),
+        },
+        tenant=TENANT,
+        role="service",
+    )
+    assert status == 201, reminder
+    status, body, _ = await fast_api.request(
+        "PUT",
+        "/workflows/welcome/",
+        json={"steps": [{"channel": "in_app", "template_key": "welcome"}]},
+        tenant=TENANT,
+        role="admin",
+    )
+    assert status == 200, body
+    status, body, _ = await fast_api.request(
+        "PUT",
+        "/templates/welcome/in_app/",
+        json={"subject": "Hi", "text_body": "Welcome"},
+        tenant=TENANT,
+        role="admin",
+    )
+    assert status == 200, body
+    status, triggered, _ = await fast_api.post(
+        "/workflows/welcome/trigger/",
+        {"recipients": ["cand-1"], "data": {}},
+        tenant=TENANT,
+        role="service",
+    )
+    assert status == 202, triggered
+    await wait_for(lambda: hook.of_type("reminder.fired") and hook.of_type("workflow.step"))
+    [fired] = hook.of_type("reminder.fired")
+    assert fired.body["data"]["reminder_id"] == reminder["reminder_id"]
+    assert len(fired.body["data"]["notification_ids"]) == 2  # candidate and employer
+    [step] = hook.of_type("workflow.step")
+    assert step.body["data"]["run_id"] == triggered["runs"][0]["run_id"]
+    assert (step.body["data"]["workflow_key"], step.body["data"]["status"]) == ("welcome", "sent")
 
 
 async def test_failures_are_retried_with_the_same_id_until_a_2xx(
