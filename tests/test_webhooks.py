@@ -576,6 +576,40 @@ async def test_an_endpoint_failing_for_the_whole_window_is_disabled_with_an_aler
         await wait_for(lambda: len(hook.received) == count + 1)
 
 
+async def test_a_turned_off_endpoint_fails_its_waiting_rows_and_never_holds_the_others(
+    fast_api: Api, hook: Receiver, db: asyncpg.Connection
+) -> None:
+    """PATCH enabled: false fails the endpoint's waiting deliveries; rows of a turned-off
+    endpoint still due (in flight when it was turned off) never take the slots of the
+    tenant's other endpoints."""
+    async with receiver() as off:
+        off.plan = [500] * 1000
+        off_endpoint = await create(fast_api, off.url, ["notification.queued"])
+        off.secrets.append(off_endpoint["secret"])
+        await send_in_app(fast_api)
+        await wait_for(lambda: len(off.received) >= 2)  # failing, retried
+        status, body = await admin(
+            fast_api, "PATCH", f"{BASE}{off_endpoint['id']}/", json={"enabled": False}
+        )
+        assert (status, body["enabled"]) == (200, False)
+        await wait_for(delivery_status(db, "failed"), timeout=5)
+        # more due rows of the turned-off endpoint than the tenant has slots, oldest first
+        for _ in range(10):
+            await db.execute(
+                """INSERT INTO webhook_deliveries (id, tenant_id, endpoint_id, event_type,
+                       occurred_at, data, next_attempt_at, window_start)
+                   VALUES (notifyd_uuid7(), $1, $2, 'notification.queued', now(), '{}',
+                           now() - interval '1 hour', now())""",
+                TENANT,
+                uuid.UUID(off_endpoint["id"]),
+            )
+        hook.secrets.append((await create(fast_api, hook.url, ["notification.queued"]))["secret"])
+        count = len(off.received)
+        await send_in_app(fast_api)
+        await wait_for(lambda: hook.received, timeout=5)
+        assert len(off.received) == count
+
+
 async def test_a_hanging_endpoint_never_delays_another_tenants_webhooks(
     daemon_factory: DaemonFactory,
 ) -> None:

@@ -221,6 +221,8 @@ async def patch_endpoint(request: web.Request) -> web.Response:
         row = await store.patch(conn, caller.tenant_id, endpoint_id, values)
         if row is None:
             raise not_found("webhook endpoint")
+        if values.get("enabled") is False:
+            await store.fail_waiting(conn, endpoint_id, "the endpoint was turned off")
         await audit.record(
             conn,
             audit_entry(

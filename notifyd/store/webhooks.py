@@ -99,6 +99,10 @@ WITH tenants AS (
         WHERE d.tenant_id = tenants.tenant_id
           AND d.status IN ('pending', 'sending')
           AND d.next_attempt_at <= now()
+          -- a turned-off endpoint's rows (a few, still in flight when it was) never take
+          -- the slots of the tenant's other endpoints
+          AND EXISTS (SELECT 1 FROM webhook_endpoints e
+                      WHERE e.id = d.endpoint_id AND e.enabled)
         ORDER BY d.next_attempt_at
         LIMIT tenants.slots
         FOR UPDATE SKIP LOCKED
@@ -231,6 +235,11 @@ async def patch(
         "description" in values,
         "enabled" in values,
     )
+
+
+async def fail_waiting(conn: Conn, endpoint_id: uuid.UUID, reason: str) -> None:
+    """An endpoint turned off: its waiting deliveries fail (a replay sends one again)."""
+    await conn.execute(FAIL_WAITING, endpoint_id, reason)
 
 
 async def delete(conn: Conn, tenant_id: str, endpoint_id: uuid.UUID) -> bool:
