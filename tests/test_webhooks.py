@@ -410,6 +410,19 @@ async def test_events_arrive_signed_as_standard_webhooks_verify_them(
     assert len(set(hook.ids())) == len(hook.received)  # one id per event
 
 
+async def test_a_suppressed_notification_makes_its_event(fast_api: Api, hook: Receiver) -> None:
+    hook.secrets.append((await create(fast_api, hook.url, ["notification.suppressed"]))["secret"])
+    status, body, _ = await fast_api.request(
+        "PUT", "/preferences/", json={"channels": {"in_app": False}}, tenant=TENANT, user="user-2"
+    )
+    assert status == 200, body
+    notification_id = await send_in_app(fast_api, recipient="user-2")
+    await wait_for(lambda: hook.received)
+    [suppressed] = hook.received
+    assert suppressed.body["type"] == "notification.suppressed"
+    assert suppressed.body["data"]["notification_id"] == notification_id
+
+
 async def test_reminders_and_workflow_steps_make_their_events(
     fast_api: Api, hook: Receiver
 ) -> None:
