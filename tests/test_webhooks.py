@@ -644,8 +644,10 @@ async def test_a_hanging_endpoint_never_delays_another_tenants_webhooks(
             count = len(healthy.received)
             started = asyncio.get_running_loop().time()
             await send_in_app(api, tenant=OTHER)
-            await wait_for(lambda n=count: len(healthy.received) > n, timeout=2)
-            assert asyncio.get_running_loop().time() - started < 1.0
+            await wait_for(lambda n=count: len(healthy.received) > n, timeout=5)
+            # far inside the 30 s the slow tenant's requests hang for (a loaded test machine
+            # takes some of it)
+            assert asyncio.get_running_loop().time() - started < 3.0
         assert len(slow.received) == 2  # still hanging, still only its own slots
 
 
@@ -738,7 +740,7 @@ async def test_a_literal_address_is_checked_again_at_connect_time(
 
 
 async def test_an_endless_answer_is_cut_off_and_a_2xx_still_counts(
-    fast_api: Api, db: asyncpg.Connection
+    daemon_factory: DaemonFactory, db: asyncpg.Connection
 ) -> None:
     """At most NOTIFYD_WEBHOOK_RESPONSE_MAX_BYTES of an answer are read: a receiver that
     streams forever after its 200 does not hold the request (or memory) to the timeout."""
@@ -757,13 +759,15 @@ async def test_an_endless_answer_is_cut_off_and_a_2xx_still_counts(
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
+    daemon = await daemon_factory(**{**FAST, "NOTIFYD_WEBHOOK_TIMEOUT": "10"})
     try:
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        await create(fast_api, f"http://127.0.0.1:{port}/hook", ["notification.queued"])
-        await send_in_app(fast_api)
-        await wait_for(delivery_status(db, "succeeded"), timeout=5)
+        async with Api(daemon) as api:
+            await create(api, f"http://127.0.0.1:{port}/hook", ["notification.queued"])
+            await send_in_app(api)
+            await wait_for(delivery_status(db, "succeeded"), timeout=8)
         latency = await db.fetchval("SELECT last_latency_ms FROM webhook_deliveries")
-        assert latency < 900  # well inside the 1 s timeout
+        assert latency < 5000  # far inside the 10 s a whole read would run to
     finally:
         await runner.cleanup()
 
