@@ -217,7 +217,7 @@ class Metrics:
             "notifyd_webhook_attempts_total",
             "Webhook requests made, by outcome: succeeded (a 2xx in time), http_error (another "
             "status), timeout, connect_error, refused (egress policy, https required, secret "
-            "unreadable).",
+            "unreadable), error (a failure inside notifyd, logged).",
             ["outcome"],
             registry=self.registry,
         )

@@ -201,6 +201,9 @@ class WebhookSender:
             outcome = "succeeded"
         except _Failed as failed:
             status_code, error, outcome = failed.status_code, failed.error, failed.outcome
+        except Exception:  # a bug of ours: recorded and retried like any failure, and logged
+            log.exception("webhook attempt failed inside notifyd", extra={"id": str(row["id"])})
+            error, outcome = "notifyd failed to make the request (logged for its operator)", "error"
         latency = time.monotonic() - started
         self._metrics.webhook_attempts.labels(outcome).inc()
         self._metrics.webhook_attempt_seconds.observe(latency)
@@ -232,8 +235,9 @@ class WebhookSender:
                 self._metrics.webhook_delivered_seconds.observe(max(lag, 0.0))
             else:
                 await self._failed(endpoint_id, row, last=status == "failed")
-        except (asyncpg.PostgresError, OSError, TimeoutError):
-            # the claim's lease runs out and the row is sent again (at least once)
+        except Exception:
+            # PostgreSQL trouble (or a bug): the claim's lease runs out and the row is sent
+            # again (at least once)
             log.warning("webhook outcome not recorded", exc_info=True, extra={"id": str(row["id"])})
 
     async def _failed(self, endpoint_id: uuid.UUID, row: asyncpg.Record, *, last: bool) -> None:
