@@ -292,6 +292,15 @@ async def test_the_egress_policy_refuses_a_url_with_a_422_naming_url(
             assert says in body["errors"][0]["message"], body
         status, listed = await admin(api, "GET", BASE)
         assert (status, listed) == (200, [])
+        # a PATCH's URL goes through the same policy
+        created = await create(api, "https://93.184.215.14/hook", ["notification.sent"])
+        status, body = await admin(
+            api, "PATCH", f"{BASE}{created['id']}/", json={"url": "https://10.0.0.7/x"}
+        )
+        assert status == 422, body
+        assert [e["field"] for e in body["errors"]] == ["url"]
+        status, kept = await admin(api, "GET", f"{BASE}{created['id']}/")
+        assert kept["url"] == "https://93.184.215.14/hook"
 
 
 async def test_a_tenant_has_a_bounded_number_of_endpoints(
