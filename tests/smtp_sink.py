@@ -76,6 +76,8 @@ class _Handler:
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
+        with self._sink._lock:
+            self._sink.rcpts.append(address)
         refusal = self._sink._refusal(address)
         if refusal is not None:
             return refusal
@@ -105,12 +107,13 @@ class _Handler:
 
 class SmtpSink:
     """`with SmtpSink() as sink:` → `sink.port`, `sink.received`, `sink.fail_next(n, reply)`,
-    `sink.refuse_rcpt(address, reply)`, `sink.sessions` (SMTP sessions that greeted),
-    `sink.delay` (a slow relay)."""
+    `sink.refuse_rcpt(address, reply)`, `sink.rcpts` (every RCPT TO asked), `sink.sessions`
+    (SMTP sessions that greeted), `sink.delay` (a slow relay)."""
 
     def __init__(self) -> None:
         self.port = free_port()
         self.received: list[Received] = []
+        self.rcpts: list[str] = []  # every RCPT TO address asked for, refused or not
         self._replies: deque[str] = deque()
         self._refusals: dict[str, str] = {}
         self._sessions = 0

@@ -35,6 +35,7 @@ from notifyd.store import deliveries
 from notifyd.store import preferences as preference_store
 from notifyd.streams.consumer import Entry, StreamConsumer, Timing
 from notifyd.streams.producer import Producer
+from notifyd.suppressions import listed_reason
 
 log = logging.getLogger("notifyd.actors.dispatcher")
 
@@ -218,18 +219,20 @@ class Dispatcher:
             )
 
     async def _route_many(self, rows: list[asyncpg.Record]) -> list[asyncpg.Record]:
-        """Render what was not rendered at acceptance, apply each user's preferences, deliver
+        """Render what was not rendered at acceptance, apply the tenant's suppression list
+        and each user's preferences (both read with the rows, one query), deliver
         the in-app rows here and mark the others dispatched (one UPDATE); returns the rows
         now dispatched, for their channels' streams."""
         ready: list[Ready] = []
         composer = Composer(
             self._pool, self._settings.default_locale, limits=render_limits(self._settings)
         )
+        suppressed: list[tuple[str, uuid.UUID, str]] = []
         for row in rows:
-            content = await self._content(composer, row)
-            if content is None:
-                continue  # the template failed: the row is `failed`, with the reason
-            if row["user_id"] is not None:
+            reason = listed_reason(
+                row["suppressed_reason"], row["suppressed_category"], critical=row["critical"]
+            )
+            if reason is None and row["user_id"] is not None:
                 reason = suppression_reason(
                     preference_store.from_columns(
                         row["preferred_channels"], row["preferred_categories"]
@@ -238,10 +241,15 @@ class Dispatcher:
                     category=row["category"],
                     critical=row["critical"],
                 )
-                if reason is not None:
-                    await deliveries.suppress(self._pool, row["tenant_id"], row["id"], reason)
-                    continue
+            if reason is not None:
+                suppressed.append((row["tenant_id"], row["id"], reason))
+                continue  # not rendered: it is not sent
+            content = await self._content(composer, row)
+            if content is None:
+                continue  # the template failed: the row is `failed`, with the reason
             ready.append(Ready(row, *content))
+        if suppressed:
+            await deliveries.suppress_many(self._pool, suppressed)
         if self._direct_in_app is not None:
             in_app = [r for r in ready if r.row["channel"] == "in_app"]
             if in_app:

@@ -143,5 +143,11 @@ def may_manage_webhooks(identity: Identity) -> bool:
     return identity.role == "admin"
 
 
+def may_manage_suppressions(identity: Identity) -> bool:
+    """The suppression list holds every recipient's bounce and opt-out history, and taking an
+    address off it sends to a dead mailbox or a number that said STOP: an operator's."""
+    return identity.role == "admin"
+
+
 def may_read_audit(identity: Identity) -> bool:
     return identity.role == "admin"

@@ -332,6 +332,25 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {"subject": _NULLABLE_STR, "text": {"type": "string"}, "html": _NULLABLE_STR},
     },
+    "Suppression": {
+        "type": "object",
+        "properties": {
+            "id": _UUID,
+            "channel": {"type": "string", "enum": ["email", "sms"]},
+            "address": {"type": "string", "description": "email lower-cased; SMS in E.164"},
+            "category": {
+                **_NULLABLE_STR,
+                "description": "null: every category; else the one category suppressed",
+            },
+            "reason": {
+                "type": "string",
+                "enum": ["hard_bounce", "smtp_refused", "sms_opt_out", "complaint", "unsubscribe"],
+            },
+            "source": {"type": "string", "description": "what said so, in its words"},
+            "notification_id": {"type": ["string", "null"], "format": "uuid"},
+            "created_at": _TIME,
+        },
+    },
     "AuditEntry": {
         "type": "object",
         "properties": {
@@ -780,6 +799,34 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
                         "schema": {"type": "string"},
                     },
                     _IDEMPOTENCY,
+                ],
+            )
+        },
+        "/suppressions/": {
+            "get": op(
+                "The tenant's suppression list, newest first (admin)",
+                {"200": _ok(_list_of("Suppression"), headers=_LINK), **_problems(403, 422)},
+                parameters=query_parameters(schemas.page_query.model),
+            )
+        },
+        "/suppressions/{channel}/{address}/": {
+            "delete": op(
+                "Take an address off the suppression list, every category (admin): it may be "
+                "sent to again",
+                {"204": {"description": "Removed"}, **_problems(403, 404, 422)},
+                parameters=[
+                    {
+                        "name": "channel",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "enum": ["email", "sms"]},
+                    },
+                    {
+                        "name": "address",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "maxLength": 320},
+                    },
                 ],
             )
         },

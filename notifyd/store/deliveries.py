@@ -16,11 +16,6 @@ import asyncpg
 
 from notifyd.store.pool import Conn, Executor
 
-SUPPRESS = """
-UPDATE notifications SET status = 'suppressed', last_error = $3, updated_at = now()
-WHERE tenant_id = $1 AND id = $2 AND status = 'queued'
-"""
-
 FAIL_QUEUED = """
 UPDATE notifications SET status = 'failed', last_error = $3, updated_at = now()
 WHERE tenant_id = $1 AND id = $2 AND status = 'queued'
@@ -133,12 +128,6 @@ def _changed(status: str) -> bool:
     return status.rsplit(" ", 1)[1] != "0"
 
 
-async def suppress(
-    executor: Executor, tenant_id: str, notification_id: uuid.UUID, reason: str
-) -> bool:
-    return _changed(await executor.execute(SUPPRESS, tenant_id, notification_id, reason))
-
-
 async def fail_queued(
     executor: Executor, tenant_id: str, notification_id: uuid.UUID, reason: str
 ) -> bool:
@@ -244,14 +233,26 @@ async def retrying_due(executor: Executor, limit: int) -> list[asyncpg.Record]:
 # had the most to catch up on. `IS TRUE` means the same for a NOT NULL column, but the planner
 # cannot match it to the index predicate, so a batch always costs its primary-key probes.
 
-# The rows with their recipients' saved preferences (NULL columns: none saved), one query.
+# The rows with their recipients' saved preferences (NULL columns: none saved) and their
+# address's suppression-list entry (NULL: none), one query. The entry is one probe of the
+# list's unique index per row; an entry for every category ('') sorts before one for the
+# row's category, so the stronger reason is the one seen (see `notifyd.suppressions`).
 LOAD_MANY_FOR_DISPATCH = """
 SELECT n.id, n.tenant_id, n.channel, n.recipient, n.user_id, n.subject, n.body, n.html_body,
        n.template_key, n.context, n.locale, n.category, n.critical, n.status, n.attempts,
-       n.created_at, p.channels AS preferred_channels, p.categories AS preferred_categories
+       n.created_at, p.channels AS preferred_channels, p.categories AS preferred_categories,
+       s.reason AS suppressed_reason, s.category AS suppressed_category
 FROM unnest($1::text[], $2::uuid[]) AS k (tenant_id, id)
 JOIN notifications n ON n.tenant_id = k.tenant_id AND n.id = k.id
 LEFT JOIN preferences p ON p.tenant_id = n.tenant_id AND p.user_id = n.user_id
+LEFT JOIN LATERAL (
+    SELECT s.reason, s.category FROM suppressions s
+    WHERE s.tenant_id = n.tenant_id AND s.channel = n.channel
+      AND s.address = CASE n.channel WHEN 'email' THEN lower(btrim(n.recipient))
+                                     ELSE btrim(n.recipient) END
+      AND s.category IN ('', COALESCE(n.category, ''))
+    ORDER BY s.category LIMIT 1
+) s ON n.channel IN ('email', 'sms')
 """
 
 DISPATCH_MANY = """
@@ -260,6 +261,15 @@ SET status = 'dispatched', subject = k.subject, body = k.body, html_body = k.htm
     updated_at = now()
 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[])
      AS k (tenant_id, id, subject, body, html_body)
+WHERE n.tenant_id = k.tenant_id AND n.id = k.id AND (n.status = 'queued') IS TRUE
+RETURNING n.id
+"""
+
+# queued rows the dispatcher will not send (the suppression list, the recipient's opt-outs)
+SUPPRESS_MANY = """
+UPDATE notifications n
+SET status = 'suppressed', last_error = k.reason, updated_at = now()
+FROM unnest($1::text[], $2::uuid[], $3::text[]) AS k (tenant_id, id, reason)
 WHERE n.tenant_id = k.tenant_id AND n.id = k.id AND (n.status = 'queued') IS TRUE
 RETURNING n.id
 """
@@ -350,6 +360,16 @@ async def dispatch_many(
         [r[2] for r in rows],
         [r[3] for r in rows],
         [r[4] for r in rows],
+    )
+    return {r["id"] for r in changed}
+
+
+async def suppress_many(
+    executor: Executor, rows: Sequence[tuple[str, uuid.UUID, str]]
+) -> set[uuid.UUID]:
+    """(tenant, id, reason) of queued rows → suppressed with that reason; the ids changed."""
+    changed = await executor.fetch(
+        SUPPRESS_MANY, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
     )
     return {r["id"] for r in changed}
 
