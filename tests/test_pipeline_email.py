@@ -462,8 +462,9 @@ async def test_failure_for_good_alerts_recipient_list_once_per_interval(
     failure_log: _FailureLog,
 ) -> None:
     """Promise: a delivery that fails for good emails the RECIPIENT_LIST operators through the
-    global relay; a second failure within NOTIFYD_ALERT_INTERVAL sends no second alert."""
-    smtp_sink.refuse_rcpt("nobody@example.com", "550 5.1.1 No such user here")
+    global relay; a second failure within NOTIFYD_ALERT_INTERVAL sends no second alert. (A
+    policy refusal: a refused mailbox is the recipient's, suppressed without an alert.)"""
+    smtp_sink.refuse_rcpt("nobody@example.com", "554 5.7.1 Rejected by policy")
     daemon = await start(daemon_factory, smtp_sink, RECIPIENT_LIST="ops@example.com")
     assert daemon.pipeline is not None
     async with Api(daemon) as api:
@@ -472,7 +473,7 @@ async def test_failure_for_good_alerts_recipient_list_once_per_interval(
         await asyncio.to_thread(smtp_sink.wait_for, 1)
         [alert] = smtp_sink.messages_to("ops@example.com")
         assert first in str(alert.message.get_content())
-        assert "550" in str(alert.message.get_content())
+        assert "554" in str(alert.message.get_content())
         assert "failed" in str(alert.message["Subject"])
         assert parseaddr(str(alert.message["From"]))[1] == FROM
 
@@ -496,7 +497,7 @@ async def test_alert_message_id_is_well_formed_with_a_display_name_from(
 ) -> None:
     """Promise: alert emails carry a valid Message-ID also when EMAIL_FROM has a display name
     (Django's DEFAULT_FROM_EMAIL is often "Name <address>"), as delivery emails do."""
-    smtp_sink.refuse_rcpt("nobody@example.com", "550 5.1.1 No such user here")
+    smtp_sink.refuse_rcpt("nobody@example.com", "554 5.7.1 Rejected by policy")
     daemon = await start(
         daemon_factory,
         smtp_sink,

@@ -15,17 +15,29 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 
+from notifyd.providers.smtp import mailbox_refused
 from notifyd.settings import Settings
 from notifyd.store import suppressions as store
 from notifyd.store.pool import close_pool, create_pool
 from notifyd.suppressions import listed_reason
 from tests.conftest import DaemonFactory
-from tests.helpers import Api
+from tests.helpers import Api, wait_for
 from tests.smtp_sink import SmtpSink
 from tests.test_pipeline_email import row, send, start, wait_status
+from tests.test_pipeline_sms import (
+    SEED_SMS,
+    SID,
+    TOKEN,
+    message_for,
+    send_sms,
+    sms_daemon,
+)
+from tests.test_pipeline_sms import wait_status as wait_sms_status
+from tests.twilio_standin import TwilioStandin, post_signed
 
 PATH = "/suppressions/"
 PROBLEM_JSON = "application/problem+json"
@@ -59,6 +71,28 @@ def test_which_entries_stop_which_sends(
     if said is not None:
         assert reason is not None and reason in said
         assert (category in said) if category else "category" not in said
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "dead"),
+    [
+        (550, "5.1.1 No such user here", True),
+        (550, "5.1.10 Recipient address has null MX", True),
+        (550, "5.2.1 Mailbox disabled", True),
+        (553, "5.1.3 Bad recipient address syntax", True),
+        (550, "No such user", True),
+        (551, "User not local", True),
+        (550, "5.7.1 Message rejected as spam", False),
+        (554, "5.7.1 Relay access denied", False),
+        (552, "5.2.2 Mailbox full", False),
+        (554, "Transaction failed", False),
+        (450, "4.1.1 Try later", False),
+    ],
+)
+def test_which_refusals_name_the_mailbox_dead(code: int, text: str, dead: bool) -> None:
+    """Promise: only a refusal of the address itself (5.1.x, 5.2.1, or a bare 550/551/553)
+    suppresses; a policy or content refusal (5.7.x, 552, 554) and a 4xx do not."""
+    assert mailbox_refused(code, text) is dead
 
 
 # --- the routes --------------------------------------------------------------------------------
@@ -198,3 +232,117 @@ async def test_a_listed_email_address_is_suppressed_without_calling_the_relay(
     assert sorted(r.notifyd_id or "" for r in smtp_sink.received) == sorted([other, urgent, bob])
     assert "dead@example.com" not in [a.lower() for a in smtp_sink.rcpts]
     assert (await row(db, dead))["attempts"] == 0
+
+
+async def test_smtp_550_at_rcpt_suppresses_the_address_for_later_sends(
+    daemon_factory: DaemonFactory, smtp_sink: SmtpSink, db: asyncpg.Connection
+) -> None:
+    """Promise: a relay's 550 5.1.1 at RCPT TO fails that delivery with the relay's words and
+    puts the address on the list; the next send to it (even critical) ends `suppressed`
+    without a second RCPT TO; a 5.7.1 policy refusal fails without suppressing."""
+    smtp_sink.refuse_rcpt("nobody@example.com", "550 5.1.1 No such user here")
+    smtp_sink.refuse_rcpt("spam@example.com", "550 5.7.1 Message rejected as spam")
+    daemon = await start(daemon_factory, smtp_sink)
+    async with Api(daemon) as api:
+        first = (await send(api, recipient="nobody@example.com"))["notification_id"]
+        record = await wait_status(db, first, "failed")
+        assert "No such user here" in record["last_error"]
+        assert "suppression list" in record["last_error"]
+        policy = (await send(api, recipient="spam@example.com"))["notification_id"]
+        await wait_status(db, policy, "failed")
+        second = (await send(api, recipient="NOBODY@example.com", critical=True))["notification_id"]
+        record = await wait_status(db, second, "suppressed")
+        assert "smtp_refused" in record["last_error"]
+        status, listed, _ = await admin_get(api, PATH)
+    assert status == 200
+    assert [(e["address"], e["reason"], e["notification_id"]) for e in listed] == [
+        ("nobody@example.com", "smtp_refused", first)
+    ]
+    assert "No such user here" in listed[0]["source"]
+    assert [a.lower() for a in smtp_sink.rcpts].count("nobody@example.com") == 1
+
+
+# --- SMS ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def twilio() -> AsyncIterator[TwilioStandin]:
+    async with TwilioStandin({SID: TOKEN}) as standin:
+        yield standin
+
+
+async def test_twilio_21610_suppresses_the_number_and_a_later_send_never_reaches_twilio(
+    daemon_factory: DaemonFactory, twilio: TwilioStandin, db: asyncpg.Connection
+) -> None:
+    """Promise: Twilio's 21610 (the number replied STOP) fails that message and puts the
+    number on the list; a later send to it, even critical, ends `suppressed` without a
+    request to Twilio."""
+    twilio.fail_next(1, status=400, code=21610, message="Attempt to send to unsubscribed recipient")
+    daemon = await sms_daemon(daemon_factory, twilio)
+    async with Api(daemon) as api:
+        first = await send_sms(api)
+        record = await wait_sms_status(db, first, "failed")
+        assert "21610" in record["last_error"]
+        second = await send_sms(api, {**SEED_SMS, "critical": True})
+        record = await wait_sms_status(db, second, "suppressed")
+        assert "sms_opt_out" in record["last_error"]
+        listed = (await admin_get(api, PATH))[1]
+    assert [(e["channel"], e["address"], e["reason"]) for e in listed] == [
+        ("sms", E164, "sms_opt_out")
+    ]
+    assert twilio.requests == 1
+
+
+@pytest.mark.parametrize("how", ["error-code", "opt-out-type"])
+async def test_a_stop_reported_by_the_status_callback_suppresses_the_number(
+    daemon_factory: DaemonFactory,
+    twilio: TwilioStandin,
+    db: asyncpg.Connection,
+    session: aiohttp.ClientSession,
+    how: str,
+) -> None:
+    """Promise: a signed status callback saying the recipient opted out (ErrorCode 21610, or
+    OptOutType=STOP) puts the row's number on the list; the next send is suppressed."""
+    daemon = await sms_daemon(daemon_factory, twilio)
+    async with Api(daemon) as api:
+        first = await send_sms(api)
+        await wait_sms_status(db, first, "sent")
+        message = message_for(twilio, first)
+        if how == "error-code":
+            params = twilio.callback_params(
+                message, "undelivered", error_code="21610", error_message="Unsubscribed recipient"
+            )
+        else:
+            params = {**twilio.callback_params(message, "delivered"), "OptOutType": "STOP"}
+        assert message.status_callback is not None
+        answer = await post_signed(session, message.status_callback, params, TOKEN)
+        assert answer == 204
+
+        async def listed() -> bool:
+            return bool((await admin_get(api, PATH))[1])
+
+        await wait_for(listed)
+        second = await send_sms(api)
+        await wait_sms_status(db, second, "suppressed")
+    assert len(twilio.messages) == 1
+
+
+async def test_a_forged_stop_callback_suppresses_nothing(
+    daemon_factory: DaemonFactory,
+    twilio: TwilioStandin,
+    db: asyncpg.Connection,
+    session: aiohttp.ClientSession,
+) -> None:
+    """Promise: only an authentic callback changes the list (a forged STOP is 403)."""
+    daemon = await sms_daemon(daemon_factory, twilio)
+    async with Api(daemon) as api:
+        first = await send_sms(api)
+        await wait_sms_status(db, first, "sent")
+        message = message_for(twilio, first)
+        params = {**twilio.callback_params(message, "delivered"), "OptOutType": "STOP"}
+        assert message.status_callback is not None
+        answer = await post_signed(
+            session, message.status_callback, params, TOKEN, signature="forged"
+        )
+        assert answer == 403
+        assert (await admin_get(api, PATH))[1] == []

@@ -38,6 +38,7 @@ from notifyd.providers.base import (
     PermanentError,
     Provider,
     ProviderError,
+    RecipientRefused,
     Sent,
     TransientError,
     Unreachable,
@@ -46,6 +47,7 @@ from notifyd.providers.base import (
 from notifyd.retries import retry_item, waiting_item
 from notifyd.settings import Settings
 from notifyd.store import deliveries
+from notifyd.store import suppressions as suppression_store
 from notifyd.store.batch import GroupCommit
 from notifyd.streams.consumer import Acknowledged, Defer, Entry, Poison, StreamConsumer, Timing
 from notifyd.streams.producer import Producer
@@ -623,6 +625,9 @@ class Sender:
             reason = f"provider did not answer within {self._settings.send_timeout:g}s"
             await self._retry_or_fail(ref, delivery, reason, None)
             return _Outcome.UNREACHABLE
+        except RecipientRefused as exc:
+            await self._refused(ref, delivery, exc)
+            return _Outcome.ANSWERED  # the relay is alive: it judged the address
         except PermanentError as exc:
             await self._fail(ref, delivery, exc.reason)
             return _Outcome.NOT_SENT  # maybe the relay's no, maybe a message we cannot build
@@ -746,6 +751,33 @@ class Sender:
                 "delivery will be retried",
                 extra={"id": delivery.id, "attempt": delivery.attempt, "in_s": round(delay, 2)},
             )
+
+    async def _refused(self, ref: DeliveryRef, delivery: Delivery, exc: RecipientRefused) -> None:
+        """The provider refused the recipient for good: the delivery fails with the provider's
+        words and, in the same transaction, the address goes on the tenant's suppression
+        list, so no later send reaches the provider. A recipient's own doing (a dead mailbox,
+        a STOP), not an operator's problem: no dead-letter copy, no alert."""
+        reason = f"{exc.reason} (the address is now on the suppression list)"
+        async with self._pool.acquire() as conn, conn.transaction():
+            if not await deliveries.mark_failed(
+                conn, ref.tenant_id, ref.uuid, delivery.attempt, reason
+            ):
+                return  # a peer that took the claim over recorded an outcome first
+            await suppression_store.add(
+                conn,
+                ref.tenant_id,
+                delivery.channel,
+                delivery.recipient,
+                exc.suppress_as,
+                exc.reason,
+                notification_id=ref.uuid,
+            )
+        self._metrics.deliveries.labels(self.channel, "failed").inc()
+        await self._tell(delivery, "failed")
+        log.info(
+            "recipient refused: address suppressed",
+            extra={"id": delivery.id, "reason": exc.suppress_as},
+        )
 
     async def _fail(self, ref: DeliveryRef, delivery: Delivery, reason: str) -> None:
         notification_id = ref.uuid

@@ -12,6 +12,10 @@ send: `store.deliveries.record_provider_status` applies only a later stage and l
 status follow only once it is `sent`. Twilio is answered 204 for every authentic callback,
 applied or not (stale, unknown row, another tenant's id): a non-2xx would only make it retry.
 
+A callback saying the number opted out (`ErrorCode` 21610, or `OptOutType=STOP` as Twilio's
+Advanced Opt-Out reports a STOP) puts the notification's recipient, as stored, on the tenant's
+suppression list in the same transaction (`notifyd.suppressions`).
+
 Signatures are checked with the auth token of the account that sent the message: the
 tenant's own Twilio account when its admin configured one, else the global one.
 """
@@ -32,7 +36,9 @@ from notifyd.logs import tenant_id_var
 from notifyd.providers.sms import STATUS_CALLBACK_PATH
 from notifyd.secretbox import SecretError
 from notifyd.store import deliveries
+from notifyd.store import suppressions as suppression_store
 from notifyd.store.tenants import twilio_for
+from notifyd.suppressions import TWILIO_OPTED_OUT
 
 log = logging.getLogger("notifyd.http.webhooks")
 
@@ -123,16 +129,30 @@ async def twilio_status(request: web.Request) -> web.Response:
             params.get("ErrorMessage", "")[:_FIELD_MAX] or None,
             status,
         )
-    row = await deliveries.record_provider_status(
-        ctx.pool,
-        tenant_id,
-        notification_id,
-        "sms",
-        provider_message_id=message_sid,
-        provider_status=status,
-        new_status=new_status,
-        error=error,
-    )
+    error_code = params.get("ErrorCode", "")[:_FIELD_MAX]
+    opted_out = error_code == TWILIO_OPTED_OUT or params.get("OptOutType", "").upper() == "STOP"
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        row = await deliveries.record_provider_status(
+            conn,
+            tenant_id,
+            notification_id,
+            "sms",
+            provider_message_id=message_sid,
+            provider_status=status,
+            new_status=new_status,
+            error=error,
+        )
+        if opted_out:
+            # the number replied STOP: this row's recipient (never a number the form names)
+            # goes on the tenant's list, even when the callback is stale for the row's status
+            await suppression_store.add_for_notification(
+                conn,
+                tenant_id,
+                notification_id,
+                "sms",
+                "sms_opt_out",
+                error or f"twilio: recipient opted out ({status})",
+            )
     if row is not None and row["user_id"] is not None:
         # the user's open sockets see "delivered" (or "undelivered") as the carrier says it
         with contextlib.suppress(RedisError):

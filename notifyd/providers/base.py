@@ -3,7 +3,8 @@
 A provider sends one delivery and either returns a `Sent` or raises one of two errors. The
 split is the whole retry policy's input: `TransientError` (connection trouble, SMTP 4xx,
 Twilio 429/5xx) is retried with backoff, honouring `retry_after`; `PermanentError` (SMTP 5xx,
-an invalid number) fails the delivery at once, because retrying cannot change the answer.
+an invalid number) fails the delivery at once, because retrying cannot change the answer;
+`RecipientRefused` (a `PermanentError`) also puts the address on the suppression list.
 `Unreachable` (a `TransientError`) also tells the sender's circuit breaker of the delivery's
 `Route` that the relay itself is down, not just this message refused.
 """
@@ -87,6 +88,17 @@ class Unreachable(TransientError):
 
 class PermanentError(ProviderError):
     """Retrying cannot help: the delivery fails now, with this reason."""
+
+
+class RecipientRefused(PermanentError):
+    """The recipient itself is refused for good (a relay's 550-class no to the mailbox,
+    Twilio's 21610 for a number that replied STOP): the delivery fails, and the sender puts
+    the address on its tenant's suppression list with `suppress_as` (a
+    `notifyd.suppressions` reason), so later sends end `suppressed` without a provider call."""
+
+    def __init__(self, reason: str, suppress_as: str) -> None:
+        super().__init__(reason)
+        self.suppress_as = suppress_as
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ from twilio.rest import Client
 from notifyd.providers.base import (
     Delivery,
     PermanentError,
+    RecipientRefused,
     Route,
     Sent,
     TransientError,
@@ -49,6 +50,7 @@ from notifyd.providers.base import (
 )
 from notifyd.providers.phones import InvalidPhone, to_e164
 from notifyd.settings import Settings
+from notifyd.suppressions import TWILIO_OPTED_OUT
 
 STATUS_CALLBACK_PATH = "/webhooks/twilio/status"
 NOT_CONFIGURED = (
@@ -247,6 +249,8 @@ class TwilioSmsProvider:
             status, reason = _twilio_reason(exc)
             if status == 429 or status >= 500:
                 raise TransientError(reason, retry_after=box.seconds) from None
+            if str(exc.code) == TWILIO_OPTED_OUT:
+                raise RecipientRefused(reason, "sms_opt_out") from None
             raise PermanentError(reason) from None
         except TimeoutError:
             raise Unreachable(

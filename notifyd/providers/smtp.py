@@ -46,6 +46,7 @@ from notifyd.egress import Egress, EgressRefused, ResolveFailed
 from notifyd.providers.base import (
     Delivery,
     PermanentError,
+    RecipientRefused,
     Route,
     Sent,
     TransientError,
@@ -449,9 +450,30 @@ def _classify_reply(exc: aiosmtplib.SMTPResponseException) -> TransientError | P
     if stage is None:
         stage = next((name for kind, name in _SETUP_STAGES if isinstance(exc, kind)), None)
     reason = _reason(code, exc.message, stage, keep_text)
+    if isinstance(exc, aiosmtplib.SMTPRecipientRefused) and mailbox_refused(code, exc.message):
+        return RecipientRefused(reason, "smtp_refused")
     if 500 <= code < 600:
         return PermanentError(reason)
     return TransientError(reason)
+
+
+# RFC 3463: 5.1.x is a bad address (5.1.1 no such mailbox, 5.1.2 no such domain, 5.1.10 null
+# MX), 5.2.1 a disabled mailbox. Without an enhanced code: 550, 551, 553 (RFC 5321 4.2.2).
+# A 5.7.x (policy, spam, authentication) or 552/554 is a refusal of this message, not of the
+# address: it fails the delivery and suppresses nothing.
+_DEAD_ADDRESS = re.compile(r"5\.(1\.[0-9]{1,3}|2\.1)")
+_DEAD_ADDRESS_CODES = frozenset({550, 551, 553})
+
+
+def mailbox_refused(code: int, text: str) -> bool:
+    """Whether a relay's reply to RCPT TO says the mailbox itself is gone for good (the
+    address goes on the suppression list), not just that this message was refused."""
+    if not 500 <= code < 600:
+        return False
+    enhanced = _ENHANCED.match(text.lstrip())
+    if enhanced is not None:
+        return _DEAD_ADDRESS.fullmatch(enhanced.group()) is not None
+    return code in _DEAD_ADDRESS_CODES
 
 
 def _classify_refusals(exc: aiosmtplib.SMTPRecipientsRefused) -> TransientError | PermanentError:
@@ -459,6 +481,9 @@ def _classify_refusals(exc: aiosmtplib.SMTPRecipientsRefused) -> TransientError 
     reason = "; ".join(_reason(r.code, r.message, "RCPT TO", True) for r in refusals)
     if refusals and not any(500 <= r.code < 600 for r in refusals):
         return TransientError(reason)
+    # one recipient per message: a refusal naming its mailbox as gone suppresses it
+    if refusals and all(mailbox_refused(r.code, r.message) for r in refusals):
+        return RecipientRefused(reason, "smtp_refused")
     return PermanentError(reason or "all recipients refused")
 
 
