@@ -104,6 +104,10 @@ class Keys:
         """GCRA state of every send of one tenant."""
         return f"{self.prefix}:rate:{len(tenant_id)}:{tenant_id}"
 
+    def unsubscribe_rate(self, who: str) -> str:
+        """GCRA state of /unsubscribe/ requests: one client address's, or `*` for all."""
+        return f"{self.prefix}:rate-unsubscribe:{who}"
+
     def daily_quota(self, channel: str, tenant_id: str, day: str) -> str:
         """How many `channel` sends of a tenant went through the platform's relay on `day`
         (UTC, YYYYMMDD); expires after the day is over."""

@@ -35,7 +35,7 @@ from notifyd.metrics import Metrics
 from notifyd.providers.base import Delivery, Provider, TransientError
 from notifyd.providers.inapp import InAppProvider
 from notifyd.providers.sms import TwilioSmsProvider
-from notifyd.providers.smtp import SmtpProvider, SmtpSettings
+from notifyd.providers.smtp import ListUnsubscribe, SmtpProvider, SmtpSettings
 from notifyd.ratelimit import Limiter
 from notifyd.realtime.history import Bounds, History
 from notifyd.secretbox import SecretBox, SecretError
@@ -52,6 +52,10 @@ from notifyd.store.tenants import (
 from notifyd.streams.producer import Producer
 from notifyd.streams.schedule import Schedule
 from notifyd.supervisor import Actor
+from notifyd.suppressions import address_key
+from notifyd.unsubscribe import Unsubscribe, derive_key
+from notifyd.unsubscribe import link as unsubscribe_link
+from notifyd.unsubscribe import sign as sign_unsubscribe
 
 
 def consumer_name(settings: Settings) -> str:
@@ -134,14 +138,41 @@ def build_pipeline(
     async def region(tenant_id: str) -> str:
         return region_for(await tenant(tenant_id), settings)
 
-    def unsubscribe_url(delivery: Delivery) -> str | None:
+    unsubscribe_key = (
+        derive_key(settings.unsubscribe_secret)
+        if settings.unsubscribe_secret and settings.public_url
+        else None
+    )
+
+    def unsubscribe_url(delivery: Delivery) -> ListUnsubscribe | None:
+        if unsubscribe_key is not None:
+            # one-click (RFC 8058): notifyd's own signed link; never on critical mail, which
+            # opt-outs do not stop
+            if delivery.critical:
+                return None
+            token = sign_unsubscribe(
+                unsubscribe_key,
+                Unsubscribe(
+                    delivery.tenant_id,
+                    delivery.user_id,
+                    None
+                    if delivery.user_id is not None
+                    else address_key("email", delivery.recipient),
+                    delivery.category or "",
+                ),
+            )
+            if token is None:
+                return None
+            return ListUnsubscribe(unsubscribe_link(settings.public_url, token), one_click=True)
         if not settings.preferences_url or delivery.user_id is None:
             return None
         # opaque ids may hold `|`, `+`, `:`: percent-encode every value placed in the URL
-        return settings.preferences_url.format(
-            tenant_id=quote(delivery.tenant_id, safe=""),
-            user_id=quote(delivery.user_id, safe=""),
-            category=quote(delivery.category or "", safe=""),
+        return ListUnsubscribe(
+            settings.preferences_url.format(
+                tenant_id=quote(delivery.tenant_id, safe=""),
+                user_id=quote(delivery.user_id, safe=""),
+                category=quote(delivery.category or "", safe=""),
+            )
         )
 
     async def delivery_status(delivery: Delivery, status: str) -> None:

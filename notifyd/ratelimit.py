@@ -179,6 +179,26 @@ class Limiter:
                 return refusal
         return None
 
+    async def check_unsubscribe(self, who: str, rate: float, burst: int) -> Refusal | None:
+        """One request to the public /unsubscribe/ route by `who` (a client address, or
+        `*` for every client together): None when allowed. A rate of 0 is off."""
+        if rate <= 0:
+            return None
+        key = self._keys.unsubscribe_rate(who)
+
+        def bucket() -> _Bucket:
+            interval = 1000.0 / rate
+
+            async def fetch(want: int) -> tuple[int, float]:
+                granted, wait_ms = await self._gcra(keys=[key], args=[want, interval, burst])
+                return int(granted), float(wait_ms) / 1000
+
+            scope = "all clients together" if who == "*" else "per client address"
+            detail = f"unsubscribe: {rate:g} requests a second, {burst} at once, {scope}"
+            return _Bucket(key, "unsubscribe", 1, LEASE_TTL, fetch, detail, None)
+
+        return await self._take(key, bucket)
+
     async def check_quota(self, channel: str, tenant_id: str, quota: int) -> Refusal | None:
         """One `channel` send of `tenant_id` through the platform's own relay or account,
         against its daily `quota` (0: none)."""

@@ -21,14 +21,18 @@ from notifyd.store.tenants import TenantSettings
 SOCKETS_FULL = 4029  # as HTTP 429: too many sockets open for this user or tenant
 
 
-def _problem(ctx: Services, refusal: Refusal) -> Problem:
+_TITLES = {"unsubscribe": "Too many requests"}
+
+
+def refused(ctx: Services, refusal: Refusal) -> Problem:
+    """The 429 of a refusal (counted in `limit_refusals`)."""
     ctx.metrics.limit_refusals.labels(refusal.limit).inc()
     quota = refusal.limit.endswith("_daily")
     return Problem(
         429,
         f"{refusal.detail}; retry in {refusal.retry_after_header} s",
         kind="quota-exceeded" if quota else "rate-limited",
-        title="Daily quota used up" if quota else "Too many sends",
+        title=_TITLES.get(refusal.limit, "Daily quota used up" if quota else "Too many sends"),
         headers={"Retry-After": refusal.retry_after_header},
         extensions={"limit": refusal.limit},
     )
@@ -40,7 +44,7 @@ async def check_send_rate(request: web.Request) -> None:
     caller = identity(request)
     refusal = await ctx.limiter.check_send(caller, ctx.tenant_limits.of(caller.tenant_id))
     if refusal is not None:
-        raise _problem(ctx, refusal)
+        raise refused(ctx, refusal)
 
 
 async def check_daily_quota(
@@ -56,7 +60,7 @@ async def check_daily_quota(
     )
     refusal = await ctx.limiter.check_quota(channel, caller.tenant_id, quota)
     if refusal is not None:
-        raise _problem(ctx, refusal)
+        raise refused(ctx, refusal)
 
 
 async def take_seat(

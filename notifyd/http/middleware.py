@@ -32,6 +32,8 @@ PUBLIC_PATHS = frozenset(
     {"/healthz", "/readyz", "/metrics", "/openapi.json", "/webhooks/twilio/status"}
 )
 PUBLIC_PREFIX = "/ui/"  # the web components' files (notifyd.http.ui): code, no data
+# one-click unsubscribe: the signed token in the path is the credential (http/unsubscribe.py)
+UNSUBSCRIBE_PREFIX = "/unsubscribe/"
 # CORS: what the web components call from a host page on another origin (the files under
 # /ui/, the notification center and the chat's REST routes), for NOTIFYD_ALLOWED_ORIGINS only
 CORS_PREFIXES = (
@@ -231,7 +233,7 @@ def auth_middleware(request: web.Request, handler: Handler) -> Awaitable[web.Str
     if (
         request.match_info.http_exception is not None
         or request.path in PUBLIC_PATHS
-        or request.path.startswith(("/ws/", PUBLIC_PREFIX))
+        or request.path.startswith(("/ws/", PUBLIC_PREFIX, UNSUBSCRIBE_PREFIX))
     ):
         return handler(request)
     return _authenticated(request, handler)

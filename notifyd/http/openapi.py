@@ -181,7 +181,7 @@ SCHEMAS: dict[str, Any] = {
             "detail": {"type": "string"},
             "instance": {"type": "string"},
             "limit": {
-                "enum": ["caller", "tenant", "email_daily", "sms_daily"],
+                "enum": ["caller", "tenant", "email_daily", "sms_daily", "unsubscribe"],
                 "description": "On a 429: the limit that refused (docs/limits.md)",
             },
             "errors": {
@@ -840,6 +840,14 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
     }
 
 
+_TOKEN = {
+    "name": "token",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]+[.][A-Za-z0-9_-]+$", "maxLength": 1024},
+}
+
+
 def _public() -> dict[str, dict[str, Any]]:
     status = {"type": "object", "properties": {"status": {"type": "string"}}}
     return {
@@ -864,6 +872,50 @@ def _public() -> dict[str, dict[str, Any]]:
                     }
                 },
             }
+        },
+        "/unsubscribe/{token}": {
+            "get": {
+                "summary": "One-click unsubscribe (RFC 8058): a small HTML page whose one "
+                "button POSTs the opt-out. The signed token is the credential; a forged or "
+                "altered one is 404",
+                "security": [],
+                "parameters": [_TOKEN],
+                "responses": {
+                    "200": {
+                        "description": "The page",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    **_problems(404, 429),
+                },
+            },
+            "post": {
+                "summary": "One-click unsubscribe as a mailbox provider sends it (form body "
+                "List-Unsubscribe=One-Click): the recipient's preference for the category "
+                "(a suppression-list entry when the email named no user)",
+                "security": [],
+                "parameters": [_TOKEN],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/x-www-form-urlencoded": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["List-Unsubscribe"],
+                                "properties": {
+                                    "List-Unsubscribe": {"type": "string", "const": "One-Click"}
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "Unsubscribed (or already)",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    **_problems(404, 413, 415, 422, 429),
+                },
+            },
         },
         "/ws/notifications/{tenant_id}/{user_id}/": {
             "get": {

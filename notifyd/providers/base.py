@@ -30,6 +30,7 @@ class Delivery:
     category: str | None
     attempt: int
     created_at: Any
+    critical: bool = False  # bypasses opt-outs: and carries no unsubscribe link
 
 
 class Row(Protocol):
@@ -55,6 +56,7 @@ def delivery_of(
         category=row["category"],
         attempt=attempt,
         created_at=row["created_at"],
+        critical=bool(row["critical"]),
     )
 
 

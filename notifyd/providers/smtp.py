@@ -124,7 +124,19 @@ def _address(name: str, value: str) -> str:
     return formataddr((display, address), charset="utf-8")
 
 
-def build_message(delivery: Delivery, from_email: str, unsubscribe_url: str | None = None) -> Built:
+@dataclass(frozen=True, slots=True)
+class ListUnsubscribe:
+    """What an email's List-Unsubscribe says: `url`, and with `one_click` the RFC 8058
+    `List-Unsubscribe-Post` promise that a POST to it unsubscribes (notifyd's own
+    /unsubscribe/ route does; an external preferences page need not)."""
+
+    url: str
+    one_click: bool = False
+
+
+def build_message(
+    delivery: Delivery, from_email: str, unsubscribe: ListUnsubscribe | str | None = None
+) -> Built:
     """Text with an HTML alternative when there is one; headers a spam filter expects.
 
     Built with the email package's compat32 classes: its default policy parses every header
@@ -137,7 +149,9 @@ def build_message(delivery: Delivery, from_email: str, unsubscribe_url: str | No
     the email package refuses it: the same row would fail the same way on every retry.
     """
     try:
-        return _build(delivery, from_email, unsubscribe_url)
+        if isinstance(unsubscribe, str):
+            unsubscribe = ListUnsubscribe(unsubscribe)
+        return _build(delivery, from_email, unsubscribe)
     except PermanentError:
         raise
     except Exception as exc:  # HeaderParseError, UnicodeError, …: the content's fault
@@ -146,7 +160,7 @@ def build_message(delivery: Delivery, from_email: str, unsubscribe_url: str | No
         ) from None
 
 
-def _build(delivery: Delivery, from_email: str, unsubscribe_url: str | None) -> Built:
+def _build(delivery: Delivery, from_email: str, unsubscribe: ListUnsubscribe | None) -> Built:
     text = MIMEText(delivery.body, "plain", "utf-8")
     if delivery.html_body:
         message: MIMEText | MIMEMultipart = MIMEMultipart("alternative")
@@ -165,10 +179,10 @@ def _build(delivery: Delivery, from_email: str, unsubscribe_url: str | None) -> 
     message["Date"] = formatdate(localtime=False, usegmt=True)
     message["Message-ID"] = message_id
     message["X-Notifyd-Id"] = _header("X-Notifyd-Id", delivery.id)
-    if unsubscribe_url:
-        # no List-Unsubscribe-Post: one-click (RFC 8058) promises an HTTPS endpoint that
-        # unsubscribes on POST, which a preferences page need not be
-        message["List-Unsubscribe"] = _header("List-Unsubscribe", f"<{unsubscribe_url}>")
+    if unsubscribe is not None and unsubscribe.url:
+        message["List-Unsubscribe"] = _header("List-Unsubscribe", f"<{unsubscribe.url}>")
+        if unsubscribe.one_click:
+            message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
     return Built(parseaddr(from_email)[1], message_id, message.as_bytes())
 
 
@@ -270,7 +284,7 @@ class SmtpProvider:
         connections_per_config: int,
         timeout: float,
         connect_timeout: float | None = None,
-        unsubscribe_url_for: Callable[[Delivery], str | None] | None = None,
+        unsubscribe_url_for: Callable[[Delivery], ListUnsubscribe | None] | None = None,
         egress: Egress | None = None,
     ) -> None:
         """`egress`: the policy for tenants' own relays (configurations whose

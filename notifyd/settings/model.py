@@ -123,6 +123,9 @@ TYPE_NAMES: dict[Callable[[Any], Any], str] = {
 LEVELS = ("debug", "info", "warning", "error", "critical")
 LogLevel = Annotated[Str, _check(lambda v: v.lower() in LEVELS, "one of " + ", ".join(LEVELS))]
 LogFormat = Annotated[Str, _check(lambda v: v in ("auto", "json", "text"), "auto, json or text")]
+RateScope = Annotated[Str, _check(lambda v: v in ("ip", "global"), "ip or global")]
+UnsubscribeSecret = Annotated[Str, _check(lambda v: not v or len(v) >= 32,
+    "at least 32 characters (a random secret)")]
 InstanceName = Annotated[Str, _check(lambda v: not v or re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", v),
     "1-64 letters, digits and _ . : -")]
 KeyPrefix = Annotated[Str, _check(lambda v: re.fullmatch(r"[A-Za-z0-9_.:-]+", v),
@@ -363,7 +366,20 @@ class Settings:
     public_url: HttpUrl = setting("", "NOTIFYD_PUBLIC_URL", "delivery.public_url",
         "how providers reach us (Twilio status callbacks)")
     preferences_url: UrlTemplate = setting("", "NOTIFYD_PREFERENCES_URL",
-        "delivery.preferences_url", "e.g. https://app/prefs?u={user_id}; adds List-Unsubscribe")
+        "delivery.preferences_url",
+        "e.g. https://app/prefs?u={user_id}; List-Unsubscribe when one-click is off")
+    unsubscribe_secret: UnsubscribeSecret = setting("", "NOTIFYD_UNSUBSCRIBE_SECRET",
+        "delivery.unsubscribe_secret",
+        "signs one-click unsubscribe links (a key derived from it); with NOTIFYD_PUBLIC_URL "
+        "turns RFC 8058 List-Unsubscribe on", secret=True)
+    unsubscribe_rate: Float = setting(2.0, "NOTIFYD_UNSUBSCRIBE_RATE", "delivery.unsubscribe_rate",
+        "/unsubscribe/ requests a second (per client IP, or all together)", ge=0,
+        note=UNLIMITED)
+    unsubscribe_burst: Int = setting(20, "NOTIFYD_UNSUBSCRIBE_BURST",
+        "delivery.unsubscribe_burst", "/unsubscribe/ requests at once", ge=1)
+    unsubscribe_rate_scope: RateScope = setting("ip", "NOTIFYD_UNSUBSCRIBE_RATE_SCOPE",
+        "delivery.unsubscribe_rate_scope",
+        "ip: a bucket per client address (NOTIFYD_TRUSTED_PROXIES), global: one for all")
     default_region: Region = setting("US", "NOTIFYD_DEFAULT_REGION", "delivery.default_region",
         "reads national phone numbers (tenants may override)")
     default_locale: Str = setting("en", "NOTIFYD_DEFAULT_LOCALE", "delivery.default_locale",

@@ -33,7 +33,7 @@ WHERE tenant_id = $1 AND id = $2
        OR (status = 'retrying' AND next_attempt_at <= now() + interval '2 seconds')
        OR (status = 'sending' AND claimed_at < now() - make_interval(secs => $3)))
 RETURNING id, tenant_id, channel, recipient, user_id, subject, body, html_body, category,
-          attempts, created_at
+          attempts, created_at, critical
 """
 
 STATE = """
@@ -283,7 +283,7 @@ WHERE n.tenant_id = k.tenant_id AND n.id = k.id
        OR (n.status = 'retrying' AND n.next_attempt_at <= now() + interval '2 seconds')
        OR (n.status = 'sending' AND n.claimed_at < now() - make_interval(secs => $3))) IS TRUE
 RETURNING n.id, n.tenant_id, n.channel, n.recipient, n.user_id, n.subject, n.body, n.html_body,
-          n.category, n.attempts, n.created_at
+          n.category, n.attempts, n.created_at, n.critical
 """
 
 # Park: not sent now, and no attempt used (its relay's circuit is open, or its tenant is at

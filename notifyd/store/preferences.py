@@ -22,6 +22,24 @@ DO UPDATE SET channels = EXCLUDED.channels, categories = EXCLUDED.categories, up
 """
 
 
+# One-click unsubscribe: one opt-out merged into what the user saved (a row made if none),
+# in one statement, so a PUT racing with it loses nothing it did not replace itself.
+OPT_OUT_CATEGORY = """
+INSERT INTO preferences (tenant_id, user_id, categories)
+VALUES ($1, $2, jsonb_build_object($3::text, false))
+ON CONFLICT (tenant_id, user_id)
+DO UPDATE SET categories = preferences.categories || jsonb_build_object($3::text, false),
+              updated_at = now()
+"""
+OPT_OUT_CHANNEL = """
+INSERT INTO preferences (tenant_id, user_id, channels)
+VALUES ($1, $2, jsonb_build_object($3::text, false))
+ON CONFLICT (tenant_id, user_id)
+DO UPDATE SET channels = preferences.channels || jsonb_build_object($3::text, false),
+              updated_at = now()
+"""
+
+
 def _flags(value: Any) -> dict[str, bool]:
     if not isinstance(value, Mapping):
         return {}
@@ -45,3 +63,12 @@ async def load(executor: Executor, tenant_id: str, user_id: str) -> Preferences 
 async def save(conn: Conn, tenant_id: str, user_id: str, prefs: Preferences) -> None:
     """Replace the user's preferences (an upsert)."""
     await conn.execute(UPSERT, tenant_id, user_id, dict(prefs.channels), dict(prefs.categories))
+
+
+async def opt_out(conn: Conn, tenant_id: str, user_id: str, *, category: str | None) -> None:
+    """Opt the user out of `category` (every channel, as /preferences/ keeps categories), or
+    with None out of email altogether; what else they saved stays."""
+    if category:
+        await conn.execute(OPT_OUT_CATEGORY, tenant_id, user_id, category)
+    else:
+        await conn.execute(OPT_OUT_CHANNEL, tenant_id, user_id, "email")
