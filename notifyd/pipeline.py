@@ -6,6 +6,7 @@ build the very same pipeline the daemon runs.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from notifyd.actors.alerts import Alerts
+from notifyd.actors.bounce_listener import BounceListener
 from notifyd.actors.dispatcher import DirectInApp, Dispatcher
 from notifyd.actors.reminder_firer import ReminderFirer
 from notifyd.actors.sender import Sender
@@ -23,6 +25,7 @@ from notifyd.actors.sweeper import Sweeper
 from notifyd.actors.timer import Timer
 from notifyd.actors.webhook_sender import WebhookSender
 from notifyd.actors.workflow_firer import WorkflowFirer
+from notifyd.bounces import return_path
 from notifyd.egress import Egress
 from notifyd.ingest.accept import EventAcceptor
 from notifyd.ingest.kafka_delivery_events import KafkaDeliveryEvents
@@ -199,6 +202,11 @@ def build_pipeline(
                 # NOTIFYD_SEND_TIMEOUT bounds the whole send, connecting included
                 connect_timeout=min(settings.smtp_connect_timeout, settings.send_timeout),
                 unsubscribe_url_for=unsubscribe_url,
+                return_path_for=(
+                    functools.partial(return_path, settings.bounce_domain)
+                    if settings.bounce_domain
+                    else None
+                ),
                 egress=egress,
             ),
             settings.email_concurrency,
@@ -281,6 +289,8 @@ def build_pipeline(
         WebhookSender(pool=pool, settings=settings, egress=egress, metrics=metrics, alerts=alerts),
         alerts,
     ]
+    if settings.bounce_domain and settings.bounce_smtp_port:
+        actors.append(BounceListener(pool=pool, settings=settings))
     if settings.events_enabled:
         acceptor = EventAcceptor(
             pool=pool,

@@ -285,6 +285,7 @@ class SmtpProvider:
         timeout: float,
         connect_timeout: float | None = None,
         unsubscribe_url_for: Callable[[Delivery], ListUnsubscribe | None] | None = None,
+        return_path_for: Callable[[str], str] | None = None,
         egress: Egress | None = None,
     ) -> None:
         """`egress`: the policy for tenants' own relays (configurations whose
@@ -295,6 +296,8 @@ class SmtpProvider:
         self._size = connections_per_config
         self._timeout = timeout
         self._unsubscribe_url_for = unsubscribe_url_for
+        # the envelope sender (bounces go there): a VERP address naming the notification
+        self._return_path_for = return_path_for
         self._pools: dict[_PoolKey, _ConnectionPool] = {}
         self._tenant_pools: dict[str, _ConnectionPool] = {}  # the pool each tenant used last
 
@@ -339,7 +342,12 @@ class SmtpProvider:
         for reused_attempt in (True, False):
             try:
                 async with pool.connection(fresh=not reused_attempt) as client:
-                    await client.sendmail(message.sender, [delivery.recipient], message.data)
+                    sender = (
+                        self._return_path_for(delivery.id)
+                        if self._return_path_for is not None
+                        else message.sender
+                    )
+                    await client.sendmail(sender, [delivery.recipient], message.data)
                 return Sent(provider_message_id=message.message_id, provider_status="sent")
             except EgressRefused as exc:
                 log.warning(

@@ -191,6 +191,7 @@ Status = Literal[
     "undelivered",
     "suppressed",
     "cancelled",
+    "bounced",
 ]
 """A notification's delivery state (the `notifications.status` CHECK in sql/)."""
 

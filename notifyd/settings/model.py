@@ -377,6 +377,16 @@ class Settings:
         note=UNLIMITED)
     unsubscribe_burst: Int = setting(20, "NOTIFYD_UNSUBSCRIBE_BURST",
         "delivery.unsubscribe_burst", "/unsubscribe/ requests at once", ge=1)
+    bounce_domain: Str = setting("", "NOTIFYD_BOUNCE_DOMAIN", "delivery.bounce_domain",
+        "mail domain of VERP return paths (bounce+<id>@it); its MX or the relay forwards to the "
+        "bounce listener; empty: the From address is the return path")
+    bounce_smtp_host: Str = setting("127.0.0.1", "NOTIFYD_BOUNCE_SMTP_HOST",
+        "delivery.bounce_smtp_host", "address the bounce listener binds")
+    bounce_smtp_port: Int = setting(0, "NOTIFYD_BOUNCE_SMTP_PORT", "delivery.bounce_smtp_port",
+        "port of the bounce listener (DSNs and ARF complaints); 0: no listener", ge=0, le=65535)
+    bounce_max_bytes: Int = setting(1_048_576, "NOTIFYD_BOUNCE_MAX_BYTES",
+        "delivery.bounce_max_bytes", "largest bounce or complaint message accepted (552 past it)",
+        ge=4096)
     unsubscribe_rate_scope: RateScope = setting("ip", "NOTIFYD_UNSUBSCRIBE_RATE_SCOPE",
         "delivery.unsubscribe_rate_scope",
         "ip: a bucket per client address (NOTIFYD_TRUSTED_PROXIES), global: one for all")

@@ -22,3 +22,13 @@ CREATE TABLE suppressions (
 
 -- GET /suppressions/: a tenant's entries, newest first, by id cursor
 CREATE INDEX suppressions_list_idx ON suppressions (tenant_id, id DESC);
+
+-- `bounced`: a DSN (RFC 3464) reported a permanent failure after the relay had said 250
+-- (the bounce listener, issue 29). Added NOT VALID, then validated: the check of existing
+-- rows takes no lock that stops writes.
+ALTER TABLE notifications DROP CONSTRAINT notifications_status_check;
+ALTER TABLE notifications ADD CONSTRAINT notifications_status_check
+    CHECK (status IN ('queued', 'dispatched', 'sending', 'retrying', 'sent', 'delivered',
+                      'failed', 'undelivered', 'suppressed', 'cancelled', 'bounced'))
+    NOT VALID;
+ALTER TABLE notifications VALIDATE CONSTRAINT notifications_status_check;

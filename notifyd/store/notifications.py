@@ -185,7 +185,15 @@ async def mark_read(conn: Conn, tenant_id: str, user_id: str, ids: list[uuid.UUI
 
 # Retention: notifications in a final state, created before the cutoff, oldest first. Never a
 # queued, dispatched, sending or retrying one, however old: it is still to be delivered.
-FINAL_STATUSES = ("sent", "delivered", "failed", "undelivered", "suppressed", "cancelled")
+FINAL_STATUSES = (
+    "sent",
+    "delivered",
+    "failed",
+    "undelivered",
+    "suppressed",
+    "cancelled",
+    "bounced",
+)
 PURGE_EXPIRED = retention.purge_statement(
     "notifications",
     "created_at",
