@@ -12,16 +12,19 @@ import uuid
 
 import asyncpg
 
+from notifyd.ids import uuid7
 from notifyd.store.pool import Executor
 from notifyd.suppressions import address_key, bounded
 
 COLUMNS = "id, channel, address, category, reason, source, notification_id, created_at"
 
 # The first reason stays: a later one for the same (address, category) changes nothing.
+# ids from `notifyd.ids.uuid7` (monotonic in this process), so entries made within one
+# millisecond still list newest first; the column's default (notifyd_uuid7()) is not
 ADD = """
 INSERT INTO suppressions (tenant_id, channel, address, category, reason, source,
-                          notification_id)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+                          notification_id, id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (tenant_id, channel, address, category) DO NOTHING
 """
 
@@ -29,10 +32,10 @@ ON CONFLICT (tenant_id, channel, address, category) DO NOTHING
 # the address: what it says is not trusted for an address); keyed as `address_key` does.
 ADD_FOR_NOTIFICATION = """
 INSERT INTO suppressions (tenant_id, channel, address, category, reason, source,
-                          notification_id)
+                          notification_id, id)
 SELECT n.tenant_id, n.channel,
        CASE n.channel WHEN 'email' THEN lower(btrim(n.recipient)) ELSE btrim(n.recipient) END,
-       '', $4, $5, n.id
+       '', $4, $5, n.id, $6
 FROM notifications n
 WHERE n.tenant_id = $1 AND n.id = $2 AND n.channel = $3
 ON CONFLICT (tenant_id, channel, address, category) DO NOTHING
@@ -74,6 +77,7 @@ async def add(
         reason,
         bounded(source),
         nid,
+        uuid7(),
     )
     return status.rsplit(" ", 1)[1] != "0"
 
@@ -89,7 +93,7 @@ async def add_for_notification(
     """Put the recipient of the tenant's notification on the list, for every category;
     False when there is no such notification or its address was there already."""
     status = await executor.execute(
-        ADD_FOR_NOTIFICATION, tenant_id, notification_id, channel, reason, bounded(source)
+        ADD_FOR_NOTIFICATION, tenant_id, notification_id, channel, reason, bounded(source), uuid7()
     )
     return status.rsplit(" ", 1)[1] != "0"
 
