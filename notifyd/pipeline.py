@@ -227,7 +227,12 @@ def build_pipeline(
             tenant_settings=tenant,
             schedule=schedule,
         ),
-        Timer(schedule, lookahead=settings.reminder_lookahead, ahead=frozenset({keys.reminders})),
+        Timer(
+            schedule,
+            lookahead=settings.reminder_lookahead,
+            # read and planned ahead, fired at their own time (the firers wait for it)
+            ahead=frozenset({keys.reminders, keys.workflow_steps}),
+        ),
         Sweeper(
             pool=pool,
             redis=redis,

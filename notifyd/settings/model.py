@@ -383,8 +383,9 @@ class Settings:
         "a reminder firing later than this, seconds, is flagged late", gt=0)
     reminder_lookahead: Float = setting(0.3, "NOTIFYD_REMINDER_LOOKAHEAD",
         "delivery.reminder_lookahead",
-        "seconds ahead reminders are read and planned, then fired on time (below claim_idle)", ge=0,
-        le=MAX_REMINDER_LOOKAHEAD, note="a reminder read early waits that long in the firer")
+        "seconds ahead reminders and workflow steps are read and planned, then fired on time "
+        "(below claim_idle)", ge=0,
+        le=MAX_REMINDER_LOOKAHEAD, note="one read early waits that long in its firer")
     stream_max_len: Int = setting(1_000_000, "NOTIFYD_STREAM_MAX_LEN", "delivery.stream_max_len",
         "streams are trimmed (approximately) past this", gt=0)
     stream_block: Float = setting(1.0, "NOTIFYD_STREAM_BLOCK", "delivery.stream_block",
