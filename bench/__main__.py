@@ -20,6 +20,7 @@ from bench import (
     retention,
     suite,
     ui,
+    workflows,
     ws_fanout,
 )
 from bench.common import BenchError, emit
@@ -31,6 +32,10 @@ WORKLOADS: dict[str, tuple[Any, str]] = {
     "reminders": (
         reminders,
         "Q reminders spread over T seconds: lateness p50/p99/max, missing, duplicates",
+    ),
+    "workflows": (
+        workflows,
+        "N triggers of a three-step workflow, some read meanwhile: step lateness, once each",
     ),
     "limits": (limits, "the ceilings, with no notifyd code in the path (needs PG and Redis)"),
     "rest_ingest": (rest_ingest, "C connections POST in-app notifications for D seconds"),
