@@ -262,6 +262,7 @@ def build_pipeline(
             metrics=metrics,
             limiter=limiter,
             tenant_limits=tenant_limits,
+            schedule=schedule,
         )
         actors.append(
             RedisEventSource(

@@ -17,6 +17,12 @@ Recipients use the REST API's words: an `email` address gets an email, a `phone`
 and preferences they belong to), as `POST /notifications/send/` names them. `locale`,
 `timezone` and `name` are the reminder contacts' fields.
 
+An event may name a `workflow` instead (`{"event_id", "tenant_id", "type", "workflow":
+"interview", "recipients": ["cand-7"], "data": {…}, "send_at"?, "cancel_key"?,
+"critical"?}`): its trigger fields are the body of `POST /workflows/{workflow}/trigger/`,
+read by the same model with the same rules and bounds (`Schemas.workflow_trigger`), so a
+trigger is refused for the same reasons, naming the same fields, whichever way it came.
+
 Events are strict like REST bodies: an unknown field is an error, because a misspelt optional
 one (`chanels`) silently ignored would send on channels the publisher meant to leave out.
 Values are never echoed in a reason: they may be personal data, and reasons reach logs.
@@ -24,6 +30,7 @@ Values are never echoed in a reason: they may be personal data, and reasons reac
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +39,10 @@ from notifyd import tags
 from notifyd.ids import OpaqueIdRule
 from notifyd.payloads import loads
 from notifyd.reminders import is_time_zone
-from notifyd.schemas.errors import FieldError
+from notifyd.schemas.errors import FieldError, Invalid
+from notifyd.schemas.reader import Reader
+from notifyd.schemas.registry import Schemas
+from notifyd.schemas.workflows import WORKFLOW_KEY_PATTERN, WorkflowTrigger
 from notifyd.settings import CHANNELS, Settings
 from notifyd.tags import is_email
 
@@ -47,8 +57,13 @@ FIELDS = (
     "category",
     "critical",
 )
+# an event naming a workflow: its own three, then the trigger's body
+WORKFLOW_FIELDS = ("event_id", "tenant_id", "type", "workflow")
+TRIGGER_FIELDS = ("recipients", "data", "send_at", "cancel_key", "critical")
+RUNS = "runs"  # the runs' path segment: no workflow is called that (as in http/workflows.py)
 RECIPIENT_FIELDS = ("user_id", "email", "phone", "locale", "timezone", "name")
 CONTACT_MAX_LENGTH = 320  # as a reminder contact's fields
+_WORKFLOW_KEY = re.compile(WORKFLOW_KEY_PATTERN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +97,22 @@ class DomainEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkflowEvent:
+    """An event that triggers the tenant's workflow `workflow_key` (`trigger`: the body
+    `POST /workflows/{workflow_key}/trigger/` takes, already checked)."""
+
+    event_id: str
+    tenant_id: str
+    type: str
+    workflow_key: str
+    trigger: WorkflowTrigger
+
+    @property
+    def critical(self) -> bool:
+        return self.trigger.critical
+
+
+@dataclass(frozen=True, slots=True)
 class EventLimits:
     """Bounds of one event; each is a setting."""
 
@@ -89,6 +120,8 @@ class EventLimits:
     max_recipients: int
     context_max_keys: int
     id_rule: OpaqueIdRule
+    # the trigger API's model and rules (None: this reader takes no workflow events)
+    trigger: Reader[WorkflowTrigger] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EventLimits:
@@ -98,6 +131,7 @@ class EventLimits:
             max_recipients=settings.event_max_recipients,
             context_max_keys=settings.context_max_keys,
             id_rule=OpaqueIdRule.from_settings(settings.id_max_length, settings.id_pattern),
+            trigger=Schemas.build(settings).workflow_trigger,
         )
 
 
@@ -109,7 +143,7 @@ class MalformedEvent(ValueError):
         self.problems = problems
 
 
-def parse_event(raw: bytes | str, limits: EventLimits) -> DomainEvent:
+def parse_event(raw: bytes | str, limits: EventLimits) -> DomainEvent | WorkflowEvent:
     """The event in `raw` (JSON text), or `MalformedEvent` naming everything wrong with it."""
     data = raw.encode() if isinstance(raw, str) else raw
     if len(data) > limits.max_bytes:
@@ -122,7 +156,42 @@ def parse_event(raw: bytes | str, limits: EventLimits) -> DomainEvent:
         raise MalformedEvent([FieldError("event", f"is not valid JSON: {exc}")]) from None
     if not isinstance(value, dict):
         raise MalformedEvent([FieldError("event", "must be a JSON object")])
+    if "workflow" in value:
+        return decode_workflow_event(value, limits)
     return decode_event(value, limits)
+
+
+def decode_workflow_event(data: Mapping[str, Any], limits: EventLimits) -> WorkflowEvent:
+    """An event naming a `workflow`: its own fields here, the trigger's through the trigger
+    API's reader (`limits.trigger`), every problem named at once."""
+    reader = _Reader(limits.id_rule)
+    event_id = reader.opaque_id(data, "event_id")
+    tenant_id = reader.opaque_id(data, "tenant_id")
+    event_type = reader.name(data, "type", tags.CATEGORY, "1-64 letters, digits and _ . : -")
+    workflow_key = reader.name(
+        data,
+        "workflow",
+        _WORKFLOW_KEY,
+        "1-128 letters, digits and _ . : -",
+    )
+    if workflow_key == RUNS:
+        reader.error("workflow", f"{RUNS} names the runs, never a workflow")
+    for name in data:
+        if name not in WORKFLOW_FIELDS and name not in TRIGGER_FIELDS:
+            reader.error(str(name), "is not a known field of an event naming a workflow")
+    trigger = None
+    if limits.trigger is None:
+        reader.error("workflow", "this source takes no events naming a workflow")
+    else:
+        try:
+            trigger = limits.trigger.python({k: data[k] for k in TRIGGER_FIELDS if k in data})
+        except Invalid as exc:
+            reader.problems += exc.errors
+    if reader.problems:
+        raise MalformedEvent(reader.problems)
+    assert event_id is not None and tenant_id is not None and event_type is not None
+    assert workflow_key is not None and trigger is not None
+    return WorkflowEvent(event_id, tenant_id, event_type, workflow_key, trigger)
 
 
 def decode_event(data: Mapping[str, Any], limits: EventLimits) -> DomainEvent:
