@@ -11,8 +11,11 @@ wake-up and one transaction per wave.
 Even if an entry is replayed or taken over from a dead peer, the step's row lock decides: a
 wave locks its rows in one statement (in (run, position) order, as a cancel does), keeps
 only those still `pending`, and writes the notifications and every outcome with their
-audit rows in the same transaction, one commit per wave. A cancel waits for those locks, so
-one of the two sees what the other did, never both act.
+audit rows in the same transaction. The waves of all batches due at one moment share that
+transaction (a group commit, `store.batch.GroupCommit`): at a thousand steps a second the
+batches' waves were many small transactions, and their commits, not the work, made steps
+late. A cancel waits for those locks, so one of the two sees what the other did, never
+both act.
 
 What a step's `unless` asks is read at its time, in its wave: `online` from the live
 socket seats (every instance's, in Redis; one pipelined read per wave), `read` from
@@ -48,6 +51,7 @@ from notifyd.store import notifications as stored_notifications
 from notifyd.store import preferences as stored_preferences
 from notifyd.store import workflows as store
 from notifyd.store.audit import AuditEntry
+from notifyd.store.batch import GroupCommit
 from notifyd.store.notifications import NewNotification
 from notifyd.store.tenants import TenantSettings, locale_for
 from notifyd.store.workflows import StepKey
@@ -66,6 +70,10 @@ FIRE_BATCHES_IN_FLIGHT = 16
 # a wave whose transaction was chosen as a deadlock's victim is tried again (the locks are
 # taken in one order everywhere, so this is a safety net, not a path)
 FIRE_TRIES = 3
+# waves of concurrent batches committed together: at most this many per transaction, and
+# this many transactions at once (each on its own connection)
+WAVES_PER_COMMIT = 32
+COMMITS_IN_FLIGHT = 2
 REASON_MAX_LENGTH = 200
 
 
@@ -89,6 +97,7 @@ class Fired:
     """A step's outcome as committed, and the notification it made."""
 
     record: asyncpg.Record  # tenant_id, run_id, position, status, reason, lateness_ms
+    plan: Plan
     row: NewNotification | None
 
 
@@ -168,6 +177,10 @@ class WorkflowFirer:
             timing=Timing.from_settings(settings),
             max_deliveries=settings.send_max_attempts + 5,
             metrics=metrics,
+        )
+        # the waves of every batch due at one moment share a transaction (and its commit)
+        self._waves: GroupCommit[tuple[Plan, ...], list[Fired]] = GroupCommit(
+            self._flush, max_batch=WAVES_PER_COMMIT, max_concurrent=COMMITS_IN_FLIGHT
         )
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -320,11 +333,17 @@ class WorkflowFirer:
         return "sent", None, row
 
     async def _commit(self, plans: Sequence[Plan]) -> list[Fired]:
-        """The plans' outcomes in one transaction, under their rows' locks; then the intents
-        of the notifications made, the metrics and a log line each. Returns the steps
-        finished (one no longer pending is absent: nothing was written for it)."""
+        """The plans' outcomes, committed under their rows' locks (with the waves of other
+        batches due at the same moment: one transaction for them all), then their intents,
+        metrics and log lines. Returns the steps finished (one no longer pending is absent:
+        nothing was written for it)."""
         if not plans:
             return []
+        return await self._waves.submit(tuple(plans))
+
+    async def _flush(self, waves: Sequence[tuple[Plan, ...]]) -> list[list[Fired]]:
+        """Waves submitted together: one transaction, then one XADD of every intent."""
+        plans = [plan for wave in waves for plan in wave]
         for attempt in range(1, FIRE_TRIES + 1):
             try:
                 fired = await self._write(plans)
@@ -350,27 +369,32 @@ class WorkflowFirer:
                     "lateness_ms": lateness,
                 },
             )
-        return fired
+        by_plan = {id(f.plan): f for f in fired}
+        return [[by_plan[id(p)] for p in wave if id(p) in by_plan] for wave in waves]
 
     async def _write(self, plans: Sequence[Plan]) -> list[Fired]:
+        """One transaction: the rows locked, each still pending written once (two plans of
+        one step, from a replayed entry in another batch: the first), nothing for the rest."""
         async with self._pool.acquire() as conn, conn.transaction():
-            locked = await store.lock_steps(conn, [plan.key for plan in plans])
+            locked = await store.lock_steps(conn, list({plan.key: None for plan in plans}))
             outcomes: list[store.Outcome] = []
-            rows: dict[StepKey, NewNotification] = {}
+            taken: dict[StepKey, tuple[Plan, NewNotification | None]] = {}
             for plan in plans:
                 found = locked.get(plan.key)
                 if found is None or found["status"] != "pending":
                     continue  # cancelled, or fired by a peer: nothing is written for it
+                if plan.key in taken:
+                    continue  # the same step twice in this transaction: written once
                 status, reason, row = plan.status, plan.reason, plan.row
                 if "read" in plan.step["unless"] and found["read"]:
                     status, reason, row = "skipped", "read", None
-                if row is not None:
-                    rows[plan.key] = row
+                taken[plan.key] = (plan, row)
                 outcomes.append(
                     store.Outcome(
                         plan.key, status, reason, None if row is None else row.id, uuid7()
                     )
                 )
+            rows = {key: row for key, (_, row) in taken.items() if row is not None}
             if rows:
                 await stored_notifications.insert_many_audited(
                     conn,
@@ -392,7 +416,7 @@ class WorkflowFirer:
                     ],
                 )
             finished = await store.finish_steps(conn, outcomes) if outcomes else []
-        return [Fired(record, rows.get(_key(record))) for record in finished]
+        return [Fired(record, *taken[_key(record)]) for record in finished]
 
     async def _defer(self, step: asyncpg.Record, until: datetime) -> str | None:
         """Quiet hours: the step's due time moves to their end (under the row lock, so a
