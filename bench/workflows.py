@@ -7,7 +7,12 @@ The run, against a running notifyd and its PostgreSQL:
    `bench-escalation`, three in-app steps due `--delays` after the trigger (1 s, 3 s, 5 s by
    default), the second `unless: ["read"]`, the third `unless: ["read", "online"]`.
 2. Trigger: N triggers through `POST /workflows/bench-escalation/trigger/`, one recipient
-   each (`u-<i>`), paced evenly over `--spread` seconds (at most `--concurrency` at once).
+   each (`u-<i>`), at most `--concurrency` at once. Live (the default, `--lead 0`): paced
+   evenly over `--spread` seconds, each run starting when it is answered, so steps fire
+   while triggers arrive (a daemon saturated by them fires late). With `--lead L`: as fast
+   as they are answered, each with `send_at` = start + L + its share of the spread, so the
+   steps fire after the triggers are in, as `reminders` creates its reminders ahead
+   (`started_after_send_at` counts triggers answered after their own `send_at`).
 3. Read: for a `--read-share` of the runs, as soon as their first step's notification
    exists (polled from PostgreSQL every quarter second), the recipient marks it read over
    REST (`POST /notifications/mark-as-read/` with their own token), during the delays.
@@ -36,6 +41,7 @@ import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -73,6 +79,7 @@ class WorkflowOptions:
     redis_url: str | None = None  # only to report the Redis version
     count: int = 10_000
     spread: float = 20.0
+    lead: float = 0.0  # 0: live triggers; else send_at = start + lead + offset
     delays: tuple[float, float, float] = (1.0, 3.0, 5.0)
     read_share: float = 0.3
     concurrency: int = 16
@@ -102,6 +109,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--spread", type=float, default=20.0, help="seconds the triggers are paced over"
     )
     parser.add_argument(
+        "--lead",
+        type=float,
+        default=0.0,
+        help="0: live triggers paced over the spread; else seconds from the start to the "
+        "first send_at (each trigger's send_at spread over --spread after it)",
+    )
+    parser.add_argument(
         "--delays", type=_delays, default=(1.0, 3.0, 5.0), help="the steps' delays, seconds"
     )
     parser.add_argument(
@@ -125,6 +139,7 @@ def options_from(args: argparse.Namespace) -> WorkflowOptions:
         redis_url=args.redis_url,
         count=args.count,
         spread=args.spread,
+        lead=args.lead,
         delays=args.delays,
         read_share=args.read_share,
         concurrency=args.concurrency,
@@ -210,29 +225,40 @@ class _Triggered:
     errors: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
     last_at: float = 0.0  # epoch seconds of the last acknowledged trigger
+    last_start: float = 0.0  # epoch seconds of the latest run start (answer or send_at)
+    after_send_at: int = 0  # triggers answered after their own send_at
 
 
 async def _trigger_all(run: _Run, triggered: _Triggered) -> None:
-    """N triggers paced evenly over the spread, at most `concurrency` in flight."""
+    """N triggers, at most `concurrency` in flight: live ones paced over the spread, or
+    (with a lead) as fast as answered, each with its `send_at`."""
     o = run.options
     counter = itertools.count()
     began = time.monotonic()
+    first_start = time.time() + o.lead
     interval = o.spread / o.count
 
     async def worker() -> None:
         while (i := next(counter)) < o.count:
-            wait = began + i * interval - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            body: dict[str, Any] = {"recipients": [f"u-{i}"], "data": {"who": f"u-{i}"}}
+            send_at = first_start + i * interval
+            if o.lead > 0:
+                body["send_at"] = datetime.fromtimestamp(send_at, UTC).isoformat()
+            else:
+                wait = began + i * interval - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
             status, answer = await run.call(
-                "POST",
-                f"/workflows/{WORKFLOW_KEY}/trigger/",
-                {"recipients": [f"u-{i}"], "data": {"who": f"u-{i}"}},
-                run.service_headers,
+                "POST", f"/workflows/{WORKFLOW_KEY}/trigger/", body, run.service_headers
             )
             if status == 202:
                 triggered.runs[answer["runs"][0]["run_id"]] = i
-                triggered.last_at = time.time()
+                now = time.time()
+                triggered.last_at = now
+                start = send_at if o.lead > 0 else now
+                triggered.last_start = max(triggered.last_start, start)
+                if o.lead > 0 and now > send_at:
+                    triggered.after_send_at += 1
             else:
                 triggered.errors[f"{status}: {str(answer)[:80]}"] += 1
 
@@ -362,7 +388,7 @@ def _read_violation(row: asyncpg.Record) -> bool:
 async def main(options: WorkflowOptions) -> dict[str, Any]:
     """Run the workload; returns the result (the CLI prints it as one JSON line)."""
     o = options
-    if o.count < 1 or o.spread <= 0 or o.concurrency < 1 or o.margin < 0:
+    if o.count < 1 or o.spread <= 0 or o.concurrency < 1 or o.margin < 0 or o.lead < 0:
         raise BenchError("--count, --spread and --concurrency must be positive")
     if not 0 <= o.read_share <= 1:
         raise BenchError("--read-share is a share: 0 to 1")
@@ -374,7 +400,7 @@ async def main(options: WorkflowOptions) -> dict[str, Any]:
     tenant = f"bench-{run_id}"
     rng = random.Random(o.seed)
     chosen = set(rng.sample(range(o.count), round(o.count * o.read_share)))
-    ttl = int(o.spread + max(o.delays) + o.margin) + 3600
+    ttl = int(o.lead + o.spread + max(o.delays) + o.margin) + 3600
     conn = await asyncpg.connect(o.database_url)
     reader_conn = await asyncpg.connect(o.database_url)
     session = aiohttp.ClientSession(
@@ -399,7 +425,7 @@ async def main(options: WorkflowOptions) -> dict[str, Any]:
                 f"({len(triggered.runs) / max(triggered.seconds, 1e-6):.0f}/s); "
                 f"errors: {dict(triggered.errors)}"
             )
-            last_due = triggered.last_at + max(o.delays)
+            last_due = triggered.last_start + max(o.delays)
             wait_began = time.monotonic()
             await _wait(run, conn, last_due, last_due + o.margin)
         finally:
@@ -446,6 +472,7 @@ async def main(options: WorkflowOptions) -> dict[str, Any]:
         "workload": "workflows",
         "count": o.count,
         "spread_s": o.spread,
+        "lead_s": o.lead,
         "delays_s": list(o.delays),
         "read_share": o.read_share,
         "concurrency": o.concurrency,
@@ -453,6 +480,7 @@ async def main(options: WorkflowOptions) -> dict[str, Any]:
         "trigger_errors": dict(triggered.errors),
         "trigger_s": round(triggered.seconds, 2),
         "triggered_per_s": round(len(triggered.runs) / max(triggered.seconds, 1e-6), 1),
+        "started_after_send_at": triggered.after_send_at,
         "steps": len(ours),
         "fired": len(done_rows),
         "missing": STEPS * len(accepted) - len(done_rows),
