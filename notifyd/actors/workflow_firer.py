@@ -66,7 +66,7 @@ FIRE_BATCH = 100  # steps read per stream read, and fired by one transaction at 
 # Batches waiting for their time hold their slot (their entries are acknowledged once
 # fired), so there must be enough for a lookahead's worth of steps plus the one being read
 # (as the reminder firer's).
-FIRE_BATCHES_IN_FLIGHT = 16
+FIRE_BATCHES_IN_FLIGHT = 64  # live triggers make small batches: each holds a slot a while
 # a wave whose transaction was chosen as a deadlock's victim is tried again (the locks are
 # taken in one order everywhere, so this is a safety net, not a path)
 FIRE_TRIES = 3
