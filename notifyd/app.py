@@ -175,6 +175,7 @@ class Daemon:
                     messages=s.retain_messages,
                     reminders=s.retain_reminders,
                     audit=s.retain_audit,
+                    workflow_runs=s.retain_workflow_runs,
                     batch=s.retain_batch,
                     pause=s.retain_pause,
                 ),

@@ -553,6 +553,10 @@ class Settings:
         "retention.reminders",
         "seconds a fired/skipped/cancelled reminder is kept after its interview (90 days)", ge=0,
         note=FOREVER)
+    retain_workflow_runs: Float = setting(7_776_000.0, "NOTIFYD_RETAIN_WORKFLOW_RUNS",
+        "retention.workflow_runs",
+        "seconds a finished workflow run (no step pending) and its steps are kept after the "
+        "trigger (90 days)", ge=0, note=FOREVER)
     retain_audit: Float = setting(31_536_000.0, "NOTIFYD_RETAIN_AUDIT", "retention.audit",
         "seconds an audit row is kept (365 days; compliance may require longer)", ge=0,
         note=FOREVER)

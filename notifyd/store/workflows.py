@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from notifyd.store import retention
 from notifyd.store.pool import Conn, Executor
 
 # ---------------------------------------------------------------- definitions
@@ -501,6 +502,24 @@ async def lock_step(
     """Locks the step's row until the transaction ends; its status and whether the run's
     in-app notification was read, as of now."""
     return await conn.fetchrow(LOCK_STEP, tenant_id, run_id, position)
+
+
+# Retention: runs triggered before the cutoff with no step pending (sent, skipped, failed,
+# cancelled or throttled: a digest still open has its steps pending), oldest first; their
+# steps and digest items go with them (ON DELETE CASCADE). Never a run that can still send.
+PURGE_EXPIRED = retention.purge_statement(
+    "workflow_runs",
+    "created_at",
+    only="NOT EXISTS (SELECT 1 FROM workflow_steps s "
+    "WHERE s.run_id = workflow_runs.id AND s.status = 'pending')",
+)
+
+
+async def purge_expired(
+    executor: Executor, after: uuid.UUID, cut: retention.Cutoff, limit: int
+) -> retention.Batch:
+    """Deletes up to `limit` finished runs triggered before the cutoff, with their steps."""
+    return await retention.purge_batch(executor, PURGE_EXPIRED, after, cut, limit)
 
 
 # Keyset pages over every pending step, for rebuilding the wheel from PostgreSQL.
