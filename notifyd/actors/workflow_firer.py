@@ -123,12 +123,12 @@ def _parse(entry: Entry) -> tuple[str, uuid.UUID, int, datetime]:
     return tenant_id, run_id, position, due
 
 
-def _quiet_until(step: asyncpg.Record, now: datetime) -> datetime | None:
-    """When a step due `now` may go, if its recipient's quiet hours hold it back (None: it
-    may go now); a critical trigger ignores them."""
+def _quiet_until(step: asyncpg.Record, now: datetime, zone: str | None) -> datetime | None:
+    """When a step due `now` may go, if its recipient's quiet hours (read in `zone`) hold it
+    back (None: it may go now); a critical trigger ignores them."""
     if step["critical"]:
         return None
-    return quiet_until(now, step["quiet_hours"], step["timezone"])
+    return quiet_until(now, step["quiet_hours"], zone)
 
 
 async def _until(when: datetime) -> None:
@@ -247,7 +247,7 @@ class WorkflowFirer:
             if step["digest_key"] is not None:
                 await self.fire(step)
                 continue
-            until = _quiet_until(step, now)
+            until = _quiet_until(step, now, await self._zone(step))
             if until is not None:
                 await self._defer(step, until)
                 continue
@@ -264,7 +264,7 @@ class WorkflowFirer:
         when it was no longer pending (cancelled, or fired by a peer) and nothing was
         written. A step inside its recipient's quiet hours (of a trigger that is not
         critical) is `deferred`: due at their end, back on the wheel."""
-        until = _quiet_until(step, datetime.now(UTC))
+        until = _quiet_until(step, datetime.now(UTC), await self._zone(step))
         if until is not None:
             return await self._defer(step, until)
         context = dict(step["data"] or {})
@@ -281,6 +281,14 @@ class WorkflowFirer:
             status, reason, row = await self._prepare(step, context)
         fired = await self._commit([Plan(step, status, reason, row)])
         return fired[0].record["status"] if fired else None
+
+    async def _zone(self, step: asyncpg.Record) -> str | None:
+        """The zone the step's quiet hours are read in: the recipient's, else the tenant's
+        default (`default_timezone` of its settings), else None (UTC)."""
+        own: str | None = step["timezone"]
+        if own or not step["quiet_hours"]:
+            return own  # no settings read for a step without quiet hours
+        return (await self._tenant_settings(step["tenant_id"])).default_timezone
 
     async def _online(self, steps: Sequence[asyncpg.Record]) -> set[StepKey]:
         """The steps whose recipient has a socket open on any instance now (an unexpired

@@ -24,13 +24,14 @@ VALUE_MAX_LENGTH = 320
 
 
 @functools.cache
-def _zones() -> frozenset[str]:
+def zone_names() -> frozenset[str]:
+    """Every IANA zone name this host's tz database knows."""
     return frozenset(zoneinfo.available_timezones())
 
 
 def is_time_zone(name: str) -> bool:
     """An IANA zone name this host's tz database knows (`Europe/Berlin`, `UTC`)."""
-    return name in _zones()
+    return name in zone_names()
 
 
 def _email(value: str) -> str:

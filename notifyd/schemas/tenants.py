@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 from pydantic_core import PydanticCustomError
 
 from notifyd import tags
 from notifyd.schemas.errors import FieldError
 from notifyd.schemas.fields import Flag, Locale, Message, anchored
+from notifyd.schemas.recipients import TimeZone, zone_names
 
 _UNSAFE = tags.HEADER_UNSAFE.pattern.removeprefix("[").removesuffix("]")
 SINGLE_LINE_PATTERN = rf"^[^{_UNSAFE}]*$"
@@ -53,6 +54,14 @@ _TLS_TWICE = "use_tls (STARTTLS) and use_ssl (implicit TLS) exclude each other"
 SingleLine = Annotated[str, Field(pattern=SINGLE_LINE_PATTERN)]
 
 
+def _whole(value: Any) -> Any:
+    """JSON has one kind of number: 587.0 is the integer the document's `integer` allows
+    (a bool or a string still is not one)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class SmtpSettings(BaseModel):
     """The tenant's SMTP relay. `password` left out (or null) keeps the stored one."""
 
@@ -67,7 +76,7 @@ class SmtpSettings(BaseModel):
     )
 
     host: Annotated[str, Field(max_length=253, pattern=HOST_PATTERN)]
-    port: Annotated[StrictInt, Field(ge=1, le=65535)]
+    port: Annotated[StrictInt, Field(ge=1, le=65535), BeforeValidator(_whole)]
     username: Annotated[SingleLine, Field(max_length=256)] | None = None
     password: Annotated[SingleLine, Field(max_length=1024)] | None = Field(
         None, json_schema_extra={"writeOnly": True}, description="Left out: keep the stored one"
@@ -101,6 +110,10 @@ class TwilioSettings(BaseModel):
     ]
 
 
+# the zones this host's tz database knows, in the document too (the rule is the server's)
+KnownZone = Annotated[TimeZone, Field(json_schema_extra={"enum": sorted(zone_names())})]
+
+
 class TenantSettings(BaseModel):
     """A section left out of a PUT is kept; null falls back to the global setting."""
 
@@ -110,6 +123,9 @@ class TenantSettings(BaseModel):
     twilio: TwilioSettings | None = None
     default_region: Annotated[str, Field(pattern=REGION_PATTERN)] | None = None
     default_locale: Locale | None = None
+    default_timezone: KnownZone | None = Field(
+        None, description="Quiet hours of a recipient without a time zone are read in this one."
+    )
 
 
 def settings_problems(
