@@ -62,7 +62,7 @@ from notifyd.workflows import address, quiet_until, wheel_item
 
 log = logging.getLogger("notifyd.actors.workflows")
 
-FIRE_BATCH = 100  # steps read per stream read, and fired by one transaction at most
+FIRE_BATCH = 100  # steps read per stream read: one query reads them, one plan each
 # Batches waiting for their time hold their slot (their entries are acknowledged once
 # fired), so there must be enough for a lookahead's worth of steps plus the one being read
 # (as the reminder firer's).
@@ -89,7 +89,7 @@ class Plan:
 
     @property
     def key(self) -> StepKey:
-        return (self.step["tenant_id"], self.step["run_id"], self.step["position"])
+        return _key(self.step)
 
 
 @dataclass(frozen=True, slots=True)
