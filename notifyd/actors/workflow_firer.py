@@ -239,17 +239,21 @@ class WorkflowFirer:
         return Plan(step, status, reason, row)
 
     async def _fire_wave(self, plans: Sequence[Plan]) -> None:
-        """Steps whose time has come: quiet hours, then `online`, then one transaction."""
+        """Steps whose time has come: quiet hours, then `online`, then one transaction; the
+        steps that go first, then those deferred (quiet hours) and those of digests (each
+        on its own: it closes its run), so neither kind makes the others late."""
         now = datetime.now(UTC)
         going: list[Plan] = []
+        deferred: list[tuple[asyncpg.Record, datetime]] = []
+        digests: list[asyncpg.Record] = []
         for plan in plans:
             step = plan.step
             if step["digest_key"] is not None:
-                await self.fire(step)
+                digests.append(step)
                 continue
             until = _quiet_until(step, now, await self._zone(step))
             if until is not None:
-                await self._defer(step, until)
+                deferred.append((step, until))
                 continue
             going.append(plan)
         online = await self._online([p.step for p in going if "online" in p.step["unless"]])
@@ -258,6 +262,10 @@ class WorkflowFirer:
             for plan in going
         ]
         await self._commit(decided)
+        for step, until in deferred:
+            await self._defer(step, until)
+        for step in digests:
+            await self.fire(step)
 
     async def fire(self, step: asyncpg.Record) -> str | None:
         """One step on its own, at its time (a digest's, or a caller's); its outcome, or None
