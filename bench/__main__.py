@@ -21,6 +21,7 @@ from bench import (
     suite,
     ui,
     workflows,
+    webhooks,
     ws_fanout,
 )
 from bench.common import BenchError, emit
@@ -55,6 +56,10 @@ WORKLOADS: dict[str, tuple[Any, str]] = {
         "N events waiting in Kafka (and the Redis stream, RabbitMQ): stored notifications/s",
     ),
     "retention": (retention, "rest_ingest's p99 while 1,000,000 expired rows are purged"),
+    "webhooks": (
+        webhooks,
+        "K in-app notifications: their webhooks' rate and latency at a verifying receiver",
+    ),
     "ui": (ui, "the web components: bytes, gzip, first render, a 1,000-item inbox's scroll"),
     "all": (suite, "limits, then every workload, then each figure beside its ceiling"),
 }

@@ -21,6 +21,7 @@ from notifyd.actors.sender import Sender
 from notifyd.actors.stream_stats import StreamStats
 from notifyd.actors.sweeper import Sweeper
 from notifyd.actors.timer import Timer
+from notifyd.actors.webhook_sender import WebhookSender
 from notifyd.actors.workflow_firer import WorkflowFirer
 from notifyd.egress import Egress
 from notifyd.ingest.accept import EventAcceptor
@@ -251,6 +252,7 @@ def build_pipeline(
             streams=[keys.dead_letters],
             interval=settings.stream_stats_interval,
         ),
+        WebhookSender(pool=pool, settings=settings, egress=egress, metrics=metrics, alerts=alerts),
         alerts,
     ]
     if settings.events_enabled:
@@ -275,28 +277,22 @@ def build_pipeline(
                 consumer_name=name,
             )
         )
+        brokers: list[type[RabbitMqEventSource | KafkaEventSource]] = []
         if settings.rabbitmq_url:
-            actors.append(
-                RabbitMqEventSource(
-                    settings=settings,
-                    acceptor=acceptor,
-                    producer=producer,
-                    keys=keys,
-                    alerts=alerts,
-                    consumer_name=name,
-                )
-            )
+            brokers.append(RabbitMqEventSource)
         if settings.kafka_bootstrap_servers and settings.kafka_topics:
-            actors.append(
-                KafkaEventSource(
-                    settings=settings,
-                    acceptor=acceptor,
-                    producer=producer,
-                    keys=keys,
-                    alerts=alerts,
-                    consumer_name=name,
-                )
+            brokers.append(KafkaEventSource)
+        actors += [
+            source(
+                settings=settings,
+                acceptor=acceptor,
+                producer=producer,
+                keys=keys,
+                alerts=alerts,
+                consumer_name=name,
             )
+            for source in brokers
+        ]
     if settings.kafka_events_topic:
         actors.append(KafkaDeliveryEvents(settings=settings, pool=pool))
     return Pipeline(

@@ -28,6 +28,7 @@ from bench import (
     retention,
     suite,
     workflows,
+    webhooks,
     ws_fanout,
 )
 from bench.__main__ import WORKLOADS, build_parser
@@ -362,6 +363,37 @@ async def test_email_e2e_counts_each_mail_the_sink_received(
     tenant = result["run"]["tenant"]
     # the daemon records "sent" once the sink's 250 reaches it, just after the sink counted it
     await wait_for(lambda: has_statuses(db, tenant, {"sent": 31}))
+
+
+async def test_webhooks_counts_each_verified_webhook_the_receiver_got(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    """Promise: `webhooks` runs its own verifying receiver; the daemon, allowed to call it,
+    delivers a webhook per notification and the harness reports K arrived, none missing,
+    duplicated or unverified; it deletes its endpoint at the end."""
+    daemon = await daemon_factory(
+        NOTIFYD_TENANT_SECRET_KEY="bench-key",
+        NOTIFYD_WEBHOOK_ALLOW_HTTP="true",
+        NOTIFYD_EGRESS_ALLOWED_NETWORKS="127.0.0.1/32",
+    )
+    result = as_json(
+        await webhooks.main(
+            webhooks.WebhookOptions(
+                url=f"http://127.0.0.1:{daemon.port}",
+                jwt_secret=TEST_JWT_SECRET,
+                count=30,
+                margin=20.0,
+                settle=0.3,
+                quiet=True,
+            )
+        )
+    )
+    assert result["workload"] == "webhooks"
+    assert (result["accepted"], result["arrived"]) == (30, 30)
+    assert (result["missing"], result["duplicates"], result["unverified"]) == (0, 0, 0)
+    assert result["per_s"] > 0
+    assert 0 < result["p50_ms"] <= result["p99_ms"] <= result["max_ms"]
+    assert await db.fetchval("SELECT count(*) FROM webhook_endpoints") == 0
 
 
 async def test_email_e2e_reports_mail_that_never_arrived_as_missing(

@@ -33,6 +33,7 @@ from notifyd.store import (
     notifications,
     reminders,
     workflows,
+    webhooks,
 )
 from notifyd.store import retention as kept
 from notifyd.store.pool import Conn, Executor
@@ -56,6 +57,7 @@ class Retention:
     reminders: float = 0.0
     audit: float = 0.0
     workflow_runs: float = 0.0
+    webhook_deliveries: float = 0.0
     batch: int = 1000
     pause: float = 0.1
 
@@ -67,6 +69,7 @@ class Retention:
             ("interview_reminders", self.reminders, reminders.purge_expired),
             ("audit_log", self.audit, audit.purge_expired),
             ("workflow_runs", self.workflow_runs, workflows.purge_expired),
+            ("webhook_deliveries", self.webhook_deliveries, webhooks.purge_expired),
         ]
         return [family for family in every if family[1] > 0]
 

@@ -39,7 +39,10 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from notifyd import accept
+from notifyd.accept.orders import Order, Refused
+from notifyd.accept.outbox import announce
+from notifyd.accept.prepare import prepare
+from notifyd.accept.rows import SEND_ACTION, audit_details, new_row
 from notifyd.compose import Composer, render_limits
 from notifyd.ids import uuid7
 from notifyd.keys import FIRE_GROUP, Keys
@@ -328,7 +331,7 @@ class WorkflowFirer:
             prefs, channel=step["channel"], category=step["category"], critical=step["critical"]
         ):
             return "skipped", "opted_out", None
-        order = accept.Order(
+        order = Order(
             channel=step["channel"],
             recipient=to,
             template_key=step["template_key"],
@@ -340,12 +343,12 @@ class WorkflowFirer:
         )
         tenant = await self._tenant_settings(tenant_id)
         try:
-            prepared = await accept.prepare(
+            prepared = await prepare(
                 self._pool, self._settings, tenant, tenant_id, order, composer=composer
             )
-        except accept.Refused as exc:
+        except Refused as exc:
             return "failed", f"render: {exc}"[:REASON_MAX_LENGTH], None
-        row = prepared.row(tenant_id=tenant_id, created_by=step["created_by"])
+        row = new_row(prepared, tenant_id=tenant_id, created_by=step["created_by"])
         return "sent", None, row
 
     async def _commit(self, plans: Sequence[Plan]) -> list[Fired]:
@@ -370,7 +373,7 @@ class WorkflowFirer:
                 log.warning("workflow wave chosen as a deadlock victim; trying again")
         made = [f.row for f in fired if f.row is not None]
         if made:
-            await accept.announce(self._producer, self._keys, made, self._metrics)
+            await announce(self._producer, self._keys, made, self._metrics)
         for f in fired:
             status, lateness = f.record["status"], f.record["lateness_ms"]
             self._metrics.workflow_steps.labels(status).inc()
@@ -419,13 +422,13 @@ class WorkflowFirer:
                         AuditEntry(
                             tenant_id=row.tenant_id,
                             user_id=None,
-                            action=accept.SEND_ACTION,
+                            action=SEND_ACTION,
                             ip_address=None,
                             request_id=None,
                             details={
                                 "via": "workflow",
                                 "run_id": str(key[1]),
-                                **accept.audit_details(row),
+                                **audit_details(row),
                             },
                         )
                         for key, row in rows.items()

@@ -1,9 +1,9 @@
 """Accepting a domain event: deduplicated, then stored and enqueued exactly as a POST is.
 
-Each recipient and channel becomes an `Order` for `notifyd.accept`, the path every
+Each recipient and channel becomes an `Order` on `notifyd.accept`'s path, the one every
 notification takes into the outbox: the same checks, SMS numbers in E.164 in the tenant's
 region, the content rendered now (a template that cannot render makes the event malformed,
-never a blank in someone's inbox), the row and its audit row, then the intent after the
+never a blank in someone's inbox), the rows and their audit rows, then the intents after the
 commit (a Redis failure there leaves the rows to the sweeper).
 
 An event naming a `workflow` starts its runs instead, through the trigger's one rule
@@ -28,18 +28,10 @@ from typing import Any
 
 import asyncpg
 
-from notifyd.accept import (
-    SEND_ACTION,
-    Actor,
-    Order,
-    Prepared,
-    Refused,
-    announce,
-    audit_details,
-    prepare,
-    problems,
-    record,
-)
+from notifyd.accept.orders import Order, Refused, order_problems
+from notifyd.accept.outbox import announce
+from notifyd.accept.prepare import Prepared, prepare
+from notifyd.accept.rows import authored
 from notifyd.ingest.events import DomainEvent, MalformedEvent, Recipient, WorkflowEvent
 from notifyd.keys import Keys
 from notifyd.limits import platform_quota
@@ -50,7 +42,9 @@ from notifyd.schemas.registry import Schemas
 from notifyd.settings import CHANNELS, Settings
 from notifyd.store import audit
 from notifyd.store import workflows as workflow_store
+from notifyd.store.audit import Author
 from notifyd.store.limits import TenantLimits
+from notifyd.store.notifications import insert_many_audited
 from notifyd.store.pool import Executor
 from notifyd.store.tenants import TenantSettings, load_redacted
 from notifyd.streams.producer import Producer
@@ -197,7 +191,7 @@ class EventAcceptor:
         tenant = (await load_redacted(self._pool, event.tenant_id)).settings
         prepared = await self._prepare(event, tenant)
         await self._check_quotas(event, tenant, prepared)
-        actor = Actor(
+        author = Author(
             user_id=creator(event),
             details={
                 "via": "ingest",
@@ -206,7 +200,7 @@ class EventAcceptor:
                 "event_type": event.type,
             },
         )
-        rows = [p.row(tenant_id=event.tenant_id, created_by=actor.user_id) for p in prepared]
+        rows, entries = authored(prepared, event.tenant_id, author)
         ids = tuple(row.id for row in rows)
         async with self._pool.acquire() as conn, conn.transaction():
             received = await conn.fetchval(
@@ -216,10 +210,7 @@ class EventAcceptor:
                 # a peer (or the same event published twice) committed first: write nothing
                 log.info("duplicate event ignored", extra=_log_fields(event, source))
                 return Outcome(duplicate=True, notification_ids=await _seen(conn, event) or ())
-            for row in rows:
-                await record(
-                    conn, row, actor.audit(event.tenant_id, SEND_ACTION, audit_details(row))
-                )
+            await insert_many_audited(conn, rows, entries)
         enqueued = await announce(self._producer, self._keys, rows, self._metrics)
         log.info("event accepted", extra={**_log_fields(event, source), "notifications": len(rows)})
         return Outcome(duplicate=False, notification_ids=ids, enqueued=enqueued)
@@ -239,7 +230,7 @@ class EventAcceptor:
             "event_id": event.event_id,
             "event_type": event.type,
         }
-        actor = Actor(user_id=creator(event), details=details)
+        author = Author(user_id=creator(event), details=details)
         async with self._pool.acquire() as conn, conn.transaction():
             received = await conn.fetchval(
                 INSERT_EVENT, event.tenant_id, event.event_id, event.type, source, []
@@ -253,12 +244,12 @@ class EventAcceptor:
                 key=event.workflow_key,
                 stored=found["definition"],
                 trigger=event.trigger,
-                created_by=actor.user_id,
+                created_by=author.user_id,
                 digest_max_items=self._settings.workflow_digest_max_items,
             )
             await audit.record(
                 conn,
-                actor.audit(
+                author.entry(
                     event.tenant_id,
                     "workflow.trigger",
                     started.audit_details(event.workflow_key, event.trigger),
@@ -315,7 +306,7 @@ class EventAcceptor:
             # checked with the event's own context: the recipient's name and time zone
             # added to it do not count against the publisher's NOTIFYD_CONTEXT_MAX_KEYS
             as_published = replace(item.order, context=event.context)
-            found = problems(as_published, self._send)
+            found = order_problems(as_published, self._send)
             if found:
                 raise MalformedEvent([_in_event_terms(event, item, p) for p in found])
             try:

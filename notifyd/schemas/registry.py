@@ -18,6 +18,7 @@ from notifyd.schemas import (
     rooms,
     templates,
     tenants,
+    webhooks,
     workflows,
 )
 from notifyd.schemas.fields import PATTERN_MESSAGES, PageQuery, id_pattern_message, paged
@@ -51,6 +52,8 @@ class Schemas:
     template_put: Reader[templates.TemplatePut]
     template_preview: Reader[templates.TemplatePreview]
     tenant_settings: Reader[tenants.TenantSettings]
+    webhook_create: Reader[webhooks.WebhookEndpointCreate]
+    webhook_patch: Reader[webhooks.WebhookEndpointPatch]
 
     @classmethod
     def build(cls, settings: Settings) -> Schemas:
@@ -61,6 +64,7 @@ class Schemas:
             **rooms.PATTERN_MESSAGES,
             **templates.PATTERN_MESSAGES,
             **tenants.PATTERN_MESSAGES,
+            **webhooks.PATTERN_MESSAGES,
             **id_pattern_message(settings.id_pattern),
         }
 
@@ -105,6 +109,8 @@ class Schemas:
                 templates.preview_model(settings), patterns, templates.preview_problems
             ),
             tenant_settings=Reader(tenants.TenantSettings, patterns, tenants.settings_problems),
+            webhook_create=Reader(webhooks.WebhookEndpointCreate, patterns),
+            webhook_patch=Reader(webhooks.WebhookEndpointPatch, patterns),
         )
 
     def requests(self) -> list[type[BaseModel]]:
@@ -125,6 +131,8 @@ class Schemas:
             self.template_put.model,
             self.template_preview.model,
             self.tenant_settings.model,  # also the answer's shape
+            self.webhook_create.model,
+            self.webhook_patch.model,
         ]
 
 
@@ -138,5 +146,8 @@ RESPONSES: list[type[BaseModel]] = [
     workflows.WorkflowTriggered,
     workflows.WorkflowCancelled,
     workflows.WorkflowRun,
+    webhooks.WebhookEndpoint,
+    webhooks.WebhookEndpointWithSecret,
+    webhooks.WebhookDelivery,
 ]
 """The answers' models, for the document's components (answers are not validated)."""
