@@ -20,8 +20,8 @@ from bench import (
     retention,
     suite,
     ui,
-    workflows,
     webhooks,
+    workflows,
     ws_fanout,
 )
 from bench.common import BenchError, emit

@@ -27,8 +27,8 @@ from bench import (
     rest_ingest,
     retention,
     suite,
-    workflows,
     webhooks,
+    workflows,
     ws_fanout,
 )
 from bench.__main__ import WORKLOADS, build_parser

@@ -32,8 +32,8 @@ from notifyd.store import (
     messages,
     notifications,
     reminders,
-    workflows,
     webhooks,
+    workflows,
 )
 from notifyd.store import retention as kept
 from notifyd.store.pool import Conn, Executor
