@@ -27,13 +27,12 @@ its time, so it goes on its own (`fire`), in its wave.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -59,6 +58,7 @@ from notifyd.store.notifications import NewNotification
 from notifyd.store.tenants import TenantSettings, locale_for
 from notifyd.store.workflows import StepKey
 from notifyd.streams.consumer import Entry, Poison, StreamConsumer, Timing
+from notifyd.streams.due import due_of, in_waves, latest_due
 from notifyd.streams.producer import Producer
 from notifyd.streams.schedule import Schedule
 from notifyd.workflows import address, quiet_until, wheel_item
@@ -108,22 +108,15 @@ def _key(step: asyncpg.Record) -> StepKey:
     return (step["tenant_id"], step["run_id"], step["position"])
 
 
-def _parse(entry: Entry) -> tuple[str, uuid.UUID, int, datetime]:
-    """(tenant, run id, step position, the due time this entry was moved for; 1 ms of float
-    rounding allowed, now when the entry has none)."""
+def _parse(entry: Entry) -> tuple[StepKey, datetime]:
+    """((tenant, run id, step position), the due time this entry was moved for)."""
     try:
         tenant_id = entry.fields[b"tenant_id"].decode()
         run_id = uuid.UUID(entry.fields[b"run_id"].decode())
         position = int(entry.fields[b"position"])
-        due_ms = entry.fields.get(b"due_ms")
-        due = (
-            datetime.fromtimestamp(float(due_ms) / 1000, UTC) + timedelta(milliseconds=1)
-            if due_ms is not None
-            else datetime.now(UTC)
-        )
+        return (tenant_id, run_id, position), due_of(entry)
     except (KeyError, UnicodeDecodeError, ValueError):
         raise Poison("malformed workflow step entry") from None
-    return tenant_id, run_id, position, due
 
 
 def _quiet_until(step: asyncpg.Record, now: datetime, zone: str | None) -> datetime | None:
@@ -132,13 +125,6 @@ def _quiet_until(step: asyncpg.Record, now: datetime, zone: str | None) -> datet
     if step["critical"]:
         return None
     return quiet_until(now, step["quiet_hours"], zone)
-
-
-async def _until(when: datetime) -> None:
-    """Sleeps until `when` by the wall clock (the clock `due_at` is written in)."""
-    wait = (when - datetime.now(UTC)).total_seconds()
-    if wait > 0:
-        await asyncio.sleep(wait)
 
 
 class WorkflowFirer:
@@ -192,15 +178,7 @@ class WorkflowFirer:
     async def handle_batch(self, entries: list[Entry]) -> None:
         """Everything one read returned: one query reads the steps, each is planned ahead,
         then each wave of those whose time has come is fired in one transaction."""
-        wanted: dict[StepKey, datetime] = {}
-        for entry in entries:
-            try:
-                tenant_id, run_id, position, due = _parse(entry)
-            except Poison as exc:
-                await self.consumer.dead_letter(entry, str(exc))
-                continue
-            key = (tenant_id, run_id, position)
-            wanted[key] = max(due, wanted.get(key, due))  # a replayed entry: one firing
+        wanted = await latest_due(entries, _parse, self.consumer.dead_letter)
         if not wanted:
             return
         steps = [
@@ -211,12 +189,7 @@ class WorkflowFirer:
         steps.sort(key=lambda step: step["due_at"])
         composer = await self._composer({step["tenant_id"] for step in steps})
         plans = [await self._plan(step, composer) for step in steps]
-        while plans:
-            await _until(plans[0].step["due_at"])
-            now = datetime.now(UTC)
-            ready = bisect.bisect_right(plans, now, key=lambda plan: plan.step["due_at"])
-            await self._fire_wave(plans[:ready])
-            del plans[:ready]
+        await in_waves(plans, lambda plan: plan.step["due_at"], self._fire_wave)
 
     async def _composer(self, tenants: set[str]) -> Composer:
         """One for a batch: each distinct template resolved once, in the tenants' default
