@@ -375,22 +375,9 @@ PEEK_STEPS = (
 )
 
 # The lock the fire and a cancel serialise on; read `unless: read` under it, at the step's
-# time: an in-app notification an earlier step of this run made, read by now.
-LOCK_STEP = """
-SELECT s.status,
-       EXISTS (
-           SELECT 1 FROM workflow_steps e JOIN notifications n
-               ON n.tenant_id = e.tenant_id AND n.id = ANY(e.notification_ids)
-           WHERE e.run_id = s.run_id AND e.position < s.position
-             AND n.channel = 'in_app' AND n.read_at IS NOT NULL
-       ) AS read
-FROM workflow_steps s
-WHERE s.tenant_id = $1 AND s.run_id = $2 AND s.position = $3
-FOR UPDATE OF s
-"""
-
-# The batch form: every step of a wave locked in one statement, in (run, position) order
-# (as a cancel locks them), so two batches or a batch and a cancel never deadlock.
+# time: an in-app notification an earlier step of this run made, read by now. Every step of
+# a wave is locked in one statement, in (run, position) order (as a cancel locks them), so
+# two batches or a batch and a cancel never deadlock.
 LOCK_STEPS = """
 SELECT s.tenant_id, s.run_id, s.position, s.status,
        EXISTS (
@@ -500,8 +487,9 @@ async def lock_step(
     conn: Conn, tenant_id: str, run_id: uuid.UUID, position: int
 ) -> asyncpg.Record | None:
     """Locks the step's row until the transaction ends; its status and whether the run's
-    in-app notification was read, as of now."""
-    return await conn.fetchrow(LOCK_STEP, tenant_id, run_id, position)
+    in-app notification was read, as of now (`lock_steps` for one)."""
+    key = (tenant_id, run_id, position)
+    return (await lock_steps(conn, [key])).get(key)
 
 
 # Retention: runs triggered before the cutoff with no step pending (sent, skipped, failed,
