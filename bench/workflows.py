@@ -56,6 +56,7 @@ from bench.common import (
     add_url_argument,
     log,
     machine,
+    options_of,
     postgres_version,
     redis_version,
     require_loopback_url,
@@ -132,21 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> WorkflowOptions:
-    return WorkflowOptions(
-        url=args.url,
-        database_url=args.database_url,
-        jwt_secret=args.jwt_secret,
-        redis_url=args.redis_url,
-        count=args.count,
-        spread=args.spread,
-        lead=args.lead,
-        delays=args.delays,
-        read_share=args.read_share,
-        concurrency=args.concurrency,
-        margin=args.margin,
-        settle=args.settle,
-        seed=args.seed,
-    )
+    return options_of(WorkflowOptions, args)
 
 
 def definition(delays: tuple[float, float, float]) -> dict[str, Any]:
