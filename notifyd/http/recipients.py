@@ -89,15 +89,18 @@ async def put_recipient(request: web.Request) -> web.Response:
     return json_response(recipient_json(row))
 
 
-async def get_recipient(request: web.Request) -> web.Response:
-    ctx = services(request)
-    caller = identity(request)
-    user_id = _user_id(request)
-    _may_manage(request)
-    row = await store.get(ctx.pool, caller.tenant_id, user_id)
+async def _stored(request: web.Request, user_id: str) -> web.Response:
+    """The recipient's stored contact in the caller's tenant, or 404."""
+    row = await store.get(services(request).pool, identity(request).tenant_id, user_id)
     if row is None:
         raise not_found("recipient")
     return json_response(recipient_json(row))
+
+
+async def get_recipient(request: web.Request) -> web.Response:
+    user_id = _user_id(request)
+    _may_manage(request)
+    return await _stored(request, user_id)
 
 
 async def delete_recipient(request: web.Request) -> web.Response:
@@ -113,12 +116,7 @@ async def delete_recipient(request: web.Request) -> web.Response:
 
 
 async def get_own(request: web.Request) -> web.Response:
-    ctx = services(request)
-    caller = identity(request)
-    row = await store.get(ctx.pool, caller.tenant_id, caller.user_id)
-    if row is None:
-        raise not_found("recipient")
-    return json_response(recipient_json(row))
+    return await _stored(request, identity(request).user_id)
 
 
 async def patch_own(request: web.Request) -> web.Response:
