@@ -39,7 +39,7 @@ from aiokafka.structs import OffsetAndMetadata
 from notifyd.alerts import Alerting
 from notifyd.ingest.accept import EventAcceptor
 from notifyd.ingest.binding import Binding, admit
-from notifyd.ingest.dead_letters import dead_letter_event
+from notifyd.ingest.dead_letters import EventDeadLetters
 from notifyd.ingest.events import EventLimits, MalformedEvent, parse_event
 from notifyd.ingest.kafka_connection import KafkaConnection
 from notifyd.keys import Keys
@@ -94,9 +94,9 @@ class KafkaEventSource:
         self._limits = EventLimits.from_settings(settings)
         self._binding = Binding.for_source(settings, SOURCE)
         self._acceptor = acceptor
-        self._producer = producer
-        self._keys = keys
-        self._alerts = alerts
+        self._dead_letters = EventDeadLetters(
+            producer, keys, alerts, SOURCE, self._limits.max_bytes
+        )
         self._consumer_name = consumer_name
         self._batch_lock = asyncio.Lock()
         self._stop = asyncio.Event()
@@ -207,22 +207,13 @@ class KafkaEventSource:
     async def _dead_letter(
         self, record: ConsumerRecord[bytes, bytes], reason: str, tries: int
     ) -> None:
-        await dead_letter_event(
-            self._producer,
-            self._keys,
-            self._alerts,
-            source=SOURCE,
-            body=record.value or b"",
-            max_bytes=self._limits.max_bytes,
-            reason=reason,
-            deliveries=tries,
-            where={
-                "topic": record.topic,
-                "partition": str(record.partition),
-                "offset": str(record.offset),
-            },
-            described=f"Kafka ({record.topic}[{record.partition}] at offset {record.offset})",
-        )
+        where = {
+            "topic": record.topic,
+            "partition": str(record.partition),
+            "offset": str(record.offset),
+        }
+        described = f"Kafka ({record.topic}[{record.partition}] at offset {record.offset})"
+        await self._dead_letters.add(record.value or b"", reason, tries, where, described)
 
 
 def _names(partitions: Sequence[TopicPartition]) -> list[str]:

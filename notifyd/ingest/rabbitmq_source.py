@@ -35,7 +35,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from notifyd.alerts import Alerting
 from notifyd.ingest.accept import EventAcceptor
 from notifyd.ingest.binding import Binding, admit
-from notifyd.ingest.dead_letters import dead_letter_event
+from notifyd.ingest.dead_letters import EventDeadLetters
 from notifyd.ingest.events import EventLimits, MalformedEvent, parse_event
 from notifyd.keys import Keys
 from notifyd.settings import Settings, mask_url
@@ -71,9 +71,9 @@ class RabbitMqEventSource:
         self._limits = EventLimits.from_settings(settings)
         self._binding = Binding.for_source(settings, "rabbitmq")
         self._acceptor = acceptor
-        self._producer = producer
-        self._keys = keys
-        self._alerts = alerts
+        self._dead_letters = EventDeadLetters(
+            producer, keys, alerts, "rabbitmq", self._limits.max_bytes
+        )
         self._consumer_name = consumer_name
         self._in_flight: set[asyncio.Task[Any]] = set()
         # failures per message, kept across reconnects and restarts of this actor
@@ -196,18 +196,8 @@ class RabbitMqEventSource:
         where = {"queue": self._queue_name}
         if message.message_id:
             where["message_id"] = message.message_id
-        await dead_letter_event(
-            self._producer,
-            self._keys,
-            self._alerts,
-            source="rabbitmq",
-            body=message.body,
-            max_bytes=self._limits.max_bytes,
-            reason=reason,
-            deliveries=deliveries,
-            where=where,
-            described=f"RabbitMQ queue {self._queue_name}",
-        )
+        described = f"RabbitMQ queue {self._queue_name}"
+        await self._dead_letters.add(message.body, reason, deliveries, where, described)
 
 
 def _identity(message: AbstractIncomingMessage) -> str:
