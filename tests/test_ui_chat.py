@@ -14,11 +14,11 @@ from playwright.async_api import Browser, Page
 from tests.conftest import DaemonFactory
 from tests.helpers import Api
 from tests.ui_browser import (
-    AXE,
     CHAT,
     HostSite,
     needs_chromium,
     open_chat,
+    serious_violations,
     start_daemon,
 )
 
@@ -186,13 +186,7 @@ async def test_no_serious_or_critical_accessibility_violation(
     await composer.press("Enter")
     await wait_part(bob, "message", "Accessible")
     for page in (alice, bob):
-        await page.add_script_tag(path=str(AXE))
-        result = await page.evaluate("axe.run(document)")
-        bad = [
-            (v["id"], v["help"], [n["target"] for n in v["nodes"]])
-            for v in result["violations"]
-            if v["impact"] in ("serious", "critical")
-        ]
+        bad = await serious_violations(page)
         assert bad == [], bad
 
 

@@ -17,10 +17,10 @@ from playwright.async_api import Browser, Page
 from tests.conftest import DaemonFactory
 from tests.helpers import Api
 from tests.ui_browser import (
-    AXE,
     HostSite,
     needs_chromium,
     open_inbox,
+    serious_violations,
     start_daemon,
     wait_badge,
     wait_live,
@@ -215,13 +215,7 @@ async def test_no_serious_or_critical_accessibility_violation(
             if panel_open:
                 await page.locator('notifyd-inbox [part~="bell"]').click()
                 await page.locator('notifyd-inbox [part~="item"]').first.wait_for()
-            await page.add_script_tag(path=str(AXE))
-            result = await page.evaluate("axe.run(document)")
-            bad = [
-                (v["id"], v["help"], [n["target"] for n in v["nodes"]])
-                for v in result["violations"]
-                if v["impact"] in ("serious", "critical")
-            ]
+            bad = await serious_violations(page)
             assert bad == [], bad
 
 

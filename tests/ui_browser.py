@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from aiohttp import web
@@ -36,6 +36,18 @@ CHAT = "notifyd-chat"
 needs_chromium = pytest.mark.skipif(
     shutil.which("chromium") is None, reason="chromium is not installed (scripts/bootstrap.sh)"
 )
+
+
+async def serious_violations(page: Page) -> list[tuple[str, str, list[Any]]]:
+    """axe-core's serious and critical accessibility violations on the page as it is:
+    (rule, help, the elements at fault)."""
+    await page.add_script_tag(path=str(AXE))
+    result = await page.evaluate("axe.run(document)")
+    return [
+        (v["id"], v["help"], [n["target"] for n in v["nodes"]])
+        for v in result["violations"]
+        if v["impact"] in ("serious", "critical")
+    ]
 
 
 async def start_daemon(daemon_factory: DaemonFactory, site: HostSite, **env: str) -> Daemon:
