@@ -18,6 +18,7 @@ from tests.conftest import DaemonFactory
 from tests.helpers import Api, wait_for
 from tests.test_workflows_fire import (
     FAST,
+    ONE_IN_APP,
     SERVICE,
     STEPS,
     USER,
@@ -72,10 +73,7 @@ async def test_a_step_inside_quiet_hours_waits_for_their_end_then_goes_once_unle
         "start": (now - timedelta(hours=1)).strftime("%H:%M:%S"),
         "end": end.strftime("%H:%M:%S"),
     }
-    definition = {
-        "steps": [{"channel": "in_app", "template_key": "interviewScheduling"}],
-        "quiet_hours": quiet,
-    }
+    definition = {**ONE_IN_APP, "quiet_hours": quiet}
     daemon = await daemon_factory(**FAST)
     async with Api(daemon) as api:
         await setup_tenant(api, definition)
@@ -121,10 +119,7 @@ async def test_a_recipient_without_a_zone_has_quiet_hours_in_the_tenants_default
         "end": end.strftime("%H:%M:%S"),
     }
     assert quiet_until(datetime.now(UTC), quiet, None) is None  # not quiet in UTC
-    definition = {
-        "steps": [{"channel": "in_app", "template_key": "interviewScheduling"}],
-        "quiet_hours": quiet,
-    }
+    definition = {**ONE_IN_APP, "quiet_hours": quiet}
     daemon = await daemon_factory(**FAST)
     async with Api(daemon) as api:
         await setup_tenant(api, definition)
