@@ -55,6 +55,7 @@ async def prepare(
             locale=order.locale,
             default_locale=locale_for(tenant, settings),
             limits=render_limits(settings),
+            tenant=tenant,
         )
     except TemplateError as exc:
         raise Refused([FieldError(exc.field, exc.reason)]) from None

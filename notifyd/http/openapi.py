@@ -324,8 +324,12 @@ SCHEMAS: dict[str, Any] = {
             "subject": _NULLABLE_STR,
             "text_body": {"type": "string"},
             "html_body": _NULLABLE_STR,
-            "created_at": _TIME,
-            "updated_at": _TIME,
+            "created_at": _NULLABLE_TIME,
+            "updated_at": _NULLABLE_TIME,
+            "source": {
+                "enum": ["stored", "tenant_config"],
+                "description": "tenant_config: from NOTIFYD_TENANT_CONFIG_URL, read-only here",
+            },
         },
     },
     "Rendered": {

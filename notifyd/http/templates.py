@@ -4,10 +4,17 @@ Services may read and preview (a backend checks its templates render before it s
 only admins write. A template must compile before it is stored, so a syntax error is the
 admin's 422 now, not every sender's failure later. Missing variables can only be found with
 a context, which is what the preview route is for.
+
+With a tenant configuration source (NOTIFYD_TENANT_CONFIG_URL), its templates win over stored
+ones of the same key, channel and locale: the list shows them first (`"source":
+"tenant_config"`, read-only), a PUT of one answers 409 `sourced-field`, and the preview and
+every send render them.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -17,7 +24,14 @@ from notifyd import tags
 from notifyd.auth import policy
 from notifyd.auth.identity import Identity
 from notifyd.compose import Composer, render_limits
-from notifyd.http.context import audit_entry, identity, services
+from notifyd.http.context import (
+    Services,
+    audit_entry,
+    identity,
+    services,
+    source_unavailable,
+    tenant_settings_of,
+)
 from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found, unsendable
 from notifyd.http.responses import iso, json_response
 from notifyd.http.validation import Fields, query_fields, read_model, schemas
@@ -28,10 +42,40 @@ from notifyd.schemas.templates import TemplatePreview, TemplatePut
 from notifyd.settings import CHANNELS
 from notifyd.store import audit
 from notifyd.store import templates as store
+from notifyd.store.tenants import SourcedTemplate, SourceUnavailable, TemplateId
 
 
 def template_json(t: store.Template) -> dict[str, Any]:
-    return {**asdict(t), "created_at": iso(t.created_at), "updated_at": iso(t.updated_at)}
+    return {
+        **asdict(t),
+        "created_at": iso(t.created_at),
+        "updated_at": iso(t.updated_at),
+        "source": "stored",
+    }
+
+
+def sourced_json(key: TemplateId, t: SourcedTemplate) -> dict[str, Any]:
+    """A template the tenant configuration source gives (read-only; never stored)."""
+    template_key, channel, locale = key
+    return {
+        "template_key": template_key,
+        "channel": channel,
+        "locale": locale,
+        "subject": t.subject,
+        "text_body": t.text_body,
+        "html_body": t.html_body,
+        "created_at": None,
+        "updated_at": None,
+        "source": "tenant_config",
+    }
+
+
+async def _sourced_templates(ctx: Services, tenant_id: str) -> Mapping[TemplateId, SourcedTemplate]:
+    try:
+        source = await ctx.tenant_settings.sourced(tenant_id)
+    except SourceUnavailable as exc:
+        raise source_unavailable(exc) from None
+    return {} if source is None else source.templates
 
 
 def _check_read(caller: Identity) -> None:
@@ -128,13 +172,21 @@ async def list_templates(request: web.Request) -> web.Response:
         limit=limit + 1,
     )
     headers: dict[str, str] = {}
+    # the source's templates, read-only, ahead of the stored ones on the first page
+    sourced = [
+        sourced_json(key, t)
+        for key, t in sorted((await _sourced_templates(ctx, caller.tenant_id)).items())
+        if after is None
+        and (template_key is None or key[0] == template_key)
+        and (channel is None or key[1] == channel)
+    ]
     if len(rows) > limit:
         rows = rows[:limit]
         last = rows[-1]
         cursor = f"{last.template_key}/{last.channel}/{last.locale}"
         next_url = request.rel_url.update_query({"after": cursor, "limit": str(limit)})
         headers["Link"] = f'<{next_url}>; rel="next"'
-    return json_response([template_json(r) for r in rows], headers=headers)
+    return json_response([*sourced, *(template_json(r) for r in rows)], headers=headers)
 
 
 async def put_template(request: web.Request) -> web.Response:
@@ -144,6 +196,14 @@ async def put_template(request: web.Request) -> web.Response:
     template_key, channel, path_errors = _path_problems(request)
     body = await read_model(request, schemas(request).template_put, also=path_errors)
     locale = tags.normalize_locale(body.locale or "")
+    if (template_key, channel, locale) in await _sourced_templates(ctx, caller.tenant_id):
+        raise Problem(
+            409,
+            "this template is set by the tenant configuration source (NOTIFYD_TENANT_CONFIG_URL)"
+            ": change it there",
+            kind="sourced-field",
+            errors=[FieldError("template_key", "is set by the tenant configuration source")],
+        )
     source = _source(body)
     errors = _compile_errors(
         source, _label(template_key, channel, locale), render_limits(ctx.settings)
@@ -226,7 +286,10 @@ async def preview_template(request: web.Request) -> web.Response:
         try:
             # with the tenant's default locale, as a send would be rendered
             rendered = await Composer(
-                ctx.pool, ctx.settings.default_locale, limits=render_limits(ctx.settings)
+                ctx.pool,
+                ctx.settings.default_locale,
+                limits=render_limits(ctx.settings),
+                tenants=functools.partial(tenant_settings_of, ctx),
             ).compose(
                 tenant_id=caller.tenant_id,
                 channel=body.channel,

@@ -110,6 +110,11 @@ class TenantSettings(BaseModel):
     twilio: TwilioSettings | None = None
     default_region: Annotated[str, Field(pattern=REGION_PATTERN)] | None = None
     default_locale: Locale | None = None
+    sourced: list[str] | None = Field(
+        None,
+        json_schema_extra={"readOnly": True},
+        description="The fields the tenant configuration source gives (read-only here)",
+    )
 
 
 def settings_problems(
