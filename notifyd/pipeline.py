@@ -278,6 +278,7 @@ def build_pipeline(
             metrics=metrics,
             limiter=limiter,
             tenant_limits=tenant_limits,
+            tenant_settings=tenants.public,
         )
         actors.append(
             RedisEventSource(

@@ -25,6 +25,7 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
+from notifyd.app import Daemon
 from notifyd.egress import Egress
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
@@ -192,12 +193,6 @@ def logged(caplog: pytest.LogCaptureFixture) -> str:
     return "\n".join(str(record.__dict__) for record in caplog.records)
 
 
-async def status_of(db: asyncpg.Connection, notification_id: str) -> str:
-    return str(
-        await db.fetchval("SELECT status FROM notifications WHERE id = $1::uuid", notification_id)
-    )
-
-
 # --- a send, end to end --------------------------------------------------------------------------
 
 
@@ -287,23 +282,53 @@ async def test_a_change_at_the_source_reaches_two_instances_within_the_ttl(
         await send(api_1)
         await send(api_2)
         await arrived(relay_a, 2)
-        # unchanged past the TTL: revalidated, not fetched again
-        await asyncio.sleep(ttl * 1.2)
-        await send(api_1)
-        await arrived(relay_a, 3)
-        assert 304 in auth_service.statuses(TENANT_A) or any(
-            r[1] is not None for r in auth_service.requests
-        )
+        # unchanged past the TTL: revalidated with If-None-Match (304), not fetched again
+        await wait_for(lambda: _revalidated(first), timeout=ttl * 4, interval=ttl / 5)
+        assert all(r[1] is not None for r in auth_service.requests if r[3] == 304)
         auth_service.docs[TENANT_A] = document(relay_b, FROM_B)
-        changed = asyncio.get_running_loop().time()
-        await asyncio.sleep(ttl * 1.3)
+        loop = asyncio.get_running_loop()
+        changed = loop.time()
+        for daemon in (first, second):
+            await wait_for(
+                lambda d=daemon: _relay_is(d, relay_b.port), timeout=ttl * 3, interval=0.05
+            )
+        within = loop.time() - changed
         await send(api_1)
         await send(api_2)
         received = await arrived(relay_b, 2)
-        within = asyncio.get_running_loop().time() - changed
     assert {r.mail_from for r in received} == {FROM_B}
-    assert within < ttl * 1.3 + 10
-    assert len(relay_a.received) == 3
+    assert within <= ttl + 0.5  # the TTL, plus a refresh's round trip and the poll
+    assert len(relay_a.received) == 2
+
+
+async def relay_port(daemon: Daemon) -> int | None:
+    """The SMTP port this instance would send tenant A's mail to right now."""
+    assert daemon.pipeline is not None
+    smtp = (await daemon.pipeline.tenant_settings.get(TENANT_A)).smtp
+    return None if smtp is None else smtp.port
+
+
+async def _relay_is(daemon: Daemon, port: int) -> bool:
+    return await relay_port(daemon) == port
+
+
+async def _revalidated(daemon: Daemon) -> bool:
+    await relay_port(daemon)  # a read, as a send makes one
+    return metric(daemon, 'notifyd_tenant_config_fetches_total{outcome="not_modified"}') >= 1
+
+
+async def _refused(daemon: Daemon) -> bool:
+    await relay_port(daemon)  # a read: refreshes are made when a read finds the copy old
+    return metric(daemon, 'notifyd_tenant_config_fetches_total{outcome="refused"}') >= 1
+
+
+def metric(daemon: Daemon, sample: str) -> float:
+    """One sample's value from /metrics (0 when absent)."""
+    for line in daemon.metrics.render().decode().splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    return 0.0
 
 
 async def test_304_is_honoured_and_instances_share_the_validated_version(
@@ -374,17 +399,21 @@ async def test_the_source_down_keeps_sends_on_the_last_good_copy(
         await send(api)
         await arrived(relay_a, 1)
         auth_service.down = True
-        await asyncio.sleep(ttl * 1.5)
         with caplog.at_level(logging.WARNING, logger="notifyd.tenant_config"):
+            # past the TTL, the source failing: the copy is used stale, and said so
+            await wait_for(lambda: _used_stale(daemon), timeout=ttl * 6, interval=ttl / 5)
             await send(api)
             await arrived(relay_a, 2)
     assert 503 in auth_service.statuses(TENANT_A)
     assert smtp_sink.received == []
-    assert b"notifyd_tenant_config_stale_total 1.0" in daemon.metrics.render() or (
-        b"notifyd_tenant_config_stale_total" in daemon.metrics.render()
-        and "last good copy" in caplog.text
-    )
+    assert metric(daemon, "notifyd_tenant_config_stale_total") >= 1
+    assert metric(daemon, 'notifyd_tenant_config_fetches_total{outcome="unreachable"}') >= 1
     assert "last good copy" in caplog.text
+
+
+async def _used_stale(daemon: Daemon) -> bool:
+    await relay_port(daemon)  # a read, as a send makes one
+    return metric(daemon, "notifyd_tenant_config_stale_total") >= 1
 
 
 async def test_a_tenant_never_fetched_is_retried_with_a_clear_error(
@@ -503,7 +532,7 @@ async def test_secrets_from_the_source_never_reach_a_log(
             bad = document(relay_a)
             bad["smtp"]["password"] = PASSWORD + "\n"
             auth_service.docs[TENANT_A] = bad
-            await asyncio.sleep(0.8)
+            await wait_for(lambda: _refused(daemon), timeout=5, interval=0.1)
             await send(api)
             await arrived(relay_a, 2)
     assert "tenant configuration refused" in caplog.text
@@ -513,6 +542,32 @@ async def test_secrets_from_the_source_never_reach_a_log(
         for key in await redis.keys("*"):
             if await redis.type(key) == b"string":
                 assert secret.encode() not in (await redis.get(key) or b"")
+
+
+async def test_an_ingested_event_is_rendered_from_the_sources_template(
+    daemon_factory: DaemonFactory,
+    auth_service: AuthService,
+    smtp_sink: SmtpSink,
+    relay_a: SmtpSink,
+    redis: Redis,
+) -> None:
+    """Promise: every acceptance path reads the source (not only REST): a domain event on
+    the Redis stream is rendered from the source's template and sent through its relay."""
+    auth_service.docs[TENANT_A] = document(relay_a)
+    await daemon_factory(**env(auth_service, smtp_sink))
+    event = {
+        "event_id": "evt-32",
+        "tenant_id": TENANT_A,
+        "type": "interview.scheduled",
+        "template_key": "interviewScheduling",
+        "context": CONTEXT,
+        "recipients": [{"user_id": "cand-1", "email": "john.doe@example.com"}],
+        "channels": ["email"],
+    }
+    await redis.xadd("notifyd:events", {"event": orjson.dumps(event)})
+    [received] = await arrived(relay_a, 1)
+    assert received.mail_from == FROM_A
+    assert "Senior Developer at Lumina Care" in str(received.message["Subject"])
 
 
 # --- the settings API: sourced fields shown and read-only ---------------------------------------
