@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 
 from notifyd.app import Daemon
 from notifyd.egress import Egress
+from notifyd.http.openapi import build_document
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
 from notifyd.providers.base import TransientError
@@ -629,3 +630,25 @@ def test_the_tenant_id_is_percent_encoded_in_the_url() -> None:
 def test_source_unavailable_is_not_a_template_error() -> None:
     """The error a sender turns into a retry is its own type (never matched by its text)."""
     assert not issubclass(SourceUnavailable, ValueError)
+
+
+def test_the_document_schema_is_served_in_the_openapi_document() -> None:
+    """Promise: the schema an auth service implements is in /openapi.json, generated from
+    the very model notifyd validates the document with (limits that are settings included)."""
+    document = build_document(Settings(notification_max_length=1234))
+    schemas = document["components"]["schemas"]
+    config = schemas["TenantConfigDocument"]
+    assert set(config["properties"]) == {
+        "smtp",
+        "twilio",
+        "default_region",
+        "default_locale",
+        "templates",
+    }
+    assert config["additionalProperties"] is False
+    templates = config["properties"]["templates"]["anyOf"][0]
+    assert templates["maxItems"] == 500
+    item = schemas[templates["items"]["$ref"].rsplit("/", 1)[1]]
+    assert item["required"] == ["template_key", "channel", "text_body"]
+    assert item["properties"]["text_body"]["maxLength"] == 1234
+    assert "TenantConfigDocument" in document["info"]["description"]

@@ -9,6 +9,7 @@ security. A test checks that this document and the router agree route for route.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -23,6 +24,7 @@ from notifyd.payloads import dumps
 from notifyd.schemas.fields import TEMPLATE_KEY_PATTERN, anchored
 from notifyd.schemas.registry import RESPONSES, Schemas
 from notifyd.schemas.templates import TEMPLATE_LOCALE_PATTERN
+from notifyd.schemas.tenant_config import document_model
 from notifyd.schemas.workflows import WORKFLOW_KEY_PATTERN
 from notifyd.settings import CHANNELS, Settings
 
@@ -140,10 +142,13 @@ _WORKFLOW_KEY = {
 REF_TEMPLATE = "#/components/schemas/{model}"
 
 
-def generated(schemas: Schemas) -> dict[str, Any]:
-    """The models' JSON Schemas, by model name: requests as validated, answers as written."""
+def generated(schemas: Schemas, read: Sequence[type[BaseModel]] = ()) -> dict[str, Any]:
+    """The models' JSON Schemas, by model name: requests as validated, answers as written;
+    `read`: documents notifyd reads from other services, as validated (`TenantConfigDocument`,
+    what an auth service serves at NOTIFYD_TENANT_CONFIG_URL)."""
     models: list[tuple[type[BaseModel], Any]] = [(m, "validation") for m in schemas.requests()]
     models += [(m, "serialization") for m in RESPONSES]
+    models += [(m, "validation") for m in read]
     _, top = models_json_schema(models, ref_template=REF_TEMPLATE)
     found: dict[str, Any] = top.get("$defs", {})
     return found
@@ -553,11 +558,14 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
         "/tenants/current/settings/": {
             "get": op(
                 "The tenant's delivery settings (admin; secrets never returned)",
-                {"200": _ok(_ref("TenantSettings")), **_problems(403)},
+                {"200": _ok(_ref("TenantSettings")), **_problems(403, 503)},
             ),
             "put": op(
                 "Change the tenant's delivery settings (admin)",
-                {"200": _ok(_ref("TenantSettings")), **_problems(400, 403, 409, 413, 415, 422)},
+                {
+                    "200": _ok(_ref("TenantSettings")),
+                    **_problems(400, 403, 409, 413, 415, 422, 503),
+                },
                 requestBody=_body("TenantSettings"),
             ),
         },
@@ -579,7 +587,7 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
         "/templates/": {
             "get": op(
                 "The tenant's templates (admin, service)",
-                {"200": _ok(_list_of("Template"), headers=_LINK), **_problems(403, 422)},
+                {"200": _ok(_list_of("Template"), headers=_LINK), **_problems(403, 422, 503)},
                 parameters=[
                     {**_TEMPLATE_PARAMS[0], "in": "query", "required": False},
                     {**_TEMPLATE_PARAMS[1], "in": "query", "required": False},
@@ -591,7 +599,7 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
         "/templates/preview/": {
             "post": op(
                 "Render a stored template or a draft with a sample context (admin, service)",
-                {"200": _ok(_ref("Rendered")), **_problems(403), **write_errors},
+                {"200": _ok(_ref("Rendered")), **_problems(403, 503), **write_errors},
                 requestBody=_body("TemplatePreview"),
             )
         },
@@ -603,7 +611,7 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             ),
             "put": op(
                 "Create or replace a template (admin); it must compile",
-                {"200": _ok(_ref("Template")), **_problems(403), **write_errors},
+                {"200": _ok(_ref("Template")), **_problems(403, 503), **write_errors},
                 requestBody=_body("TemplatePut"),
                 parameters=_TEMPLATE_PARAMS[:2],
             ),
@@ -839,7 +847,8 @@ def _public() -> dict[str, dict[str, Any]]:
 
 def build_document(settings: Settings | None = None) -> dict[str, Any]:
     """The document for a daemon with `settings` (the defaults when None)."""
-    schemas = Schemas.build(settings or Settings())
+    settings = settings or Settings()
+    schemas = Schemas.build(settings)
     paths: dict[str, Any] = {}
     for path, operations in _operations(schemas).items():
         paths[path] = operations
@@ -867,11 +876,16 @@ def build_document(settings: Settings | None = None) -> dict[str, Any]:
             "title": "notifyd",
             "version": __version__,
             "description": "Notifications, messages, reminders and real-time chat for "
-            "multi-tenant SaaS. Every error is application/problem+json.",
+            "multi-tenant SaaS. Every error is application/problem+json. "
+            "With NOTIFYD_TENANT_CONFIG_URL set, notifyd reads each tenant's SMTP relay, "
+            "Twilio account, defaults and templates from the team's auth service, which "
+            "answers `GET <url with {tenant_id}>` (bearer NOTIFYD_TENANT_CONFIG_TOKEN, "
+            "If-None-Match) with the schema `TenantConfigDocument` (200, with an ETag), 304, "
+            "or 404 for a tenant it configures nothing for.",
         },
         "paths": paths,
         "components": {
-            "schemas": {**SCHEMAS, **generated(schemas)},
+            "schemas": {**SCHEMAS, **generated(schemas, [document_model(settings)])},
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
             },
