@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 from pydantic_core import PydanticCustomError
 
 from notifyd import tags
@@ -48,6 +48,13 @@ def _enough_digits(number: str) -> str:
     return number
 
 
+def _integral(value: Any) -> Any:
+    """JSON has one number type: `587.0` is the integer its schema allows; `"587"` is not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 _TLS_TWICE = "use_tls (STARTTLS) and use_ssl (implicit TLS) exclude each other"
 
 SingleLine = Annotated[str, Field(pattern=SINGLE_LINE_PATTERN)]
@@ -67,7 +74,7 @@ class SmtpSettings(BaseModel):
     )
 
     host: Annotated[str, Field(max_length=253, pattern=HOST_PATTERN)]
-    port: Annotated[StrictInt, Field(ge=1, le=65535)]
+    port: Annotated[StrictInt, BeforeValidator(_integral), Field(ge=1, le=65535)]
     username: Annotated[SingleLine, Field(max_length=256)] | None = None
     password: Annotated[SingleLine, Field(max_length=1024)] | None = Field(
         None, json_schema_extra={"writeOnly": True}, description="Left out: keep the stored one"
