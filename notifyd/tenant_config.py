@@ -18,8 +18,10 @@ without asking the source; otherwise it revalidates with `If-None-Match`. So the
 about one request per tenant per TTL however many instances run, and every copy is at most one
 TTL older than a validation at the source (docs/architecture.md, "Tenant configuration").
 
-When a refresh fails, the last good copy is kept (`notifyd_tenant_config_stale_total`, a log
-line) and retried after `RETRY_AFTER`; a tenant never fetched raises `SourceUnavailable`, which
+A read of a copy past its TTL waits for the refresh at most `stale_wait` (1 s); when the
+source is slower, or the refresh fails, the last good copy is used
+(`notifyd_tenant_config_stale_total`, a log line) and a failed fetch is retried after
+`RETRY_AFTER`; a tenant never fetched raises `SourceUnavailable`, which
 the senders turn into a retry with that reason as `last_error`.
 """
 
@@ -241,6 +243,7 @@ class _Entry:
     etag: str | None
     refresh_at: float  # monotonic: a read after it refreshes in the background
     expires: float  # monotonic: a read after it waits for a refresh (else uses this, stale)
+    slow_noted: bool = False  # the source's slowness past `expires` was counted and logged
 
 
 class TenantConfigs:
@@ -256,7 +259,11 @@ class TenantConfigs:
         *,
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        stale_wait: float = 1.0,
     ) -> None:
+        """`stale_wait`: how long a read of a copy past its TTL waits for the refresh before
+        it goes on with that copy (the source slow)."""
+        self._stale_wait = stale_wait
         self._source = source
         self._redis = redis
         self._keys = keys
@@ -278,10 +285,7 @@ class TenantConfigs:
             if now >= entry.refresh_at:
                 task = self._refresh(tenant_id)
                 if now >= entry.expires:
-                    with contextlib.suppress(Unreachable, Refused):
-                        # shield: one waiter cancelled must not cancel the others' fetch
-                        return await asyncio.shield(task)
-                    return self._entries[tenant_id].settings
+                    return await self._expired(tenant_id, entry, task)
             return entry.settings
         failed = self._failed.get(tenant_id)
         if failed is not None and now < failed[0]:
@@ -292,6 +296,27 @@ class TenantConfigs:
             raise SourceUnavailable(
                 f"tenant configuration not fetched yet: {exc}; retrying"
             ) from None
+
+    async def _expired(
+        self, tenant_id: str, entry: _Entry, task: asyncio.Task[TenantSettings]
+    ) -> TenantSettings:
+        """A copy past its TTL: the refresh's result when it comes within `STALE_WAIT`, else
+        (the source slow or failing) the last good copy."""
+        try:
+            async with asyncio.timeout(self._stale_wait):
+                # shield: neither this deadline nor a waiter's cancellation stops the fetch
+                return await asyncio.shield(task)
+        except (Unreachable, Refused):
+            pass  # `_failure` counted and logged it
+        except TimeoutError:
+            if not entry.slow_noted:
+                entry.slow_noted = True
+                self._metrics.tenant_config_stale.inc()
+                log.warning(
+                    "tenant configuration source slow: sends go on with the last good copy",
+                    extra={"tenant_id": tenant_id, "waited": self._stale_wait},
+                )
+        return self._entries[tenant_id].settings
 
     def _refresh(self, tenant_id: str) -> asyncio.Task[TenantSettings]:
         """The fetch in flight for the tenant, started when there is none (single flight)."""

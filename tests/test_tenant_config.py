@@ -63,6 +63,7 @@ class AuthService:
         self.docs: dict[str, Any] = {}
         self.raw: dict[str, bytes] = {}  # a tenant's body as is (malformed documents)
         self.down = False
+        self.delay = 0.0  # seconds before each answer (a slow source)
         self.requests: list[tuple[str, str | None, str | None, int]] = []
         self.port = free_port()
         self._runner: web.AppRunner | None = None
@@ -73,6 +74,8 @@ class AuthService:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         tenant = request.match_info["tenant"]
+        if self.delay:
+            await asyncio.sleep(self.delay)
         status, response = self._answer(request, tenant)
         self.requests.append(
             (
@@ -410,6 +413,38 @@ async def test_the_source_down_keeps_sends_on_the_last_good_copy(
     assert metric(daemon, "notifyd_tenant_config_stale_total") >= 1
     assert metric(daemon, 'notifyd_tenant_config_fetches_total{outcome="unreachable"}') >= 1
     assert "last good copy" in caplog.text
+
+
+async def test_a_slow_source_keeps_sends_on_the_last_good_copy(
+    daemon_factory: DaemonFactory,
+    auth_service: AuthService,
+    smtp_sink: SmtpSink,
+    relay_a: SmtpSink,
+    relay_b: SmtpSink,
+) -> None:
+    """Promise: a source slower than a send may wait (1 s) does not hold sends: they go on
+    with the last good copy (metric), and the new document is used once it arrives."""
+    ttl = 0.5
+    auth_service.docs[TENANT_A] = document(relay_a)
+    daemon = await daemon_factory(
+        **{**env(auth_service, smtp_sink, ttl), "NOTIFYD_TENANT_CONFIG_TIMEOUT": "4"}
+    )
+    assert await relay_port(daemon) == relay_a.port
+    auth_service.delay = 2.0
+    auth_service.docs[TENANT_A] = document(relay_b, FROM_B)
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(ttl)  # the copy's TTL passing is the point of the test
+    started = loop.time()
+    assert await relay_port(daemon) == relay_a.port
+    assert loop.time() - started < 1.5
+    assert metric(daemon, "notifyd_tenant_config_stale_total") >= 1
+    async with Api(daemon) as api:
+        started = loop.time()
+        await send(api)  # accepted without waiting out the source
+        assert loop.time() - started < 1.5
+    await wait_for(lambda: _relay_is(daemon, relay_b.port), timeout=6, interval=0.1)
+    # sent through whichever relay was current when the sender ran
+    await wait_for(lambda: len(relay_a.received) + len(relay_b.received) == 1, timeout=10)
 
 
 async def _used_stale(daemon: Daemon) -> bool:
