@@ -388,6 +388,10 @@ class TenantConfigs:
     def _failure(self, tenant_id: str, entry: _Entry | None, reason: str) -> None:
         now = self._clock()
         if entry is None:
+            if len(self._failed) >= self._max_entries:
+                self._failed = {t: f for t, f in self._failed.items() if f[0] > now}
+                if len(self._failed) >= self._max_entries:
+                    del self._failed[next(iter(self._failed))]
             self._failed[tenant_id] = (now + self._retry, reason)
             log.warning(
                 "tenant configuration unavailable: the tenant's sends are retried",

@@ -32,7 +32,7 @@ from notifyd.keys import Keys
 from notifyd.metrics import Metrics
 from notifyd.providers.base import TransientError
 from notifyd.settings import Settings
-from notifyd.store.tenants import SourceUnavailable
+from notifyd.store.tenants import SourceUnavailable, region_for
 from notifyd.tenant_config import Source, TenantConfigs, document_url
 from scripts.localservers import free_port
 from tests.conftest import DaemonFactory
@@ -647,6 +647,12 @@ async def test_sourced_fields_are_shown_and_read_only(
         assert status == 200, listed
         [sourced] = [t for t in listed if t["template_key"] == "interviewScheduling"]
         assert sourced["source"] == "tenant_config"
+        status, one, _ = await api.get("/templates/interviewScheduling/email/", **admin)
+        assert (status, one["source"], one["subject"]) == (
+            200,
+            "tenant_config",
+            TEMPLATE["subject"],
+        )
         status, problem, _ = await api.request(
             "PUT",
             "/templates/interviewScheduling/email/",
@@ -654,6 +660,29 @@ async def test_sourced_fields_are_shown_and_read_only(
             **admin,
         )
         assert status == 409, problem
+
+
+async def test_the_twilio_account_and_region_from_the_source_carry_that_tenants_sms(
+    daemon_factory: DaemonFactory, auth_service: AuthService, smtp_sink: SmtpSink
+) -> None:
+    """Promise: the source's Twilio account and default region are the tenant's for SMS (its
+    own circuit, its own credentials); another tenant keeps the platform's settings."""
+    sid = "AC" + "0123456789abcdef" * 2
+    auth_service.docs[TENANT_A] = {
+        "twilio": {"account_sid": sid, "auth_token": "t" * 32, "from_number": "+441632960961"},
+        "default_region": "GB",
+    }
+    daemon = await daemon_factory(**env(auth_service, smtp_sink))
+    assert daemon.pipeline is not None
+    sms = daemon.pipeline.providers[1]
+    assert sms.channel == "sms"
+    route = await sms.route(TENANT_A)
+    assert route is not None and route.label == TENANT_A
+    tenant = await daemon.pipeline.tenant_settings.get(TENANT_A)
+    assert tenant.twilio is not None and tenant.twilio.account_sid == sid
+    assert region_for(tenant, daemon.settings) == "GB"
+    other = await daemon.pipeline.tenant_settings.get(TENANT_B)
+    assert other.twilio is None and region_for(other, daemon.settings) == "US"
 
 
 def test_the_tenant_id_is_percent_encoded_in_the_url() -> None:

@@ -245,6 +245,10 @@ async def get_template(request: web.Request) -> web.Response:
     template_key, channel = _path(request, query)
     locale = _locale_query(query)
     query.done()
+    key = (template_key, channel, tags.normalize_locale(locale))
+    sourced = (await _sourced_templates(ctx, caller.tenant_id)).get(key)
+    if sourced is not None:  # it wins over a stored row of the same locale
+        return json_response(sourced_json(key, sourced))
     row = await store.get(ctx.pool, caller.tenant_id, template_key, channel, locale)
     if row is None:
         raise not_found("template")
