@@ -41,6 +41,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from notifyd import tags
+from notifyd.auth.tokens import mint_token
 from notifyd.egress import Egress, EgressRefused, ResolveFailed
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
@@ -74,6 +75,8 @@ REFRESH_AT: Final = 0.8
 """Share of the TTL after which a read starts a background refresh."""
 RETRY_AFTER: Final = 5.0
 """Seconds (at most the TTL) before a failed fetch is tried again for the same tenant."""
+JWT_TTL: Final = 60
+"""Seconds a JWT notifyd signs for one fetch is valid (no NOTIFYD_TENANT_CONFIG_TOKEN)."""
 ERROR_MAX: Final = 300
 """Characters of a refusal's reason kept for the log and `last_error`."""
 
@@ -146,6 +149,7 @@ class Source:
     """One HTTP fetch of one tenant's document, validated whole."""
 
     def __init__(self, settings: Settings, session: aiohttp.ClientSession, egress: Egress) -> None:
+        self._settings = settings
         self._url = settings.tenant_config_url
         self._token = settings.tenant_config_token
         self._max_bytes = settings.tenant_config_max_bytes
@@ -168,8 +172,9 @@ class Source:
         """The tenant's document, or None when it is unchanged (304 to `etag`).
         Raises `Unreachable` or `Refused`."""
         headers = {"Accept": "application/json"}
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
+        bearer = self._bearer(tenant_id)
+        if bearer:
+            headers["Authorization"] = f"Bearer {bearer}"
         if etag:
             headers["If-None-Match"] = etag
         try:
@@ -193,6 +198,16 @@ class Source:
         settings = self._validate(raw)
         await self._check_egress(settings)
         return Fetched(settings, new_etag)
+
+    def _bearer(self, tenant_id: str) -> str:
+        """NOTIFYD_TENANT_CONFIG_TOKEN; without one, where the deployment shares JWT_SECRET
+        with its auth service, a JWT notifyd signs for this fetch alone (`JWT_TTL` seconds,
+        the configured claim names: the fetched tenant, user `notifyd`, role `service`)."""
+        if self._token or not self._settings.jwt_secret:
+            return self._token
+        return mint_token(
+            self._settings, tenant_id=tenant_id, user_id="notifyd", role="service", ttl=JWT_TTL
+        )
 
     async def _body(self, response: aiohttp.ClientResponse) -> bytes:
         if (response.content_length or 0) > self._max_bytes:

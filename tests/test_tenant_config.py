@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import jwt
 import orjson
 import pytest
 from aiohttp import web
@@ -64,6 +65,8 @@ class AuthService:
         self.raw: dict[str, bytes] = {}  # a tenant's body as is (malformed documents)
         self.down = False
         self.delay = 0.0  # seconds before each answer (a slow source)
+        self.jwt_secret: str | None = None  # also accept JWTs signed with it
+        self.jwt_claims: list[dict[str, Any]] = []
         self.requests: list[tuple[str, str | None, str | None, int]] = []
         self.port = free_port()
         self._runner: web.AppRunner | None = None
@@ -90,7 +93,7 @@ class AuthService:
     def _answer(self, request: web.Request, tenant: str) -> tuple[int, web.Response]:
         if self.down:
             return 503, web.Response(status=503)
-        if request.headers.get("Authorization") != f"Bearer {BEARER}":
+        if not self._authorized(request.headers.get("Authorization", ""), tenant):
             return 401, web.Response(status=401)
         raw = self.raw.get(tenant)
         if raw is None:
@@ -101,6 +104,23 @@ class AuthService:
         if request.headers.get("If-None-Match") == etag:
             return 304, web.Response(status=304, headers={"ETag": etag})
         return 200, web.Response(body=raw, content_type="application/json", headers={"ETag": etag})
+
+    def _authorized(self, header: str, tenant: str) -> bool:
+        """The static token, or a JWT signed with the deployment's JWT_SECRET for this very
+        tenant, as a service."""
+        scheme, _, credentials = header.partition(" ")
+        if scheme != "Bearer":
+            return False
+        if credentials == BEARER:
+            return True
+        if self.jwt_secret is None:
+            return False
+        try:
+            claims = jwt.decode(credentials, self.jwt_secret, algorithms=["HS256"])
+        except jwt.InvalidTokenError:
+            return False
+        self.jwt_claims.append(claims)
+        return bool(claims.get("tenant_id") == tenant and claims.get("role") == "service")
 
     async def start(self) -> None:
         app = web.Application()
@@ -683,6 +703,32 @@ async def test_the_twilio_account_and_region_from_the_source_carry_that_tenants_
     assert region_for(tenant, daemon.settings) == "GB"
     other = await daemon.pipeline.tenant_settings.get(TENANT_B)
     assert other.twilio is None and region_for(other, daemon.settings) == "US"
+
+
+async def test_without_a_token_notifyd_signs_a_short_lived_jwt_per_tenant(
+    daemon_factory: DaemonFactory,
+    auth_service: AuthService,
+    smtp_sink: SmtpSink,
+    relay_a: SmtpSink,
+) -> None:
+    """Promise: with no NOTIFYD_TENANT_CONFIG_TOKEN and a JWT_SECRET the auth service shares,
+    each fetch carries a JWT notifyd signs for that tenant alone, valid a minute."""
+    auth_service.docs[TENANT_A] = document(relay_a)
+    daemon = await daemon_factory(
+        **{**env(auth_service, smtp_sink), "NOTIFYD_TENANT_CONFIG_TOKEN": ""}
+    )
+    assert daemon.settings.jwt_secret
+    auth_service.jwt_secret = daemon.settings.jwt_secret
+    async with Api(daemon) as api:
+        await send(api)
+        await arrived(relay_a, 1)
+    [claims] = auth_service.jwt_claims
+    assert (claims["tenant_id"], claims["user_id"], claims["role"]) == (
+        TENANT_A,
+        "notifyd",
+        "service",
+    )
+    assert claims["exp"] - claims["iat"] == 60
 
 
 def test_the_tenant_id_is_percent_encoded_in_the_url() -> None:

@@ -439,7 +439,8 @@ class Settings:
         "tenant_config.url", "http(s) URL with {tenant_id} answering a tenant's configuration "
         "document (empty: off)")
     tenant_config_token: Str = setting("", "NOTIFYD_TENANT_CONFIG_TOKEN", "tenant_config.token",
-        "bearer token sent to that URL", secret=True)
+        "bearer token sent to that URL (empty, with JWT_SECRET: a 60 s JWT notifyd signs per "
+        "fetch)", secret=True)
     tenant_config_ttl: Float = setting(60.0, "NOTIFYD_TENANT_CONFIG_TTL", "tenant_config.ttl",
         "seconds a fetched document is used; refreshed in the background before", gt=0)
     tenant_config_connect_timeout: Float = setting(2.0, "NOTIFYD_TENANT_CONFIG_CONNECT_TIMEOUT",
