@@ -321,7 +321,7 @@ async def test_a_change_at_the_source_reaches_two_instances_within_the_ttl(
         await send(api_2)
         received = await arrived(relay_b, 2)
     assert {r.mail_from for r in received} == {FROM_B}
-    assert within <= ttl + 0.5  # the TTL, plus a refresh's round trip and the poll
+    assert within <= ttl + 1.0  # the TTL, plus a refresh's round trip and the poll (2 cores)
     assert len(relay_a.received) == 2
 
 
