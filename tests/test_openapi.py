@@ -110,3 +110,19 @@ async def test_a_notification_answer_has_exactly_the_documented_fields(api: Api)
     assert set(answer) == set(described["properties"]) == set(described["required"])
     statuses = described["properties"]["status"]["enum"]
     assert {"queued", "dispatched", "retrying", "suppressed"} <= set(statuses)
+
+
+def test_the_contact_rule_is_in_the_document_once_for_reminders_and_recipients() -> None:
+    settings = replace(Settings(), id_max_length=40)
+    schemas = build_document(settings)["components"]["schemas"]
+    contact = schemas["Contact"]["properties"]
+    zones = contact["timezone"]["anyOf"][0]["enum"]
+    assert "Europe/Berlin" in zones and "UTC" in zones and "Mars/Olympus" not in zones
+    assert contact["email"]["anyOf"][0]["maxLength"] == 254
+    assert schemas["RecipientPut"]["properties"] == schemas["Contact"]["properties"]
+    create = schemas["ReminderCreate"]
+    assert create["properties"]["candidate_contact"]["anyOf"][0]["$ref"].endswith("/Contact")
+    assert create["properties"]["application_id"]["maxLength"] == 40
+    assert create["properties"]["interview_time"]["format"] == "date-time"
+    assert schemas["ReminderPatch"]["anyOf"]  # one time at least
+    assert schemas["RecipientOwnPatch"]["properties"]["timezone"]["anyOf"][0]["enum"] == zones

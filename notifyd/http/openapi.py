@@ -18,6 +18,7 @@ from pydantic.json_schema import models_json_schema
 from notifyd import __version__, tags
 from notifyd.http import idempotency
 from notifyd.http.context import SERVICES
+from notifyd.http.recipients import ME
 from notifyd.http.ui import openapi_paths as ui_paths
 from notifyd.payloads import dumps
 from notifyd.schemas.fields import TEMPLATE_KEY_PATTERN, anchored
@@ -64,7 +65,9 @@ def _problems(*codes: int) -> dict[str, Any]:
         "type urn:notifyd:problem:unsendable, a request the tenant's state or the caller's role "
         "cannot serve (no such template, a number that is not one in the tenant's region, an "
         "email template without a subject, a template that cannot render with the context, a full "
-        "room, a new Twilio account without a token, an SMTP relay the egress policy refuses); "
+        "room, a new Twilio account without a token, an SMTP relay the egress policy refuses, a "
+        "reminder whose interview is past or whose reminder time is not before it, the stored "
+        "time standing for one a reschedule leaves out); "
         "urn:notifyd:problem:idempotency-key-reused, an Idempotency-Key "
         "sent before with another request",
         429: "A send rate or daily quota said no (`limit` names which; nothing was stored): "
@@ -129,7 +132,6 @@ _TEMPLATE_CURSOR = {
     "description": "Cursor: taken from the previous page's Link header",
 }
 
-_USER_ID = {"name": "user_id", "in": "path", "required": True, "schema": _ID}
 _WORKFLOW_KEY = {
     "name": "workflow_key",
     "in": "path",
@@ -250,47 +252,6 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {"added": {"type": "array", "items": {"type": "string"}}},
     },
-    "ReminderCreate": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": [
-            "application_id",
-            "candidate_id",
-            "employer_id",
-            "interview_time",
-            "reminder_time",
-        ],
-        "properties": {
-            "application_id": _ID,
-            "candidate_id": _ID,
-            "employer_id": _ID,
-            "interview_time": {**_TIME, "description": "RFC 3339 with an offset."},
-            "reminder_time": {**_TIME, "description": "Before interview_time."},
-            "candidate_contact": _ref("Contact"),
-            "employer_contact": _ref("Contact"),
-            "channels": {
-                "type": "array",
-                "items": {"enum": ["in_app", "email", "sms"]},
-                "description": "Default: every channel a contact allows; in_app always.",
-            },
-        },
-    },
-    "Contact": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "email": {"type": "string", "format": "email"},
-            "phone": {"type": "string", "description": "E.164, or national in the region"},
-            "timezone": {"type": "string", "description": "IANA, e.g. Europe/Berlin"},
-            "locale": {"type": "string"},
-            "name": {"type": "string"},
-        },
-    },
-    "ReminderPatch": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {"interview_time": _TIME, "reminder_time": _TIME},
-    },
     "Reminder": {
         "type": "object",
         "properties": {
@@ -359,6 +320,12 @@ def _id_rule(schemas: Schemas) -> dict[str, Any]:
 def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
     """Path → method → operation, for the seed paths; `/api/...` aliases are added below."""
     page = query_parameters(schemas.page_query.model)
+    user_id = {"name": "user_id", "in": "path", "required": True, "schema": _id_rule(schemas)}
+    not_me = {  # /recipients/me/ answers GET (and PATCH) itself; PUT and DELETE of it: 422
+        **user_id,
+        "schema": {**_id_rule(schemas), "not": {"const": ME}},
+        "description": f"{ME} names the caller: /recipients/{ME}/",
+    }
     secured: list[dict[str, list[str]]] = [{"bearer": []}]
     auth_errors = _problems(401, 503)  # every authenticated route reads PostgreSQL
     write_errors = _problems(400, 401, 409, 413, 415, 422)
@@ -626,17 +593,17 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
                 "replaces the whole recipient",
                 {"200": _ok(_ref("Recipient")), **_problems(400, 403, 413, 415, 422)},
                 requestBody=_body("RecipientPut"),
-                parameters=[_USER_ID],
+                parameters=[not_me],
             ),
             "get": op(
                 "A user's recipient (service, admin)",
                 {"200": _ok(_ref("Recipient")), **_problems(403, 404, 422)},
-                parameters=[_USER_ID],
+                parameters=[user_id],
             ),
             "delete": op(
                 "Delete a user's recipient (service, admin)",
                 {"204": {"description": "Deleted"}, **_problems(403, 404, 422)},
-                parameters=[_USER_ID],
+                parameters=[not_me],
             ),
         },
         "/workflows/": {

@@ -15,7 +15,8 @@ all the publisher gets to fix its event with.
 Recipients use the REST API's words: an `email` address gets an email, a `phone` an SMS and a
 `user_id` an in-app notification (and, on the email and SMS, names whose notification center
 and preferences they belong to), as `POST /notifications/send/` names them. `locale`,
-`timezone` and `name` are the reminder contacts' fields.
+`timezone` and `name` are the reminder contacts' fields, checked by the same rule
+(`schemas.contacts`).
 
 Events are strict like REST bodies: an unknown field is an error, because a misspelt optional
 one (`chanels`) silently ignored would send on channels the publisher meant to leave out.
@@ -31,10 +32,9 @@ from typing import Any
 from notifyd import tags
 from notifyd.ids import OpaqueIdRule
 from notifyd.payloads import loads
-from notifyd.reminders import is_time_zone
-from notifyd.schemas.errors import FieldError
+from notifyd.schemas.contacts import event_recipient_reader
+from notifyd.schemas.errors import FieldError, Invalid
 from notifyd.settings import CHANNELS, Settings
-from notifyd.tags import is_email
 
 FIELDS = (
     "event_id",
@@ -47,8 +47,6 @@ FIELDS = (
     "category",
     "critical",
 )
-RECIPIENT_FIELDS = ("user_id", "email", "phone", "locale", "timezone", "name")
-CONTACT_MAX_LENGTH = 320  # as a reminder contact's fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,42 +247,15 @@ def _recipients(reader: _Reader, value: Any, limits: EventLimits) -> list[Recipi
 
 
 def _recipient(reader: _Reader, item: Any, where: str) -> Recipient | None:
+    """One recipient, by the contact rule (`schemas.contacts`) and the id rule."""
     if not isinstance(item, dict):
         reader.error(where, "must be a JSON object")
         return None
-    before = len(reader.problems)
-    found: dict[str, str] = {}
-    for key, value in item.items():
-        field = f"{where}.{key}"
-        if key not in RECIPIENT_FIELDS:
-            reader.error(field, "is not a known field")
-            continue
-        if value is None:
-            continue
-        if key == "user_id":
-            user_id = reader.opaque_id(item, "user_id", where=f"{where}.")
-            if user_id is not None:
-                found[key] = user_id
-            continue
-        if not isinstance(value, str) or not value.strip() or len(value) > CONTACT_MAX_LENGTH:
-            reader.error(field, f"must be a non-empty string of at most {CONTACT_MAX_LENGTH}")
-            continue
-        value = value.strip()
-        problem = tags.header_problem(value)  # a name or an address may reach a mail header
-        if problem is not None:
-            reader.error(field, problem)
-        elif key == "email" and not is_email(value):
-            reader.error(field, "must be an email address")
-        elif key == "locale" and not tags.is_locale(value):
-            reader.error(field, "must be a language tag such as en or pt-BR")
-        elif key == "timezone" and not is_time_zone(value):
-            reader.error(field, "must be an IANA time zone such as Europe/Berlin")
-        else:
-            found[key] = value
-    if not any(found.get(key) for key in ("user_id", "email", "phone")):
-        if len(reader.problems) == before:
-            reader.error(where, "needs a user_id, an email or a phone")
+    rule = reader.id_rule
+    try:
+        found = event_recipient_reader(rule.max_length, rule.pattern.pattern).python(item)
+    except Invalid as exc:
+        for error in exc.errors:
+            reader.error(f"{where}.{error.field}" if error.field else where, error.message)
         return None
-    if len(reader.problems) != before:
-        return None
-    return Recipient(**found)
+    return Recipient(**found.model_dump(exclude_none=True))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, Field, StrictBool, create_model
@@ -66,6 +67,19 @@ PATTERN_MESSAGES: dict[str, Message] = {
 TemplateKey = Annotated[str, Field(pattern=TEMPLATE_KEY_PATTERN)]
 Category = Annotated[str, Field(pattern=CATEGORY_PATTERN)]
 Locale = Annotated[str, Field(max_length=tags.LOCALE_MAX_LENGTH, pattern=LOCALE_PATTERN)]
+
+
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def parse_rfc3339(text: str) -> datetime | None:
+    """A timezone-aware datetime, or None unless `text` is RFC 3339 with an explicit offset."""
+    if not _RFC3339.fullmatch(text):
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        return None
 
 
 def text(max_length: int, description: str | None = None, *, header: bool = False) -> object:

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from notifyd.ids import OpaqueIdRule
 from notifyd.schemas import (
     audit,
+    contacts,
     messages,
     notifications,
     preferences,
@@ -38,6 +39,8 @@ class Schemas:
     message_mark_read: Reader[messages.MessageMarkRead]
     preferences: Reader[preferences.Preferences]
     audit_query: Reader[audit.AuditQuery]
+    reminder_create: Reader[reminders.ReminderCreate]
+    reminder_patch: Reader[reminders.ReminderPatch]
     reminder_query: Reader[reminders.ReminderQuery]
     page_query: Reader[PageQuery]
     recipient_put: Reader[recipients.RecipientPut]
@@ -57,6 +60,7 @@ class Schemas:
         id_rule = OpaqueIdRule.from_settings(settings.id_max_length, settings.id_pattern)
         patterns = {
             **PATTERN_MESSAGES,
+            **contacts.PATTERN_MESSAGES,
             **workflows.PATTERN_MESSAGES,
             **rooms.PATTERN_MESSAGES,
             **templates.PATTERN_MESSAGES,
@@ -80,6 +84,10 @@ class Schemas:
             ),
             preferences=Reader(preferences.Preferences, patterns),
             audit_query=Reader(paged(audit.query_model(settings), settings), patterns),
+            reminder_create=Reader(
+                reminders.create_model(settings), patterns, refusals=reminders.create_refusals
+            ),
+            reminder_patch=Reader(reminders.ReminderPatch, patterns, reminders.patch_problems),
             reminder_query=Reader(paged(reminders.query_model(settings), settings), patterns),
             page_query=Reader(paged(PageQuery, settings), patterns),
             recipient_put=Reader(recipients.RecipientPut, patterns),
@@ -115,6 +123,8 @@ class Schemas:
             self.message_send.model,
             self.message_mark_read.model,
             self.preferences.model,  # also the answer's shape
+            self.reminder_create.model,
+            self.reminder_patch.model,
             self.recipient_put.model,
             self.recipient_patch.model,
             self.workflow.model,
