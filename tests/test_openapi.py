@@ -126,3 +126,15 @@ def test_the_contact_rule_is_in_the_document_once_for_reminders_and_recipients()
     assert create["properties"]["interview_time"]["format"] == "date-time"
     assert schemas["ReminderPatch"]["anyOf"]  # one time at least
     assert schemas["RecipientOwnPatch"]["properties"]["timezone"]["anyOf"][0]["enum"] == zones
+
+
+def test_the_twilio_callback_documents_its_query_and_form() -> None:
+    document = build_document()
+    operation = document["paths"]["/webhooks/twilio/status"]["post"]
+    query = {p["name"]: p for p in operation["parameters"] if p["in"] == "query"}
+    assert query["notification"]["schema"]["format"] == "uuid"
+    assert query["tenant"]["schema"]["pattern"].startswith("^")
+    form = operation["requestBody"]["content"]["application/x-www-form-urlencoded"]["schema"]
+    status = document["components"]["schemas"][form["$ref"].rsplit("/", 1)[1]]
+    assert status["required"] == ["MessageSid", "MessageStatus"]
+    assert status["additionalProperties"] is True  # Twilio sends more, all of it signed

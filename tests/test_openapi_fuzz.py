@@ -66,8 +66,6 @@ CHECKS = [
 # here get the other checks only, until their document says what the server checks.
 AGREEMENT_CHECKS = [checks.negative_data_rejection, accepts_what_the_document_allows]
 NOT_YET_MODELLED = (
-    # the form Twilio posts, signed: its query and body are not read by models yet
-    "POST /webhooks/twilio/status",
     # issue 27's workflows: the durations' bound (a setting) and the rules across a
     # definition's steps are not in the document yet
     "PUT /workflows/{workflow_key}/",

@@ -677,7 +677,7 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
     }
 
 
-def _public() -> dict[str, dict[str, Any]]:
+def _public(schemas: Schemas) -> dict[str, dict[str, Any]]:
     status = {"type": "object", "properties": {"status": {"type": "string"}}}
     return {
         "/healthz": {
@@ -758,32 +758,22 @@ def _public() -> dict[str, dict[str, Any]]:
         },
         "/webhooks/twilio/status": {
             "post": {
-                "summary": "Twilio message status callback (X-Twilio-Signature; query tenant, "
-                "notification)",
+                "summary": "Twilio message status callback (X-Twilio-Signature over the URL "
+                "and the form; the query names the tenant and the notification)",
                 "security": [],
                 "parameters": [
+                    *query_parameters(schemas.twilio_status_query.model),
                     {
-                        "name": "tenant",
-                        "in": "query",
-                        "required": True,
+                        "name": "X-Twilio-Signature",
+                        "in": "header",
                         "schema": {"type": "string"},
+                        "description": "Missing or not the account's: 403",
                     },
-                    {"name": "notification", "in": "query", "required": True, "schema": _UUID},
                 ],
                 "requestBody": {
                     "required": True,
                     "content": {
-                        "application/x-www-form-urlencoded": {
-                            "schema": {
-                                "type": "object",
-                                "properties": {
-                                    "MessageSid": {"type": "string"},
-                                    "MessageStatus": {"type": "string"},
-                                    "ErrorCode": {"type": "string"},
-                                    "ErrorMessage": {"type": "string"},
-                                },
-                            }
-                        }
+                        "application/x-www-form-urlencoded": {"schema": _ref("TwilioStatus")}
                     },
                 },
                 "responses": {"204": {"description": "Accepted"}, **_problems(400, 403, 415)},
@@ -813,7 +803,7 @@ def build_document(settings: Settings | None = None) -> dict[str, Any]:
         }
         for method, operation in operations.items():
             operation["operationId"] = f"{method}{_slug(path)}"
-    for path, operations in _public().items():
+    for path, operations in _public(schemas).items():
         for method, operation in operations.items():
             operation["operationId"] = f"{method}{_slug(path)}"
         paths[path] = operations

@@ -19,6 +19,7 @@ from notifyd.schemas import (
     rooms,
     templates,
     tenants,
+    webhooks,
     workflows,
 )
 from notifyd.schemas.fields import PATTERN_MESSAGES, PageQuery, id_pattern_message, paged
@@ -54,6 +55,8 @@ class Schemas:
     template_put: Reader[templates.TemplatePut]
     template_preview: Reader[templates.TemplatePreview]
     tenant_settings: Reader[tenants.TenantSettings]
+    twilio_status_query: Reader[webhooks.TwilioStatusQuery]
+    twilio_status: Reader[webhooks.TwilioStatus]
 
     @classmethod
     def build(cls, settings: Settings) -> Schemas:
@@ -113,6 +116,8 @@ class Schemas:
                 templates.preview_model(settings), patterns, templates.preview_problems
             ),
             tenant_settings=Reader(tenants.TenantSettings, patterns, tenants.settings_problems),
+            twilio_status_query=Reader(webhooks.status_query_model(settings), patterns),
+            twilio_status=Reader(webhooks.TwilioStatus, patterns),
         )
 
     def requests(self) -> list[type[BaseModel]]:
@@ -135,6 +140,7 @@ class Schemas:
             self.template_put.model,
             self.template_preview.model,
             self.tenant_settings.model,  # also the answer's shape
+            self.twilio_status.model,
         ]
 
 
