@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 from notifyd.app import Daemon
@@ -138,3 +139,12 @@ def test_the_twilio_callback_documents_its_query_and_form() -> None:
     status = document["components"]["schemas"][form["$ref"].rsplit("/", 1)[1]]
     assert status["required"] == ["MessageSid", "MessageStatus"]
     assert status["additionalProperties"] is True  # Twilio sends more, all of it signed
+
+
+def test_a_workflows_durations_show_the_configured_bound() -> None:
+    settings = replace(Settings(), workflow_max_delay=7200.0)
+    definition = build_document(settings)["components"]["schemas"]["WorkflowDefinition"]
+    delay = definition["allOf"][0]["properties"]["steps"]["items"]["properties"]["delay"]
+    within = re.compile(delay["pattern"])
+    assert all(within.match(d) for d in ("1s", "7200s", "120m", "2h"))
+    assert not any(within.match(d) for d in ("7201s", "121m", "3h", "1d", "0s"))

@@ -60,18 +60,10 @@ CHECKS = [
     checks.response_headers_conformance,
     checks.response_schema_conformance,
 ]
-# "The document forbids it, the server accepts it" and the reverse: every operation, its
-# payloads' schemas generated from the models the server validates with (notifyd/schemas/);
-# what the document cannot state is answered as one of the `STATEFUL_REFUSALS`. Those listed
-# here get the other checks only, until their document says what the server checks.
+# "The document forbids it, the server accepts it" and the reverse, on every operation: the
+# payloads' schemas are generated from the models the server validates with (notifyd/schemas/);
+# what the document cannot state is answered as one of the `STATEFUL_REFUSALS`
 AGREEMENT_CHECKS = [checks.negative_data_rejection, accepts_what_the_document_allows]
-NOT_YET_MODELLED = (
-    # issue 27's workflows: the durations' bound (a setting) and the rules across a
-    # definition's steps are not in the document yet
-    "PUT /workflows/{workflow_key}/",
-    "POST /workflows/{workflow_key}/trigger/",
-    "POST /workflows/{workflow_key}/cancel/",
-)
 
 Operation = schemathesis.APIOperation[Any, Any, Any, Any]
 
@@ -111,7 +103,7 @@ KNOWN_BUGS: dict[str, KnownBug] = {}
 def fuzz(operation: Operation, base_url: str, bearers: list[str]) -> None:
     session = requests.Session()
     session.trust_env = False  # loopback: no proxy from the environment
-    answer_checks = CHECKS + ([] if operation.label in NOT_YET_MODELLED else AGREEMENT_CHECKS)
+    answer_checks = CHECKS + AGREEMENT_CHECKS
     modes = [operation.as_strategy(generation_mode=GenerationMode.POSITIVE)]
     if operation.body or any(True for _ in operation.iter_parameters()):
         modes.append(operation.as_strategy(generation_mode=GenerationMode.NEGATIVE))

@@ -20,6 +20,7 @@ from notifyd.http import idempotency
 from notifyd.http.context import SERVICES
 from notifyd.http.recipients import ME
 from notifyd.http.ui import openapi_paths as ui_paths
+from notifyd.http.workflows import RUNS
 from notifyd.payloads import dumps
 from notifyd.schemas.fields import TEMPLATE_KEY_PATTERN, anchored
 from notifyd.schemas.registry import RESPONSES, Schemas
@@ -132,11 +133,18 @@ _TEMPLATE_CURSOR = {
     "description": "Cursor: taken from the previous page's Link header",
 }
 
-_WORKFLOW_KEY = {
+_WORKFLOW_KEY: dict[str, Any] = {
     "name": "workflow_key",
     "in": "path",
     "required": True,
     "schema": {"type": "string", "pattern": WORKFLOW_KEY_PATTERN},
+}
+_NOT_RUNS: dict[
+    str, Any
+] = {  # GET /workflows/runs/ lists the runs; any other method on that key: 422
+    **_WORKFLOW_KEY,
+    "schema": {**_WORKFLOW_KEY["schema"], "not": {"const": RUNS}},
+    "description": f"{RUNS} names the runs: not a workflow's key",
 }
 
 REF_TEMPLATE = "#/components/schemas/{model}"
@@ -617,7 +625,7 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
                 "Define or replace a workflow (admin); runs already started keep theirs",
                 {"200": _ok(_ref("Workflow")), **_problems(400, 403, 409, 413, 415, 422)},
                 requestBody=_body("WorkflowDefinition"),
-                parameters=[_WORKFLOW_KEY],
+                parameters=[_NOT_RUNS],
             ),
             "get": op(
                 "One workflow (service, admin)",
@@ -627,7 +635,7 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             "delete": op(
                 "Delete a workflow (admin); runs already started go on",
                 {"204": {"description": "Deleted"}, **_problems(403, 404, 422)},
-                parameters=[_WORKFLOW_KEY],
+                parameters=[_NOT_RUNS],
             ),
         },
         "/workflows/{workflow_key}/trigger/": {
@@ -639,7 +647,7 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
                     **_problems(403, 404, 429),
                 },
                 requestBody=_body("WorkflowTrigger"),
-                parameters=[_WORKFLOW_KEY, _IDEMPOTENCY],
+                parameters=[_NOT_RUNS, _IDEMPOTENCY],
             )
         },
         "/workflows/{workflow_key}/cancel/": {
@@ -648,7 +656,7 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
                 "admin): none of them is sent after the answer",
                 {"200": _ok(_ref("WorkflowCancelled")), **write_errors, **_problems(403)},
                 requestBody=_body("WorkflowCancel"),
-                parameters=[_WORKFLOW_KEY, _IDEMPOTENCY],
+                parameters=[_NOT_RUNS, _IDEMPOTENCY],
             )
         },
         "/workflows/runs/": {

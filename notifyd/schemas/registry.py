@@ -99,11 +99,13 @@ class Schemas:
                 workflows.definition_model(settings),
                 patterns,
                 workflows.definition_rules(settings.workflow_max_delay),
+                workflows.definition_refusals,
             ),
             workflow_trigger=Reader(
                 workflows.trigger_model(settings),
                 patterns,
-                workflows.trigger_rules(settings.workflow_max_delay),
+                workflows.trigger_rules,
+                workflows.trigger_refusals(settings.workflow_max_delay),
             ),
             workflow_cancel=Reader(
                 workflows.cancel_model(settings), patterns, workflows.cancel_rules
