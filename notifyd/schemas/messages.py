@@ -1,4 +1,5 @@
-"""1-on-1 messages: the send body, the list query and the mark-as-read body."""
+"""1-on-1 messages: the send body, the list query and the mark-as-read body; and a chat
+socket's message frame."""
 
 from __future__ import annotations
 
@@ -29,6 +30,28 @@ def send_model(settings: Settings) -> type[MessageSend]:
         receiver_id=(Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)], ...),
         content=(Annotated[str, text(settings.message_max_length)], ...),
     )
+
+
+CLIENT_ID_MAX_LENGTH = 100
+
+
+class ChatPost(BaseModel):
+    """A chat socket's message frame, `{message, receiver_id?, client_id?}`: the content is
+    bounded as a REST message's. Other keys (the frame's `type`) are the socket's business.
+    Whether `receiver_id` is the room's other member is the room's question (`ws_chat`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    message: str
+    receiver_id: str | None = None
+    client_id: Annotated[str, Field(max_length=CLIENT_ID_MAX_LENGTH)] | None = Field(
+        None, description="The sender's own id for the message, echoed back."
+    )
+
+
+def chat_post_model(settings: Settings) -> type[ChatPost]:
+    """`ChatPost` with `message_max_length`."""
+    return bounded(ChatPost, message=(Annotated[str, text(settings.message_max_length)], ...))
 
 
 class MessageQuery(PageQuery):

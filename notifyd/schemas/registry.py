@@ -38,6 +38,7 @@ class Schemas:
     message_send: Reader[messages.MessageSend]
     message_query: Reader[messages.MessageQuery]
     message_mark_read: Reader[messages.MessageMarkRead]
+    chat_post: Reader[messages.ChatPost]
     preferences: Reader[preferences.Preferences]
     audit_query: Reader[audit.AuditQuery]
     reminder_create: Reader[reminders.ReminderCreate]
@@ -85,6 +86,7 @@ class Schemas:
             message_mark_read=Reader(
                 messages.mark_read_model(settings), patterns, messages.mark_read_problems
             ),
+            chat_post=Reader(messages.chat_post_model(settings), patterns),
             preferences=Reader(preferences.Preferences, patterns),
             audit_query=Reader(paged(audit.query_model(settings), settings), patterns),
             reminder_create=Reader(
