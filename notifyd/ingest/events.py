@@ -1,4 +1,5 @@
-"""The one schema of a domain event, whichever source carried it.
+"""A domain event as the pipeline takes it, whichever source carried it: decoded, bounded
+and checked by its model (`schemas.events.Event`), then turned into a `DomainEvent`.
 
 Other services publish JSON objects such as
 
@@ -29,24 +30,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from notifyd import tags
 from notifyd.ids import OpaqueIdRule
 from notifyd.payloads import loads
-from notifyd.schemas.contacts import event_recipient_reader
 from notifyd.schemas.errors import FieldError, Invalid
-from notifyd.settings import CHANNELS, Settings
-
-FIELDS = (
-    "event_id",
-    "tenant_id",
-    "type",
-    "recipients",
-    "template_key",
-    "context",
-    "channels",
-    "category",
-    "critical",
-)
+from notifyd.schemas.events import event_reader
+from notifyd.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,138 +112,26 @@ def parse_event(raw: bytes | str, limits: EventLimits) -> DomainEvent:
 
 
 def decode_event(data: Mapping[str, Any], limits: EventLimits) -> DomainEvent:
-    reader = _Reader(limits.id_rule)
-    event_id = reader.opaque_id(data, "event_id")
-    tenant_id = reader.opaque_id(data, "tenant_id")
-    event_type = reader.name(data, "type", tags.CATEGORY, "1-64 letters, digits and _ . : -")
-    template_key = reader.name(
-        data, "template_key", tags.TEMPLATE_KEY, "1-128 letters, digits and _ . : -"
+    """The event in `data` (`schemas.events.Event`), or `MalformedEvent` naming every field at
+    fault."""
+    reader = event_reader(
+        limits.max_recipients,
+        limits.context_max_keys,
+        limits.id_rule.max_length,
+        limits.id_rule.pattern.pattern,
     )
-    category = reader.name(
-        data, "category", tags.CATEGORY, "1-64 letters, digits and _ . : -", required=False
-    )
-    context = _context(reader, data.get("context"), limits.context_max_keys)
-    channels = _channels(reader, data.get("channels"))
-    critical = data.get("critical", False)
-    if not isinstance(critical, bool):
-        reader.error("critical", "must be true or false")
-        critical = False
-    recipients = _recipients(reader, data.get("recipients"), limits)
-    for name in data:
-        if name not in FIELDS:
-            reader.error(str(name), "is not a known field")
-    if reader.problems:
-        raise MalformedEvent(reader.problems)
-    assert event_id is not None and tenant_id is not None
-    assert event_type is not None and template_key is not None
-    return DomainEvent(
-        event_id=event_id,
-        tenant_id=tenant_id,
-        type=event_type,
-        recipients=tuple(recipients),
-        template_key=template_key,
-        context=context,
-        channels=channels,
-        category=category,
-        critical=critical,
-    )
-
-
-class _Reader:
-    """Collects every problem, so one dead letter tells the publisher all there is to fix."""
-
-    def __init__(self, id_rule: OpaqueIdRule) -> None:
-        self.id_rule = id_rule
-        self.problems: list[FieldError] = []
-
-    def error(self, field: str, message: str) -> None:
-        self.problems.append(FieldError(field, message))
-
-    def opaque_id(self, data: Mapping[str, Any], field: str, where: str = "") -> str | None:
-        value = data.get(field)
-        if value is None:
-            self.error(where + field, "is required")
-            return None
-        problem = self.id_rule.problem(value)
-        if problem is not None:
-            self.error(where + field, problem)
-            return None
-        assert isinstance(value, str)
-        return value
-
-    def name(
-        self,
-        data: Mapping[str, Any],
-        field: str,
-        shape: Any,
-        described: str,
-        *,
-        required: bool = True,
-    ) -> str | None:
-        value = data.get(field)
-        if value is None:
-            if required:
-                self.error(field, "is required")
-            return None
-        if not isinstance(value, str) or not shape.fullmatch(value):
-            self.error(field, f"must be {described}")
-            return None
-        return value
-
-
-def _context(reader: _Reader, value: Any, max_keys: int) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        reader.error("context", "must be a JSON object")
-        return {}
-    if len(value) > max_keys:
-        reader.error("context", f"must have at most {max_keys} keys")
-        return {}
-    return value
-
-
-def _channels(reader: _Reader, value: Any) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list) or not value:
-        reader.error("channels", f"must be a non-empty list of: {', '.join(CHANNELS)}")
-        return None
-    unknown = [item for item in value if item not in CHANNELS]
-    if unknown:
-        shown = unknown[0] if isinstance(unknown[0], str) and len(unknown[0]) <= 32 else "…"
-        reader.error("channels", f"unknown channel {shown!r}; choose from: {', '.join(CHANNELS)}")
-        return None
-    return tuple(dict.fromkeys(value))
-
-
-def _recipients(reader: _Reader, value: Any, limits: EventLimits) -> list[Recipient]:
-    if value is None:
-        reader.error("recipients", "is required")
-        return []
-    if not isinstance(value, list) or not value:
-        reader.error("recipients", "must be a non-empty list of objects")
-        return []
-    if len(value) > limits.max_recipients:
-        reader.error("recipients", f"must have at most {limits.max_recipients} entries")
-        return []
-    return [
-        recipient
-        for index, item in enumerate(value)
-        if (recipient := _recipient(reader, item, f"recipients[{index}]")) is not None
-    ]
-
-
-def _recipient(reader: _Reader, item: Any, where: str) -> Recipient | None:
-    """One recipient, by the contact rule (`schemas.contacts`) and the id rule."""
-    if not isinstance(item, dict):
-        reader.error(where, "must be a JSON object")
-        return None
-    rule = reader.id_rule
     try:
-        found = event_recipient_reader(rule.max_length, rule.pattern.pattern).python(item)
+        event = reader.python(data)
     except Invalid as exc:
-        for error in exc.errors:
-            reader.error(f"{where}.{error.field}" if error.field else where, error.message)
-        return None
-    return Recipient(**found.model_dump(exclude_none=True))
+        raise MalformedEvent(exc.errors) from None
+    return DomainEvent(
+        event_id=event.event_id,
+        tenant_id=event.tenant_id,
+        type=event.type,
+        recipients=tuple(Recipient(**r.model_dump(exclude_none=True)) for r in event.recipients),
+        template_key=event.template_key,
+        context=event.context or {},
+        channels=None if event.channels is None else tuple(dict.fromkeys(event.channels)),
+        category=event.category,
+        critical=event.critical,
+    )

@@ -12,19 +12,14 @@ tenant's state: the handler answers it, a 422 of type `unsendable`.
 
 from __future__ import annotations
 
-import functools
 import zoneinfo
-from collections.abc import Collection, Mapping
-from typing import Annotated, Any
+from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError
 
 from notifyd import tags
-from notifyd.schemas import fields
-from notifyd.schemas.errors import FieldError
-from notifyd.schemas.fields import Locale, Message, bounded, id_pattern_message, opaque_id, text
-from notifyd.schemas.reader import Reader
+from notifyd.schemas.fields import Locale, Message, bounded, opaque_id, text
 
 VALUE_MAX_LENGTH = 320
 """Characters in a name (an email address is at most `EMAIL_MAX_LENGTH`)."""
@@ -99,7 +94,7 @@ class Contact(BaseModel):
 
 class EventRecipient(Contact):
     """One person an ingested event concerns: a contact and the user's id; at least one of
-    `user_id`, `email` and `phone` (`recipient_problems`)."""
+    `user_id`, `email` and `phone` (checked once the fields are, and named on the recipient)."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -113,21 +108,14 @@ class EventRecipient(Contact):
 
     user_id: str | None = None
 
-
-def recipient_problems(
-    values: Mapping[str, Any], at_fault: Collection[str] = ()
-) -> list[FieldError]:
-    """An event's recipient names a user, an email address or a phone (one at fault counts:
-    it has its own error already)."""
-    if at_fault or any(values.get(name) for name in ("user_id", "email", "phone")):
-        return []
-    return [FieldError("", "needs a user_id, an email or a phone")]
+    @model_validator(mode="after")
+    def _reaches_someone(self) -> EventRecipient:
+        if self.user_id is None and self.email is None and self.phone is None:
+            raise PydanticCustomError("recipient", "needs a user_id, an email or a phone")
+        return self
 
 
-@functools.cache
-def event_recipient_reader(id_max_length: int, id_pattern: str) -> Reader[EventRecipient]:
-    """`EventRecipient`'s reader with the id rule (made once per rule, at the first event)."""
+def event_recipient_model(id_max_length: int, id_pattern: str) -> type[EventRecipient]:
+    """`EventRecipient` with the id rule."""
     user_id = Annotated[str, opaque_id(id_max_length, id_pattern)] | None
-    model = bounded(EventRecipient, user_id=(user_id, None))
-    patterns = {**fields.PATTERN_MESSAGES, **PATTERN_MESSAGES, **id_pattern_message(id_pattern)}
-    return Reader(model, patterns, recipient_problems)
+    return bounded(EventRecipient, user_id=(user_id, None))

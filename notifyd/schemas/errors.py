@@ -106,6 +106,8 @@ def message(error: ErrorDetails, patterns: Patterns) -> str:
         unit = "keys" if isinstance(value, dict) else "items"
         return f"must have at most {ctx['max_length']} {unit}"
     if kind == "too_short":
+        if ctx["min_length"] == 1 and isinstance(value, list):
+            return "must be a non-empty list"
         return f"must have at least {ctx['min_length']} items"
     if kind == "list_type":
         return "must be a list"
