@@ -357,3 +357,13 @@ async def test_contacts_are_stored_as_the_contact_rule_reads_them(
         "name": "Ada",
     }
     assert created["channels"] == ["in_app", "email"]
+
+
+async def test_a_reminder_answer_has_exactly_the_documented_fields(api: Api) -> None:
+    created = await create(api, candidate_contact={"email": "cand@example.com"})
+    status, answer, _ = await api.get(f"/reminders/{created['reminder_id']}/", user=CANDIDATE)
+    assert status == 200, answer
+    _, document, _ = await api.get("/openapi.json", auth=False)
+    described = document["components"]["schemas"]["Reminder"]
+    assert set(answer) == set(described["required"])
+    assert set(created) == set(described["properties"])  # the create adds reminder_id

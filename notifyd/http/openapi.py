@@ -95,10 +95,7 @@ _ID = {
     "maxLength": 128,
     "description": "An opaque id from another service (bounded length and character set).",
 }
-_UUID = {"type": "string", "format": "uuid"}
 _TIME = {"type": "string", "format": "date-time"}
-_NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
-_NULLABLE_STR = {"type": ["string", "null"]}
 _LINK = {"Link": {"schema": {"type": "string"}, "description": 'rel="next" page, when full'}}
 _IDEMPOTENCY = {
     "name": "Idempotency-Key",
@@ -204,43 +201,6 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
-    "MarkReadResult": {
-        "type": "object",
-        "required": ["updated"],
-        "properties": {"updated": {"type": "integer"}},
-    },
-    "Message": {
-        "type": "object",
-        "properties": {
-            "id": _UUID,
-            "room": {"type": "string", "description": "The chat room the message belongs to"},
-            "sender_id": {"type": "string"},
-            "receiver_id": {"type": ["string", "null"], "description": "null in group rooms"},
-            "content": {"type": "string"},
-            "sent_at": _TIME,
-            "is_read": {"type": "boolean"},
-            "read_at": _NULLABLE_TIME,
-        },
-    },
-    "RoomMember": {
-        "type": "object",
-        "properties": {
-            "user_id": {"type": "string"},
-            "role": {"enum": ["owner", "member"]},
-            "joined_at": _TIME,
-            "last_read_id": {"type": ["string", "null"], "format": "uuid"},
-        },
-    },
-    "RoomSummary": {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string"},
-            "kind": {"enum": ["group"]},
-            "title": {"type": "string"},
-            "created_by": {"type": "string"},
-            "created_at": _TIME,
-        },
-    },
     "Room": {
         "type": "object",
         "properties": {
@@ -254,63 +214,6 @@ SCHEMAS: dict[str, Any] = {
                 "items": {"oneOf": [_ref("RoomMember"), {"type": "string"}]},
                 "description": "RoomMember objects for a group room, the two user ids for dm",
             },
-        },
-    },
-    "RoomMembersAdded": {
-        "type": "object",
-        "properties": {"added": {"type": "array", "items": {"type": "string"}}},
-    },
-    "Reminder": {
-        "type": "object",
-        "properties": {
-            "id": _UUID,
-            "reminder_id": _UUID,
-            "application_id": {"type": "string"},
-            "candidate_id": {"type": "string"},
-            "employer_id": {"type": "string"},
-            "created_by": {"type": "string"},
-            "interview_time": _TIME,
-            "reminder_time": _TIME,
-            "status": {"enum": ["scheduled", "fired", "skipped", "cancelled"]},
-            "is_sent": {"type": "boolean"},
-            "fired_at": _NULLABLE_TIME,
-            "notification_ids": {"type": "array", "items": _UUID},
-            "late": {"type": "boolean"},
-            "lateness_ms": {"type": ["integer", "null"]},
-            "candidate_contact": {"type": ["object", "null"]},
-            "employer_contact": {"type": ["object", "null"]},
-            "channels": {"type": ["array", "null"], "items": {"type": "string"}},
-            "created_at": _TIME,
-            "updated_at": _TIME,
-        },
-    },
-    "Template": {
-        "type": "object",
-        "properties": {
-            "template_key": {"type": "string"},
-            "channel": {"enum": ["email", "sms", "in_app"]},
-            "locale": {"type": "string"},
-            "subject": _NULLABLE_STR,
-            "text_body": {"type": "string"},
-            "html_body": _NULLABLE_STR,
-            "created_at": _TIME,
-            "updated_at": _TIME,
-        },
-    },
-    "Rendered": {
-        "type": "object",
-        "properties": {"subject": _NULLABLE_STR, "text": {"type": "string"}, "html": _NULLABLE_STR},
-    },
-    "AuditEntry": {
-        "type": "object",
-        "properties": {
-            "id": _UUID,
-            "user_id": _NULLABLE_STR,
-            "action": {"type": "string"},
-            "ip_address": _NULLABLE_STR,
-            "request_id": _NULLABLE_STR,
-            "details": {"type": "object"},
-            "timestamp": _TIME,
         },
     },
 }

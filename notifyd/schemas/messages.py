@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection, Mapping
+from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -136,3 +137,22 @@ def mark_read_problems(
 class MessageCreated(BaseModel):
     message_id: uuid.UUID
     sent_at: str = Field(json_schema_extra={"format": "date-time"})
+
+
+class Message(BaseModel):
+    """A stored message (`http.messages.message_json`)."""
+
+    id: uuid.UUID
+    room: str = Field(description="The chat room the message belongs to.")
+    sender_id: str
+    receiver_id: str | None = Field(description="null in group rooms.")
+    content: str
+    sent_at: datetime
+    is_read: bool
+    read_at: datetime | None
+
+
+class MarkReadResult(BaseModel):
+    """How many messages were marked read."""
+
+    updated: int

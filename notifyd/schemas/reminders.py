@@ -10,6 +10,7 @@ time stands for the one left out, so the handler checks them (`time_problems`).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, get_args
@@ -157,3 +158,27 @@ class ReminderQuery(PageQuery):
 def query_model(settings: Settings) -> type[ReminderQuery]:
     """`ReminderQuery` with the id rule."""
     return bounded(ReminderQuery, application_id=optional_id(settings))
+
+
+class Reminder(BaseModel):
+    """A reminder as every reminders route answers it (`http.reminders.reminder_json`)."""
+
+    id: uuid.UUID
+    reminder_id: uuid.UUID | None = Field(None, description="The create's answer only: id again.")
+    application_id: str
+    candidate_id: str
+    employer_id: str
+    created_by: str
+    interview_time: datetime
+    reminder_time: datetime
+    status: ReminderStatus
+    is_sent: bool
+    fired_at: datetime | None
+    late: bool
+    lateness_ms: int | None
+    candidate_contact: dict[str, str] | None
+    employer_contact: dict[str, str] | None
+    channels: list[Channel] | None
+    notification_ids: list[uuid.UUID]
+    created_at: datetime
+    updated_at: datetime

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,3 +65,28 @@ def create_model(settings: Settings) -> type[RoomCreate]:
 def add_members_model(settings: Settings) -> type[RoomMembersAdd]:
     """`RoomMembersAdd` with `room_max_members` and the id rule."""
     return bounded(RoomMembersAdd, members=_members(settings))
+
+
+class RoomMember(BaseModel):
+    """A group room's member."""
+
+    user_id: str
+    role: Literal["owner", "member"]
+    joined_at: datetime
+    last_read_id: uuid.UUID | None
+
+
+class RoomSummary(BaseModel):
+    """A group room in the caller's list."""
+
+    name: str
+    kind: Literal["group"]
+    title: str
+    created_by: str
+    created_at: datetime
+
+
+class RoomMembersAdded(BaseModel):
+    """The users added (those already in the room are not)."""
+
+    added: list[str]

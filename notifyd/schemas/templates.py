@@ -7,6 +7,7 @@ handler says so after the model (422s of its own, `http.templates`).
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -131,3 +132,24 @@ def preview_problems(values: Mapping[str, Any], at_fault: Collection[str] = ()) 
         if values.get(name) is not None:
             found.append(FieldError(name, "is only used with template_key"))
     return found
+
+
+class Template(BaseModel):
+    """A stored template (`http.templates.template_json`)."""
+
+    template_key: str
+    channel: Channel
+    locale: str = Field(description='A language tag, or "" for the default.')
+    subject: str | None
+    text_body: str
+    html_body: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class Rendered(BaseModel):
+    """A preview: what the template makes of the context."""
+
+    subject: str | None
+    text: str
+    html: str | None
