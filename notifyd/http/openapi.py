@@ -249,18 +249,68 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             **extra,
         }
 
+    def listing(summary: str, schema: str, query: type[BaseModel], *refused: int) -> dict[str, Any]:
+        """A GET of a page of `schema`s, newest first: the query's parameters, a Link to the
+        next page; `refused`, the statuses beside 422."""
+        return op(
+            summary,
+            {"200": _ok(_list_of(schema), headers=_LINK), **_problems(*refused, 422)},
+            parameters=query_parameters(query),
+        )
+
+    def post(
+        summary: str,
+        answer: tuple[str, str, str],
+        body: str,
+        *refused: int,
+        path: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A POST that does what its body asks (Idempotency-Key replays it): answer is
+        (status, schema, description); `refused`, the statuses beside the write errors."""
+        status, schema, described = answer
+        return op(
+            summary,
+            {status: _ok(_ref(schema), described), **write_errors, **_problems(*refused)},
+            requestBody=_body(body),
+            parameters=[*([path] if path else []), _IDEMPOTENCY],
+        )
+
+    def item(
+        answer: str,
+        *,
+        put: tuple[str, str, dict[str, Any]],
+        get: tuple[str, dict[str, Any]],
+        delete: tuple[str, dict[str, Any]],
+        full: bool = False,
+    ) -> dict[str, Any]:
+        """A resource stored under its key in the path: PUT replaces it, GET reads it, DELETE
+        removes it; (summary, [body,] path parameter) each."""
+        refused = (400, 403, 409, 413, 415, 422) if full else (400, 403, 413, 415, 422)
+        return {
+            "put": op(
+                put[0],
+                {"200": _ok(_ref(answer)), **_problems(*refused)},
+                requestBody=_body(put[1]),
+                parameters=[put[2]],
+            ),
+            "get": op(
+                get[0], {"200": _ok(_ref(answer)), **_problems(403, 404, 422)}, parameters=[get[1]]
+            ),
+            "delete": op(
+                delete[0],
+                {"204": {"description": "Deleted"}, **_problems(403, 404, 422)},
+                parameters=[delete[1]],
+            ),
+        }
+
     return {
         "/notifications/send/": {
-            "post": op(
+            "post": post(
                 "Send a notification (email, sms or in_app)",
-                {
-                    "202": _ok(_ref("NotificationAccepted"), "Stored and queued"),
-                    **_problems(403),
-                    **write_errors,
-                    **_problems(429),
-                },
-                requestBody=_body("NotificationSend"),
-                parameters=[_IDEMPOTENCY],
+                ("202", "NotificationAccepted", "Stored and queued"),
+                "NotificationSend",
+                403,
+                429,
             )
         },
         "/notifications/": {
@@ -277,11 +327,10 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             )
         },
         "/notifications/mark-as-read/": {
-            "post": op(
+            "post": post(
                 "Mark the caller's notifications read",
-                {"200": _ok(_ref("NotificationsMarkedRead")), **write_errors},
-                requestBody=_body("MarkRead"),
-                parameters=[_IDEMPOTENCY],
+                ("200", "NotificationsMarkedRead", "OK"),
+                "MarkRead",
             )
         },
         "/notifications/{id}/": {
@@ -292,39 +341,35 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             )
         },
         "/messages/send/": {
-            "post": op(
-                "Send a 1-on-1 message",
-                {"201": _ok(_ref("MessageCreated"), "Stored"), **write_errors, **_problems(429)},
-                requestBody=_body("MessageSend"),
-                parameters=[_IDEMPOTENCY],
+            "post": post(
+                "Send a 1-on-1 message", ("201", "MessageCreated", "Stored"), "MessageSend", 429
             )
         },
         "/messages/": {
-            "get": op(
+            "get": listing(
                 "The caller's messages, newest first",
-                {"200": _ok(_list_of("Message"), headers=_LINK), **_problems(422)},
-                parameters=query_parameters(schemas.message_query.model),
+                "Message",
+                schemas.message_query.model,
             )
         },
         "/messages/mark-as-read/": {
-            "post": op(
+            "post": post(
                 "Mark messages the caller received as read",
-                {"200": _ok(_ref("MarkReadResult")), **write_errors},
-                requestBody=_body("MessageMarkRead"),
-                parameters=[_IDEMPOTENCY],
+                ("200", "MarkReadResult", "OK"),
+                "MessageMarkRead",
             )
         },
         "/rooms/": {
-            "post": op(
+            "post": post(
                 "Create a group chat room with members",
-                {"201": _ok(_ref("Room"), "Created"), **write_errors, **_problems(429)},
-                requestBody=_body("RoomCreate"),
-                parameters=[_IDEMPOTENCY],
+                ("201", "Room", "Created"),
+                "RoomCreate",
+                429,
             ),
-            "get": op(
+            "get": listing(
                 "The group rooms the caller is a member of, newest first",
-                {"200": _ok(_list_of("RoomSummary"), headers=_LINK), **_problems(422)},
-                parameters=query_parameters(schemas.page_query.model),
+                "RoomSummary",
+                schemas.page_query.model,
             ),
         },
         **{
@@ -387,23 +432,19 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             )
         },
         "/reminders/create/": {
-            "post": op(
+            "post": post(
                 "Schedule an interview reminder (service or admin)",
-                {
-                    "201": _ok(_ref("Reminder"), "Scheduled"),
-                    **_problems(403),
-                    **write_errors,
-                    **_problems(429),
-                },
-                requestBody=_body("ReminderCreate"),
-                parameters=[_IDEMPOTENCY],
+                ("201", "Reminder", "Scheduled"),
+                "ReminderCreate",
+                403,
+                429,
             )
         },
         "/reminders/": {
-            "get": op(
+            "get": listing(
                 "Reminders where the caller is candidate, employer or creator (all for services)",
-                {"200": _ok(_list_of("Reminder"), headers=_LINK), **_problems(422)},
-                parameters=query_parameters(schemas.reminder_query.model),
+                "Reminder",
+                schemas.reminder_query.model,
             )
         },
         "/reminders/{id}/": {
@@ -498,59 +539,43 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
                 requestBody=_body("RecipientOwnPatch"),
             ),
         },
-        "/recipients/{user_id}/": {
-            "put": op(
+        "/recipients/{user_id}/": item(
+            "Recipient",
+            put=(
                 "Store a user's addresses, time zone, locale and name (service, admin); "
                 "replaces the whole recipient",
-                {"200": _ok(_ref("Recipient")), **_problems(400, 403, 413, 415, 422)},
-                requestBody=_body("RecipientPut"),
-                parameters=[not_me],
+                "RecipientPut",
+                not_me,
             ),
-            "get": op(
-                "A user's recipient (service, admin)",
-                {"200": _ok(_ref("Recipient")), **_problems(403, 404, 422)},
-                parameters=[user_id],
-            ),
-            "delete": op(
-                "Delete a user's recipient (service, admin)",
-                {"204": {"description": "Deleted"}, **_problems(403, 404, 422)},
-                parameters=[not_me],
-            ),
-        },
+            get=("A user's recipient (service, admin)", user_id),
+            delete=("Delete a user's recipient (service, admin)", not_me),
+        ),
         "/workflows/": {
             "get": op(
                 "The tenant's workflows (service, admin), by key",
                 {"200": _ok(_list_of("Workflow")), **_problems(403)},
             )
         },
-        "/workflows/{workflow_key}/": {
-            "put": op(
+        "/workflows/{workflow_key}/": item(
+            "Workflow",
+            put=(
                 "Define or replace a workflow (admin); runs already started keep theirs",
-                {"200": _ok(_ref("Workflow")), **_problems(400, 403, 409, 413, 415, 422)},
-                requestBody=_body("WorkflowDefinition"),
-                parameters=[_NOT_RUNS],
+                "WorkflowDefinition",
+                _NOT_RUNS,
             ),
-            "get": op(
-                "One workflow (service, admin)",
-                {"200": _ok(_ref("Workflow")), **_problems(403, 404, 422)},
-                parameters=[_WORKFLOW_KEY],
-            ),
-            "delete": op(
-                "Delete a workflow (admin); runs already started go on",
-                {"204": {"description": "Deleted"}, **_problems(403, 404, 422)},
-                parameters=[_NOT_RUNS],
-            ),
-        },
+            get=("One workflow (service, admin)", _WORKFLOW_KEY),
+            delete=("Delete a workflow (admin); runs already started go on", _NOT_RUNS),
+            full=True,  # NOTIFYD_WORKFLOWS_PER_TENANT: 409
+        ),
         "/workflows/{workflow_key}/trigger/": {
-            "post": op(
+            "post": post(
                 "Start the workflow for each recipient (service, admin): one run each",
-                {
-                    "202": _ok(_ref("WorkflowTriggered"), "Accepted"),
-                    **write_errors,
-                    **_problems(403, 404, 429),
-                },
-                requestBody=_body("WorkflowTrigger"),
-                parameters=[_NOT_RUNS, _IDEMPOTENCY],
+                ("202", "WorkflowTriggered", "Accepted"),
+                "WorkflowTrigger",
+                403,
+                404,
+                429,
+                path=_NOT_RUNS,
             )
         },
         "/workflows/{workflow_key}/cancel/": {
@@ -563,10 +588,11 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             )
         },
         "/workflows/runs/": {
-            "get": op(
+            "get": listing(
                 "Workflow runs, newest first, with their steps (a user: their own)",
-                {"200": _ok(_list_of("WorkflowRun"), headers=_LINK), **_problems(403, 422)},
-                parameters=query_parameters(schemas.run_query.model),
+                "WorkflowRun",
+                schemas.run_query.model,
+                403,
             )
         },
         "/workflows/runs/{run_id}/": {
@@ -579,12 +605,30 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             )
         },
         "/audit/": {
-            "get": op(
+            "get": listing(
                 "The tenant's audit log (admin)",
-                {"200": _ok(_list_of("AuditEntry"), headers=_LINK), **_problems(403, 422)},
-                parameters=query_parameters(schemas.audit_query.model),
+                "AuditEntry",
+                schemas.audit_query.model,
+                403,
             )
         },
+    }
+
+
+def _socket(summary: str, path: dict[str, Any], since: str) -> dict[str, Any]:
+    """A WebSocket upgrade: its path parameters, the token and the `since` offset."""
+    return {
+        "summary": summary,
+        "security": [],
+        "parameters": [
+            *(
+                {"name": name, "in": "path", "required": True, "schema": schema}
+                for name, schema in path.items()
+            ),
+            {"name": "token", "in": "query", "schema": {"type": "string"}},
+            {"name": "since", "in": "query", "schema": {"type": "string"}, "description": since},
+        ],
+        "responses": {"101": {"description": "Switching protocols"}, **_problems(403)},
     }
 
 
@@ -614,58 +658,31 @@ def _public(schemas: Schemas) -> dict[str, dict[str, Any]]:
             }
         },
         "/ws/notifications/{tenant_id}/{user_id}/": {
-            "get": {
-                "summary": "WebSocket: the user's live notifications and unread count; accepts "
+            "get": _socket(
+                "WebSocket: the user's live notifications and unread count; accepts "
                 "mark_read and refresh {token}. Token: Authorization header, "
                 "Sec-WebSocket-Protocol `bearer, <token>`, or ?token=. Closes 4001 (token bad, "
                 "or expired without a refresh), 4003 (not your channel), 4008 (too slow), 4029 "
                 "(the user or tenant has its most sockets open), 1001 "
                 "(server going away).",
-                "security": [],
-                "parameters": [
-                    {"name": "tenant_id", "in": "path", "required": True, "schema": _ID},
-                    {"name": "user_id", "in": "path", "required": True, "schema": _ID},
-                    {"name": "token", "in": "query", "schema": {"type": "string"}},
-                    {
-                        "name": "since",
-                        "in": "query",
-                        "schema": {"type": "string"},
-                        "description": "Offset of the last event seen: replay what was missed "
-                        "(or a `gap` frame when some of it is no longer kept).",
-                    },
-                ],
-                "responses": {
-                    "101": {"description": "Switching protocols"},
-                    **_problems(403),
-                },
-            }
+                {"tenant_id": _ID, "user_id": _ID},
+                "Offset of the last event seen: replay what was missed "
+                "(or a `gap` frame when some of it is no longer kept).",
+            )
         },
         "/ws/chat/{room}/": {
-            "get": {
-                "summary": "WebSocket: a chat room, live. Send {message, receiver_id?, "
+            "get": _socket(
+                "WebSocket: a chat room, live. Send {message, receiver_id?, "
                 "client_id?}, {type: typing}, {type: read, up_to}, {type: ping}, {type: "
                 "refresh, token}; receive message, read, typing, join/leave and a first "
                 "presence frame. Token as for the notifications socket. Closes 4001 (token bad, "
                 "or expired without a refresh), 4003 (not a member), 4004 (no such room), 4008 "
                 "(too slow), 4029 (the user or tenant has its most sockets open), 1001 (server "
                 "going away).",
-                "security": [],
-                "parameters": [
-                    {"name": "room", "in": "path", "required": True, "schema": {"type": "string"}},
-                    {"name": "token", "in": "query", "schema": {"type": "string"}},
-                    {
-                        "name": "since",
-                        "in": "query",
-                        "schema": {"type": "string"},
-                        "description": "Offset of the last room event seen: replay what was "
-                        "missed (or a `gap` frame: refetch GET /rooms/{room}/messages/).",
-                    },
-                ],
-                "responses": {
-                    "101": {"description": "Switching protocols"},
-                    **_problems(403),
-                },
-            }
+                {"room": {"type": "string"}},
+                "Offset of the last room event seen: replay what was "
+                "missed (or a `gap` frame: refetch GET /rooms/{room}/messages/).",
+            )
         },
         "/webhooks/twilio/status": {
             "post": {
