@@ -32,25 +32,14 @@ from typing import Any
 
 from notifyd.ids import OpaqueIdRule
 from notifyd.payloads import loads
+from notifyd.schemas.contacts import EventRecipient
 from notifyd.schemas.errors import FieldError, Invalid
-from notifyd.schemas.events import event_reader
+from notifyd.schemas.events import Event, event_reader
+from notifyd.schemas.reader import Reader
 from notifyd.settings import Settings
 
-
-@dataclass(frozen=True, slots=True)
-class Recipient:
-    """One person the event concerns; at least one of `user_id`, `email`, `phone` is set."""
-
-    user_id: str | None = None
-    email: str | None = None
-    phone: str | None = None
-    locale: str | None = None
-    timezone: str | None = None
-    name: str | None = None
-
-    def address(self, channel: str) -> str | None:
-        """Where this recipient gets a notification on `channel`, if anywhere."""
-        return {"email": self.email, "sms": self.phone, "in_app": self.user_id}.get(channel)
+Recipient = EventRecipient
+"""One person the event concerns (at least one of `user_id`, `email`, `phone` is set)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +58,8 @@ class DomainEvent:
 
 @dataclass(frozen=True, slots=True)
 class EventLimits:
-    """Bounds of one event; each is a setting."""
+    """Bounds of one event; each is a setting (an event is bounded like a request body: the
+    same payloads arrive both ways)."""
 
     max_bytes: int
     max_recipients: int
@@ -77,13 +67,15 @@ class EventLimits:
     id_rule: OpaqueIdRule
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> EventLimits:
-        return cls(
-            # an event is bounded like a request body: the same payloads arrive both ways
-            max_bytes=settings.max_body_bytes,
-            max_recipients=settings.event_max_recipients,
-            context_max_keys=settings.context_max_keys,
-            id_rule=OpaqueIdRule.from_settings(settings.id_max_length, settings.id_pattern),
+    def from_settings(cls, s: Settings) -> EventLimits:
+        rule = OpaqueIdRule.from_settings(s.id_max_length, s.id_pattern)
+        return cls(s.max_body_bytes, s.event_max_recipients, s.context_max_keys, rule)
+
+    def reader(self) -> Reader[Event]:
+        """The event model's reader with these bounds (made once per set of bounds)."""
+        rule = self.id_rule
+        return event_reader(
+            self.max_recipients, self.context_max_keys, rule.max_length, rule.pattern.pattern
         )
 
 
@@ -114,21 +106,15 @@ def parse_event(raw: bytes | str, limits: EventLimits) -> DomainEvent:
 def decode_event(data: Mapping[str, Any], limits: EventLimits) -> DomainEvent:
     """The event in `data` (`schemas.events.Event`), or `MalformedEvent` naming every field at
     fault."""
-    reader = event_reader(
-        limits.max_recipients,
-        limits.context_max_keys,
-        limits.id_rule.max_length,
-        limits.id_rule.pattern.pattern,
-    )
     try:
-        event = reader.python(data)
+        event = limits.reader().python(data)
     except Invalid as exc:
         raise MalformedEvent(exc.errors) from None
     return DomainEvent(
         event_id=event.event_id,
         tenant_id=event.tenant_id,
         type=event.type,
-        recipients=tuple(Recipient(**r.model_dump(exclude_none=True)) for r in event.recipients),
+        recipients=tuple(event.recipients),
         template_key=event.template_key,
         context=event.context or {},
         channels=None if event.channels is None else tuple(dict.fromkeys(event.channels)),

@@ -98,6 +98,7 @@ class EventRecipient(Contact):
 
     model_config = ConfigDict(
         extra="forbid",
+        frozen=True,  # a DomainEvent's part
         json_schema_extra={
             "anyOf": [
                 {"required": [name], "properties": {name: {"type": "string"}}}
@@ -107,6 +108,10 @@ class EventRecipient(Contact):
     )
 
     user_id: str | None = None
+
+    def address(self, channel: str) -> str | None:
+        """Where this recipient gets a notification on `channel`, if anywhere."""
+        return {"email": self.email, "sms": self.phone, "in_app": self.user_id}.get(channel)
 
     @model_validator(mode="after")
     def _reaches_someone(self) -> EventRecipient:
