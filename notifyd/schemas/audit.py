@@ -8,8 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
-from notifyd.schemas.fields import PageQuery, bounded, optional_id, text
-from notifyd.settings import Settings
+from notifyd.schemas.fields import PageQuery, text
 
 ACTION_MAX_LENGTH = 64
 
@@ -21,11 +20,6 @@ class AuditQuery(PageQuery):
         None, description="e.g. notification.send"
     )
     user_id: str | None = None
-
-
-def query_model(settings: Settings) -> type[AuditQuery]:
-    """`AuditQuery` with the id rule."""
-    return bounded(AuditQuery, user_id=optional_id(settings))
 
 
 class AuditEntry(BaseModel):

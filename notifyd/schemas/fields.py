@@ -130,6 +130,11 @@ def optional_id(
     return Annotated[str, rule] | None, Field(None, alias=alias, description=description)
 
 
+def with_ids(model: type[B], settings: Settings, *names: str) -> type[B]:
+    """`model` with the id rule on its optional id fields `names` (a list query's filters)."""
+    return bounded(model, **{name: optional_id(settings) for name in names})
+
+
 def id_list(settings: Settings) -> Any:
     """(type, default) of an optional list of UUIDs, `settings.mark_read_max_ids` long at most."""
     return Annotated[list[uuid.UUID], Field(max_length=settings.mark_read_max_ids)] | None, None

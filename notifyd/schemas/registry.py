@@ -22,7 +22,13 @@ from notifyd.schemas import (
     webhooks,
     workflows,
 )
-from notifyd.schemas.fields import PATTERN_MESSAGES, PageQuery, id_pattern_message, paged
+from notifyd.schemas.fields import (
+    PATTERN_MESSAGES,
+    PageQuery,
+    id_pattern_message,
+    paged,
+    with_ids,
+)
 from notifyd.schemas.reader import Reader
 from notifyd.settings import Settings
 
@@ -88,12 +94,17 @@ class Schemas:
             ),
             chat_post=Reader(messages.chat_post_model(settings), patterns),
             preferences=Reader(preferences.Preferences, patterns),
-            audit_query=Reader(paged(audit.query_model(settings), settings), patterns),
+            audit_query=Reader(
+                paged(with_ids(audit.AuditQuery, settings, "user_id"), settings), patterns
+            ),
             reminder_create=Reader(
                 reminders.create_model(settings), patterns, refusals=reminders.create_refusals
             ),
             reminder_patch=Reader(reminders.ReminderPatch, patterns, reminders.patch_problems),
-            reminder_query=Reader(paged(reminders.query_model(settings), settings), patterns),
+            reminder_query=Reader(
+                paged(with_ids(reminders.ReminderQuery, settings, "application_id"), settings),
+                patterns,
+            ),
             page_query=Reader(paged(PageQuery, settings), patterns),
             recipient_put=Reader(recipients.RecipientPut, patterns),
             recipient_patch=Reader(recipients.RecipientOwnPatch, patterns),
@@ -112,7 +123,9 @@ class Schemas:
             workflow_cancel=Reader(
                 workflows.cancel_model(settings), patterns, workflows.cancel_rules
             ),
-            run_query=Reader(paged(workflows.run_query_model(settings), settings), patterns),
+            run_query=Reader(
+                paged(with_ids(workflows.RunQuery, settings, "recipient"), settings), patterns
+            ),
             room_create=Reader(rooms.create_model(settings), patterns),
             room_members=Reader(rooms.add_members_model(settings), patterns),
             template_put=Reader(templates.put_model(settings), patterns),

@@ -34,7 +34,6 @@ from notifyd.schemas.fields import (
     PageQuery,
     bounded,
     opaque_id,
-    optional_id,
     parse_rfc3339,
 )
 from notifyd.settings import CHANNELS, Settings
@@ -155,30 +154,25 @@ class ReminderQuery(PageQuery):
     application_id: str | None = None
 
 
-def query_model(settings: Settings) -> type[ReminderQuery]:
-    """`ReminderQuery` with the id rule."""
-    return bounded(ReminderQuery, application_id=optional_id(settings))
-
-
 class Reminder(BaseModel):
     """A reminder as every reminders route answers it (`http.reminders.reminder_json`)."""
 
     id: uuid.UUID
     reminder_id: uuid.UUID | None = Field(None, description="The create's answer only: id again.")
     application_id: str
-    candidate_id: str
-    employer_id: str
-    created_by: str
+    candidate_id: str = Field(description="Sees the reminder; reminded in-app, by contact.")
+    employer_id: str = Field(description="Sees, reschedules and cancels it; reminded too.")
+    created_by: str = Field(description="The service or admin that scheduled it.")
     interview_time: datetime
-    reminder_time: datetime
+    reminder_time: datetime = Field(description="When the reminders are sent.")
     status: ReminderStatus
-    is_sent: bool
+    is_sent: bool = Field(description="status is fired (the first API's field).")
     fired_at: datetime | None
-    late: bool
-    lateness_ms: int | None
-    candidate_contact: dict[str, str] | None
-    employer_contact: dict[str, str] | None
-    channels: list[Channel] | None
-    notification_ids: list[uuid.UUID]
+    late: bool = Field(description="Fired later than the lateness bound (a metric too).")
+    lateness_ms: int | None = Field(description="How late it fired, once fired.")
+    candidate_contact: dict[str, str] | None = Field(description="As stored: phone in E.164.")
+    employer_contact: dict[str, str] | None = Field(description="As stored: phone in E.164.")
+    channels: list[Channel] | None = Field(description="null: every channel a contact allows.")
+    notification_ids: list[uuid.UUID] = Field(description="What firing made.")
     created_at: datetime
     updated_at: datetime

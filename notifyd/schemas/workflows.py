@@ -376,11 +376,6 @@ class RunQuery(PageQuery):
     workflow_key: WorkflowKey | None = None
 
 
-def run_query_model(settings: Settings) -> type[RunQuery]:
-    """`RunQuery` with the id rule."""
-    return bounded(RunQuery, recipient=optional_id(settings))
-
-
 # ---------------------------------------------------------------- answers
 
 
