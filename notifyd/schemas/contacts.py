@@ -46,11 +46,6 @@ ZONES = tuple(sorted(zoneinfo.available_timezones()))
 _ZONE_SET = frozenset(ZONES)
 
 
-def is_time_zone(name: str) -> bool:
-    """Whether `name` is one of `ZONES`."""
-    return name in _ZONE_SET
-
-
 def _zone(value: str) -> str:
     if value not in _ZONE_SET:
         raise PydanticCustomError("time_zone", "must be an IANA time zone such as Europe/Berlin")
