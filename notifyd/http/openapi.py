@@ -15,7 +15,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from notifyd import __version__, tags
+from notifyd import __version__
 from notifyd.http import idempotency
 from notifyd.http.context import SERVICES
 from notifyd.http.recipients import ME
@@ -24,7 +24,6 @@ from notifyd.http.workflows import RUNS
 from notifyd.payloads import dumps
 from notifyd.schemas.fields import TEMPLATE_KEY_PATTERN, anchored
 from notifyd.schemas.registry import RESPONSES, Schemas
-from notifyd.schemas.templates import TEMPLATE_LOCALE_PATTERN
 from notifyd.schemas.workflows import WORKFLOW_KEY_PATTERN
 from notifyd.settings import CHANNELS, Settings
 
@@ -104,7 +103,7 @@ _IDEMPOTENCY = {
     "description": "Replays the first response for 24 h.",
 }
 _PATH_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-_TEMPLATE_PARAMS: list[dict[str, Any]] = [
+_TEMPLATE_PATH: list[dict[str, Any]] = [
     {
         "name": "template_key",
         "in": "path",
@@ -112,23 +111,7 @@ _TEMPLATE_PARAMS: list[dict[str, Any]] = [
         "schema": {"type": "string", "pattern": TEMPLATE_KEY_PATTERN},
     },
     {"name": "channel", "in": "path", "required": True, "schema": {"enum": list(CHANNELS)}},
-    {
-        "name": "locale",
-        "in": "query",
-        "schema": {
-            "type": "string",
-            "maxLength": tags.LOCALE_MAX_LENGTH,
-            "pattern": TEMPLATE_LOCALE_PATTERN,
-        },
-        "description": 'A language tag, or "" for the default',
-    },
 ]
-_TEMPLATE_CURSOR = {
-    "name": "after",
-    "in": "query",
-    "schema": {"type": "string", "maxLength": 300, "pattern": "^[^/\\x00]*/[^/\\x00]*/[^/\\x00]*$"},
-    "description": "Cursor: taken from the previous page's Link header",
-}
 
 _WORKFLOW_KEY: dict[str, Any] = {
     "name": "workflow_key",
@@ -230,7 +213,7 @@ def _id_rule(schemas: Schemas) -> dict[str, Any]:
 
 def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
     """Path → method → operation, for the seed paths; `/api/...` aliases are added below."""
-    page = query_parameters(schemas.page_query.model)
+    template_item = [*_TEMPLATE_PATH, *query_parameters(schemas.template_item_query.model)]
     user_id = {"name": "user_id", "in": "path", "required": True, "schema": _id_rule(schemas)}
     not_me = {  # /recipients/me/ answers GET (and PATCH) itself; PUT and DELETE of it: 422
         **user_id,
@@ -492,15 +475,11 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             )
         },
         "/templates/": {
-            "get": op(
+            "get": listing(
                 "The tenant's templates (admin, service)",
-                {"200": _ok(_list_of("Template"), headers=_LINK), **_problems(403, 422)},
-                parameters=[
-                    {**_TEMPLATE_PARAMS[0], "in": "query", "required": False},
-                    {**_TEMPLATE_PARAMS[1], "in": "query", "required": False},
-                    *(p for p in page if p["name"] == "limit"),
-                    _TEMPLATE_CURSOR,
-                ],
+                "Template",
+                schemas.template_query.model,
+                403,
             )
         },
         "/templates/preview/": {
@@ -514,18 +493,18 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             "get": op(
                 "One template",
                 {"200": _ok(_ref("Template")), **_problems(403, 404, 422)},
-                parameters=_TEMPLATE_PARAMS,
+                parameters=template_item,
             ),
             "put": op(
                 "Create or replace a template (admin); it must compile",
                 {"200": _ok(_ref("Template")), **_problems(403), **write_errors},
                 requestBody=_body("TemplatePut"),
-                parameters=_TEMPLATE_PARAMS[:2],
+                parameters=_TEMPLATE_PATH,
             ),
             "delete": op(
                 "Delete a template (admin)",
                 {"204": {"description": "Deleted"}, **_problems(403, 404, 422)},
-                parameters=_TEMPLATE_PARAMS,
+                parameters=template_item,
             ),
         },
         "/recipients/me/": {

@@ -113,7 +113,7 @@ class PageQuery(BaseModel):
 
 
 B = TypeVar("B", bound=BaseModel)
-Q = TypeVar("Q", bound=PageQuery)
+Q = TypeVar("Q", bound=BaseModel)
 
 
 def bounded(model: type[B], **fields: Any) -> type[B]:
@@ -141,6 +141,7 @@ def id_list(settings: Settings) -> Any:
 
 
 def paged(model: type[Q], settings: Settings) -> type[Q]:
-    """`model` with the page sizes that are settings (`page_size_default`, `page_size_max`)."""
+    """`model` with the page sizes that are settings (`page_size_default`, `page_size_max`) on
+    its `limit`."""
     limit = Annotated[int, Field(ge=1, le=settings.page_size_max)]
     return bounded(model, limit=(limit, settings.page_size_default))

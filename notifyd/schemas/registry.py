@@ -61,6 +61,8 @@ class Schemas:
     room_members: Reader[rooms.RoomMembersAdd]
     template_put: Reader[templates.TemplatePut]
     template_preview: Reader[templates.TemplatePreview]
+    template_query: Reader[templates.TemplateQuery]
+    template_item_query: Reader[templates.TemplateItemQuery]
     tenant_settings: Reader[tenants.TenantSettings]
     twilio_status_query: Reader[webhooks.TwilioStatusQuery]
     twilio_status: Reader[webhooks.TwilioStatus]
@@ -132,6 +134,8 @@ class Schemas:
             template_preview=Reader(
                 templates.preview_model(settings), patterns, templates.preview_problems
             ),
+            template_query=Reader(paged(templates.TemplateQuery, settings), patterns),
+            template_item_query=Reader(templates.TemplateItemQuery, patterns),
             tenant_settings=Reader(tenants.TenantSettings, patterns, tenants.settings_problems),
             twilio_status_query=Reader(webhooks.status_query_model(settings), patterns),
             twilio_status=Reader(webhooks.TwilioStatus, patterns),
