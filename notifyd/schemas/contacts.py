@@ -19,18 +19,15 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 from pydantic_core import PydanticCustomError
 
 from notifyd import tags
-from notifyd.schemas.fields import Locale, Message, bounded, opaque_id, text
+from notifyd.schemas.fields import SAFE_EMAIL, Locale, Message, bounded, opaque_id, text
 
 VALUE_MAX_LENGTH = 320
 """Characters in a name (an email address is at most `EMAIL_MAX_LENGTH`)."""
 EMAIL_MAX_LENGTH = 254
 
-_UNSAFE = tags.HEADER_UNSAFE.pattern.removeprefix("[").removesuffix("]")
 # white space str.strip() takes off that is not also header-unsafe (tab, the Unicode spaces)
 _BLANK = r"\t \xa0\u1680\u2000-\u200a\u202f\u205f\u3000"
-_EMAIL = tags.EMAIL.pattern.replace(r"[^@\s<>\"',;]", rf"[^@\s<>\"',;{_UNSAFE}]", 1)
-assert tags.EMAIL.pattern != _EMAIL, "tags.EMAIL's local part changed: update _EMAIL"
-EMAIL_PATTERN = rf"^[{_BLANK}]*(?:{_EMAIL})[{_BLANK}]*$"
+EMAIL_PATTERN = rf"^[{_BLANK}]*(?:{SAFE_EMAIL})[{_BLANK}]*$"
 """`tags.EMAIL`, header-safe, with white space around it (taken off)."""
 PHONE_PATTERN = r"^[\t ]*\+?[0-9(][0-9 ().-]{0,40}$"
 """A phone number's loose shape; whether it is a number in the tenant's region is the

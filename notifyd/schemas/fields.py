@@ -28,6 +28,10 @@ _UNSAFE = tags.HEADER_UNSAFE.pattern.removeprefix("[").removesuffix("]")
 HEADER_TEXT_PATTERN = rf"^[^{_UNSAFE}]*[^{_UNSAFE}{_SPACE}][^{_UNSAFE}]*$"
 """Text that reaches a mail header: `TEXT_PATTERN`, and no character of `tags.HEADER_UNSAFE`."""
 
+SAFE_EMAIL = tags.EMAIL.pattern.replace(r"[^@\s<>\"',;]", rf"[^@\s<>\"',;{_UNSAFE}]", 1)
+assert tags.EMAIL.pattern != SAFE_EMAIL, "tags.EMAIL's local part changed: update SAFE_EMAIL"
+"""`tags.EMAIL`, header-safe (unanchored): a From: address, a contact's email."""
+
 SPACES = rf"[{_SPACE}]*"
 """Any white space, as `str.strip()` takes it off (around a recipient)."""
 
