@@ -13,7 +13,6 @@ from notifyd.schemas import (
     contacts,
     messages,
     notifications,
-    preferences,
     recipients,
     reminders,
     rooms,
@@ -29,6 +28,7 @@ from notifyd.schemas.fields import (
     paged,
     with_ids,
 )
+from notifyd.schemas.preferences import Preferences  # the field `preferences` is its reader
 from notifyd.schemas.reader import Reader
 from notifyd.settings import Settings
 
@@ -45,7 +45,7 @@ class Schemas:
     message_query: Reader[messages.MessageQuery]
     message_mark_read: Reader[messages.MessageMarkRead]
     chat_post: Reader[messages.ChatPost]
-    preferences: Reader[preferences.Preferences]
+    preferences: Reader[Preferences]
     audit_query: Reader[audit.AuditQuery]
     reminder_create: Reader[reminders.ReminderCreate]
     reminder_patch: Reader[reminders.ReminderPatch]
@@ -95,7 +95,7 @@ class Schemas:
                 messages.mark_read_model(settings), patterns, messages.mark_read_problems
             ),
             chat_post=Reader(messages.chat_post_model(settings), patterns),
-            preferences=Reader(preferences.Preferences, patterns),
+            preferences=Reader(Preferences, patterns),
             audit_query=Reader(
                 paged(with_ids(audit.AuditQuery, settings, "user_id"), settings), patterns
             ),
