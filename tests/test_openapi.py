@@ -148,3 +148,20 @@ def test_a_workflows_durations_show_the_configured_bound() -> None:
     within = re.compile(delay["pattern"])
     assert all(within.match(d) for d in ("1s", "7200s", "120m", "2h"))
     assert not any(within.match(d) for d in ("7201s", "121m", "3h", "1d", "0s"))
+
+
+async def test_a_rooms_answers_have_exactly_the_documented_fields(api: Api) -> None:
+    _, document, _ = await api.get("/openapi.json", auth=False)
+    schemas = document["components"]["schemas"]
+    mapping = schemas["Room"]["discriminator"]["mapping"]
+    status, group, _ = await api.post("/rooms/", {"name": "team", "members": ["bob"]}, user="ann")
+    assert status == 201, group
+    status, again, _ = await api.get("/rooms/team/", user="ann")
+    assert status == 200 and again == group
+    status, dm, _ = await api.get("/rooms/dm/bob/", user="ann")
+    assert status == 200, dm
+    for answer in (group, dm):
+        described = schemas[mapping[answer["kind"]].rsplit("/", 1)[1]]
+        assert set(answer) == set(described["properties"]) == set(described["required"])
+    member = schemas["RoomMember"]
+    assert set(group["members"][0]) == set(member["properties"]) == set(member["required"])

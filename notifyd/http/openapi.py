@@ -187,21 +187,6 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
-    "Room": {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string"},
-            "kind": {"enum": ["group", "dm"]},
-            "title": {"type": "string"},
-            "created_by": {"type": "string"},
-            "created_at": _TIME,
-            "members": {
-                "type": "array",
-                "items": {"oneOf": [_ref("RoomMember"), {"type": "string"}]},
-                "description": "RoomMember objects for a group room, the two user ids for dm",
-            },
-        },
-    },
 }
 
 

@@ -174,6 +174,7 @@ RESPONSES: list[type[BaseModel]] = [
     messages.MarkReadResult,
     rooms.RoomMember,
     rooms.RoomSummary,
+    rooms.Room,
     rooms.RoomMembersAdded,
     reminders.Reminder,
     templates.Template,

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from notifyd import tags
 from notifyd.schemas.fields import Message, anchored, bounded, opaque_id
@@ -84,6 +84,24 @@ class RoomSummary(BaseModel):
     title: str
     created_by: str
     created_at: datetime
+
+
+class GroupRoom(RoomSummary):
+    """A group room and its members."""
+
+    members: list[RoomMember]
+
+
+class DmRoom(BaseModel):
+    """A 1-on-1 room: derived from its two users, never stored."""
+
+    name: str
+    kind: Literal["dm"]
+    members: list[str] = Field(description="The two user ids.")
+
+
+class Room(RootModel[Annotated[GroupRoom | DmRoom, Field(discriminator="kind")]]):
+    """A room as GET /rooms/{room}/, GET /rooms/dm/{user}/ and POST /rooms/ answer it."""
 
 
 class RoomMembersAdded(BaseModel):
