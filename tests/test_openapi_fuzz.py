@@ -2,7 +2,9 @@
 
 Promise: for every operation in /openapi.json (WebSockets aside), requests generated from
 the document, valid and invalid alike, never get a 5xx, and every answer is one the document
-describes: a documented status, its content type, headers and body schema.
+describes: a documented status, its content type, headers and body schema. And the document
+and the server agree: what it allows is accepted, what it forbids is refused (but for the
+422s it names for rules it cannot state, `STATEFUL_REFUSALS`).
 
 Generation is derandomized (the same cases every run, so a failure reproduces) and bounded
 per operation. Hypothesis runs in a worker thread: its test function is synchronous and uses
@@ -38,7 +40,8 @@ EXAMPLES = 20  # per operation and generation mode
 
 # 422s the document gives to requests it allows: they depend on state, not on the request's
 # shape (whether a template exists, a number is one in the tenant's region; whether this
-# Idempotency-Key came with another body before)
+# Idempotency-Key came with another body before), or on a rule JSON Schema cannot state (the
+# clock: an interview ahead of now; two fields compared: a reminder before its interview)
 STATEFUL_REFUSALS = {
     f"urn:notifyd:problem:{UNSENDABLE}",
     "urn:notifyd:problem:idempotency-key-reused",
