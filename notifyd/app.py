@@ -22,7 +22,7 @@ import asyncpg
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from notifyd.accept import Outbox
+from notifyd.accept.outbox import Outbox
 from notifyd.actors.housekeeper import Housekeeper, Retention
 from notifyd.auth.tokens import TokenVerifier
 from notifyd.egress import Egress
@@ -175,6 +175,8 @@ class Daemon:
                     messages=s.retain_messages,
                     reminders=s.retain_reminders,
                     audit=s.retain_audit,
+                    workflow_runs=s.retain_workflow_runs,
+                    webhook_deliveries=s.retain_webhook_deliveries,
                     batch=s.retain_batch,
                     pause=s.retain_pause,
                 ),

@@ -191,7 +191,7 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
 
 def cmd_dlq_requeue(args: argparse.Namespace) -> int:
     from notifyd.operator import dlq
-    from notifyd.operator.audit import cli_actor
+    from notifyd.operator.audit import cli_author
 
     if bool(args.ids) == args.all:
         print("notifyd dlq requeue: name entry ids, or --all (not both)", file=sys.stderr)
@@ -200,7 +200,7 @@ def cmd_dlq_requeue(args: argparse.Namespace) -> int:
         "dlq requeue",
         args,
         lambda s: dlq.requeue_command(
-            s, ids=args.ids, everything=args.all, as_json=args.json, actor=cli_actor(args.actor)
+            s, ids=args.ids, everything=args.all, as_json=args.json, author=cli_author(args.actor)
         ),
     )
 
@@ -240,7 +240,7 @@ def cmd_limits_show(args: argparse.Namespace) -> int:
 
 def cmd_limits_set(args: argparse.Namespace) -> int:
     from notifyd.operator import limits
-    from notifyd.operator.audit import cli_actor
+    from notifyd.operator.audit import cli_author
 
     values = {name: getattr(args, name) for name in LIMIT_NAMES if getattr(args, name) is not None}
     if not values:
@@ -250,14 +250,14 @@ def cmd_limits_set(args: argparse.Namespace) -> int:
         "limits set",
         args,
         lambda s: limits.set_command(
-            s, tenant_id=args.tenant, values=values, actor=cli_actor(args.actor)
+            s, tenant_id=args.tenant, values=values, author=cli_author(args.actor)
         ),
     )
 
 
 def cmd_limits_unset(args: argparse.Namespace) -> int:
     from notifyd.operator import limits
-    from notifyd.operator.audit import cli_actor
+    from notifyd.operator.audit import cli_author
 
     names = list(LIMIT_NAMES) if args.all else [n for n in LIMIT_NAMES if getattr(args, n)]
     if not names:
@@ -267,7 +267,7 @@ def cmd_limits_unset(args: argparse.Namespace) -> int:
         "limits unset",
         args,
         lambda s: limits.unset_command(
-            s, tenant_id=args.tenant, names=names, actor=cli_actor(args.actor)
+            s, tenant_id=args.tenant, names=names, author=cli_author(args.actor)
         ),
     )
 

@@ -21,6 +21,7 @@ from notifyd.actors.sender import Sender
 from notifyd.actors.stream_stats import StreamStats
 from notifyd.actors.sweeper import Sweeper
 from notifyd.actors.timer import Timer
+from notifyd.actors.webhook_sender import WebhookSender
 from notifyd.actors.workflow_firer import WorkflowFirer
 from notifyd.egress import Egress
 from notifyd.ingest.accept import EventAcceptor
@@ -227,7 +228,12 @@ def build_pipeline(
             tenant_settings=tenant,
             schedule=schedule,
         ),
-        Timer(schedule, lookahead=settings.reminder_lookahead, ahead=frozenset({keys.reminders})),
+        Timer(
+            schedule,
+            lookahead=settings.reminder_lookahead,
+            # read and planned ahead, fired at their own time (the firers wait for it)
+            ahead=frozenset({keys.reminders, keys.workflow_steps}),
+        ),
         Sweeper(
             pool=pool,
             redis=redis,
@@ -246,6 +252,7 @@ def build_pipeline(
             streams=[keys.dead_letters],
             interval=settings.stream_stats_interval,
         ),
+        WebhookSender(pool=pool, settings=settings, egress=egress, metrics=metrics, alerts=alerts),
         alerts,
     ]
     if settings.events_enabled:
@@ -257,6 +264,7 @@ def build_pipeline(
             metrics=metrics,
             limiter=limiter,
             tenant_limits=tenant_limits,
+            schedule=schedule,
         )
         actors.append(
             RedisEventSource(
@@ -269,28 +277,22 @@ def build_pipeline(
                 consumer_name=name,
             )
         )
+        brokers: list[type[RabbitMqEventSource | KafkaEventSource]] = []
         if settings.rabbitmq_url:
-            actors.append(
-                RabbitMqEventSource(
-                    settings=settings,
-                    acceptor=acceptor,
-                    producer=producer,
-                    keys=keys,
-                    alerts=alerts,
-                    consumer_name=name,
-                )
-            )
+            brokers.append(RabbitMqEventSource)
         if settings.kafka_bootstrap_servers and settings.kafka_topics:
-            actors.append(
-                KafkaEventSource(
-                    settings=settings,
-                    acceptor=acceptor,
-                    producer=producer,
-                    keys=keys,
-                    alerts=alerts,
-                    consumer_name=name,
-                )
+            brokers.append(KafkaEventSource)
+        actors += [
+            source(
+                settings=settings,
+                acceptor=acceptor,
+                producer=producer,
+                keys=keys,
+                alerts=alerts,
+                consumer_name=name,
             )
+            for source in brokers
+        ]
     if settings.kafka_events_topic:
         actors.append(KafkaDeliveryEvents(settings=settings, pool=pool))
     return Pipeline(

@@ -1,6 +1,6 @@
 """The outbox hands what it just committed to this process's dispatcher instead of the
-intents stream (`accept.Outbox`): delivered without a stream entry; past its bound, or when
-the dispatch fails, the intents go on the stream as before; a shutdown waits for it."""
+intents stream (`accept.outbox.Outbox`): delivered without a stream entry; past its bound, or
+when the dispatch fails, the intents go on the stream as before; a shutdown waits for it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from notifyd.accept import Outbox
+from notifyd.accept.outbox import Outbox
 from notifyd.ids import uuid7
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics

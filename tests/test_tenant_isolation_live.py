@@ -19,10 +19,10 @@ import asyncpg
 import orjson
 import pytest
 
-from notifyd.accept import RETRY_ACTION
 from notifyd.app import Daemon
 from notifyd.http.limits import SOCKETS_FULL
 from notifyd.realtime.roomname import dm_name
+from notifyd.requeue import RETRY_ACTION
 from tests.conftest import DaemonFactory
 from tests.helpers import Api, next_json, token, wait_for
 

@@ -195,8 +195,8 @@ class Dispatcher:
 
     async def dispatch_now(self, ids: Sequence[tuple[str, uuid.UUID]]) -> None:
         """Dispatches rows this process has just committed, (tenant, id) each, without the
-        intents stream (see `accept.Outbox`): the same decisions as `handle_batch` without
-        the XADD, the XREADGROUP and the XACK. Raises when that could not be done; the
+        intents stream (see `accept.outbox.Outbox`): the same decisions as `handle_batch`
+        without the XADD, the XREADGROUP and the XACK. Raises when that could not be done; the
         caller then puts the intents on the stream."""
         rows = await deliveries.load_many_for_dispatch(self._pool, list(ids))
         await self._dispatch([row for row in rows if row["status"] == "queued"], [])

@@ -1,12 +1,12 @@
 """Sweeper: puts back work whose stream entry is gone, from PostgreSQL, the source of truth.
 
 A row can be stranded when the process died between its commit and its XADD (or, for a REST
-send, before its own dispatcher took it: see `accept.Outbox`), or when Redis lost its data
-(flushed, restarted without persistence). Every `NOTIFYD_SWEEP_INTERVAL` the
-sweeper takes rows that have not moved for `NOTIFYD_REQUEUE_AFTER` and re-enqueues them where
-they belong: `queued` → the intents stream, `dispatched`/`sending`/`retrying` → their channel's
-delivery stream. On start it also re-schedules every pending retry on the wheel. Duplicates
-are harmless (dispatcher and senders claim rows), so re-enqueueing errs on the side of more.
+send, before its own dispatcher took it: see `accept.outbox.Outbox`), or when Redis lost its
+data (flushed, restarted without persistence). Every `NOTIFYD_SWEEP_INTERVAL` the sweeper takes
+rows that have not moved for `NOTIFYD_REQUEUE_AFTER` and re-enqueues them where they belong:
+`queued` → the intents stream, `dispatched`/`sending`/`retrying` → their channel's delivery
+stream. On start it also re-schedules every pending retry on the wheel. Duplicates are harmless
+(dispatcher and senders claim rows), so re-enqueueing errs on the side of more.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import asyncpg
 from aiohttp import web
 from redis.asyncio import Redis
 
-from notifyd.accept import Outbox
+from notifyd.accept.outbox import Outbox
 from notifyd.auth.identity import Identity
 from notifyd.auth.tokens import TokenVerifier
 from notifyd.egress import Egress

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 
 from notifyd.http.context import audit_entry, identity, services
@@ -20,18 +19,18 @@ from notifyd.store import audit
 from notifyd.store import messages as store
 
 
-def message_json(row: asyncpg.Record, room: str | None = None) -> dict[str, Any]:
+def message_json(m: store.Message, room: str | None = None) -> dict[str, Any]:
     """`room` names a group room; a 1-on-1 message's room is derived from its two users."""
-    receiver = row["receiver_id"]
+    receiver = m.receiver_id
     return {
-        "id": str(row["id"]),
-        "room": room if receiver is None else dm_name(row["sender_id"], receiver),
-        "sender_id": row["sender_id"],
+        "id": str(m.id),
+        "room": room if receiver is None else dm_name(m.sender_id, receiver),
+        "sender_id": m.sender_id,
         "receiver_id": receiver,
-        "content": row["content"],
-        "sent_at": iso(row["sent_at"]),
-        "is_read": row["read_at"] is not None,
-        "read_at": iso(row["read_at"]),
+        "content": m.content,
+        "sent_at": iso(m.sent_at),
+        "is_read": m.read_at is not None,
+        "read_at": iso(m.read_at),
     }
 
 
@@ -110,9 +109,7 @@ async def mark_messages_read(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/messages/send/", send_message)
-    app.router.add_post("/api/messages/send/", send_message)
-    app.router.add_get("/messages/", list_messages)
-    app.router.add_get("/api/messages/", list_messages)
-    app.router.add_post("/messages/mark-as-read/", mark_messages_read)
-    app.router.add_post("/api/messages/mark-as-read/", mark_messages_read)
+    for base in ("/messages", "/api/messages"):
+        app.router.add_post(f"{base}/send/", send_message)
+        app.router.add_get(f"{base}/", list_messages)
+        app.router.add_post(f"{base}/mark-as-read/", mark_messages_read)

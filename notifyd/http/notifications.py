@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from notifyd import accept
+from notifyd.accept.orders import Order, Refused
+from notifyd.accept.outbox import announce
+from notifyd.accept.prepare import prepare
+from notifyd.accept.rows import SEND_ACTION, audit_details, new_row
 from notifyd.auth import policy
 from notifyd.http.context import (
     audit_entry,
@@ -29,42 +31,43 @@ from notifyd.http.validation import (
 )
 from notifyd.ids import parse_uuid
 from notifyd.limits import QUOTA_CHANNELS
+from notifyd.requeue import RETRY_ACTION, delivery_ref, restart_failed
 from notifyd.store import audit
 from notifyd.store import notifications as store
 
 log = logging.getLogger("notifyd.http.notifications")
 
 
-def notification_json(row: asyncpg.Record) -> dict[str, Any]:
+def notification_json(n: store.Notification) -> dict[str, Any]:
     """The seeds' field names (`notification_type`, `message`, `is_sent`) plus delivery state."""
     return {
-        "id": str(row["id"]),
-        "tenant_id": row["tenant_id"],
-        "notification_type": row["channel"],
-        "recipient": row["recipient"],
-        "user_id": row["user_id"],
-        "created_by": row["created_by"],
-        "subject": row["subject"],
-        "message": row["body"],
-        "html": row["html_body"],
-        "template_key": row["template_key"],
-        "context": row["context"],
-        "locale": row["locale"],
-        "category": row["category"],
-        "critical": row["critical"],
-        "status": row["status"],
-        "is_sent": row["status"] in ("sent", "delivered"),
-        "is_read": row["read_at"] is not None,
-        "read_at": iso(row["read_at"]),
-        "attempts": row["attempts"],
-        "last_error": row["last_error"],
-        "provider_message_id": row["provider_message_id"],
-        "provider_status": row["provider_status"],
-        "next_attempt_at": iso(row["next_attempt_at"]),
-        "created_at": iso(row["created_at"]),
-        "updated_at": iso(row["updated_at"]),
-        "sent_at": iso(row["sent_at"]),
-        "delivered_at": iso(row["delivered_at"]),
+        "id": str(n.id),
+        "tenant_id": n.tenant_id,
+        "notification_type": n.channel,
+        "recipient": n.recipient,
+        "user_id": n.user_id,
+        "created_by": n.created_by,
+        "subject": n.subject,
+        "message": n.body,
+        "html": n.html_body,
+        "template_key": n.template_key,
+        "context": n.context,
+        "locale": n.locale,
+        "category": n.category,
+        "critical": n.critical,
+        "status": n.status,
+        "is_sent": n.status in ("sent", "delivered"),
+        "is_read": n.read_at is not None,
+        "read_at": iso(n.read_at),
+        "attempts": n.attempts,
+        "last_error": n.last_error,
+        "provider_message_id": n.provider_message_id,
+        "provider_status": n.provider_status,
+        "next_attempt_at": iso(n.next_attempt_at),
+        "created_at": iso(n.created_at),
+        "updated_at": iso(n.updated_at),
+        "sent_at": iso(n.sent_at),
+        "delivered_at": iso(n.delivered_at),
     }
 
 
@@ -81,7 +84,7 @@ async def send_notification(request: web.Request) -> web.Response:
     if critical and not policy.may_send_critical(caller):
         raise forbidden("only service and admin tokens may send critical notifications")
 
-    order = accept.Order(
+    order = Order(
         channel=channel,
         recipient=body.recipient,
         subject=body.subject,
@@ -97,17 +100,18 @@ async def send_notification(request: web.Request) -> web.Response:
     if channel in QUOTA_CHANNELS:  # an in-app send counts against no quota: no call at all
         await check_daily_quota(ctx, caller, channel, tenant)
     try:
-        prepared = await accept.prepare(ctx.pool, limits, tenant, caller.tenant_id, order)
-    except accept.Refused as exc:
+        prepared = await prepare(ctx.pool, limits, tenant, caller.tenant_id, order)
+    except Refused as exc:
         raise unsendable(exc.problems) from None
     idempotency_key = request.headers.get("Idempotency-Key")
-    row = prepared.row(
+    row = new_row(
+        prepared,
         tenant_id=caller.tenant_id,
         created_by=caller.user_id,
         idempotency_key=idempotency_key,
         request_id=request_id(request) or None,
     )
-    entry = audit_entry(request, accept.SEND_ACTION, accept.audit_details(row))
+    entry = audit_entry(request, SEND_ACTION, audit_details(row))
     accepted = json_response(
         {"notification_id": str(row.id), "status": "queued"},
         status=202,
@@ -118,10 +122,10 @@ async def send_notification(request: web.Request) -> web.Response:
         await ctx.outbox.put(row, entry)
         return accepted
     async with ctx.pool.acquire() as conn, conn.transaction():
-        await accept.record(conn, row, entry)
+        await store.insert_many_audited(conn, [row], [entry])
         response = await remember(request, conn, accepted)
     # committed: a Redis failure now still answers 202; the sweeper enqueues it later
-    await accept.announce(ctx.producer, ctx.keys, [row], ctx.metrics)
+    await announce(ctx.producer, ctx.keys, [row], ctx.metrics)
     return response
 
 
@@ -152,7 +156,7 @@ async def get_notification(request: web.Request) -> web.Response:
     row = None
     if notification_id is not None:
         row = await store.get(ctx.pool, caller.tenant_id, notification_id)
-    if row is None or not policy.may_view_notification(caller, row["user_id"], row["created_by"]):
+    if row is None or not policy.may_view_notification(caller, row.user_id, row.created_by):
         raise not_found("notification")
     return json_response(notification_json(row))
 
@@ -206,27 +210,25 @@ async def retry_notification(request: web.Request) -> web.Response:
     if not policy.may_requeue(caller):
         raise forbidden("only admins may requeue a failed delivery")
     async with ctx.pool.acquire() as conn, conn.transaction():
-        channel = await accept.restart_failed(
+        channel = await restart_failed(
             conn,
             caller.tenant_id,
-            row["id"],
-            audit_entry(request, accept.RETRY_ACTION, {"notification_id": str(row["id"])}),
+            row.id,
+            audit_entry(request, RETRY_ACTION, {"notification_id": str(row.id)}),
         )
         if channel is None:
             raise Problem(
                 409,
-                f"the notification is {row['status']}; only failed deliveries are requeued",
+                f"the notification is {row.status}; only failed deliveries are requeued",
                 kind="not-failed",
             )
-        fresh = await store.get(conn, caller.tenant_id, row["id"])
+        fresh = await store.get(conn, caller.tenant_id, row.id)
         assert fresh is not None
         response = await remember(
             request, conn, json_response(notification_json(fresh), status=202)
         )
     try:
-        await ctx.producer.add(
-            ctx.keys.deliver(channel), accept.delivery_ref(caller.tenant_id, row["id"])
-        )
+        await ctx.producer.add(ctx.keys.deliver(channel), delivery_ref(caller.tenant_id, row.id))
     except RedisError as exc:
         # committed as `dispatched`: the sweeper puts it back on the stream
         log.warning("requeued delivery left for the sweeper", extra={"error": repr(exc)})
@@ -234,13 +236,9 @@ async def retry_notification(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/notifications/send/", send_notification)
-    app.router.add_post("/api/notifications/send/", send_notification)
-    app.router.add_get("/notifications/", list_notifications)
-    app.router.add_get("/api/notifications/", list_notifications)
-    app.router.add_post("/notifications/mark-as-read/", mark_as_read)
-    app.router.add_post("/api/notifications/mark-as-read/", mark_as_read)
-    app.router.add_get("/notifications/{id}/", get_notification)
-    app.router.add_get("/api/notifications/{id}/", get_notification)
-    app.router.add_post("/notifications/{id}/retry/", retry_notification)
-    app.router.add_post("/api/notifications/{id}/retry/", retry_notification)
+    for base in ("/notifications", "/api/notifications"):
+        app.router.add_post(f"{base}/send/", send_notification)
+        app.router.add_get(f"{base}/", list_notifications)
+        app.router.add_post(f"{base}/mark-as-read/", mark_as_read)
+        app.router.add_get(f"{base}/{{id}}/", get_notification)
+        app.router.add_post(f"{base}/{{id}}/retry/", retry_notification)

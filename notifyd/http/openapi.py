@@ -20,7 +20,7 @@ from notifyd.http import idempotency
 from notifyd.http.context import SERVICES
 from notifyd.http.recipients import ME
 from notifyd.http.ui import openapi_paths as ui_paths
-from notifyd.http.workflows import RUNS
+from notifyd.schemas.workflows import RUNS
 from notifyd.payloads import dumps
 from notifyd.schemas.fields import TEMPLATE_KEY_PATTERN, anchored
 from notifyd.schemas.registry import RESPONSES, Schemas
@@ -568,6 +568,89 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
                 {"200": _ok(_ref("WorkflowRun")), **_problems(404)},
                 parameters=[
                     {"name": "run_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+            )
+        },
+        "/webhooks/endpoints/": {
+            "post": op(
+                "Add a webhook endpoint (admin); the answer holds its secret, shown this once "
+                "(Idempotency-Key is ignored here: the answer would be stored with the secret)",
+                {
+                    "201": _ok(
+                        _ref("WebhookEndpointWithSecret"),
+                        "Created",
+                        headers={"Location": {"schema": {"type": "string"}}},
+                    ),
+                    **_problems(403),
+                    **write_errors,
+                },
+                requestBody=_body("WebhookEndpointCreate"),
+            ),
+            "get": op(
+                "The tenant's webhook endpoints (admin)",
+                {"200": _ok(_list_of("WebhookEndpoint")), **_problems(403)},
+            ),
+        },
+        "/webhooks/endpoints/{id}/": {
+            "get": op(
+                "One webhook endpoint (admin)",
+                {"200": _ok(_ref("WebhookEndpoint")), **_problems(403, 404)},
+                parameters=[_PATH_ID],
+            ),
+            "patch": op(
+                "Change a webhook endpoint's URL, events, description, or turn it on or off "
+                "(admin)",
+                {
+                    "200": _ok(_ref("WebhookEndpoint")),
+                    **_problems(403, 404),
+                    **_problems(400, 413, 415, 422),
+                },
+                requestBody=_body("WebhookEndpointPatch"),
+                parameters=[_PATH_ID],
+            ),
+            "delete": op(
+                "Delete a webhook endpoint and its deliveries (admin)",
+                {"204": {"description": "Deleted"}, **_problems(403, 404)},
+                parameters=[_PATH_ID],
+            ),
+        },
+        "/webhooks/endpoints/{id}/rotate-secret/": {
+            "post": op(
+                "A new secret for a webhook endpoint, shown this once (admin); the old one "
+                "keeps signing beside it for NOTIFYD_WEBHOOK_SECRET_OVERLAP",
+                {
+                    "200": _ok(_ref("WebhookEndpointWithSecret")),
+                    **_problems(403, 404, 409),
+                },
+                parameters=[_PATH_ID],
+            )
+        },
+        "/webhooks/endpoints/{id}/deliveries/": {
+            "get": op(
+                "An endpoint's deliveries, newest first, with their attempts (admin)",
+                {
+                    "200": _ok(_list_of("WebhookDelivery"), headers=_LINK),
+                    **_problems(403, 404, 422),
+                },
+                parameters=[_PATH_ID, *query_parameters(schemas.page_query.model)],
+            )
+        },
+        "/webhooks/endpoints/{id}/deliveries/{delivery_id}/replay/": {
+            "post": op(
+                "Send a delivery again, with the same webhook-id and a new retry window (admin)",
+                {
+                    "202": _ok(_ref("WebhookDelivery"), "Queued"),
+                    **_problems(400, 403, 404, 409, 422),
+                },
+                parameters=[
+                    _PATH_ID,
+                    {
+                        "name": "delivery_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    },
+                    _IDEMPOTENCY,
                 ],
             )
         },

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 from aiohttp import web
@@ -18,9 +18,17 @@ def json_response(
     )
 
 
-def page(
-    request: web.Request, rows: list[asyncpg.Record], limit: int
-) -> tuple[list[asyncpg.Record], dict[str, str]]:
+class Identified(Protocol):
+    """A typed row of a list (`store.notifications.Notification`, ...)."""
+
+    @property
+    def id(self) -> Any: ...
+
+
+Row = TypeVar("Row", bound=asyncpg.Record | Identified)
+
+
+def page(request: web.Request, rows: list[Row], limit: int) -> tuple[list[Row], dict[str, str]]:
     """Trim a page fetched with `limit + 1` rows; link the next page only when one exists.
 
     The body stays a plain JSON array (as the seeds' clients expect); the cursor travels in
@@ -29,7 +37,8 @@ def page(
     if len(rows) <= limit:
         return rows, {}
     shown = rows[:limit]
-    last_id = shown[-1]["id"]
+    last = shown[-1]
+    last_id = last["id"] if isinstance(last, asyncpg.Record) else last.id
     next_url = request.rel_url.update_query({"before": str(last_id), "limit": str(limit)})
     return shown, {"Link": f'<{next_url}>; rel="next"'}
 

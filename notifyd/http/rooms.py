@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 
 from notifyd.auth import policy
@@ -29,12 +28,23 @@ from notifyd.store import messages as message_store
 from notifyd.store import rooms as store
 
 
-def _member_json(row: asyncpg.Record) -> dict[str, Any]:
+def _member_json(member: store.Member) -> dict[str, Any]:
     return {
-        "user_id": row["user_id"],
-        "role": row["role"],
-        "joined_at": iso(row["joined_at"]),
-        "last_read_id": str(row["last_read_id"]) if row["last_read_id"] else None,
+        "user_id": member.user_id,
+        "role": member.role,
+        "joined_at": iso(member.joined_at),
+        "last_read_id": str(member.last_read_id) if member.last_read_id else None,
+    }
+
+
+def _room_json(room: store.RoomRow) -> dict[str, Any]:
+    """A group room as a list shows it (one room's answer adds its members)."""
+    return {
+        "name": room.name,
+        "kind": "group",
+        "title": room.title,
+        "created_by": room.created_by,
+        "created_at": iso(room.created_at),
     }
 
 
@@ -58,14 +68,7 @@ async def _group_json(request: web.Request, room: Room) -> dict[str, Any]:
     if row is None:
         raise not_found("room")
     members = await store.members(ctx.pool, room.room_id)
-    return {
-        "name": row.name,
-        "kind": "group",
-        "title": row.title,
-        "created_by": row.created_by,
-        "created_at": iso(row.created_at),
-        "members": [_member_json(m) for m in members],
-    }
+    return {**_room_json(row), "members": [_member_json(m) for m in members]}
 
 
 def _dm_json(room: Room) -> dict[str, Any]:
@@ -123,17 +126,7 @@ async def list_rooms(request: web.Request) -> web.Response:
         ctx.pool, caller.tenant_id, caller.user_id, before=before, limit=limit + 1
     )
     rows, headers = page(request, rows, limit)
-    body = [
-        {
-            "name": r["name"],
-            "kind": "group",
-            "title": r["title"],
-            "created_by": r["created_by"],
-            "created_at": iso(r["created_at"]),
-        }
-        for r in rows
-    ]
-    return json_response(body, headers=headers)
+    return json_response([_room_json(r) for r in rows], headers=headers)
 
 
 async def dm_room(request: web.Request) -> web.Response:

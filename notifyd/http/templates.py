@@ -8,9 +8,9 @@ a context, which is what the preview route is for.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 
 from notifyd import tags
@@ -30,17 +30,8 @@ from notifyd.store import audit
 from notifyd.store import templates as store
 
 
-def template_json(row: asyncpg.Record) -> dict[str, Any]:
-    return {
-        "template_key": row["template_key"],
-        "channel": row["channel"],
-        "locale": row["locale"],
-        "subject": row["subject"],
-        "text_body": row["text_body"],
-        "html_body": row["html_body"],
-        "created_at": iso(row["created_at"]),
-        "updated_at": iso(row["updated_at"]),
-    }
+def template_json(t: store.Template) -> dict[str, Any]:
+    return {**asdict(t), "created_at": iso(t.created_at), "updated_at": iso(t.updated_at)}
 
 
 def _check_read(caller: Identity) -> None:
@@ -114,7 +105,7 @@ async def list_templates(request: web.Request) -> web.Response:
     if len(rows) > limit:
         rows = rows[:limit]
         last = rows[-1]
-        cursor = f"{last['template_key']}/{last['channel']}/{last['locale']}"
+        cursor = f"{last.template_key}/{last.channel}/{last.locale}"
         next_url = request.rel_url.update_query({"after": cursor, "limit": str(limit)})
         headers["Link"] = f'<{next_url}>; rel="next"'
     return json_response([template_json(r) for r in rows], headers=headers)
@@ -143,7 +134,7 @@ async def put_template(request: web.Request) -> web.Response:
         html_body=source.html_body,
     )
     async with ctx.pool.acquire() as conn, conn.transaction():
-        stored = await store.upsert(conn, row)
+        stored, created = await store.upsert(conn, row)
         await audit.record(
             conn,
             audit_entry(
@@ -153,7 +144,7 @@ async def put_template(request: web.Request) -> web.Response:
                     "template_key": template_key,
                     "channel": channel,
                     "locale": locale,
-                    "created": stored["created"],
+                    "created": created,
                 },
             ),
         )

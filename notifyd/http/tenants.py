@@ -58,6 +58,7 @@ class _Change:
     keep_auth_token: bool
     default_region: str | Literal[Keep.KEEP] | None
     default_locale: str | Literal[Keep.KEEP] | None
+    default_timezone: str | Literal[Keep.KEEP] | None
 
     @property
     def new_secrets(self) -> bool:
@@ -98,6 +99,7 @@ def settings_json(redacted: store.RedactedSettings) -> dict[str, Any]:
         },
         "default_region": tenant.default_region,
         "default_locale": tenant.default_locale,
+        "default_timezone": tenant.default_timezone,
     }
 
 
@@ -141,7 +143,8 @@ def _change(body: TenantSettings) -> _Change:
     if "default_locale" in given:
         # one spelling: pt_br, pt-br → pt-BR
         locale = None if body.default_locale is None else tags.normalize_locale(body.default_locale)
-    return _Change(smtp, keep_password, twilio, keep_auth_token, region, locale)
+    zone = body.default_timezone if "default_timezone" in given else KEEP
+    return _Change(smtp, keep_password, twilio, keep_auth_token, region, locale, zone)
 
 
 def _audit_details(change: _Change) -> dict[str, Any]:
@@ -168,6 +171,8 @@ def _audit_details(change: _Change) -> dict[str, Any]:
         details["default_region"] = change.default_region
     if change.default_locale is not KEEP:
         details["default_locale"] = change.default_locale
+    if change.default_timezone is not KEEP:
+        details["default_timezone"] = change.default_timezone
     return details
 
 
@@ -219,6 +224,7 @@ async def put_settings(request: web.Request) -> web.Response:
                 twilio=change.twilio,
                 default_region=change.default_region,
                 default_locale=change.default_locale,
+                default_timezone=change.default_timezone,
                 keep_password=change.keep_password,
                 keep_auth_token=change.keep_auth_token,
             )

@@ -33,7 +33,7 @@ from notifyd.http.validation import schemas
 from notifyd.logs import tenant_id_var
 from notifyd.providers.sms import STATUS_CALLBACK_PATH
 from notifyd.schemas.errors import Invalid
-from notifyd.schemas.webhooks import FIELD_MAX_LENGTH
+from notifyd.schemas.twilio import FIELD_MAX_LENGTH
 from notifyd.secretbox import SecretError
 from notifyd.store import deliveries
 from notifyd.store.tenants import twilio_for

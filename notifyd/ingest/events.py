@@ -19,6 +19,13 @@ and preferences they belong to), as `POST /notifications/send/` names them. `loc
 `timezone` and `name` are the reminder contacts' fields, checked by the same rule
 (`schemas.contacts`).
 
+An event may name a `workflow` instead (`{"event_id", "tenant_id", "type", "workflow":
+"interview", "recipients": ["cand-7"], "data": {…}, "send_at"?, "cancel_key"?,
+"critical"?}`): its own four fields are read by `schemas.events.WorkflowEventHead`, its trigger
+fields are the body of `POST /workflows/{workflow}/trigger/`, read by the same model with the
+same rules and bounds (`Schemas.workflow_trigger`), so a trigger is refused for the same
+reasons, naming the same fields, whichever way it came.
+
 Events are strict like REST bodies: an unknown field is an error, because a misspelt optional
 one (`chanels`) silently ignored would send on channels the publisher meant to leave out.
 Values are never echoed in a reason: they may be personal data, and reasons reach logs.
@@ -34,8 +41,16 @@ from notifyd.ids import OpaqueIdRule
 from notifyd.payloads import loads
 from notifyd.schemas.contacts import EventRecipient
 from notifyd.schemas.errors import FieldError, Invalid
-from notifyd.schemas.events import Event, event_reader
+from notifyd.schemas.events import (
+    WORKFLOW_EVENT_FIELDS,
+    Event,
+    WorkflowEventHead,
+    event_reader,
+    workflow_event_reader,
+)
 from notifyd.schemas.reader import Reader
+from notifyd.schemas.registry import Schemas
+from notifyd.schemas.workflows import WorkflowTrigger
 from notifyd.settings import Settings
 
 Recipient = EventRecipient
@@ -57,6 +72,22 @@ class DomainEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkflowEvent:
+    """An event that triggers the tenant's workflow `workflow_key` (`trigger`: the body
+    `POST /workflows/{workflow_key}/trigger/` takes, already checked)."""
+
+    event_id: str
+    tenant_id: str
+    type: str
+    workflow_key: str
+    trigger: WorkflowTrigger
+
+    @property
+    def critical(self) -> bool:
+        return self.trigger.critical
+
+
+@dataclass(frozen=True, slots=True)
 class EventLimits:
     """Bounds of one event; each is a setting (an event is bounded like a request body: the
     same payloads arrive both ways)."""
@@ -65,11 +96,14 @@ class EventLimits:
     max_recipients: int
     context_max_keys: int
     id_rule: OpaqueIdRule
+    # the trigger API's model and rules (None: this reader takes no workflow events)
+    trigger: Reader[WorkflowTrigger] | None = None
 
     @classmethod
     def from_settings(cls, s: Settings) -> EventLimits:
         rule = OpaqueIdRule.from_settings(s.id_max_length, s.id_pattern)
-        return cls(s.max_body_bytes, s.event_max_recipients, s.context_max_keys, rule)
+        trigger = Schemas.build(s).workflow_trigger
+        return cls(s.max_body_bytes, s.event_max_recipients, s.context_max_keys, rule, trigger)
 
     def reader(self) -> Reader[Event]:
         """The event model's reader with these bounds (made once per set of bounds)."""
@@ -77,6 +111,10 @@ class EventLimits:
         return event_reader(
             self.max_recipients, self.context_max_keys, rule.max_length, rule.pattern.pattern
         )
+
+    def workflow_reader(self) -> Reader[WorkflowEventHead]:
+        """The reader of a workflow event's own fields, with the id rule's bounds."""
+        return workflow_event_reader(self.id_rule.max_length, self.id_rule.pattern.pattern)
 
 
 class MalformedEvent(ValueError):
@@ -87,7 +125,7 @@ class MalformedEvent(ValueError):
         self.problems = problems
 
 
-def parse_event(raw: bytes | str, limits: EventLimits) -> DomainEvent:
+def parse_event(raw: bytes | str, limits: EventLimits) -> DomainEvent | WorkflowEvent:
     """The event in `raw` (JSON text), or `MalformedEvent` naming everything wrong with it."""
     data = raw.encode() if isinstance(raw, str) else raw
     if len(data) > limits.max_bytes:
@@ -100,6 +138,8 @@ def parse_event(raw: bytes | str, limits: EventLimits) -> DomainEvent:
         raise MalformedEvent([FieldError("event", f"is not valid JSON: {exc}")]) from None
     if not isinstance(value, dict):
         raise MalformedEvent([FieldError("event", "must be a JSON object")])
+    if "workflow" in value:
+        return decode_workflow_event(value, limits)
     return decode_event(value, limits)
 
 
@@ -121,3 +161,34 @@ def decode_event(data: Mapping[str, Any], limits: EventLimits) -> DomainEvent:
         category=event.category,
         critical=event.critical,
     )
+
+
+def decode_workflow_event(data: Mapping[str, Any], limits: EventLimits) -> WorkflowEvent:
+    """An event naming a `workflow`: its own fields through `WorkflowEventHead`, the trigger's
+    through the trigger API's reader (`limits.trigger`), every problem named at once."""
+    problems: list[FieldError] = []
+    head = None
+    try:
+        head = limits.workflow_reader().python(
+            {k: v for k, v in data.items() if k in WORKFLOW_EVENT_FIELDS}
+        )
+    except Invalid as exc:
+        problems += exc.errors
+    trigger_fields = WorkflowTrigger.model_fields
+    for name in data:
+        if name not in WORKFLOW_EVENT_FIELDS and name not in trigger_fields:
+            problems.append(
+                FieldError(str(name), "is not a known field of an event naming a workflow")
+            )
+    trigger = None
+    if limits.trigger is None:
+        problems.append(FieldError("workflow", "this source takes no events naming a workflow"))
+    else:
+        try:
+            trigger = limits.trigger.python({k: data[k] for k in trigger_fields if k in data})
+        except Invalid as exc:  # a refusal too: an event has no "unsendable" of its own
+            problems += exc.errors
+    if problems:
+        raise MalformedEvent(problems)
+    assert head is not None and trigger is not None
+    return WorkflowEvent(head.event_id, head.tenant_id, head.type, head.workflow, trigger)

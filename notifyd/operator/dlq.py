@@ -8,7 +8,7 @@ Two things end up there, and each goes back its own way:
   entry. Its notification row never changed state, so there is nothing to undo in PostgreSQL.
 - a *delivery* that failed for good (`actors.sender.Sender._fail`): `stream`, `tenant_id`, `id`,
   `reason`, `attempts`. Requeueing does what `POST /notifications/{id}/retry/` does
-  (`accept.restart_failed`: the row back to `dispatched` with fresh attempts, audited), then
+  (`requeue.restart_failed`: the row back to `dispatched` with fresh attempts, audited), then
   puts the delivery on its channel's stream. A notification no longer failed was requeued
   already (a row leaves `failed` no other way): its dead-letter copy is only removed.
 
@@ -30,13 +30,14 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from notifyd import accept
 from notifyd.keys import Keys
 from notifyd.operator import connect
 from notifyd.operator.output import from_ms, iso, print_json, shorten, table
 from notifyd.payloads import NotificationIntent, PayloadError
+from notifyd.requeue import RETRY_ACTION, delivery_ref, restart_failed
 from notifyd.settings import Settings
 from notifyd.store import notifications
+from notifyd.store.audit import Author
 from notifyd.streams.producer import Producer
 
 ENTRY = "entry"  # a consumer gave up on a stream entry
@@ -210,11 +211,11 @@ class Outcome:
 class Requeuer:
     """Puts dead letters back; PostgreSQL is opened only for failed deliveries."""
 
-    def __init__(self, settings: Settings, redis: Redis, keys: Keys, actor: accept.Actor) -> None:
+    def __init__(self, settings: Settings, redis: Redis, keys: Keys, author: Author) -> None:
         self._settings = settings
         self._redis = redis
         self._keys = keys
-        self._actor = actor
+        self._author = author
         self._move = redis.register_script(REQUEUE)
         self._producer = Producer(redis, settings.stream_max_len)
 
@@ -255,13 +256,13 @@ class Requeuer:
         notification_id = _uuid(letter.notification_id)
         if notification_id is None:
             return Outcome(letter.id, "skipped", "names no notification id; left as it is")
-        entry = self._actor.audit(
+        entry = self._author.entry(
             letter.tenant_id,
-            accept.RETRY_ACTION,
+            RETRY_ACTION,
             {"notification_id": str(notification_id), "dead_letter": letter.id},
         )
         async with pool.acquire() as conn, conn.transaction():
-            channel = await accept.restart_failed(conn, letter.tenant_id, notification_id, entry)
+            channel = await restart_failed(conn, letter.tenant_id, notification_id, entry)
             current = (
                 None
                 if channel
@@ -277,7 +278,7 @@ class Requeuer:
             return Outcome(
                 letter.id,
                 "already_requeued",
-                f"the notification is {current['status']} already; dead letter removed",
+                f"the notification is {current.status} already; dead letter removed",
                 None,
                 str(notification_id),
             )
@@ -285,9 +286,7 @@ class Requeuer:
         # the row is ours now (the guarded UPDATE): add the delivery even if a peer removed
         # the dead letter meanwhile
         async with self._redis.pipeline(transaction=True) as pipe:
-            self._producer.add_in(
-                pipe, stream, accept.delivery_ref(letter.tenant_id, notification_id)
-            )
+            self._producer.add_in(pipe, stream, delivery_ref(letter.tenant_id, notification_id))
             pipe.xdel(self._keys.dead_letters, letter.id)
             await pipe.execute()
         return Outcome(
@@ -342,7 +341,7 @@ async def requeue_command(
     ids: list[str],
     everything: bool,
     as_json: bool,
-    actor: accept.Actor,
+    author: Author,
 ) -> int:
     wrong = bad_ids(ids)
     if wrong:
@@ -358,7 +357,7 @@ async def requeue_command(
         chosen: list[DeadLetter | str] = list(
             await _all(redis, keys) if everything else await _chosen(redis, keys, ids)
         )
-        requeuer = Requeuer(settings, redis, keys, actor)
+        requeuer = Requeuer(settings, redis, keys, author)
         needs_db = any(isinstance(c, DeadLetter) and c.kind == DELIVERY for c in chosen)
         if needs_db:
             async with connect.postgres(settings) as pool:

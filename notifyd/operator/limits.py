@@ -11,13 +11,13 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict
 
-from notifyd.accept import Actor
 from notifyd.limits import LIMIT_NAMES, RATE_NAMES, Limits
 from notifyd.operator import connect
 from notifyd.operator.output import iso, print_json, table
 from notifyd.settings import Settings
 from notifyd.store import audit
 from notifyd.store import limits as store
+from notifyd.store.audit import Author
 
 BURST_NAMES = frozenset(name for name in LIMIT_NAMES if name.endswith("_burst"))
 
@@ -47,8 +47,8 @@ def _shown(value: float) -> str:
 async def show_command(settings: Settings, *, tenant_id: str, as_json: bool) -> int:
     defaults = Limits.from_settings(settings)
     async with connect.postgres(settings) as pool:
-        rows = {r["name"]: r for r in await store.overrides_of(pool, tenant_id)}
-    effective = defaults.overridden({name: row["value"] for name, row in rows.items()})
+        rows = {r.name: r for r in await store.overrides_of(pool, tenant_id)}
+    effective = defaults.overridden({name: row.value for name, row in rows.items()})
     if as_json:
         print_json(
             {
@@ -57,9 +57,9 @@ async def show_command(settings: Settings, *, tenant_id: str, as_json: bool) -> 
                 "defaults": asdict(defaults),
                 "overrides": {
                     name: {
-                        "value": row["value"],
-                        "updated_by": row["updated_by"],
-                        "updated_at": iso(row["updated_at"]),
+                        "value": row.value,
+                        "updated_by": row.updated_by,
+                        "updated_at": iso(row.updated_at),
                     }
                     for name, row in rows.items()
                 },
@@ -70,9 +70,7 @@ async def show_command(settings: Settings, *, tenant_id: str, as_json: bool) -> 
     for name in LIMIT_NAMES:
         row = rows.get(name)
         source = (
-            "default"
-            if row is None
-            else f"override by {row['updated_by']} at {iso(row['updated_at'])}"
+            "default" if row is None else f"override by {row.updated_by} at {iso(row.updated_at)}"
         )
         lines.append(
             (name, _shown(getattr(effective, name)), _shown(getattr(defaults, name)), source)
@@ -83,7 +81,7 @@ async def show_command(settings: Settings, *, tenant_id: str, as_json: bool) -> 
 
 
 async def set_command(
-    settings: Settings, *, tenant_id: str, values: dict[str, float], actor: Actor
+    settings: Settings, *, tenant_id: str, values: dict[str, float], author: Author
 ) -> int:
     problems = problems_of(values)
     if problems:
@@ -91,20 +89,20 @@ async def set_command(
             print(f"notifyd limits set: {problem}", file=sys.stderr)
         return connect.REFUSED
     async with connect.postgres(settings) as pool, pool.acquire() as conn, conn.transaction():
-        await store.set_overrides(conn, tenant_id, values, actor.user_id)
-        await audit.record(conn, actor.audit(tenant_id, "limits.set", {"set": values}))
+        await store.set_overrides(conn, tenant_id, values, author.user_id)
+        await audit.record(conn, author.entry(tenant_id, "limits.set", {"set": values}))
     shown = ", ".join(f"{name}={value:g}" for name, value in values.items())
     print(f"tenant {tenant_id}: {shown} (every instance within {settings.limits_refresh:g} s)")
     return connect.OK
 
 
 async def unset_command(
-    settings: Settings, *, tenant_id: str, names: list[str], actor: Actor
+    settings: Settings, *, tenant_id: str, names: list[str], author: Author
 ) -> int:
     async with connect.postgres(settings) as pool, pool.acquire() as conn, conn.transaction():
         removed = await store.unset_overrides(conn, tenant_id, names)
         await audit.record(
-            conn, actor.audit(tenant_id, "limits.unset", {"unset": names, "removed": removed})
+            conn, author.entry(tenant_id, "limits.unset", {"unset": names, "removed": removed})
         )
     print(f"tenant {tenant_id}: {removed} override(s) removed; the defaults apply")
     return connect.OK

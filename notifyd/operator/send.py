@@ -1,7 +1,7 @@
 """`notifyd send`: one notification from the shell, for smoke tests.
 
 It takes the REST route's path, not a shortcut (`notifyd.accept`): the same checks and
-rendering, the row and its audit row in one transaction, then the intent on the stream. A
+rendering, the row and its audit row in one statement, then the intent on the stream. A
 smoke test that gets delivered therefore proves the path a client's POST takes. Two
 differences, on purpose: there is no token and no role policy (whoever holds the database
 credentials is trusted already), and the audit row says `"via": "cli"`, with the operating
@@ -19,15 +19,20 @@ from typing import Any
 
 import orjson
 
-from notifyd import accept
+from notifyd.accept.orders import Order, Refused, order_problems
+from notifyd.accept.outbox import announce
+from notifyd.accept.prepare import prepare
+from notifyd.accept.rows import authored
 from notifyd.ids import OpaqueIdRule
 from notifyd.keys import Keys
 from notifyd.operator import connect
-from notifyd.operator.audit import cli_actor
+from notifyd.operator.audit import cli_author
 from notifyd.operator.output import print_json
 from notifyd.payloads import loads
 from notifyd.schemas.registry import Schemas
 from notifyd.settings import Settings
+from notifyd.store.notifications import insert_many_audited
+from notifyd.store.tenants import load_redacted
 from notifyd.streams.producer import Producer
 
 # The REST body's field names, as this command spells them.
@@ -70,7 +75,7 @@ def _flag(field: str, channel: str) -> str:
 
 def build_order(
     options: SendOptions, settings: Settings, id_rule: OpaqueIdRule
-) -> tuple[accept.Order | None, list[str]]:
+) -> tuple[Order | None, list[str]]:
     """The order the options describe, or every problem with them (`--flag: why`)."""
     found: list[str] = []
     for flag, value in (("--tenant", options.tenant), ("--actor", options.actor)):
@@ -96,7 +101,7 @@ def build_order(
         found.append(
             f"--recipient: is required for {options.channel} (the email address or phone number)"
         )
-    order = accept.Order(
+    order = Order(
         channel=options.channel,
         recipient=recipient or "",
         subject=options.subject,
@@ -108,7 +113,7 @@ def build_order(
         critical=options.critical,
         locale=options.locale,
     )
-    for refusal in accept.problems(order, Schemas.build(settings).send):
+    for refusal in order_problems(order, Schemas.build(settings).send):
         if refusal.field == "recipient" and recipient is None:
             continue  # said above, in this command's words
         if refusal.field == "context" and options.context is not None and context is None:
@@ -129,28 +134,19 @@ async def run(settings: Settings, options: SendOptions) -> int:
     order, problems = build_order(options, settings, rule)
     if order is None:
         return _refused(problems)
-    keys = Keys(settings.redis_prefix)
     async with connect.redis(settings) as redis, connect.postgres(settings) as pool:
+        # region and locale only: nothing here needs the tenant's secrets
+        tenant = (await load_redacted(pool, options.tenant)).settings
         try:
-            accepted = await accept.accept(
-                pool,
-                Producer(redis, settings.stream_max_len),
-                keys,
-                settings,
-                tenant_id=options.tenant,
-                actor=cli_actor(options.actor),
-                orders=[order],
-            )
-        except accept.Refused as exc:
+            prepared = await prepare(pool, settings, tenant, options.tenant, order)
+        except Refused as exc:
             return _refused([f"{_flag(p.field, order.channel)}: {p.message}" for p in exc.problems])
-    print_json(
-        {
-            "notification_ids": [str(i) for i in accepted.ids],
-            "status": "queued",
-            "enqueued": accepted.enqueued,
-        }
-    )
-    if not accepted.enqueued:
+        rows, entries = authored([prepared], options.tenant, cli_author(options.actor))
+        await insert_many_audited(pool, rows, entries)
+        producer = Producer(redis, settings.stream_max_len)
+        enqueued = await announce(producer, Keys(settings.redis_prefix), rows)
+    print_json({"notification_ids": [str(rows[0].id)], "status": "queued", "enqueued": enqueued})
+    if not enqueued:
         print(
             "notifyd send: stored, but Redis failed before the intent was enqueued; the "
             "sweeper enqueues it within NOTIFYD_REQUEUE_AFTER",

@@ -12,7 +12,14 @@ from __future__ import annotations
 import functools
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, WrapValidator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
 from pydantic_core import PydanticCustomError
 
 from notifyd.schemas.contacts import PATTERN_MESSAGES as CONTACT_PATTERNS
@@ -30,6 +37,7 @@ from notifyd.schemas.fields import (
     opaque_id,
 )
 from notifyd.schemas.reader import Reader
+from notifyd.schemas.workflows import RUNS, WORKFLOW_KEY_PATTERN, WorkflowKey
 from notifyd.settings import CHANNELS
 
 _CHANNEL_NAME_SHOWN = 32
@@ -102,6 +110,44 @@ def event_reader(
         **PATTERN_MESSAGES,
         **CONTACT_PATTERNS,
         **_NAMES,
+        **id_pattern_message(id_pattern),
+    }
+    return Reader(model, patterns)
+
+
+def _not_runs(value: str) -> str:
+    if value == RUNS:
+        raise PydanticCustomError("workflow", f"{RUNS} names the runs, never a workflow")
+    return value
+
+
+class WorkflowEventHead(BaseModel):
+    """An event naming a workflow: its own fields (the rest is the trigger API's body)."""
+
+    model_config = ConfigDict(extra="ignore")  # the trigger's fields are read by its model
+
+    event_id: str = Field(description="The publisher's id: a second event is a replay.")
+    tenant_id: str
+    type: Category
+    workflow: Annotated[WorkflowKey, AfterValidator(_not_runs)]
+
+
+WORKFLOW_EVENT_FIELDS = frozenset(WorkflowEventHead.model_fields)
+
+
+@functools.cache
+def workflow_event_reader(id_max_length: int, id_pattern: str) -> Reader[WorkflowEventHead]:
+    """`WorkflowEventHead`'s reader with the id rule's bounds (made once per set)."""
+    one_id = Annotated[str, opaque_id(id_max_length, id_pattern)]
+    model = bounded(
+        WorkflowEventHead,
+        event_id=(one_id, Field(description="The publisher's id: a second event is a replay.")),
+        tenant_id=(one_id, ...),
+    )
+    patterns = {
+        **PATTERN_MESSAGES,
+        **_NAMES,
+        WORKFLOW_KEY_PATTERN: "must be 1-128 letters, digits and _ . : -",
         **id_pattern_message(id_pattern),
     }
     return Reader(model, patterns)

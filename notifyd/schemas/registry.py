@@ -18,6 +18,7 @@ from notifyd.schemas import (
     rooms,
     templates,
     tenants,
+    twilio,
     webhooks,
     workflows,
 )
@@ -64,8 +65,10 @@ class Schemas:
     template_query: Reader[templates.TemplateQuery]
     template_item_query: Reader[templates.TemplateItemQuery]
     tenant_settings: Reader[tenants.TenantSettings]
-    twilio_status_query: Reader[webhooks.TwilioStatusQuery]
-    twilio_status: Reader[webhooks.TwilioStatus]
+    twilio_status_query: Reader[twilio.TwilioStatusQuery]
+    twilio_status: Reader[twilio.TwilioStatus]
+    webhook_create: Reader[webhooks.WebhookEndpointCreate]
+    webhook_patch: Reader[webhooks.WebhookEndpointPatch]
 
     @classmethod
     def build(cls, settings: Settings) -> Schemas:
@@ -77,6 +80,7 @@ class Schemas:
             **rooms.PATTERN_MESSAGES,
             **templates.PATTERN_MESSAGES,
             **tenants.PATTERN_MESSAGES,
+            **webhooks.PATTERN_MESSAGES,
             **id_pattern_message(settings.id_pattern),
         }
 
@@ -137,8 +141,10 @@ class Schemas:
             template_query=Reader(paged(templates.TemplateQuery, settings), patterns),
             template_item_query=Reader(templates.TemplateItemQuery, patterns),
             tenant_settings=Reader(tenants.TenantSettings, patterns, tenants.settings_problems),
-            twilio_status_query=Reader(webhooks.status_query_model(settings), patterns),
-            twilio_status=Reader(webhooks.TwilioStatus, patterns),
+            twilio_status_query=Reader(twilio.status_query_model(settings), patterns),
+            twilio_status=Reader(twilio.TwilioStatus, patterns),
+            webhook_create=Reader(webhooks.WebhookEndpointCreate, patterns),
+            webhook_patch=Reader(webhooks.WebhookEndpointPatch, patterns),
         )
 
     def requests(self) -> list[type[BaseModel]]:
@@ -162,6 +168,8 @@ class Schemas:
             self.template_preview.model,
             self.tenant_settings.model,  # also the answer's shape
             self.twilio_status.model,
+            self.webhook_create.model,
+            self.webhook_patch.model,
         ]
 
 
@@ -185,5 +193,8 @@ RESPONSES: list[type[BaseModel]] = [
     workflows.WorkflowTriggered,
     workflows.WorkflowCancelled,
     workflows.WorkflowRun,
+    webhooks.WebhookEndpoint,
+    webhooks.WebhookEndpointWithSecret,
+    webhooks.WebhookDelivery,
 ]
 """The answers' models, for the document's components (answers are not validated)."""

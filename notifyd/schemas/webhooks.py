@@ -1,49 +1,131 @@
-"""Provider callbacks: Twilio's message status report (`POST /webhooks/twilio/status`).
+"""Webhook endpoints (issue 29): the create and PATCH bodies, and the answers.
 
-Twilio posts a form (`application/x-www-form-urlencoded`) to the URL notifyd gave it, whose
-query names the tenant and the notification. The form carries more fields than notifyd reads
-(`AccountSid`, `To`, `SmsStatus`, ...): they are allowed, and signed like the rest.
+The URL's shape is checked here (an http(s) URL without user info or fragment, of bounded
+length); whether notifyd may connect to it (https unless the operator allows http, the egress
+policy on its host and port) depends on settings and DNS, and is the handler's `unsendable`
+422 naming `url`.
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from notifyd.schemas.fields import bounded, opaque_id
-from notifyd.settings import Settings
+from notifyd.schemas.fields import Flag, text
 
-FIELD_MAX_LENGTH = 256
-"""Characters of a form field notifyd reads (an error's code and message are cut there)."""
+URL_MAX_LENGTH = 2048
+DESCRIPTION_MAX_LENGTH = 500
 
-_Value = Annotated[str, Field(min_length=1, max_length=FIELD_MAX_LENGTH)]
+URL_PATTERN = (
+    r"^https?://(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?(?:[/?][!-\"$-~]*)?$"
+)
+"""http(s)://host[:port][/path][?query]: a name or IP literal, no user info, no fragment,
+printable ASCII only (a receiver's URL is percent-encoded already)."""
+
+PATTERN_MESSAGES = {
+    URL_PATTERN: "must be an http:// or https:// URL without user info or fragment",
+}
+
+EventType = Literal[
+    "notification.queued",
+    "notification.sent",
+    "notification.delivered",
+    "notification.failed",
+    "notification.bounced",
+    "notification.complained",
+    "notification.suppressed",
+    "notification.read",
+    "message.created",
+    "reminder.fired",
+    "workflow.step",
+]
+EVENT_TYPES: tuple[str, ...] = get_args(EventType)
+"""The catalogue an endpoint subscribes from (issue 29). `notification.bounced` and
+`notification.complained` are accepted now and come once bounce and complaint handling
+exists; the triggers of notifyd/sql/0013_webhooks.sql make every other one."""
+
+Url = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=URL_MAX_LENGTH,
+        pattern=URL_PATTERN,
+        description="Where events are POSTed: https:// (http:// only where the operator allows "
+        "it), a host the egress policy allows",
+    ),
+]
+Events = Annotated[
+    list[EventType],
+    Field(min_length=1, max_length=len(EVENT_TYPES), description="The event types sent here"),
+]
+Description = Annotated[str, text(DESCRIPTION_MAX_LENGTH)]
 
 
-class TwilioStatusQuery(BaseModel):
-    """The callback URL's query, as the SMS provider built it (covered by the signature)."""
+class WebhookEndpointCreate(BaseModel):
+    """A new endpoint; its secret is made by notifyd and shown once, in the answer."""
 
-    tenant: str = Field(description="The tenant whose Twilio account sent the message.")
-    notification: uuid.UUID = Field(description="The notification the message delivers.")
+    model_config = ConfigDict(extra="forbid")
 
-
-def status_query_model(settings: Settings) -> type[TwilioStatusQuery]:
-    """`TwilioStatusQuery` with the id rule."""
-    tenant = Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)]
-    return bounded(
-        TwilioStatusQuery,
-        tenant=(tenant, Field(description="The tenant whose Twilio account sent the message.")),
-    )
+    url: Url
+    events: Events
+    description: Description | None = None
 
 
-class TwilioStatus(BaseModel):
-    """A message status callback: the fields notifyd reads. Checked once the
-    `X-Twilio-Signature` is (nothing is read before): a fault answers 400."""
+class WebhookEndpointPatch(BaseModel):
+    """What changes of an endpoint (a field left out stays as it is); `enabled: true` turns a
+    disabled endpoint back on."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
-    MessageSid: _Value
-    MessageStatus: _Value = Field(description="delivered, undelivered and failed change the row.")
-    ErrorCode: str | None = Field(None, description="Kept up to 256 characters.")
-    ErrorMessage: str | None = Field(None, description="Kept up to 256 characters.")
+    url: Url | None = None
+    events: Events | None = None
+    description: Description | None = None
+    enabled: Flag | None = None
+
+
+class WebhookEndpoint(BaseModel):
+    """An endpoint as stored (its secret never shown again)."""
+
+    id: uuid.UUID
+    url: str
+    events: list[EventType]
+    description: str
+    enabled: bool
+    disabled_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class WebhookEndpointWithSecret(WebhookEndpoint):
+    """An endpoint just created, or whose secret was just rotated: the secret, once."""
+
+    secret: str = Field(description="whsec_<base64>: the key of every request's signature")
+
+
+class WebhookAttempt(BaseModel):
+    attempt: int
+    at: datetime
+    status_code: int | None
+    latency_ms: int
+    error: str | None
+
+
+class WebhookDelivery(BaseModel):
+    """One event for one endpoint; `id` is its `webhook-id`, the same on every attempt."""
+
+    id: uuid.UUID
+    endpoint_id: uuid.UUID
+    event_type: EventType
+    occurred_at: datetime
+    data: dict[str, object]
+    status: Literal["pending", "sending", "succeeded", "failed"]
+    attempts: int
+    next_attempt_at: datetime | None
+    done_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    last_latency_ms: int | None
+    attempt_log: list[WebhookAttempt]

@@ -35,6 +35,8 @@ DURATION_PATTERN = r"^[1-9][0-9]{0,6}[smhd]$"
 TIME_OF_DAY_PATTERN = r"^(?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9])?$"
 DATA_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 WORKFLOW_KEY_PATTERN = anchored(r"[A-Za-z0-9_.:-]{1,128}")
+RUNS = "runs"
+"""The path segment of the runs (`/workflows/runs/`): no workflow may be called that."""
 
 PATTERN_MESSAGES = {
     DURATION_PATTERN: "must be a duration such as 90s, 15m, 2h or 1d",

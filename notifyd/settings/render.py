@@ -24,6 +24,7 @@ SECTIONS = {
     "limits": "bounds on what callers send",
     "delivery": "",
     "egress": 'tenants\' own SMTP relays (docs/limits.md, "Egress policy for tenant relays")',
+    "webhooks": 'tenants\' webhook endpoints (README: "Webhooks"; docs/limits.md, "Webhooks")',
     "events": 'domain events from other services (README: "Events from other services")',
     "actors": "supervision of the background actors",
     "realtime": "WebSockets",

@@ -7,8 +7,8 @@ back together; there is no window where one exists without the other.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -26,6 +26,19 @@ class AuditEntry:
     ip_address: str | None
     request_id: str | None
     details: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Author:
+    """Who makes a write outside a request (the CLI, ingestion): the audit row's user (and a
+    sent notification's `created_by`), and what the audit row says of the source
+    (`{"via": "cli", ...}`, `{"via": "ingest", "event_id": ...}`)."""
+
+    user_id: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def entry(self, tenant_id: str, action: str, details: Mapping[str, Any]) -> AuditEntry:
+        return AuditEntry(tenant_id, self.user_id, action, None, None, {**self.details, **details})
 
 
 INSERT = """

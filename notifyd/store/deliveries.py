@@ -313,7 +313,7 @@ WHERE n.tenant_id = k.tenant_id AND n.id = k.id AND (n.status = 'sending') IS TR
 RETURNING n.id
 """
 
-# In-app rows delivered where they are dispatched (`actors.direct_inapp`): from `queued`
+# In-app rows delivered where they are dispatched (`actors.dispatcher.DirectInApp`): from `queued`
 # straight to `sent`, with the live event's offset. One row version instead of the three that
 # dispatched → sending → sent would write.
 SEND_QUEUED_MANY = """

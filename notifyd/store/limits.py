@@ -13,6 +13,8 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
@@ -37,8 +39,18 @@ DO UPDATE SET value = excluded.value, updated_by = excluded.updated_by, updated_
 DELETE = "DELETE FROM tenant_limits WHERE tenant_id = $1 AND name = ANY($2::text[])"
 
 
-async def overrides_of(executor: Executor, tenant_id: str) -> list[asyncpg.Record]:
-    return await executor.fetch(OF_TENANT, tenant_id)
+@dataclass(frozen=True, slots=True)
+class Override:
+    """One of a tenant's overrides; its fields are OF_TENANT's columns, in order."""
+
+    name: str
+    value: float
+    updated_by: str
+    updated_at: datetime
+
+
+async def overrides_of(executor: Executor, tenant_id: str) -> list[Override]:
+    return [Override(*row) for row in await executor.fetch(OF_TENANT, tenant_id)]
 
 
 async def set_overrides(
@@ -83,8 +95,8 @@ class TenantLimits:
         """Read the table now (at start-up, so the first sends see the overrides)."""
         rows = await self._pool.fetch(ALL)
         found: dict[str, dict[str, float]] = defaultdict(dict)
-        for row in rows:
-            found[row["tenant_id"]][row["name"]] = row["value"]
+        for tenant_id, name, value in rows:
+            found[tenant_id][name] = value
         self._by_tenant = {
             tenant: self.defaults.overridden(values) for tenant, values in found.items()
         }

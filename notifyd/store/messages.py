@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
-
-import asyncpg
 
 from notifyd.store import audit, retention
 from notifyd.store.audit import AuditEntry
 from notifyd.store.pool import Conn, Executor
 
-COLUMNS = "id, sender_id, receiver_id, room_id, content, sent_at, read_at"
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A stored message as the API lists it; its fields are the columns read, in order."""
+
+    id: uuid.UUID
+    sender_id: str
+    receiver_id: str | None  # 1-on-1
+    room_id: uuid.UUID | None  # group room
+    content: str
+    sent_at: datetime
+    read_at: datetime | None
+
+
+COLUMNS = ", ".join(f.name for f in fields(Message))
 
 INSERT = """
 INSERT INTO messages (id, tenant_id, sender_id, receiver_id, content)
@@ -104,10 +116,12 @@ async def list_for_user(
     with_user: str | None,
     before: uuid.UUID | None,
     limit: int,
-) -> list[asyncpg.Record]:
+) -> list[Message]:
     if with_user is not None:
-        return await conn.fetch(LIST_CONVERSATION, tenant_id, user_id, with_user, before, limit)
-    return await conn.fetch(LIST_FOR_USER, tenant_id, user_id, before, limit)
+        rows = await conn.fetch(LIST_CONVERSATION, tenant_id, user_id, with_user, before, limit)
+    else:
+        rows = await conn.fetch(LIST_FOR_USER, tenant_id, user_id, before, limit)
+    return [Message(*row) for row in rows]
 
 
 @dataclass(slots=True)  # a value, not frozen: see docs/architecture.md
@@ -157,8 +171,8 @@ async def insert_many_audited(
 
 async def list_room(
     conn: Executor, room_id: uuid.UUID, *, before: uuid.UUID | None, limit: int
-) -> list[asyncpg.Record]:
-    return await conn.fetch(LIST_ROOM, room_id, before, limit)
+) -> list[Message]:
+    return [Message(*row) for row in await conn.fetch(LIST_ROOM, room_id, before, limit)]
 
 
 async def mark_read(
@@ -180,8 +194,7 @@ async def mark_read(
     else:
         rows = await conn.fetch(MARK_READ_ALL, tenant_id, receiver_id)
     newest: dict[str, uuid.UUID] = {}
-    for row in rows:
-        sender, message_id = row["sender_id"], row["id"]
+    for sender, message_id in rows:
         if sender not in newest or newest[sender] < message_id:
             newest[sender] = message_id
     return len(rows), newest

@@ -4,27 +4,48 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from datetime import datetime
 from typing import Any
-
-import asyncpg
 
 from notifyd.store import audit, retention
 from notifyd.store.audit import AuditEntry
 from notifyd.store.pool import Conn, Executor
 
-COLUMNS = """id, tenant_id, created_by, user_id, channel, recipient, subject, body, html_body,
-    template_key, context, locale, category, critical, status, attempts, last_error,
-    provider_message_id, provider_status, next_attempt_at, read_at, created_at, updated_at,
-    sent_at, delivered_at"""
 
-INSERT = """
-INSERT INTO notifications (id, tenant_id, created_by, user_id, channel, recipient, subject, body,
-                           html_body, template_key, context, locale, category, critical,
-                           idempotency_key, request_id)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
-RETURNING created_at
-"""
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A stored notification as the API shows it (`GET`, the list, a retry's answer); its
+    fields are the columns read, in order."""
+
+    id: uuid.UUID
+    tenant_id: str
+    created_by: str
+    user_id: str | None
+    channel: str
+    recipient: str
+    subject: str | None
+    body: str | None
+    html_body: str | None
+    template_key: str | None
+    context: dict[str, Any] | None
+    locale: str | None
+    category: str | None
+    critical: bool
+    status: str
+    attempts: int
+    last_error: str | None
+    provider_message_id: str | None
+    provider_status: str | None
+    next_attempt_at: datetime | None
+    read_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    sent_at: datetime | None
+    delivered_at: datetime | None
+
+
+COLUMNS = ", ".join(f.name for f in fields(Notification))
 
 LIST_FOR_USER = f"""
 SELECT {COLUMNS} FROM notifications
@@ -98,8 +119,8 @@ def _args(row: NewNotification) -> tuple[Any, ...]:
     )
 
 
-# Many rows and their audit rows in one statement (a group commit of concurrent sends): one
-# round trip, one statement to plan, arrays encoded once, no BEGIN/COMMIT of our own.
+# Rows and their audit rows in one statement (one send, or a group commit of concurrent ones):
+# one round trip, one statement to plan, arrays encoded once, no BEGIN/COMMIT of our own.
 INSERT_MANY_AUDITED = """
 WITH stored AS (
     INSERT INTO notifications (id, tenant_id, created_by, user_id, channel, recipient, subject,
@@ -118,20 +139,16 @@ SELECT * FROM unnest($17::uuid[], $18::text[], $19::text[], $20::text[], $21::te
 
 
 async def insert_many_audited(
-    conn: Conn, rows: Sequence[NewNotification], audits: Sequence[AuditEntry]
+    executor: Executor, rows: Sequence[NewNotification], audits: Sequence[AuditEntry]
 ) -> None:
-    """Stores the rows (`queued`) and the audit rows, all or none."""
+    """Stores the rows (`queued`) and the audit rows, all or none (one statement: inside the
+    caller's transaction when it writes more there)."""
     columns = list(zip(*(_args(row) for row in rows), strict=True))
-    await conn.execute(
+    await executor.execute(
         INSERT_MANY_AUDITED,
         *(list(column) for column in columns),
         *audit.as_columns(audits),
     )
-
-
-async def insert(conn: Conn, row: NewNotification) -> Any:
-    """Store the row as `queued`; returns its `created_at`."""
-    return await conn.fetchval(INSERT, *_args(row))
 
 
 async def list_for_user(
@@ -143,16 +160,18 @@ async def list_for_user(
     unread_only: bool,
     channel: str | None,
     limit: int,
-) -> list[asyncpg.Record]:
-    return await conn.fetch(LIST_FOR_USER, tenant_id, user_id, before, unread_only, channel, limit)
+) -> list[Notification]:
+    rows = await conn.fetch(LIST_FOR_USER, tenant_id, user_id, before, unread_only, channel, limit)
+    return [Notification(*row) for row in rows]
 
 
 async def unread_count(conn: Executor, tenant_id: str, user_id: str) -> int:
     return int(await conn.fetchval(UNREAD_COUNT, tenant_id, user_id))
 
 
-async def get(conn: Executor, tenant_id: str, notification_id: uuid.UUID) -> asyncpg.Record | None:
-    return await conn.fetchrow(GET, tenant_id, notification_id)
+async def get(conn: Executor, tenant_id: str, notification_id: uuid.UUID) -> Notification | None:
+    row = await conn.fetchrow(GET, tenant_id, notification_id)
+    return None if row is None else Notification(*row)
 
 
 async def mark_read(conn: Conn, tenant_id: str, user_id: str, ids: list[uuid.UUID] | None) -> int:

@@ -6,8 +6,6 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-import asyncpg
-
 from notifyd.store.pool import Conn, Executor
 
 INSERT_ROOM = """
@@ -59,6 +57,8 @@ RETURNING last_read_id
 
 @dataclass(frozen=True, slots=True)
 class RoomRow:
+    """A group room; its fields are GET_ROOM's and ROOMS_OF_USER's columns, in order."""
+
     id: uuid.UUID
     tenant_id: str
     name: str
@@ -66,16 +66,15 @@ class RoomRow:
     created_by: str
     created_at: datetime
 
-    @classmethod
-    def of(cls, row: asyncpg.Record) -> RoomRow:
-        return cls(
-            id=row["id"],
-            tenant_id=row["tenant_id"],
-            name=row["name"],
-            title=row["title"],
-            created_by=row["created_by"],
-            created_at=row["created_at"],
-        )
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A room's member; its fields are MEMBERS' columns, in order."""
+
+    user_id: str
+    role: str
+    joined_at: datetime
+    last_read_id: uuid.UUID | None
 
 
 async def create(
@@ -100,11 +99,11 @@ async def create(
 
 async def get(conn: Executor, tenant_id: str, name: str) -> RoomRow | None:
     row = await conn.fetchrow(GET_ROOM, tenant_id, name)
-    return RoomRow.of(row) if row is not None else None
+    return RoomRow(*row) if row is not None else None
 
 
-async def members(conn: Executor, room_id: uuid.UUID) -> list[asyncpg.Record]:
-    return await conn.fetch(MEMBERS, room_id)
+async def members(conn: Executor, room_id: uuid.UUID) -> list[Member]:
+    return [Member(*row) for row in await conn.fetch(MEMBERS, room_id)]
 
 
 async def role_of(conn: Executor, room_id: uuid.UUID, user_id: str) -> str | None:
@@ -118,7 +117,7 @@ async def add_members(
 ) -> list[str]:
     """Adds those not yet members; returns who was added."""
     rows = await conn.fetch(INSERT_MEMBERS, room_id, tenant_id, user_ids, None)
-    return [r["user_id"] for r in rows]
+    return [user_id for (user_id,) in rows]
 
 
 async def remove_member(conn: Conn, room_id: uuid.UUID, user_id: str) -> bool:
@@ -128,8 +127,10 @@ async def remove_member(conn: Conn, room_id: uuid.UUID, user_id: str) -> bool:
 
 async def rooms_of(
     conn: Executor, tenant_id: str, user_id: str, *, before: uuid.UUID | None, limit: int
-) -> list[asyncpg.Record]:
-    return await conn.fetch(ROOMS_OF_USER, tenant_id, user_id, before, limit)
+) -> list[RoomRow]:
+    return [
+        RoomRow(*row) for row in await conn.fetch(ROOMS_OF_USER, tenant_id, user_id, before, limit)
+    ]
 
 
 async def mark_read(conn: Conn, room_id: uuid.UUID, user_id: str, up_to: uuid.UUID) -> bool:

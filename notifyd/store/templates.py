@@ -6,14 +6,28 @@ canonical spelling (`pt-BR`, never `pt_br`), so a lookup is a plain equality.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import asyncpg
+from dataclasses import dataclass, fields
+from datetime import datetime
 
 from notifyd import tags
 from notifyd.store.pool import Conn, Executor
 
-COLUMNS = """template_key, channel, locale, subject, text_body, html_body, created_at, updated_at"""
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A stored template as the API shows it; its fields are the columns read, in order."""
+
+    template_key: str
+    channel: str
+    locale: str
+    subject: str | None
+    text_body: str
+    html_body: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+COLUMNS = ", ".join(f.name for f in fields(Template))
 
 UPSERT = f"""
 INSERT INTO templates (tenant_id, template_key, channel, locale, subject, text_body, html_body)
@@ -46,9 +60,10 @@ WHERE tenant_id = $1 AND template_key = $2 AND channel = $3 AND locale = $4
 RETURNING template_key
 """
 
-# Every row that could answer one resolve; Python picks the best by the fallback order.
+# Every row that could answer one resolve (StoredTemplate's columns, in order); Python picks the
+# best by the fallback order.
 CANDIDATES = """
-SELECT locale, subject, text_body, html_body FROM templates
+SELECT subject, text_body, html_body, locale FROM templates
 WHERE tenant_id = $1 AND template_key = $2 AND channel = $3 AND locale = ANY($4::text[])
 """
 
@@ -88,8 +103,8 @@ def locale_candidates(locale: str | None, default_locale: str) -> list[str]:
     return order
 
 
-async def upsert(conn: Conn, row: NewTemplate) -> asyncpg.Record:
-    """Insert or replace; the returned row has `created` true when it did not exist before."""
+async def upsert(conn: Conn, row: NewTemplate) -> tuple[Template, bool]:
+    """Insert or replace: the stored row, and whether it did not exist before."""
     record = await conn.fetchrow(
         UPSERT,
         row.tenant_id,
@@ -101,13 +116,15 @@ async def upsert(conn: Conn, row: NewTemplate) -> asyncpg.Record:
         row.html_body,
     )
     assert record is not None
-    return record
+    *columns, created = record
+    return Template(*columns), created
 
 
 async def get(
     conn: Executor, tenant_id: str, template_key: str, channel: str, locale: str
-) -> asyncpg.Record | None:
-    return await conn.fetchrow(GET, tenant_id, template_key, channel, tags.normalize_locale(locale))
+) -> Template | None:
+    row = await conn.fetchrow(GET, tenant_id, template_key, channel, tags.normalize_locale(locale))
+    return None if row is None else Template(*row)
 
 
 async def list_templates(
@@ -118,12 +135,13 @@ async def list_templates(
     channel: str | None = None,
     after: tuple[str, str, str] | None = None,
     limit: int,
-) -> list[asyncpg.Record]:
+) -> list[Template]:
     """A page of the tenant's templates in (key, channel, locale) order."""
     after_key, after_channel, after_locale = after or (None, None, None)
-    return await conn.fetch(
+    rows = await conn.fetch(
         LIST, tenant_id, template_key, channel, after_key, after_channel, after_locale, limit
     )
+    return [Template(*row) for row in rows]
 
 
 async def delete(conn: Conn, tenant_id: str, template_key: str, channel: str, locale: str) -> bool:
@@ -155,10 +173,5 @@ async def resolve(
     for candidate in order:
         row = by_locale.get(candidate)
         if row is not None:
-            return StoredTemplate(
-                subject=row["subject"],
-                text_body=row["text_body"],
-                html_body=row["html_body"],
-                locale=row["locale"],
-            )
+            return StoredTemplate(*row)
     return None

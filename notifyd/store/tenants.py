@@ -69,6 +69,7 @@ class TenantSettings:
     twilio: TwilioConfig | None = None
     default_region: str | None = None
     default_locale: str | None = None
+    default_timezone: str | None = None  # quiet hours of recipients without a zone
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ def decode(document: Mapping[str, Any], box: SecretBox | None) -> TenantSettings
         ),
         default_region=document.get("default_region") or None,
         default_locale=document.get("default_locale") or None,
+        default_timezone=document.get("default_timezone") or None,
     )
 
 
@@ -236,6 +238,7 @@ async def update(
     twilio: TwilioConfig | Literal[Keep.KEEP] | None = KEEP,
     default_region: str | Literal[Keep.KEEP] | None = KEEP,
     default_locale: str | Literal[Keep.KEEP] | None = KEEP,
+    default_timezone: str | Literal[Keep.KEEP] | None = KEEP,
     keep_password: bool = False,
     keep_auth_token: bool = False,
 ) -> None:
@@ -263,6 +266,8 @@ async def update(
         change["default_region"] = default_region
     if default_locale is not KEEP:
         change["default_locale"] = default_locale
+    if default_timezone is not KEEP:
+        change["default_timezone"] = default_timezone
     await conn.execute(MERGE, tenant_id, change)
 
 
@@ -276,6 +281,7 @@ async def save(conn: Conn, tenant_id: str, settings: TenantSettings, box: Secret
         twilio=settings.twilio,
         default_region=settings.default_region,
         default_locale=settings.default_locale,
+        default_timezone=settings.default_timezone,
     )
 
 
