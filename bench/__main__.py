@@ -20,6 +20,8 @@ from bench import (
     retention,
     suite,
     ui,
+    webhooks,
+    workflows,
     ws_fanout,
 )
 from bench.common import BenchError, emit
@@ -31,6 +33,10 @@ WORKLOADS: dict[str, tuple[Any, str]] = {
     "reminders": (
         reminders,
         "Q reminders spread over T seconds: lateness p50/p99/max, missing, duplicates",
+    ),
+    "workflows": (
+        workflows,
+        "N triggers of a three-step workflow, some read meanwhile: step lateness, once each",
     ),
     "limits": (limits, "the ceilings, with no notifyd code in the path (needs PG and Redis)"),
     "rest_ingest": (rest_ingest, "C connections POST in-app notifications for D seconds"),
@@ -50,6 +56,10 @@ WORKLOADS: dict[str, tuple[Any, str]] = {
         "N events waiting in Kafka (and the Redis stream, RabbitMQ): stored notifications/s",
     ),
     "retention": (retention, "rest_ingest's p99 while 1,000,000 expired rows are purged"),
+    "webhooks": (
+        webhooks,
+        "K in-app notifications: their webhooks' rate and latency at a verifying receiver",
+    ),
     "ui": (ui, "the web components: bytes, gzip, first render, a 1,000-item inbox's scroll"),
     "all": (suite, "limits, then every workload, then each figure beside its ceiling"),
 }

@@ -177,6 +177,8 @@ class Daemon:
                     messages=s.retain_messages,
                     reminders=s.retain_reminders,
                     audit=s.retain_audit,
+                    workflow_runs=s.retain_workflow_runs,
+                    webhook_deliveries=s.retain_webhook_deliveries,
                     batch=s.retain_batch,
                     pause=s.retain_pause,
                 ),

@@ -38,11 +38,14 @@ relay, Twilio and every other lookup of the daemon.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from notifyd.settings import EGRESS_DEFAULT_PORTS, Settings
 
@@ -77,6 +80,15 @@ class EgressRefused(Exception):
 
 class ResolveFailed(Exception):
     """The host name did not resolve (no such name, DNS failure, or past the deadline)."""
+
+
+class Blocked(OSError):
+    """`EgressRefused` or `ResolveFailed` as an HTTP client's resolver must raise it (an
+    `OSError`: aiohttp wraps it in `ClientConnectorDNSError`, whose `os_error` it is)."""
+
+    def __init__(self, reason: Exception) -> None:
+        super().__init__(str(reason))
+        self.reason = reason
 
 
 def embedded_ipv4(address: Address) -> ipaddress.IPv4Address | None:
@@ -154,6 +166,7 @@ class Egress:
     ) -> None:
         self.allowed_networks = allowed_networks
         self.allowed_ports = allowed_ports
+        self.port_kind = "an SMTP port"
         self.resolve_timeout = resolve_timeout
         self._resolver = resolver or self._system_resolve
         # threads start on first use: a policy that only judges literals starts none
@@ -168,6 +181,15 @@ class Egress:
             resolve_threads=settings.egress_resolve_threads,
             resolver=resolver,
         )
+
+    def for_ports(self, allowed_ports: tuple[int, ...], port_kind: str) -> Egress:
+        """The same policy (networks, resolver, lookup threads) for another kind of service:
+        webhooks' HTTP ports rather than SMTP's. The copy shares the threads; only the
+        original's `close()` stops them."""
+        other = copy.copy(self)
+        other.allowed_ports = allowed_ports
+        other.port_kind = port_kind
+        return other
 
     def close(self) -> None:
         """Stop the lookup threads (one still inside getaddrinfo ends when that returns)."""
@@ -212,7 +234,7 @@ class Egress:
             ports = ", ".join(map(str, self.allowed_ports))
             return EgressRefused(
                 "port",
-                f"port {port} is not an SMTP port notifyd connects to ({ports}); "
+                f"port {port} is not {self.port_kind} notifyd connects to ({ports}); "
                 f"an operator may allow it with {PORTS_SETTING}",
                 str(address),
             )
@@ -273,3 +295,35 @@ class Egress:
                 raise
             return sock
         raise failure
+
+
+class HttpResolver(AbstractResolver):
+    """aiohttp's resolver under the policy: every name an HTTP client connects to is
+    resolved and checked here, and aiohttp connects to exactly the addresses returned, so the
+    name is never resolved again by someone else (no DNS rebinding). aiohttp skips the
+    resolver for an IP literal: the caller checks those itself (`Egress.check`)."""
+
+    def __init__(self, egress: Egress) -> None:
+        self._egress = egress
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        try:
+            addresses = await self._egress.check(host, port)
+        except (EgressRefused, ResolveFailed) as exc:
+            raise Blocked(exc) from None
+        return [
+            {
+                "hostname": host,
+                "host": str(address),
+                "port": port,
+                "family": socket.AF_INET6 if address.version == 6 else socket.AF_INET,
+                "proto": socket.IPPROTO_TCP,
+                "flags": socket.AI_NUMERICHOST,
+            }
+            for address in addresses
+        ]
+
+    async def close(self) -> None:
+        """The policy's threads are its owner's to stop."""

@@ -225,6 +225,31 @@ class Metrics:
             "WebSocket clients disconnected because they did not read in time.",
             registry=self.registry,
         )
+        self.webhook_attempts = Counter(
+            "notifyd_webhook_attempts_total",
+            "Webhook requests made, by outcome: succeeded (a 2xx in time), http_error (another "
+            "status), timeout, connect_error, refused (egress policy, https required, secret "
+            "unreadable), error (a failure inside notifyd, logged).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.webhook_attempt_seconds = Histogram(
+            "notifyd_webhook_attempt_duration_seconds",
+            "Time one webhook request took, whatever its outcome.",
+            buckets=(*LATENCY_BUCKETS, 15.0, 30.0),
+            registry=self.registry,
+        )
+        self.webhook_delivered_seconds = Histogram(
+            "notifyd_webhook_delivery_lag_seconds",
+            "Time from the change a webhook reports to its receiver's 2xx (retries included).",
+            buckets=(*LATENCY_BUCKETS, 30.0, 300.0, 3600.0, 86400.0),
+            registry=self.registry,
+        )
+        self.webhook_endpoints_disabled = Counter(
+            "notifyd_webhook_endpoints_disabled_total",
+            "Webhook endpoints disabled after failing every attempt for NOTIFYD_WEBHOOK_RETRY_FOR.",
+            registry=self.registry,
+        )
 
     def request_answered(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count and time one HTTP request. `labels()` validates and takes a lock on every

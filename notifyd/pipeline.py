@@ -22,6 +22,7 @@ from notifyd.actors.sender import Sender
 from notifyd.actors.stream_stats import StreamStats
 from notifyd.actors.sweeper import Sweeper
 from notifyd.actors.timer import Timer
+from notifyd.actors.webhook_sender import WebhookSender
 from notifyd.actors.workflow_firer import WorkflowFirer
 from notifyd.egress import Egress
 from notifyd.ingest.accept import EventAcceptor
@@ -248,7 +249,12 @@ def build_pipeline(
             tenant_settings=tenant,
             schedule=schedule,
         ),
-        Timer(schedule, lookahead=settings.reminder_lookahead, ahead=frozenset({keys.reminders})),
+        Timer(
+            schedule,
+            lookahead=settings.reminder_lookahead,
+            # read and planned ahead, fired at their own time (the firers wait for it)
+            ahead=frozenset({keys.reminders, keys.workflow_steps}),
+        ),
         Sweeper(
             pool=pool,
             redis=redis,
@@ -267,6 +273,7 @@ def build_pipeline(
             streams=[keys.dead_letters],
             interval=settings.stream_stats_interval,
         ),
+        WebhookSender(pool=pool, settings=settings, egress=egress, metrics=metrics, alerts=alerts),
         alerts,
     ]
     if settings.events_enabled:
@@ -279,6 +286,7 @@ def build_pipeline(
             limiter=limiter,
             tenant_limits=tenant_limits,
             tenant_settings=tenants.public,
+            schedule=schedule,
         )
         actors.append(
             RedisEventSource(

@@ -27,6 +27,8 @@ from bench import (
     rest_ingest,
     retention,
     suite,
+    webhooks,
+    workflows,
     ws_fanout,
 )
 from bench.__main__ import WORKLOADS, build_parser
@@ -112,6 +114,56 @@ async def test_reminders_workload_reports_every_reminder_fired_once(
         decoded["run"]["application_prefix"],
     )
     assert fired == 200
+
+
+async def test_workflows_workload_reports_every_step_fired_or_skipped_once(
+    daemon_factory: DaemonFactory, database_url: str, db: asyncpg.Connection
+) -> None:
+    """Promise: `python -m bench workflows` triggers N runs of its three-step workflow, reads
+    some of them during the delays, and reports every step fired or skipped once (0
+    missing, 0 duplicates, no step that ignored a read), read from the daemon's rows."""
+    daemon = await daemon_factory(
+        NOTIFYD_SWEEP_INTERVAL="0.2", NOTIFYD_CLAIM_IDLE="2", NOTIFYD_SEND_TIMEOUT="1"
+    )
+    result = as_json(
+        await workflows.main(
+            workflows.WorkflowOptions(
+                url=f"http://127.0.0.1:{daemon.port}",
+                database_url=database_url,
+                jwt_secret=TEST_JWT_SECRET,
+                count=60,
+                spread=1.0,
+                delays=(1.0, 2.0, 3.0),
+                read_share=0.5,
+                margin=15.0,
+                settle=0.5,
+                quiet=True,
+            )
+        )
+    )
+    assert result["workload"] == "workflows"
+    assert result["triggered"] == 60 and result["trigger_errors"] == {}
+    assert result["steps"] == 180
+    assert result["fired"] == 180
+    assert result["missing"] == 0
+    assert result["duplicates"] == 0
+    assert result["read_violations"] == 0
+    assert result["reads"].get("read", 0) > 0
+    assert set(result["lateness_ms"]) == {"p50", "p99", "max"}
+    assert set(result["lateness_ms_by_step"]) == {"0", "1", "2"}
+    # the figures are the daemon's own: its rows agree
+    tenant = result["run"]["tenant"]
+    rows = await db.fetch(
+        "SELECT status, reason, count(*) AS n FROM workflow_steps WHERE tenant_id = $1 "
+        "GROUP BY 1, 2",
+        tenant,
+    )
+    counted = {r["status"] + (f"/{r['reason']}" if r["reason"] else ""): r["n"] for r in rows}
+    assert counted == result["statuses"]
+    sent = sum(n for key, n in counted.items() if key == "sent")
+    assert result["notifications"] == sent
+    made = "SELECT count(*) FROM notifications WHERE tenant_id = $1"
+    assert await db.fetchval(made, tenant) == sent
 
 
 def test_the_harness_refuses_hosts_that_are_not_loopback() -> None:
@@ -311,6 +363,37 @@ async def test_email_e2e_counts_each_mail_the_sink_received(
     tenant = result["run"]["tenant"]
     # the daemon records "sent" once the sink's 250 reaches it, just after the sink counted it
     await wait_for(lambda: has_statuses(db, tenant, {"sent": 31}))
+
+
+async def test_webhooks_counts_each_verified_webhook_the_receiver_got(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    """Promise: `webhooks` runs its own verifying receiver; the daemon, allowed to call it,
+    delivers a webhook per notification and the harness reports K arrived, none missing,
+    duplicated or unverified; it deletes its endpoint at the end."""
+    daemon = await daemon_factory(
+        NOTIFYD_TENANT_SECRET_KEY="bench-key",
+        NOTIFYD_WEBHOOK_ALLOW_HTTP="true",
+        NOTIFYD_EGRESS_ALLOWED_NETWORKS="127.0.0.1/32",
+    )
+    result = as_json(
+        await webhooks.main(
+            webhooks.WebhookOptions(
+                url=f"http://127.0.0.1:{daemon.port}",
+                jwt_secret=TEST_JWT_SECRET,
+                count=30,
+                margin=20.0,
+                settle=0.3,
+                quiet=True,
+            )
+        )
+    )
+    assert result["workload"] == "webhooks"
+    assert (result["accepted"], result["arrived"]) == (30, 30)
+    assert (result["missing"], result["duplicates"], result["unverified"]) == (0, 0, 0)
+    assert result["per_s"] > 0
+    assert 0 < result["p50_ms"] <= result["p99_ms"] <= result["max_ms"]
+    assert await db.fetchval("SELECT count(*) FROM webhook_endpoints") == 0
 
 
 async def test_email_e2e_reports_mail_that_never_arrived_as_missing(

@@ -458,6 +458,9 @@ async def test_a_cancel_while_the_firer_holds_the_due_step_stops_it(
         fired = await workflow_store.peek_step(pool, TENANT, second, 0)
         assert fired is not None
         assert await firer.fire(fired) == "sent"
+        # the same step again, as a replayed entry would bring it: found sent under the
+        # lock, nothing made
+        assert await firer.fire(fired) is None
         status, answer, _ = await api.post(
             "/workflows/interview/cancel/", {"cancel_key": "second"}, user=SERVICE, role="service"
         )

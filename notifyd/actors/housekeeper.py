@@ -1,6 +1,7 @@
 """Housekeeper: deletes idempotency keys and ingested event ids past their lifetime, rows of
-notifications, messages, reminders and audit past their retention, forgets dead consumers,
-and trims stream entries every group has acknowledged (`streams.trim`).
+notifications, messages, reminders, audit and finished workflow runs past their retention,
+forgets dead consumers, and trims stream entries every group has acknowledged
+(`streams.trim`).
 
 Retention (`NOTIFYD_RETAIN_*`, 0 keeps forever) deletes only rows in a final state, a batch
 of `NOTIFYD_RETAIN_BATCH` rows by primary key per statement (its own short transaction),
@@ -24,7 +25,16 @@ import asyncpg
 from redis.asyncio import Redis
 
 from notifyd.metrics import Metrics
-from notifyd.store import audit, idempotency, ingested_events, messages, notifications, reminders
+from notifyd.store import (
+    audit,
+    idempotency,
+    ingested_events,
+    messages,
+    notifications,
+    reminders,
+    webhooks,
+    workflows,
+)
 from notifyd.store import retention as kept
 from notifyd.store.pool import Conn, Executor
 from notifyd.streams.consumer import forget_idle_consumers
@@ -46,6 +56,8 @@ class Retention:
     messages: float = 0.0
     reminders: float = 0.0
     audit: float = 0.0
+    workflow_runs: float = 0.0
+    webhook_deliveries: float = 0.0
     batch: int = 1000
     pause: float = 0.1
 
@@ -56,6 +68,8 @@ class Retention:
             ("messages", self.messages, messages.purge_expired),
             ("interview_reminders", self.reminders, reminders.purge_expired),
             ("audit_log", self.audit, audit.purge_expired),
+            ("workflow_runs", self.workflow_runs, workflows.purge_expired),
+            ("webhook_deliveries", self.webhook_deliveries, webhooks.purge_expired),
         ]
         return [family for family in every if family[1] > 0]
 

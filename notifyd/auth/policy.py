@@ -137,5 +137,11 @@ def may_manage_tenant_settings(identity: Identity) -> bool:
     return identity.role == "admin"
 
 
+def may_manage_webhooks(identity: Identity) -> bool:
+    """Webhook endpoints decide where the tenant's events go, and their deliveries carry
+    every event's data: an operator's, for reading too."""
+    return identity.role == "admin"
+
+
 def may_read_audit(identity: Identity) -> bool:
     return identity.role == "admin"

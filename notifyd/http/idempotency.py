@@ -27,6 +27,15 @@ HEADER = "Idempotency-Key"
 KEY = re.compile(r"[\x21-\x7e]{1,255}")
 """An Idempotency-Key: 1-255 visible ASCII characters (/openapi.json shows this pattern)."""
 _REPLAYED_HEADERS = ("Content-Type", "Location")
+_EXEMPT: set[object] = set()
+"""Handlers whose answer must not be stored (it holds a secret shown once): the key is
+ignored there, and each request runs as if it had none."""
+
+
+def exempt(handler: Handler) -> Handler:
+    """Mark a route's handler as one whose answers are never recorded (see `_EXEMPT`)."""
+    _EXEMPT.add(handler)
+    return handler
 
 
 def _fingerprint(request: web.Request, body: bytes) -> bytes:
@@ -42,7 +51,12 @@ def _fingerprint(request: web.Request, body: bytes) -> bytes:
 @web.middleware
 def idempotency_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
     # without a key the handler is handed on, not awaited here (as in auth_middleware)
-    if HEADER not in request.headers or request.method != "POST" or IDENTITY_KEY not in request:
+    if (
+        HEADER not in request.headers
+        or request.method != "POST"
+        or IDENTITY_KEY not in request
+        or request.match_info.handler in _EXEMPT
+    ):
         return handler(request)
     return _idempotent(request, handler)
 

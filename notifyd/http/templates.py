@@ -34,7 +34,7 @@ from notifyd.http.context import (
 )
 from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found, unsendable
 from notifyd.http.responses import iso, json_response
-from notifyd.http.validation import Fields, query_fields, read_model, schemas
+from notifyd.http.validation import read_model, read_query, schemas
 from notifyd.providers import render
 from notifyd.providers.render import Rendered, TemplateError, TemplateSource
 from notifyd.providers.render_bounds import RenderLimits
@@ -88,16 +88,6 @@ def _check_write(caller: Identity) -> None:
         raise forbidden("only admins may change templates")
 
 
-def _check_key(fields: Fields, template_key: str | None) -> None:
-    if template_key is not None and not tags.TEMPLATE_KEY.fullmatch(template_key):
-        fields.error("template_key", "must be 1-128 letters, digits and _ . : - only")
-
-
-def _check_locale(fields: Fields, locale: str | None) -> None:
-    if locale is not None and not store.is_locale(locale):
-        fields.error("locale", 'must be a locale such as "en" or "pt-BR", or "" for the default')
-
-
 def _path_problems(request: web.Request) -> tuple[str, str, list[FieldError]]:
     """The path's template_key and channel, and what is wrong with them."""
     template_key = request.match_info["template_key"]
@@ -110,19 +100,11 @@ def _path_problems(request: web.Request) -> tuple[str, str, list[FieldError]]:
     return template_key, channel, errors
 
 
-def _path(request: web.Request, fields: Fields) -> tuple[str, str]:
-    """The path's template_key and channel, errors collected with the query's."""
+def _item(request: web.Request) -> tuple[str, str, str]:
+    """The path's template_key and channel and the query's locale, every fault in one 422."""
     template_key, channel, errors = _path_problems(request)
-    fields.errors += errors
-    return template_key, channel
-
-
-def _locale_query(fields: Fields) -> str:
-    locale = fields.string(
-        "locale", required=False, max_length=tags.LOCALE_MAX_LENGTH, allow_empty=True
-    )
-    _check_locale(fields, locale)
-    return locale or ""
+    query = read_query(request, schemas(request).template_item_query, also=errors)
+    return template_key, channel, query.locale
 
 
 def _label(template_key: str, channel: str, locale: str) -> str:
@@ -149,20 +131,12 @@ async def list_templates(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
     _check_read(caller)
-    query = query_fields(request, ctx.id_rule)
-    limit = query.page_limit(ctx.settings.page_size_default, ctx.settings.page_size_max)
-    template_key = query.string("template_key", required=False, max_length=128)
-    channel = query.choice("channel", CHANNELS, required=False)
-    after_text = query.string("after", required=False, max_length=300)
-    _check_key(query, template_key)
+    query = read_query(request, schemas(request).template_query)
+    limit, template_key, channel = query.limit, query.template_key, query.channel
     after: tuple[str, str, str] | None = None
-    if after_text is not None:
-        parts = after_text.split("/")
-        if len(parts) != 3:
-            query.error("after", "must be a cursor taken from a previous page's Link")
-        else:
-            after = (parts[0], parts[1], parts[2])
-    query.done()
+    if query.after is not None:  # the model checked it has two slashes
+        key, cursor_channel, cursor_locale = query.after.split("/")
+        after = (key, cursor_channel, cursor_locale)
     rows = await store.list_templates(
         ctx.pool,
         caller.tenant_id,
@@ -241,10 +215,7 @@ async def get_template(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
     _check_read(caller)
-    query = query_fields(request, ctx.id_rule)
-    template_key, channel = _path(request, query)
-    locale = _locale_query(query)
-    query.done()
+    template_key, channel, locale = _item(request)
     key = (template_key, channel, tags.normalize_locale(locale))
     sourced = (await _sourced_templates(ctx, caller.tenant_id)).get(key)
     if sourced is not None:  # it wins over a stored row of the same locale
@@ -259,10 +230,8 @@ async def delete_template(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
     _check_write(caller)
-    query = query_fields(request, ctx.id_rule)
-    template_key, channel = _path(request, query)
-    locale = tags.normalize_locale(_locale_query(query))
-    query.done()
+    template_key, channel, locale = _item(request)
+    locale = tags.normalize_locale(locale)
     async with ctx.pool.acquire() as conn, conn.transaction():
         deleted = await store.delete(conn, caller.tenant_id, template_key, channel, locale)
         if not deleted:

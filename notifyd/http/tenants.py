@@ -66,6 +66,7 @@ class _Change:
     keep_auth_token: bool
     default_region: str | Literal[Keep.KEEP] | None
     default_locale: str | Literal[Keep.KEEP] | None
+    default_timezone: str | Literal[Keep.KEEP] | None
 
     @property
     def new_secrets(self) -> bool:
@@ -115,6 +116,7 @@ def settings_json(
         },
         "default_region": tenant.default_region,
         "default_locale": tenant.default_locale,
+        "default_timezone": tenant.default_timezone,
         "sourced": sorted(given),
     }
 
@@ -180,7 +182,8 @@ def _change(body: TenantSettings) -> _Change:
     if "default_locale" in given:
         # one spelling: pt_br, pt-br → pt-BR
         locale = None if body.default_locale is None else tags.normalize_locale(body.default_locale)
-    return _Change(smtp, keep_password, twilio, keep_auth_token, region, locale)
+    zone = body.default_timezone if "default_timezone" in given else KEEP
+    return _Change(smtp, keep_password, twilio, keep_auth_token, region, locale, zone)
 
 
 def _audit_details(change: _Change) -> dict[str, Any]:
@@ -207,6 +210,8 @@ def _audit_details(change: _Change) -> dict[str, Any]:
         details["default_region"] = change.default_region
     if change.default_locale is not KEEP:
         details["default_locale"] = change.default_locale
+    if change.default_timezone is not KEEP:
+        details["default_timezone"] = change.default_timezone
     return details
 
 
@@ -263,6 +268,7 @@ async def put_settings(request: web.Request) -> web.Response:
                 twilio=change.twilio,
                 default_region=change.default_region,
                 default_locale=change.default_locale,
+                default_timezone=change.default_timezone,
                 keep_password=change.keep_password,
                 keep_auth_token=change.keep_auth_token,
             )

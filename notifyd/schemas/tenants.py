@@ -14,8 +14,9 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import PydanticCustomError
 
 from notifyd import tags
+from notifyd.schemas.contacts import TimeZone
 from notifyd.schemas.errors import FieldError
-from notifyd.schemas.fields import Flag, Locale, Message, anchored
+from notifyd.schemas.fields import SAFE_EMAIL, Flag, Locale, Message, anchored
 
 _UNSAFE = tags.HEADER_UNSAFE.pattern.removeprefix("[").removesuffix("]")
 SINGLE_LINE_PATTERN = rf"^[^{_UNSAFE}]*$"
@@ -26,9 +27,7 @@ ACCOUNT_SID_PATTERN = r"^AC[0-9a-fA-F]{32}$"
 PHONE_PATTERN = r"^\+?[0-9(][0-9 ().-]{4,30}$"
 PHONE_DIGITS = 5
 REGION_PATTERN = r"^[A-Z]{2}$"
-_EMAIL = tags.EMAIL.pattern.replace(r"[^@\s<>\"',;]", rf"[^@\s<>\"',;{_UNSAFE}]", 1)
-assert tags.EMAIL.pattern != _EMAIL, "tags.EMAIL's local part changed: update _EMAIL"
-FROM_EMAIL_PATTERN = anchored(_EMAIL)
+FROM_EMAIL_PATTERN = anchored(SAFE_EMAIL)
 """`tags.EMAIL`, header-safe: a From: address."""
 
 _PHONE_MESSAGE = "must be a phone number, e.g. +14155550100 or 4155550100"
@@ -48,16 +47,17 @@ def _enough_digits(number: str) -> str:
     return number
 
 
-def _integral(value: Any) -> Any:
-    """JSON has one number type: `587.0` is the integer its schema allows; `"587"` is not."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
 _TLS_TWICE = "use_tls (STARTTLS) and use_ssl (implicit TLS) exclude each other"
 
 SingleLine = Annotated[str, Field(pattern=SINGLE_LINE_PATTERN)]
+
+
+def _whole(value: Any) -> Any:
+    """JSON has one kind of number: 587.0 is the integer the document's `integer` allows
+    (a bool or a string still is not one)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 class SmtpSettings(BaseModel):
@@ -74,7 +74,7 @@ class SmtpSettings(BaseModel):
     )
 
     host: Annotated[str, Field(max_length=253, pattern=HOST_PATTERN)]
-    port: Annotated[StrictInt, BeforeValidator(_integral), Field(ge=1, le=65535)]
+    port: Annotated[StrictInt, Field(ge=1, le=65535), BeforeValidator(_whole)]
     username: Annotated[SingleLine, Field(max_length=256)] | None = None
     password: Annotated[SingleLine, Field(max_length=1024)] | None = Field(
         None, json_schema_extra={"writeOnly": True}, description="Left out: keep the stored one"
@@ -117,6 +117,9 @@ class TenantSettings(BaseModel):
     twilio: TwilioSettings | None = None
     default_region: Annotated[str, Field(pattern=REGION_PATTERN)] | None = None
     default_locale: Locale | None = None
+    default_timezone: TimeZone | None = Field(
+        None, description="Quiet hours of a recipient without a time zone are read in this one."
+    )
     sourced: list[str] | None = Field(
         None,
         json_schema_extra={"readOnly": True},

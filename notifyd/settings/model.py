@@ -35,6 +35,7 @@ from notifyd.settings.values import (
     DEFAULT_SEND_POLICY,
     EGRESS_DEFAULT_PORTS,
     MAX_REMINDER_LOOKAHEAD,
+    WEBHOOK_DEFAULT_PORTS,
     Network,
     parse_send_policy,
     parse_user_tenants,
@@ -388,8 +389,9 @@ class Settings:
         "a reminder firing later than this, seconds, is flagged late", gt=0)
     reminder_lookahead: Float = setting(0.3, "NOTIFYD_REMINDER_LOOKAHEAD",
         "delivery.reminder_lookahead",
-        "seconds ahead reminders are read and planned, then fired on time (below claim_idle)", ge=0,
-        le=MAX_REMINDER_LOOKAHEAD, note="a reminder read early waits that long in the firer")
+        "seconds ahead reminders and workflow steps are read and planned, then fired on time "
+        "(below claim_idle)", ge=0,
+        le=MAX_REMINDER_LOOKAHEAD, note="one read early waits that long in its firer")
     stream_max_len: Int = setting(1_000_000, "NOTIFYD_STREAM_MAX_LEN", "delivery.stream_max_len",
         "streams are trimmed (approximately) past this", gt=0)
     stream_block: Float = setting(1.0, "NOTIFYD_STREAM_BLOCK", "delivery.stream_block",
@@ -434,6 +436,38 @@ class Settings:
     egress_resolve_threads: Int = setting(4, "NOTIFYD_EGRESS_RESOLVE_THREADS",
         "egress.resolve_threads", "threads for those lookups (apart from the rest of the daemon's)",
         gt=0)
+    # --- webhooks: tenants' own endpoints (notifyd/webhooks.py, docs/limits.md "Webhooks")
+    webhook_allow_http: Bool = setting(False, "NOTIFYD_WEBHOOK_ALLOW_HTTP",
+        "webhooks.allow_http", "accept http:// endpoint URLs (else https:// only; dev and tests)")
+    webhook_allowed_ports: Ports = setting(WEBHOOK_DEFAULT_PORTS, "NOTIFYD_WEBHOOK_ALLOWED_PORTS",
+        "webhooks.allowed_ports",
+        "ports of an endpoint at a public address (\"any\": every port); the egress policy's "
+        "networks apply as for relays")
+    webhook_endpoints_per_tenant: Int = setting(20, "NOTIFYD_WEBHOOK_ENDPOINTS_PER_TENANT",
+        "webhooks.endpoints_per_tenant", "webhook endpoints one tenant may have", gt=0)
+    webhook_concurrency: Int = setting(64, "NOTIFYD_WEBHOOK_CONCURRENCY", "webhooks.concurrency",
+        "webhook requests in flight per instance", gt=0)
+    webhook_tenant_concurrency: Int = setting(4, "NOTIFYD_WEBHOOK_TENANT_CONCURRENCY",
+        "webhooks.tenant_concurrency",
+        "one tenant's webhook requests in flight per instance (its slow endpoint waits on its own "
+        "slots only)", gt=0)
+    webhook_connect_timeout: Float = setting(5.0, "NOTIFYD_WEBHOOK_CONNECT_TIMEOUT",
+        "webhooks.connect_timeout", "seconds to connect (and TLS) to an endpoint", gt=0)
+    webhook_timeout: Float = setting(15.0, "NOTIFYD_WEBHOOK_TIMEOUT", "webhooks.timeout",
+        "seconds one attempt may take in all; a 2xx within it is a success", gt=0)
+    webhook_response_max_bytes: Int = setting(4096, "NOTIFYD_WEBHOOK_RESPONSE_MAX_BYTES",
+        "webhooks.response_max_bytes", "bytes of an endpoint's answer read at most (the rest is "
+        "dropped with the connection)", ge=0)
+    webhook_retry_for: Float = setting(86_400.0, "NOTIFYD_WEBHOOK_RETRY_FOR",
+        "webhooks.retry_for", "seconds a delivery is retried before it fails, and an endpoint "
+        "may fail every attempt before it is disabled (a day)", gt=0)
+    webhook_retry_base: Float = setting(5.0, "NOTIFYD_WEBHOOK_RETRY_BASE", "webhooks.retry_base",
+        "seconds before the first retry; doubled each attempt...", gt=0)
+    webhook_retry_cap: Float = setting(7200.0, "NOTIFYD_WEBHOOK_RETRY_CAP", "webhooks.retry_cap",
+        "...up to this many seconds between attempts", gt=0)
+    webhook_secret_overlap: Float = setting(86_400.0, "NOTIFYD_WEBHOOK_SECRET_OVERLAP",
+        "webhooks.secret_overlap",
+        "seconds the secret before a rotation still signs (beside the new one)", ge=0)
     # --- tenant_config: tenants' SMTP, Twilio and templates from the team's auth service
     tenant_config_url: TenantConfigUrl = setting("", "NOTIFYD_TENANT_CONFIG_URL",
         "tenant_config.url", "http(s) URL with {tenant_id} answering a tenant's configuration "
@@ -573,9 +607,17 @@ class Settings:
         "retention.reminders",
         "seconds a fired/skipped/cancelled reminder is kept after its interview (90 days)", ge=0,
         note=FOREVER)
+    retain_workflow_runs: Float = setting(7_776_000.0, "NOTIFYD_RETAIN_WORKFLOW_RUNS",
+        "retention.workflow_runs",
+        "seconds a finished workflow run (no step pending) and its steps are kept after the "
+        "trigger (90 days)", ge=0, note=FOREVER)
     retain_audit: Float = setting(31_536_000.0, "NOTIFYD_RETAIN_AUDIT", "retention.audit",
         "seconds an audit row is kept (365 days; compliance may require longer)", ge=0,
         note=FOREVER)
+    retain_webhook_deliveries: Float = setting(2_592_000.0, "NOTIFYD_RETAIN_WEBHOOK_DELIVERIES",
+        "retention.webhook_deliveries",
+        "seconds a succeeded or failed webhook delivery (its data and attempts) is kept (30 days)",
+        ge=0, note=FOREVER)
     retain_batch: Int = setting(1000, "NOTIFYD_RETAIN_BATCH", "retention.batch",
         "rows one DELETE removes at most", gt=0, le=10_000,
         note="a larger batch holds its row locks and its WAL burst long enough to slow the "

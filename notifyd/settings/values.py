@@ -21,6 +21,7 @@ DEFAULT_SEND_POLICY = "user=in_app;service=email,sms,in_app;admin=email,sms,in_a
 # the ports a tenant's relay may listen on at a public address: SMTP, submission, implicit
 # TLS, and the alternatives the large relay services offer (2525; Amazon SES: 2465, 2587)
 EGRESS_DEFAULT_PORTS = (25, 465, 587, 2465, 2525, 2587)
+WEBHOOK_DEFAULT_PORTS = (443, 8443, 80, 8080)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -87,6 +87,7 @@ class TenantSettings:
     twilio: TwilioConfig | None = None
     default_region: str | None = None
     default_locale: str | None = None
+    default_timezone: str | None = None  # quiet hours of recipients without a zone
     templates: Mapping[TemplateId, SourcedTemplate] = field(default_factory=dict)
     sourced: frozenset[str] = frozenset()
 
@@ -110,6 +111,7 @@ def overlay(stored: TenantSettings, source: TenantSettings | None) -> TenantSett
         default_locale=source.default_locale
         if "default_locale" in given
         else stored.default_locale,
+        default_timezone=stored.default_timezone,
         templates=source.templates,
         sourced=given,
     )
@@ -198,6 +200,7 @@ def decode(document: Mapping[str, Any], box: SecretBox | None) -> TenantSettings
         ),
         default_region=document.get("default_region") or None,
         default_locale=document.get("default_locale") or None,
+        default_timezone=document.get("default_timezone") or None,
     )
 
 
@@ -280,6 +283,7 @@ async def update(
     twilio: TwilioConfig | Literal[Keep.KEEP] | None = KEEP,
     default_region: str | Literal[Keep.KEEP] | None = KEEP,
     default_locale: str | Literal[Keep.KEEP] | None = KEEP,
+    default_timezone: str | Literal[Keep.KEEP] | None = KEEP,
     keep_password: bool = False,
     keep_auth_token: bool = False,
 ) -> None:
@@ -307,6 +311,8 @@ async def update(
         change["default_region"] = default_region
     if default_locale is not KEEP:
         change["default_locale"] = default_locale
+    if default_timezone is not KEEP:
+        change["default_timezone"] = default_timezone
     await conn.execute(MERGE, tenant_id, change)
 
 
@@ -320,6 +326,7 @@ async def save(conn: Conn, tenant_id: str, settings: TenantSettings, box: Secret
         twilio=settings.twilio,
         default_region=settings.default_region,
         default_locale=settings.default_locale,
+        default_timezone=settings.default_timezone,
     )
 
 
