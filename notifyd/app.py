@@ -140,7 +140,9 @@ class Daemon:
 
         id_rule = OpaqueIdRule.from_settings(s.id_max_length, s.id_pattern)
         keys = Keys(s.redis_prefix)
-        pipeline = build_pipeline(s, queue_pool, redis, keys, self.metrics, self.egress)
+        pipeline = build_pipeline(
+            s, queue_pool, redis, keys, self.metrics, self.egress, http_session
+        )
         self.pipeline = pipeline
         self._stack.push_async_callback(pipeline.close)
         hub = Hub(

@@ -136,6 +136,7 @@ async def test_put_stores_secrets_encrypted_and_get_never_returns_them(
         "default_region": "GB",
         "default_locale": "en",
         "default_timezone": "Europe/London",
+        "sourced": [],  # no tenant configuration source (tests/test_tenant_config.py)
     }
     assert body == expected
     for path in (PATH, "/api" + PATH):
@@ -196,6 +197,7 @@ async def test_put_without_password_keeps_it_and_null_falls_back(
         "default_region": None,
         "default_locale": None,
         "default_timezone": None,
+        "sourced": [],
     }
     assert await store.load(pool, TENANT, SecretBox([KEY])) == TenantSettings()
 
@@ -233,6 +235,7 @@ async def test_tenants_never_see_each_other(keyed_api: Api) -> None:
         "default_region": None,
         "default_locale": None,
         "default_timezone": None,
+        "sourced": [],
     }
     assert (await put(keyed_api, {"default_region": "DE"}, tenant="TEN-0002"))[0] == 200
     _, mine, _ = await get(keyed_api)

@@ -54,6 +54,7 @@ async def prepare(
                 locale_for(tenant, settings),
                 limits=render_limits(settings),
                 default_locales={tenant_id: locale_for(tenant, settings)},
+                known={tenant_id: tenant},  # its sourced templates win (compose.resolve)
             )
         rendered = await composer.compose(
             tenant_id=tenant_id,

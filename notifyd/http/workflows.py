@@ -26,15 +26,12 @@ from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_f
 from notifyd.http.responses import iso, json_response, page
 from notifyd.http.validation import read_model, read_query, schemas
 from notifyd.ids import parse_uuid
-from notifyd.schemas.workflows import PATTERN_MESSAGES, WORKFLOW_KEY_PATTERN
+from notifyd.schemas.workflows import PATTERN_MESSAGES, RUNS, WORKFLOW_KEY_PATTERN
 from notifyd.store import audit
 from notifyd.store import workflows as store
 from notifyd.workflows import put_on_wheel, start_runs, wheel_item
 
 log = logging.getLogger("notifyd.http.workflows")
-
-RUNS = "runs"
-"""The path segment of the runs (`/workflows/runs/`): no workflow may be called that."""
 
 _KEY = re.compile(WORKFLOW_KEY_PATTERN)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -162,9 +162,14 @@ class EventAcceptor:
         limiter: Limiter | None = None,
         tenant_limits: TenantLimits | None = None,
         schedule: Schedule | None = None,
+        tenant_settings: Callable[[str], Awaitable[TenantSettings]] | None = None,
     ) -> None:
         """`schedule`: the timer wheel, for the steps of events naming a workflow (None:
-        their steps wait for the sweeper's overdue check)."""
+        their steps wait for the sweeper's overdue check). `tenant_settings`: a tenant's
+        settings without its secrets, the tenant configuration source's over the stored ones
+        (by default the stored ones); a source that has nothing yet raises, and the event is
+        retried like a database error."""
+        self._tenant_settings = tenant_settings
         self._pool = pool
         self._schedule = schedule
         self._limiter = limiter
@@ -188,7 +193,10 @@ class EventAcceptor:
             log.info("duplicate event ignored", extra=_log_fields(event, source))
             return Outcome(duplicate=True, notification_ids=known)
         # region and locale only: nothing here needs the tenant's secrets
-        tenant = (await load_redacted(self._pool, event.tenant_id)).settings
+        if self._tenant_settings is not None:
+            tenant = await self._tenant_settings(event.tenant_id)
+        else:
+            tenant = (await load_redacted(self._pool, event.tenant_id)).settings
         prepared = await self._prepare(event, tenant)
         await self._check_quotas(event, tenant, prepared)
         author = Author(

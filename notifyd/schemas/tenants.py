@@ -14,9 +14,9 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import PydanticCustomError
 
 from notifyd import tags
+from notifyd.schemas.contacts import TimeZone
 from notifyd.schemas.errors import FieldError
-from notifyd.schemas.fields import Flag, Locale, Message, anchored
-from notifyd.schemas.recipients import TimeZone, zone_names
+from notifyd.schemas.fields import SAFE_EMAIL, Flag, Locale, Message, anchored
 
 _UNSAFE = tags.HEADER_UNSAFE.pattern.removeprefix("[").removesuffix("]")
 SINGLE_LINE_PATTERN = rf"^[^{_UNSAFE}]*$"
@@ -27,9 +27,7 @@ ACCOUNT_SID_PATTERN = r"^AC[0-9a-fA-F]{32}$"
 PHONE_PATTERN = r"^\+?[0-9(][0-9 ().-]{4,30}$"
 PHONE_DIGITS = 5
 REGION_PATTERN = r"^[A-Z]{2}$"
-_EMAIL = tags.EMAIL.pattern.replace(r"[^@\s<>\"',;]", rf"[^@\s<>\"',;{_UNSAFE}]", 1)
-assert tags.EMAIL.pattern != _EMAIL, "tags.EMAIL's local part changed: update _EMAIL"
-FROM_EMAIL_PATTERN = anchored(_EMAIL)
+FROM_EMAIL_PATTERN = anchored(SAFE_EMAIL)
 """`tags.EMAIL`, header-safe: a From: address."""
 
 _PHONE_MESSAGE = "must be a phone number, e.g. +14155550100 or 4155550100"
@@ -110,10 +108,6 @@ class TwilioSettings(BaseModel):
     ]
 
 
-# the zones this host's tz database knows, in the document too (the rule is the server's)
-KnownZone = Annotated[TimeZone, Field(json_schema_extra={"enum": sorted(zone_names())})]
-
-
 class TenantSettings(BaseModel):
     """A section left out of a PUT is kept; null falls back to the global setting."""
 
@@ -123,8 +117,13 @@ class TenantSettings(BaseModel):
     twilio: TwilioSettings | None = None
     default_region: Annotated[str, Field(pattern=REGION_PATTERN)] | None = None
     default_locale: Locale | None = None
-    default_timezone: KnownZone | None = Field(
+    default_timezone: TimeZone | None = Field(
         None, description="Quiet hours of a recipient without a time zone are read in this one."
+    )
+    sourced: list[str] | None = Field(
+        None,
+        json_schema_extra={"readOnly": True},
+        description="The fields the tenant configuration source gives (read-only here)",
     )
 
 

@@ -130,6 +130,10 @@ KeyPrefix = Annotated[Str, _check(lambda v: re.fullmatch(r"[A-Za-z0-9_.:-]+", v)
 PostgresUrl = Annotated[Str, _url("postgresql", "postgres", empty=False)]
 RedisUrl = Annotated[Str, _url("redis", "rediss", "unix")]
 HttpUrl = Annotated[Str, _url("http", "https")]
+TenantConfigUrl = Annotated[
+    HttpUrl,
+    _check(lambda v: not v or "{tenant_id}" in v, "must contain {tenant_id}"),
+]
 AmqpUrl = Annotated[Str, _url("amqp", "amqps")]
 Addresses = Annotated[Strs, AfterValidator(_addresses_ok)]
 JwtSecret = Annotated[Str, _check(lambda v: not v or len(v) >= 16,
@@ -464,6 +468,22 @@ class Settings:
     webhook_secret_overlap: Float = setting(86_400.0, "NOTIFYD_WEBHOOK_SECRET_OVERLAP",
         "webhooks.secret_overlap",
         "seconds the secret before a rotation still signs (beside the new one)", ge=0)
+    # --- tenant_config: tenants' SMTP, Twilio and templates from the team's auth service
+    tenant_config_url: TenantConfigUrl = setting("", "NOTIFYD_TENANT_CONFIG_URL",
+        "tenant_config.url", "http(s) URL with {tenant_id} answering a tenant's configuration "
+        "document (empty: off)")
+    tenant_config_token: Str = setting("", "NOTIFYD_TENANT_CONFIG_TOKEN", "tenant_config.token",
+        "bearer token sent to that URL (empty, with JWT_SECRET: a 60 s JWT notifyd signs per "
+        "fetch)", secret=True)
+    tenant_config_ttl: Float = setting(60.0, "NOTIFYD_TENANT_CONFIG_TTL", "tenant_config.ttl",
+        "seconds a fetched document is used; refreshed in the background before", gt=0)
+    tenant_config_connect_timeout: Float = setting(2.0, "NOTIFYD_TENANT_CONFIG_CONNECT_TIMEOUT",
+        "tenant_config.connect_timeout", "seconds to connect to the source", gt=0)
+    tenant_config_timeout: Float = setting(5.0, "NOTIFYD_TENANT_CONFIG_TIMEOUT",
+        "tenant_config.timeout", "seconds one whole fetch may take", gt=0)
+    tenant_config_max_bytes: Int = setting(1_048_576, "NOTIFYD_TENANT_CONFIG_MAX_BYTES",
+        "tenant_config.max_bytes", "largest document read (bytes); a larger one is refused",
+        ge=1024)
     # --- events: domain events from other services (Redis stream, RabbitMQ, Kafka)
     events_enabled: Bool = setting(True, "NOTIFYD_EVENTS_ENABLED", "events.enabled",
         "ingest events at all (the Redis stream <prefix>:events, and RabbitMQ/Kafka when set)")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,14 +62,59 @@ class TwilioConfig:
 
 
 @dataclass(frozen=True)
+class SourcedTemplate:
+    """A template the tenant configuration source gave (`notifyd.tenant_config`)."""
+
+    subject: str | None
+    text_body: str
+    html_body: str | None
+    locale: str  # normalised; "" is the default
+
+
+TemplateId = tuple[str, str, str]
+"""(template_key, channel, locale) of a sourced template."""
+
+
+@dataclass(frozen=True)
 class TenantSettings:
-    """A tenant's own settings, secrets in plaintext; None means the global setting applies."""
+    """A tenant's own settings, secrets in plaintext; None means the global setting applies.
+
+    `sourced` names the fields (of `smtp`, `twilio`, `default_region`, `default_locale`) the
+    tenant configuration source gave, which win over the stored ones (`overlay`); `templates`
+    are the source's templates, which win over stored rows of the same locale."""
 
     smtp: SmtpConfig | None = None
     twilio: TwilioConfig | None = None
     default_region: str | None = None
     default_locale: str | None = None
     default_timezone: str | None = None  # quiet hours of recipients without a zone
+    templates: Mapping[TemplateId, SourcedTemplate] = field(default_factory=dict)
+    sourced: frozenset[str] = frozenset()
+
+
+class SourceUnavailable(Exception):
+    """The tenant configuration source could not be read for a tenant never read before:
+    its sends wait (are retried), they are not made with settings the source may override."""
+
+
+def overlay(stored: TenantSettings, source: TenantSettings | None) -> TenantSettings:
+    """What the source gave wins, field by field; what it left out is the stored value."""
+    if source is None:
+        return stored
+    given = source.sourced
+    return TenantSettings(
+        smtp=source.smtp if "smtp" in given else stored.smtp,
+        twilio=source.twilio if "twilio" in given else stored.twilio,
+        default_region=source.default_region
+        if "default_region" in given
+        else stored.default_region,
+        default_locale=source.default_locale
+        if "default_locale" in given
+        else stored.default_locale,
+        default_timezone=stored.default_timezone,
+        templates=source.templates,
+        sourced=given,
+    )
 
 
 @dataclass(frozen=True)
@@ -346,7 +391,12 @@ class TenantSettingsCache:
         *,
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        source: Callable[[str], Awaitable[TenantSettings | None]] | None = None,
     ) -> None:
+        """`source`: the tenant configuration source's settings of a tenant (None: it gives
+        nothing), laid over the stored ones by `get` (`overlay`); it keeps its own cache and
+        raises `SourceUnavailable` when it has nothing yet for the tenant."""
+        self._source = source
         self._pool = pool
         self._box = box
         self._ttl = ttl
@@ -357,6 +407,25 @@ class TenantSettingsCache:
         self._generation: dict[str, int] = {}
 
     async def get(self, tenant_id: str) -> TenantSettings:
+        """The tenant's settings: the source's fields over the stored ones."""
+        stored = await self.stored(tenant_id)
+        if self._source is None:
+            return stored
+        return overlay(stored, await self._source(tenant_id))
+
+    async def sourced(self, tenant_id: str) -> TenantSettings | None:
+        """What the source gives for the tenant (None: no source, or nothing given)."""
+        return None if self._source is None else await self._source(tenant_id)
+
+    async def public(self, tenant_id: str) -> TenantSettings:
+        """What rendering and the request path need (region, locale, the source's templates),
+        without opening a stored secret: a key problem does not stop them (the senders raise
+        that alarm)."""
+        stored = (await load_redacted(self._pool, tenant_id)).settings
+        return overlay(stored, await self.sourced(tenant_id))
+
+    async def stored(self, tenant_id: str) -> TenantSettings:
+        """The tenant's settings as notifyd stores them."""
         entry = self._entries.get(tenant_id)
         if entry is not None and self._clock() < entry.expires:
             return entry.settings
