@@ -21,6 +21,7 @@ from bench import (
     suite,
     ui,
     webhooks,
+    workflows,
     ws_fanout,
 )
 from bench.common import BenchError, emit
@@ -32,6 +33,10 @@ WORKLOADS: dict[str, tuple[Any, str]] = {
     "reminders": (
         reminders,
         "Q reminders spread over T seconds: lateness p50/p99/max, missing, duplicates",
+    ),
+    "workflows": (
+        workflows,
+        "N triggers of a three-step workflow, some read meanwhile: step lateness, once each",
     ),
     "limits": (limits, "the ceilings, with no notifyd code in the path (needs PG and Redis)"),
     "rest_ingest": (rest_ingest, "C connections POST in-app notifications for D seconds"),

@@ -17,8 +17,9 @@ import socket
 import sys
 import time
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -28,7 +29,11 @@ import orjson
 from notifyd.auth.tokens import mint_token
 from notifyd.settings import Settings, SettingsError, load_settings
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 T = TypeVar("T")
+Options = TypeVar("Options", bound="DataclassInstance")
 
 DEFAULT_URL = "http://127.0.0.1:8000"  # notifyd as `notifyd serve` listens by default
 
@@ -47,6 +52,13 @@ def add_env_argument(
     parser.add_argument(
         flag, default=os.environ.get(env, default), help=f"{help} (default: ${env})"
     )
+
+
+def options_of(cls: type[Options], args: argparse.Namespace, **given: Any) -> Options:
+    """A workload's options (`cls`, a dataclass) from its parsed command line: each field
+    from the argument of the same name, else `given`, else the field's default."""
+    named = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**(named | given))
 
 
 class BenchError(Exception):

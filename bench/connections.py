@@ -48,6 +48,7 @@ from bench.common import (
     all_or_none,
     log,
     machine,
+    options_of,
     raise_nofile_limit,
     require_loopback_url,
 )
@@ -91,16 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> ConnectionsOptions:
-    return ConnectionsOptions(
-        url=args.url,
-        jwt_secret=args.jwt_secret,
-        count=args.count,
-        hold=args.hold,
-        heartbeat=args.heartbeat,
-        connect_concurrency=args.connect_concurrency,
-        settle=args.settle,
-        pid=args.pid,
-    )
+    return options_of(ConnectionsOptions, args)
 
 
 def listening_inodes(port: int) -> set[str]:

@@ -46,6 +46,7 @@ from bench.common import (
     all_or_none,
     log,
     machine,
+    options_of,
     require_loopback_url,
     service_token,
     summary,
@@ -99,16 +100,7 @@ def add_sink_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> EmailOptions:
-    return EmailOptions(
-        url=args.url,
-        jwt_secret=args.jwt_secret,
-        smtp_port=args.smtp_port,
-        count=args.count,
-        concurrency=args.concurrency,
-        margin=args.margin,
-        settle=args.settle,
-        probe_timeout=args.probe_timeout,
-    )
+    return options_of(EmailOptions, args)
 
 
 def _body(token: str, i: int) -> bytes:

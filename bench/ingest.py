@@ -42,7 +42,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
 
-from bench.common import BenchError, TokenMinter, add_env_argument, log, machine
+from bench.common import BenchError, TokenMinter, add_env_argument, log, machine, options_of
 from notifyd.app import Daemon
 from notifyd.settings import Settings
 from notifyd.settings.load import load_settings
@@ -97,17 +97,7 @@ def options_from(args: argparse.Namespace) -> KafkaIngestOptions:
         sources = named or available
     if args.count < 1 or args.partitions < 1:
         raise BenchError("--count and --partitions must be at least 1")
-    return KafkaIngestOptions(
-        database_url=args.database_url,
-        redis_url=args.redis_url,
-        jwt_secret=args.jwt_secret,
-        kafka_bootstrap=args.kafka_bootstrap,
-        rabbitmq_url=args.rabbitmq_url,
-        sources=sources,
-        count=args.count,
-        partitions=args.partitions,
-        timeout=args.timeout,
-    )
+    return options_of(KafkaIngestOptions, args, sources=sources)
 
 
 def _event(tenant: str, n: int) -> bytes:

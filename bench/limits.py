@@ -49,6 +49,7 @@ from bench.common import (
     all_or_none,
     log,
     machine,
+    options_of,
     postgres_version,
     redis_version,
     require_loopback_url,
@@ -137,29 +138,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> LimitsOptions:
-    return LimitsOptions(
-        database_url=args.database_url,
-        redis_url=args.redis_url,
-        jwt_secret=args.jwt_secret,
-        http_connections=args.http_connections,
-        http_duration=args.http_duration,
-        http_threads=args.http_threads,
-        http_generator=args.http_generator,
-        http_recipients=args.http_recipients,
-        ws_rooms=args.ws_rooms,
-        ws_members=args.ws_members,
-        ws_messages=args.ws_messages,
-        ws_senders=args.ws_senders,
-        ws_size=args.ws_size,
-        ws_connect_concurrency=args.ws_connect_concurrency,
-        ws_drain=args.ws_drain,
-        pg_rows=args.pg_rows,
-        pg_seconds=args.pg_seconds,
-        pg_concurrency=args.pg_concurrency,
-        smtp_count=args.smtp_count,
-        smtp_connections=args.smtp_connections,
-        smtp_margin=args.smtp_margin,
-    )
+    return options_of(LimitsOptions, args)
 
 
 async def _http(o: LimitsOptions, minter: TokenMinter, run_id: str) -> dict[str, Any]:

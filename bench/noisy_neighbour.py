@@ -38,7 +38,15 @@ from typing import Any
 import aiohttp
 import orjson
 
-from bench.common import BenchError, TokenMinter, log, machine, require_loopback_url, summary
+from bench.common import (
+    BenchError,
+    TokenMinter,
+    log,
+    machine,
+    options_of,
+    require_loopback_url,
+    summary,
+)
 from bench.email_e2e import add_sink_argument
 from bench.relay import SwitchRelay
 from bench.spawn import BareServer, MailLog
@@ -100,18 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> NoisyOptions:
-    return NoisyOptions(
-        url=args.url,
-        jwt_secret=args.jwt_secret,
-        smtp_port=args.smtp_port,
-        a_count=args.a_count,
-        b_count=args.b_count,
-        b_rate=args.b_rate,
-        margin=args.margin,
-        hang=args.hang,
-        settle=args.settle,
-        probe_timeout=args.probe_timeout,
-    )
+    return options_of(NoisyOptions, args)
 
 
 class _Client:

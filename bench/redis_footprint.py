@@ -35,6 +35,7 @@ from bench.common import (
     add_url_argument,
     log,
     machine,
+    options_of,
     require_loopback_url,
     service_token,
 )
@@ -72,17 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> FootprintOptions:
-    return FootprintOptions(
-        url=args.url,
-        redis_url=args.redis_url,
-        jwt_secret=args.jwt_secret,
-        prefix=args.prefix,
-        ids=args.ids,
-        size=args.size,
-        concurrency=args.concurrency,
-        expiry_wait=args.expiry_wait,
-        quiet=args.quiet,
-    )
+    return options_of(FootprintOptions, args)
 
 
 async def _send_all(o: FootprintOptions, tenant: str, recipients: list[str]) -> int:

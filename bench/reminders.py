@@ -50,6 +50,7 @@ from bench.common import (
     add_url_argument,
     log,
     machine,
+    options_of,
     postgres_version,
     redis_version,
     require_loopback_url,
@@ -110,20 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> ReminderOptions:
-    return ReminderOptions(
-        url=args.url,
-        database_url=args.database_url,
-        jwt_secret=args.jwt_secret,
-        redis_url=args.redis_url,
-        count=args.count,
-        spread=args.spread,
-        lead=args.lead,
-        concurrency=args.concurrency,
-        margin=args.margin,
-        settle=args.settle,
-        max_lead=args.max_lead,
-        seed=args.seed,
-    )
+    return options_of(ReminderOptions, args)
 
 
 def _rfc3339(when: datetime) -> str:

@@ -47,6 +47,7 @@ from bench.common import (
     add_url_argument,
     log,
     machine,
+    options_of,
     require_loopback_url,
     service_token,
 )
@@ -113,18 +114,7 @@ def add_load_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> Non
 
 
 def options_from(args: argparse.Namespace) -> IngestOptions:
-    return IngestOptions(
-        url=args.url,
-        jwt_secret=args.jwt_secret,
-        connections=args.connections,
-        duration=args.duration,
-        threads=args.threads,
-        generator=args.generator,
-        recipients=args.recipients,
-        pid=args.pid,
-        cpu_settle=args.cpu_settle,
-        drain_bound=args.drain_bound,
-    )
+    return options_of(IngestOptions, args)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -44,6 +44,7 @@ from bench.common import (
     add_url_argument,
     log,
     machine,
+    options_of,
     require_loopback_url,
 )
 from notifyd.actors.housekeeper import Housekeeper, Retention
@@ -105,21 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> RetentionOptions:
-    return RetentionOptions(
-        url=args.url,
-        database_url=args.database_url,
-        jwt_secret=args.jwt_secret,
-        rows=args.rows,
-        pairs=args.pairs,
-        duration=args.duration,
-        connections=args.connections,
-        generator=args.generator,
-        batch=args.batch,
-        pause=args.pause,
-        retain_days=args.retain_days,
-        purge_bound=args.purge_bound,
-        quiet=args.quiet,
-    )
+    return options_of(RetentionOptions, args)
 
 
 async def _ingest(o: RetentionOptions) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from bench.common import (
     add_url_argument,
     log,
     machine,
+    options_of,
     ratio,
     require_loopback_url,
 )
@@ -121,27 +122,7 @@ def options_from(args: argparse.Namespace) -> SuiteOptions:
     unknown = set(skip) - set(WORKLOADS)
     if unknown:
         raise BenchError(f"--skip: unknown workloads {sorted(unknown)}")
-    return SuiteOptions(
-        url=args.url,
-        database_url=args.database_url,
-        redis_url=args.redis_url,
-        jwt_secret=args.jwt_secret,
-        smtp_port=args.smtp_port,
-        pid=args.pid,
-        duration=args.duration,
-        http_connections=args.http_connections,
-        emails=args.emails,
-        rooms=args.rooms,
-        members=args.members,
-        messages=args.messages,
-        connections=args.connections,
-        hold=args.hold,
-        pg_rows=args.pg_rows,
-        reminders=args.reminders,
-        reminders_spread=args.reminders_spread,
-        skip=skip,
-        backlog_bound=args.backlog_bound,
-    )
+    return options_of(SuiteOptions, args, skip=skip)
 
 
 async def _wait_for_backlog(database_url: str, bound: float) -> int:

@@ -40,6 +40,7 @@ from bench.common import (
     add_url_argument,
     log,
     machine,
+    options_of,
     require_loopback_url,
 )
 
@@ -84,13 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> UiOptions:
-    return UiOptions(
-        url=args.url,
-        jwt_secret=args.jwt_secret,
-        loads=args.loads,
-        notifications=args.notifications,
-        page_port=args.page_port,
-    )
+    return options_of(UiOptions, args)
 
 
 def host_page(url: str, element: str, attributes: str, token: str) -> str:

@@ -49,6 +49,7 @@ from bench.common import (
     all_or_none,
     log,
     machine,
+    options_of,
     require_loopback_url,
     summary,
 )
@@ -97,17 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> WebhookOptions:
-    return WebhookOptions(
-        url=args.url,
-        jwt_secret=args.jwt_secret,
-        receiver_port=args.receiver_port,
-        count=args.count,
-        concurrency=args.concurrency,
-        rate=args.rate,
-        margin=args.margin,
-        settle=args.settle,
-        probe_timeout=args.probe_timeout,
-    )
+    return options_of(WebhookOptions, args)
 
 
 @dataclass

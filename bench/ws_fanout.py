@@ -51,6 +51,7 @@ from bench.common import (
     all_or_none,
     log,
     machine,
+    options_of,
     percentile,
     raise_nofile_limit,
     require_loopback_url,
@@ -123,19 +124,7 @@ def add_shape_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> No
 
 
 def options_from(args: argparse.Namespace) -> FanoutOptions:
-    return FanoutOptions(
-        url=args.url,
-        jwt_secret=args.jwt_secret,
-        rooms=args.rooms,
-        members=args.members,
-        messages=args.messages,
-        senders=args.senders,
-        rate=args.rate,
-        size=args.size,
-        connect_concurrency=args.connect_concurrency,
-        drain=args.drain,
-        also_urls=tuple(args.also_url),
-    )
+    return options_of(FanoutOptions, args, also_urls=tuple(args.also_url))
 
 
 @dataclass(slots=True)

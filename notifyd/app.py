@@ -140,7 +140,9 @@ class Daemon:
 
         id_rule = OpaqueIdRule.from_settings(s.id_max_length, s.id_pattern)
         keys = Keys(s.redis_prefix)
-        pipeline = build_pipeline(s, queue_pool, redis, keys, self.metrics, self.egress)
+        pipeline = build_pipeline(
+            s, queue_pool, redis, keys, self.metrics, self.egress, http_session
+        )
         self.pipeline = pipeline
         self._stack.push_async_callback(pipeline.close)
         hub = Hub(
@@ -175,6 +177,7 @@ class Daemon:
                     messages=s.retain_messages,
                     reminders=s.retain_reminders,
                     audit=s.retain_audit,
+                    workflow_runs=s.retain_workflow_runs,
                     webhook_deliveries=s.retain_webhook_deliveries,
                     batch=s.retain_batch,
                     pause=s.retain_pause,

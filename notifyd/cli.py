@@ -15,6 +15,7 @@ from typing import Any
 
 from notifyd import __version__, logs
 from notifyd.limits import LIMIT_NAMES, RATE_NAMES
+from notifyd.schemas.reminders import STATUSES as REMINDER_STATUSES
 from notifyd.settings import (
     CHANNELS,
     ROLES,
@@ -27,7 +28,6 @@ from notifyd.settings import (
 )
 
 # notifyd.http.reminders.STATUSES, not imported here: every command would load aiohttp
-REMINDER_STATUSES = ("scheduled", "fired", "skipped", "cancelled")
 
 
 def _load(args: argparse.Namespace) -> Settings:

@@ -16,7 +16,7 @@ Every render is bounded by NOTIFYD_TEMPLATE_MAX_OUTPUT and NOTIFYD_TEMPLATE_MAX_
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from notifyd.providers.builtin_templates import builtin
@@ -25,7 +25,7 @@ from notifyd.providers.render_bounds import RenderLimits
 from notifyd.settings import Settings
 from notifyd.store import templates
 from notifyd.store.pool import Executor
-from notifyd.store.tenants import load_redacted
+from notifyd.store.tenants import SourcedTemplate, TemplateId, TenantSettings, load_redacted
 
 # what resolving a template depends on, besides the composer's default locale
 _TemplateKey = tuple[str, str, str, str | None]  # tenant, template key, channel, locale
@@ -49,12 +49,27 @@ async def resolve(
     channel: str,
     locale: str | None,
     default_locale: str,
+    sourced: Mapping[TemplateId, SourcedTemplate] | None = None,
 ) -> TemplateSource | None:
     """The tenant's template by locale fallback (`store.templates.resolve`), else notifyd's
-    built-in, else None: the whole fallback order in one place."""
+    built-in, else None: the whole fallback order in one place.
+
+    `sourced`: the tenant configuration source's templates; at each locale of the fallback
+    order the source's template wins over a stored one, so a stored `pt-BR` still beats the
+    source's default-locale template for a `pt-BR` send."""
+    order = templates.locale_candidates(locale, default_locale)
+    given = None
+    for rank, candidate in enumerate(order if sourced else ()):
+        found = sourced.get((template_key, channel, candidate)) if sourced else None
+        if found is not None:
+            given = (rank, found)
+            break
     stored = await templates.resolve(
         executor, tenant_id, template_key, channel, locale, default_locale
     )
+    if given is not None and (stored is None or given[0] <= order.index(stored.locale)):
+        t = given[1]
+        return TemplateSource(t.subject, t.text_body, t.html_body, t.locale)
     if stored is None:
         return builtin(template_key, channel)
     return TemplateSource(stored.subject, stored.text_body, stored.html_body, stored.locale)
@@ -73,11 +88,17 @@ class Composer:
         *,
         limits: RenderLimits,
         default_locales: Mapping[str, str] | None = None,
+        tenants: Callable[[str], Awaitable[TenantSettings]] | None = None,
+        known: Mapping[str, TenantSettings] | None = None,
     ) -> None:
         """`fallback_locale` (NOTIFYD_DEFAULT_LOCALE) serves a tenant that set no default
         locale of its own; `default_locales` gives tenants' defaults already known (else each
         tenant's stored settings are read once, without opening any secret); `limits` bound
-        each render (`render_limits`)."""
+        each render (`render_limits`); `tenants` reads a tenant's settings with the tenant
+        configuration source's over them (its default locale and templates), `known` gives
+        some already read."""
+        self._tenants = tenants
+        self._known: dict[str, TenantSettings] = dict(known or {})
         self._executor = executor
         self._limits = limits
         self._fallback_locale = fallback_locale
@@ -109,6 +130,7 @@ class Composer:
                 channel,
                 locale,
                 await self._default_locale(tenant_id),
+                (await self._tenant(tenant_id)).templates,
             )
         if source is None:
             raise TemplateError(
@@ -126,10 +148,20 @@ class Composer:
             return Rendered(subject=subject, text=rendered.text, html=rendered.html)
         return rendered
 
+    async def _tenant(self, tenant_id: str) -> TenantSettings:
+        tenant = self._known.get(tenant_id)
+        if tenant is None:
+            if self._tenants is not None:
+                tenant = await self._tenants(tenant_id)
+            else:
+                tenant = (await load_redacted(self._executor, tenant_id)).settings
+            self._known[tenant_id] = tenant
+        return tenant
+
     async def _default_locale(self, tenant_id: str) -> str:
         locale = self._default_locales.get(tenant_id)
         if locale is None:
-            tenant = (await load_redacted(self._executor, tenant_id)).settings
+            tenant = await self._tenant(tenant_id)
             locale = self._default_locales[tenant_id] = (
                 tenant.default_locale or self._fallback_locale
             )
@@ -148,16 +180,22 @@ async def compose(
     locale: str | None,
     default_locale: str,
     limits: RenderLimits,
+    tenant: TenantSettings | None = None,
 ) -> Rendered:
     """Subject, text and HTML for one notification on `channel`.
 
     Without `template_key` the subject and message are used as given (no HTML). With it, the
     tenant's template (or notifyd's built-in) is resolved by locale and rendered with
     `context`; `message` is then ignored, and `subject` is used only when the template has
-    none. Raises `TemplateError` for an unknown key, a missing variable or a broken template.
+    none; `tenant`: its settings, whose sourced templates win (`resolve`). Raises
+    `TemplateError` for an unknown key, a missing variable or a broken template.
     """
     composer = Composer(
-        executor, default_locale, limits=limits, default_locales={tenant_id: default_locale}
+        executor,
+        default_locale,
+        limits=limits,
+        default_locales={tenant_id: default_locale},
+        known=None if tenant is None else {tenant_id: tenant},
     )
     return await composer.compose(
         tenant_id=tenant_id,

@@ -67,6 +67,11 @@ class Keys:
         """Sorted set of stream entries due later (retries, reminders), scored by due time."""
         return f"{self.prefix}:timer"
 
+    def tenant_config(self, tenant_id: str) -> str:
+        """The ETag of a tenant's configuration document some instance last validated at the
+        source, expiring with that validation's TTL (never the document: it holds secrets)."""
+        return f"{self.prefix}:tenant-config:{len(tenant_id)}:{tenant_id}"
+
     def alert_gate(self, kind: str) -> str:
         """Rate limit of operator alert emails of one kind, shared by every instance."""
         return f"{self.prefix}:alert:{kind}"

@@ -208,6 +208,18 @@ class Metrics:
             "Live events queued to WebSocket clients.",
             registry=self.registry,
         )
+        self.tenant_config_fetches = Counter(
+            "notifyd_tenant_config_fetches_total",
+            "Reads of tenants' configuration documents, by outcome: fetched, not_modified (304), "
+            "shared (another instance validated this version), unreachable, refused.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.tenant_config_stale = Counter(
+            "notifyd_tenant_config_stale_total",
+            "Times a tenant's configuration was used past its TTL because the source failed.",
+            registry=self.registry,
+        )
         self.ws_dropped = Counter(
             "notifyd_ws_dropped_slow_clients_total",
             "WebSocket clients disconnected because they did not read in time.",

@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+import aiohttp
 import asyncpg
 from redis.asyncio import Redis
 
@@ -45,6 +46,7 @@ from notifyd.secretbox import SecretBox, SecretError
 from notifyd.settings import Settings
 from notifyd.store.limits import TenantLimits
 from notifyd.store.tenants import (
+    SourceUnavailable,
     TenantSettings,
     TenantSettingsCache,
     TwilioConfig,
@@ -56,6 +58,7 @@ from notifyd.streams.producer import Producer
 from notifyd.streams.schedule import Schedule
 from notifyd.supervisor import Actor
 from notifyd.suppressions import address_key
+from notifyd.tenant_config import Source, TenantConfigs
 from notifyd.unsubscribe import Unsubscribe, derive_key
 from notifyd.unsubscribe import link as unsubscribe_link
 from notifyd.unsubscribe import sign as sign_unsubscribe
@@ -73,6 +76,7 @@ class Pipeline:
     schedule: Schedule
     alerts: Alerts
     tenant_settings: TenantSettingsCache
+    tenant_configs: TenantConfigs | None
     tenant_limits: TenantLimits
     limiter: Limiter
     producer: Producer
@@ -86,6 +90,8 @@ class Pipeline:
         self._closed = True
         for provider in self.providers:
             await provider.close()
+        if self.tenant_configs is not None:
+            await self.tenant_configs.close()
 
 
 def build_pipeline(
@@ -95,10 +101,22 @@ def build_pipeline(
     keys: Keys,
     metrics: Metrics,
     egress: Egress,
+    http_session: aiohttp.ClientSession | None = None,
 ) -> Pipeline:
-    """`egress`: the policy for tenants' own relays (the daemon's, which closes it)."""
+    """`egress`: the policy for tenants' own relays (the daemon's, which closes it);
+    `http_session`: the daemon's client session (the tenant configuration source's)."""
     box = SecretBox.from_settings(settings)
-    tenants = TenantSettingsCache(pool, box)
+    configs = None
+    if settings.tenant_config_url:
+        assert http_session is not None, "the tenant configuration source needs an HTTP session"
+        configs = TenantConfigs(
+            Source(settings, http_session, egress),
+            redis,
+            keys,
+            metrics,
+            settings.tenant_config_ttl,
+        )
+    tenants = TenantSettingsCache(pool, box, source=None if configs is None else configs.get)
     tenant_limits = TenantLimits(pool, Limits.from_settings(settings), settings.limits_refresh)
     limiter = Limiter(redis, keys)
     name = consumer_name(settings)
@@ -128,6 +146,8 @@ def build_pipeline(
                 f"NOTIFYD_TENANT_SECRET_KEY ({exc}). Deliveries are being retried.",
             )
             raise TransientError(f"tenant settings unreadable: {exc}") from None
+        except SourceUnavailable as exc:
+            raise TransientError(str(exc)) from None
 
     async def smtp_config(tenant_id: str) -> SmtpSettings:
         return smtp_for(await tenant(tenant_id), settings)
@@ -227,6 +247,7 @@ def build_pipeline(
         producer=producer,
         metrics=metrics,
         direct_in_app=DirectInApp(pool, in_app, metrics),
+        tenant_settings=tenants.public,
     )
     actors: list[Actor] = [
         dispatcher,
@@ -267,7 +288,12 @@ def build_pipeline(
             tenant_settings=tenant,
             schedule=schedule,
         ),
-        Timer(schedule, lookahead=settings.reminder_lookahead, ahead=frozenset({keys.reminders})),
+        Timer(
+            schedule,
+            lookahead=settings.reminder_lookahead,
+            # read and planned ahead, fired at their own time (the firers wait for it)
+            ahead=frozenset({keys.reminders, keys.workflow_steps}),
+        ),
         Sweeper(
             pool=pool,
             redis=redis,
@@ -300,6 +326,8 @@ def build_pipeline(
             metrics=metrics,
             limiter=limiter,
             tenant_limits=tenant_limits,
+            tenant_settings=tenants.public,
+            schedule=schedule,
         )
         actors.append(
             RedisEventSource(
@@ -336,6 +364,7 @@ def build_pipeline(
         schedule=schedule,
         alerts=alerts,
         tenant_settings=tenants,
+        tenant_configs=configs,
         tenant_limits=tenant_limits,
         limiter=limiter,
         producer=producer,

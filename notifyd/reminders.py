@@ -43,14 +43,6 @@ def time_zone(name: str | None) -> ZoneInfo:
         return ZoneInfo("UTC")
 
 
-def is_time_zone(name: str) -> bool:
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        return False
-    return True
-
-
 def format_interview_time(when: datetime, zone_name: str | None) -> str:
     """`Tuesday 10 March 2026, 11:00 CET (Europe/Berlin)`: unambiguous for the reader."""
     zone = time_zone(zone_name)

@@ -45,7 +45,8 @@ def is_email(text: str) -> bool:
 
 
 def is_locale(locale: str) -> bool:
-    """A BCP 47-like tag such as `en`, `pt-BR` or `pt_BR`."""
+    """A BCP 47-like tag such as `en`, `pt-BR` or `pt_BR` (the models say it as
+    `schemas.fields.LOCALE_PATTERN`; kept for `bench/validation_cost.py`'s old reader)."""
     return len(locale) <= LOCALE_MAX_LENGTH and LOCALE.fullmatch(locale) is not None
 
 

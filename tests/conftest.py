@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
+from playwright.async_api import Browser
 from redis.asyncio import Redis
 
 from notifyd.app import Daemon
@@ -25,6 +26,7 @@ from notifyd.store import migrate
 from scripts.localservers import PostgresServer, RedisServer
 from tests.helpers import TEST_JWT_SECRET, Api, make_settings
 from tests.smtp_sink import SmtpSink
+from tests.ui_browser import HostSite, chromium
 
 TEMPLATE_DB = "notifyd_template"
 _db_counter = itertools.count(1)
@@ -192,3 +194,20 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def site() -> AsyncIterator[HostSite]:
+    """The browser tests' host page, on another origin than the daemon's
+    (`tests.ui_browser.start_daemon` lets it in)."""
+    host = HostSite()
+    await host.start()
+    yield host
+    await host.stop()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """A headless Chromium for the browser tests (`tests.ui_browser.needs_chromium`)."""
+    async with chromium() as launched:
+        yield launched

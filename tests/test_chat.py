@@ -284,6 +284,7 @@ async def test_bad_frames_get_an_error_naming_the_field_and_store_nothing(
             ({"message": "a\x00b"}, "message: must not contain NUL"),
             ({"message": "hi", "receiver_id": CAROL}, "receiver_id:"),
             ({"message": "hi", "client_id": 7}, "client_id:"),
+            ({"message": " ", "client_id": 7}, "message: must not be empty; client_id:"),
             ({"type": "read", "up_to": "nope"}, "up_to:"),
             ({"type": "dance"}, "unknown type"),
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 from notifyd.app import Daemon
@@ -110,3 +111,57 @@ async def test_a_notification_answer_has_exactly_the_documented_fields(api: Api)
     assert set(answer) == set(described["properties"]) == set(described["required"])
     statuses = described["properties"]["status"]["enum"]
     assert {"queued", "dispatched", "retrying", "suppressed"} <= set(statuses)
+
+
+def test_the_contact_rule_is_in_the_document_once_for_reminders_and_recipients() -> None:
+    settings = replace(Settings(), id_max_length=40)
+    schemas = build_document(settings)["components"]["schemas"]
+    contact = schemas["Contact"]["properties"]
+    zones = contact["timezone"]["anyOf"][0]["enum"]
+    assert "Europe/Berlin" in zones and "UTC" in zones and "Mars/Olympus" not in zones
+    assert contact["email"]["anyOf"][0]["maxLength"] == 254
+    assert schemas["RecipientPut"]["properties"] == schemas["Contact"]["properties"]
+    create = schemas["ReminderCreate"]
+    assert create["properties"]["candidate_contact"]["anyOf"][0]["$ref"].endswith("/Contact")
+    assert create["properties"]["application_id"]["maxLength"] == 40
+    assert create["properties"]["interview_time"]["format"] == "date-time"
+    assert schemas["ReminderPatch"]["anyOf"]  # one time at least
+    assert schemas["RecipientOwnPatch"]["properties"]["timezone"]["anyOf"][0]["enum"] == zones
+
+
+def test_the_twilio_callback_documents_its_query_and_form() -> None:
+    document = build_document()
+    operation = document["paths"]["/webhooks/twilio/status"]["post"]
+    query = {p["name"]: p for p in operation["parameters"] if p["in"] == "query"}
+    assert query["notification"]["schema"]["format"] == "uuid"
+    assert query["tenant"]["schema"]["pattern"].startswith("^")
+    form = operation["requestBody"]["content"]["application/x-www-form-urlencoded"]["schema"]
+    status = document["components"]["schemas"][form["$ref"].rsplit("/", 1)[1]]
+    assert status["required"] == ["MessageSid", "MessageStatus"]
+    assert status["additionalProperties"] is True  # Twilio sends more, all of it signed
+
+
+def test_a_workflows_durations_show_the_configured_bound() -> None:
+    settings = replace(Settings(), workflow_max_delay=7200.0)
+    definition = build_document(settings)["components"]["schemas"]["WorkflowDefinition"]
+    delay = definition["allOf"][0]["properties"]["steps"]["items"]["properties"]["delay"]
+    within = re.compile(delay["pattern"])
+    assert all(within.match(d) for d in ("1s", "7200s", "120m", "2h"))
+    assert not any(within.match(d) for d in ("7201s", "121m", "3h", "1d", "0s"))
+
+
+async def test_a_rooms_answers_have_exactly_the_documented_fields(api: Api) -> None:
+    _, document, _ = await api.get("/openapi.json", auth=False)
+    schemas = document["components"]["schemas"]
+    mapping = schemas["Room"]["discriminator"]["mapping"]
+    status, group, _ = await api.post("/rooms/", {"name": "team", "members": ["bob"]}, user="ann")
+    assert status == 201, group
+    status, again, _ = await api.get("/rooms/team/", user="ann")
+    assert status == 200 and again == group
+    status, dm, _ = await api.get("/rooms/dm/bob/", user="ann")
+    assert status == 200, dm
+    for answer in (group, dm):
+        described = schemas[mapping[answer["kind"]].rsplit("/", 1)[1]]
+        assert set(answer) == set(described["properties"]) == set(described["required"])
+    member = schemas["RoomMember"]
+    assert set(group["members"][0]) == set(member["properties"]) == set(member["required"])

@@ -313,3 +313,57 @@ async def test_list_pages_with_link_header(api: Api) -> None:
     assert status == 200, second
     assert [r["id"] for r in second] == created[:1]
     assert "Link" not in headers
+
+
+async def test_times_the_document_cannot_judge_are_unsendable_alone_and_named_with_the_rest(
+    api: Api, db: asyncpg.Connection
+) -> None:
+    # the document allows any RFC 3339 time; "ahead of now" and "before the interview" are
+    # the clock's and the other field's: a 422 of type unsendable when nothing else is wrong
+    body = reminder_body(interview_time=_at(-1), reminder_time=_at(-2))
+    status, problem, _ = await api.post("/reminders/create/", body, user=SERVICE, role="service")
+    assert status == 422 and problem["type"] == "urn:notifyd:problem:unsendable", problem
+    assert field_names(problem) == {"interview_time"}
+    # with a fault the document does state, one 422 names both
+    body["candidate_contact"] = {"timezone": "Mars/Olympus"}
+    status, problem, _ = await api.post("/reminders/create/", body, user=SERVICE, role="service")
+    assert status == 422 and problem["type"] == "urn:notifyd:problem:validation", problem
+    assert field_names(problem) == {"interview_time", "candidate_contact.timezone"}
+    # a phone of the right shape that is no number in the tenant's region: unsendable too
+    body = reminder_body(candidate_contact={"phone": "12"})
+    status, problem, _ = await api.post("/reminders/create/", body, user=SERVICE, role="service")
+    assert status == 422 and problem["type"] == "urn:notifyd:problem:unsendable", problem
+    assert field_names(problem) == {"candidate_contact.phone"}
+    assert await db.fetchval("SELECT count(*) FROM interview_reminders") == 0
+
+
+async def test_contacts_are_stored_as_the_contact_rule_reads_them(
+    api: Api, db: asyncpg.Connection
+) -> None:
+    created = await create(
+        api,
+        candidate_contact={
+            "email": " cand@example.com ",
+            "phone": "(415) 555-2671",
+            "locale": "pt_br",
+            "name": " Ada ",
+        },
+        channels=["email", "email"],
+    )
+    assert created["candidate_contact"] == {
+        "email": "cand@example.com",
+        "phone": "+14155552671",
+        "locale": "pt-BR",
+        "name": "Ada",
+    }
+    assert created["channels"] == ["in_app", "email"]
+
+
+async def test_a_reminder_answer_has_exactly_the_documented_fields(api: Api) -> None:
+    created = await create(api, candidate_contact={"email": "cand@example.com"})
+    status, answer, _ = await api.get(f"/reminders/{created['reminder_id']}/", user=CANDIDATE)
+    assert status == 200, answer
+    _, document, _ = await api.get("/openapi.json", auth=False)
+    described = document["components"]["schemas"]["Reminder"]
+    assert set(answer) == set(described["required"])
+    assert set(created) == set(described["properties"])  # the create adds reminder_id

@@ -234,3 +234,44 @@ async def test_a_late_callback_for_a_deleted_notification_is_answered_as_for_an_
     async with aiohttp.ClientSession() as session:
         unknown = await callback(session, uuid7_at(0, 1))
         assert await callback(session, purged) == unknown == 204
+
+
+async def add_run(db: asyncpg.Connection, age: float, n: int, statuses: list[str]) -> uuid.UUID:
+    """A workflow run triggered `age` seconds ago with one step of each status."""
+    run_id = uuid7_at(age, 200 + n)
+    await db.execute(
+        """INSERT INTO workflow_runs (id, tenant_id, workflow_key, recipient, definition, data,
+                                      created_by, starts_at, created_at)
+           VALUES ($1, $2, 'interview', 'cand', '{}', '{}', 'backend',
+                   now() - make_interval(secs => $3), now() - make_interval(secs => $3))""",
+        run_id,
+        TENANT,
+        age,
+    )
+    await db.executemany(
+        """INSERT INTO workflow_steps (run_id, position, tenant_id, channel, template_key,
+                                       due_at, status)
+           VALUES ($1, $2, $3, 'in_app', 't', now() - make_interval(secs => $4), $5)""",
+        [(run_id, p, TENANT, age, status) for p, status in enumerate(statuses)],
+    )
+    return run_id
+
+
+async def test_finished_workflow_runs_are_deleted_with_their_steps_never_one_still_pending(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    """Promise (issue 27): past NOTIFYD_RETAIN_WORKFLOW_RUNS a run none of whose steps is
+    pending (sent, skipped, failed, cancelled, throttled) goes with its steps; a run with a
+    step still pending stays however old, as does a younger finished one."""
+    await add_run(db, OLD, 0, ["sent", "skipped", "failed"])
+    await add_run(db, OLD, 1, ["cancelled", "cancelled"])
+    await add_run(db, OLD, 2, ["throttled"])
+    waiting = await add_run(db, OLD, 3, ["sent", "pending"])
+    young = await add_run(db, RECENT, 4, ["sent"])
+    retention = Retention(workflow_runs=30 * DAY, pause=0)
+    deleted = await Housekeeper(pool, ttl=DAY, interval=60, retention=retention).purge_expired()
+    assert deleted == {"workflow_runs": 3}
+    left = await db.fetch("SELECT id FROM workflow_runs")
+    assert sorted(r["id"] for r in left) == sorted([waiting, young])
+    steps = await db.fetch("SELECT DISTINCT run_id FROM workflow_steps")
+    assert sorted(r["run_id"] for r in steps) == sorted([waiting, young])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -265,6 +266,38 @@ async def test_the_timer_moves_entries_ahead_in_chunks_never_more_than_its_looka
     moved_at = sorted(int(entry_id.split(b"-")[0]) for entry_id, _ in await redis.xrange(STREAM))
     moves = 1 + sum(1 for a, b in itertools.pairwise(moved_at) if b - a > 5)
     assert moves <= len(leads) // 4, moved_at
+
+
+async def test_entries_added_while_the_timer_runs_due_later_still_move_in_chunks(
+    redis: Redis,
+) -> None:
+    """Entries this process schedules seconds ahead, one every 5 ms while the timer runs
+    (live workflow triggers), do not wake it each time: it still moves them in chunks, never
+    more than the lookahead early; one added due now still moves at once."""
+    lookahead = 0.4
+    schedule = Schedule(redis, "t:timer")
+    stop = asyncio.Event()
+    timer = Timer(schedule, lookahead=lookahead, ahead=frozenset({STREAM}))
+    task = asyncio.create_task(timer.run(stop))
+    try:
+        for n in range(200):
+            due = datetime.now(UTC) + timedelta(seconds=1)
+            await schedule.add(Scheduled(STREAM, {"n": str(n)}, key="k"), due)
+            await asyncio.sleep(0.005)
+        await wait_for(lambda: _length_is(redis, 200), timeout=10, interval=0.01)
+        added = time.monotonic()
+        await schedule.add(Scheduled(STREAM, {"n": "now"}, key="k"), datetime.now(UTC))
+        await wait_for(lambda: _length_is(redis, 201), timeout=5, interval=0.005)
+        prompt = time.monotonic() - added
+    finally:
+        stop.set()
+        await task
+    leads = await _leads(redis, STREAM)
+    assert max(leads) <= lookahead * 1000 + 1
+    moved_at = sorted(int(entry_id.split(b"-")[0]) for entry_id, _ in await redis.xrange(STREAM))
+    moves = 1 + sum(1 for a, b in itertools.pairwise(moved_at) if b - a > 5)
+    assert moves <= 200 // 4, moved_at  # a move per entry would make 200
+    assert prompt < 0.2, prompt  # the timer's longest tick (0.25 s) would be past this
 
 
 async def test_only_the_streams_that_ask_move_ahead_a_retry_keeps_its_time(redis: Redis) -> None:

@@ -601,3 +601,13 @@ async def test_list_pages_with_a_link_header(api: Api) -> None:
         if path is not None:
             path = path[path.index("/templates/") :]
     assert seen == [(k, c) for k in ("a", "b", "c") for c in ("email", "sms")]
+
+
+async def test_a_bad_path_and_query_are_one_422_naming_each(api: Api) -> None:
+    status, problem, _ = await api.get("/templates/bad%20key/fax/?locale=x%20y", role="admin")
+    assert status == 422, problem
+    assert error_fields(problem) == {"template_key", "channel", "locale"}
+    status, problem, _ = await api.get("/templates/?after=no-slashes&limit=0", role="admin")
+    assert status == 422, problem
+    assert error_fields(problem) == {"after", "limit"}
+    assert "cursor" in error_for(problem, "after")

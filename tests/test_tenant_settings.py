@@ -120,7 +120,14 @@ async def test_put_stores_secrets_encrypted_and_get_never_returns_them(
     keyed_api: Api, db: asyncpg.Connection, pool: asyncpg.Pool
 ) -> None:
     status, body, _ = await put(
-        keyed_api, {"smtp": SMTP, "twilio": TWILIO, "default_region": "GB", "default_locale": "en"}
+        keyed_api,
+        {
+            "smtp": SMTP,
+            "twilio": TWILIO,
+            "default_region": "GB",
+            "default_locale": "en",
+            "default_timezone": "Europe/London",
+        },
     )
     assert status == 200, body
     expected = {
@@ -128,6 +135,8 @@ async def test_put_stores_secrets_encrypted_and_get_never_returns_them(
         "twilio": {"account_sid": SID, "from_number": "+14155550100", "auth_token_set": True},
         "default_region": "GB",
         "default_locale": "en",
+        "default_timezone": "Europe/London",
+        "sourced": [],  # no tenant configuration source (tests/test_tenant_config.py)
     }
     assert body == expected
     for path in (PATH, "/api" + PATH):
@@ -182,7 +191,14 @@ async def test_put_without_password_keeps_it_and_null_falls_back(
 
     status, body, _ = await put(keyed_api, {"smtp": None, "twilio": None, "default_region": None})
     assert status == 200
-    assert body == {"smtp": None, "twilio": None, "default_region": None, "default_locale": None}
+    assert body == {
+        "smtp": None,
+        "twilio": None,
+        "default_region": None,
+        "default_locale": None,
+        "default_timezone": None,
+        "sourced": [],
+    }
     assert await store.load(pool, TENANT, SecretBox([KEY])) == TenantSettings()
 
 
@@ -213,7 +229,14 @@ async def test_tenants_never_see_each_other(keyed_api: Api) -> None:
     assert (await put(keyed_api, {"smtp": SMTP, "default_region": "GB"}))[0] == 200
     status, body, _ = await get(keyed_api, tenant="TEN-0002")
     assert status == 200
-    assert body == {"smtp": None, "twilio": None, "default_region": None, "default_locale": None}
+    assert body == {
+        "smtp": None,
+        "twilio": None,
+        "default_region": None,
+        "default_locale": None,
+        "default_timezone": None,
+        "sourced": [],
+    }
     assert (await put(keyed_api, {"default_region": "DE"}, tenant="TEN-0002"))[0] == 200
     _, mine, _ = await get(keyed_api)
     assert mine["default_region"] == "GB" and mine["smtp"]["host"] == "smtp.example.com"
@@ -285,6 +308,7 @@ SINGLE_FAULTS: list[tuple[dict[str, Any], str]] = [
     ({"twilio": {**TWILIO, "account_sid": "AC" + "g" * 32}}, "twilio.account_sid"),
     ({"twilio": {**TWILIO, "auth_token": ""}}, "twilio.auth_token"),
     ({"default_locale": "portuguese-brazil"}, "default_locale"),
+    ({"default_timezone": "Mars/Olympus"}, "default_timezone"),
 ]
 
 

@@ -7,42 +7,25 @@ origin; the component comes from an in-process daemon with real PostgreSQL and R
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 from playwright.async_api import Browser, Page
 
-from notifyd.app import Daemon
 from tests.conftest import DaemonFactory
 from tests.helpers import Api
-from tests.ui_browser import AXE, CHAT, HostSite, chromium, needs_chromium, open_chat
+from tests.ui_browser import (
+    CHAT,
+    HostSite,
+    needs_chromium,
+    open_chat,
+    serious_violations,
+    start_daemon,
+)
 
 pytestmark = needs_chromium
 TENANT = "TEN-UI"
 ALICE = "candidate-1"
 BOB = "employer-2"
-
-
-@pytest.fixture
-async def site() -> AsyncIterator[HostSite]:
-    host = HostSite()
-    await host.start()
-    yield host
-    await host.stop()
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with chromium() as launched:
-        yield launched
-
-
-async def start(daemon_factory: DaemonFactory, site: HostSite, **env: str) -> Daemon:
-    daemon = await daemon_factory(NOTIFYD_ALLOWED_ORIGINS=site.origin, **env)
-    site.settings = daemon.settings
-    site.base_url = f"http://127.0.0.1:{daemon.port}"
-    return daemon
 
 
 async def two_people(browser: Browser, site: HostSite) -> tuple[Page, Page]:
@@ -81,7 +64,7 @@ async def wait_part(page: Page, part: str, text: str, timeout_ms: float = 5_000)
 async def test_two_people_chat_with_typing_presence_and_read_receipts(
     daemon_factory: DaemonFactory, site: HostSite, browser: Browser, tmp_path: Path
 ) -> None:
-    await start(daemon_factory, site)
+    await start_daemon(daemon_factory, site)
     alice_context = await browser.new_context()
     alice = await alice_context.new_page()
     await open_chat(alice, site, TENANT, ALICE, peer=BOB)
@@ -129,7 +112,7 @@ async def test_two_people_chat_with_typing_presence_and_read_receipts(
 async def test_the_composer_refuses_what_the_server_refuses_with_its_message(
     daemon_factory: DaemonFactory, site: HostSite, browser: Browser
 ) -> None:
-    await start(daemon_factory, site, NOTIFYD_MESSAGE_MAX_LENGTH="10")
+    await start_daemon(daemon_factory, site, NOTIFYD_MESSAGE_MAX_LENGTH="10")
     alice, bob = await two_people(browser, site)
     composer = alice.locator(f'{CHAT} [part~="composer"] textarea')
     await composer.fill("far too long a message")
@@ -149,7 +132,7 @@ async def test_the_composer_refuses_what_the_server_refuses_with_its_message(
 async def test_history_and_a_restart_lose_and_double_nothing(
     daemon_factory: DaemonFactory, site: HostSite, browser: Browser
 ) -> None:
-    daemon = await start(daemon_factory, site)
+    daemon = await start_daemon(daemon_factory, site)
     port = daemon.port
     other = await daemon_factory(NOTIFYD_ALLOWED_ORIGINS=site.origin)
     alice, bob = await two_people(browser, site)
@@ -173,7 +156,7 @@ async def test_history_and_a_restart_lose_and_double_nothing(
     await composer.fill("four")
     await composer.press("Enter")
 
-    await start(daemon_factory, site, NOTIFYD_PORT=str(port))
+    await start_daemon(daemon_factory, site, NOTIFYD_PORT=str(port))
     await bob.wait_for_function(
         f"""() => document.querySelector('{CHAT}').shadowRoot
             .querySelectorAll('[part~="message"]').length >= 4""",
@@ -196,27 +179,21 @@ async def test_history_and_a_restart_lose_and_double_nothing(
 async def test_no_serious_or_critical_accessibility_violation(
     daemon_factory: DaemonFactory, site: HostSite, browser: Browser
 ) -> None:
-    await start(daemon_factory, site)
+    await start_daemon(daemon_factory, site)
     alice, bob = await two_people(browser, site)
     composer = alice.locator(f'{CHAT} [part~="composer"] textarea')
     await composer.fill("Accessible")
     await composer.press("Enter")
     await wait_part(bob, "message", "Accessible")
     for page in (alice, bob):
-        await page.add_script_tag(path=str(AXE))
-        result = await page.evaluate("axe.run(document)")
-        bad = [
-            (v["id"], v["help"], [n["target"] for n in v["nodes"]])
-            for v in result["violations"]
-            if v["impact"] in ("serious", "critical")
-        ]
+        bad = await serious_violations(page)
         assert bad == [], bad
 
 
 async def test_a_group_room_shows_senders_presence_and_who_has_seen(
     daemon_factory: DaemonFactory, site: HostSite, browser: Browser
 ) -> None:
-    daemon = await start(daemon_factory, site)
+    daemon = await start_daemon(daemon_factory, site)
     async with Api(daemon) as api:
         status, body, _ = await api.post(
             "/rooms/", {"name": "panel-42", "members": [BOB]}, tenant=TENANT, user=ALICE

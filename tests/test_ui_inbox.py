@@ -8,22 +8,20 @@ promise of issue 28 it checks.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.async_api import Browser, Page
 
-from notifyd.app import Daemon
 from tests.conftest import DaemonFactory
 from tests.helpers import Api
 from tests.ui_browser import (
-    AXE,
     HostSite,
-    chromium,
     needs_chromium,
     open_inbox,
+    serious_violations,
+    start_daemon,
     wait_badge,
     wait_live,
 )
@@ -34,32 +32,11 @@ USER = "candidate-7"
 
 
 @pytest.fixture
-async def site() -> AsyncIterator[HostSite]:
-    host = HostSite()
-    await host.start()
-    yield host
-    await host.stop()
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with chromium() as launched:
-        yield launched
-
-
-@pytest.fixture
 def artifacts(tmp_path: Path) -> Path:
     """Screenshots land here (kept by pytest's tmp_path retention, one folder per test)."""
     folder = tmp_path / "artifacts"
     folder.mkdir()
     return folder
-
-
-async def start(daemon_factory: DaemonFactory, site: HostSite, **env: str) -> Daemon:
-    daemon = await daemon_factory(NOTIFYD_ALLOWED_ORIGINS=site.origin, **env)
-    site.settings = daemon.settings
-    site.base_url = f"http://127.0.0.1:{daemon.port}"
-    return daemon
 
 
 async def send(api: Api, subject: str, user: str = USER) -> str:
@@ -95,7 +72,7 @@ async def items(page: Page) -> list[dict[str, Any]]:
 async def test_a_rest_send_raises_the_badge_within_a_second_and_mark_all_read_clears_it(
     daemon_factory: DaemonFactory, site: HostSite, browser: Browser, artifacts: Path
 ) -> None:
-    daemon = await start(daemon_factory, site)
+    daemon = await start_daemon(daemon_factory, site)
     page = await browser.new_page()
     async with Api(daemon) as api:
         await open_inbox(page, site, TENANT, USER)
@@ -122,7 +99,7 @@ async def test_a_rest_send_raises_the_badge_within_a_second_and_mark_all_read_cl
 async def test_opening_an_item_marks_it_read(
     daemon_factory: DaemonFactory, site: HostSite, browser: Browser
 ) -> None:
-    daemon = await start(daemon_factory, site)
+    daemon = await start_daemon(daemon_factory, site)
     page = await browser.new_page()
     async with Api(daemon) as api:
         await open_inbox(page, site, TENANT, USER)
@@ -144,7 +121,7 @@ async def test_marking_read_elsewhere_updates_the_badge_and_the_items(
 ) -> None:
     """Another tab, or another app over REST, marks notifications read: this page's badge
     follows within a second (the stale badge of novu#1008)."""
-    daemon = await start(daemon_factory, site)
+    daemon = await start_daemon(daemon_factory, site)
     page = await browser.new_page()
     async with Api(daemon) as api:
         await open_inbox(page, site, TENANT, USER)
@@ -170,7 +147,7 @@ async def test_marking_read_elsewhere_updates_the_badge_and_the_items(
 async def test_after_a_server_restart_the_page_shows_every_notification_once_and_the_right_count(
     daemon_factory: DaemonFactory, site: HostSite, browser: Browser
 ) -> None:
-    daemon = await start(daemon_factory, site)
+    daemon = await start_daemon(daemon_factory, site)
     port = daemon.port
     other = await daemon_factory()  # another instance, taking sends while the first is down
     page = await browser.new_page()
@@ -187,7 +164,7 @@ async def test_after_a_server_restart_the_page_shows_every_notification_once_and
         )
         sent += [await send(other_api, f"meanwhile {n}") for n in range(3)]
 
-        await start(daemon_factory, site, NOTIFYD_PORT=str(port))
+        await start_daemon(daemon_factory, site, NOTIFYD_PORT=str(port))
         await wait_live(page, timeout_ms=20_000)
         await wait_badge(page, "4")
         await page.locator('notifyd-inbox [part~="bell"]').click()
@@ -205,7 +182,7 @@ async def test_an_expiring_token_is_refreshed_without_losing_the_socket_or_its_e
     daemon_factory: DaemonFactory, site: HostSite, browser: Browser
 ) -> None:
     # tokens of 4 s, no leeway: a socket not refreshed in time is closed with 4001 at once
-    daemon = await start(daemon_factory, site, JWT_LEEWAY="0", NOTIFYD_WS_TOKEN_WARNING="2")
+    daemon = await start_daemon(daemon_factory, site, JWT_LEEWAY="0", NOTIFYD_WS_TOKEN_WARNING="2")
     site.ttl = 4
     page = await browser.new_page()
     sockets: list[str] = []
@@ -228,7 +205,7 @@ async def test_an_expiring_token_is_refreshed_without_losing_the_socket_or_its_e
 async def test_no_serious_or_critical_accessibility_violation(
     daemon_factory: DaemonFactory, site: HostSite, browser: Browser
 ) -> None:
-    daemon = await start(daemon_factory, site)
+    daemon = await start_daemon(daemon_factory, site)
     page = await browser.new_page()
     async with Api(daemon) as api:
         await open_inbox(page, site, TENANT, USER)
@@ -238,20 +215,14 @@ async def test_no_serious_or_critical_accessibility_violation(
             if panel_open:
                 await page.locator('notifyd-inbox [part~="bell"]').click()
                 await page.locator('notifyd-inbox [part~="item"]').first.wait_for()
-            await page.add_script_tag(path=str(AXE))
-            result = await page.evaluate("axe.run(document)")
-            bad = [
-                (v["id"], v["help"], [n["target"] for n in v["nodes"]])
-                for v in result["violations"]
-                if v["impact"] in ("serious", "critical")
-            ]
+            bad = await serious_violations(page)
             assert bad == [], bad
 
 
 async def test_keyboard_opens_the_panel_and_escape_returns_focus_to_the_bell(
     daemon_factory: DaemonFactory, site: HostSite, browser: Browser
 ) -> None:
-    await start(daemon_factory, site)
+    await start_daemon(daemon_factory, site)
     page = await browser.new_page()
     await open_inbox(page, site, TENANT, USER)
     await page.keyboard.press("Tab")
@@ -272,7 +243,7 @@ async def test_keyboard_opens_the_panel_and_escape_returns_focus_to_the_bell(
 async def test_the_panel_follows_the_link_cursor_and_shows_the_empty_state_in_french(
     daemon_factory: DaemonFactory, site: HostSite, browser: Browser
 ) -> None:
-    daemon = await start(daemon_factory, site)
+    daemon = await start_daemon(daemon_factory, site)
     page = await browser.new_page()
     async with Api(daemon) as api:
         await page.goto(site.url(TENANT, "nobody", locale="fr"))

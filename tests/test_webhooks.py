@@ -671,6 +671,12 @@ class Dns:
         return [ipaddress.ip_address(a) for a in self.answers[host]]
 
 
+async def refused_as_loopback(db: asyncpg.Connection) -> bool:
+    """The webhook delivery was refused by the egress policy for going to loopback."""
+    error = await db.fetchval("SELECT last_error FROM webhook_deliveries")
+    return error is not None and "loopback" in error
+
+
 async def test_a_name_is_checked_where_it_connects_no_dns_rebinding(
     settings_factory: Callable[..., Settings], db: asyncpg.Connection
 ) -> None:
@@ -696,12 +702,7 @@ async def test_a_name_is_checked_where_it_connects_no_dns_rebinding(
                 hook.secrets.append(created["secret"])
                 dns.answers["hooks.tenant.invalid"] = ["127.0.0.1"]  # rebinding
                 await send_in_app(api)
-
-                async def refused() -> bool:
-                    error = await db.fetchval("SELECT last_error FROM webhook_deliveries")
-                    return error is not None and "loopback" in error
-
-                await wait_for(refused, timeout=5)
+                await wait_for(lambda: refused_as_loopback(db), timeout=5)
                 assert hook.received == []
         finally:
             await daemon.stop()
@@ -739,12 +740,7 @@ async def test_a_literal_address_is_checked_again_at_connect_time(
     refusing = await daemon_factory(**{**FAST, "NOTIFYD_EGRESS_ALLOWED_NETWORKS": ""})
     async with Api(refusing) as api:
         await send_in_app(api)
-
-        async def refused() -> bool:
-            error = await db.fetchval("SELECT last_error FROM webhook_deliveries")
-            return error is not None and "loopback" in error
-
-        await wait_for(refused, timeout=5)
+        await wait_for(lambda: refused_as_loopback(db), timeout=5)
     assert hook.received == []
 
 

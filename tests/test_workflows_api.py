@@ -145,6 +145,8 @@ async def test_every_bound_is_a_422_naming_the_field_and_stores_nothing(
         },
     )
     assert status == 422 and set(fields(answer)) == {"quiet_hours.end"}, answer
+    # two fields' times compared: the document cannot say it, so it is a 422 of its own type
+    assert answer["type"] == "urn:notifyd:problem:unsendable", answer
     status, answer = await define(
         api, "runs", {"steps": [{"channel": "in_app", "template_key": "t"}]}
     )
@@ -243,6 +245,7 @@ async def test_trigger_input_is_bounded_and_named(api: Api, db: asyncpg.Connecti
     for data in ({"a": "x\u0000y"}, {"a\u0000": 1}, {"a": [{"b": ["\u0000"]}]}):
         status, answer = await trigger(api, "interview", {"recipients": ["c"], "data": data})
         assert status == 422 and fields(answer) == {"data": "must not contain NUL characters"}
+        assert answer["type"] == "urn:notifyd:problem:unsendable", answer
     status, answer = await trigger(api, "missing", {"recipients": ["cand-1"]})
     assert status == 404, answer
     status, answer, _ = await api.post(

@@ -59,6 +59,7 @@ ESCALATION: dict[str, Any] = {
         },
     ],
 }
+ONE_IN_APP = {"steps": [{"channel": "in_app", "template_key": "interviewScheduling"}]}
 TEMPLATE = {"subject": "Interview for {{ position }}", "text_body": "Hello, {{ position }}"}
 
 STEPS = """
@@ -99,6 +100,15 @@ async def trigger(api: Api, **body: Any) -> list[uuid.UUID]:
     )
     assert status == 202, answer
     return [uuid.UUID(run["run_id"]) for run in answer["runs"]]
+
+
+async def one_step_due(daemon: Daemon, due: datetime) -> uuid.UUID:
+    """The tenant set up with a one-step in-app workflow, triggered for one recipient due at
+    `due`: the run's id."""
+    async with Api(daemon) as api:
+        await setup_tenant(api, ONE_IN_APP)
+        (run_id,) = await trigger(api, send_at=due.isoformat())
+    return run_id
 
 
 async def wait_done(db: asyncpg.Connection, run_id: uuid.UUID, timeout: float = 15) -> list[Any]:
@@ -240,10 +250,9 @@ async def test_a_cancel_that_answered_means_no_counted_step_is_sent_even_one_due
     daemon_factory: DaemonFactory, db: asyncpg.Connection
 ) -> None:
     total = 200
-    definition = {"steps": [{"channel": "in_app", "template_key": "interviewScheduling"}]}
     daemon = await daemon_factory(**FAST)
     async with Api(daemon) as api:
-        await setup_tenant(api, definition)
+        await setup_tenant(api, ONE_IN_APP)
         due = datetime.now(UTC) + timedelta(seconds=2)
         run_ids = await trigger(
             api,
@@ -282,13 +291,12 @@ async def test_two_instances_fire_300_steps_due_in_the_same_second_exactly_once(
     daemon_factory: DaemonFactory, db: asyncpg.Connection, redis: Redis
 ) -> None:
     total = 300
-    definition = {"steps": [{"channel": "in_app", "template_key": "interviewScheduling"}]}
     daemons = [
         await daemon_factory(NOTIFYD_INSTANCE_NAME=name, NOTIFYD_DB_POOL_MAX="10", **FAST)
         for name in ("wf-a", "wf-b")
     ]
     async with Api(daemons[0]) as api:
-        await setup_tenant(api, definition)
+        await setup_tenant(api, ONE_IN_APP)
         due = datetime.now(UTC) + timedelta(seconds=3)
         run_ids = await trigger(
             api, recipients=[f"cand-{i}" for i in range(total)], send_at=due.isoformat()
@@ -333,12 +341,9 @@ async def _flushed_and_rebuilt(
 async def test_redis_flushed_while_running_the_steps_are_rebuilt_and_fire_once(
     daemon_factory: DaemonFactory, db: asyncpg.Connection, redis: Redis
 ) -> None:
-    definition = {"steps": [{"channel": "in_app", "template_key": "interviewScheduling"}]}
     daemon = await daemon_factory(**FAST)
-    async with Api(daemon) as api:
-        await setup_tenant(api, definition)
-        due = datetime.now(UTC) + timedelta(seconds=4)
-        (run_id,) = await trigger(api, send_at=due.isoformat())
+    due = datetime.now(UTC) + timedelta(seconds=4)
+    run_id = await one_step_due(daemon, due)
     await redis.flushall()
     await _flushed_and_rebuilt(db, redis, run_id, due)
 
@@ -346,12 +351,9 @@ async def test_redis_flushed_while_running_the_steps_are_rebuilt_and_fire_once(
 async def test_redis_flushed_before_start_the_steps_are_rebuilt_on_start(
     daemon_factory: DaemonFactory, db: asyncpg.Connection, redis: Redis
 ) -> None:
-    definition = {"steps": [{"channel": "in_app", "template_key": "interviewScheduling"}]}
     first = await daemon_factory(**FAST)
-    async with Api(first) as api:
-        await setup_tenant(api, definition)
-        due = datetime.now(UTC) + timedelta(seconds=4)
-        (run_id,) = await trigger(api, send_at=due.isoformat())
+    due = datetime.now(UTC) + timedelta(seconds=4)
+    run_id = await one_step_due(first, due)
     await first.stop()
     await redis.flushall()
     second: Daemon = await daemon_factory(**FAST)
@@ -362,10 +364,9 @@ async def test_redis_flushed_before_start_the_steps_are_rebuilt_on_start(
 async def test_a_stale_entry_of_a_cancelled_step_is_dropped_without_sending(
     daemon_factory: DaemonFactory, db: asyncpg.Connection, redis: Redis
 ) -> None:
-    definition = {"steps": [{"channel": "in_app", "template_key": "interviewScheduling"}]}
     daemon = await daemon_factory(**FAST)
     async with Api(daemon) as api:
-        await setup_tenant(api, definition)
+        await setup_tenant(api, ONE_IN_APP)
         later = datetime.now(UTC) + timedelta(hours=1)
         (run_id,) = await trigger(api, send_at=later.isoformat(), cancel_key="k")
         status, answer, _ = await api.post(
@@ -409,12 +410,9 @@ async def _deliver_early(redis: Redis, run_id: uuid.UUID, due: datetime, copies:
 async def test_the_same_due_step_delivered_three_times_is_sent_once(
     daemon_factory: DaemonFactory, db: asyncpg.Connection, redis: Redis
 ) -> None:
-    definition = {"steps": [{"channel": "in_app", "template_key": "interviewScheduling"}]}
     daemon = await daemon_factory(**FAST)
-    async with Api(daemon) as api:
-        await setup_tenant(api, definition)
-        due = datetime.now(UTC) + timedelta(seconds=2)
-        (run_id,) = await trigger(api, send_at=due.isoformat())
+    due = datetime.now(UTC) + timedelta(seconds=2)
+    run_id = await one_step_due(daemon, due)
     await _deliver_early(redis, run_id, due, copies=2)  # and the wheel's own at its time
     steps = await wait_done(db, run_id)
     assert [s["status"] for s in steps] == ["sent"]
@@ -432,13 +430,12 @@ async def test_the_same_due_step_delivered_three_times_is_sent_once(
 async def test_a_cancel_while_the_firer_holds_the_due_step_stops_it(
     daemon_factory: DaemonFactory, db: asyncpg.Connection
 ) -> None:
-    definition = {"steps": [{"channel": "in_app", "template_key": "interviewScheduling"}]}
     daemon = await daemon_factory(**FAST)
     assert daemon.pipeline is not None and daemon.services is not None
     firer = next(a for a in daemon.pipeline.actors if isinstance(a, WorkflowFirer))
     pool = daemon.services.pool
     async with Api(daemon) as api:
-        await setup_tenant(api, definition)
+        await setup_tenant(api, ONE_IN_APP)
         later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
         (first,) = await trigger(api, send_at=later, cancel_key="first")
         (second,) = await trigger(api, send_at=later, cancel_key="second")
@@ -458,6 +455,9 @@ async def test_a_cancel_while_the_firer_holds_the_due_step_stops_it(
         fired = await workflow_store.peek_step(pool, TENANT, second, 0)
         assert fired is not None
         assert await firer.fire(fired) == "sent"
+        # the same step again, as a replayed entry would bring it: found sent under the
+        # lock, nothing made
+        assert await firer.fire(fired) is None
         status, answer, _ = await api.post(
             "/workflows/interview/cancel/", {"cancel_key": "second"}, user=SERVICE, role="service"
         )
@@ -474,10 +474,9 @@ async def test_steps_held_by_a_killed_instance_fire_once_on_another(
     the entries it takes over after NOTIFYD_CLAIM_IDLE, or from the wheel its start rebuilt
     from PostgreSQL, whichever comes first; the other finds the step sent."""
     env = {**FAST, "NOTIFYD_REQUEUE_AFTER": "60"}
-    definition = {"steps": [{"channel": "in_app", "template_key": "interviewScheduling"}]}
     first = await daemon_factory(NOTIFYD_INSTANCE_NAME="wf-killed", **env)
     async with Api(first) as api:
-        await setup_tenant(api, definition)
+        await setup_tenant(api, ONE_IN_APP)
         due = datetime.now(UTC) + timedelta(seconds=3)
         run_ids = await trigger(
             api, recipients=["cand-1", "cand-2", "cand-3"], send_at=due.isoformat()

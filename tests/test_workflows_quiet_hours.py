@@ -18,6 +18,7 @@ from tests.conftest import DaemonFactory
 from tests.helpers import Api, wait_for
 from tests.test_workflows_fire import (
     FAST,
+    ONE_IN_APP,
     SERVICE,
     STEPS,
     USER,
@@ -72,10 +73,7 @@ async def test_a_step_inside_quiet_hours_waits_for_their_end_then_goes_once_unle
         "start": (now - timedelta(hours=1)).strftime("%H:%M:%S"),
         "end": end.strftime("%H:%M:%S"),
     }
-    definition = {
-        "steps": [{"channel": "in_app", "template_key": "interviewScheduling"}],
-        "quiet_hours": quiet,
-    }
+    definition = {**ONE_IN_APP, "quiet_hours": quiet}
     daemon = await daemon_factory(**FAST)
     async with Api(daemon) as api:
         await setup_tenant(api, definition)
@@ -105,3 +103,40 @@ async def test_a_step_inside_quiet_hours_waits_for_their_end_then_goes_once_unle
     assert sent[0]["done_at"] >= expected
     made = "SELECT count(*) FROM notifications WHERE id = ANY($1)"
     assert await db.fetchval(made, sent[0]["notification_ids"]) == 1
+
+
+async def test_a_recipient_without_a_zone_has_quiet_hours_in_the_tenants_default_zone(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    """Promise: quiet hours are read in the recipient's zone, else the tenant's default
+    (`default_timezone` of its settings), else UTC: a window that holds now in the tenant's
+    zone (and not in UTC) defers the step of a recipient who has none."""
+    zone = ZoneInfo("Pacific/Kiritimati")  # UTC+14: its window never holds in UTC now
+    now = datetime.now(UTC).astimezone(zone)
+    end = now + timedelta(seconds=3)
+    quiet = {
+        "start": (now - timedelta(minutes=30)).strftime("%H:%M:%S"),
+        "end": end.strftime("%H:%M:%S"),
+    }
+    assert quiet_until(datetime.now(UTC), quiet, None) is None  # not quiet in UTC
+    definition = {**ONE_IN_APP, "quiet_hours": quiet}
+    daemon = await daemon_factory(**FAST)
+    async with Api(daemon) as api:
+        await setup_tenant(api, definition)
+        status, answer, _ = await api.request(
+            "PUT",
+            "/tenants/current/settings/",
+            json={"default_timezone": "Pacific/Kiritimati"},
+            user="ops-admin",
+            role="admin",
+        )
+        assert status == 200 and answer["default_timezone"] == "Pacific/Kiritimati", answer
+        (run_id,) = await trigger(api)
+
+        async def deferred() -> bool:
+            return (await db.fetch(STEPS, run_id))[0]["reason"] == "quiet_hours"
+
+        await wait_for(deferred, timeout=5)
+    sent = await wait_done(db, run_id, timeout=15)
+    assert sent[0]["status"] == "sent"
+    assert sent[0]["done_at"] >= end.replace(microsecond=0)

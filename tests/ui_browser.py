@@ -13,15 +13,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from aiohttp import web
 from playwright.async_api import Browser, Page, async_playwright
 
 from bench.ui import CHROMIUM, CHROMIUM_ARGS
+from notifyd.app import Daemon
 from notifyd.settings import Settings
 from scripts.localservers import free_port
 from tests.helpers import token
+
+if TYPE_CHECKING:
+    from tests.conftest import DaemonFactory
 
 HOST_IP = "127.0.0.2"  # another origin than the daemon's 127.0.0.1 (all of 127/8 is loopback)
 AXE = Path(__file__).parent / "ui_vendor" / "axe-core" / "axe.min.js"
@@ -31,6 +36,26 @@ CHAT = "notifyd-chat"
 needs_chromium = pytest.mark.skipif(
     shutil.which("chromium") is None, reason="chromium is not installed (scripts/bootstrap.sh)"
 )
+
+
+async def serious_violations(page: Page) -> list[tuple[str, str, list[Any]]]:
+    """axe-core's serious and critical accessibility violations on the page as it is:
+    (rule, help, the elements at fault)."""
+    await page.add_script_tag(path=str(AXE))
+    result = await page.evaluate("axe.run(document)")
+    return [
+        (v["id"], v["help"], [n["target"] for n in v["nodes"]])
+        for v in result["violations"]
+        if v["impact"] in ("serious", "critical")
+    ]
+
+
+async def start_daemon(daemon_factory: DaemonFactory, site: HostSite, **env: str) -> Daemon:
+    """A daemon that lets the site's origin in, and the site pointed at it."""
+    daemon = await daemon_factory(NOTIFYD_ALLOWED_ORIGINS=site.origin, **env)
+    site.settings = daemon.settings
+    site.base_url = f"http://127.0.0.1:{daemon.port}"
+    return daemon
 
 
 @asynccontextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from notifyd.accept.orders import Order, Refused
-from notifyd.compose import compose, render_limits
+from notifyd.compose import Composer, render_limits
 from notifyd.providers.phones import InvalidPhone, to_e164
 from notifyd.providers.render import Rendered, TemplateError
 from notifyd.schemas.errors import FieldError
@@ -29,11 +29,15 @@ async def prepare(
     tenant: TenantSettings,
     tenant_id: str,
     order: Order,
+    *,
+    composer: Composer | None = None,
 ) -> Prepared:
     """Normalise the recipient and render the content; `Refused` names the field at fault.
 
     Only the tenant's region and default locale are used, so `tenant` may be the redacted
     settings (`store.tenants.load_redacted`): nothing here needs a tenant's secrets.
+    `composer`: one shared by a batch of orders (each distinct template resolved once; it
+    must know the tenant's default locale as `locale_for` gives it).
     """
     recipient = order.recipient.strip()
     if order.channel == "sms":
@@ -44,8 +48,15 @@ async def prepare(
         except InvalidPhone as exc:
             raise Refused([FieldError("recipient", str(exc))]) from None
     try:
-        rendered = await compose(
-            executor,
+        if composer is None:
+            composer = Composer(
+                executor,
+                locale_for(tenant, settings),
+                limits=render_limits(settings),
+                default_locales={tenant_id: locale_for(tenant, settings)},
+                known={tenant_id: tenant},  # its sourced templates win (compose.resolve)
+            )
+        rendered = await composer.compose(
             tenant_id=tenant_id,
             channel=order.channel,
             template_key=order.template_key,
@@ -53,8 +64,6 @@ async def prepare(
             subject=order.subject,
             message=order.message,
             locale=order.locale,
-            default_locale=locale_for(tenant, settings),
-            limits=render_limits(settings),
         )
     except TemplateError as exc:
         raise Refused([FieldError(exc.field, exc.reason)]) from None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -33,6 +33,7 @@ from notifyd.providers.render import TemplateError
 from notifyd.settings import Settings
 from notifyd.store import deliveries
 from notifyd.store import preferences as preference_store
+from notifyd.store.tenants import TenantSettings
 from notifyd.streams.consumer import Entry, StreamConsumer, Timing
 from notifyd.streams.producer import Producer
 from notifyd.suppressions import listed_reason
@@ -135,9 +136,13 @@ class Dispatcher:
         producer: Producer,
         metrics: Metrics,
         direct_in_app: DirectInApp | None = None,
+        tenant_settings: Callable[[str], Awaitable[TenantSettings]] | None = None,
     ) -> None:
         """With `direct_in_app`, in-app rows are delivered here (rendered first if need be), not
-        through the in-app sender's stream (see `DirectInApp`)."""
+        through the in-app sender's stream (see `DirectInApp`). `tenant_settings`: a tenant's
+        settings as rendering reads them (default locale, the source's templates); by default
+        the stored ones."""
+        self._tenant_settings = tenant_settings
         self._alerts = alerts
         self._direct_in_app = direct_in_app
         self._producer = producer
@@ -225,7 +230,10 @@ class Dispatcher:
         now dispatched, for their channels' streams."""
         ready: list[Ready] = []
         composer = Composer(
-            self._pool, self._settings.default_locale, limits=render_limits(self._settings)
+            self._pool,
+            self._settings.default_locale,
+            limits=render_limits(self._settings),
+            tenants=self._tenant_settings,
         )
         suppressed: list[tuple[str, uuid.UUID, str]] = []
         for row in rows:

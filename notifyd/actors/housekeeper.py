@@ -1,6 +1,7 @@
 """Housekeeper: deletes idempotency keys and ingested event ids past their lifetime, rows of
-notifications, messages, reminders and audit past their retention, forgets dead consumers,
-and trims stream entries every group has acknowledged (`streams.trim`).
+notifications, messages, reminders, audit and finished workflow runs past their retention,
+forgets dead consumers, and trims stream entries every group has acknowledged
+(`streams.trim`).
 
 Retention (`NOTIFYD_RETAIN_*`, 0 keeps forever) deletes only rows in a final state, a batch
 of `NOTIFYD_RETAIN_BATCH` rows by primary key per statement (its own short transaction),
@@ -32,6 +33,7 @@ from notifyd.store import (
     notifications,
     reminders,
     webhooks,
+    workflows,
 )
 from notifyd.store import retention as kept
 from notifyd.store.pool import Conn, Executor
@@ -54,6 +56,7 @@ class Retention:
     messages: float = 0.0
     reminders: float = 0.0
     audit: float = 0.0
+    workflow_runs: float = 0.0
     webhook_deliveries: float = 0.0
     batch: int = 1000
     pause: float = 0.1
@@ -65,6 +68,7 @@ class Retention:
             ("messages", self.messages, messages.purge_expired),
             ("interview_reminders", self.reminders, reminders.purge_expired),
             ("audit_log", self.audit, audit.purge_expired),
+            ("workflow_runs", self.workflow_runs, workflows.purge_expired),
             ("webhook_deliveries", self.webhook_deliveries, webhooks.purge_expired),
         ]
         return [family for family in every if family[1] > 0]

@@ -18,10 +18,9 @@ again (`_fire_one`), as it would have been without the lookahead.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
 import asyncpg
 from redis.asyncio import Redis
@@ -34,6 +33,7 @@ from notifyd.reminders import CATEGORY, TEMPLATE_KEY, plan
 from notifyd.settings import Settings
 from notifyd.store import reminders
 from notifyd.streams.consumer import Entry, Poison, StreamConsumer, Timing
+from notifyd.streams.due import due_of, in_waves, latest_due, sleep_until
 from notifyd.streams.producer import Producer
 
 log = logging.getLogger("notifyd.actors.reminders")
@@ -46,30 +46,14 @@ FIRE_BATCH = 100  # reminders read per stream read, and fired by one statement a
 FIRE_BATCHES_IN_FLIGHT = 16
 
 
-def _parse(entry: Entry) -> tuple[str, uuid.UUID, datetime]:
-    """(tenant, reminder id, the due time this entry was moved for).
-
-    The due time allows 1 ms of float rounding; an entry without one (added by hand)
-    counts as due now."""
+def _parse(entry: Entry) -> tuple[tuple[str, uuid.UUID], datetime]:
+    """((tenant, reminder id), the due time this entry was moved for)."""
     try:
         tenant_id = entry.fields[b"tenant_id"].decode()
         reminder_id = uuid.UUID(entry.fields[b"id"].decode())
-        due_ms = entry.fields.get(b"due_ms")
-        due = (
-            datetime.fromtimestamp(float(due_ms) / 1000, UTC) + timedelta(milliseconds=1)
-            if due_ms is not None
-            else datetime.now(UTC)
-        )
+        return (tenant_id, reminder_id), due_of(entry)
     except (KeyError, UnicodeDecodeError, ValueError):
         raise Poison("malformed reminder entry") from None
-    return tenant_id, reminder_id, due
-
-
-async def _until(when: datetime) -> None:
-    """Sleeps until `when` by the wall clock (the clock `reminder_time` is written in)."""
-    wait = (when - datetime.now(UTC)).total_seconds()
-    if wait > 0:
-        await asyncio.sleep(wait)
 
 
 def _planned(reminder: asyncpg.Record) -> list[reminders.ReminderNotification]:
@@ -127,7 +111,8 @@ class ReminderFirer:
 
     async def handle(self, entry: Entry) -> None:
         """One entry on its own (the consumer's per-entry path)."""
-        await self._fire_one(*_parse(entry))
+        (tenant_id, reminder_id), due = _parse(entry)
+        await self._fire_one(tenant_id, reminder_id, due)
 
     async def _fire_one(self, tenant_id: str, reminder_id: uuid.UUID, due: datetime) -> None:
         row = None
@@ -140,7 +125,7 @@ class ReminderFirer:
             ):
                 return  # cancelled, already fired, or moved later: a stale entry
             planned = _planned(reminder)
-            await _until(reminder["reminder_time"])
+            await sleep_until(reminder["reminder_time"])
             row = await reminders.fire(
                 self._pool,
                 reminder,
@@ -163,15 +148,7 @@ class ReminderFirer:
         """Everything one read returned: one query reads the rows, then each wave of those
         whose time has come is fired in one statement; a reminder that changed between the
         read and its wave goes through `_fire_one` on its own."""
-        wanted: dict[tuple[str, uuid.UUID], datetime] = {}
-        for entry in entries:
-            try:
-                tenant_id, reminder_id, due = _parse(entry)
-            except Poison as exc:
-                await self.consumer.dead_letter(entry, str(exc))
-                continue
-            key = (tenant_id, reminder_id)
-            wanted[key] = max(due, wanted.get(key, due))  # a replayed entry: one firing
+        wanted = await latest_due(entries, _parse, self.consumer.dead_letter)
         rows = await reminders.peek_many(self._pool, list(wanted))
         batch = [
             (reminders.DueReminder(row, wanted[(row["tenant_id"], row["id"])]), _planned(row))
@@ -181,13 +158,7 @@ class ReminderFirer:
         ]
         if not batch:
             return  # all stale: cancelled, fired, or moved later
-        batch.sort(key=lambda item: item[0].row["reminder_time"])
-        while batch:
-            await _until(batch[0][0].row["reminder_time"])
-            now = datetime.now(UTC)
-            ready = bisect.bisect_right(batch, now, key=lambda item: item[0].row["reminder_time"])
-            await self._fire_wave(batch[:ready])
-            del batch[:ready]
+        await in_waves(batch, lambda item: item[0].row["reminder_time"], self._fire_wave)
 
     async def _fire_wave(
         self, batch: list[tuple[reminders.DueReminder, list[reminders.ReminderNotification]]]

@@ -1,16 +1,19 @@
 """Timer: moves due entries of the wheel (delivery retries, reminders) onto their streams.
 
-It sleeps until the earliest due time; an entry scheduled by this process wakes it at once,
-and it never sleeps longer than a short tick, so an entry added by another instance is picked
-up promptly too. The move itself is one atomic Lua step, so any number of instances can run
-the timer and each entry still moves once.
+It sleeps until the earliest due time; an entry scheduled by this process wakes it at once
+when it must move sooner than the sleep would end (one due later leaves the sleep alone: a
+trigger's steps due seconds ahead, arriving a hundred times a second, would otherwise wake
+it each time and move the wheel in slivers), and it never sleeps longer than a short tick,
+so an entry added by another instance is picked up promptly too. The move itself is one
+atomic Lua step, so any number of instances can run the timer and each entry still moves
+once.
 
 With a lookahead (NOTIFYD_REMINDER_LOOKAHEAD) it moves the entries of the streams that ask
-for it (the reminders) that far ahead of their time, in chunks: after a move it sleeps at
-least half the lookahead (unless a retry falls due sooner), so each entry reaches its stream
-between half the lookahead and the whole of it early. The reminder firer uses that time to
-read and plan what it fires, and fires each reminder at its own time (see
-`actors.reminder_firer`): on a loaded loop the stream read, the read of the rows and the
+for it (reminders, workflow steps) that far ahead of their time, in chunks: after a move it
+sleeps at least half the lookahead (unless a retry falls due sooner), so each entry reaches
+its stream between half the lookahead and the whole of it early. The firers use that time to
+read and plan what they fire, and fire each at its own time (see `actors.reminder_firer`,
+`actors.workflow_firer`): on a loaded loop the stream read, the read of the rows and the
 planning were most of a reminder's lateness. A delivery retry shares the wheel but never
 moves early: its time may be a provider's Retry-After, which a send must not come before, so
 the timer also wakes for the earliest retry it left waiting.
@@ -51,11 +54,25 @@ class Timer:
             self._schedule.changed.clear()
             now = datetime.now(UTC)
             horizon = now + timedelta(seconds=self._lookahead)
+            self._schedule.take_earliest_added()  # the move below sees all of it
             result = await self._schedule.move(now, BATCH, horizon=horizon, ahead=self._ahead)
             if result.moved >= BATCH:
                 continue  # more are due right now
-            if await sleep_or_stop(stop, self._wait(result), also=self._schedule.changed):
+            if await self._sleep(stop, time.time() + self._wait(result)):
                 return
+
+    async def _sleep(self, stop: asyncio.Event, until: float) -> bool:
+        """Until the epoch second `until`, or sooner when this process schedules an entry
+        that may move before then (a lookahead before its time); True when stopping."""
+        while True:
+            if await sleep_or_stop(stop, until - time.time(), also=self._schedule.changed):
+                return True
+            if not self._schedule.changed.is_set():
+                return False  # slept the whole time: move now
+            self._schedule.changed.clear()
+            earliest = self._schedule.take_earliest_added()
+            if earliest is None or earliest / 1000 - self._lookahead < until:
+                return False  # it may move before the sleep would end: move now
 
     def _wait(self, result: Moved) -> float:
         """Until the next entry may move: one beyond the horizon a lookahead before its time

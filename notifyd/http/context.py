@@ -15,6 +15,7 @@ from notifyd.accept.outbox import Outbox
 from notifyd.auth.identity import Identity
 from notifyd.auth.tokens import TokenVerifier
 from notifyd.egress import Egress
+from notifyd.http.problems import Problem
 from notifyd.ids import OpaqueIdRule
 from notifyd.keys import Keys
 from notifyd.metrics import Metrics
@@ -26,7 +27,7 @@ from notifyd.secretbox import SecretError
 from notifyd.settings import Settings
 from notifyd.store.audit import AuditEntry
 from notifyd.store.limits import TenantLimits
-from notifyd.store.tenants import TenantSettings, TenantSettingsCache
+from notifyd.store.tenants import SourceUnavailable, TenantSettings, TenantSettingsCache
 from notifyd.streams.producer import Producer
 from notifyd.streams.schedule import Schedule
 
@@ -155,4 +156,17 @@ async def tenant_settings_of(ctx: Services, tenant_id: str) -> TenantSettings:
     try:
         return await ctx.tenant_settings.get(tenant_id)
     except SecretError:
-        return TenantSettings()
+        return await ctx.tenant_settings.public(tenant_id)
+    except SourceUnavailable as exc:
+        raise source_unavailable(exc) from None
+
+
+def source_unavailable(exc: SourceUnavailable) -> Problem:
+    """503: the tenant's configuration source has not answered yet for this tenant; a send
+    is not made with settings and templates the source may override."""
+    return Problem(
+        503,
+        str(exc),
+        kind="tenant-config-unavailable",
+        headers={"Retry-After": "5"},
+    )

@@ -9,21 +9,23 @@ security. A test checks that this document and the router agree route for route.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from notifyd import __version__, tags
+from notifyd import __version__
 from notifyd.http import idempotency
 from notifyd.http.context import SERVICES
+from notifyd.http.recipients import ME
 from notifyd.http.ui import openapi_paths as ui_paths
 from notifyd.payloads import dumps
 from notifyd.schemas.fields import TEMPLATE_KEY_PATTERN, anchored
 from notifyd.schemas.registry import RESPONSES, Schemas
-from notifyd.schemas.templates import TEMPLATE_LOCALE_PATTERN
-from notifyd.schemas.workflows import WORKFLOW_KEY_PATTERN
+from notifyd.schemas.tenant_config import document_model
+from notifyd.schemas.workflows import RUNS, WORKFLOW_KEY_PATTERN
 from notifyd.settings import CHANNELS, Settings
 
 JSON = "application/json"
@@ -64,7 +66,12 @@ def _problems(*codes: int) -> dict[str, Any]:
         "type urn:notifyd:problem:unsendable, a request the tenant's state or the caller's role "
         "cannot serve (no such template, a number that is not one in the tenant's region, an "
         "email template without a subject, a template that cannot render with the context, a full "
-        "room, a new Twilio account without a token, an SMTP relay the egress policy refuses); "
+        "room, a new Twilio account without a token, an SMTP relay the egress policy refuses) or "
+        "that only a rule this document cannot state refuses (a reminder whose interview is past "
+        "or whose reminder time is not before it, the stored time standing for one a reschedule "
+        "leaves out; a workflow's empty quiet window; a trigger's send_at beyond "
+        "NOTIFYD_WORKFLOW_MAX_DELAY or its data holding a NUL character): with other faults these "
+        "are named in the validation 422; "
         "urn:notifyd:problem:idempotency-key-reused, an Idempotency-Key "
         "sent before with another request",
         429: "A send rate or daily quota said no (`limit` names which; nothing was stored): "
@@ -91,10 +98,7 @@ _ID = {
     "maxLength": 128,
     "description": "An opaque id from another service (bounded length and character set).",
 }
-_UUID = {"type": "string", "format": "uuid"}
 _TIME = {"type": "string", "format": "date-time"}
-_NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
-_NULLABLE_STR = {"type": ["string", "null"]}
 _LINK = {"Link": {"schema": {"type": "string"}, "description": 'rel="next" page, when full'}}
 _IDEMPOTENCY = {
     "name": "Idempotency-Key",
@@ -103,7 +107,7 @@ _IDEMPOTENCY = {
     "description": "Replays the first response for 24 h.",
 }
 _PATH_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-_TEMPLATE_PARAMS: list[dict[str, Any]] = [
+_TEMPLATE_PATH: list[dict[str, Any]] = [
     {
         "name": "template_key",
         "in": "path",
@@ -111,39 +115,32 @@ _TEMPLATE_PARAMS: list[dict[str, Any]] = [
         "schema": {"type": "string", "pattern": TEMPLATE_KEY_PATTERN},
     },
     {"name": "channel", "in": "path", "required": True, "schema": {"enum": list(CHANNELS)}},
-    {
-        "name": "locale",
-        "in": "query",
-        "schema": {
-            "type": "string",
-            "maxLength": tags.LOCALE_MAX_LENGTH,
-            "pattern": TEMPLATE_LOCALE_PATTERN,
-        },
-        "description": 'A language tag, or "" for the default',
-    },
 ]
-_TEMPLATE_CURSOR = {
-    "name": "after",
-    "in": "query",
-    "schema": {"type": "string", "maxLength": 300, "pattern": "^[^/\\x00]*/[^/\\x00]*/[^/\\x00]*$"},
-    "description": "Cursor: taken from the previous page's Link header",
-}
 
-_USER_ID = {"name": "user_id", "in": "path", "required": True, "schema": _ID}
-_WORKFLOW_KEY = {
+_WORKFLOW_KEY: dict[str, Any] = {
     "name": "workflow_key",
     "in": "path",
     "required": True,
     "schema": {"type": "string", "pattern": WORKFLOW_KEY_PATTERN},
 }
+_NOT_RUNS: dict[
+    str, Any
+] = {  # GET /workflows/runs/ lists the runs; any other method on that key: 422
+    **_WORKFLOW_KEY,
+    "schema": {**_WORKFLOW_KEY["schema"], "not": {"const": RUNS}},
+    "description": f"{RUNS} names the runs: not a workflow's key",
+}
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 
 
-def generated(schemas: Schemas) -> dict[str, Any]:
-    """The models' JSON Schemas, by model name: requests as validated, answers as written."""
+def generated(schemas: Schemas, read: Sequence[type[BaseModel]] = ()) -> dict[str, Any]:
+    """The models' JSON Schemas, by model name: requests as validated, answers as written;
+    `read`: documents notifyd reads from other services, as validated (`TenantConfigDocument`,
+    what an auth service serves at NOTIFYD_TENANT_CONFIG_URL)."""
     models: list[tuple[type[BaseModel], Any]] = [(m, "validation") for m in schemas.requests()]
     models += [(m, "serialization") for m in RESPONSES]
+    models += [(m, "validation") for m in read]
     _, top = models_json_schema(models, ref_template=REF_TEMPLATE)
     found: dict[str, Any] = top.get("$defs", {})
     return found
@@ -194,175 +191,6 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
-    "MarkReadResult": {
-        "type": "object",
-        "required": ["updated"],
-        "properties": {"updated": {"type": "integer"}},
-    },
-    "Message": {
-        "type": "object",
-        "properties": {
-            "id": _UUID,
-            "room": {"type": "string", "description": "The chat room the message belongs to"},
-            "sender_id": {"type": "string"},
-            "receiver_id": {"type": ["string", "null"], "description": "null in group rooms"},
-            "content": {"type": "string"},
-            "sent_at": _TIME,
-            "is_read": {"type": "boolean"},
-            "read_at": _NULLABLE_TIME,
-        },
-    },
-    "RoomMember": {
-        "type": "object",
-        "properties": {
-            "user_id": {"type": "string"},
-            "role": {"enum": ["owner", "member"]},
-            "joined_at": _TIME,
-            "last_read_id": {"type": ["string", "null"], "format": "uuid"},
-        },
-    },
-    "RoomSummary": {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string"},
-            "kind": {"enum": ["group"]},
-            "title": {"type": "string"},
-            "created_by": {"type": "string"},
-            "created_at": _TIME,
-        },
-    },
-    "Room": {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string"},
-            "kind": {"enum": ["group", "dm"]},
-            "title": {"type": "string"},
-            "created_by": {"type": "string"},
-            "created_at": _TIME,
-            "members": {
-                "type": "array",
-                "items": {"oneOf": [_ref("RoomMember"), {"type": "string"}]},
-                "description": "RoomMember objects for a group room, the two user ids for dm",
-            },
-        },
-    },
-    "RoomMembersAdded": {
-        "type": "object",
-        "properties": {"added": {"type": "array", "items": {"type": "string"}}},
-    },
-    "ReminderCreate": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": [
-            "application_id",
-            "candidate_id",
-            "employer_id",
-            "interview_time",
-            "reminder_time",
-        ],
-        "properties": {
-            "application_id": _ID,
-            "candidate_id": _ID,
-            "employer_id": _ID,
-            "interview_time": {**_TIME, "description": "RFC 3339 with an offset."},
-            "reminder_time": {**_TIME, "description": "Before interview_time."},
-            "candidate_contact": _ref("Contact"),
-            "employer_contact": _ref("Contact"),
-            "channels": {
-                "type": "array",
-                "items": {"enum": ["in_app", "email", "sms"]},
-                "description": "Default: every channel a contact allows; in_app always.",
-            },
-        },
-    },
-    "Contact": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "email": {"type": "string", "format": "email"},
-            "phone": {"type": "string", "description": "E.164, or national in the region"},
-            "timezone": {"type": "string", "description": "IANA, e.g. Europe/Berlin"},
-            "locale": {"type": "string"},
-            "name": {"type": "string"},
-        },
-    },
-    "ReminderPatch": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {"interview_time": _TIME, "reminder_time": _TIME},
-    },
-    "Reminder": {
-        "type": "object",
-        "properties": {
-            "id": _UUID,
-            "reminder_id": _UUID,
-            "application_id": {"type": "string"},
-            "candidate_id": {"type": "string"},
-            "employer_id": {"type": "string"},
-            "created_by": {"type": "string"},
-            "interview_time": _TIME,
-            "reminder_time": _TIME,
-            "status": {"enum": ["scheduled", "fired", "skipped", "cancelled"]},
-            "is_sent": {"type": "boolean"},
-            "fired_at": _NULLABLE_TIME,
-            "notification_ids": {"type": "array", "items": _UUID},
-            "late": {"type": "boolean"},
-            "lateness_ms": {"type": ["integer", "null"]},
-            "candidate_contact": {"type": ["object", "null"]},
-            "employer_contact": {"type": ["object", "null"]},
-            "channels": {"type": ["array", "null"], "items": {"type": "string"}},
-            "created_at": _TIME,
-            "updated_at": _TIME,
-        },
-    },
-    "Template": {
-        "type": "object",
-        "properties": {
-            "template_key": {"type": "string"},
-            "channel": {"enum": ["email", "sms", "in_app"]},
-            "locale": {"type": "string"},
-            "subject": _NULLABLE_STR,
-            "text_body": {"type": "string"},
-            "html_body": _NULLABLE_STR,
-            "created_at": _TIME,
-            "updated_at": _TIME,
-        },
-    },
-    "Rendered": {
-        "type": "object",
-        "properties": {"subject": _NULLABLE_STR, "text": {"type": "string"}, "html": _NULLABLE_STR},
-    },
-    "Suppression": {
-        "type": "object",
-        "properties": {
-            "id": _UUID,
-            "channel": {"type": "string", "enum": ["email", "sms"]},
-            "address": {"type": "string", "description": "email lower-cased; SMS in E.164"},
-            "category": {
-                **_NULLABLE_STR,
-                "description": "null: every category; else the one category suppressed",
-            },
-            "reason": {
-                "type": "string",
-                "enum": ["hard_bounce", "smtp_refused", "sms_opt_out", "complaint", "unsubscribe"],
-            },
-            "source": {"type": "string", "description": "what said so, in its words"},
-            "notification_id": {"type": ["string", "null"], "format": "uuid"},
-            "created_at": _TIME,
-        },
-    },
-    "AuditEntry": {
-        "type": "object",
-        "properties": {
-            "id": _UUID,
-            "user_id": _NULLABLE_STR,
-            "action": {"type": "string"},
-            "ip_address": _NULLABLE_STR,
-            "request_id": _NULLABLE_STR,
-            "details": {"type": "object"},
-            "timestamp": _TIME,
-        },
-    },
 }
 
 
@@ -377,7 +205,13 @@ def _id_rule(schemas: Schemas) -> dict[str, Any]:
 
 def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
     """Path → method → operation, for the seed paths; `/api/...` aliases are added below."""
-    page = query_parameters(schemas.page_query.model)
+    template_item = [*_TEMPLATE_PATH, *query_parameters(schemas.template_item_query.model)]
+    user_id = {"name": "user_id", "in": "path", "required": True, "schema": _id_rule(schemas)}
+    not_me = {  # /recipients/me/ answers GET (and PATCH) itself; PUT and DELETE of it: 422
+        **user_id,
+        "schema": {**_id_rule(schemas), "not": {"const": ME}},
+        "description": f"{ME} names the caller: /recipients/{ME}/",
+    }
     secured: list[dict[str, list[str]]] = [{"bearer": []}]
     auth_errors = _problems(401, 503)  # every authenticated route reads PostgreSQL
     write_errors = _problems(400, 401, 409, 413, 415, 422)
@@ -390,18 +224,68 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             **extra,
         }
 
+    def listing(summary: str, schema: str, query: type[BaseModel], *refused: int) -> dict[str, Any]:
+        """A GET of a page of `schema`s, newest first: the query's parameters, a Link to the
+        next page; `refused`, the statuses beside 422."""
+        return op(
+            summary,
+            {"200": _ok(_list_of(schema), headers=_LINK), **_problems(*refused, 422)},
+            parameters=query_parameters(query),
+        )
+
+    def post(
+        summary: str,
+        answer: tuple[str, str, str],
+        body: str,
+        *refused: int,
+        path: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A POST that does what its body asks (Idempotency-Key replays it): answer is
+        (status, schema, description); `refused`, the statuses beside the write errors."""
+        status, schema, described = answer
+        return op(
+            summary,
+            {status: _ok(_ref(schema), described), **write_errors, **_problems(*refused)},
+            requestBody=_body(body),
+            parameters=[*([path] if path else []), _IDEMPOTENCY],
+        )
+
+    def item(
+        answer: str,
+        *,
+        put: tuple[str, str, dict[str, Any]],
+        get: tuple[str, dict[str, Any]],
+        delete: tuple[str, dict[str, Any]],
+        full: bool = False,
+    ) -> dict[str, Any]:
+        """A resource stored under its key in the path: PUT replaces it, GET reads it, DELETE
+        removes it; (summary, [body,] path parameter) each."""
+        refused = (400, 403, 409, 413, 415, 422) if full else (400, 403, 413, 415, 422)
+        return {
+            "put": op(
+                put[0],
+                {"200": _ok(_ref(answer)), **_problems(*refused)},
+                requestBody=_body(put[1]),
+                parameters=[put[2]],
+            ),
+            "get": op(
+                get[0], {"200": _ok(_ref(answer)), **_problems(403, 404, 422)}, parameters=[get[1]]
+            ),
+            "delete": op(
+                delete[0],
+                {"204": {"description": "Deleted"}, **_problems(403, 404, 422)},
+                parameters=[delete[1]],
+            ),
+        }
+
     return {
         "/notifications/send/": {
-            "post": op(
+            "post": post(
                 "Send a notification (email, sms or in_app)",
-                {
-                    "202": _ok(_ref("NotificationAccepted"), "Stored and queued"),
-                    **_problems(403),
-                    **write_errors,
-                    **_problems(429),
-                },
-                requestBody=_body("NotificationSend"),
-                parameters=[_IDEMPOTENCY],
+                ("202", "NotificationAccepted", "Stored and queued"),
+                "NotificationSend",
+                403,
+                429,
             )
         },
         "/notifications/": {
@@ -418,11 +302,10 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             )
         },
         "/notifications/mark-as-read/": {
-            "post": op(
+            "post": post(
                 "Mark the caller's notifications read",
-                {"200": _ok(_ref("NotificationsMarkedRead")), **write_errors},
-                requestBody=_body("MarkRead"),
-                parameters=[_IDEMPOTENCY],
+                ("200", "NotificationsMarkedRead", "OK"),
+                "MarkRead",
             )
         },
         "/notifications/{id}/": {
@@ -433,39 +316,35 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             )
         },
         "/messages/send/": {
-            "post": op(
-                "Send a 1-on-1 message",
-                {"201": _ok(_ref("MessageCreated"), "Stored"), **write_errors, **_problems(429)},
-                requestBody=_body("MessageSend"),
-                parameters=[_IDEMPOTENCY],
+            "post": post(
+                "Send a 1-on-1 message", ("201", "MessageCreated", "Stored"), "MessageSend", 429
             )
         },
         "/messages/": {
-            "get": op(
+            "get": listing(
                 "The caller's messages, newest first",
-                {"200": _ok(_list_of("Message"), headers=_LINK), **_problems(422)},
-                parameters=query_parameters(schemas.message_query.model),
+                "Message",
+                schemas.message_query.model,
             )
         },
         "/messages/mark-as-read/": {
-            "post": op(
+            "post": post(
                 "Mark messages the caller received as read",
-                {"200": _ok(_ref("MarkReadResult")), **write_errors},
-                requestBody=_body("MessageMarkRead"),
-                parameters=[_IDEMPOTENCY],
+                ("200", "MarkReadResult", "OK"),
+                "MessageMarkRead",
             )
         },
         "/rooms/": {
-            "post": op(
+            "post": post(
                 "Create a group chat room with members",
-                {"201": _ok(_ref("Room"), "Created"), **write_errors, **_problems(429)},
-                requestBody=_body("RoomCreate"),
-                parameters=[_IDEMPOTENCY],
+                ("201", "Room", "Created"),
+                "RoomCreate",
+                429,
             ),
-            "get": op(
+            "get": listing(
                 "The group rooms the caller is a member of, newest first",
-                {"200": _ok(_list_of("RoomSummary"), headers=_LINK), **_problems(422)},
-                parameters=query_parameters(schemas.page_query.model),
+                "RoomSummary",
+                schemas.page_query.model,
             ),
         },
         **{
@@ -528,23 +407,19 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             )
         },
         "/reminders/create/": {
-            "post": op(
+            "post": post(
                 "Schedule an interview reminder (service or admin)",
-                {
-                    "201": _ok(_ref("Reminder"), "Scheduled"),
-                    **_problems(403),
-                    **write_errors,
-                    **_problems(429),
-                },
-                requestBody=_body("ReminderCreate"),
-                parameters=[_IDEMPOTENCY],
+                ("201", "Reminder", "Scheduled"),
+                "ReminderCreate",
+                403,
+                429,
             )
         },
         "/reminders/": {
-            "get": op(
+            "get": listing(
                 "Reminders where the caller is candidate, employer or creator (all for services)",
-                {"200": _ok(_list_of("Reminder"), headers=_LINK), **_problems(422)},
-                parameters=query_parameters(schemas.reminder_query.model),
+                "Reminder",
+                schemas.reminder_query.model,
             )
         },
         "/reminders/{id}/": {
@@ -568,11 +443,14 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
         "/tenants/current/settings/": {
             "get": op(
                 "The tenant's delivery settings (admin; secrets never returned)",
-                {"200": _ok(_ref("TenantSettings")), **_problems(403)},
+                {"200": _ok(_ref("TenantSettings")), **_problems(403, 503)},
             ),
             "put": op(
                 "Change the tenant's delivery settings (admin)",
-                {"200": _ok(_ref("TenantSettings")), **_problems(400, 403, 409, 413, 415, 422)},
+                {
+                    "200": _ok(_ref("TenantSettings")),
+                    **_problems(400, 403, 409, 413, 415, 422, 503),
+                },
                 requestBody=_body("TenantSettings"),
             ),
         },
@@ -592,21 +470,17 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             )
         },
         "/templates/": {
-            "get": op(
+            "get": listing(
                 "The tenant's templates (admin, service)",
-                {"200": _ok(_list_of("Template"), headers=_LINK), **_problems(403, 422)},
-                parameters=[
-                    {**_TEMPLATE_PARAMS[0], "in": "query", "required": False},
-                    {**_TEMPLATE_PARAMS[1], "in": "query", "required": False},
-                    *(p for p in page if p["name"] == "limit"),
-                    _TEMPLATE_CURSOR,
-                ],
+                "Template",
+                schemas.template_query.model,
+                403,
             )
         },
         "/templates/preview/": {
             "post": op(
                 "Render a stored template or a draft with a sample context (admin, service)",
-                {"200": _ok(_ref("Rendered")), **_problems(403), **write_errors},
+                {"200": _ok(_ref("Rendered")), **_problems(403, 503), **write_errors},
                 requestBody=_body("TemplatePreview"),
             )
         },
@@ -614,18 +488,18 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             "get": op(
                 "One template",
                 {"200": _ok(_ref("Template")), **_problems(403, 404, 422)},
-                parameters=_TEMPLATE_PARAMS,
+                parameters=template_item,
             ),
             "put": op(
                 "Create or replace a template (admin); it must compile",
-                {"200": _ok(_ref("Template")), **_problems(403), **write_errors},
+                {"200": _ok(_ref("Template")), **_problems(403, 503), **write_errors},
                 requestBody=_body("TemplatePut"),
-                parameters=_TEMPLATE_PARAMS[:2],
+                parameters=_TEMPLATE_PATH,
             ),
             "delete": op(
                 "Delete a template (admin)",
                 {"204": {"description": "Deleted"}, **_problems(403, 404, 422)},
-                parameters=_TEMPLATE_PARAMS,
+                parameters=template_item,
             ),
         },
         "/recipients/me/": {
@@ -639,59 +513,43 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
                 requestBody=_body("RecipientOwnPatch"),
             ),
         },
-        "/recipients/{user_id}/": {
-            "put": op(
+        "/recipients/{user_id}/": item(
+            "Recipient",
+            put=(
                 "Store a user's addresses, time zone, locale and name (service, admin); "
                 "replaces the whole recipient",
-                {"200": _ok(_ref("Recipient")), **_problems(400, 403, 413, 415, 422)},
-                requestBody=_body("RecipientPut"),
-                parameters=[_USER_ID],
+                "RecipientPut",
+                not_me,
             ),
-            "get": op(
-                "A user's recipient (service, admin)",
-                {"200": _ok(_ref("Recipient")), **_problems(403, 404, 422)},
-                parameters=[_USER_ID],
-            ),
-            "delete": op(
-                "Delete a user's recipient (service, admin)",
-                {"204": {"description": "Deleted"}, **_problems(403, 404, 422)},
-                parameters=[_USER_ID],
-            ),
-        },
+            get=("A user's recipient (service, admin)", user_id),
+            delete=("Delete a user's recipient (service, admin)", not_me),
+        ),
         "/workflows/": {
             "get": op(
                 "The tenant's workflows (service, admin), by key",
                 {"200": _ok(_list_of("Workflow")), **_problems(403)},
             )
         },
-        "/workflows/{workflow_key}/": {
-            "put": op(
+        "/workflows/{workflow_key}/": item(
+            "Workflow",
+            put=(
                 "Define or replace a workflow (admin); runs already started keep theirs",
-                {"200": _ok(_ref("Workflow")), **_problems(400, 403, 409, 413, 415, 422)},
-                requestBody=_body("WorkflowDefinition"),
-                parameters=[_WORKFLOW_KEY],
+                "WorkflowDefinition",
+                _NOT_RUNS,
             ),
-            "get": op(
-                "One workflow (service, admin)",
-                {"200": _ok(_ref("Workflow")), **_problems(403, 404, 422)},
-                parameters=[_WORKFLOW_KEY],
-            ),
-            "delete": op(
-                "Delete a workflow (admin); runs already started go on",
-                {"204": {"description": "Deleted"}, **_problems(403, 404, 422)},
-                parameters=[_WORKFLOW_KEY],
-            ),
-        },
+            get=("One workflow (service, admin)", _WORKFLOW_KEY),
+            delete=("Delete a workflow (admin); runs already started go on", _NOT_RUNS),
+            full=True,  # NOTIFYD_WORKFLOWS_PER_TENANT: 409
+        ),
         "/workflows/{workflow_key}/trigger/": {
-            "post": op(
+            "post": post(
                 "Start the workflow for each recipient (service, admin): one run each",
-                {
-                    "202": _ok(_ref("WorkflowTriggered"), "Accepted"),
-                    **write_errors,
-                    **_problems(403, 404, 429),
-                },
-                requestBody=_body("WorkflowTrigger"),
-                parameters=[_WORKFLOW_KEY, _IDEMPOTENCY],
+                ("202", "WorkflowTriggered", "Accepted"),
+                "WorkflowTrigger",
+                403,
+                404,
+                429,
+                path=_NOT_RUNS,
             )
         },
         "/workflows/{workflow_key}/cancel/": {
@@ -700,14 +558,15 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
                 "admin): none of them is sent after the answer",
                 {"200": _ok(_ref("WorkflowCancelled")), **write_errors, **_problems(403)},
                 requestBody=_body("WorkflowCancel"),
-                parameters=[_WORKFLOW_KEY, _IDEMPOTENCY],
+                parameters=[_NOT_RUNS, _IDEMPOTENCY],
             )
         },
         "/workflows/runs/": {
-            "get": op(
+            "get": listing(
                 "Workflow runs, newest first, with their steps (a user: their own)",
-                {"200": _ok(_list_of("WorkflowRun"), headers=_LINK), **_problems(403, 422)},
-                parameters=query_parameters(schemas.run_query.model),
+                "WorkflowRun",
+                schemas.run_query.model,
+                403,
             )
         },
         "/workflows/runs/{run_id}/": {
@@ -831,10 +690,11 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
             )
         },
         "/audit/": {
-            "get": op(
+            "get": listing(
                 "The tenant's audit log (admin)",
-                {"200": _ok(_list_of("AuditEntry"), headers=_LINK), **_problems(403, 422)},
-                parameters=query_parameters(schemas.audit_query.model),
+                "AuditEntry",
+                schemas.audit_query.model,
+                403,
             )
         },
     }
@@ -848,7 +708,24 @@ _TOKEN = {
 }
 
 
-def _public() -> dict[str, dict[str, Any]]:
+def _socket(summary: str, path: dict[str, Any], since: str) -> dict[str, Any]:
+    """A WebSocket upgrade: its path parameters, the token and the `since` offset."""
+    return {
+        "summary": summary,
+        "security": [],
+        "parameters": [
+            *(
+                {"name": name, "in": "path", "required": True, "schema": schema}
+                for name, schema in path.items()
+            ),
+            {"name": "token", "in": "query", "schema": {"type": "string"}},
+            {"name": "since", "in": "query", "schema": {"type": "string"}, "description": since},
+        ],
+        "responses": {"101": {"description": "Switching protocols"}, **_problems(403)},
+    }
+
+
+def _public(schemas: Schemas) -> dict[str, dict[str, Any]]:
     status = {"type": "object", "properties": {"status": {"type": "string"}}}
     return {
         "/healthz": {
@@ -918,87 +795,50 @@ def _public() -> dict[str, dict[str, Any]]:
             },
         },
         "/ws/notifications/{tenant_id}/{user_id}/": {
-            "get": {
-                "summary": "WebSocket: the user's live notifications and unread count; accepts "
+            "get": _socket(
+                "WebSocket: the user's live notifications and unread count; accepts "
                 "mark_read and refresh {token}. Token: Authorization header, "
                 "Sec-WebSocket-Protocol `bearer, <token>`, or ?token=. Closes 4001 (token bad, "
                 "or expired without a refresh), 4003 (not your channel), 4008 (too slow), 4029 "
                 "(the user or tenant has its most sockets open), 1001 "
                 "(server going away).",
-                "security": [],
-                "parameters": [
-                    {"name": "tenant_id", "in": "path", "required": True, "schema": _ID},
-                    {"name": "user_id", "in": "path", "required": True, "schema": _ID},
-                    {"name": "token", "in": "query", "schema": {"type": "string"}},
-                    {
-                        "name": "since",
-                        "in": "query",
-                        "schema": {"type": "string"},
-                        "description": "Offset of the last event seen: replay what was missed "
-                        "(or a `gap` frame when some of it is no longer kept).",
-                    },
-                ],
-                "responses": {
-                    "101": {"description": "Switching protocols"},
-                    **_problems(403),
-                },
-            }
+                {"tenant_id": _ID, "user_id": _ID},
+                "Offset of the last event seen: replay what was missed "
+                "(or a `gap` frame when some of it is no longer kept).",
+            )
         },
         "/ws/chat/{room}/": {
-            "get": {
-                "summary": "WebSocket: a chat room, live. Send {message, receiver_id?, "
+            "get": _socket(
+                "WebSocket: a chat room, live. Send {message, receiver_id?, "
                 "client_id?}, {type: typing}, {type: read, up_to}, {type: ping}, {type: "
                 "refresh, token}; receive message, read, typing, join/leave and a first "
                 "presence frame. Token as for the notifications socket. Closes 4001 (token bad, "
                 "or expired without a refresh), 4003 (not a member), 4004 (no such room), 4008 "
                 "(too slow), 4029 (the user or tenant has its most sockets open), 1001 (server "
                 "going away).",
-                "security": [],
-                "parameters": [
-                    {"name": "room", "in": "path", "required": True, "schema": {"type": "string"}},
-                    {"name": "token", "in": "query", "schema": {"type": "string"}},
-                    {
-                        "name": "since",
-                        "in": "query",
-                        "schema": {"type": "string"},
-                        "description": "Offset of the last room event seen: replay what was "
-                        "missed (or a `gap` frame: refetch GET /rooms/{room}/messages/).",
-                    },
-                ],
-                "responses": {
-                    "101": {"description": "Switching protocols"},
-                    **_problems(403),
-                },
-            }
+                {"room": {"type": "string"}},
+                "Offset of the last room event seen: replay what was "
+                "missed (or a `gap` frame: refetch GET /rooms/{room}/messages/).",
+            )
         },
         "/webhooks/twilio/status": {
             "post": {
-                "summary": "Twilio message status callback (X-Twilio-Signature; query tenant, "
-                "notification)",
+                "summary": "Twilio message status callback (X-Twilio-Signature over the URL "
+                "and the form; the query names the tenant and the notification)",
                 "security": [],
                 "parameters": [
+                    *query_parameters(schemas.twilio_status_query.model),
                     {
-                        "name": "tenant",
-                        "in": "query",
-                        "required": True,
+                        "name": "X-Twilio-Signature",
+                        "in": "header",
                         "schema": {"type": "string"},
+                        "description": "Missing or not the account's: 403",
                     },
-                    {"name": "notification", "in": "query", "required": True, "schema": _UUID},
                 ],
                 "requestBody": {
                     "required": True,
                     "content": {
-                        "application/x-www-form-urlencoded": {
-                            "schema": {
-                                "type": "object",
-                                "properties": {
-                                    "MessageSid": {"type": "string"},
-                                    "MessageStatus": {"type": "string"},
-                                    "ErrorCode": {"type": "string"},
-                                    "ErrorMessage": {"type": "string"},
-                                },
-                            }
-                        }
+                        "application/x-www-form-urlencoded": {"schema": _ref("TwilioStatus")}
                     },
                 },
                 "responses": {"204": {"description": "Accepted"}, **_problems(400, 403, 415)},
@@ -1017,7 +857,8 @@ def _public() -> dict[str, dict[str, Any]]:
 
 def build_document(settings: Settings | None = None) -> dict[str, Any]:
     """The document for a daemon with `settings` (the defaults when None)."""
-    schemas = Schemas.build(settings or Settings())
+    settings = settings or Settings()
+    schemas = Schemas.build(settings)
     paths: dict[str, Any] = {}
     for path, operations in _operations(schemas).items():
         paths[path] = operations
@@ -1028,7 +869,7 @@ def build_document(settings: Settings | None = None) -> dict[str, Any]:
         }
         for method, operation in operations.items():
             operation["operationId"] = f"{method}{_slug(path)}"
-    for path, operations in _public().items():
+    for path, operations in _public(schemas).items():
         for method, operation in operations.items():
             operation["operationId"] = f"{method}{_slug(path)}"
         paths[path] = operations
@@ -1045,11 +886,16 @@ def build_document(settings: Settings | None = None) -> dict[str, Any]:
             "title": "notifyd",
             "version": __version__,
             "description": "Notifications, messages, reminders and real-time chat for "
-            "multi-tenant SaaS. Every error is application/problem+json.",
+            "multi-tenant SaaS. Every error is application/problem+json. "
+            "With NOTIFYD_TENANT_CONFIG_URL set, notifyd reads each tenant's SMTP relay, "
+            "Twilio account, defaults and templates from the team's auth service, which "
+            "answers `GET <url with {tenant_id}>` (bearer NOTIFYD_TENANT_CONFIG_TOKEN, "
+            "If-None-Match) with the schema `TenantConfigDocument` (200, with an ETag), 304, "
+            "or 404 for a tenant it configures nothing for.",
         },
         "paths": paths,
         "components": {
-            "schemas": {**SCHEMAS, **generated(schemas)},
+            "schemas": {**SCHEMAS, **generated(schemas, [document_model(settings)])},
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
             },

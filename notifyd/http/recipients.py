@@ -3,8 +3,8 @@
 A service or admin stores a user's addresses (`PUT /recipients/{user_id}/`, the whole
 recipient), reads and deletes them; a user reads their own and changes only its time zone
 and locale (`/recipients/me/`: the user comes from the token, never from the path). Values
-are validated as the reminders' contacts are; the phone is stored in E.164, read in the
-tenant's region. Every change is audited.
+follow the contact rule (`schemas.contacts`); the phone is stored in E.164, read in the
+tenant's region (a number that is not one there: 422 unsendable). Every change is audited.
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ from aiohttp import web
 
 from notifyd.auth import policy
 from notifyd.http.context import audit_entry, identity, services, tenant_settings_of
-from notifyd.http.problems import FieldError, forbidden, invalid, not_found
+from notifyd.http.problems import FieldError, forbidden, invalid, not_found, unsendable
 from notifyd.http.responses import iso, json_response
 from notifyd.http.validation import read_model, schemas
 from notifyd.providers.phones import InvalidPhone, to_e164
 from notifyd.store import audit
 from notifyd.store import recipients as store
 from notifyd.store.tenants import region_for
-from notifyd.tags import normalize_locale
 
 ME = "me"
 """The path segment that means the caller: `/recipients/me/` (no user id `me` is reachable
@@ -71,10 +70,8 @@ async def put_recipient(request: web.Request) -> web.Response:
         region = region_for(await tenant_settings_of(ctx, caller.tenant_id), ctx.settings)
         try:
             values["phone"] = to_e164(body.phone, region)
-        except InvalidPhone as exc:
-            raise invalid([FieldError("phone", str(exc))]) from None
-    if body.locale is not None:
-        values["locale"] = normalize_locale(body.locale)
+        except InvalidPhone as exc:  # the tenant's region is state: not the body's shape
+            raise unsendable([FieldError("phone", str(exc))]) from None
     async with ctx.pool.acquire() as conn, conn.transaction():
         row = await store.put(conn, caller.tenant_id, user_id, values)
         await audit.record(
@@ -89,15 +86,18 @@ async def put_recipient(request: web.Request) -> web.Response:
     return json_response(recipient_json(row))
 
 
-async def get_recipient(request: web.Request) -> web.Response:
-    ctx = services(request)
-    caller = identity(request)
-    user_id = _user_id(request)
-    _may_manage(request)
-    row = await store.get(ctx.pool, caller.tenant_id, user_id)
+async def _stored(request: web.Request, user_id: str) -> web.Response:
+    """The recipient's stored contact in the caller's tenant, or 404."""
+    row = await store.get(services(request).pool, identity(request).tenant_id, user_id)
     if row is None:
         raise not_found("recipient")
     return json_response(recipient_json(row))
+
+
+async def get_recipient(request: web.Request) -> web.Response:
+    user_id = _user_id(request)
+    _may_manage(request)
+    return await _stored(request, user_id)
 
 
 async def delete_recipient(request: web.Request) -> web.Response:
@@ -113,12 +113,7 @@ async def delete_recipient(request: web.Request) -> web.Response:
 
 
 async def get_own(request: web.Request) -> web.Response:
-    ctx = services(request)
-    caller = identity(request)
-    row = await store.get(ctx.pool, caller.tenant_id, caller.user_id)
-    if row is None:
-        raise not_found("recipient")
-    return json_response(recipient_json(row))
+    return await _stored(request, identity(request).user_id)
 
 
 async def patch_own(request: web.Request) -> web.Response:
@@ -126,8 +121,6 @@ async def patch_own(request: web.Request) -> web.Response:
     caller = identity(request)
     body = await read_model(request, schemas(request).recipient_patch)
     values = {name: getattr(body, name) for name in body.model_fields_set}
-    if values.get("locale") is not None:
-        values["locale"] = normalize_locale(values["locale"])
     async with ctx.pool.acquire() as conn, conn.transaction():
         row = await store.patch_own(conn, caller.tenant_id, caller.user_id, values)
         await audit.record(

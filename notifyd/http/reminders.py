@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from notifyd import tags
 from notifyd.auth import policy
 from notifyd.http.context import (
     Services,
@@ -26,13 +25,14 @@ from notifyd.http.context import (
 )
 from notifyd.http.idempotency import remember
 from notifyd.http.limits import check_send_rate
-from notifyd.http.problems import Problem, forbidden, not_found
+from notifyd.http.problems import FieldError, Problem, forbidden, not_found, unsendable
 from notifyd.http.responses import iso, json_response, page
-from notifyd.http.validation import Fields, is_email, read_json_object, read_query, schemas
+from notifyd.http.validation import read_model, read_query, schemas
 from notifyd.ids import parse_uuid, uuid7
 from notifyd.providers.phones import InvalidPhone, to_e164
-from notifyd.reminders import CHANNELS as REMINDER_CHANNELS
-from notifyd.reminders import is_time_zone, wheel_item
+from notifyd.reminders import wheel_item
+from notifyd.schemas.contacts import Contact
+from notifyd.schemas.reminders import time_problems
 from notifyd.store import audit
 from notifyd.store import reminders as store
 from notifyd.store.tenants import region_for
@@ -63,41 +63,21 @@ def reminder_json(row: asyncpg.Record) -> dict[str, Any]:
     }
 
 
-_CONTACT_KEYS = ("email", "phone", "timezone", "locale", "name")
-
-
-def _contact(fields: Fields, name: str, region: str) -> dict[str, str] | None:
-    """`{email?, phone?, timezone?, locale?, name?}`: validated, the phone in E.164."""
-    raw = fields.mapping(name, max_keys=len(_CONTACT_KEYS))
-    if raw is None:
-        return None
-    contact: dict[str, str] = {}
-    for key, value in raw.items():
-        where = f"{name}.{key}"
-        if key not in _CONTACT_KEYS:
-            fields.error(where, "is not a known field")
-            continue
-        if not isinstance(value, str) or not value.strip() or len(value) > 320:
-            fields.error(where, "must be a non-empty string of at most 320 characters")
-            continue
-        value = value.strip()
-        problem = tags.header_problem(value)  # a name or an address may reach a mail header
-        if problem is not None:
-            fields.error(where, problem)
-        elif key == "email" and not is_email(value):
-            fields.error(where, "must be an email address")
-        elif key == "phone":
-            try:
-                contact[key] = to_e164(value, region)
-            except InvalidPhone as exc:
-                fields.error(where, str(exc))
-            continue
-        elif key == "timezone" and not is_time_zone(value):
-            fields.error(where, "must be an IANA time zone such as Europe/Berlin")
-        elif key == "locale" and not tags.is_locale(value):
-            fields.error(where, "must be a language tag such as en or pt-BR")
-        contact[key] = value
-    return contact
+async def _contact(
+    ctx: Services, tenant_id: str, name: str, contact: Contact | None
+) -> tuple[dict[str, str] | None, list[FieldError]]:
+    """A contact as stored (its phone in E.164, read in the tenant's region), or why its phone
+    is not a number there."""
+    if contact is None:
+        return None, []
+    stored = contact.model_dump(exclude_none=True)
+    if contact.phone is not None:
+        region = region_for(await tenant_settings_of(ctx, tenant_id), ctx.settings)
+        try:
+            stored["phone"] = to_e164(contact.phone, region)
+        except InvalidPhone as exc:
+            return None, [FieldError(f"{name}.phone", str(exc))]
+    return stored, []
 
 
 async def _put_on_wheel(
@@ -113,43 +93,33 @@ async def _put_on_wheel(
         )
 
 
-def _check_times(fields: Fields, interview: datetime | None, reminder: datetime | None) -> None:
-    if interview is not None and interview <= datetime.now(UTC):
-        fields.error("interview_time", "is in the past")
-    if interview is not None and reminder is not None and reminder >= interview:
-        fields.error("reminder_time", "must be before interview_time")
-
-
 async def create_reminder(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
     await check_send_rate(request)
-    fields = Fields(await read_json_object(request), ctx.id_rule)
-    application_id = fields.opaque_id("application_id")
-    candidate_id = fields.opaque_id("candidate_id")
-    employer_id = fields.opaque_id("employer_id")
-    interview_time = fields.timestamp("interview_time")
-    reminder_time = fields.timestamp("reminder_time")
-    _check_times(fields, interview_time, reminder_time)
-    region = region_for(await tenant_settings_of(ctx, caller.tenant_id), ctx.settings)
-    candidate_contact = _contact(fields, "candidate_contact", region)
-    employer_contact = _contact(fields, "employer_contact", region)
-    channels = fields.choices("channels", REMINDER_CHANNELS)
-    if channels is not None and "in_app" not in channels:
-        channels.insert(0, "in_app")  # in-app always: the notification center is the record
-    fields.done()
+    body = await read_model(request, schemas(request).reminder_create)
     if not policy.may_manage_reminders(caller):
         raise forbidden(f"role {caller.role!r} may not create reminders; use a service token")
-    assert application_id and candidate_id and employer_id
-    assert interview_time and reminder_time
+    candidate_contact, found = await _contact(
+        ctx, caller.tenant_id, "candidate_contact", body.candidate_contact
+    )
+    employer_contact, also = await _contact(
+        ctx, caller.tenant_id, "employer_contact", body.employer_contact
+    )
+    if found or also:
+        raise unsendable(found + also)
+    channels = None if body.channels is None else list(dict.fromkeys(body.channels))
+    if channels is not None and "in_app" not in channels:
+        channels.insert(0, "in_app")  # in-app always: the notification center is the record
+    application_id, reminder_time = body.application_id, body.reminder_time
     row = store.NewReminder(
         id=uuid7(),
         tenant_id=caller.tenant_id,
         application_id=application_id,
-        candidate_id=candidate_id,
-        employer_id=employer_id,
+        candidate_id=body.candidate_id,
+        employer_id=body.employer_id,
         created_by=caller.user_id,
-        interview_time=interview_time,
+        interview_time=body.interview_time,
         reminder_time=reminder_time,
         details={
             key: value
@@ -237,17 +207,14 @@ async def reschedule_reminder(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
     current = await _visible_reminder(request)
-    fields = Fields(await read_json_object(request), ctx.id_rule)
-    interview_time = fields.timestamp("interview_time", required=False)
-    reminder_time = fields.timestamp("reminder_time", required=False)
-    if interview_time is None and reminder_time is None and not fields.errors:
-        fields.error("reminder_time", "send reminder_time and/or interview_time")
-    new_interview = interview_time or current["interview_time"]
-    new_reminder = reminder_time or current["reminder_time"]
-    _check_times(fields, new_interview, new_reminder)
-    fields.done()
+    body = await read_model(request, schemas(request).reminder_patch)
+    new_interview = body.interview_time or current["interview_time"]
+    new_reminder = body.reminder_time or current["reminder_time"]
+    problems = time_problems(new_interview, new_reminder)
     if not policy.may_change_reminder(caller, current["created_by"], current["employer_id"]):
         raise forbidden("only the reminder's creator, its employer or a service may change it")
+    if problems:
+        raise unsendable(problems)  # with the stored time the body left out: state
     async with ctx.pool.acquire() as conn, conn.transaction():
         row = await store.reschedule(
             conn, caller.tenant_id, current["id"], new_interview, new_reminder

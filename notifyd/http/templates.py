@@ -4,10 +4,17 @@ Services may read and preview (a backend checks its templates render before it s
 only admins write. A template must compile before it is stored, so a syntax error is the
 admin's 422 now, not every sender's failure later. Missing variables can only be found with
 a context, which is what the preview route is for.
+
+With a tenant configuration source (NOTIFYD_TENANT_CONFIG_URL), its templates win over stored
+ones of the same key, channel and locale: the list shows them first (`"source":
+"tenant_config"`, read-only), a PUT of one answers 409 `sourced-field`, and the preview and
+every send render them.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -17,10 +24,17 @@ from notifyd import tags
 from notifyd.auth import policy
 from notifyd.auth.identity import Identity
 from notifyd.compose import Composer, render_limits
-from notifyd.http.context import audit_entry, identity, services
+from notifyd.http.context import (
+    Services,
+    audit_entry,
+    identity,
+    services,
+    source_unavailable,
+    tenant_settings_of,
+)
 from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found, unsendable
 from notifyd.http.responses import iso, json_response
-from notifyd.http.validation import Fields, query_fields, read_model, schemas
+from notifyd.http.validation import read_model, read_query, schemas
 from notifyd.providers import render
 from notifyd.providers.render import Rendered, TemplateError, TemplateSource
 from notifyd.providers.render_bounds import RenderLimits
@@ -28,10 +42,40 @@ from notifyd.schemas.templates import TemplatePreview, TemplatePut
 from notifyd.settings import CHANNELS
 from notifyd.store import audit
 from notifyd.store import templates as store
+from notifyd.store.tenants import SourcedTemplate, SourceUnavailable, TemplateId
 
 
 def template_json(t: store.Template) -> dict[str, Any]:
-    return {**asdict(t), "created_at": iso(t.created_at), "updated_at": iso(t.updated_at)}
+    return {
+        **asdict(t),
+        "created_at": iso(t.created_at),
+        "updated_at": iso(t.updated_at),
+        "source": "stored",
+    }
+
+
+def sourced_json(key: TemplateId, t: SourcedTemplate) -> dict[str, Any]:
+    """A template the tenant configuration source gives (read-only; never stored)."""
+    template_key, channel, locale = key
+    return {
+        "template_key": template_key,
+        "channel": channel,
+        "locale": locale,
+        "subject": t.subject,
+        "text_body": t.text_body,
+        "html_body": t.html_body,
+        "created_at": None,
+        "updated_at": None,
+        "source": "tenant_config",
+    }
+
+
+async def _sourced_templates(ctx: Services, tenant_id: str) -> Mapping[TemplateId, SourcedTemplate]:
+    try:
+        source = await ctx.tenant_settings.sourced(tenant_id)
+    except SourceUnavailable as exc:
+        raise source_unavailable(exc) from None
+    return {} if source is None else source.templates
 
 
 def _check_read(caller: Identity) -> None:
@@ -42,16 +86,6 @@ def _check_read(caller: Identity) -> None:
 def _check_write(caller: Identity) -> None:
     if not policy.may_write_templates(caller):
         raise forbidden("only admins may change templates")
-
-
-def _check_key(fields: Fields, template_key: str | None) -> None:
-    if template_key is not None and not tags.TEMPLATE_KEY.fullmatch(template_key):
-        fields.error("template_key", "must be 1-128 letters, digits and _ . : - only")
-
-
-def _check_locale(fields: Fields, locale: str | None) -> None:
-    if locale is not None and not store.is_locale(locale):
-        fields.error("locale", 'must be a locale such as "en" or "pt-BR", or "" for the default')
 
 
 def _path_problems(request: web.Request) -> tuple[str, str, list[FieldError]]:
@@ -66,19 +100,11 @@ def _path_problems(request: web.Request) -> tuple[str, str, list[FieldError]]:
     return template_key, channel, errors
 
 
-def _path(request: web.Request, fields: Fields) -> tuple[str, str]:
-    """The path's template_key and channel, errors collected with the query's."""
+def _item(request: web.Request) -> tuple[str, str, str]:
+    """The path's template_key and channel and the query's locale, every fault in one 422."""
     template_key, channel, errors = _path_problems(request)
-    fields.errors += errors
-    return template_key, channel
-
-
-def _locale_query(fields: Fields) -> str:
-    locale = fields.string(
-        "locale", required=False, max_length=tags.LOCALE_MAX_LENGTH, allow_empty=True
-    )
-    _check_locale(fields, locale)
-    return locale or ""
+    query = read_query(request, schemas(request).template_item_query, also=errors)
+    return template_key, channel, query.locale
 
 
 def _label(template_key: str, channel: str, locale: str) -> str:
@@ -105,20 +131,12 @@ async def list_templates(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
     _check_read(caller)
-    query = query_fields(request, ctx.id_rule)
-    limit = query.page_limit(ctx.settings.page_size_default, ctx.settings.page_size_max)
-    template_key = query.string("template_key", required=False, max_length=128)
-    channel = query.choice("channel", CHANNELS, required=False)
-    after_text = query.string("after", required=False, max_length=300)
-    _check_key(query, template_key)
+    query = read_query(request, schemas(request).template_query)
+    limit, template_key, channel = query.limit, query.template_key, query.channel
     after: tuple[str, str, str] | None = None
-    if after_text is not None:
-        parts = after_text.split("/")
-        if len(parts) != 3:
-            query.error("after", "must be a cursor taken from a previous page's Link")
-        else:
-            after = (parts[0], parts[1], parts[2])
-    query.done()
+    if query.after is not None:  # the model checked it has two slashes
+        key, cursor_channel, cursor_locale = query.after.split("/")
+        after = (key, cursor_channel, cursor_locale)
     rows = await store.list_templates(
         ctx.pool,
         caller.tenant_id,
@@ -128,13 +146,21 @@ async def list_templates(request: web.Request) -> web.Response:
         limit=limit + 1,
     )
     headers: dict[str, str] = {}
+    # the source's templates, read-only, ahead of the stored ones on the first page
+    sourced = [
+        sourced_json(key, t)
+        for key, t in sorted((await _sourced_templates(ctx, caller.tenant_id)).items())
+        if after is None
+        and (template_key is None or key[0] == template_key)
+        and (channel is None or key[1] == channel)
+    ]
     if len(rows) > limit:
         rows = rows[:limit]
         last = rows[-1]
         cursor = f"{last.template_key}/{last.channel}/{last.locale}"
         next_url = request.rel_url.update_query({"after": cursor, "limit": str(limit)})
         headers["Link"] = f'<{next_url}>; rel="next"'
-    return json_response([template_json(r) for r in rows], headers=headers)
+    return json_response([*sourced, *(template_json(r) for r in rows)], headers=headers)
 
 
 async def put_template(request: web.Request) -> web.Response:
@@ -144,6 +170,14 @@ async def put_template(request: web.Request) -> web.Response:
     template_key, channel, path_errors = _path_problems(request)
     body = await read_model(request, schemas(request).template_put, also=path_errors)
     locale = tags.normalize_locale(body.locale or "")
+    if (template_key, channel, locale) in await _sourced_templates(ctx, caller.tenant_id):
+        raise Problem(
+            409,
+            "this template is set by the tenant configuration source (NOTIFYD_TENANT_CONFIG_URL)"
+            ": change it there",
+            kind="sourced-field",
+            errors=[FieldError("template_key", "is set by the tenant configuration source")],
+        )
     source = _source(body)
     errors = _compile_errors(
         source, _label(template_key, channel, locale), render_limits(ctx.settings)
@@ -181,10 +215,11 @@ async def get_template(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
     _check_read(caller)
-    query = query_fields(request, ctx.id_rule)
-    template_key, channel = _path(request, query)
-    locale = _locale_query(query)
-    query.done()
+    template_key, channel, locale = _item(request)
+    key = (template_key, channel, tags.normalize_locale(locale))
+    sourced = (await _sourced_templates(ctx, caller.tenant_id)).get(key)
+    if sourced is not None:  # it wins over a stored row of the same locale
+        return json_response(sourced_json(key, sourced))
     row = await store.get(ctx.pool, caller.tenant_id, template_key, channel, locale)
     if row is None:
         raise not_found("template")
@@ -195,10 +230,8 @@ async def delete_template(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
     _check_write(caller)
-    query = query_fields(request, ctx.id_rule)
-    template_key, channel = _path(request, query)
-    locale = tags.normalize_locale(_locale_query(query))
-    query.done()
+    template_key, channel, locale = _item(request)
+    locale = tags.normalize_locale(locale)
     async with ctx.pool.acquire() as conn, conn.transaction():
         deleted = await store.delete(conn, caller.tenant_id, template_key, channel, locale)
         if not deleted:
@@ -226,7 +259,10 @@ async def preview_template(request: web.Request) -> web.Response:
         try:
             # with the tenant's default locale, as a send would be rendered
             rendered = await Composer(
-                ctx.pool, ctx.settings.default_locale, limits=render_limits(ctx.settings)
+                ctx.pool,
+                ctx.settings.default_locale,
+                limits=render_limits(ctx.settings),
+                tenants=functools.partial(tenant_settings_of, ctx),
             ).compose(
                 tenant_id=caller.tenant_id,
                 channel=body.channel,

@@ -12,6 +12,10 @@ plus the write-only `password` / `auth_token`:
 Secrets are stored only encrypted (`NOTIFYD_TENANT_SECRET_KEY`); without that key a PUT
 carrying one answers 409 rather than store it in plaintext.
 
+With a tenant configuration source (NOTIFYD_TENANT_CONFIG_URL, `notifyd.tenant_config`), the
+fields it gives win over the stored ones: GET shows them (`sourced` names them) and a PUT of
+one answers 409 `sourced-field` naming it; the fields it omits are the tenant's to set here.
+
 Senders read these settings through a cache with a 30 s TTL, so a change takes up to that long
 to reach the SMTP and SMS senders of every instance.
 
@@ -35,7 +39,7 @@ from aiohttp import web
 from notifyd import tags
 from notifyd.auth import policy
 from notifyd.egress import Egress, EgressRefused, ResolveFailed
-from notifyd.http.context import audit_entry, identity, services
+from notifyd.http.context import Services, audit_entry, identity, services, source_unavailable
 from notifyd.http.problems import FieldError, Problem, forbidden, unsendable
 from notifyd.http.responses import json_response
 from notifyd.http.validation import read_model, schemas
@@ -46,6 +50,10 @@ from notifyd.store import tenants as store
 from notifyd.store.tenants import KEEP, Keep, SmtpConfig, TwilioConfig
 
 log = logging.getLogger("notifyd.http.tenants")
+
+SOURCED_MESSAGE = (
+    "is set by the tenant configuration source (NOTIFYD_TENANT_CONFIG_URL): change it there"
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class _Change:
     keep_auth_token: bool
     default_region: str | Literal[Keep.KEEP] | None
     default_locale: str | Literal[Keep.KEEP] | None
+    default_timezone: str | Literal[Keep.KEEP] | None
 
     @property
     def new_secrets(self) -> bool:
@@ -73,8 +82,17 @@ class _Change:
         return bool(password or token)
 
 
-def settings_json(redacted: store.RedactedSettings) -> dict[str, Any]:
-    tenant = redacted.settings
+def settings_json(
+    redacted: store.RedactedSettings, source: store.TenantSettings | None = None
+) -> dict[str, Any]:
+    """The stored settings with the source's fields over them (`sourced` names those)."""
+    tenant = store.overlay(redacted.settings, source)
+    given = source.sourced if source is not None else frozenset()
+    password_set, auth_token_set = redacted.password_set, redacted.auth_token_set
+    if source is not None and "smtp" in given:
+        password_set = bool(source.smtp and source.smtp.password)
+    if source is not None and "twilio" in given:
+        auth_token_set = bool(source.twilio and source.twilio.auth_token)
     smtp = tenant.smtp
     twilio = tenant.twilio
     return {
@@ -87,18 +105,41 @@ def settings_json(redacted: store.RedactedSettings) -> dict[str, Any]:
             "use_tls": smtp.use_tls,
             "use_ssl": smtp.use_ssl,
             "from_email": smtp.from_email,
-            "password_set": redacted.password_set,
+            "password_set": password_set,
         },
         "twilio": None
         if twilio is None
         else {
             "account_sid": twilio.account_sid,
             "from_number": twilio.from_number,
-            "auth_token_set": redacted.auth_token_set,
+            "auth_token_set": auth_token_set,
         },
         "default_region": tenant.default_region,
         "default_locale": tenant.default_locale,
+        "default_timezone": tenant.default_timezone,
+        "sourced": sorted(given),
     }
+
+
+async def _source(ctx: Services, tenant_id: str) -> store.TenantSettings | None:
+    try:
+        return await ctx.tenant_settings.sourced(tenant_id)
+    except store.SourceUnavailable as exc:
+        raise source_unavailable(exc) from None
+
+
+def _refuse_sourced(body: TenantSettings, source: store.TenantSettings | None) -> None:
+    """409 for a PUT of a field the tenant configuration source gives (it would not win)."""
+    if source is None:
+        return
+    clash = sorted(source.sourced & body.model_fields_set)
+    if clash:
+        raise Problem(
+            409,
+            f"set by the tenant configuration source, read-only here: {', '.join(clash)}",
+            kind="sourced-field",
+            errors=[FieldError(name, SOURCED_MESSAGE) for name in clash],
+        )
 
 
 def _require_admin(request: web.Request) -> None:
@@ -141,7 +182,8 @@ def _change(body: TenantSettings) -> _Change:
     if "default_locale" in given:
         # one spelling: pt_br, pt-br → pt-BR
         locale = None if body.default_locale is None else tags.normalize_locale(body.default_locale)
-    return _Change(smtp, keep_password, twilio, keep_auth_token, region, locale)
+    zone = body.default_timezone if "default_timezone" in given else KEEP
+    return _Change(smtp, keep_password, twilio, keep_auth_token, region, locale, zone)
 
 
 def _audit_details(change: _Change) -> dict[str, Any]:
@@ -168,6 +210,8 @@ def _audit_details(change: _Change) -> dict[str, Any]:
         details["default_region"] = change.default_region
     if change.default_locale is not KEEP:
         details["default_locale"] = change.default_locale
+    if change.default_timezone is not KEEP:
+        details["default_timezone"] = change.default_timezone
     return details
 
 
@@ -190,15 +234,20 @@ async def _check_egress(egress: Egress, smtp: SmtpConfig) -> None:
 async def get_settings(request: web.Request) -> web.Response:
     _require_admin(request)
     ctx = services(request)
-    redacted = await store.load_redacted(ctx.pool, identity(request).tenant_id)
-    return json_response(settings_json(redacted))
+    tenant_id = identity(request).tenant_id
+    source = await _source(ctx, tenant_id)
+    redacted = await store.load_redacted(ctx.pool, tenant_id)
+    return json_response(settings_json(redacted, source))
 
 
 async def put_settings(request: web.Request) -> web.Response:
     _require_admin(request)
     ctx = services(request)
     tenant_id = identity(request).tenant_id
-    change = _change(await read_model(request, schemas(request).tenant_settings))
+    body = await read_model(request, schemas(request).tenant_settings)
+    source = await _source(ctx, tenant_id)
+    _refuse_sourced(body, source)
+    change = _change(body)
     if isinstance(change.smtp, SmtpConfig):
         await _check_egress(ctx.egress, change.smtp)
     box = SecretBox.from_settings(ctx.settings)
@@ -219,6 +268,7 @@ async def put_settings(request: web.Request) -> web.Response:
                 twilio=change.twilio,
                 default_region=change.default_region,
                 default_locale=change.default_locale,
+                default_timezone=change.default_timezone,
                 keep_password=change.keep_password,
                 keep_auth_token=change.keep_auth_token,
             )
@@ -233,7 +283,7 @@ async def put_settings(request: web.Request) -> web.Response:
         redacted = await store.load_redacted(conn, tenant_id)
     # this instance sees the change at once; others within the cache TTL (30 s)
     ctx.tenant_settings.invalidate(tenant_id)
-    return json_response(settings_json(redacted))
+    return json_response(settings_json(redacted, source))
 
 
 def add_routes(app: web.Application) -> None:

@@ -7,10 +7,12 @@ account's auth token. The URL must be the one Twilio was given: behind a proxy t
 otherwise the URL of this request. Nothing is read or changed before the signature checks out.
 
 The tenant and notification ids travel in the callback URL's query, so they are covered by
-the signature too. Callbacks may arrive out of order, twice, or before the sender recorded the
-send: `store.deliveries.record_provider_status` applies only a later stage and lets the row's
-status follow only once it is `sent`. Twilio is answered 204 for every authentic callback,
-applied or not (stale, unknown row, another tenant's id): a non-2xx would only make it retry.
+the signature too. The query and the form are read by their models (`schemas.webhooks`, which
+/openapi.json publishes); a fault in either answers 400. Callbacks may arrive out of order,
+twice, or before the sender recorded the send: `store.deliveries.record_provider_status`
+applies only a later stage and lets the row's status follow only once it is `sent`. Twilio
+is answered 204 for every authentic callback, applied or not (stale, unknown row, another
+tenant's id): a non-2xx would only make it retry.
 
 A callback saying the number opted out (`ErrorCode` 21610, or `OptOutType=STOP` as Twilio's
 Advanced Opt-Out reports a STOP) puts the notification's recipient, as stored, on the tenant's
@@ -30,10 +32,12 @@ from redis.exceptions import RedisError
 from twilio.request_validator import RequestValidator
 
 from notifyd.http.context import services
-from notifyd.http.problems import FieldError, Problem, forbidden
-from notifyd.ids import parse_uuid
+from notifyd.http.problems import Problem, forbidden
+from notifyd.http.validation import schemas
 from notifyd.logs import tenant_id_var
 from notifyd.providers.sms import STATUS_CALLBACK_PATH
+from notifyd.schemas.errors import Invalid
+from notifyd.schemas.twilio import FIELD_MAX_LENGTH
 from notifyd.secretbox import SecretError
 from notifyd.store import deliveries
 from notifyd.store import suppressions as suppression_store
@@ -44,7 +48,6 @@ log = logging.getLogger("notifyd.http.webhooks")
 
 FORM = "application/x-www-form-urlencoded"
 SIGNATURE_HEADER = "X-Twilio-Signature"
-_FIELD_MAX = 256
 
 
 async def _auth_token(request: web.Request, tenant_id: str) -> str:
@@ -76,23 +79,15 @@ def _error_text(code: str | None, message: str | None, status: str) -> str:
 
 async def twilio_status(request: web.Request) -> web.Response:
     ctx = services(request)
-    errors: list[FieldError] = []
-    tenant_id = request.query.get("tenant", "")
-    tenant_problem = ctx.id_rule.problem(tenant_id) if tenant_id else "is required"
-    if tenant_problem is not None:
-        errors.append(FieldError("tenant", tenant_problem))
-    raw_id = request.query.get("notification", "")
-    notification_id = parse_uuid(raw_id) if raw_id else None
-    if notification_id is None:
-        errors.append(
-            FieldError(
-                "notification", "must be a notification id (UUID)" if raw_id else "is required"
-            )
-        )
-    if errors:
-        detail = "; ".join(f"{e.field}: {e.message}" for e in errors)
-        raise Problem(400, f"bad callback URL: {detail}", kind="validation", errors=errors)
-    assert notification_id is not None
+    readers = schemas(request)
+    try:
+        query = readers.twilio_status_query.python({k: request.query[k] for k in request.query})
+    except Invalid as exc:
+        detail = "; ".join(f"{e.field}: {e.message}" for e in exc.errors)
+        raise Problem(
+            400, f"bad callback URL: {detail}", kind="validation", errors=exc.errors
+        ) from None
+    tenant_id, notification_id = query.tenant, query.notification
     if request.content_type != FORM:
         raise Problem(415, f"send the callback as {FORM}", kind="unsupported-media-type")
 
@@ -108,15 +103,13 @@ async def twilio_status(request: web.Request) -> web.Response:
         raise forbidden(f"missing or invalid {SIGNATURE_HEADER}")
     tenant_id_var.set(tenant_id)  # authentic: log lines from here on name the tenant
 
-    message_sid = params.get("MessageSid", "")
-    status = params.get("MessageStatus", "")
-    missing = [
-        FieldError(name, f"is required (at most {_FIELD_MAX} characters)")
-        for name, value in (("MessageSid", message_sid), ("MessageStatus", status))
-        if not value or len(value) > _FIELD_MAX
-    ]
-    if missing:
-        raise Problem(400, "not a message status callback", kind="validation", errors=missing)
+    try:
+        callback = readers.twilio_status.python(params)
+    except Invalid as exc:
+        raise Problem(
+            400, "not a message status callback", kind="validation", errors=exc.errors
+        ) from None
+    message_sid, status = callback.MessageSid, callback.MessageStatus
 
     new_status: str | None = None
     error: str | None = None
@@ -125,12 +118,12 @@ async def twilio_status(request: web.Request) -> web.Response:
     elif status in ("undelivered", "failed"):
         new_status = "undelivered"
         error = _error_text(
-            params.get("ErrorCode", "")[:_FIELD_MAX] or None,
-            params.get("ErrorMessage", "")[:_FIELD_MAX] or None,
+            (callback.ErrorCode or "")[:FIELD_MAX_LENGTH] or None,
+            (callback.ErrorMessage or "")[:FIELD_MAX_LENGTH] or None,
             status,
         )
-    error_code = params.get("ErrorCode", "")[:_FIELD_MAX]
-    opted_out = error_code == TWILIO_OPTED_OUT or params.get("OptOutType", "").upper() == "STOP"
+    error_code = (callback.ErrorCode or "")[:FIELD_MAX_LENGTH]
+    opted_out = error_code == TWILIO_OPTED_OUT or (callback.OptOutType or "").upper() == "STOP"
     async with ctx.pool.acquire() as conn, conn.transaction():
         row = await deliveries.record_provider_status(
             conn,

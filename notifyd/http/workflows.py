@@ -9,11 +9,9 @@ it did not count is pending any more.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -21,31 +19,19 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from notifyd.auth import policy
-from notifyd.http.context import Services, audit_entry, identity, services
+from notifyd.http.context import audit_entry, identity, services
 from notifyd.http.idempotency import remember
 from notifyd.http.limits import check_send_rate
 from notifyd.http.problems import FieldError, Problem, forbidden, invalid, not_found
 from notifyd.http.responses import iso, json_response, page
 from notifyd.http.validation import read_model, read_query, schemas
-from notifyd.ids import parse_uuid, uuid7
-from notifyd.payloads import dumps
-from notifyd.schemas.workflows import (
-    PATTERN_MESSAGES,
-    WORKFLOW_KEY_PATTERN,
-    Throttle,
-    WorkflowDefinition,
-    duration,
-)
+from notifyd.ids import parse_uuid
+from notifyd.schemas.workflows import PATTERN_MESSAGES, RUNS, WORKFLOW_KEY_PATTERN
 from notifyd.store import audit
 from notifyd.store import workflows as store
-from notifyd.store.pool import Conn
-from notifyd.streams.schedule import Scheduled
-from notifyd.workflows import plan_steps, throttled, wheel_item
+from notifyd.workflows import put_on_wheel, start_runs, wheel_item
 
 log = logging.getLogger("notifyd.http.workflows")
-
-RUNS = "runs"
-"""The path segment of the runs (`/workflows/runs/`): no workflow may be called that."""
 
 _KEY = re.compile(WORKFLOW_KEY_PATTERN)
 
@@ -107,11 +93,6 @@ def run_json(run: asyncpg.Record, steps: list[asyncpg.Record]) -> dict[str, Any]
             for step in steps
         ],
     }
-
-
-def digest_text(value: Any) -> str:
-    """The digest key's value as stored: a string as it is, anything else as JSON."""
-    return value if isinstance(value, str) else dumps(value).decode()
 
 
 def _workflow_key(request: web.Request) -> str:
@@ -189,15 +170,6 @@ async def delete_workflow(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------- triggers and cancels
 
 
-async def _put_on_wheel(ctx: Services, items: list[tuple[Scheduled, datetime]]) -> None:
-    """After the commit: the rows are the truth; if Redis fails here, the sweeper's rebuild
-    and overdue check put the steps on the wheel from PostgreSQL."""
-    try:
-        await ctx.schedule.add_many(items)
-    except RedisError as exc:
-        log.warning("steps not put on the wheel; left for the sweeper", extra={"error": repr(exc)})
-
-
 async def trigger_workflow(request: web.Request) -> web.Response:
     ctx = services(request)
     caller = identity(request)
@@ -209,94 +181,22 @@ async def trigger_workflow(request: web.Request) -> web.Response:
     found = await store.get(ctx.pool, caller.tenant_id, key)
     if found is None:
         raise not_found("workflow")
-    definition = WorkflowDefinition.model_validate(found["definition"])
-    starts_at = body.send_at or datetime.now(UTC)
-    digest = definition.digest
-    digest_value = None if digest is None else body.data.get(digest.key)
-    # a digest run takes triggers until its window closes; its steps start then
-    closes_at = None
-    if digest is not None and digest_value is not None:
-        closes_at = starts_at + duration(digest.window)
-    runs = [
-        store.NewRun(
-            id=uuid7(),
-            tenant_id=caller.tenant_id,
-            workflow_key=key,
-            recipient=recipient,
-            definition=found["definition"],
-            data=body.data,
-            critical=body.critical,
-            cancel_key=body.cancel_key,
-            created_by=caller.user_id,
-            starts_at=starts_at,
-            steps=plan_steps(definition, closes_at or starts_at, critical=body.critical),
-            digest_key=None if closes_at is None else digest_text(digest_value),
-            digest_closes_at=closes_at,
-        )
-        for recipient in body.recipients
-    ]
     async with ctx.pool.acquire() as conn, conn.transaction():
-        joined: dict[str, uuid.UUID] = {}
-        if closes_at is not None:
-            await store.lock_recipients(conn, caller.tenant_id, key, body.recipients)
-            joined = await store.join_digests(
-                conn,
-                caller.tenant_id,
-                key,
-                body.recipients,
-                digest_text(digest_value),
-                body.data,
-                ctx.settings.workflow_digest_max_items,
-            )
-            runs = [run for run in runs if run.recipient not in joined]
-        if definition.throttle is not None:
-            runs = await _throttle(conn, caller.tenant_id, key, definition.throttle, runs)
-        await store.insert_runs(conn, runs)
-        started = {run.recipient: run.id for run in runs} | joined
-        answer = {"runs": [{"run_id": str(started[r]), "recipient": r} for r in body.recipients]}
-        await audit.record(
+        started = await start_runs(
             conn,
-            audit_entry(
-                request,
-                "workflow.trigger",
-                {
-                    "workflow_key": key,
-                    "run_ids": [str(started[r]) for r in body.recipients],
-                    "merged": len(joined),
-                    "cancel_key": body.cancel_key,
-                    "critical": body.critical,
-                },
-            ),
+            tenant_id=caller.tenant_id,
+            key=key,
+            stored=found["definition"],
+            trigger=body,
+            created_by=caller.user_id,
+            digest_max_items=ctx.settings.workflow_digest_max_items,
         )
-        response = await remember(request, conn, json_response(answer, status=202))
-    await _put_on_wheel(
-        ctx,
-        [
-            (wheel_item(ctx.keys, caller.tenant_id, run.id, step.position), step.due_at)
-            for run in runs
-            for step in run.steps
-            if step.status == "pending"
-        ],
-    )
+        await audit.record(
+            conn, audit_entry(request, "workflow.trigger", started.audit_details(key, body))
+        )
+        response = await remember(request, conn, json_response(started.answer(), status=202))
+    await put_on_wheel(ctx.schedule, ctx.keys, started)
     return response
-
-
-async def _throttle(
-    conn: Conn, tenant_id: str, key: str, throttle: Throttle, runs: list[store.NewRun]
-) -> list[store.NewRun]:
-    """`runs` with those past the throttle marked `throttled` (their steps too): at most
-    `limit` runs per recipient and workflow within `per`, counting these in order."""
-    window = duration(throttle.per).total_seconds()
-    counts = await store.recent_runs(conn, tenant_id, key, [r.recipient for r in runs], window)
-    decided = []
-    for run in runs:
-        seen = counts.get(run.recipient, 0)
-        if seen >= throttle.limit:
-            run = dataclasses.replace(run, status="throttled", steps=throttled(run.steps))
-        else:
-            counts[run.recipient] = seen + 1
-        decided.append(run)
-    return decided
 
 
 async def cancel_workflow(request: web.Request) -> web.Response:

@@ -24,6 +24,8 @@ from aiohttp import web
 from notifyd.auth.identity import Identity
 from notifyd.http.context import client_ip, request_id, services
 from notifyd.http.limits import take_seat
+from notifyd.http.problems import FieldError
+from notifyd.http.validation import schemas
 from notifyd.http.websockets import (
     FORBIDDEN,
     NOT_FOUND,
@@ -38,12 +40,12 @@ from notifyd.http.websockets import (
 from notifyd.ids import parse_uuid, uuid7
 from notifyd.payloads import dumps
 from notifyd.realtime.chat import REMOVAL_PREFIX, Draft, NotAMember, Room, RoomNotFound
+from notifyd.schemas.errors import Invalid
 from notifyd.store import audit
 from notifyd.store.audit import AuditEntry
 
 ENDPOINT = "chat"
 COMMANDS = ("message", "typing", "read", "ping")
-CLIENT_ID_MAX = 100
 
 
 async def chat_socket(request: web.Request) -> web.StreamResponse:
@@ -111,8 +113,8 @@ class _Poster:
     __slots__ = (
         "_chat",
         "_ip_address",
-        "_max_length",
         "_peer",
+        "_reader",
         "_request_id",
         "_role",
         "_room",
@@ -123,7 +125,7 @@ class _Poster:
     def __init__(self, request: web.Request, caller: Identity, room: Room) -> None:
         ctx = services(request)
         self._chat = ctx.chat
-        self._max_length = ctx.settings.message_max_length
+        self._reader = schemas(request).chat_post
         self._room = room
         self._tenant_id = caller.tenant_id
         self._sender_id = caller.user_id
@@ -133,28 +135,26 @@ class _Poster:
         self._request_id = request_id(request) or None
 
     def problem(self, command: dict[str, Any]) -> str | None:
-        """What is wrong with a message frame, naming the field; None when nothing is."""
-        content = command.get("message")
+        """Every field at fault in a message frame (`schemas.messages.ChatPost`, and the room's
+        receiver rule), named; None when nothing is."""
+        errors: list[FieldError] = []
+        try:
+            self._reader.python(command)
+        except Invalid as exc:
+            errors = exc.errors
         receiver_id = command.get("receiver_id")
-        client_id = command.get("client_id")
-        if not isinstance(content, str) or not content.strip():
-            return "message: must be a non-empty string"
-        if len(content) > self._max_length:
-            return f"message: must be at most {self._max_length} characters"
-        if "\x00" in content:
-            # as REST refuses it: PostgreSQL would refuse the whole batch the message is in
-            return "message: must not contain NUL characters"
-        if receiver_id is not None and receiver_id != self._peer:
-            return (
-                "receiver_id: must be the other member of this 1-on-1 room"
-                if self._room.is_dm
-                else "receiver_id: group rooms have no single receiver; leave it out"
+        if isinstance(receiver_id, str) and receiver_id != self._peer:
+            errors.append(
+                FieldError(
+                    "receiver_id",
+                    "must be the other member of this 1-on-1 room"
+                    if self._room.is_dm
+                    else "group rooms have no single receiver; leave it out",
+                )
             )
-        if client_id is not None and (
-            not isinstance(client_id, str) or len(client_id) > CLIENT_ID_MAX
-        ):
-            return f"client_id: must be a string of at most {CLIENT_ID_MAX} characters"
-        return None
+        if not errors:
+            return None
+        return "; ".join(f"{e.field}: {e.message}" for e in errors)
 
     def audit(self, action: str, details: dict[str, Any]) -> AuditEntry:
         """An audit row for a write this socket's caller made."""

@@ -6,17 +6,23 @@ region, the content rendered now (a template that cannot render makes the event 
 never a blank in someone's inbox), the rows and their audit rows, then the intents after the
 commit (a Redis failure there leaves the rows to the sweeper).
 
+An event naming a `workflow` starts its runs instead, through the trigger's one rule
+(`workflows.start_runs`, as `POST /workflows/{key}/trigger/` does): the runs, their steps and
+the `workflow.trigger` audit row in the transaction that holds the deduplication row, then
+the steps on the timer wheel. A workflow the tenant does not have makes the event
+malformed (`workflow`), dead-lettered for `notifyd dlq requeue` once it exists.
+
 Deduplication is one row per (tenant, event id) in `ingested_events`, inserted in the same
-transaction as the notifications with `ON CONFLICT DO NOTHING`: whichever of two deliveries
-of an event (a replay, a second instance, a publisher that sent it twice) commits first makes
-the notifications; the other finds the row, writes nothing and is acknowledged.
+transaction as the notifications (or runs) with `ON CONFLICT DO NOTHING`: whichever of two
+deliveries of an event (a replay, a second instance, a publisher that sent it twice) commits
+first makes the notifications; the other finds the row, writes nothing and is acknowledged.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,7 +32,7 @@ from notifyd.accept.orders import Order, Refused, order_problems
 from notifyd.accept.outbox import announce
 from notifyd.accept.prepare import Prepared, prepare
 from notifyd.accept.rows import authored
-from notifyd.ingest.events import DomainEvent, MalformedEvent, Recipient
+from notifyd.ingest.events import DomainEvent, MalformedEvent, Recipient, WorkflowEvent
 from notifyd.keys import Keys
 from notifyd.limits import platform_quota
 from notifyd.metrics import Metrics
@@ -34,12 +40,16 @@ from notifyd.ratelimit import Limiter
 from notifyd.schemas.errors import FieldError
 from notifyd.schemas.registry import Schemas
 from notifyd.settings import CHANNELS, Settings
+from notifyd.store import audit
+from notifyd.store import workflows as workflow_store
 from notifyd.store.audit import Author
 from notifyd.store.limits import TenantLimits
 from notifyd.store.notifications import insert_many_audited
 from notifyd.store.pool import Executor
 from notifyd.store.tenants import TenantSettings, load_redacted
 from notifyd.streams.producer import Producer
+from notifyd.streams.schedule import Schedule
+from notifyd.workflows import put_on_wheel, start_runs
 
 log = logging.getLogger("notifyd.ingest")
 
@@ -63,6 +73,7 @@ class Outcome:
     duplicate: bool
     notification_ids: tuple[uuid.UUID, ...]
     enqueued: bool = True  # False: stored, but Redis failed; the sweeper enqueues them later
+    run_ids: tuple[uuid.UUID, ...] = ()  # an event naming a workflow: the runs it started
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +82,7 @@ class _Planned:
     order: Order
 
 
-def creator(event: DomainEvent) -> str:
+def creator(event: DomainEvent | WorkflowEvent) -> str:
     """The rows' `created_by`: what made them, as the REST API shows it (`event:<type>`)."""
     return f"event:{event.type}"
 
@@ -150,8 +161,17 @@ class EventAcceptor:
         metrics: Metrics | None = None,
         limiter: Limiter | None = None,
         tenant_limits: TenantLimits | None = None,
+        schedule: Schedule | None = None,
+        tenant_settings: Callable[[str], Awaitable[TenantSettings]] | None = None,
     ) -> None:
+        """`schedule`: the timer wheel, for the steps of events naming a workflow (None:
+        their steps wait for the sweeper's overdue check). `tenant_settings`: a tenant's
+        settings without its secrets, the tenant configuration source's over the stored ones
+        (by default the stored ones); a source that has nothing yet raises, and the event is
+        retried like a database error."""
+        self._tenant_settings = tenant_settings
         self._pool = pool
+        self._schedule = schedule
         self._limiter = limiter
         self._tenant_limits = tenant_limits
         self._producer = producer
@@ -160,17 +180,23 @@ class EventAcceptor:
         self._metrics = metrics
         self._send = Schemas.build(settings).send  # the REST body's model, built once
 
-    async def accept(self, event: DomainEvent, *, source: str) -> Outcome:
-        """Store the event's notifications once; `MalformedEvent` when it can never be
-        accepted (nothing stored). Database errors propagate: the source retries later."""
+    async def accept(self, event: DomainEvent | WorkflowEvent, *, source: str) -> Outcome:
+        """Store the event's notifications (or start its workflow's runs) once;
+        `MalformedEvent` when it can never be accepted (nothing stored). Database errors
+        propagate: the source retries later."""
         if source not in SOURCES:
             raise ValueError(f"unknown event source {source!r}")
+        if isinstance(event, WorkflowEvent):
+            return await self._trigger(event, source)
         known = await _seen(self._pool, event)
         if known is not None:  # the common replay: skip the rendering
             log.info("duplicate event ignored", extra=_log_fields(event, source))
             return Outcome(duplicate=True, notification_ids=known)
         # region and locale only: nothing here needs the tenant's secrets
-        tenant = (await load_redacted(self._pool, event.tenant_id)).settings
+        if self._tenant_settings is not None:
+            tenant = await self._tenant_settings(event.tenant_id)
+        else:
+            tenant = (await load_redacted(self._pool, event.tenant_id)).settings
         prepared = await self._prepare(event, tenant)
         await self._check_quotas(event, tenant, prepared)
         author = Author(
@@ -196,6 +222,52 @@ class EventAcceptor:
         enqueued = await announce(self._producer, self._keys, rows, self._metrics)
         log.info("event accepted", extra={**_log_fields(event, source), "notifications": len(rows)})
         return Outcome(duplicate=False, notification_ids=ids, enqueued=enqueued)
+
+    async def _trigger(self, event: WorkflowEvent, source: str) -> Outcome:
+        """The workflow's runs, started as a trigger over REST starts them, once."""
+        known = await _seen(self._pool, event)
+        if known is not None:
+            log.info("duplicate event ignored", extra=_log_fields(event, source))
+            return Outcome(duplicate=True, notification_ids=known)
+        found = await workflow_store.get(self._pool, event.tenant_id, event.workflow_key)
+        if found is None:
+            raise MalformedEvent([FieldError("workflow", "the tenant has no workflow of that key")])
+        details = {
+            "via": "ingest",
+            "source": source,
+            "event_id": event.event_id,
+            "event_type": event.type,
+        }
+        author = Author(user_id=creator(event), details=details)
+        async with self._pool.acquire() as conn, conn.transaction():
+            received = await conn.fetchval(
+                INSERT_EVENT, event.tenant_id, event.event_id, event.type, source, []
+            )
+            if received is None:
+                log.info("duplicate event ignored", extra=_log_fields(event, source))
+                return Outcome(duplicate=True, notification_ids=())
+            started = await start_runs(
+                conn,
+                tenant_id=event.tenant_id,
+                key=event.workflow_key,
+                stored=found["definition"],
+                trigger=event.trigger,
+                created_by=author.user_id,
+                digest_max_items=self._settings.workflow_digest_max_items,
+            )
+            await audit.record(
+                conn,
+                author.entry(
+                    event.tenant_id,
+                    "workflow.trigger",
+                    started.audit_details(event.workflow_key, event.trigger),
+                ),
+            )
+        if self._schedule is not None:
+            await put_on_wheel(self._schedule, self._keys, started)
+        run_ids = tuple(dict.fromkeys(started.run_of[r] for r in started.recipients))
+        log.info("event accepted", extra={**_log_fields(event, source), "runs": len(run_ids)})
+        return Outcome(duplicate=False, notification_ids=(), run_ids=run_ids)
 
     async def _check_quotas(
         self, event: DomainEvent, tenant: TenantSettings, prepared: list[Prepared]
@@ -275,12 +347,14 @@ def _only_missing_template(found: Sequence[FieldError]) -> bool:
     return [p.field for p in found] == ["template_key"]
 
 
-async def _seen(executor: Executor, event: DomainEvent) -> tuple[uuid.UUID, ...] | None:
+async def _seen(
+    executor: Executor, event: DomainEvent | WorkflowEvent
+) -> tuple[uuid.UUID, ...] | None:
     ids = await executor.fetchval(SEEN, event.tenant_id, event.event_id)
     return None if ids is None else tuple(ids)
 
 
-def _log_fields(event: DomainEvent, source: str) -> dict[str, Any]:
+def _log_fields(event: DomainEvent | WorkflowEvent, source: str) -> dict[str, Any]:
     return {
         "tenant_id": event.tenant_id,
         "event_id": event.event_id,

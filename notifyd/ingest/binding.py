@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from notifyd.ingest.events import DomainEvent, MalformedEvent
+from notifyd.ingest.events import DomainEvent, MalformedEvent, WorkflowEvent
 from notifyd.schemas.errors import FieldError
 from notifyd.settings import Settings
 
@@ -77,7 +77,9 @@ class EventNotAllowed(MalformedEvent):
     reason, like a malformed event (the same handling in both sources)."""
 
 
-def admit(event: DomainEvent, binding: Binding, publisher: str | None = None) -> None:
+def admit(
+    event: DomainEvent | WorkflowEvent, binding: Binding, publisher: str | None = None
+) -> None:
     """Raises `EventNotAllowed` naming each field beyond `binding`; returns when allowed.
     `publisher`: the broker user that published it (RabbitMQ's checked `user_id`), if any.
 
@@ -108,7 +110,7 @@ def admit(event: DomainEvent, binding: Binding, publisher: str | None = None) ->
 
 
 def _publisher_problems(
-    event: DomainEvent, users: Mapping[str, frozenset[str]], publisher: str | None
+    event: DomainEvent | WorkflowEvent, users: Mapping[str, frozenset[str]], publisher: str | None
 ) -> list[FieldError]:
     setting = "NOTIFYD_RABBITMQ_USER_TENANTS"
     if not publisher:

@@ -1,4 +1,5 @@
-"""The one schema of a domain event, whichever source carried it.
+"""A domain event as the pipeline takes it, whichever source carried it: decoded, bounded
+and checked by its model (`schemas.events.Event`), then turned into a `DomainEvent`.
 
 Other services publish JSON objects such as
 
@@ -15,7 +16,15 @@ all the publisher gets to fix its event with.
 Recipients use the REST API's words: an `email` address gets an email, a `phone` an SMS and a
 `user_id` an in-app notification (and, on the email and SMS, names whose notification center
 and preferences they belong to), as `POST /notifications/send/` names them. `locale`,
-`timezone` and `name` are the reminder contacts' fields.
+`timezone` and `name` are the reminder contacts' fields, checked by the same rule
+(`schemas.contacts`).
+
+An event may name a `workflow` instead (`{"event_id", "tenant_id", "type", "workflow":
+"interview", "recipients": ["cand-7"], "data": {…}, "send_at"?, "cancel_key"?,
+"critical"?}`): its own four fields are read by `schemas.events.WorkflowEventHead`, its trigger
+fields are the body of `POST /workflows/{workflow}/trigger/`, read by the same model with the
+same rules and bounds (`Schemas.workflow_trigger`), so a trigger is refused for the same
+reasons, naming the same fields, whichever way it came.
 
 Events are strict like REST bodies: an unknown field is an error, because a misspelt optional
 one (`chanels`) silently ignored would send on channels the publisher meant to leave out.
@@ -28,43 +37,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from notifyd import tags
 from notifyd.ids import OpaqueIdRule
 from notifyd.payloads import loads
-from notifyd.reminders import is_time_zone
-from notifyd.schemas.errors import FieldError
-from notifyd.settings import CHANNELS, Settings
-from notifyd.tags import is_email
-
-FIELDS = (
-    "event_id",
-    "tenant_id",
-    "type",
-    "recipients",
-    "template_key",
-    "context",
-    "channels",
-    "category",
-    "critical",
+from notifyd.schemas.contacts import EventRecipient
+from notifyd.schemas.errors import FieldError, Invalid
+from notifyd.schemas.events import (
+    WORKFLOW_EVENT_FIELDS,
+    Event,
+    WorkflowEventHead,
+    event_reader,
+    workflow_event_reader,
 )
-RECIPIENT_FIELDS = ("user_id", "email", "phone", "locale", "timezone", "name")
-CONTACT_MAX_LENGTH = 320  # as a reminder contact's fields
+from notifyd.schemas.reader import Reader
+from notifyd.schemas.registry import Schemas
+from notifyd.schemas.workflows import WorkflowTrigger
+from notifyd.settings import Settings
 
-
-@dataclass(frozen=True, slots=True)
-class Recipient:
-    """One person the event concerns; at least one of `user_id`, `email`, `phone` is set."""
-
-    user_id: str | None = None
-    email: str | None = None
-    phone: str | None = None
-    locale: str | None = None
-    timezone: str | None = None
-    name: str | None = None
-
-    def address(self, channel: str) -> str | None:
-        """Where this recipient gets a notification on `channel`, if anywhere."""
-        return {"email": self.email, "sms": self.phone, "in_app": self.user_id}.get(channel)
+Recipient = EventRecipient
+"""One person the event concerns (at least one of `user_id`, `email`, `phone` is set)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,23 +72,49 @@ class DomainEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkflowEvent:
+    """An event that triggers the tenant's workflow `workflow_key` (`trigger`: the body
+    `POST /workflows/{workflow_key}/trigger/` takes, already checked)."""
+
+    event_id: str
+    tenant_id: str
+    type: str
+    workflow_key: str
+    trigger: WorkflowTrigger
+
+    @property
+    def critical(self) -> bool:
+        return self.trigger.critical
+
+
+@dataclass(frozen=True, slots=True)
 class EventLimits:
-    """Bounds of one event; each is a setting."""
+    """Bounds of one event; each is a setting (an event is bounded like a request body: the
+    same payloads arrive both ways)."""
 
     max_bytes: int
     max_recipients: int
     context_max_keys: int
     id_rule: OpaqueIdRule
+    # the trigger API's model and rules (None: this reader takes no workflow events)
+    trigger: Reader[WorkflowTrigger] | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> EventLimits:
-        return cls(
-            # an event is bounded like a request body: the same payloads arrive both ways
-            max_bytes=settings.max_body_bytes,
-            max_recipients=settings.event_max_recipients,
-            context_max_keys=settings.context_max_keys,
-            id_rule=OpaqueIdRule.from_settings(settings.id_max_length, settings.id_pattern),
+    def from_settings(cls, s: Settings) -> EventLimits:
+        rule = OpaqueIdRule.from_settings(s.id_max_length, s.id_pattern)
+        trigger = Schemas.build(s).workflow_trigger
+        return cls(s.max_body_bytes, s.event_max_recipients, s.context_max_keys, rule, trigger)
+
+    def reader(self) -> Reader[Event]:
+        """The event model's reader with these bounds (made once per set of bounds)."""
+        rule = self.id_rule
+        return event_reader(
+            self.max_recipients, self.context_max_keys, rule.max_length, rule.pattern.pattern
         )
+
+    def workflow_reader(self) -> Reader[WorkflowEventHead]:
+        """The reader of a workflow event's own fields, with the id rule's bounds."""
+        return workflow_event_reader(self.id_rule.max_length, self.id_rule.pattern.pattern)
 
 
 class MalformedEvent(ValueError):
@@ -109,7 +125,7 @@ class MalformedEvent(ValueError):
         self.problems = problems
 
 
-def parse_event(raw: bytes | str, limits: EventLimits) -> DomainEvent:
+def parse_event(raw: bytes | str, limits: EventLimits) -> DomainEvent | WorkflowEvent:
     """The event in `raw` (JSON text), or `MalformedEvent` naming everything wrong with it."""
     data = raw.encode() if isinstance(raw, str) else raw
     if len(data) > limits.max_bytes:
@@ -122,169 +138,57 @@ def parse_event(raw: bytes | str, limits: EventLimits) -> DomainEvent:
         raise MalformedEvent([FieldError("event", f"is not valid JSON: {exc}")]) from None
     if not isinstance(value, dict):
         raise MalformedEvent([FieldError("event", "must be a JSON object")])
+    if "workflow" in value:
+        return decode_workflow_event(value, limits)
     return decode_event(value, limits)
 
 
 def decode_event(data: Mapping[str, Any], limits: EventLimits) -> DomainEvent:
-    reader = _Reader(limits.id_rule)
-    event_id = reader.opaque_id(data, "event_id")
-    tenant_id = reader.opaque_id(data, "tenant_id")
-    event_type = reader.name(data, "type", tags.CATEGORY, "1-64 letters, digits and _ . : -")
-    template_key = reader.name(
-        data, "template_key", tags.TEMPLATE_KEY, "1-128 letters, digits and _ . : -"
-    )
-    category = reader.name(
-        data, "category", tags.CATEGORY, "1-64 letters, digits and _ . : -", required=False
-    )
-    context = _context(reader, data.get("context"), limits.context_max_keys)
-    channels = _channels(reader, data.get("channels"))
-    critical = data.get("critical", False)
-    if not isinstance(critical, bool):
-        reader.error("critical", "must be true or false")
-        critical = False
-    recipients = _recipients(reader, data.get("recipients"), limits)
-    for name in data:
-        if name not in FIELDS:
-            reader.error(str(name), "is not a known field")
-    if reader.problems:
-        raise MalformedEvent(reader.problems)
-    assert event_id is not None and tenant_id is not None
-    assert event_type is not None and template_key is not None
+    """The event in `data` (`schemas.events.Event`), or `MalformedEvent` naming every field at
+    fault."""
+    try:
+        event = limits.reader().python(data)
+    except Invalid as exc:
+        raise MalformedEvent(exc.errors) from None
     return DomainEvent(
-        event_id=event_id,
-        tenant_id=tenant_id,
-        type=event_type,
-        recipients=tuple(recipients),
-        template_key=template_key,
-        context=context,
-        channels=channels,
-        category=category,
-        critical=critical,
+        event_id=event.event_id,
+        tenant_id=event.tenant_id,
+        type=event.type,
+        recipients=tuple(event.recipients),
+        template_key=event.template_key,
+        context=event.context or {},
+        channels=None if event.channels is None else tuple(dict.fromkeys(event.channels)),
+        category=event.category,
+        critical=event.critical,
     )
 
 
-class _Reader:
-    """Collects every problem, so one dead letter tells the publisher all there is to fix."""
-
-    def __init__(self, id_rule: OpaqueIdRule) -> None:
-        self.id_rule = id_rule
-        self.problems: list[FieldError] = []
-
-    def error(self, field: str, message: str) -> None:
-        self.problems.append(FieldError(field, message))
-
-    def opaque_id(self, data: Mapping[str, Any], field: str, where: str = "") -> str | None:
-        value = data.get(field)
-        if value is None:
-            self.error(where + field, "is required")
-            return None
-        problem = self.id_rule.problem(value)
-        if problem is not None:
-            self.error(where + field, problem)
-            return None
-        assert isinstance(value, str)
-        return value
-
-    def name(
-        self,
-        data: Mapping[str, Any],
-        field: str,
-        shape: Any,
-        described: str,
-        *,
-        required: bool = True,
-    ) -> str | None:
-        value = data.get(field)
-        if value is None:
-            if required:
-                self.error(field, "is required")
-            return None
-        if not isinstance(value, str) or not shape.fullmatch(value):
-            self.error(field, f"must be {described}")
-            return None
-        return value
-
-
-def _context(reader: _Reader, value: Any, max_keys: int) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        reader.error("context", "must be a JSON object")
-        return {}
-    if len(value) > max_keys:
-        reader.error("context", f"must have at most {max_keys} keys")
-        return {}
-    return value
-
-
-def _channels(reader: _Reader, value: Any) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list) or not value:
-        reader.error("channels", f"must be a non-empty list of: {', '.join(CHANNELS)}")
-        return None
-    unknown = [item for item in value if item not in CHANNELS]
-    if unknown:
-        shown = unknown[0] if isinstance(unknown[0], str) and len(unknown[0]) <= 32 else "…"
-        reader.error("channels", f"unknown channel {shown!r}; choose from: {', '.join(CHANNELS)}")
-        return None
-    return tuple(dict.fromkeys(value))
-
-
-def _recipients(reader: _Reader, value: Any, limits: EventLimits) -> list[Recipient]:
-    if value is None:
-        reader.error("recipients", "is required")
-        return []
-    if not isinstance(value, list) or not value:
-        reader.error("recipients", "must be a non-empty list of objects")
-        return []
-    if len(value) > limits.max_recipients:
-        reader.error("recipients", f"must have at most {limits.max_recipients} entries")
-        return []
-    return [
-        recipient
-        for index, item in enumerate(value)
-        if (recipient := _recipient(reader, item, f"recipients[{index}]")) is not None
-    ]
-
-
-def _recipient(reader: _Reader, item: Any, where: str) -> Recipient | None:
-    if not isinstance(item, dict):
-        reader.error(where, "must be a JSON object")
-        return None
-    before = len(reader.problems)
-    found: dict[str, str] = {}
-    for key, value in item.items():
-        field = f"{where}.{key}"
-        if key not in RECIPIENT_FIELDS:
-            reader.error(field, "is not a known field")
-            continue
-        if value is None:
-            continue
-        if key == "user_id":
-            user_id = reader.opaque_id(item, "user_id", where=f"{where}.")
-            if user_id is not None:
-                found[key] = user_id
-            continue
-        if not isinstance(value, str) or not value.strip() or len(value) > CONTACT_MAX_LENGTH:
-            reader.error(field, f"must be a non-empty string of at most {CONTACT_MAX_LENGTH}")
-            continue
-        value = value.strip()
-        problem = tags.header_problem(value)  # a name or an address may reach a mail header
-        if problem is not None:
-            reader.error(field, problem)
-        elif key == "email" and not is_email(value):
-            reader.error(field, "must be an email address")
-        elif key == "locale" and not tags.is_locale(value):
-            reader.error(field, "must be a language tag such as en or pt-BR")
-        elif key == "timezone" and not is_time_zone(value):
-            reader.error(field, "must be an IANA time zone such as Europe/Berlin")
-        else:
-            found[key] = value
-    if not any(found.get(key) for key in ("user_id", "email", "phone")):
-        if len(reader.problems) == before:
-            reader.error(where, "needs a user_id, an email or a phone")
-        return None
-    if len(reader.problems) != before:
-        return None
-    return Recipient(**found)
+def decode_workflow_event(data: Mapping[str, Any], limits: EventLimits) -> WorkflowEvent:
+    """An event naming a `workflow`: its own fields through `WorkflowEventHead`, the trigger's
+    through the trigger API's reader (`limits.trigger`), every problem named at once."""
+    problems: list[FieldError] = []
+    head = None
+    try:
+        head = limits.workflow_reader().python(
+            {k: v for k, v in data.items() if k in WORKFLOW_EVENT_FIELDS}
+        )
+    except Invalid as exc:
+        problems += exc.errors
+    trigger_fields = WorkflowTrigger.model_fields
+    for name in data:
+        if name not in WORKFLOW_EVENT_FIELDS and name not in trigger_fields:
+            problems.append(
+                FieldError(str(name), "is not a known field of an event naming a workflow")
+            )
+    trigger = None
+    if limits.trigger is None:
+        problems.append(FieldError("workflow", "this source takes no events naming a workflow"))
+    else:
+        try:
+            trigger = limits.trigger.python({k: data[k] for k in trigger_fields if k in data})
+        except Invalid as exc:  # a refusal too: an event has no "unsendable" of its own
+            problems += exc.errors
+    if problems:
+        raise MalformedEvent(problems)
+    assert head is not None and trigger is not None
+    return WorkflowEvent(head.event_id, head.tenant_id, head.type, head.workflow, trigger)

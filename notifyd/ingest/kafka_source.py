@@ -39,9 +39,10 @@ from aiokafka.structs import OffsetAndMetadata
 from notifyd.alerts import Alerting
 from notifyd.ingest.accept import EventAcceptor
 from notifyd.ingest.binding import Binding, admit
+from notifyd.ingest.dead_letters import EventDeadLetters
 from notifyd.ingest.events import EventLimits, MalformedEvent, parse_event
 from notifyd.ingest.kafka_connection import KafkaConnection
-from notifyd.keys import INGEST_GROUP, Keys
+from notifyd.keys import Keys
 from notifyd.settings import Settings
 from notifyd.streams.producer import Producer
 from notifyd.supervisor import exponential_backoff, sleep_or_stop
@@ -93,9 +94,9 @@ class KafkaEventSource:
         self._limits = EventLimits.from_settings(settings)
         self._binding = Binding.for_source(settings, SOURCE)
         self._acceptor = acceptor
-        self._producer = producer
-        self._keys = keys
-        self._alerts = alerts
+        self._dead_letters = EventDeadLetters(
+            producer, keys, alerts, SOURCE, self._limits.max_bytes
+        )
         self._consumer_name = consumer_name
         self._batch_lock = asyncio.Lock()
         self._stop = asyncio.Event()
@@ -206,33 +207,13 @@ class KafkaEventSource:
     async def _dead_letter(
         self, record: ConsumerRecord[bytes, bytes], reason: str, tries: int
     ) -> None:
-        where = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
-        log.warning("event dead-lettered", extra={**where, "reason": reason, "tries": tries})
-        body = record.value or b""
-        fields: dict[bytes | str, bytes | str] = {
-            # shaped like a stream consumer's dead letter for the events stream, so that
-            # `notifyd dlq requeue` replays it there (same schema, deduplicated the same way)
-            "stream": self._keys.events,
-            "group": INGEST_GROUP,
-            "source": SOURCE,
+        where = {
             "topic": record.topic,
             "partition": str(record.partition),
             "offset": str(record.offset),
-            "reason": reason,
-            "deliveries": str(tries),
-            # bounded: a huge record is refused, and only its head is kept
-            "f:event": body[: self._limits.max_bytes],
         }
-        if len(body) > self._limits.max_bytes:
-            fields["truncated"] = str(len(body))
-        await self._producer.add(self._keys.dead_letters, fields)
-        self._alerts.raise_alert(
-            "dead-letter:events",
-            "notifyd: events are being dead-lettered",
-            f"An event from Kafka ({record.topic}[{record.partition}] at offset "
-            f"{record.offset}) was dead-lettered ({reason}). {self._keys.dead_letters} holds "
-            "it (field f:event) with the reason.",
-        )
+        described = f"Kafka ({record.topic}[{record.partition}] at offset {record.offset})"
+        await self._dead_letters.add(record.value or b"", reason, tries, where, described)
 
 
 def _names(partitions: Sequence[TopicPartition]) -> list[str]:

@@ -35,8 +35,9 @@ from aio_pika.abc import AbstractIncomingMessage
 from notifyd.alerts import Alerting
 from notifyd.ingest.accept import EventAcceptor
 from notifyd.ingest.binding import Binding, admit
+from notifyd.ingest.dead_letters import EventDeadLetters
 from notifyd.ingest.events import EventLimits, MalformedEvent, parse_event
-from notifyd.keys import INGEST_GROUP, Keys
+from notifyd.keys import Keys
 from notifyd.settings import Settings, mask_url
 from notifyd.streams.producer import Producer
 from notifyd.supervisor import exponential_backoff, sleep_or_stop
@@ -70,9 +71,9 @@ class RabbitMqEventSource:
         self._limits = EventLimits.from_settings(settings)
         self._binding = Binding.for_source(settings, "rabbitmq")
         self._acceptor = acceptor
-        self._producer = producer
-        self._keys = keys
-        self._alerts = alerts
+        self._dead_letters = EventDeadLetters(
+            producer, keys, alerts, "rabbitmq", self._limits.max_bytes
+        )
         self._consumer_name = consumer_name
         self._in_flight: set[asyncio.Task[Any]] = set()
         # failures per message, kept across reconnects and restarts of this actor
@@ -192,34 +193,11 @@ class RabbitMqEventSource:
     async def _dead_letter(
         self, message: AbstractIncomingMessage, reason: str, deliveries: int
     ) -> None:
-        log.warning(
-            "event dead-lettered",
-            extra={"queue": self._queue_name, "reason": reason, "deliveries": deliveries},
-        )
-        body = message.body
-        fields: dict[bytes | str, bytes | str] = {
-            # shaped like a stream consumer's dead letter for the events stream, so that
-            # `notifyd dlq requeue` replays it there (same schema, deduplicated the same way)
-            "stream": self._keys.events,
-            "group": INGEST_GROUP,
-            "source": "rabbitmq",
-            "queue": self._queue_name,
-            "reason": reason,
-            "deliveries": str(deliveries),
-            # bounded: a huge message is refused, and only its head is kept
-            "f:event": body[: self._limits.max_bytes],
-        }
-        if len(body) > self._limits.max_bytes:
-            fields["truncated"] = str(len(body))
+        where = {"queue": self._queue_name}
         if message.message_id:
-            fields["message_id"] = message.message_id
-        await self._producer.add(self._keys.dead_letters, fields)
-        self._alerts.raise_alert(
-            "dead-letter:events",
-            "notifyd: events are being dead-lettered",
-            f"An event from RabbitMQ queue {self._queue_name} was dead-lettered ({reason}). "
-            f"{self._keys.dead_letters} holds it (field f:event) with the reason.",
-        )
+            where["message_id"] = message.message_id
+        described = f"RabbitMQ queue {self._queue_name}"
+        await self._dead_letters.add(message.body, reason, deliveries, where, described)
 
 
 def _identity(message: AbstractIncomingMessage) -> str:

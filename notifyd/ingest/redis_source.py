@@ -26,7 +26,13 @@ from redis.asyncio import Redis
 from notifyd.alerts import Alerting
 from notifyd.ingest.accept import EventAcceptor
 from notifyd.ingest.binding import Binding, admit
-from notifyd.ingest.events import DomainEvent, EventLimits, MalformedEvent, parse_event
+from notifyd.ingest.events import (
+    DomainEvent,
+    EventLimits,
+    MalformedEvent,
+    WorkflowEvent,
+    parse_event,
+)
 from notifyd.keys import INGEST_GROUP, Keys
 from notifyd.schemas.errors import FieldError
 from notifyd.settings import Settings
@@ -38,7 +44,7 @@ log = logging.getLogger("notifyd.ingest.redis")
 EVENT_FIELD = b"event"
 
 
-def event_of(fields: dict[bytes, bytes], limits: EventLimits) -> DomainEvent:
+def event_of(fields: dict[bytes, bytes], limits: EventLimits) -> DomainEvent | WorkflowEvent:
     """The event an entry carries; other fields of the entry are the publisher's own."""
     raw = fields.get(EVENT_FIELD)
     if raw is None:

@@ -14,6 +14,7 @@ import asyncpg
 from notifyd.http.reminders import reminder_json
 from notifyd.operator import connect
 from notifyd.operator.output import print_json, table
+from notifyd.schemas.fields import parse_rfc3339
 from notifyd.settings import Settings
 from notifyd.store import reminders as store
 from notifyd.store.pool import Executor
@@ -43,16 +44,6 @@ async def due_before(
     return await executor.fetch(DUE_BEFORE, before, tenant_id, status, limit)
 
 
-def parse_time(text: str) -> datetime | None:
-    """An ISO 8601 time with an offset (`Z` or `+02:00`); None when it is not one: a time
-    without an offset would silently mean the host's zone."""
-    try:
-        parsed = datetime.fromisoformat(text.strip())
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else None
-
-
 async def list_command(
     settings: Settings,
     *,
@@ -62,7 +53,9 @@ async def list_command(
     limit: int,
     as_json: bool,
 ) -> int:
-    before = parse_time(due_before_text)
+    # RFC 3339 with an offset, as a reminder's times over REST: a time without one would
+    # silently mean the host's zone
+    before = parse_rfc3339(due_before_text.strip())
     if before is None:
         print(
             f"notifyd reminders list: --due-before {due_before_text!r} is not an ISO 8601 time "

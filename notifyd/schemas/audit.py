@@ -1,13 +1,14 @@
-"""The audit log's list query."""
+"""The audit log's list query and its entries."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
-from notifyd.schemas.fields import PageQuery, bounded, optional_id, text
-from notifyd.settings import Settings
+from notifyd.schemas.fields import PageQuery, text
 
 ACTION_MAX_LENGTH = 64
 
@@ -21,6 +22,13 @@ class AuditQuery(PageQuery):
     user_id: str | None = None
 
 
-def query_model(settings: Settings) -> type[AuditQuery]:
-    """`AuditQuery` with the id rule."""
-    return bounded(AuditQuery, user_id=optional_id(settings))
+class AuditEntry(BaseModel):
+    """One audit row: who did what, from where."""
+
+    id: uuid.UUID
+    user_id: str | None
+    action: str
+    ip_address: str | None
+    request_id: str | None
+    details: dict[str, Any]
+    timestamp: datetime

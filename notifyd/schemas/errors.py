@@ -30,6 +30,11 @@ class Invalid(Exception):
         self.errors = list(errors)
 
 
+class Refused(Invalid):
+    """A payload the document allows but a rule it cannot state refuses: a time that must be
+    ahead of now, a comparison between two fields. REST answers it 422 `unsendable`."""
+
+
 class NotAnObject(Exception):
     """The payload is not a JSON object at all (malformed JSON, an array...): no field to name,
     so REST answers 400, not 422. `detail` says what is wrong."""
@@ -82,13 +87,15 @@ def message(error: ErrorDetails, patterns: Patterns) -> str:
     if kind == "string_too_long":
         return f"must be at most {ctx['max_length']} characters"
     if kind == "string_pattern_mismatch" and isinstance(value, str):
+        pattern = str(ctx.get("pattern", ""))
+        said = patterns.get(pattern, f"must match {pattern}")
+        if not isinstance(said, str):
+            return said(value)  # it names the character at fault itself (a NUL is one)
         if "\x00" in value:
             return "must not contain NUL characters"
         if not value.strip():
             return "must not be empty"
-        pattern = str(ctx.get("pattern", ""))
-        said = patterns.get(pattern, f"must match {pattern}")
-        return said if isinstance(said, str) else said(value)
+        return said
     if kind == "literal_error":
         return f"must be one of: {_choices(str(ctx['expected']))}"
     if kind in ("bool_type", "bool_parsing"):
@@ -99,6 +106,8 @@ def message(error: ErrorDetails, patterns: Patterns) -> str:
         unit = "keys" if isinstance(value, dict) else "items"
         return f"must have at most {ctx['max_length']} {unit}"
     if kind == "too_short":
+        if ctx["min_length"] == 1 and isinstance(value, list):
+            return "must be a non-empty list"
         return f"must have at least {ctx['min_length']} items"
     if kind == "list_type":
         return "must be a list"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, Field, StrictBool, create_model
@@ -26,6 +27,10 @@ TEXT_PATTERN = rf"^[^\x00]*[^\x00{_SPACE}][^\x00]*$"
 _UNSAFE = tags.HEADER_UNSAFE.pattern.removeprefix("[").removesuffix("]")
 HEADER_TEXT_PATTERN = rf"^[^{_UNSAFE}]*[^{_UNSAFE}{_SPACE}][^{_UNSAFE}]*$"
 """Text that reaches a mail header: `TEXT_PATTERN`, and no character of `tags.HEADER_UNSAFE`."""
+
+SAFE_EMAIL = tags.EMAIL.pattern.replace(r"[^@\s<>\"',;]", rf"[^@\s<>\"',;{_UNSAFE}]", 1)
+assert tags.EMAIL.pattern != SAFE_EMAIL, "tags.EMAIL's local part changed: update SAFE_EMAIL"
+"""`tags.EMAIL`, header-safe (unanchored): a From: address, a contact's email."""
 
 SPACES = rf"[{_SPACE}]*"
 """Any white space, as `str.strip()` takes it off (around a recipient)."""
@@ -68,6 +73,19 @@ Category = Annotated[str, Field(pattern=CATEGORY_PATTERN)]
 Locale = Annotated[str, Field(max_length=tags.LOCALE_MAX_LENGTH, pattern=LOCALE_PATTERN)]
 
 
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def parse_rfc3339(text: str) -> datetime | None:
+    """A timezone-aware datetime, or None unless `text` is RFC 3339 with an explicit offset."""
+    if not _RFC3339.fullmatch(text):
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        return None
+
+
 def text(max_length: int, description: str | None = None, *, header: bool = False) -> object:
     """A text field's bounds: `Annotated[str, text(n)]`; `header`: it reaches a mail header."""
     pattern = HEADER_TEXT_PATTERN if header else TEXT_PATTERN
@@ -99,7 +117,7 @@ class PageQuery(BaseModel):
 
 
 B = TypeVar("B", bound=BaseModel)
-Q = TypeVar("Q", bound=PageQuery)
+Q = TypeVar("Q", bound=BaseModel)
 
 
 def bounded(model: type[B], **fields: Any) -> type[B]:
@@ -116,12 +134,18 @@ def optional_id(
     return Annotated[str, rule] | None, Field(None, alias=alias, description=description)
 
 
+def with_ids(model: type[B], settings: Settings, *names: str) -> type[B]:
+    """`model` with the id rule on its optional id fields `names` (a list query's filters)."""
+    return bounded(model, **{name: optional_id(settings) for name in names})
+
+
 def id_list(settings: Settings) -> Any:
     """(type, default) of an optional list of UUIDs, `settings.mark_read_max_ids` long at most."""
     return Annotated[list[uuid.UUID], Field(max_length=settings.mark_read_max_ids)] | None, None
 
 
 def paged(model: type[Q], settings: Settings) -> type[Q]:
-    """`model` with the page sizes that are settings (`page_size_default`, `page_size_max`)."""
+    """`model` with the page sizes that are settings (`page_size_default`, `page_size_max`) on
+    its `limit`."""
     limit = Annotated[int, Field(ge=1, le=settings.page_size_max)]
     return bounded(model, limit=(limit, settings.page_size_default))

@@ -1,9 +1,11 @@
-"""1-on-1 messages: the send body, the list query and the mark-as-read body."""
+"""1-on-1 messages: the send body, the list query and the mark-as-read body; and a chat
+socket's message frame."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Collection, Mapping
+from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +31,28 @@ def send_model(settings: Settings) -> type[MessageSend]:
         receiver_id=(Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)], ...),
         content=(Annotated[str, text(settings.message_max_length)], ...),
     )
+
+
+CLIENT_ID_MAX_LENGTH = 100
+
+
+class ChatPost(BaseModel):
+    """A chat socket's message frame, `{message, receiver_id?, client_id?}`: the content is
+    bounded as a REST message's. Other keys (the frame's `type`) are the socket's business.
+    Whether `receiver_id` is the room's other member is the room's question (`ws_chat`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    message: str
+    receiver_id: str | None = None
+    client_id: Annotated[str, Field(max_length=CLIENT_ID_MAX_LENGTH)] | None = Field(
+        None, description="The sender's own id for the message, echoed back."
+    )
+
+
+def chat_post_model(settings: Settings) -> type[ChatPost]:
+    """`ChatPost` with `message_max_length`."""
+    return bounded(ChatPost, message=(Annotated[str, text(settings.message_max_length)], ...))
 
 
 class MessageQuery(PageQuery):
@@ -113,3 +137,22 @@ def mark_read_problems(
 class MessageCreated(BaseModel):
     message_id: uuid.UUID
     sent_at: str = Field(json_schema_extra={"format": "date-time"})
+
+
+class Message(BaseModel):
+    """A stored message (`http.messages.message_json`)."""
+
+    id: uuid.UUID
+    room: str = Field(description="The chat room the message belongs to.")
+    sender_id: str
+    receiver_id: str | None = Field(description="null in group rooms.")
+    content: str
+    sent_at: datetime
+    is_read: bool
+    read_at: datetime | None
+
+
+class MarkReadResult(BaseModel):
+    """How many messages were marked read."""
+
+    updated: int

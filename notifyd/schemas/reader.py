@@ -8,7 +8,14 @@ from typing import Any, Generic, TypeVar
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from notifyd.schemas.errors import FieldError, Invalid, Patterns, field_errors, not_an_object
+from notifyd.schemas.errors import (
+    FieldError,
+    Invalid,
+    Patterns,
+    Refused,
+    field_errors,
+    not_an_object,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -25,13 +32,22 @@ class Reader(Generic[M]):
 
     The fields are pydantic's (one pass in Rust, from the raw bytes when there are bytes);
     `rules` run after it, also when some field failed (over the fields that did not), so one
-    answer still lists everything wrong.
+    answer still lists everything wrong. `refusals` are the rules the document cannot state
+    (the JSON Schema says `rules` too): with other faults they join the one `Invalid`; alone,
+    they raise `Refused`, which REST answers as a 422 of its own type (`unsendable`).
     """
 
-    def __init__(self, model: type[M], patterns: Patterns, rules: Rules = _no_rules) -> None:
+    def __init__(
+        self,
+        model: type[M],
+        patterns: Patterns,
+        rules: Rules = _no_rules,
+        refusals: Rules = _no_rules,
+    ) -> None:
         self.model = model
         self._patterns = patterns
         self._rules = rules
+        self._refusals = None if refusals is _no_rules else refusals  # the send has none
 
     def json(self, raw: bytes) -> M:
         """From a JSON document; `NotAnObject` when it is not a JSON object at all."""
@@ -54,12 +70,22 @@ class Reader(Generic[M]):
 
     def _checked(self, found: M) -> M:
         errors = self._rules(found.__dict__, ())
+        if self._refusals is None:
+            if errors:
+                raise Invalid(errors)
+            return found
+        refused = self._refusals(found.__dict__, ())
         if errors:
-            raise Invalid(errors)
+            raise Invalid(errors + refused)
+        if refused:
+            raise Refused(refused)
         return found
 
     def _invalid(self, exc: ValidationError, data: Mapping[str, Any]) -> Invalid:
         errors = field_errors(exc, self._patterns)
         at_fault = {e.field.partition("[")[0].partition(".")[0] for e in errors}
         values = {k: v for k, v in data.items() if k in self.model.model_fields}
-        return Invalid(errors + self._rules(values, at_fault))
+        errors += self._rules(values, at_fault)
+        if self._refusals is not None:
+            errors += self._refusals(values, at_fault)
+        return Invalid(errors)

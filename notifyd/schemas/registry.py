@@ -10,18 +10,27 @@ from pydantic import BaseModel
 from notifyd.ids import OpaqueIdRule
 from notifyd.schemas import (
     audit,
+    contacts,
     messages,
     notifications,
-    preferences,
     recipients,
     reminders,
     rooms,
+    suppressions,
     templates,
     tenants,
+    twilio,
     webhooks,
     workflows,
 )
-from notifyd.schemas.fields import PATTERN_MESSAGES, PageQuery, id_pattern_message, paged
+from notifyd.schemas.fields import (
+    PATTERN_MESSAGES,
+    PageQuery,
+    id_pattern_message,
+    paged,
+    with_ids,
+)
+from notifyd.schemas.preferences import Preferences  # the field `preferences` is its reader
 from notifyd.schemas.reader import Reader
 from notifyd.settings import Settings
 
@@ -37,8 +46,11 @@ class Schemas:
     message_send: Reader[messages.MessageSend]
     message_query: Reader[messages.MessageQuery]
     message_mark_read: Reader[messages.MessageMarkRead]
-    preferences: Reader[preferences.Preferences]
+    chat_post: Reader[messages.ChatPost]
+    preferences: Reader[Preferences]
     audit_query: Reader[audit.AuditQuery]
+    reminder_create: Reader[reminders.ReminderCreate]
+    reminder_patch: Reader[reminders.ReminderPatch]
     reminder_query: Reader[reminders.ReminderQuery]
     page_query: Reader[PageQuery]
     recipient_put: Reader[recipients.RecipientPut]
@@ -51,7 +63,11 @@ class Schemas:
     room_members: Reader[rooms.RoomMembersAdd]
     template_put: Reader[templates.TemplatePut]
     template_preview: Reader[templates.TemplatePreview]
+    template_query: Reader[templates.TemplateQuery]
+    template_item_query: Reader[templates.TemplateItemQuery]
     tenant_settings: Reader[tenants.TenantSettings]
+    twilio_status_query: Reader[twilio.TwilioStatusQuery]
+    twilio_status: Reader[twilio.TwilioStatus]
     webhook_create: Reader[webhooks.WebhookEndpointCreate]
     webhook_patch: Reader[webhooks.WebhookEndpointPatch]
 
@@ -60,6 +76,7 @@ class Schemas:
         id_rule = OpaqueIdRule.from_settings(settings.id_max_length, settings.id_pattern)
         patterns = {
             **PATTERN_MESSAGES,
+            **contacts.PATTERN_MESSAGES,
             **workflows.PATTERN_MESSAGES,
             **rooms.PATTERN_MESSAGES,
             **templates.PATTERN_MESSAGES,
@@ -82,9 +99,19 @@ class Schemas:
             message_mark_read=Reader(
                 messages.mark_read_model(settings), patterns, messages.mark_read_problems
             ),
-            preferences=Reader(preferences.Preferences, patterns),
-            audit_query=Reader(paged(audit.query_model(settings), settings), patterns),
-            reminder_query=Reader(paged(reminders.query_model(settings), settings), patterns),
+            chat_post=Reader(messages.chat_post_model(settings), patterns),
+            preferences=Reader(Preferences, patterns),
+            audit_query=Reader(
+                paged(with_ids(audit.AuditQuery, settings, "user_id"), settings), patterns
+            ),
+            reminder_create=Reader(
+                reminders.create_model(settings), patterns, refusals=reminders.create_refusals
+            ),
+            reminder_patch=Reader(reminders.ReminderPatch, patterns, reminders.patch_problems),
+            reminder_query=Reader(
+                paged(with_ids(reminders.ReminderQuery, settings, "application_id"), settings),
+                patterns,
+            ),
             page_query=Reader(paged(PageQuery, settings), patterns),
             recipient_put=Reader(recipients.RecipientPut, patterns),
             recipient_patch=Reader(recipients.RecipientOwnPatch, patterns),
@@ -92,23 +119,31 @@ class Schemas:
                 workflows.definition_model(settings),
                 patterns,
                 workflows.definition_rules(settings.workflow_max_delay),
+                workflows.definition_refusals,
             ),
             workflow_trigger=Reader(
                 workflows.trigger_model(settings),
                 patterns,
-                workflows.trigger_rules(settings.workflow_max_delay),
+                workflows.trigger_rules,
+                workflows.trigger_refusals(settings.workflow_max_delay),
             ),
             workflow_cancel=Reader(
                 workflows.cancel_model(settings), patterns, workflows.cancel_rules
             ),
-            run_query=Reader(paged(workflows.run_query_model(settings), settings), patterns),
+            run_query=Reader(
+                paged(with_ids(workflows.RunQuery, settings, "recipient"), settings), patterns
+            ),
             room_create=Reader(rooms.create_model(settings), patterns),
             room_members=Reader(rooms.add_members_model(settings), patterns),
             template_put=Reader(templates.put_model(settings), patterns),
             template_preview=Reader(
                 templates.preview_model(settings), patterns, templates.preview_problems
             ),
+            template_query=Reader(paged(templates.TemplateQuery, settings), patterns),
+            template_item_query=Reader(templates.TemplateItemQuery, patterns),
             tenant_settings=Reader(tenants.TenantSettings, patterns, tenants.settings_problems),
+            twilio_status_query=Reader(twilio.status_query_model(settings), patterns),
+            twilio_status=Reader(twilio.TwilioStatus, patterns),
             webhook_create=Reader(webhooks.WebhookEndpointCreate, patterns),
             webhook_patch=Reader(webhooks.WebhookEndpointPatch, patterns),
         )
@@ -121,6 +156,8 @@ class Schemas:
             self.message_send.model,
             self.message_mark_read.model,
             self.preferences.model,  # also the answer's shape
+            self.reminder_create.model,
+            self.reminder_patch.model,
             self.recipient_put.model,
             self.recipient_patch.model,
             self.workflow.model,
@@ -131,6 +168,7 @@ class Schemas:
             self.template_put.model,
             self.template_preview.model,
             self.tenant_settings.model,  # also the answer's shape
+            self.twilio_status.model,
             self.webhook_create.model,
             self.webhook_patch.model,
         ]
@@ -141,6 +179,16 @@ RESPONSES: list[type[BaseModel]] = [
     notifications.NotificationAccepted,
     notifications.NotificationsMarkedRead,
     messages.MessageCreated,
+    messages.Message,
+    messages.MarkReadResult,
+    rooms.RoomMember,
+    rooms.RoomSummary,
+    rooms.Room,
+    rooms.RoomMembersAdded,
+    reminders.Reminder,
+    templates.Template,
+    templates.Rendered,
+    audit.AuditEntry,
     recipients.Recipient,
     workflows.Workflow,
     workflows.WorkflowTriggered,
@@ -149,5 +197,6 @@ RESPONSES: list[type[BaseModel]] = [
     webhooks.WebhookEndpoint,
     webhooks.WebhookEndpointWithSecret,
     webhooks.WebhookDelivery,
+    suppressions.Suppression,
 ]
 """The answers' models, for the document's components (answers are not validated)."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from notifyd import tags
 from notifyd.schemas.fields import Message, anchored, bounded, opaque_id
@@ -63,3 +65,46 @@ def create_model(settings: Settings) -> type[RoomCreate]:
 def add_members_model(settings: Settings) -> type[RoomMembersAdd]:
     """`RoomMembersAdd` with `room_max_members` and the id rule."""
     return bounded(RoomMembersAdd, members=_members(settings))
+
+
+class RoomMember(BaseModel):
+    """A group room's member."""
+
+    user_id: str
+    role: Literal["owner", "member"]
+    joined_at: datetime
+    last_read_id: uuid.UUID | None
+
+
+class RoomSummary(BaseModel):
+    """A group room in the caller's list."""
+
+    name: str
+    kind: Literal["group"]
+    title: str
+    created_by: str
+    created_at: datetime
+
+
+class GroupRoom(RoomSummary):
+    """A group room and its members."""
+
+    members: list[RoomMember]
+
+
+class DmRoom(BaseModel):
+    """A 1-on-1 room: derived from its two users, never stored."""
+
+    name: str
+    kind: Literal["dm"]
+    members: list[str] = Field(description="The two user ids.")
+
+
+class Room(RootModel[Annotated[GroupRoom | DmRoom, Field(discriminator="kind")]]):
+    """A room as GET /rooms/{room}/, GET /rooms/dm/{user}/ and POST /rooms/ answer it."""
+
+
+class RoomMembersAdded(BaseModel):
+    """The users added (those already in the room are not)."""
+
+    added: list[str]

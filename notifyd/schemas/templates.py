@@ -7,7 +7,8 @@ handler says so after the model (422s of its own, `http.templates`).
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Annotated, Any
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,8 +20,12 @@ from notifyd.settings import Settings
 TEMPLATE_LOCALE_PATTERN = anchored("|" + tags.LOCALE.pattern)
 """A template's locale: a language tag, or "" for the default (the fallback row)."""
 
+CURSOR_PATTERN = r"^[^/\x00]*/[^/\x00]*/[^/\x00]*$"
+"""A page's cursor: the last template's `key/channel/locale` (the Link header's `after`)."""
+
 PATTERN_MESSAGES: dict[str, Message] = {
     TEMPLATE_LOCALE_PATTERN: 'must be a locale such as "en" or "pt-BR", or "" for the default',
+    CURSOR_PATTERN: "must be a cursor taken from a previous page's Link",
 }
 
 TemplateLocale = Annotated[
@@ -131,3 +136,45 @@ def preview_problems(values: Mapping[str, Any], at_fault: Collection[str] = ()) 
         if values.get(name) is not None:
             found.append(FieldError(name, "is only used with template_key"))
     return found
+
+
+class TemplateQuery(BaseModel):
+    """A page of the tenant's templates in key, channel and locale order, optionally one key's
+    or one channel's. Unknown parameters are ignored."""
+
+    limit: int = 50
+    template_key: TemplateKey | None = None
+    channel: Channel | None = None
+    after: Annotated[str, Field(max_length=300, pattern=CURSOR_PATTERN)] | None = Field(
+        None, description="Cursor: taken from the previous page's Link header."
+    )
+
+
+class TemplateItemQuery(BaseModel):
+    """Which locale of a template (its path names the key and channel)."""
+
+    locale: TemplateLocale = Field("", description='A language tag, or "" for the default.')
+
+
+class Template(BaseModel):
+    """A template as the API shows it (`http.templates.template_json`, `sourced_json`)."""
+
+    template_key: str
+    channel: Channel
+    locale: str = Field(description='A language tag, or "" for the default.')
+    subject: str | None
+    text_body: str
+    html_body: str | None
+    created_at: datetime | None = Field(description="null for a template from the source.")
+    updated_at: datetime | None = Field(description="null for a template from the source.")
+    source: Literal["stored", "tenant_config"] = Field(
+        description="tenant_config: from NOTIFYD_TENANT_CONFIG_URL, read-only here."
+    )
+
+
+class Rendered(BaseModel):
+    """A preview: what the template makes of the context."""
+
+    subject: str | None
+    text: str
+    html: str | None

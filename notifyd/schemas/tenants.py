@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 from pydantic_core import PydanticCustomError
 
 from notifyd import tags
+from notifyd.schemas.contacts import TimeZone
 from notifyd.schemas.errors import FieldError
-from notifyd.schemas.fields import Flag, Locale, Message, anchored
+from notifyd.schemas.fields import SAFE_EMAIL, Flag, Locale, Message, anchored
 
 _UNSAFE = tags.HEADER_UNSAFE.pattern.removeprefix("[").removesuffix("]")
 SINGLE_LINE_PATTERN = rf"^[^{_UNSAFE}]*$"
@@ -26,9 +27,7 @@ ACCOUNT_SID_PATTERN = r"^AC[0-9a-fA-F]{32}$"
 PHONE_PATTERN = r"^\+?[0-9(][0-9 ().-]{4,30}$"
 PHONE_DIGITS = 5
 REGION_PATTERN = r"^[A-Z]{2}$"
-_EMAIL = tags.EMAIL.pattern.replace(r"[^@\s<>\"',;]", rf"[^@\s<>\"',;{_UNSAFE}]", 1)
-assert tags.EMAIL.pattern != _EMAIL, "tags.EMAIL's local part changed: update _EMAIL"
-FROM_EMAIL_PATTERN = anchored(_EMAIL)
+FROM_EMAIL_PATTERN = anchored(SAFE_EMAIL)
 """`tags.EMAIL`, header-safe: a From: address."""
 
 _PHONE_MESSAGE = "must be a phone number, e.g. +14155550100 or 4155550100"
@@ -53,6 +52,14 @@ _TLS_TWICE = "use_tls (STARTTLS) and use_ssl (implicit TLS) exclude each other"
 SingleLine = Annotated[str, Field(pattern=SINGLE_LINE_PATTERN)]
 
 
+def _whole(value: Any) -> Any:
+    """JSON has one kind of number: 587.0 is the integer the document's `integer` allows
+    (a bool or a string still is not one)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class SmtpSettings(BaseModel):
     """The tenant's SMTP relay. `password` left out (or null) keeps the stored one."""
 
@@ -67,7 +74,7 @@ class SmtpSettings(BaseModel):
     )
 
     host: Annotated[str, Field(max_length=253, pattern=HOST_PATTERN)]
-    port: Annotated[StrictInt, Field(ge=1, le=65535)]
+    port: Annotated[StrictInt, Field(ge=1, le=65535), BeforeValidator(_whole)]
     username: Annotated[SingleLine, Field(max_length=256)] | None = None
     password: Annotated[SingleLine, Field(max_length=1024)] | None = Field(
         None, json_schema_extra={"writeOnly": True}, description="Left out: keep the stored one"
@@ -110,6 +117,14 @@ class TenantSettings(BaseModel):
     twilio: TwilioSettings | None = None
     default_region: Annotated[str, Field(pattern=REGION_PATTERN)] | None = None
     default_locale: Locale | None = None
+    default_timezone: TimeZone | None = Field(
+        None, description="Quiet hours of a recipient without a time zone are read in this one."
+    )
+    sourced: list[str] | None = Field(
+        None,
+        json_schema_extra={"readOnly": True},
+        description="The fields the tenant configuration source gives (read-only here)",
+    )
 
 
 def settings_problems(

@@ -35,6 +35,8 @@ DURATION_PATTERN = r"^[1-9][0-9]{0,6}[smhd]$"
 TIME_OF_DAY_PATTERN = r"^(?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9])?$"
 DATA_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 WORKFLOW_KEY_PATTERN = anchored(r"[A-Za-z0-9_.:-]{1,128}")
+RUNS = "runs"
+"""The path segment of the runs (`/workflows/runs/`): no workflow may be called that."""
 
 PATTERN_MESSAGES = {
     DURATION_PATTERN: "must be a duration such as 90s, 15m, 2h or 1d",
@@ -61,6 +63,33 @@ RunStatus = Literal["pending", "completed", "cancelled", "throttled"]
 """A run's state as answered: `pending` while a step is, else how it ended."""
 
 
+def _at_most(n: int) -> str:
+    """A regular expression for the integers 1..n (n >= 1), written without leading zeros."""
+    digits = str(n)
+    shorter = {1: [], 2: ["[1-9]"]}.get(len(digits), [f"[1-9][0-9]{{0,{len(digits) - 2}}}"])
+    found = list(shorter)
+    for index, digit in enumerate(digits):  # n's first digits, then a smaller one, then any
+        low = 1 if index == 0 else 0
+        high = int(digit) - 1
+        if high >= low:
+            rest = len(digits) - index - 1
+            smaller = str(low) if high == low else f"[{low}-{high}]"
+            tail = {0: "", 1: "[0-9]"}.get(rest, f"[0-9]{{{rest}}}")
+            found.append(digits[:index] + smaller + tail)
+    return "|".join([*found, digits])
+
+
+def duration_pattern(max_delay: float) -> str:
+    """`DURATION_PATTERN` within `max_delay` seconds: what `definition_rules` checks, in the
+    document (each unit's greatest count spelt out)."""
+    units = []
+    for unit, seconds in _UNITS.items():
+        most = min(int(max_delay // seconds), 9_999_999)  # DURATION_PATTERN's seven digits
+        if most >= 1:
+            units.append(f"(?:{_at_most(most)}){unit}")
+    return f"^(?:{'|'.join(units)})$"
+
+
 def duration(text: str) -> timedelta:
     """`"15m"` → 15 minutes; the text matched `DURATION_PATTERN` (the model checked it)."""
     return timedelta(seconds=int(text[:-1]) * _UNITS[text[-1]])
@@ -80,7 +109,9 @@ class WorkflowStep(BaseModel):
     template_key: TemplateKey
     delay: Duration | None = Field(None, description="After the trigger (or send_at).")
     unless: Annotated[list[Unless], Field(max_length=2)] = Field(
-        default_factory=list, description="Skip the step when any of these holds at its time."
+        default_factory=list,
+        description="Skip the step when any of these holds at its time.",
+        json_schema_extra={"uniqueItems": True},  # `definition_rules`
     )
     critical_only: Flag = Field(False, description="Only for triggers marked critical.")
 
@@ -127,8 +158,9 @@ class WorkflowDefinition(BaseModel):
 
 
 def definition_model(settings: Settings) -> type[WorkflowDefinition]:
-    """`WorkflowDefinition` with the steps' bound (`NOTIFYD_WORKFLOW_MAX_STEPS`)."""
-    return bounded(
+    """`WorkflowDefinition` with the steps' bound (`NOTIFYD_WORKFLOW_MAX_STEPS`); its JSON
+    Schema also bounds every duration by `NOTIFYD_WORKFLOW_MAX_DELAY` (`definition_rules`)."""
+    model = bounded(
         WorkflowDefinition,
         steps=(
             Annotated[
@@ -137,6 +169,20 @@ def definition_model(settings: Settings) -> type[WorkflowDefinition]:
             ...,
         ),
     )
+    within = {"pattern": duration_pattern(settings.workflow_max_delay)}
+
+    def at(*path: str) -> dict[str, Any]:
+        schema: dict[str, Any] = within
+        for name in reversed(path):
+            schema = {"items": schema} if name == "[]" else {"properties": {name: schema}}
+        return schema
+
+    # create_model takes no config beside a base: the subclass's own config dict, read when
+    # the document is generated
+    model.model_config["json_schema_extra"] = {
+        "allOf": [at("steps", "[]", "delay"), at("digest", "window"), at("throttle", "per")]
+    }
+    return model
 
 
 def _get(value: Any, name: str) -> Any:
@@ -159,7 +205,7 @@ def _bound_text(bound: timedelta) -> str:
 
 def definition_rules(max_delay: float) -> Any:
     """The rules no single field says: durations within `max_delay`, `unless` without
-    repeats, a quiet window that is not empty."""
+    repeats (the document says both: `duration_pattern`, `uniqueItems`)."""
     bound = timedelta(seconds=max_delay)
 
     def rules(values: Mapping[str, Any], at_fault: Collection[str]) -> list[FieldError]:
@@ -179,19 +225,27 @@ def definition_rules(max_delay: float) -> Any:
             found.append(FieldError("digest.window", _bound_text(bound)))
         if _too_long(_get(values.get("throttle"), "per"), bound):
             found.append(FieldError("throttle.per", _bound_text(bound)))
-        quiet = values.get("quiet_hours")
-        start, end = _get(quiet, "start"), _get(quiet, "end")
-        if (
-            isinstance(start, str)
-            and isinstance(end, str)
-            and _TIME_OF_DAY.match(start)
-            and _TIME_OF_DAY.match(end)
-            and time_of_day(start) == time_of_day(end)
-        ):
-            found.append(FieldError("quiet_hours.end", "must differ from start"))
         return [f for f in found if f.field not in at_fault]
 
     return rules
+
+
+def definition_refusals(values: Mapping[str, Any], at_fault: Collection[str]) -> list[FieldError]:
+    """A quiet window that is not empty: `21:00` to `21:00:00` compares two fields' times,
+    which the document cannot say (422 `unsendable` when it is the only fault)."""
+    if "quiet_hours" in at_fault:
+        return []
+    quiet = values.get("quiet_hours")
+    start, end = _get(quiet, "start"), _get(quiet, "end")
+    if (
+        isinstance(start, str)
+        and isinstance(end, str)
+        and _TIME_OF_DAY.match(start)
+        and _TIME_OF_DAY.match(end)
+        and time_of_day(start) == time_of_day(end)
+    ):
+        return [FieldError("quiet_hours.end", "must differ from start")]
+    return []
 
 
 class WorkflowTrigger(BaseModel):
@@ -216,9 +270,15 @@ class WorkflowCancel(BaseModel):
 
 
 def _ids(settings: Settings) -> Any:
+    """Recipients: by the id rule, without repeats (`_repeats`), at most
+    `NOTIFYD_WORKFLOW_MAX_RECIPIENTS`."""
     return Annotated[
         list[Annotated[str, opaque_id(settings.id_max_length, settings.id_pattern)]],
-        Field(min_length=1, max_length=settings.workflow_max_recipients),
+        Field(
+            min_length=1,
+            max_length=settings.workflow_max_recipients,
+            json_schema_extra={"uniqueItems": True},
+        ),
     ]
 
 
@@ -273,12 +333,20 @@ def has_nul(value: Any) -> bool:
     return False
 
 
-def trigger_rules(max_ahead: float) -> Any:
-    """Recipients without repeats; `send_at` not further ahead than `max_ahead` seconds;
-    `data` without NUL characters."""
+def trigger_rules(values: Mapping[str, Any], at_fault: Collection[str]) -> list[FieldError]:
+    """Recipients without repeats (the document's `uniqueItems`)."""
+    if "recipients" in at_fault:
+        return []
+    return _repeats("recipients", values.get("recipients"))
+
+
+def trigger_refusals(max_ahead: float) -> Any:
+    """What the document does not say of a trigger (422 `unsendable` when it is the only
+    fault): `send_at` not further ahead than `max_ahead` seconds from now; `data` without NUL
+    characters anywhere, keys too (PostgreSQL's jsonb refuses them)."""
 
     def rules(values: Mapping[str, Any], at_fault: Collection[str]) -> list[FieldError]:
-        found = [] if "recipients" in at_fault else _repeats("recipients", values.get("recipients"))
+        found = []
         if "data" not in at_fault and has_nul(values.get("data")):
             found.append(FieldError("data", "must not contain NUL characters"))
         send_at = values.get("send_at")
@@ -308,11 +376,6 @@ class RunQuery(PageQuery):
 
     recipient: str | None = None
     workflow_key: WorkflowKey | None = None
-
-
-def run_query_model(settings: Settings) -> type[RunQuery]:
-    """`RunQuery` with the id rule."""
-    return bounded(RunQuery, recipient=optional_id(settings))
 
 
 # ---------------------------------------------------------------- answers

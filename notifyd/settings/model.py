@@ -133,6 +133,10 @@ KeyPrefix = Annotated[Str, _check(lambda v: re.fullmatch(r"[A-Za-z0-9_.:-]+", v)
 PostgresUrl = Annotated[Str, _url("postgresql", "postgres", empty=False)]
 RedisUrl = Annotated[Str, _url("redis", "rediss", "unix")]
 HttpUrl = Annotated[Str, _url("http", "https")]
+TenantConfigUrl = Annotated[
+    HttpUrl,
+    _check(lambda v: not v or "{tenant_id}" in v, "must contain {tenant_id}"),
+]
 AmqpUrl = Annotated[Str, _url("amqp", "amqps")]
 Addresses = Annotated[Strs, AfterValidator(_addresses_ok)]
 JwtSecret = Annotated[Str, _check(lambda v: not v or len(v) >= 16,
@@ -411,8 +415,9 @@ class Settings:
         "a reminder firing later than this, seconds, is flagged late", gt=0)
     reminder_lookahead: Float = setting(0.3, "NOTIFYD_REMINDER_LOOKAHEAD",
         "delivery.reminder_lookahead",
-        "seconds ahead reminders are read and planned, then fired on time (below claim_idle)", ge=0,
-        le=MAX_REMINDER_LOOKAHEAD, note="a reminder read early waits that long in the firer")
+        "seconds ahead reminders and workflow steps are read and planned, then fired on time "
+        "(below claim_idle)", ge=0,
+        le=MAX_REMINDER_LOOKAHEAD, note="one read early waits that long in its firer")
     stream_max_len: Int = setting(1_000_000, "NOTIFYD_STREAM_MAX_LEN", "delivery.stream_max_len",
         "streams are trimmed (approximately) past this", gt=0)
     stream_block: Float = setting(1.0, "NOTIFYD_STREAM_BLOCK", "delivery.stream_block",
@@ -489,6 +494,22 @@ class Settings:
     webhook_secret_overlap: Float = setting(86_400.0, "NOTIFYD_WEBHOOK_SECRET_OVERLAP",
         "webhooks.secret_overlap",
         "seconds the secret before a rotation still signs (beside the new one)", ge=0)
+    # --- tenant_config: tenants' SMTP, Twilio and templates from the team's auth service
+    tenant_config_url: TenantConfigUrl = setting("", "NOTIFYD_TENANT_CONFIG_URL",
+        "tenant_config.url", "http(s) URL with {tenant_id} answering a tenant's configuration "
+        "document (empty: off)")
+    tenant_config_token: Str = setting("", "NOTIFYD_TENANT_CONFIG_TOKEN", "tenant_config.token",
+        "bearer token sent to that URL (empty, with JWT_SECRET: a 60 s JWT notifyd signs per "
+        "fetch)", secret=True)
+    tenant_config_ttl: Float = setting(60.0, "NOTIFYD_TENANT_CONFIG_TTL", "tenant_config.ttl",
+        "seconds a fetched document is used; refreshed in the background before", gt=0)
+    tenant_config_connect_timeout: Float = setting(2.0, "NOTIFYD_TENANT_CONFIG_CONNECT_TIMEOUT",
+        "tenant_config.connect_timeout", "seconds to connect to the source", gt=0)
+    tenant_config_timeout: Float = setting(5.0, "NOTIFYD_TENANT_CONFIG_TIMEOUT",
+        "tenant_config.timeout", "seconds one whole fetch may take", gt=0)
+    tenant_config_max_bytes: Int = setting(1_048_576, "NOTIFYD_TENANT_CONFIG_MAX_BYTES",
+        "tenant_config.max_bytes", "largest document read (bytes); a larger one is refused",
+        ge=1024)
     # --- events: domain events from other services (Redis stream, RabbitMQ, Kafka)
     events_enabled: Bool = setting(True, "NOTIFYD_EVENTS_ENABLED", "events.enabled",
         "ingest events at all (the Redis stream <prefix>:events, and RabbitMQ/Kafka when set)")
@@ -612,6 +633,10 @@ class Settings:
         "retention.reminders",
         "seconds a fired/skipped/cancelled reminder is kept after its interview (90 days)", ge=0,
         note=FOREVER)
+    retain_workflow_runs: Float = setting(7_776_000.0, "NOTIFYD_RETAIN_WORKFLOW_RUNS",
+        "retention.workflow_runs",
+        "seconds a finished workflow run (no step pending) and its steps are kept after the "
+        "trigger (90 days)", ge=0, note=FOREVER)
     retain_audit: Float = setting(31_536_000.0, "NOTIFYD_RETAIN_AUDIT", "retention.audit",
         "seconds an audit row is kept (365 days; compliance may require longer)", ge=0,
         note=FOREVER)

@@ -24,6 +24,8 @@ SECTIONS = {
     "limits": "bounds on what callers send",
     "delivery": "",
     "egress": 'tenants\' own SMTP relays (docs/limits.md, "Egress policy for tenant relays")',
+    "tenant_config": "tenants' SMTP, Twilio and templates from the team's auth service "
+    '(README: "Tenant configuration from your auth service")',
     "webhooks": 'tenants\' webhook endpoints (README: "Webhooks"; docs/limits.md, "Webhooks")',
     "events": 'domain events from other services (README: "Events from other services")',
     "actors": "supervision of the background actors",

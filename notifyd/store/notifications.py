@@ -98,34 +98,13 @@ class NewNotification:
     request_id: str | None
 
 
-def _args(row: NewNotification) -> tuple[Any, ...]:
-    return (
-        row.id,
-        row.tenant_id,
-        row.created_by,
-        row.user_id,
-        row.channel,
-        row.recipient,
-        row.subject,
-        row.body,
-        row.html_body,
-        row.template_key,
-        row.context,
-        row.locale,
-        row.category,
-        row.critical,
-        row.idempotency_key,
-        row.request_id,
-    )
-
+NEW_COLUMNS = ", ".join(f.name for f in fields(NewNotification))  # what an insert writes
 
 # Rows and their audit rows in one statement (one send, or a group commit of concurrent ones):
 # one round trip, one statement to plan, arrays encoded once, no BEGIN/COMMIT of our own.
-INSERT_MANY_AUDITED = """
+INSERT_MANY_AUDITED = f"""
 WITH stored AS (
-    INSERT INTO notifications (id, tenant_id, created_by, user_id, channel, recipient, subject,
-                               body, html_body, template_key, context, locale, category,
-                               critical, idempotency_key, request_id)
+    INSERT INTO notifications ({NEW_COLUMNS})
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
                          $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
                          $11::jsonb[], $12::text[], $13::text[], $14::bool[], $15::text[],
@@ -143,12 +122,8 @@ async def insert_many_audited(
 ) -> None:
     """Stores the rows (`queued`) and the audit rows, all or none (one statement: inside the
     caller's transaction when it writes more there)."""
-    columns = list(zip(*(_args(row) for row in rows), strict=True))
-    await executor.execute(
-        INSERT_MANY_AUDITED,
-        *(list(column) for column in columns),
-        *audit.as_columns(audits),
-    )
+    columns = [[getattr(row, f.name) for row in rows] for f in fields(NewNotification)]
+    await executor.execute(INSERT_MANY_AUDITED, *columns, *audit.as_columns(audits))
 
 
 async def list_for_user(

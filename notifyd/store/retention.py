@@ -22,7 +22,14 @@ NIL = uuid.UUID(int=0)  # the cursor before the first row
 # pg_try_advisory_lock(int, int): notifyd's class of lock (not the migration's bigint key),
 # then one number per table family
 LOCK_CLASS = 0x6E6F7479
-FAMILIES = ("notifications", "messages", "interview_reminders", "audit_log", "webhook_deliveries")
+FAMILIES = (
+    "notifications",
+    "messages",
+    "interview_reminders",
+    "audit_log",
+    "workflow_runs",
+    "webhook_deliveries",
+)
 TRY_LOCK = "SELECT pg_try_advisory_lock($1::int, $2::int)"
 UNLOCK = "SELECT pg_advisory_unlock($1::int, $2::int)"
 

@@ -89,11 +89,6 @@ class StoredTemplate:
     locale: str
 
 
-def is_locale(locale: str) -> bool:
-    """`''` (the fallback row) or a BCP 47-like tag such as `en`, `pt-BR`, `pt_BR`."""
-    return locale == "" or tags.is_locale(locale)
-
-
 def locale_candidates(locale: str | None, default_locale: str) -> list[str]:
     """The locales to try, best first: exact, its language, the default (and its language), ''."""
     order: list[str] = []

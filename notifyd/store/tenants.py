@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,13 +62,59 @@ class TwilioConfig:
 
 
 @dataclass(frozen=True)
+class SourcedTemplate:
+    """A template the tenant configuration source gave (`notifyd.tenant_config`)."""
+
+    subject: str | None
+    text_body: str
+    html_body: str | None
+    locale: str  # normalised; "" is the default
+
+
+TemplateId = tuple[str, str, str]
+"""(template_key, channel, locale) of a sourced template."""
+
+
+@dataclass(frozen=True)
 class TenantSettings:
-    """A tenant's own settings, secrets in plaintext; None means the global setting applies."""
+    """A tenant's own settings, secrets in plaintext; None means the global setting applies.
+
+    `sourced` names the fields (of `smtp`, `twilio`, `default_region`, `default_locale`) the
+    tenant configuration source gave, which win over the stored ones (`overlay`); `templates`
+    are the source's templates, which win over stored rows of the same locale."""
 
     smtp: SmtpConfig | None = None
     twilio: TwilioConfig | None = None
     default_region: str | None = None
     default_locale: str | None = None
+    default_timezone: str | None = None  # quiet hours of recipients without a zone
+    templates: Mapping[TemplateId, SourcedTemplate] = field(default_factory=dict)
+    sourced: frozenset[str] = frozenset()
+
+
+class SourceUnavailable(Exception):
+    """The tenant configuration source could not be read for a tenant never read before:
+    its sends wait (are retried), they are not made with settings the source may override."""
+
+
+def overlay(stored: TenantSettings, source: TenantSettings | None) -> TenantSettings:
+    """What the source gave wins, field by field; what it left out is the stored value."""
+    if source is None:
+        return stored
+    given = source.sourced
+    return TenantSettings(
+        smtp=source.smtp if "smtp" in given else stored.smtp,
+        twilio=source.twilio if "twilio" in given else stored.twilio,
+        default_region=source.default_region
+        if "default_region" in given
+        else stored.default_region,
+        default_locale=source.default_locale
+        if "default_locale" in given
+        else stored.default_locale,
+        default_timezone=stored.default_timezone,
+        templates=source.templates,
+        sourced=given,
+    )
 
 
 @dataclass(frozen=True)
@@ -154,6 +200,7 @@ def decode(document: Mapping[str, Any], box: SecretBox | None) -> TenantSettings
         ),
         default_region=document.get("default_region") or None,
         default_locale=document.get("default_locale") or None,
+        default_timezone=document.get("default_timezone") or None,
     )
 
 
@@ -236,6 +283,7 @@ async def update(
     twilio: TwilioConfig | Literal[Keep.KEEP] | None = KEEP,
     default_region: str | Literal[Keep.KEEP] | None = KEEP,
     default_locale: str | Literal[Keep.KEEP] | None = KEEP,
+    default_timezone: str | Literal[Keep.KEEP] | None = KEEP,
     keep_password: bool = False,
     keep_auth_token: bool = False,
 ) -> None:
@@ -263,6 +311,8 @@ async def update(
         change["default_region"] = default_region
     if default_locale is not KEEP:
         change["default_locale"] = default_locale
+    if default_timezone is not KEEP:
+        change["default_timezone"] = default_timezone
     await conn.execute(MERGE, tenant_id, change)
 
 
@@ -276,6 +326,7 @@ async def save(conn: Conn, tenant_id: str, settings: TenantSettings, box: Secret
         twilio=settings.twilio,
         default_region=settings.default_region,
         default_locale=settings.default_locale,
+        default_timezone=settings.default_timezone,
     )
 
 
@@ -340,7 +391,12 @@ class TenantSettingsCache:
         *,
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        source: Callable[[str], Awaitable[TenantSettings | None]] | None = None,
     ) -> None:
+        """`source`: the tenant configuration source's settings of a tenant (None: it gives
+        nothing), laid over the stored ones by `get` (`overlay`); it keeps its own cache and
+        raises `SourceUnavailable` when it has nothing yet for the tenant."""
+        self._source = source
         self._pool = pool
         self._box = box
         self._ttl = ttl
@@ -351,6 +407,25 @@ class TenantSettingsCache:
         self._generation: dict[str, int] = {}
 
     async def get(self, tenant_id: str) -> TenantSettings:
+        """The tenant's settings: the source's fields over the stored ones."""
+        stored = await self.stored(tenant_id)
+        if self._source is None:
+            return stored
+        return overlay(stored, await self._source(tenant_id))
+
+    async def sourced(self, tenant_id: str) -> TenantSettings | None:
+        """What the source gives for the tenant (None: no source, or nothing given)."""
+        return None if self._source is None else await self._source(tenant_id)
+
+    async def public(self, tenant_id: str) -> TenantSettings:
+        """What rendering and the request path need (region, locale, the source's templates),
+        without opening a stored secret: a key problem does not stop them (the senders raise
+        that alarm)."""
+        stored = (await load_redacted(self._pool, tenant_id)).settings
+        return overlay(stored, await self.sourced(tenant_id))
+
+    async def stored(self, tenant_id: str) -> TenantSettings:
+        """The tenant's settings as notifyd stores them."""
         entry = self._entries.get(tenant_id)
         if entry is not None and self._clock() < entry.expires:
             return entry.settings

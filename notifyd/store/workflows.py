@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from notifyd.store import retention
 from notifyd.store.pool import Conn, Executor
 
 # ---------------------------------------------------------------- definitions
@@ -326,19 +327,34 @@ SELECT run_id, position FROM steps
 """
 
 
+# The pending steps a cancel is about to stop, locked in the order the firer locks a batch
+# (run, position): a cancel and a batch being fired wait for each other, never deadlock.
+LOCK_FOR_CANCEL = """
+SELECT 1 FROM workflow_steps s JOIN workflow_runs r ON r.id = s.run_id
+WHERE r.tenant_id = $1 AND r.workflow_key = $2 AND r.cancel_key = $3
+  AND ($4::text[] IS NULL OR r.recipient = ANY($4::text[]))
+  AND r.status = 'active' AND s.status = 'pending'
+ORDER BY s.run_id, s.position
+FOR UPDATE OF s
+"""
+
+
 async def cancel(
     conn: Conn, tenant_id: str, key: str, cancel_key: str, recipients: Sequence[str] | None
 ) -> list[asyncpg.Record]:
     """(run_id, position) of every step cancelled; call inside a transaction."""
-    return await conn.fetch(
-        CANCEL, tenant_id, key, cancel_key, None if recipients is None else list(recipients)
-    )
+    only = None if recipients is None else list(recipients)
+    await conn.execute(LOCK_FOR_CANCEL, tenant_id, key, cancel_key, only)
+    return await conn.fetch(CANCEL, tenant_id, key, cancel_key, only)
 
 
 # ---------------------------------------------------------------- firing
 
+StepKey = tuple[str, uuid.UUID, int]
+"""A step's identity: (tenant, run id, position)."""
+
 # What a due step needs: its run, and the recipient's addresses and preferences.
-PEEK_STEP = f"""
+_PEEK = f"""
 SELECT {STEP_COLUMNS}, r.tenant_id, r.workflow_key, r.recipient, r.data, r.critical,
        r.created_by, r.definition->>'category' AS category,
        r.definition->'quiet_hours' AS quiet_hours, r.digest_key,
@@ -348,13 +364,22 @@ FROM workflow_steps s
 JOIN workflow_runs r ON r.id = s.run_id
 LEFT JOIN recipients c ON c.tenant_id = r.tenant_id AND c.user_id = r.recipient
 LEFT JOIN preferences p ON p.tenant_id = r.tenant_id AND p.user_id = r.recipient
-WHERE s.tenant_id = $1 AND s.run_id = $2 AND s.position = $3
 """
 
+PEEK_STEP = _PEEK + "WHERE s.tenant_id = $1 AND s.run_id = $2 AND s.position = $3"
+
+PEEK_STEPS = (
+    _PEEK
+    + "WHERE (s.tenant_id, s.run_id, s.position) IN "
+    + "(SELECT * FROM unnest($1::text[], $2::uuid[], $3::smallint[]))"
+)
+
 # The lock the fire and a cancel serialise on; read `unless: read` under it, at the step's
-# time: an in-app notification an earlier step of this run made, read by now.
-LOCK_STEP = """
-SELECT s.status,
+# time: an in-app notification an earlier step of this run made, read by now. Every step of
+# a wave is locked in one statement, in (run, position) order (as a cancel locks them), so
+# two batches or a batch and a cancel never deadlock.
+LOCK_STEPS = """
+SELECT s.tenant_id, s.run_id, s.position, s.status,
        EXISTS (
            SELECT 1 FROM workflow_steps e JOIN notifications n
                ON n.tenant_id = e.tenant_id AND n.id = ANY(e.notification_ids)
@@ -362,18 +387,39 @@ SELECT s.status,
              AND n.channel = 'in_app' AND n.read_at IS NOT NULL
        ) AS read
 FROM workflow_steps s
-WHERE s.tenant_id = $1 AND s.run_id = $2 AND s.position = $3
+WHERE (s.tenant_id, s.run_id, s.position) IN
+      (SELECT * FROM unnest($1::text[], $2::uuid[], $3::smallint[]))
+ORDER BY s.run_id, s.position
 FOR UPDATE OF s
 """
 
-FINISH_STEP = """
-UPDATE workflow_steps
-SET status = $4, reason = $5, notification_ids = $6, done_at = now(),
-    lateness_ms = GREATEST(0, EXTRACT(EPOCH FROM (now() - due_at)) * 1000)::int
-WHERE tenant_id = $1 AND run_id = $2 AND position = $3 AND status = 'pending'
-RETURNING lateness_ms
+# Many outcomes and their audit rows in one statement (under `LOCK_STEPS`' locks); a step
+# no longer pending is left as it is and absent from the answer.
+FINISH_STEPS = """
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::uuid[], $3::smallint[], $4::text[], $5::text[],
+                         $6::uuid[], $7::uuid[])
+        AS i(tenant_id, run_id, position, status, reason, notification_id, audit_id)
+), finished AS (
+    UPDATE workflow_steps s
+    SET status = i.status, reason = i.reason, done_at = now(),
+        notification_ids = CASE WHEN i.notification_id IS NULL THEN '{}'::uuid[]
+                                ELSE ARRAY[i.notification_id] END,
+        lateness_ms = GREATEST(0, EXTRACT(EPOCH FROM (now() - s.due_at)) * 1000)::int
+    FROM input i
+    WHERE s.tenant_id = i.tenant_id AND s.run_id = i.run_id AND s.position = i.position
+      AND (s.status = 'pending') IS TRUE
+    RETURNING s.tenant_id, s.run_id, s.position, s.status, s.reason, s.lateness_ms, i.audit_id
+), logged AS (
+    INSERT INTO audit_log (id, tenant_id, user_id, action, details)
+    SELECT f.audit_id, f.tenant_id, NULL, 'workflow.step.' || f.status,
+           jsonb_build_object('run_id', f.run_id::text, 'position', f.position,
+                              'reason', f.reason, 'lateness_ms', f.lateness_ms)
+    FROM finished f
+    RETURNING 1
+)
+SELECT tenant_id, run_id, position, status, reason, lateness_ms FROM finished
 """
-
 
 DEFER_STEP = """
 UPDATE workflow_steps SET due_at = $4, reason = $5
@@ -395,29 +441,73 @@ async def peek_step(
     return await executor.fetchrow(PEEK_STEP, tenant_id, run_id, position)
 
 
+async def peek_steps(executor: Executor, keys: Sequence[StepKey]) -> list[asyncpg.Record]:
+    """`peek_step` for many steps in one query (those that exist)."""
+    return await executor.fetch(
+        PEEK_STEPS, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]
+    )
+
+
+async def lock_steps(conn: Conn, keys: Sequence[StepKey]) -> dict[StepKey, asyncpg.Record]:
+    """`lock_step` for many steps in one statement, locked in (run, position) order; the
+    steps that exist, by key."""
+    rows = await conn.fetch(
+        LOCK_STEPS, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]
+    )
+    return {(row["tenant_id"], row["run_id"], row["position"]): row for row in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a fired step became: `notification_id` is the notification it made, if any."""
+
+    key: StepKey
+    status: str
+    reason: str | None
+    notification_id: uuid.UUID | None
+    audit_id: uuid.UUID
+
+
+async def finish_steps(conn: Conn, outcomes: Sequence[Outcome]) -> list[asyncpg.Record]:
+    """The outcomes and their audit rows in one statement (under `lock_steps`' locks); the
+    steps finished, with `lateness_ms` (a step no longer pending is absent)."""
+    return await conn.fetch(
+        FINISH_STEPS,
+        [o.key[0] for o in outcomes],
+        [o.key[1] for o in outcomes],
+        [o.key[2] for o in outcomes],
+        [o.status for o in outcomes],
+        [o.reason for o in outcomes],
+        [o.notification_id for o in outcomes],
+        [o.audit_id for o in outcomes],
+    )
+
+
 async def lock_step(
     conn: Conn, tenant_id: str, run_id: uuid.UUID, position: int
 ) -> asyncpg.Record | None:
     """Locks the step's row until the transaction ends; its status and whether the run's
-    in-app notification was read, as of now."""
-    return await conn.fetchrow(LOCK_STEP, tenant_id, run_id, position)
+    in-app notification was read, as of now (`lock_steps` for one)."""
+    key = (tenant_id, run_id, position)
+    return (await lock_steps(conn, [key])).get(key)
 
 
-async def finish_step(
-    conn: Conn,
-    tenant_id: str,
-    run_id: uuid.UUID,
-    position: int,
-    *,
-    status: str,
-    reason: str | None,
-    notification_ids: Sequence[uuid.UUID] = (),
-) -> int | None:
-    """The step's outcome (under `lock_step`'s lock); its lateness in ms."""
-    lateness: int | None = await conn.fetchval(
-        FINISH_STEP, tenant_id, run_id, position, status, reason, list(notification_ids)
-    )
-    return lateness
+# Retention: runs triggered before the cutoff with no step pending (sent, skipped, failed,
+# cancelled or throttled: a digest still open has its steps pending), oldest first; their
+# steps and digest items go with them (ON DELETE CASCADE). Never a run that can still send.
+PURGE_EXPIRED = retention.purge_statement(
+    "workflow_runs",
+    "created_at",
+    only="NOT EXISTS (SELECT 1 FROM workflow_steps s "
+    "WHERE s.run_id = workflow_runs.id AND s.status = 'pending')",
+)
+
+
+async def purge_expired(
+    executor: Executor, after: uuid.UUID, cut: retention.Cutoff, limit: int
+) -> retention.Batch:
+    """Deletes up to `limit` finished runs triggered before the cutoff, with their steps."""
+    return await retention.purge_batch(executor, PURGE_EXPIRED, after, cut, limit)
 
 
 # Keyset pages over every pending step, for rebuilding the wheel from PostgreSQL.

@@ -100,14 +100,16 @@ class Schedule:
         self._move = redis.register_script(MOVE_DUE)
         self._add_and_ack = redis.register_script(ADD_AND_ACK)
         # set when this process schedules something: the timer re-reads the earliest due
-        # time at once instead of finishing a sleep computed before it existed
+        # time at once instead of finishing a sleep computed before it existed (unless what
+        # was added is due later than that sleep ends: `take_earliest_added`)
         self.changed = asyncio.Event()
+        self._earliest_added_ms: float | None = None
 
     async def add(self, item: Scheduled, due: datetime, *, only_new: bool = False) -> None:
         """Schedule (or move) `item` to `due`; `only_new` keeps an existing due time."""
         score = due.timestamp() * 1000
         await self._redis.zadd(self._key, {_member(item): score}, nx=only_new)
-        self.changed.set()
+        self._added(score)
 
     async def add_many(
         self, items: list[tuple[Scheduled, datetime]], *, only_new: bool = False
@@ -117,7 +119,7 @@ class Schedule:
             return
         scores = {_member(item): due.timestamp() * 1000 for item, due in items}
         await self._redis.zadd(self._key, scores, nx=only_new)
-        self.changed.set()
+        self._added(min(scores.values()))
 
     async def add_many_acking(
         self, items: list[tuple[Scheduled, datetime]], stream: str, group: str, ids: list[bytes]
@@ -133,8 +135,19 @@ class Schedule:
         args += ids
         acked: Any = await self._add_and_ack(keys=[self._key, stream], args=args)
         if items:
-            self.changed.set()
+            self._added(min(due.timestamp() * 1000 for _, due in items))
         return int(acked)
+
+    def _added(self, earliest_ms: float) -> None:
+        if self._earliest_added_ms is None or earliest_ms < self._earliest_added_ms:
+            self._earliest_added_ms = earliest_ms
+        self.changed.set()
+
+    def take_earliest_added(self) -> float | None:
+        """The earliest due time (epoch ms) this process scheduled since the last call, and
+        forget it (None: nothing scheduled meanwhile)."""
+        earliest, self._earliest_added_ms = self._earliest_added_ms, None
+        return earliest
 
     async def remove(self, item: Scheduled) -> bool:
         return bool(await self._redis.zrem(self._key, _member(item)))
