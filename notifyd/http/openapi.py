@@ -700,6 +700,11 @@ def _operations(schemas: Schemas) -> dict[str, dict[str, Any]]:
     }
 
 
+_LINE_TOO_LONG = {
+    "description": "A request line over 8,190 bytes (a token far longer than any notifyd "
+    "signs), answered in plain text by the HTTP server before notifyd reads the request",
+    "content": {"text/plain": {"schema": {"type": "string"}}},
+}
 _TOKEN = {
     "name": "token",
     "in": "path",
@@ -763,6 +768,7 @@ def _public(schemas: Schemas) -> dict[str, dict[str, Any]]:
                         "content": {"text/html": {"schema": {"type": "string"}}},
                     },
                     **_problems(404, 429),
+                    "400": _LINE_TOO_LONG,
                 },
             },
             "post": {
@@ -791,6 +797,7 @@ def _public(schemas: Schemas) -> dict[str, dict[str, Any]]:
                         "content": {"text/html": {"schema": {"type": "string"}}},
                     },
                     **_problems(404, 413, 415, 422, 429),
+                    "400": _LINE_TOO_LONG,
                 },
             },
         },
