@@ -18,6 +18,7 @@ from email.message import EmailMessage
 from typing import Any
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
 
 from scripts.localservers import free_port
 
@@ -105,6 +106,33 @@ class _Handler:
         return "250 Message accepted for delivery"
 
 
+class SessionsController(Controller):
+    """aiosmtpd's controller, keeping its sessions so `stop` can hang up on them: its own
+    stop halts the loop before the cancelled sessions run, leaving their sockets to the
+    garbage collector (an "unclosed transport" warning in whichever test runs next)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sessions: list[SMTP] = []
+
+    def factory(self) -> SMTP:
+        smtp = super().factory()
+        self._sessions.append(smtp)
+        return smtp
+
+    async def _hang_up(self) -> None:
+        for smtp in self._sessions:
+            if smtp.transport is not None:
+                smtp.transport.close()
+        self._sessions.clear()
+        await asyncio.sleep(0)  # connection_lost runs: the sockets are closed now
+
+    def stop(self, no_assert: bool = False) -> None:
+        if self._thread is not None:
+            asyncio.run_coroutine_threadsafe(self._hang_up(), self.loop).result(timeout=10)
+        super().stop(no_assert)
+
+
 class SmtpSink:
     """`with SmtpSink() as sink:` → `sink.port`, `sink.received`, `sink.fail_next(n, reply)`,
     `sink.refuse_rcpt(address, reply)`, `sink.rcpts` (every RCPT TO asked), `sink.sessions`
@@ -120,7 +148,7 @@ class SmtpSink:
         self._quits = 0
         self._lock = threading.Lock()
         self.delay = 0.0  # seconds each message waits for its 250 (sessions run concurrently)
-        self._controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port)
+        self._controller = SessionsController(_Handler(self), hostname="127.0.0.1", port=self.port)
 
     def __enter__(self) -> SmtpSink:
         self._controller.start()
@@ -133,7 +161,7 @@ class SmtpSink:
         """Stop (dropping every open connection, as a relay restart does) and listen again on
         the same port."""
         self._controller.stop()
-        self._controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port)
+        self._controller = SessionsController(_Handler(self), hostname="127.0.0.1", port=self.port)
         self._controller.start()
 
     def fail_next(self, count: int, reply: str) -> None:

@@ -30,7 +30,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiosmtpd.controller import Controller
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -43,7 +42,7 @@ from notifyd.providers.smtp import SmtpProvider
 from notifyd.settings import Settings, SettingsError
 from scripts.localservers import free_port
 from tests.helpers import Api, make_settings, wait_for
-from tests.smtp_sink import Relay, SmtpSink
+from tests.smtp_sink import Relay, SessionsController, SmtpSink
 
 KEY = "tenant-secret-key-for-egress-tests"
 TENANT = "TEN-EGRESS"
@@ -623,7 +622,7 @@ def tls_relay(certificate: Path, *, implicit: bool) -> Iterator[tuple[int, _Acce
     tls: dict[str, Any] = (
         {"ssl_context": context} if implicit else {"tls_context": context, "require_starttls": True}
     )
-    controller = Controller(handler, hostname="127.0.0.1", port=port, **tls)
+    controller = SessionsController(handler, hostname="127.0.0.1", port=port, **tls)
     controller.start()
     try:
         yield port, handler

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from email import message_from_bytes
 from email.policy import compat32
 from typing import Any
@@ -94,14 +95,21 @@ class BounceListener:
         s = self._settings
         handler = _Handler(self._pool, s.bounce_domain)
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: SMTP(
+        sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
+
+        def session() -> SMTP:
+            smtp = SMTP(
                 handler,
                 data_size_limit=s.bounce_max_bytes,
                 hostname=s.bounce_domain,
                 timeout=COMMAND_TIMEOUT_S,
                 loop=loop,
-            ),
+            )
+            sessions.add(smtp)
+            return smtp
+
+        server = await loop.create_server(
+            session,
             host=s.bounce_smtp_host,
             port=s.bounce_smtp_port,
         )
@@ -112,4 +120,9 @@ class BounceListener:
             await stop.wait()
         finally:
             server.close()
+            # closing the server stops new sessions only (Python 3.11): hang up on the open
+            # ones, so a stopping daemon holds no socket a sender is mid-report on
+            for open_session in list(sessions):
+                if open_session.transport is not None:
+                    open_session.transport.close()
             await server.wait_closed()

@@ -64,7 +64,7 @@ async def delete_suppression(request: web.Request) -> web.Response:
     errors: list[FieldError] = []
     if channel not in CHANNELS:
         errors.append(FieldError("channel", f"must be one of {', '.join(CHANNELS)}"))
-    if not address.strip() or len(address) > ADDRESS_MAX:
+    if not address or len(address) > ADDRESS_MAX:
         errors.append(FieldError("address", f"must be 1 to {ADDRESS_MAX} characters"))
     if errors:
         raise invalid(errors)
