@@ -21,8 +21,9 @@ TTL older than a validation at the source (docs/architecture.md, "Tenant configu
 A read of a copy past its TTL waits for the refresh at most `stale_wait` (1 s); when the
 source is slower, or the refresh fails, the last good copy is used
 (`notifyd_tenant_config_stale_total`, a log line) and a failed fetch is retried after
-`RETRY_AFTER`; a tenant never fetched raises `SourceUnavailable`, which
-the senders turn into a retry with that reason as `last_error`.
+`RETRY_AFTER`, doubling for each failure in a row up to `RETRY_MAX`; a tenant never fetched
+raises `SourceUnavailable`, which the senders turn into a retry with that reason as
+`last_error`.
 """
 
 from __future__ import annotations
@@ -74,7 +75,11 @@ log = logging.getLogger("notifyd.tenant_config")
 REFRESH_AT: Final = 0.8
 """Share of the TTL after which a read starts a background refresh."""
 RETRY_AFTER: Final = 5.0
-"""Seconds (at most the TTL) before a failed fetch is tried again for the same tenant."""
+"""Seconds (at most the TTL) before a failed fetch is tried again for the same tenant; each
+further failure in a row doubles the pause, up to `RETRY_MAX`."""
+RETRY_MAX: Final = 60.0
+"""The longest pause (at most the TTL) between fetches of a tenant whose source keeps failing
+or answering a refused document: the source, perhaps down, is not hammered."""
 JWT_TTL: Final = 60
 """Seconds a JWT notifyd signs for one fetch is valid (no NOTIFYD_TENANT_CONFIG_TOKEN)."""
 ERROR_MAX: Final = 300
@@ -259,6 +264,7 @@ class _Entry:
     refresh_at: float  # monotonic: a read after it refreshes in the background
     expires: float  # monotonic: a read after it waits for a refresh (else uses this, stale)
     slow_noted: bool = False  # the source's slowness past `expires` was counted and logged
+    failures: int = 0  # fetches failed in a row since the last good one
 
 
 class TenantConfigs:
@@ -285,10 +291,12 @@ class TenantConfigs:
         self._metrics = metrics
         self._ttl = ttl
         self._retry = min(RETRY_AFTER, ttl)
+        self._retry_max = min(RETRY_MAX, ttl)
         self._max_entries = max_entries
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
-        self._failed: dict[str, tuple[float, str]] = {}  # never fetched: until, reason
+        # never fetched: until when not to try again, the reason, failures in a row
+        self._failed: dict[str, tuple[float, str, int]] = {}
         self._loading: dict[str, asyncio.Task[TenantSettings]] = {}
 
     async def get(self, tenant_id: str) -> TenantSettings:
@@ -400,14 +408,20 @@ class TenantConfigs:
         self._metrics.tenant_config_fetches.labels("shared").inc()
         return True
 
+    def _pause(self, failures: int) -> float:
+        """Seconds before the next fetch after `failures` in a row (1, 2, …)."""
+        return min(self._retry * float(2 ** min(failures - 1, 16)), self._retry_max)
+
     def _failure(self, tenant_id: str, entry: _Entry | None, reason: str) -> None:
         now = self._clock()
         if entry is None:
+            previous = self._failed.pop(tenant_id, None)
+            failures = 1 if previous is None else previous[2] + 1
             if len(self._failed) >= self._max_entries:
                 self._failed = {t: f for t, f in self._failed.items() if f[0] > now}
                 if len(self._failed) >= self._max_entries:
                     del self._failed[next(iter(self._failed))]
-            self._failed[tenant_id] = (now + self._retry, reason)
+            self._failed[tenant_id] = (now + self._pause(failures), reason, failures)
             log.warning(
                 "tenant configuration unavailable: the tenant's sends are retried",
                 extra={"tenant_id": tenant_id, "reason": reason},
@@ -420,8 +434,10 @@ class TenantConfigs:
                 extra={"tenant_id": tenant_id, "reason": reason},
             )
         # try again after a pause, not on every read meanwhile
-        entry.refresh_at = min(entry.refresh_at, now) + self._retry
-        entry.expires = max(entry.expires, now + self._retry)
+        entry.failures += 1
+        pause = self._pause(entry.failures)
+        entry.refresh_at = min(entry.refresh_at, now) + pause
+        entry.expires = max(entry.expires, now + pause)
 
     def _store(self, tenant_id: str, entry: _Entry) -> None:
         if len(self._entries) >= self._max_entries and tenant_id not in self._entries:

@@ -13,6 +13,7 @@ the sourced fields are shown and read-only in the settings API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -560,6 +561,65 @@ async def test_a_malformed_document_changes_nothing(
             assert "templates[0].text_body" in reasons and "templates[1]" in reasons
             assert "larger than 4096 bytes" in reasons
             assert PASSWORD not in logged(caplog)
+        finally:
+            await configs.close()
+            egress.close()
+            await redis.aclose()
+
+
+async def test_a_failing_source_is_asked_less_and_less_often(
+    settings_factory: Any, auth_service: AuthService, relay_a: SmtpSink, redis_url: str
+) -> None:
+    """Promise: a source that keeps refusing (down, or a document notifyd refuses) is not
+    hammered: the pause before the next fetch doubles with each failure in a row, from 5 s
+    to at most a minute, for a tenant never fetched and for a stale copy alike; a good answer
+    starts over."""
+    settings: Settings = settings_factory(**env(auth_service, relay_a, 600.0))
+    now = [0.0]
+    async with aiohttp.ClientSession() as http:
+        redis = Redis.from_url(redis_url)
+        egress = Egress.from_settings(settings)
+        configs = TenantConfigs(
+            Source(settings, http, egress),
+            redis,
+            Keys(settings.redis_prefix),
+            Metrics(),
+            600.0,
+            clock=lambda: now[0],
+        )
+
+        async def fetches_at(times: list[float], tenant: str) -> list[float]:
+            """The times (of `times`) at which a read made the source see a request."""
+            seen = []
+            for t in times:
+                now[0] = t
+                # no other instance validated a version (the key's expiry runs in real time)
+                await redis.delete(Keys(settings.redis_prefix).tenant_config(tenant))
+                before = len(auth_service.statuses(tenant))
+                with contextlib.suppress(SourceUnavailable):
+                    await configs.get(tenant)
+                await asyncio.sleep(0)  # a background refresh is a task: let it start
+                await wait_for(lambda: not configs._loading, timeout=5, interval=0.01)
+                if len(auth_service.statuses(tenant)) > before:
+                    seen.append(t)
+            return seen
+
+        try:
+            auth_service.raw[TENANT_A] = b"{not json"  # refused, never a copy
+            ticks = [float(t) for t in range(0, 200)]
+            assert await fetches_at(ticks, TENANT_A) == [0, 5, 15, 35, 75, 135, 195]
+
+            # a stale copy: the source down after one good answer
+            auth_service.docs[TENANT_B] = {"default_locale": "en"}
+            now[0] = 1000.0
+            good = await configs.get(TENANT_B)
+            auth_service.down = True
+            ticks = [1000.0 + t for t in range(480, 700)]
+            assert await fetches_at(ticks, TENANT_B) == [1480, 1485, 1495, 1515, 1555, 1615, 1675]
+            assert await configs.get(TENANT_B) is good
+            auth_service.down = False
+            assert await fetches_at([1735.0, 1736.0], TENANT_B) == [1735]
+            assert await fetches_at([1736.0 + 481], TENANT_B) == [2217]  # the TTL's pace again
         finally:
             await configs.close()
             egress.close()

@@ -76,7 +76,10 @@ def _problems(*codes: int) -> dict[str, Any]:
         "sent before with another request",
         429: "A send rate or daily quota said no (`limit` names which; nothing was stored): "
         "retry after Retry-After seconds",
-        503: "PostgreSQL or Redis did not answer in time or cannot be reached (Retry-After)",
+        503: "PostgreSQL or Redis did not answer in time or cannot be reached; or type "
+        "urn:notifyd:problem:tenant-config-unavailable, the tenant's configuration source "
+        "(NOTIFYD_TENANT_CONFIG_URL) has not yet answered a document notifyd accepts for this "
+        "tenant, so nothing is sent with settings or templates it may override (Retry-After)",
     }
     answers: dict[str, Any] = {
         str(code): {"description": text[code], "content": {PROBLEM: {"schema": _ref("Problem")}}}
