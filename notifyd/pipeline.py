@@ -23,6 +23,7 @@ from notifyd.actors.reminder_firer import ReminderFirer
 from notifyd.actors.sender import Sender
 from notifyd.actors.stream_stats import StreamStats
 from notifyd.actors.sweeper import Sweeper
+from notifyd.actors.tenant_config_refresher import TenantConfigRefresher
 from notifyd.actors.timer import Timer
 from notifyd.actors.webhook_sender import WebhookSender
 from notifyd.actors.workflow_firer import WorkflowFirer
@@ -358,6 +359,8 @@ def build_pipeline(
         ]
     if settings.kafka_events_topic:
         actors.append(KafkaDeliveryEvents(settings=settings, pool=pool))
+    if configs is not None:
+        actors.append(TenantConfigRefresher(configs))
     return Pipeline(
         actors=actors,
         providers=[provider for provider, _ in providers],

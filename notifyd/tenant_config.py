@@ -11,7 +11,8 @@ has nothing for this tenant: every value is then notifyd's stored one.
 
 `TenantConfigs` caches each tenant's document for NOTIFYD_TENANT_CONFIG_TTL in this process's
 memory only (secrets in clear are never written anywhere), one fetch in flight per tenant,
-refreshed in the background once `REFRESH_AT` of the TTL has passed. What instances share is
+refreshed in the background once `REFRESH_AT` of the TTL has passed (by the next read, or by
+`refresh_due`, which the daemon runs periodically for copies in use). What instances share is
 the version: the ETag an instance last validated at the source, in Redis with the rest of the
 TTL as its expiry. An instance whose copy has that ETag extends its copy to the key's expiry
 without asking the source; otherwise it revalidates with `If-None-Match`. So the source sees
@@ -80,6 +81,12 @@ further failure in a row doubles the pause, up to `RETRY_MAX`."""
 RETRY_MAX: Final = 60.0
 """The longest pause (at most the TTL) between fetches of a tenant whose source keeps failing
 or answering a refused document: the source, perhaps down, is not hammered."""
+IDLE_TTLS: Final = 10
+"""A copy read within this many TTLs is refreshed in the background before it expires
+(`refresh_due`); one idle longer is refreshed by its next read instead."""
+REFRESH_CONCURRENCY: Final = 32
+"""Background refreshes in flight at once per instance (after a start, many copies fall
+due together; the source sees them spread out)."""
 JWT_TTL: Final = 60
 """Seconds a JWT notifyd signs for one fetch is valid (no NOTIFYD_TENANT_CONFIG_TOKEN)."""
 ERROR_MAX: Final = 300
@@ -265,6 +272,7 @@ class _Entry:
     expires: float  # monotonic: a read after it waits for a refresh (else uses this, stale)
     slow_noted: bool = False  # the source's slowness past `expires` was counted and logged
     failures: int = 0  # fetches failed in a row since the last good one
+    read_at: float = 0.0  # monotonic: the last read (an idle copy is not kept fresh)
 
 
 class TenantConfigs:
@@ -305,6 +313,7 @@ class TenantConfigs:
         now = self._clock()
         entry = self._entries.get(tenant_id)
         if entry is not None:
+            entry.read_at = now
             if now >= entry.refresh_at:
                 task = self._refresh(tenant_id)
                 if now >= entry.expires:
@@ -319,6 +328,30 @@ class TenantConfigs:
             raise SourceUnavailable(
                 f"tenant configuration not fetched yet: {exc}; retrying"
             ) from None
+
+    def refresh_due(self) -> int:
+        """Start the background refresh of each copy past `REFRESH_AT` of its TTL that was
+        read in the last `IDLE_TTLS` TTLs, at most `REFRESH_CONCURRENCY` in flight: a tenant
+        in use never has a send wait for its refresh. Returns how many were started."""
+        now = self._clock()
+        budget = REFRESH_CONCURRENCY - len(self._loading)
+        started = 0
+        for tenant_id, entry in list(self._entries.items()):
+            if started >= budget:
+                break
+            if (
+                now >= entry.refresh_at
+                and now - entry.read_at <= self._ttl * IDLE_TTLS
+                and tenant_id not in self._loading
+            ):
+                self._refresh(tenant_id)
+                started += 1
+        return started
+
+    @property
+    def refresh_interval(self) -> float:
+        """How often `refresh_due` should run: a few times within the TTL's last fifth."""
+        return min(self._ttl * (1 - REFRESH_AT) / 2, 5.0)
 
     async def _expired(
         self, tenant_id: str, entry: _Entry, task: asyncio.Task[TenantSettings]
@@ -377,7 +410,14 @@ class TenantConfigs:
             self._metrics.tenant_config_fetches.labels("fetched").inc()
             settings, etag = fetched.settings, fetched.etag
         self._store(
-            tenant_id, _Entry(settings, etag, now + self._ttl * REFRESH_AT, now + self._ttl)
+            tenant_id,
+            _Entry(
+                settings,
+                etag,
+                now + self._ttl * REFRESH_AT,
+                now + self._ttl,
+                read_at=now if entry is None else entry.read_at,
+            ),
         )
         self._failed.pop(tenant_id, None)
         if etag:

@@ -626,6 +626,71 @@ async def test_a_failing_source_is_asked_less_and_less_often(
             await redis.aclose()
 
 
+async def test_copies_in_use_are_refreshed_before_they_expire_and_idle_ones_are_not(
+    settings_factory: Any, auth_service: AuthService, relay_a: SmtpSink, redis_url: str
+) -> None:
+    """Promise: a tenant's copy read lately is revalidated in the background from 80 % of
+    the TTL without any read (a rare sender never waits for the source); a copy idle for
+    ten TTLs is left to its next read; the source sees no more than the refresh."""
+    settings: Settings = settings_factory(**env(auth_service, relay_a, 600.0))
+    auth_service.docs[TENANT_A] = document(relay_a)
+    now = [0.0]
+    async with aiohttp.ClientSession() as http:
+        redis = Redis.from_url(redis_url)
+        egress = Egress.from_settings(settings)
+        configs = TenantConfigs(
+            Source(settings, http, egress),
+            redis,
+            Keys(settings.redis_prefix),
+            Metrics(),
+            600.0,
+            clock=lambda: now[0],
+        )
+
+        async def refresh_at(t: float) -> int:
+            now[0] = t
+            await redis.delete(Keys(settings.redis_prefix).tenant_config(TENANT_A))
+            started = configs.refresh_due()
+            await wait_for(lambda: not configs._loading, timeout=5, interval=0.01)
+            return started
+
+        try:
+            good = await configs.get(TENANT_A)  # read at 0
+            assert auth_service.statuses(TENANT_A) == [200]
+            assert await refresh_at(479.0) == 0
+            assert await refresh_at(480.0) == 1
+            assert auth_service.statuses(TENANT_A) == [200, 304]
+            assert await refresh_at(481.0) == 0  # fresh again until 960
+            assert await refresh_at(960.0) == 1
+            now[0] = 1000.0
+            assert await configs.get(TENANT_A) is good  # no fetch: the copy was fresh
+            assert auth_service.statuses(TENANT_A) == [200, 304, 304]
+            assert await refresh_at(1440.0) == 1  # read at 1000: still in use
+            assert await refresh_at(7001.0) == 0  # idle for ten TTLs: left to its next read
+            assert auth_service.statuses(TENANT_A) == [200, 304, 304, 304]
+        finally:
+            await configs.close()
+            egress.close()
+            await redis.aclose()
+
+
+async def test_the_daemon_keeps_a_tenants_copy_fresh_between_sends(
+    daemon_factory: DaemonFactory, auth_service: AuthService, relay_a: SmtpSink
+) -> None:
+    """Promise: after one send, the daemon revalidates the tenant's copy at the source about
+    once per TTL with no further send (the refresher actor), with If-None-Match."""
+    auth_service.docs[TENANT_A] = document(relay_a)
+    daemon = await daemon_factory(**env(auth_service, relay_a, 1.0))
+    async with Api(daemon) as api:
+        await send(api)
+    await arrived(relay_a, 1)
+    seen = len(auth_service.requests)
+    await asyncio.sleep(3.5)
+    later = auth_service.requests[seen:]
+    assert 2 <= len(later) <= 5, later  # one per TTL (1 s), not one per refresher tick
+    assert all(etag is not None and status == 304 for _, etag, _, status in later), later
+
+
 async def test_secrets_from_the_source_never_reach_a_log(
     daemon_factory: DaemonFactory,
     auth_service: AuthService,
