@@ -256,6 +256,40 @@ async def test_a_send_uses_the_tenants_relay_and_template_from_the_source(
     assert await db.fetchval("SELECT count(*) FROM tenants WHERE settings <> '{}'") == 0
 
 
+async def test_a_workflow_step_is_rendered_from_the_sources_template(
+    daemon_factory: DaemonFactory, auth_service: AuthService, smtp_sink: SmtpSink, relay_a: SmtpSink
+) -> None:
+    """Promise: a workflow's email step is rendered from the template the tenant's source
+    serves (none stored in notifyd) and goes through the source's relay, as a send does."""
+    auth_service.docs[TENANT_A] = document(relay_a)
+    daemon = await daemon_factory(**env(auth_service, smtp_sink))
+    async with Api(daemon) as api:
+        for method, path, body, role in [
+            (
+                "PUT",
+                "/workflows/interview/",
+                {"steps": [{"channel": "email", "template_key": "interviewScheduling"}]},
+                "admin",
+            ),
+            ("PUT", "/recipients/cand-1/", {"email": "john.doe@example.com"}, "service"),
+            (
+                "POST",
+                "/workflows/interview/trigger/",
+                {"recipients": ["cand-1"], "data": CONTEXT},
+                "service",
+            ),
+        ]:
+            status, answer, _ = await api.request(
+                method, path, json=body, tenant=TENANT_A, user="backend", role=role
+            )
+            assert status in (200, 202), answer
+        [received] = await arrived(relay_a, 1)
+    assert str(received.message["Subject"]) == (
+        "Interview Invitation: Senior Developer at Lumina Care"
+    )
+    assert received.mail_from == FROM_A
+
+
 async def test_two_tenants_never_see_each_others_configuration(
     daemon_factory: DaemonFactory,
     auth_service: AuthService,

@@ -143,8 +143,9 @@ class WorkflowFirer:
         tenant_settings: Callable[[str], Awaitable[TenantSettings]],
         schedule: Schedule,
     ) -> None:
-        """`tenant_settings`: the tenant's settings (cached; only region and locale are
-        read, to render and to read phone numbers)."""
+        """`tenant_settings`: the tenant's settings (cached, the configuration source's over
+        the stored ones; region, locale, time zone and templates are read, to render and to
+        read phone numbers)."""
         self._pool = pool
         self._tenant_settings = tenant_settings
         self._schedule = schedule
@@ -193,16 +194,15 @@ class WorkflowFirer:
 
     async def _composer(self, tenants: set[str]) -> Composer:
         """One for a batch: each distinct template resolved once, in the tenants' default
-        locales (from the cached settings)."""
-        locales = {
-            tenant_id: locale_for(await self._tenant_settings(tenant_id), self._settings)
-            for tenant_id in tenants
-        }
+        locales, with the tenants' settings as the cache has them (the tenant configuration
+        source's templates over the stored ones)."""
+        known = {tenant_id: await self._tenant_settings(tenant_id) for tenant_id in tenants}
         return Composer(
             self._pool,
             self._settings.default_locale,
             limits=render_limits(self._settings),
-            default_locales=locales,
+            default_locales={t: locale_for(s, self._settings) for t, s in known.items()},
+            known=known,
         )
 
     async def _plan(self, step: asyncpg.Record, composer: Composer) -> Plan:
