@@ -38,7 +38,7 @@ from notifyd.store.tenants import SourceUnavailable, region_for
 from notifyd.tenant_config import Source, TenantConfigs, document_url
 from scripts.localservers import free_port
 from tests.conftest import DaemonFactory
-from tests.helpers import Api, wait_for
+from tests.helpers import Api, base_env, run_cli, wait_for
 from tests.smtp_sink import Received, SmtpSink
 
 TENANT_A = "TEN-0001"
@@ -288,6 +288,52 @@ async def test_a_workflow_step_is_rendered_from_the_sources_template(
         "Interview Invitation: Senior Developer at Lumina Care"
     )
     assert received.mail_from == FROM_A
+
+
+async def test_notifyd_send_renders_from_the_source_and_refuses_without_it(
+    daemon_factory: DaemonFactory,
+    auth_service: AuthService,
+    smtp_sink: SmtpSink,
+    relay_a: SmtpSink,
+    database_url: str,
+    redis_url: str,
+    db: asyncpg.Connection,
+) -> None:
+    """Promise: the operator's `notifyd send` sees the tenant's settings as the daemon does
+    (a template only the source has is found, and delivered through the source's relay);
+    with the source down it stores nothing and says why, as a REST send answers 503."""
+    auth_service.docs[TENANT_A] = document(relay_a)
+    settings = env(auth_service, smtp_sink)
+    await daemon_factory(**settings)
+    command = [
+        "send",
+        "--tenant",
+        TENANT_A,
+        "--to",
+        "cand-1",
+        "--channel",
+        "email",
+        "--recipient",
+        "john.doe@example.com",
+        "--template-key",
+        "interviewScheduling",
+        "--context",
+        orjson.dumps(CONTEXT).decode(),
+    ]
+    cli_env = base_env(database_url, redis_url, **settings)
+    result = await asyncio.to_thread(run_cli, *command, env=cli_env)
+    assert result.returncode == 0, result.stderr
+    [received] = await arrived(relay_a, 1)
+    assert str(received.message["Subject"]) == (
+        "Interview Invitation: Senior Developer at Lumina Care"
+    )
+
+    auth_service.down = True
+    result = await asyncio.to_thread(run_cli, *command, env=cli_env)
+    assert result.returncode == 1, result.stdout
+    assert "tenant configuration source" in result.stderr
+    assert "HTTP 503" in result.stderr and "nothing was stored" in result.stderr
+    assert await db.fetchval("SELECT count(*) FROM notifications") == 1
 
 
 async def test_two_tenants_never_see_each_others_configuration(

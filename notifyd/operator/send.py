@@ -8,7 +8,10 @@ credentials is trusted already), and the audit row says `"via": "cli"`, with the
 system user and host that ran it.
 
 Redis is checked before anything is written: a smoke test against a broken Redis should fail
-loudly, not leave a row for the sweeper.
+loudly, not leave a row for the sweeper. With NOTIFYD_TENANT_CONFIG_URL set, the tenant's
+document is fetched once (no cache: a command runs once) and laid over the stored settings as
+the daemon lays it, so a template or region only the auth service has is found; a source
+that cannot give it is an error, and nothing is stored, as a REST send answers 503.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import orjson
 
 from notifyd.accept.orders import Order, Refused, order_problems
 from notifyd.accept.outbox import announce
 from notifyd.accept.prepare import prepare
 from notifyd.accept.rows import authored
+from notifyd.egress import Egress
 from notifyd.ids import OpaqueIdRule
 from notifyd.keys import Keys
 from notifyd.operator import connect
@@ -32,8 +37,10 @@ from notifyd.payloads import loads
 from notifyd.schemas.registry import Schemas
 from notifyd.settings import Settings
 from notifyd.store.notifications import insert_many_audited
-from notifyd.store.tenants import load_redacted
+from notifyd.store.tenants import TenantSettings, load_redacted, overlay
 from notifyd.streams.producer import Producer
+from notifyd.tenant_config import Refused as SourceRefused
+from notifyd.tenant_config import Source, Unreachable
 
 # The REST body's field names, as this command spells them.
 _FLAGS = {
@@ -129,14 +136,37 @@ def _refused(problems: list[str]) -> int:
     return connect.REFUSED
 
 
+async def with_source(settings: Settings, tenant_id: str, stored: TenantSettings) -> TenantSettings:
+    """The tenant's settings as the daemon sees them: the configuration source's document
+    (fetched now) over the stored ones. Raises the source's `Unreachable` or `Refused`."""
+    if not settings.tenant_config_url:
+        return stored
+    egress = Egress.from_settings(settings)
+    try:
+        async with aiohttp.ClientSession() as http:
+            fetched = await Source(settings, http, egress).fetch(tenant_id, None)
+    finally:
+        egress.close()
+    assert fetched is not None  # no ETag was offered: never "not modified"
+    return overlay(stored, fetched.settings)
+
+
 async def run(settings: Settings, options: SendOptions) -> int:
     rule = OpaqueIdRule.from_settings(settings.id_max_length, settings.id_pattern)
     order, problems = build_order(options, settings, rule)
     if order is None:
         return _refused(problems)
     async with connect.redis(settings) as redis, connect.postgres(settings) as pool:
-        # region and locale only: nothing here needs the tenant's secrets
-        tenant = (await load_redacted(pool, options.tenant)).settings
+        # region, locale and templates only: nothing here needs the tenant's secrets
+        stored = (await load_redacted(pool, options.tenant)).settings
+        try:
+            tenant = await with_source(settings, options.tenant, stored)
+        except (Unreachable, SourceRefused) as exc:
+            print(
+                f"notifyd send: the tenant configuration source: {exc}; nothing was stored",
+                file=sys.stderr,
+            )
+            return connect.FAILED
         try:
             prepared = await prepare(pool, settings, tenant, options.tenant, order)
         except Refused as exc:
