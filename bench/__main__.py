@@ -19,6 +19,7 @@ from bench import (
     rest_ingest,
     retention,
     suite,
+    tenant_config,
     ui,
     webhooks,
     workflows,
@@ -59,6 +60,10 @@ WORKLOADS: dict[str, tuple[Any, str]] = {
     "webhooks": (
         webhooks,
         "K in-app notifications: their webhooks' rate and latency at a verifying receiver",
+    ),
+    "tenant_config": (
+        tenant_config,
+        "sends rendered from templates the tenants' auth service serves, beside stored ones",
     ),
     "ui": (ui, "the web components: bytes, gzip, first render, a 1,000-item inbox's scroll"),
     "all": (suite, "limits, then every workload, then each figure beside its ceiling"),

@@ -270,7 +270,7 @@ class _Entry:
     etag: str | None
     refresh_at: float  # monotonic: a read after it refreshes in the background
     expires: float  # monotonic: a read after it waits for a refresh (else uses this, stale)
-    slow_noted: bool = False  # the source's slowness past `expires` was counted and logged
+    slow_noted: bool = False  # a read past `expires` waited out `stale_wait`: no read waits again
     failures: int = 0  # fetches failed in a row since the last good one
     read_at: float = 0.0  # monotonic: the last read (an idle copy is not kept fresh)
 
@@ -315,9 +315,10 @@ class TenantConfigs:
         if entry is not None:
             entry.read_at = now
             if now >= entry.refresh_at:
+                in_flight = tenant_id in self._loading
                 task = self._refresh(tenant_id)
                 if now >= entry.expires:
-                    return await self._expired(tenant_id, entry, task)
+                    return await self._expired(tenant_id, entry, task, waits=not in_flight)
             return entry.settings
         failed = self._failed.get(tenant_id)
         if failed is not None and now < failed[0]:
@@ -354,10 +355,17 @@ class TenantConfigs:
         return min(self._ttl * (1 - REFRESH_AT) / 2, 5.0)
 
     async def _expired(
-        self, tenant_id: str, entry: _Entry, task: asyncio.Task[TenantSettings]
+        self, tenant_id: str, entry: _Entry, task: asyncio.Task[TenantSettings], *, waits: bool
     ) -> TenantSettings:
-        """A copy past its TTL: the refresh's result when it comes within `STALE_WAIT`, else
-        (the source slow or failing) the last good copy."""
+        """A copy past its TTL: the refresh's result when it comes within `stale_wait`, else
+        (the source slow or failing) the last good copy. Only the read that started the
+        fetch waits (`waits`): one already running when the copy expired is a slow source,
+        and reads meanwhile take the copy at once; so do reads after a wait ran out, until a
+        fetch replaces the copy (a slow source costs one send one `stale_wait`, not every
+        send until its answer comes)."""
+        if entry.slow_noted or not waits:
+            self._note_slow(tenant_id, entry)
+            return entry.settings
         try:
             async with asyncio.timeout(self._stale_wait):
                 # shield: neither this deadline nor a waiter's cancellation stops the fetch
@@ -365,14 +373,18 @@ class TenantConfigs:
         except (Unreachable, Refused):
             pass  # `_failure` counted and logged it
         except TimeoutError:
-            if not entry.slow_noted:
-                entry.slow_noted = True
-                self._metrics.tenant_config_stale.inc()
-                log.warning(
-                    "tenant configuration source slow: sends go on with the last good copy",
-                    extra={"tenant_id": tenant_id, "waited": self._stale_wait},
-                )
+            self._note_slow(tenant_id, entry)
         return self._entries[tenant_id].settings
+
+    def _note_slow(self, tenant_id: str, entry: _Entry) -> None:
+        """Counted and logged once per copy: the source is slower than the copy's TTL."""
+        if not entry.slow_noted:
+            entry.slow_noted = True
+            self._metrics.tenant_config_stale.inc()
+            log.warning(
+                "tenant configuration source slow: sends go on with the last good copy",
+                extra={"tenant_id": tenant_id, "waited": self._stale_wait},
+            )
 
     def _refresh(self, tenant_id: str) -> asyncio.Task[TenantSettings]:
         """The fetch in flight for the tenant, started when there is none (single flight)."""

@@ -27,6 +27,7 @@ from bench import (
     rest_ingest,
     retention,
     suite,
+    tenant_config,
     webhooks,
     workflows,
     ws_fanout,
@@ -394,6 +395,50 @@ async def test_webhooks_counts_each_verified_webhook_the_receiver_got(
     assert result["per_s"] > 0
     assert 0 < result["p50_ms"] <= result["p99_ms"] <= result["max_ms"]
     assert await db.fetchval("SELECT count(*) FROM webhook_endpoints") == 0
+
+
+async def test_tenant_config_serves_templates_and_counts_what_the_source_was_asked(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    """Promise: `tenant_config` runs its own auth-service stand-in; the daemon pointed at it
+    renders the sourced tenants' sends from the source's template and the stored tenants'
+    from notifyd's copy; the source is asked about once per tenant per TTL, not per send,
+    and a slow source leaves sends bounded by the 1 s a read of an expired copy waits."""
+    port = free_port()
+    daemon = await daemon_factory(
+        NOTIFYD_TENANT_CONFIG_URL=f"http://127.0.0.1:{port}/tenants/{{tenant_id}}/notification-config",
+        NOTIFYD_TENANT_CONFIG_TOKEN="bench-source-token",
+        NOTIFYD_TENANT_CONFIG_TTL="1",
+    )
+    result = as_json(
+        await tenant_config.main(
+            tenant_config.TenantConfigOptions(
+                url=f"http://127.0.0.1:{daemon.port}",
+                jwt_secret=TEST_JWT_SECRET,
+                source_port=port,
+                ttl=1.0,
+                tenants=3,
+                connections=4,
+                duration=1.5,
+                slow_delay=2.0,
+                quiet=True,
+            )
+        )
+    )
+    assert result["workload"] == "tenant_config"
+    assert result["sourced"]["sent"] > 0 and result["stored"]["sent"] > 0
+    assert result["sourced"]["errors"] == result["stored"]["errors"] == 0
+    assert result["unauthorized"] == 0
+    assert 0 < result["source_requests_per_tenant_per_ttl"] <= 2
+    assert result["slow"]["sent"] > 0 and result["slow"]["errors"] == {}
+    assert result["slow"]["max_ms"] < 2000  # never the slow source's 2 s
+    rendered = await db.fetch(
+        "SELECT DISTINCT tenant_id LIKE '%-s%' AS sourced, body FROM notifications"
+    )
+    assert {row["body"] for row in rendered} == {
+        "Hello Ann, your interview for Engineer is confirmed."
+    }
+    assert {row["sourced"] for row in rendered} == {True, False}
 
 
 async def test_email_e2e_reports_mail_that_never_arrived_as_missing(
