@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -211,6 +212,33 @@ async def send(
 
 async def arrived(sink: SmtpSink, count: int, timeout: float = 20) -> list[Received]:
     return await asyncio.to_thread(sink.wait_for, count, timeout)
+
+
+@asynccontextmanager
+async def clocked(
+    settings: Settings, redis_url: str, ttl: float
+) -> AsyncIterator[tuple[TenantConfigs, list[float], Redis, Metrics]]:
+    """A `TenantConfigs` on a clock the test moves (`now[0] = …`), with its Redis and
+    metrics; closed after."""
+    now = [0.0]
+    metrics = Metrics()
+    async with aiohttp.ClientSession() as http:
+        redis = Redis.from_url(redis_url)
+        egress = Egress.from_settings(settings)
+        configs = TenantConfigs(
+            Source(settings, http, egress),
+            redis,
+            Keys(settings.redis_prefix),
+            metrics,
+            ttl,
+            clock=lambda: now[0],
+        )
+        try:
+            yield configs, now, redis, metrics
+        finally:
+            await configs.close()
+            egress.close()
+            await redis.aclose()
 
 
 def logged(caplog: pytest.LogCaptureFixture) -> str:
@@ -599,57 +627,40 @@ async def test_a_malformed_document_changes_nothing(
     settings: Settings = settings_factory(
         **env(auth_service, relay_a, 1.0, NOTIFYD_TENANT_CONFIG_MAX_BYTES="4096")
     )
-    now = [0.0]
-    metrics = Metrics()
-    async with aiohttp.ClientSession() as http:
-        redis = Redis.from_url(redis_url)
-        egress = Egress.from_settings(settings)
-        configs = TenantConfigs(
-            Source(settings, http, egress),
-            redis,
-            Keys(settings.redis_prefix),
-            metrics,
-            1.0,
-            clock=lambda: now[0],
-        )
-        try:
-            good = await configs.get(TENANT_A)
-            shared = Keys(settings.redis_prefix).tenant_config(TENANT_A)
-            bad_documents = [
-                {**document(relay_a), "default_region": "usa"},
-                {**document(relay_a), "smtp": {**document(relay_a)["smtp"], "port": "25x"}},
-                {**document(relay_a), "templates": [{**TEMPLATE, "text_body": "{% if %}"}]},
-                {**document(relay_a), "templates": [TEMPLATE, TEMPLATE]},
-                {**document(relay_a), "smtp": {**document(relay_a)["smtp"], "host": "10.1.2.3"}},
-                {**document(relay_a), "unknown": 1},
-                {
-                    **document(relay_a),
-                    "twilio": {"account_sid": "AC" + "0" * 32, "from_number": "+14155550100"},
-                },
-            ]
-            with caplog.at_level(logging.WARNING, logger="notifyd.tenant_config"):
-                for index, bad in enumerate(bad_documents):
-                    auth_service.docs[TENANT_A] = bad
-                    await redis.delete(shared)  # no other instance validated a version
-                    now[0] += 2.0
-                    assert await configs.get(TENANT_A) is good, bad
-                    assert caplog.text.count("tenant configuration refused") == index + 1
-                for raw in (b"{not json", b"[]", b'{"templates": "' + b"x" * 5000 + b'"}'):
-                    auth_service.raw[TENANT_A] = raw
-                    await redis.delete(shared)
-                    now[0] += 2.0
-                    assert await configs.get(TENANT_A) is good
-            refused = metrics.tenant_config_fetches.labels("refused")._value.get()
-            assert refused == len(bad_documents) + 3
-            reasons = " ".join(str(getattr(r, "reason", "")) for r in caplog.records)
-            assert "default_region" in reasons and "smtp.host" in reasons
-            assert "templates[0].text_body" in reasons and "templates[1]" in reasons
-            assert "larger than 4096 bytes" in reasons
-            assert PASSWORD not in logged(caplog)
-        finally:
-            await configs.close()
-            egress.close()
-            await redis.aclose()
+    async with clocked(settings, redis_url, 1.0) as (configs, now, redis, metrics):
+        good = await configs.get(TENANT_A)
+        shared = Keys(settings.redis_prefix).tenant_config(TENANT_A)
+        bad_documents = [
+            {**document(relay_a), "default_region": "usa"},
+            {**document(relay_a), "smtp": {**document(relay_a)["smtp"], "port": "25x"}},
+            {**document(relay_a), "templates": [{**TEMPLATE, "text_body": "{% if %}"}]},
+            {**document(relay_a), "templates": [TEMPLATE, TEMPLATE]},
+            {**document(relay_a), "smtp": {**document(relay_a)["smtp"], "host": "10.1.2.3"}},
+            {**document(relay_a), "unknown": 1},
+            {
+                **document(relay_a),
+                "twilio": {"account_sid": "AC" + "0" * 32, "from_number": "+14155550100"},
+            },
+        ]
+        with caplog.at_level(logging.WARNING, logger="notifyd.tenant_config"):
+            for index, bad in enumerate(bad_documents):
+                auth_service.docs[TENANT_A] = bad
+                await redis.delete(shared)  # no other instance validated a version
+                now[0] += 2.0
+                assert await configs.get(TENANT_A) is good, bad
+                assert caplog.text.count("tenant configuration refused") == index + 1
+            for raw in (b"{not json", b"[]", b'{"templates": "' + b"x" * 5000 + b'"}'):
+                auth_service.raw[TENANT_A] = raw
+                await redis.delete(shared)
+                now[0] += 2.0
+                assert await configs.get(TENANT_A) is good
+        refused = metrics.tenant_config_fetches.labels("refused")._value.get()
+        assert refused == len(bad_documents) + 3
+        reasons = " ".join(str(getattr(r, "reason", "")) for r in caplog.records)
+        assert "default_region" in reasons and "smtp.host" in reasons
+        assert "templates[0].text_body" in reasons and "templates[1]" in reasons
+        assert "larger than 4096 bytes" in reasons
+        assert PASSWORD not in logged(caplog)
 
 
 async def test_a_failing_source_is_asked_less_and_less_often(
@@ -660,18 +671,7 @@ async def test_a_failing_source_is_asked_less_and_less_often(
     to at most a minute, for a tenant never fetched and for a stale copy alike; a good answer
     starts over."""
     settings: Settings = settings_factory(**env(auth_service, relay_a, 600.0))
-    now = [0.0]
-    async with aiohttp.ClientSession() as http:
-        redis = Redis.from_url(redis_url)
-        egress = Egress.from_settings(settings)
-        configs = TenantConfigs(
-            Source(settings, http, egress),
-            redis,
-            Keys(settings.redis_prefix),
-            Metrics(),
-            600.0,
-            clock=lambda: now[0],
-        )
+    async with clocked(settings, redis_url, 600.0) as (configs, now, redis, _metrics):
 
         async def fetches_at(times: list[float], tenant: str) -> list[float]:
             """The times (of `times`) at which a read made the source see a request."""
@@ -689,26 +689,21 @@ async def test_a_failing_source_is_asked_less_and_less_often(
                     seen.append(t)
             return seen
 
-        try:
-            auth_service.raw[TENANT_A] = b"{not json"  # refused, never a copy
-            ticks = [float(t) for t in range(0, 200)]
-            assert await fetches_at(ticks, TENANT_A) == [0, 5, 15, 35, 75, 135, 195]
+        auth_service.raw[TENANT_A] = b"{not json"  # refused, never a copy
+        ticks = [float(t) for t in range(0, 200)]
+        assert await fetches_at(ticks, TENANT_A) == [0, 5, 15, 35, 75, 135, 195]
 
-            # a stale copy: the source down after one good answer
-            auth_service.docs[TENANT_B] = {"default_locale": "en"}
-            now[0] = 1000.0
-            good = await configs.get(TENANT_B)
-            auth_service.down = True
-            ticks = [1000.0 + t for t in range(480, 700)]
-            assert await fetches_at(ticks, TENANT_B) == [1480, 1485, 1495, 1515, 1555, 1615, 1675]
-            assert await configs.get(TENANT_B) is good
-            auth_service.down = False
-            assert await fetches_at([1735.0, 1736.0], TENANT_B) == [1735]
-            assert await fetches_at([1736.0 + 481], TENANT_B) == [2217]  # the TTL's pace again
-        finally:
-            await configs.close()
-            egress.close()
-            await redis.aclose()
+        # a stale copy: the source down after one good answer
+        auth_service.docs[TENANT_B] = {"default_locale": "en"}
+        now[0] = 1000.0
+        good = await configs.get(TENANT_B)
+        auth_service.down = True
+        ticks = [1000.0 + t for t in range(480, 700)]
+        assert await fetches_at(ticks, TENANT_B) == [1480, 1485, 1495, 1515, 1555, 1615, 1675]
+        assert await configs.get(TENANT_B) is good
+        auth_service.down = False
+        assert await fetches_at([1735.0, 1736.0], TENANT_B) == [1735]
+        assert await fetches_at([1736.0 + 481], TENANT_B) == [2217]  # the TTL's pace again
 
 
 async def test_copies_in_use_are_refreshed_before_they_expire_and_idle_ones_are_not(
@@ -719,18 +714,7 @@ async def test_copies_in_use_are_refreshed_before_they_expire_and_idle_ones_are_
     ten TTLs is left to its next read; the source sees no more than the refresh."""
     settings: Settings = settings_factory(**env(auth_service, relay_a, 600.0))
     auth_service.docs[TENANT_A] = document(relay_a)
-    now = [0.0]
-    async with aiohttp.ClientSession() as http:
-        redis = Redis.from_url(redis_url)
-        egress = Egress.from_settings(settings)
-        configs = TenantConfigs(
-            Source(settings, http, egress),
-            redis,
-            Keys(settings.redis_prefix),
-            Metrics(),
-            600.0,
-            clock=lambda: now[0],
-        )
+    async with clocked(settings, redis_url, 600.0) as (configs, now, redis, _metrics):
 
         async def refresh_at(t: float) -> int:
             now[0] = t
@@ -739,24 +723,19 @@ async def test_copies_in_use_are_refreshed_before_they_expire_and_idle_ones_are_
             await wait_for(lambda: not configs._loading, timeout=5, interval=0.01)
             return started
 
-        try:
-            good = await configs.get(TENANT_A)  # read at 0
-            assert auth_service.statuses(TENANT_A) == [200]
-            assert await refresh_at(479.0) == 0
-            assert await refresh_at(480.0) == 1
-            assert auth_service.statuses(TENANT_A) == [200, 304]
-            assert await refresh_at(481.0) == 0  # fresh again until 960
-            assert await refresh_at(960.0) == 1
-            now[0] = 1000.0
-            assert await configs.get(TENANT_A) is good  # no fetch: the copy was fresh
-            assert auth_service.statuses(TENANT_A) == [200, 304, 304]
-            assert await refresh_at(1440.0) == 1  # read at 1000: still in use
-            assert await refresh_at(7001.0) == 0  # idle for ten TTLs: left to its next read
-            assert auth_service.statuses(TENANT_A) == [200, 304, 304, 304]
-        finally:
-            await configs.close()
-            egress.close()
-            await redis.aclose()
+        good = await configs.get(TENANT_A)  # read at 0
+        assert auth_service.statuses(TENANT_A) == [200]
+        assert await refresh_at(479.0) == 0
+        assert await refresh_at(480.0) == 1
+        assert auth_service.statuses(TENANT_A) == [200, 304]
+        assert await refresh_at(481.0) == 0  # fresh again until 960
+        assert await refresh_at(960.0) == 1
+        now[0] = 1000.0
+        assert await configs.get(TENANT_A) is good  # no fetch: the copy was fresh
+        assert auth_service.statuses(TENANT_A) == [200, 304, 304]
+        assert await refresh_at(1440.0) == 1  # read at 1000: still in use
+        assert await refresh_at(7001.0) == 0  # idle for ten TTLs: left to its next read
+        assert auth_service.statuses(TENANT_A) == [200, 304, 304, 304]
 
 
 async def test_the_daemon_keeps_a_tenants_copy_fresh_between_sends(
