@@ -706,6 +706,32 @@ async def test_a_failing_source_is_asked_less_and_less_often(
         assert await fetches_at([1736.0 + 481], TENANT_B) == [2217]  # the TTL's pace again
 
 
+async def test_a_read_that_starts_a_slow_fetch_waits_at_most_the_stale_wait(
+    settings_factory: Any, auth_service: AuthService, relay_a: SmtpSink, redis_url: str
+) -> None:
+    """Promise: a copy idle past its TTL is refreshed by its next read, which waits for the
+    fetch 1 s at most: a slower source leaves it on the last good copy (and the metric),
+    and the new document is used once it arrives."""
+    settings: Settings = settings_factory(
+        **env(auth_service, relay_a, 600.0, NOTIFYD_TENANT_CONFIG_TIMEOUT="4")
+    )
+    auth_service.docs[TENANT_A] = document(relay_a)
+    async with clocked(settings, redis_url, 600.0) as (configs, now, redis, metrics):
+        good = await configs.get(TENANT_A)
+        auth_service.docs[TENANT_A] = document(relay_a, FROM_B)
+        auth_service.delay = 2.0
+        await redis.delete(Keys(settings.redis_prefix).tenant_config(TENANT_A))
+        now[0] = 7000.0  # idle past its TTL and the refresher's horizon
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await configs.get(TENANT_A) is good
+        assert loop.time() - started < 1.6  # the 1 s wait, not the source's 2 s
+        assert metrics.tenant_config_stale._value.get() == 1
+        await wait_for(lambda: not configs._loading, timeout=5, interval=0.05)
+        fresh = await configs.get(TENANT_A)
+        assert fresh.smtp is not None and fresh.smtp.from_email == FROM_B
+
+
 async def test_copies_in_use_are_refreshed_before_they_expire_and_idle_ones_are_not(
     settings_factory: Any, auth_service: AuthService, relay_a: SmtpSink, redis_url: str
 ) -> None:
