@@ -378,17 +378,25 @@ PEEK_STEPS = (
 # time: an in-app notification an earlier step of this run made, read by now. Every step of
 # a wave is locked in one statement, in (run, position) order (as a cancel locks them), so
 # two batches or a batch and a cancel never deadlock.
+# Written so that its plan does not depend on statistics, which a burst of triggers outruns
+# (docs/benchmarks.md, "why step lateness varies"): the wave's keys drive the join, each step
+# read by its primary key (an `IN (SELECT … unnest)` became a scan of the whole table), and
+# the read probe looks the earlier steps' notifications up by id; its tenant check is kept
+# out of the index conditions (`IS TRUE`), where it drew the tenant's creator index.
 LOCK_STEPS = """
 SELECT s.tenant_id, s.run_id, s.position, s.status,
        EXISTS (
-           SELECT 1 FROM workflow_steps e JOIN notifications n
-               ON n.tenant_id = e.tenant_id AND n.id = ANY(e.notification_ids)
-           WHERE e.run_id = s.run_id AND e.position < s.position
+           SELECT 1 FROM notifications n
+           WHERE n.id = ANY (ARRAY(
+                     SELECT unnest(e.notification_ids) FROM workflow_steps e
+                     WHERE e.run_id = s.run_id AND e.position < s.position))
+             AND (n.tenant_id = s.tenant_id) IS TRUE
              AND n.channel = 'in_app' AND n.read_at IS NOT NULL
        ) AS read
-FROM workflow_steps s
-WHERE (s.tenant_id, s.run_id, s.position) IN
-      (SELECT * FROM unnest($1::text[], $2::uuid[], $3::smallint[]))
+FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::uuid[], $3::smallint[]))
+     AS k (tenant_id, run_id, position)
+JOIN workflow_steps s
+  ON s.run_id = k.run_id AND s.position = k.position AND s.tenant_id = k.tenant_id
 ORDER BY s.run_id, s.position
 FOR UPDATE OF s
 """
