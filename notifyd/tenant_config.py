@@ -19,8 +19,9 @@ without asking the source; otherwise it revalidates with `If-None-Match`. So the
 about one request per tenant per TTL however many instances run, and every copy is at most one
 TTL older than a validation at the source (docs/architecture.md, "Tenant configuration").
 
-A read of a copy past its TTL waits for the refresh at most `stale_wait` (1 s); when the
-source is slower, or the refresh fails, the last good copy is used
+A read of a copy past its TTL that starts the refresh itself waits for it at most
+`stale_wait` (1 s); other reads meanwhile, and every read once a wait ran out, take the copy
+at once. When the source is slower, or the refresh fails, the last good copy is used
 (`notifyd_tenant_config_stale_total`, a log line) and a failed fetch is retried after
 `RETRY_AFTER`, doubling for each failure in a row up to `RETRY_MAX`; a tenant never fetched
 raises `SourceUnavailable`, which the senders turn into a retry with that reason as
@@ -270,7 +271,7 @@ class _Entry:
     etag: str | None
     refresh_at: float  # monotonic: a read after it refreshes in the background
     expires: float  # monotonic: a read after it waits for a refresh (else uses this, stale)
-    slow_noted: bool = False  # a read past `expires` waited out `stale_wait`: no read waits again
+    slow_noted: bool = False  # the source was slower than this copy's TTL: no read waits again
     failures: int = 0  # fetches failed in a row since the last good one
     read_at: float = 0.0  # monotonic: the last read (an idle copy is not kept fresh)
 
