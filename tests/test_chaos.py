@@ -773,10 +773,14 @@ async def test_an_event_killed_between_its_commit_and_its_ack_is_neither_lost_no
     whose XACK never happened (the process died in between) is read again after the
     restart, and its dedupe row (`ingested_events`, written in the same transaction) makes
     the second reading store nothing. The ACK is made to fail (the Redis ACL takes XACK
-    away from the daemon's user), so the kill lands in that window every time."""
+    away from the daemon's user), so the kill lands in that window every time. The sink
+    holds its reply to the email meanwhile: a relay's 250 that had already come back would
+    make the restarted process's resend the in-flight duplicate DESIGN.md allows at the SMTP
+    edge, and the kill hangs up the held session, which the sink then does not keep."""
     redis = await _ingest_cluster(cluster, own_redis)
     try:
         await redis.execute_command("ACL", "SETUSER", "default", "-xack")
+        smtp_sink.delay = 60.0
         try:
             await redis.xadd(EVENTS, {"event": _event("evt-after-commit")})
 
@@ -786,6 +790,7 @@ async def test_an_event_killed_between_its_commit_and_its_ack_is_neither_lost_no
             await wait_for(committed, timeout=20, interval=0.05)
             cluster.current.sigkill()
         finally:
+            smtp_sink.delay = 0.0
             await redis.execute_command("ACL", "SETUSER", "default", "+xack")
         assert await _pending(redis) == 1  # committed, never acknowledged
         assert await db.fetchval("SELECT count(*) FROM notifications") == 2
