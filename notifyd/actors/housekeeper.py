@@ -1,7 +1,7 @@
 """Housekeeper: deletes idempotency keys and ingested event ids past their lifetime, rows of
 notifications, messages, reminders, audit and finished workflow runs past their retention,
-forgets dead consumers, and trims stream entries every group has acknowledged
-(`streams.trim`).
+forgets dead consumers, turns off the event capture nothing consumes, and trims stream
+entries every group has acknowledged (`streams.trim`).
 
 Retention (`NOTIFYD_RETAIN_*`, 0 keeps forever) deletes only rows in a final state, a batch
 of `NOTIFYD_RETAIN_BATCH` rows by primary key per statement (its own short transaction),
@@ -44,6 +44,8 @@ from notifyd.supervisor import sleep_or_stop
 log = logging.getLogger("notifyd.actors.housekeeper")
 
 DEAD_CONSUMER_IDLE_S = 86_400.0
+# how long turning capture off may hold a table's writes (they queue behind the ALTER TABLE)
+CAPTURE_LOCK_TIMEOUT_S = 0.2
 
 Purge = Callable[[Executor, uuid.UUID, kept.Cutoff, int], Awaitable[kept.Batch]]
 
@@ -116,6 +118,9 @@ class Housekeeper:
             forgotten = await self.forget_dead_consumers()
             if forgotten:
                 log.info("dead stream consumers forgotten", extra={"count": forgotten})
+            switched = await self.trim_event_capture()
+            if switched:
+                log.info("event capture turned off: nothing consumes it", extra={"count": switched})
             trimmed = await self.trim_streams()
             if trimmed:
                 log.debug("acknowledged stream entries trimmed", extra={"count": trimmed})
@@ -186,6 +191,17 @@ class Housekeeper:
             after = batch.last
             if await sleep_or_stop(stop, r.pause):
                 return total
+
+    async def trim_event_capture(self) -> int:
+        """The capture triggers of tables whose events nobody consumes now, turned off (an
+        endpoint's change only turns them on; see 0018_event_capture_on_demand.sql). Skipped
+        for this round when a table's writes hold it past the lock timeout."""
+        async with self._pool.acquire() as conn:
+            try:
+                return await webhooks.trim_event_capture(conn, CAPTURE_LOCK_TIMEOUT_S)
+            except asyncpg.LockNotAvailableError:
+                log.info("event capture left on this round: its tables were busy")
+                return 0
 
     def _count(self, table: str, rows: int) -> None:
         if self._metrics is not None and rows:

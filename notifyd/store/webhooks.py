@@ -363,3 +363,13 @@ async def purge_expired(
 ) -> retention.Batch:
     """Deletes up to `limit` finished deliveries done before the cutoff, after `after`."""
     return await retention.purge_batch(executor, PURGE_EXPIRED, after, cut, limit)
+
+
+async def trim_event_capture(conn: Conn, lock_timeout: float) -> int:
+    """Turns off the capture triggers no consumer wants any more (0018_event_capture_on_demand:
+    an endpoint's change only ever turns capture on); the number switched off. Each switch
+    waits for the writes in flight on its table and holds new ones meanwhile, so it gives up
+    past `lock_timeout` seconds (`asyncpg.LockNotAvailableError`) and is tried again next time."""
+    async with conn.transaction():
+        await conn.execute(f"SET LOCAL lock_timeout = {max(1, round(lock_timeout * 1000))}")
+        return int(await conn.fetchval("SELECT event_capture_sync(true)"))
