@@ -98,6 +98,21 @@ async def test_admin_defines_the_issues_workflow_and_reads_it_back(
     assert status == 404
 
 
+async def test_a_whole_number_written_as_3_0_is_the_integer_the_document_allows(api: Api) -> None:
+    """JSON has one kind of number and the document says `integer`: 3.0 is 3; 3.5 and "3"
+    are not integers."""
+    status, answer = await define(
+        api, "whole", {**ISSUE_WORKFLOW, "throttle": {"limit": 3.0, "per": "1h"}}
+    )
+    assert status == 200, answer
+    assert answer["throttle"] == {"limit": 3, "per": "1h"}
+    for limit in (3.5, "3", True):
+        status, refused = await define(
+            api, "whole", {**ISSUE_WORKFLOW, "throttle": {"limit": limit, "per": "1h"}}
+        )
+        assert status == 422 and refused["errors"][0]["field"] == "throttle.limit", refused
+
+
 async def test_every_bound_is_a_422_naming_the_field_and_stores_nothing(
     api: Api, db: asyncpg.Connection
 ) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, Field, StrictBool, create_model
+from pydantic import BaseModel, BeforeValidator, Field, StrictBool, create_model
 
 from notifyd import tags
 from notifyd.settings import CHANNELS, Settings
@@ -149,3 +149,17 @@ def paged(model: type[Q], settings: Settings) -> type[Q]:
     its `limit`."""
     limit = Annotated[int, Field(ge=1, le=settings.page_size_max)]
     return bounded(model, limit=(limit, settings.page_size_default))
+
+
+def _whole(value: Any) -> Any:
+    """JSON has one kind of number: 587.0 is the integer the document's `integer` allows
+    (a bool or a string still is not one)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+WHOLE = BeforeValidator(_whole)
+"""After a `StrictInt` and its bounds (`Annotated[StrictInt, Field(ge=…), WHOLE]`): an integer
+as JSON Schema's `integer` means it, 3 and 3.0, never true or "3". After the bounds, so the
+document states them as `minimum` and `maximum`."""

@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from pydantic_core import PydanticCustomError
 
 from notifyd import tags
 from notifyd.schemas.contacts import TimeZone
 from notifyd.schemas.errors import FieldError
-from notifyd.schemas.fields import SAFE_EMAIL, Flag, Locale, Message, anchored
+from notifyd.schemas.fields import SAFE_EMAIL, WHOLE, Flag, Locale, Message, anchored
 
 _UNSAFE = tags.HEADER_UNSAFE.pattern.removeprefix("[").removesuffix("]")
 SINGLE_LINE_PATTERN = rf"^[^{_UNSAFE}]*$"
@@ -52,14 +52,6 @@ _TLS_TWICE = "use_tls (STARTTLS) and use_ssl (implicit TLS) exclude each other"
 SingleLine = Annotated[str, Field(pattern=SINGLE_LINE_PATTERN)]
 
 
-def _whole(value: Any) -> Any:
-    """JSON has one kind of number: 587.0 is the integer the document's `integer` allows
-    (a bool or a string still is not one)."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
 class SmtpSettings(BaseModel):
     """The tenant's SMTP relay. `password` left out (or null) keeps the stored one."""
 
@@ -74,7 +66,7 @@ class SmtpSettings(BaseModel):
     )
 
     host: Annotated[str, Field(max_length=253, pattern=HOST_PATTERN)]
-    port: Annotated[StrictInt, Field(ge=1, le=65535), BeforeValidator(_whole)]
+    port: Annotated[StrictInt, Field(ge=1, le=65535), WHOLE]
     username: Annotated[SingleLine, Field(max_length=256)] | None = None
     password: Annotated[SingleLine, Field(max_length=1024)] | None = Field(
         None, json_schema_extra={"writeOnly": True}, description="Left out: keep the stored one"

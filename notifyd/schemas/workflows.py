@@ -19,6 +19,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt
 
 from notifyd.schemas.errors import FieldError
 from notifyd.schemas.fields import (
+    WHOLE,
     Category,
     Channel,
     Flag,
@@ -118,7 +119,7 @@ class WorkflowStep(BaseModel):
 
 class Digest(BaseModel):
     """Triggers within `window` of the first, for the same recipient and `data[key]`, merge
-    (stored and validated; not run yet)."""
+    into one run whose steps start when the window closes."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -127,17 +128,18 @@ class Digest(BaseModel):
 
 
 class Throttle(BaseModel):
-    """At most `limit` runs per recipient per `per` (stored and validated; not run yet)."""
+    """At most `limit` runs per recipient and workflow per `per`; a trigger past it makes a
+    `throttled` run that sends nothing."""
 
     model_config = ConfigDict(extra="forbid")
 
-    limit: Annotated[StrictInt, Field(ge=1, le=10_000)]
+    limit: Annotated[StrictInt, Field(ge=1, le=10_000), WHOLE]
     per: Duration
 
 
 class QuietHours(BaseModel):
-    """A step falling inside [start, end) of the recipient's day waits until `end` (stored
-    and validated; not run yet)."""
+    """A step falling inside [start, end) of the recipient's day (in their time zone) waits
+    until `end`; critical triggers do not wait."""
 
     model_config = ConfigDict(extra="forbid")
 
