@@ -33,7 +33,6 @@ from notifyd.providers.render import TemplateError
 from notifyd.settings import Settings
 from notifyd.store import deliveries
 from notifyd.store import preferences as preference_store
-from notifyd.store.pool import keyed
 from notifyd.store.tenants import TenantSettings
 from notifyd.streams.consumer import Entry, StreamConsumer, Timing
 from notifyd.streams.producer import Producer
@@ -41,8 +40,6 @@ from notifyd.suppressions import listed_reason
 
 log = logging.getLogger("notifyd.actors.dispatcher")
 
-
-Listed = dict[uuid.UUID, tuple[str, str]]  # id → (reason, category) of its list entry
 
 BATCH = 64  # intents handled per stream read
 BATCHES_IN_FLIGHT = 2  # reads in flight: one waits on PostgreSQL while the next is read
@@ -119,8 +116,7 @@ class DirectInApp:
             )
         if not published:
             return set()
-        async with keyed(self._pool) as conn:
-            recorded = await deliveries.send_queued_many(conn, published)
+        recorded = await deliveries.send_queued_many(self._pool, published)
         self._metrics.deliveries.labels("in_app", "sent").inc(len(recorded))
         return {p.id for p in published}
 
@@ -186,7 +182,9 @@ class Dispatcher:
                 await self.consumer.dead_letter(entry, str(exc))
         if not wanted:
             return
-        rows, listed = await self._load([(tenant, nid) for _, tenant, nid in wanted])
+        rows = await deliveries.load_many_for_dispatch(
+            self._pool, [(tenant, nid) for _, tenant, nid in wanted]
+        )
         found = {(r["tenant_id"], r["id"]): r for r in rows}
         queued: dict[uuid.UUID, asyncpg.Record] = {}
         ready: dict[uuid.UUID, asyncpg.Record] = {}
@@ -200,31 +198,21 @@ class Dispatcher:
                 queued[nid] = row
             elif row["status"] == "dispatched":
                 ready[nid] = row  # enqueued before, maybe lost since: again (at least once)
-        await self._dispatch(list(queued.values()), list(ready.values()), listed)
+        await self._dispatch(list(queued.values()), list(ready.values()))
 
     async def dispatch_now(self, ids: Sequence[tuple[str, uuid.UUID]]) -> None:
         """Dispatches rows this process has just committed, (tenant, id) each, without the
         intents stream (see `accept.outbox.Outbox`): the same decisions as `handle_batch`
         without the XADD, the XREADGROUP and the XACK. Raises when that could not be done; the
         caller then puts the intents on the stream."""
-        rows, listed = await self._load(list(ids))
-        await self._dispatch([row for row in rows if row["status"] == "queued"], [], listed)
+        rows = await deliveries.load_many_for_dispatch(self._pool, list(ids))
+        await self._dispatch([row for row in rows if row["status"] == "queued"], [])
 
-    async def _load(self, keys: list[tuple[str, uuid.UUID]]) -> tuple[list[asyncpg.Record], Listed]:
-        """The rows of `keys` with their users' preferences, and the suppression list entries
-        of the queued ones, in one keyed transaction (`store.pool.keyed`)."""
-        async with keyed(self._pool) as conn:
-            rows = await deliveries.load_many_for_dispatch(conn, keys)
-            queued = [row for row in rows if row["status"] == "queued"]
-            return rows, await deliveries.listed_many(conn, queued)
-
-    async def _dispatch(
-        self, queued: list[asyncpg.Record], ready: list[asyncpg.Record], listed: Listed
-    ) -> None:
+    async def _dispatch(self, queued: list[asyncpg.Record], ready: list[asyncpg.Record]) -> None:
         """Routes the `queued` rows, then puts them and the `ready` ones (dispatched before)
         on their channels' delivery streams in one round trip."""
         if queued:
-            ready = ready + await self._route_many(queued, listed)
+            ready = ready + await self._route_many(queued)
         if ready:
             await self._producer.add_many(
                 [
@@ -236,11 +224,12 @@ class Dispatcher:
                 ]
             )
 
-    async def _route_many(self, rows: list[asyncpg.Record], listed: Listed) -> list[asyncpg.Record]:
+    async def _route_many(self, rows: list[asyncpg.Record]) -> list[asyncpg.Record]:
         """Render what was not rendered at acceptance, apply the tenant's suppression list
-        (`listed`, read with the rows) and each user's preferences, deliver the in-app rows
-        here and mark the others dispatched (one UPDATE); returns the rows now dispatched,
-        for their channels' streams."""
+        (one query, for the email and SMS rows) and each user's preferences (read with the
+        rows), deliver the in-app rows here and mark the others dispatched (one UPDATE);
+        returns the rows now dispatched, for their channels' streams."""
+        listed = await deliveries.listed_many(self._pool, rows)
         ready: list[Ready] = []
         composer = Composer(
             self._pool,
@@ -278,11 +267,10 @@ class Dispatcher:
                 ready = [r for r in ready if r.row["id"] not in done]
         if not ready:
             return []
-        async with keyed(self._pool) as conn:
-            changed = await deliveries.dispatch_many(
-                conn,
-                [(r.row["tenant_id"], r.row["id"], r.subject, r.body, r.html) for r in ready],
-            )
+        changed = await deliveries.dispatch_many(
+            self._pool,
+            [(r.row["tenant_id"], r.row["id"], r.subject, r.body, r.html) for r in ready],
+        )
         return [r.row for r in ready if r.row["id"] in changed]
 
     async def _content(

@@ -4,9 +4,7 @@ close that cannot hang shutdown."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -35,37 +33,6 @@ Executor = asyncpg.Pool | Conn
 # single-row read: the API's pool keeps cached plans (a notification center page is cheaper
 # for PostgreSQL with them).
 QUEUE_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
-
-
-# A keyed transaction's plans (`keyed`). Its statements find each row by its key from arrays
-# of keys (`unnest($1, $2) JOIN notifications ON (tenant_id, id)`), the dispatcher's and the
-# in-app delivery's batches, which QUEUE_SETTINGS would plan on every execution: 150-330 µs a
-# statement, a quarter of PostgreSQL's time per REST send (docs/benchmarks.md). Here each
-# connection plans such a statement once and keeps the plan, and the plan can only be the
-# one that is right at any table size, index lookups in a nested loop: a sequential scan or a
-# hash or merge join is priced out. That is the plan a generic plan made on an empty table
-# would not be (QUEUE_SETTINGS' reason), so the statements keep it through any growth.
-KEYED = (
-    "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off; "
-    "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
-)
-
-
-@contextlib.asynccontextmanager
-async def keyed(pool: asyncpg.Pool) -> AsyncIterator[Conn]:
-    """A connection in a transaction whose statements run on cached index-only plans
-    (`KEYED`): for statements that find every row by its key, nothing else. Committed when
-    the block ends, rolled back when it raises."""
-    async with pool.acquire() as conn:
-        await conn.execute(KEYED)
-        try:
-            yield conn
-        except BaseException:
-            if not conn.is_closed():
-                with contextlib.suppress(Exception):
-                    await conn.execute("ROLLBACK")
-            raise
-        await conn.execute("COMMIT")
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
