@@ -102,6 +102,8 @@ class Daemon:
             self._stack.push_async_callback(close_pool, pool)
             queue_pool = await create_pool(s, queue=True)  # the actors' (see store.pool)
             self._stack.push_async_callback(close_pool, queue_pool)
+            keyed_pool = await create_pool(s, keyed=True)  # the dispatcher's batches by key
+            self._stack.push_async_callback(close_pool, keyed_pool)
         except (OSError, Exception) as exc:
             raise StartupError(f"cannot connect to PostgreSQL (DATABASE_URL): {exc}") from exc
         async with pool.acquire() as conn:
@@ -141,7 +143,14 @@ class Daemon:
         id_rule = OpaqueIdRule.from_settings(s.id_max_length, s.id_pattern)
         keys = Keys(s.redis_prefix)
         pipeline = build_pipeline(
-            s, queue_pool, redis, keys, self.metrics, self.egress, http_session
+            s,
+            queue_pool,
+            redis,
+            keys,
+            self.metrics,
+            self.egress,
+            http_session,
+            keyed_pool=keyed_pool,
         )
         self.pipeline = pipeline
         self._stack.push_async_callback(pipeline.close)

@@ -103,9 +103,13 @@ def build_pipeline(
     metrics: Metrics,
     egress: Egress,
     http_session: aiohttp.ClientSession | None = None,
+    *,
+    keyed_pool: asyncpg.Pool | None = None,
 ) -> Pipeline:
     """`egress`: the policy for tenants' own relays (the daemon's, which closes it);
-    `http_session`: the daemon's client session (the tenant configuration source's)."""
+    `http_session`: the daemon's client session (the tenant configuration source's);
+    `keyed_pool`: the dispatcher's statements that find rows by key (`store.pool`), else
+    `pool`."""
     box = SecretBox.from_settings(settings)
     configs = None
     if settings.tenant_config_url:
@@ -238,8 +242,10 @@ def build_pipeline(
         ),
         (in_app, settings.inapp_concurrency),
     ]
+    keyed = pool if keyed_pool is None else keyed_pool
     dispatcher = Dispatcher(
         pool=pool,
+        keyed_pool=keyed,
         redis=redis,
         keys=keys,
         settings=settings,
@@ -247,7 +253,7 @@ def build_pipeline(
         alerts=alerts,
         producer=producer,
         metrics=metrics,
-        direct_in_app=DirectInApp(pool, in_app, metrics),
+        direct_in_app=DirectInApp(keyed, in_app, metrics),
         tenant_settings=tenants.public,
     )
     actors: list[Actor] = [

@@ -158,6 +158,10 @@ async def test_the_queue_is_planned_per_execution_and_the_api_keeps_cached_plans
     dispatcher = next(a for a in daemon.pipeline.actors if isinstance(a, Dispatcher))
     queue_pool: asyncpg.Pool = dispatcher._pool
     assert await queue_pool.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
+    # its batches by key keep index-only plans (tests/test_keyed_plans.py)
+    keyed_pool: asyncpg.Pool = dispatcher._keyed_pool
+    assert keyed_pool is not queue_pool
+    assert await keyed_pool.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
     assert daemon.services is not None
     api_pool = daemon.services.pool
     assert api_pool is not queue_pool

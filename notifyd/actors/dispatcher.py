@@ -75,6 +75,8 @@ class DirectInApp:
     """
 
     def __init__(self, pool: asyncpg.Pool, provider: InAppProvider, metrics: Metrics) -> None:
+        """`pool`: the keyed pool (`store.pool.KEYED_SETTINGS`): its one statement finds its
+        rows by key."""
         if not provider.batched:
             raise ValueError("direct in-app delivery needs a provider that publishes in batches")
         self._pool = pool
@@ -128,6 +130,7 @@ class Dispatcher:
         self,
         *,
         pool: asyncpg.Pool,
+        keyed_pool: asyncpg.Pool,
         redis: Redis,
         keys: Keys,
         settings: Settings,
@@ -147,6 +150,7 @@ class Dispatcher:
         self._direct_in_app = direct_in_app
         self._producer = producer
         self._pool = pool
+        self._keyed_pool = keyed_pool  # the batches' statements by key (store.pool)
         self._keys = keys
         self._settings = settings
         self.consumer = StreamConsumer(
@@ -183,7 +187,7 @@ class Dispatcher:
         if not wanted:
             return
         rows = await deliveries.load_many_for_dispatch(
-            self._pool, [(tenant, nid) for _, tenant, nid in wanted]
+            self._keyed_pool, [(tenant, nid) for _, tenant, nid in wanted]
         )
         found = {(r["tenant_id"], r["id"]): r for r in rows}
         queued: dict[uuid.UUID, asyncpg.Record] = {}
@@ -205,7 +209,7 @@ class Dispatcher:
         intents stream (see `accept.outbox.Outbox`): the same decisions as `handle_batch`
         without the XADD, the XREADGROUP and the XACK. Raises when that could not be done; the
         caller then puts the intents on the stream."""
-        rows = await deliveries.load_many_for_dispatch(self._pool, list(ids))
+        rows = await deliveries.load_many_for_dispatch(self._keyed_pool, list(ids))
         await self._dispatch([row for row in rows if row["status"] == "queued"], [])
 
     async def _dispatch(self, queued: list[asyncpg.Record], ready: list[asyncpg.Record]) -> None:
@@ -229,7 +233,7 @@ class Dispatcher:
         (one query, for the email and SMS rows) and each user's preferences (read with the
         rows), deliver the in-app rows here and mark the others dispatched (one UPDATE);
         returns the rows now dispatched, for their channels' streams."""
-        listed = await deliveries.listed_many(self._pool, rows)
+        listed = await deliveries.listed_many(self._keyed_pool, rows)
         ready: list[Ready] = []
         composer = Composer(
             self._pool,
@@ -268,7 +272,7 @@ class Dispatcher:
         if not ready:
             return []
         changed = await deliveries.dispatch_many(
-            self._pool,
+            self._keyed_pool,
             [(r.row["tenant_id"], r.row["id"], r.subject, r.body, r.html) for r in ready],
         )
         return [r.row for r in ready if r.row["id"] in changed]

@@ -237,6 +237,8 @@ class Settings:
         "connections kept open", ge=1)
     db_pool_max: Int = setting(20, "NOTIFYD_DB_POOL_MAX", "database.pool_max",
         "connections at most (at least pool_min)", ge=1)
+    db_keyed_pool_max: Int = setting(8, "NOTIFYD_DB_KEYED_POOL_MAX", "database.keyed_pool_max",
+        "connections of the dispatcher's keyed statements (batches found by key)", ge=1)
     db_command_timeout: Float = setting(10.0, "NOTIFYD_DB_COMMAND_TIMEOUT",
         "database.command_timeout", "seconds per statement", gt=0)
     # a hung PostgreSQL holds every connection, and the queue for them would grow forever

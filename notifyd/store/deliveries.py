@@ -242,7 +242,7 @@ SELECT n.id, n.tenant_id, n.channel, n.recipient, n.user_id, n.subject, n.body, 
        n.template_key, n.context, n.locale, n.category, n.critical, n.status, n.attempts,
        n.created_at, p.channels AS preferred_channels, p.categories AS preferred_categories
 FROM unnest($1::text[], $2::uuid[]) AS k (tenant_id, id)
-JOIN notifications n ON n.tenant_id = k.tenant_id AND n.id = k.id
+JOIN notifications n ON n.id = k.id AND (n.tenant_id = k.tenant_id) IS TRUE
 LEFT JOIN preferences p ON p.tenant_id = n.tenant_id AND p.user_id = n.user_id
 """
 
@@ -253,7 +253,7 @@ LEFT JOIN preferences p ON p.tenant_id = n.tenant_id AND p.user_id = n.user_id
 LISTED_MANY = """
 SELECT DISTINCT ON (n.id) n.id, s.reason, s.category
 FROM unnest($1::text[], $2::uuid[]) AS k (tenant_id, id)
-JOIN notifications n ON n.tenant_id = k.tenant_id AND n.id = k.id
+JOIN notifications n ON n.id = k.id AND (n.tenant_id = k.tenant_id) IS TRUE
 JOIN suppressions s ON s.tenant_id = n.tenant_id AND s.channel = n.channel
                    AND s.address = CASE n.channel WHEN 'email' THEN lower(btrim(n.recipient))
                                                   ELSE btrim(n.recipient) END
@@ -268,7 +268,7 @@ SET status = 'dispatched', subject = k.subject, body = k.body, html_body = k.htm
     updated_at = now()
 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[])
      AS k (tenant_id, id, subject, body, html_body)
-WHERE n.tenant_id = k.tenant_id AND n.id = k.id AND (n.status = 'queued') IS TRUE
+WHERE n.id = k.id AND (n.tenant_id = k.tenant_id) IS TRUE AND (n.status = 'queued') IS TRUE
 RETURNING n.id
 """
 
@@ -340,7 +340,7 @@ SET status = 'sent', attempts = n.attempts + 1, sent_at = now(), last_error = NU
     provider_message_id = k.feed_offset, provider_status = 'sent', updated_at = now()
 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
      AS k (tenant_id, id, subject, body, html_body, feed_offset)
-WHERE n.tenant_id = k.tenant_id AND n.id = k.id AND (n.status = 'queued') IS TRUE
+WHERE n.id = k.id AND (n.tenant_id = k.tenant_id) IS TRUE AND (n.status = 'queued') IS TRUE
 RETURNING n.id
 """
 

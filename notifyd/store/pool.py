@@ -34,6 +34,22 @@ Executor = asyncpg.Pool | Conn
 # for PostgreSQL with them).
 QUEUE_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
 
+# The keyed pool's connections: the dispatcher's batches and the in-app delivery's, whose
+# statements find each row by its key from arrays of keys (`unnest($1, $2) JOIN
+# notifications ON (tenant_id, id)`). Under QUEUE_SETTINGS each execution of them is planned
+# again, 150-330 µs a statement, as much as PostgreSQL's execution of a batch of a dozen rows
+# (docs/benchmarks.md). Here each connection plans such a statement once and keeps the plan,
+# and that plan can only be the one right at any table size, index lookups in a nested loop:
+# sequential scans and hash and merge joins are priced out, so a plan made on an empty queue
+# (QUEUE_SETTINGS' reason) is still the index plan. Only statements that find every row by
+# an index belong on this pool (tests/test_keyed_plans.py checks each one's plan).
+KEYED_SETTINGS = {
+    "plan_cache_mode": "force_generic_plan",
+    "enable_seqscan": "off",
+    "enable_hashjoin": "off",
+    "enable_mergejoin": "off",
+}
+
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for type_name in ("json", "jsonb"):
@@ -90,13 +106,21 @@ class DeadlinePool(asyncpg.Pool):
 
 
 async def create_pool(
-    settings: Settings, *, connect_timeout: float = 30.0, queue: bool = False
+    settings: Settings,
+    *,
+    connect_timeout: float = 30.0,
+    queue: bool = False,
+    keyed: bool = False,
 ) -> asyncpg.Pool:
     """Open a pool, retrying while PostgreSQL is still starting (boot order on a VM).
 
     `queue`: the pool of the actors that move rows through the queue tables (dispatcher,
     senders, reminders, sweeper, housekeeper), whose batches must be planned for the table as
-    it is (`QUEUE_SETTINGS`); the API's pool is the other one."""
+    it is (`QUEUE_SETTINGS`); `keyed`: the dispatcher's statements that find their rows by
+    key (`KEYED_SETTINGS`, at most NOTIFYD_DB_KEYED_POOL_MAX connections); the API's pool is
+    the third."""
+    server_settings = KEYED_SETTINGS if keyed else QUEUE_SETTINGS if queue else {}
+    max_size = settings.db_keyed_pool_max if keyed else settings.db_pool_max
     deadline = asyncio.get_running_loop().time() + connect_timeout
     delay = 0.2
     while True:
@@ -105,14 +129,14 @@ async def create_pool(
             pool = await DeadlinePool(
                 settings.database_url,
                 acquire_timeout=settings.db_acquire_timeout,
-                min_size=settings.db_pool_min,
-                max_size=settings.db_pool_max,
+                min_size=min(settings.db_pool_min, max_size),
+                max_size=max_size,
                 max_queries=50_000,
                 max_inactive_connection_lifetime=300.0,
                 command_timeout=settings.db_command_timeout,
                 init=_init_connection,
                 reset=_keep_session,
-                server_settings=dict(QUEUE_SETTINGS) if queue else {},
+                server_settings=dict(server_settings),
                 loop=asyncio.get_running_loop(),
                 connection_class=asyncpg.Connection,
                 record_class=asyncpg.Record,
