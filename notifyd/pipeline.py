@@ -104,12 +104,11 @@ def build_pipeline(
     egress: Egress,
     http_session: aiohttp.ClientSession | None = None,
     *,
-    keyed_pool: asyncpg.Pool | None = None,
+    keyed_pool: asyncpg.Pool,
 ) -> Pipeline:
     """`egress`: the policy for tenants' own relays (the daemon's, which closes it);
     `http_session`: the daemon's client session (the tenant configuration source's);
-    `keyed_pool`: the dispatcher's statements that find rows by key (`store.pool`), else
-    `pool`."""
+    `keyed_pool`: the dispatcher's statements that find rows by key (`store.pool`)."""
     box = SecretBox.from_settings(settings)
     configs = None
     if settings.tenant_config_url:
@@ -242,10 +241,9 @@ def build_pipeline(
         ),
         (in_app, settings.inapp_concurrency),
     ]
-    keyed = pool if keyed_pool is None else keyed_pool
     dispatcher = Dispatcher(
         pool=pool,
-        keyed_pool=keyed,
+        keyed_pool=keyed_pool,
         redis=redis,
         keys=keys,
         settings=settings,
@@ -253,7 +251,7 @@ def build_pipeline(
         alerts=alerts,
         producer=producer,
         metrics=metrics,
-        direct_in_app=DirectInApp(keyed, in_app, metrics),
+        direct_in_app=DirectInApp(keyed_pool, in_app, metrics),
         tenant_settings=tenants.public,
     )
     actors: list[Actor] = [
