@@ -6,12 +6,15 @@ each status change (the insert as `queued`, then `dispatched`, `sending`, `sent`
 event, one that rolls back has none, whichever statement made it. This actor relays the
 outbox to the topic and deletes the rows Kafka acknowledged (acks=all, idempotent producer).
 
-- Keyed by tenant: one tenant's events are in one partition, so a team's pipeline reads
-  them in the order they were relayed: the outbox's order (its id), which for one
-  notification is the order of its changes (each change waits for the previous one's row
-  lock, so it takes its outbox id later).
+- Keyed by tenant: one tenant's events are in one partition, in the order the relay numbered
+  them. The outbox id is taken at insert, not at commit, so ids can become visible out of
+  order; the relay numbers (`seq`, migration 0019) only rows it can see, in one statement
+  with its counter, so each tenant's `event_id`s only grow, and for one notification they
+  follow its changes (each change waits for the previous one's row lock, so its row is
+  inserted after that one committed).
 - At least once: a crash between Kafka's acknowledgement and the delete publishes those rows
-  again; each record carries `event_id` (the outbox id) for consumers to deduplicate.
+  again, numbered as before; each record carries `event_id` (its `seq`) for consumers to
+  deduplicate.
 - One relay at a time across instances (a PostgreSQL advisory lock held on a connection of
   its own): two relays would interleave one tenant's events.
 - The switch: capture runs while `delivery_events_switch.enabled`; the daemon sets it from
@@ -46,11 +49,25 @@ ADVISORY_LOCK = 0x6E6F746966796431  # "notifyd1": the relay's advisory lock key
 
 SET_CAPTURE = "UPDATE delivery_events_switch SET enabled = $1"
 TAKE_LEAD = "SELECT pg_try_advisory_lock($1)"
-PENDING = """
-SELECT id, tenant_id, notification_id, channel, status, changed_at
-FROM delivery_events_outbox ORDER BY id LIMIT $1
+# rows numbered by a relay that stopped before Kafka acknowledged them: published first, again
+NUMBERED = """
+SELECT seq, tenant_id, notification_id, channel, status, changed_at
+FROM delivery_events_outbox WHERE seq IS NOT NULL ORDER BY seq LIMIT $1
 """
-RELAYED = "DELETE FROM delivery_events_outbox WHERE id = ANY($1::bigint[])"
+# the next rows visible now, numbered after every row numbered before (in id order among them)
+NUMBER_NEXT = """
+WITH next AS (
+    SELECT id, row_number() OVER (ORDER BY id) AS n
+    FROM (SELECT id FROM delivery_events_outbox WHERE seq IS NULL ORDER BY id LIMIT $1) AS s
+), counter AS (
+    UPDATE delivery_events_relay SET last_seq = last_seq + (SELECT count(*) FROM next)
+    RETURNING last_seq - (SELECT count(*) FROM next) AS base
+)
+UPDATE delivery_events_outbox o SET seq = counter.base + next.n
+FROM next, counter WHERE o.id = next.id
+RETURNING o.seq, o.tenant_id, o.notification_id, o.channel, o.status, o.changed_at
+"""
+RELAYED = "DELETE FROM delivery_events_outbox WHERE seq = ANY($1::bigint[])"
 
 
 async def set_capture(executor: Executor, enabled: bool) -> None:
@@ -63,7 +80,7 @@ def encode(row: asyncpg.Record) -> bytes:
     return orjson.dumps(
         {
             "version": SCHEMA_VERSION,
-            "event_id": row["id"],
+            "event_id": row["seq"],
             "type": "notification.status_changed",
             "tenant_id": row["tenant_id"],
             "notification_id": str(row["notification_id"]),
@@ -72,6 +89,11 @@ def encode(row: asyncpg.Record) -> bytes:
             "changed_at": row["changed_at"].isoformat(),
         }
     )
+
+
+def _by_seq(row: asyncpg.Record) -> int:
+    seq: int = row["seq"]
+    return seq
 
 
 class KafkaDeliveryEvents:
@@ -102,8 +124,12 @@ class KafkaDeliveryEvents:
         await producer.start()  # raises when no broker answers: the supervisor retries
         log.info("relaying delivery events", extra={"topic": self._topic})
         try:
+            numbered = True  # look for rows a stopped relay numbered, until none are left
             while not stop.is_set():
-                rows = await conn.fetch(PENDING, BATCH)
+                rows = await conn.fetch(NUMBERED, BATCH) if numbered else []
+                if not rows:
+                    numbered = False
+                    rows = sorted(await conn.fetch(NUMBER_NEXT, BATCH), key=_by_seq)
                 if not rows:
                     await sleep_or_stop(stop, IDLE_S)
                     continue
@@ -113,6 +139,6 @@ class KafkaDeliveryEvents:
                     for row in rows
                 ]
                 await asyncio.gather(*sent)
-                await conn.execute(RELAYED, [row["id"] for row in rows])
+                await conn.execute(RELAYED, [row["seq"] for row in rows])
         finally:
             await producer.stop()
