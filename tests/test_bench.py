@@ -589,8 +589,10 @@ async def test_connections_holds_n_sockets_and_reads_the_daemons_memory(
                 url=f"http://127.0.0.1:{daemon.port}",
                 jwt_secret=TEST_JWT_SECRET,
                 count=20,
-                hold=0.5,
-                heartbeat=0.1,
+                hold=1.5,
+                # one ping per socket in the hold; aiohttp closes a socket whose pong is
+                # later than half the interval, and this daemon shares the test's loop
+                heartbeat=1.0,
                 settle=0.0,
                 quiet=True,
             )

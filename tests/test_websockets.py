@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from typing import Any
 
 import aiohttp
+import asyncpg
 import orjson
 import pytest
 from aiohttp import web
@@ -341,3 +343,41 @@ async def test_closed_sockets_are_freed_without_waiting_for_the_cycle_collector(
         await wait_for(all_freed, timeout=10)
     finally:
         gc.enable()
+
+
+async def test_a_client_gone_right_after_the_upgrade_ends_its_socket_quietly(
+    daemon: Daemon, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Promise: a client that drops the connection as soon as the upgrade is answered (a
+    browser tab closed, a harness timing out) ends its socket like any other close, and no
+    handler error is logged: a client cannot fill the daemon's log with tracebacks by
+    connecting and leaving. (Both socket endpoints end through the same `live` block.)"""
+    caplog.set_level(logging.INFO, logger="notifyd.http.websockets")
+    bearer = token(daemon.settings, TENANT, USER)
+    request = (
+        f"GET {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{daemon.port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        f"Authorization: Bearer {bearer}\r\n\r\n"
+    )
+    leaving = 3
+    async with db.transaction():  # holds each socket's unread count, its first frame
+        await db.execute("LOCK TABLE notifications IN ACCESS EXCLUSIVE MODE")
+        writers = []
+        for _ in range(leaving):
+            reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+            writer.write(request.encode())
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+            writers.append(writer)
+        await asyncio.sleep(0.3)  # each handler is subscribed and waits for its count
+        for writer in writers:
+            writer.transport.abort()  # gone before the first frame is written
+        await asyncio.sleep(0.3)  # the daemon sees each connection lost
+
+    def closed() -> int:
+        return sum(r.getMessage() == "websocket closed" for r in caplog.records)
+
+    await wait_for(lambda: closed() == leaving, timeout=5)
+    await asyncio.sleep(0.2)  # the handlers return (and aiohttp would log) after the close
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]

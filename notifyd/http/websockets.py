@@ -369,7 +369,13 @@ class live:
         closing.add(task)
         task.add_done_callback(closing.discard)
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> bool:
+        """Unsubscribes and gives the seat back. A client gone while a frame was written
+        to it (aiohttp's "Cannot write to closing transport") ends the socket as a close
+        does: suppressed here, not a handler error with a traceback in the log per
+        client that connects and leaves."""
         ctx = services(self._request)
         subscriber = self._subscriber
         assert subscriber is not None
@@ -389,6 +395,7 @@ class live:
                 code=self._ws.close_code, seconds=round(time.monotonic() - self._opened, 1)
             ),
         )
+        return isinstance(exc, ConnectionResetError)
 
 
 async def _send_if_open(ws: web.WebSocketResponse, text: str) -> None:
