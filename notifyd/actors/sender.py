@@ -70,10 +70,10 @@ READ_AHEAD = 8
 INITIAL_SEND_S = 0.05  # a tenant's send time until its first send finished
 BORROW_BELOW_S = 1.0
 PACE_MARGIN = 0.8
-HOLD_RECHECK_S = 0.05  # a held entry asks again about this often whether others wait behind
-# a question within this long of the last look is answered by it; the held entries ask at
-# random times, so a backlog's held entries have the tail looked at about this often
+# while entries are held, one watcher looks at the stream's tail this often for all of them
 # (one XRANGE of what was added since the last look: usually none or a few entries)
+HOLD_RECHECK_S = 0.02
+# a question within this long of the last look is answered by it
 LOOK_EVERY_S = 0.01
 LOOKAHEAD_ENTRIES = 1024  # the most entries one look reads
 BREAKER_JITTER_S = 1.0  # parked mail of an open circuit comes back spread over this
@@ -127,12 +127,18 @@ class Lookahead:
             # answered by the last look without queueing on the lock: a whole backlog of held
             # entries asking at once must not pass a lock one loop iteration at a time
             return self._others(tenant.encode())
+        await self.look()
+        return self._others(tenant.encode())
+
+    async def look(self) -> None:
+        """Look at the tail unless the last look is fresh, and wake the tenants it finds
+        others behind (`others_seen`)."""
+        loop = asyncio.get_running_loop()
         async with self._lock:  # one look for every entry that asks meanwhile
             if loop.time() >= self._fresh_until:
                 await self._look()
                 self._fresh_until = loop.time() + LOOK_EVERY_S
                 self._wake()
-        return self._others(tenant.encode())
 
     async def _look(self) -> None:
         ms, seq = max(self._looked, self._newest)
@@ -258,6 +264,7 @@ class Sender:
         self._send_times = SendTimes(INITIAL_SEND_S)
         self._breakers: dict[object, Breaker] = {}
         self._held: dict[str, dict[bytes, _Held]] = {}  # tenant → its held entries, by id
+        self._watcher: asyncio.Task[None] | None = None  # looks ahead while entries are held
         window = BATCHES_IN_FLIGHT if self._send_many else concurrency * READ_AHEAD
         self._lookahead = Lookahead(redis, keys.deliver(self.channel))
         self.consumer = StreamConsumer(
@@ -282,7 +289,12 @@ class Sender:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.consumer.run(stop)
+        try:
+            await self.consumer.run(stop)
+        finally:
+            if self._watcher is not None:
+                self._watcher.cancel()
+                await asyncio.gather(self._watcher, return_exceptions=True)
 
     def _fast(self, tenant: str) -> bool:
         """Whether the tenant's sends are proven quick enough to lend it idle slots past its
@@ -314,10 +326,12 @@ class Sender:
         and as soon as another tenant's mail is queued behind, the excess is set aside so
         the reader gets to it: every held entry of the tenant at once, in one script call
         (`_set_aside_held`; this raises `Acknowledged`). A held entry looks at once (what
-        the last look found, or a new look if that one is stale), then whenever a look
-        finds others or every HOLD_RECHECK_S. Either way a place is not kept for ever: read
-        entries must be handled well within the lease, or XAUTOCLAIM would hand them out a
-        second time.
+        the last look found, or a new look if that one is stale), then waits: for its slot,
+        for its set-aside, or for a look of the one watcher (`_look_for_held`, every
+        HOLD_RECHECK_S while anything is held) to find others behind. A hundred held entries
+        cost one wake-up per look, not one each. Either way a place is not kept for ever:
+        read entries must be handled well within the lease, or XAUTOCLAIM would hand them
+        out a second time.
         """
         tenant = ref.tenant_id
         loop = asyncio.get_running_loop()
@@ -337,21 +351,14 @@ class Sender:
         self._held.setdefault(tenant, {})[entry.id] = held
         lookahead = self._lookahead
         try:
-            while not future.done() and not held.aside.done() and loop.time() < give_up:
-                if await lookahead.others_behind(tenant):
-                    await self._set_aside_held(tenant)
-                    break
+            if await lookahead.others_behind(tenant):
+                await self._set_aside_held(tenant)
+            elif not future.done() and not held.aside.done():
                 seen = lookahead.others_seen(tenant)
-                # spread: entries held together would otherwise all ask at the same moments,
-                # and the tail would be looked at only every HOLD_RECHECK_S; on average each
-                # asks every HOLD_RECHECK_S, so holding costs no more wake-ups than it did
-                recheck = random.uniform(LOOK_EVERY_S, 2 * HOLD_RECHECK_S - LOOK_EVERY_S)
-                await asyncio.wait(
-                    {future, seen, held.aside}, timeout=min(recheck, give_up - loop.time())
-                )
+                self._watch_held()
+                await asyncio.wait({future, seen, held.aside}, timeout=give_up - loop.time())
                 if seen.done() and not future.done() and not held.aside.done():
                     await self._set_aside_held(tenant)
-                    break
         except BaseException:
             if self._unhold(tenant, held):
                 self._gate.withdraw(tenant, future)
@@ -368,6 +375,30 @@ class Sender:
             return True
         self._gate.withdraw(tenant, future)
         return False
+
+    def _watch_held(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._look_for_held())
+
+    async def _look_for_held(self) -> None:
+        """While entries are held: one look at the stream's tail every HOLD_RECHECK_S for
+        all of them; a look that finds another tenant behind wakes that tenant's held
+        entries, which set themselves aside. A look that fails is tried again at the next
+        tick (held entries give up at their own deadline and are parked)."""
+        failing = False
+        while self._held:
+            await asyncio.sleep(HOLD_RECHECK_S)
+            try:
+                await self._lookahead.look()
+            except (RedisError, OSError, TimeoutError) as exc:
+                if not failing:
+                    log.warning(
+                        "looking ahead for held entries failed",
+                        extra={"channel": self.channel, "error": type(exc).__name__},
+                    )
+                failing = True
+            else:
+                failing = False
 
     def _unhold(self, tenant: str, held: _Held) -> bool:
         """Take `held` off its tenant's held entries; False if a set-aside took it."""
