@@ -160,6 +160,29 @@ async def test_a_hung_tenant_relay_does_not_delay_another_tenants_mail(
         await all_arrived_once(smtp_sink, db, b_ids)
 
 
+async def test_a_lone_tenants_burst_past_its_queue_is_held_and_sent_not_set_aside(
+    daemon_factory: DaemonFactory, smtp_sink: SmtpSink, db: asyncpg.Connection
+) -> None:
+    """Promise: with no other tenant's mail behind it, a tenant's burst far past its queue
+    costs what it did before fairness: the entries past the queue are held and each takes a
+    slot as one frees, none is set aside (which would delay it by the park delay)."""
+    daemon = await start(
+        daemon_factory,
+        smtp_sink,
+        NOTIFYD_EMAIL_CONCURRENCY="4",  # a window of 32 entries: 2 sending, 2 queued, 28 held
+        NOTIFYD_TENANT_SEND_QUEUE="2",
+        NOTIFYD_TENANT_PARK_DELAY="60",  # a set-aside entry would not be back in the test
+    )
+    async with Api(daemon) as api:
+        ids = await send_many(api, B, 120)
+    # a held entry gives up after a quarter of NOTIFYD_CLAIM_IDLE (5 s here) and is set aside
+    await wait_for(lambda: len(arrivals(smtp_sink, ids)) == len(ids), timeout=10)
+    await all_arrived_once(smtp_sink, db, ids)
+    assert (
+        sample(daemon, "notifyd_deliveries_parked_total", channel="email", reason="tenant_cap") == 0
+    )
+
+
 async def test_the_breaker_opens_parks_without_attempts_and_closes_again(
     daemon_factory: DaemonFactory, smtp_sink: SmtpSink, db: asyncpg.Connection
 ) -> None:

@@ -356,7 +356,11 @@ class Sender:
             elif not future.done() and not held.aside.done():
                 seen = lookahead.others_seen(tenant)
                 self._watch_held()
-                await asyncio.wait({future, seen, held.aside}, timeout=give_up - loop.time())
+                await asyncio.wait(
+                    {future, seen, held.aside},
+                    timeout=give_up - loop.time(),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 if seen.done() and not future.done() and not held.aside.done():
                     await self._set_aside_held(tenant)
         except BaseException:
