@@ -162,9 +162,14 @@ class StreamConsumer:
         await ensure_group(self._redis, self.stream, self.group)
         in_flight: set[asyncio.Task[None]] = set()
         broken: list[BaseException] = []
+        # set by every task that ends: a full window waits on this one event, not with
+        # `asyncio.wait(in_flight)`, which adds and removes a callback on every task in
+        # flight each time (a sender reads hundreds ahead: that was per entry, O(window))
+        freed = asyncio.Event()
 
         def settled(task: asyncio.Task[None]) -> None:
             in_flight.discard(task)
+            freed.set()
             if not task.cancelled():
                 error = task.exception()
                 if error is not None:
@@ -180,7 +185,8 @@ class StreamConsumer:
                     next_claim = time.monotonic() + self._claim_every
                 free = self._concurrency - len(in_flight)
                 if free <= 0:
-                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    freed.clear()  # nothing awaited since `free` was counted: none missed
+                    await freed.wait()
                     continue
                 try:
                     response: Any = await self._redis.xreadgroup(
