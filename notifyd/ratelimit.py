@@ -205,29 +205,33 @@ class Limiter:
         if quota <= 0:
             return None
         now = self._wall()
-        day = utc_day(now)
-        left = seconds_to_midnight(now)
-        key = self._keys.daily_quota(channel, tenant_id, day)
-        what = (
-            "emails through the platform's relay"
-            if channel == "email"
-            else ("SMS through the platform's Twilio account")
-        )
+        key = self._keys.daily_quota(channel, tenant_id, utc_day(now))
 
-        async def fetch(want: int) -> tuple[int, float]:
-            granted = int(await self._quota(keys=[key], args=[quota, want, math.ceil(left) + 3600]))
-            return granted, (0.0 if granted else seconds_to_midnight(self._wall()))
+        def bucket() -> _Bucket:
+            """How to ask Redis: made only when the lease is used up (not per send)."""
+            left = seconds_to_midnight(now)
+            what = (
+                "emails through the platform's relay"
+                if channel == "email"
+                else ("SMS through the platform's Twilio account")
+            )
 
-        bucket = _Bucket(
-            key=key,
-            limit=f"{channel}_daily",
-            lease=max(1, min(quota // QUOTA_LEASE_SHARE, QUOTA_LEASE_MAX)),
-            lease_ttl=left,
-            fetch=fetch,
-            detail=f"this tenant's daily quota of {quota} {what} is used up until 00:00 UTC",
-            refusal_memory=QUOTA_REFUSAL_MEMORY,
-        )
-        return await self._take(key, lambda: bucket)
+            async def fetch(want: int) -> tuple[int, float]:
+                ttl = math.ceil(left) + 3600
+                granted = int(await self._quota(keys=[key], args=[quota, want, ttl]))
+                return granted, (0.0 if granted else seconds_to_midnight(self._wall()))
+
+            return _Bucket(
+                key=key,
+                limit=f"{channel}_daily",
+                lease=max(1, min(quota // QUOTA_LEASE_SHARE, QUOTA_LEASE_MAX)),
+                lease_ttl=left,
+                fetch=fetch,
+                detail=f"this tenant's daily quota of {quota} {what} is used up until 00:00 UTC",
+                refusal_memory=QUOTA_REFUSAL_MEMORY,
+            )
+
+        return await self._take(key, bucket)
 
     def _rate_bucket(
         self, key: str, limit: str, rate: float, burst: int, role: str | None
