@@ -80,6 +80,14 @@ class FairGate:
         """Whether `acquire` would raise `Full`: no slot at once, and the queue at its bound."""
         return not self._grantable(tenant) and self.waiting(tenant) >= self._queue_per_tenant
 
+    def take_now(self, tenant: str) -> bool:
+        """A slot at once if one is free for `tenant` (True), without waiting: the common
+        case costs no future and no deadline."""
+        if self._grantable(tenant):
+            self._take(tenant)
+            return True
+        return False
+
     async def acquire(self, tenant: str) -> None:
         """A slot for one send of `tenant`; raises `Full` rather than queue past the bound."""
         if self.full(tenant):

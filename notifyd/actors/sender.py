@@ -334,6 +334,8 @@ class Sender:
         out a second time.
         """
         tenant = ref.tenant_id
+        if self._gate.take_now(tenant):
+            return True
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._settings.claim_idle / 4
         try:
