@@ -106,8 +106,7 @@ class FairGate:
         when the slot is the caller's at once, else a future done when it is. The caller
         either gets the slot or gives its place up with `withdraw`, keeping its place in
         the queue while it looks around (see the sender's held entries)."""
-        if self._grantable(tenant):
-            self._take(tenant)
+        if self.take_now(tenant):
             return None
         queue = self._waiting.get(tenant)
         if queue is None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 from typing import Any
 
 import asyncpg
@@ -91,11 +92,6 @@ def encode(row: asyncpg.Record) -> bytes:
     )
 
 
-def _by_seq(row: asyncpg.Record) -> int:
-    seq: int = row["seq"]
-    return seq
-
-
 class KafkaDeliveryEvents:
     name = "kafka:delivery-events"
 
@@ -129,7 +125,9 @@ class KafkaDeliveryEvents:
                 rows = await conn.fetch(NUMBERED, BATCH) if numbered else []
                 if not rows:
                     numbered = False
-                    rows = sorted(await conn.fetch(NUMBER_NEXT, BATCH), key=_by_seq)
+                    numbered_now = await conn.fetch(NUMBER_NEXT, BATCH)
+                    # RETURNING gives no order: published in the order numbered
+                    rows = sorted(numbered_now, key=operator.itemgetter("seq"))
                 if not rows:
                     await sleep_or_stop(stop, IDLE_S)
                     continue
