@@ -150,6 +150,17 @@ def test_a_workflows_durations_show_the_configured_bound() -> None:
     assert not any(within.match(d) for d in ("7201s", "121m", "3h", "1d", "0s"))
 
 
+def test_the_workflow_rules_a_schema_cannot_state_are_said_where_the_field_is() -> None:
+    # the readers' refusals (a 422 `unsendable` alone): a client reading the document learns
+    # them at the field, with the configured bound
+    settings = replace(Settings(), workflow_max_delay=7200.0)
+    schemas = build_document(settings)["components"]["schemas"]
+    trigger = schemas["WorkflowTrigger"]["properties"]
+    assert "at most 7200 s ahead" in trigger["send_at"]["description"]
+    assert "NUL" in trigger["data"]["description"]
+    assert "not the same time as start" in schemas["QuietHours"]["properties"]["end"]["description"]
+
+
 async def test_a_rooms_answers_have_exactly_the_documented_fields(api: Api) -> None:
     _, document, _ = await api.get("/openapi.json", auth=False)
     schemas = document["components"]["schemas"]

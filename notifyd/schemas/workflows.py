@@ -144,7 +144,7 @@ class QuietHours(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     start: TimeOfDay
-    end: TimeOfDay
+    end: TimeOfDay = Field(description="HH:MM or HH:MM:SS; not the same time as start.")
 
 
 class WorkflowDefinition(BaseModel):
@@ -250,13 +250,19 @@ def definition_refusals(values: Mapping[str, Any], at_fault: Collection[str]) ->
     return []
 
 
+# The rules of a trigger's `data` and `send_at` a JSON schema cannot state (a NUL anywhere in
+# a nested value, a time relative to now) are said in the fields' descriptions, and applied by
+# `trigger_refusals`.
+DATA_TEXT = "The templates' values; no NUL character in any key or string, nested ones too."
+
+
 class WorkflowTrigger(BaseModel):
     """Start the workflow for each recipient: one run each."""
 
     model_config = ConfigDict(extra="forbid")
 
     recipients: list[str]
-    data: dict[str, Any] = Field(default_factory=dict, description="The templates' values.")
+    data: dict[str, Any] = Field(default_factory=dict, description=DATA_TEXT)
     send_at: AwareDatetime | None = Field(None, description="Delays count from here.")
     cancel_key: str | None = Field(None, description="What a cancel names these runs by.")
     critical: Flag = Field(False, description="Ignores preferences; runs critical_only steps.")
@@ -291,7 +297,15 @@ def trigger_model(settings: Settings) -> type[WorkflowTrigger]:
         recipients=(_ids(settings), ...),
         data=(
             Annotated[dict[str, Any], Field(max_length=settings.context_max_keys)],
-            Field(default_factory=dict, description="The templates' values."),
+            Field(default_factory=dict, description=DATA_TEXT),
+        ),
+        send_at=(
+            AwareDatetime | None,
+            Field(
+                None,
+                description="Delays count from here; at most "
+                f"{int(settings.workflow_max_delay)} s ahead (NOTIFYD_WORKFLOW_MAX_DELAY).",
+            ),
         ),
         cancel_key=optional_id(settings, description="What a cancel names these runs by."),
     )
