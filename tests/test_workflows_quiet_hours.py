@@ -8,11 +8,13 @@ change at the local `end`; a step inside it is deferred to the window's end (`re
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import asyncpg
 
+from notifyd.store import workflows as store
 from notifyd.workflows import quiet_until
 from tests.conftest import DaemonFactory
 from tests.helpers import Api, wait_for
@@ -140,3 +142,88 @@ async def test_a_recipient_without_a_zone_has_quiet_hours_in_the_tenants_default
     sent = await wait_done(db, run_id, timeout=15)
     assert sent[0]["status"] == "sent"
     assert sent[0]["done_at"] >= end.replace(microsecond=0)
+
+
+async def test_a_waves_steps_inside_quiet_hours_are_deferred_together_each_once(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    """Promise: the steps of one wave that fall inside quiet hours move to the window's end
+    together (one transaction, one audit row each), and each is then sent once; a step that
+    is no longer pending when its wave defers it is left as it is."""
+    zone = ZoneInfo("Pacific/Kiritimati")
+    now = datetime.now(UTC).astimezone(zone)
+    end = now + timedelta(seconds=3)
+    quiet = {
+        "start": (now - timedelta(minutes=30)).strftime("%H:%M:%S"),
+        "end": end.strftime("%H:%M:%S"),
+    }
+    definition = {**ONE_IN_APP, "quiet_hours": quiet}
+    recipients = [f"cand-{i}" for i in range(12)]
+    daemon = await daemon_factory(**FAST)
+    async with Api(daemon) as api:
+        await setup_tenant(api, definition)
+        status, answer, _ = await api.request(
+            "PUT",
+            "/tenants/current/settings/",
+            json={"default_timezone": "Pacific/Kiritimati"},
+            user="ops-admin",
+            role="admin",
+        )
+        assert status == 200, answer
+        runs = await trigger(api, recipients=recipients)
+
+        async def all_deferred() -> bool:
+            waiting = """SELECT count(*) FROM workflow_steps
+                         WHERE run_id = ANY($1) AND status = 'pending' AND reason = 'quiet_hours'"""
+            return await db.fetchval(waiting, runs) == len(runs)
+
+        await wait_for(all_deferred, timeout=5)
+    expected = end.replace(microsecond=0)
+    for run_id in runs:
+        sent = await wait_done(db, run_id, timeout=15)
+        assert sent[0]["status"] == "sent" and sent[0]["done_at"] >= expected
+        assert len(sent[0]["notification_ids"]) == 1
+    deferrals = [
+        json.loads(details)
+        for details in await db.fetchval(
+            "SELECT array_agg(details) FROM audit_log WHERE action = 'workflow.step.deferred'"
+        )
+    ]
+    assert sorted(d["run_id"] for d in deferrals) == sorted(str(r) for r in runs)
+    assert {d["until"] for d in deferrals} == {expected.isoformat()}
+
+
+async def test_a_cancelled_step_inside_quiet_hours_is_not_deferred(
+    daemon_factory: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    """Promise: a deferral moves pending steps only. A step cancelled (or fired by a peer)
+    between its wave's read and the deferral keeps its status and time, and no deferral is
+    audited for it."""
+    later = datetime.now(UTC) + timedelta(hours=1)
+    daemon = await daemon_factory(**FAST)
+    async with Api(daemon) as api:
+        await setup_tenant(api, ONE_IN_APP)
+        (run_id,) = await trigger(api, send_at=later.isoformat(), cancel_key="interview-7")
+        status, answer, _ = await api.post(
+            "/workflows/interview/cancel/",
+            {"cancel_key": "interview-7"},
+            user=SERVICE,
+            role="service",
+        )
+        assert status == 200 and answer["cancelled"] == 1, answer
+    before = (await db.fetch(STEPS, run_id))[0]
+    assert before["status"] == "cancelled"
+    tenant_id = await db.fetchval("SELECT tenant_id FROM workflow_runs WHERE id = $1", run_id)
+    key = (tenant_id, run_id, 0)
+    async with db.transaction():
+        await store.lock_steps(db, [key])
+        moved = await store.defer_steps(db, [(key, later + timedelta(hours=8))])
+    assert moved == []
+    after = (await db.fetch(STEPS, run_id))[0]
+    assert (after["status"], after["due_at"], after["reason"]) == (
+        "cancelled",
+        before["due_at"],
+        before["reason"],
+    )
+    deferred = "SELECT count(*) FROM audit_log WHERE action = 'workflow.step.deferred'"
+    assert await db.fetchval(deferred) == 0

@@ -20,8 +20,9 @@ both act.
 What a step's `unless` asks is read at its time, in its wave: `online` from the live
 socket seats (every instance's, in Redis; one pipelined read per wave), `read` from
 PostgreSQL under the lock (an in-app notification an earlier step of the run made, read by
-now). Quiet hours are decided at the step's time too. A digest's step closes its run at
-its time, so it goes on its own (`fire`), in its wave.
+now). Quiet hours are decided at the step's time too: a wave's steps inside their
+recipients' quiet hours move to the hours' end together, in one transaction of their own. A
+digest's step closes its run at its time, so it goes on its own (`fire`), in its wave.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ from notifyd.keys import FIRE_GROUP, Keys
 from notifyd.metrics import Metrics
 from notifyd.preferences import suppression_reason
 from notifyd.settings import Settings
-from notifyd.store import audit
 from notifyd.store import notifications as stored_notifications
 from notifyd.store import preferences as stored_preferences
 from notifyd.store import workflows as store
@@ -238,8 +238,7 @@ class WorkflowFirer:
             for plan in going
         ]
         await self._commit(decided)
-        for step, until in deferred:
-            await self._defer(step, until)
+        await self._defer(deferred)
         for step in digests:
             await self.fire(step)
 
@@ -250,7 +249,7 @@ class WorkflowFirer:
         critical) is `deferred`: due at their end, back on the wheel."""
         until = _quiet_until(step, datetime.now(UTC), await self._zone(step))
         if until is not None:
-            return await self._defer(step, until)
+            return "deferred" if await self._defer([(step, until)]) else None
         context = dict(step["data"] or {})
         if step["digest_key"] is not None:
             # closed first: every trigger merged into the run is among the items read now
@@ -410,33 +409,29 @@ class WorkflowFirer:
             finished = await store.finish_steps(conn, outcomes) if outcomes else []
         return [Fired(record, *taken[_key(record)]) for record in finished]
 
-    async def _defer(self, step: asyncpg.Record, until: datetime) -> str | None:
-        """Quiet hours: the step's due time moves to their end (under the row lock, so a
-        cancel serialises with it), audited, then its wheel member is re-scored."""
-        tenant_id, run_id, position = step["tenant_id"], step["run_id"], step["position"]
+    async def _defer(self, deferred: Sequence[tuple[asyncpg.Record, datetime]]) -> int:
+        """Quiet hours: each step's due time moves to their end, audited, in one transaction
+        under the rows' locks (taken in (run, position) order, as a cancel takes them); then
+        their wheel members are re-scored in one command. How many were deferred (a step no
+        longer pending is left as it is)."""
+        if not deferred:
+            return 0
+        keys = [_key(step) for step, _ in deferred]
         async with self._pool.acquire() as conn, conn.transaction():
-            locked = await store.lock_step(conn, tenant_id, run_id, position)
-            if locked is None or locked["status"] != "pending":
-                return None
-            await store.defer_step(conn, tenant_id, run_id, position, until, "quiet_hours")
-            await audit.record(
-                conn,
-                AuditEntry(
-                    tenant_id=tenant_id,
-                    user_id=None,
-                    action="workflow.step.deferred",
-                    ip_address=None,
-                    request_id=None,
-                    details={
-                        "run_id": str(run_id),
-                        "position": position,
-                        "reason": "quiet_hours",
-                        "until": until.isoformat(),
-                    },
-                ),
+            await store.lock_steps(conn, keys)
+            moved = await store.defer_steps(
+                conn, [(key, until) for key, (_, until) in zip(keys, deferred, strict=True)]
             )
-        # the row holds the new time: if Redis fails here, the sweeper's overdue check puts
-        # the step back on the wheel from PostgreSQL (late), as after any lost member
-        await self._schedule.add(wheel_item(self._keys, tenant_id, run_id, position), until)
-        self._metrics.workflow_steps.labels("deferred").inc()
-        return "deferred"
+        # the rows hold the new times: if Redis fails here, the sweeper's overdue check puts
+        # the steps back on the wheel from PostgreSQL (late), as after any lost member
+        await self._schedule.add_many(
+            [
+                (
+                    wheel_item(self._keys, row["tenant_id"], row["run_id"], row["position"]),
+                    row["due_at"],
+                )
+                for row in moved
+            ]
+        )
+        self._metrics.workflow_steps.labels("deferred").inc(len(moved))
+        return len(moved)

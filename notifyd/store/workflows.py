@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from notifyd.ids import uuid7
 from notifyd.store import retention
 from notifyd.store.pool import Conn, Executor
 
@@ -354,24 +355,35 @@ StepKey = tuple[str, uuid.UUID, int]
 """A step's identity: (tenant, run id, position)."""
 
 # What a due step needs: its run, and the recipient's addresses and preferences.
-_PEEK = f"""
+_PEEK_COLUMNS = f"""
 SELECT {STEP_COLUMNS}, r.tenant_id, r.workflow_key, r.recipient, r.data, r.critical,
        r.created_by, r.definition->>'category' AS category,
        r.definition->'quiet_hours' AS quiet_hours, r.digest_key,
        c.email, c.phone, c.timezone, c.locale,
        p.channels AS pref_channels, p.categories AS pref_categories
-FROM workflow_steps s
+"""
+_PEEK_JOINS = """
 JOIN workflow_runs r ON r.id = s.run_id
 LEFT JOIN recipients c ON c.tenant_id = r.tenant_id AND c.user_id = r.recipient
 LEFT JOIN preferences p ON p.tenant_id = r.tenant_id AND p.user_id = r.recipient
 """
 
-PEEK_STEP = _PEEK + "WHERE s.tenant_id = $1 AND s.run_id = $2 AND s.position = $3"
+PEEK_STEP = (
+    _PEEK_COLUMNS
+    + "FROM workflow_steps s"
+    + _PEEK_JOINS
+    + "WHERE s.tenant_id = $1 AND s.run_id = $2 AND s.position = $3"
+)
 
+# The keys drive the join and each step is read by its primary key, as in `LOCK_STEPS`: a
+# plan that does not depend on the statistics a burst of triggers outruns.
 PEEK_STEPS = (
-    _PEEK
-    + "WHERE (s.tenant_id, s.run_id, s.position) IN "
-    + "(SELECT * FROM unnest($1::text[], $2::uuid[], $3::smallint[]))"
+    _PEEK_COLUMNS
+    + """FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::uuid[], $3::smallint[]))
+     AS k (tenant_id, run_id, position)
+JOIN workflow_steps s
+  ON s.run_id = k.run_id AND s.position = k.position AND s.tenant_id = k.tenant_id"""
+    + _PEEK_JOINS
 )
 
 # The lock the fire and a cancel serialise on; read `unless: read` under it, at the step's
@@ -429,18 +441,46 @@ WITH input AS (
 SELECT tenant_id, run_id, position, status, reason, lateness_ms FROM finished
 """
 
-DEFER_STEP = """
-UPDATE workflow_steps SET due_at = $4, reason = $5
-WHERE tenant_id = $1 AND run_id = $2 AND position = $3 AND status = 'pending'
-RETURNING due_at
+# Quiet hours: pending steps' new due times and their audit rows in one statement (under
+# `LOCK_STEPS`' locks); a step no longer pending is left as it is and absent from the answer.
+DEFER_STEPS = """
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::uuid[], $3::smallint[], $4::timestamptz[], $5::text[],
+                         $6::uuid[])
+        AS i(tenant_id, run_id, position, until, until_text, audit_id)
+), deferred AS (
+    UPDATE workflow_steps s SET due_at = i.until, reason = 'quiet_hours'
+    FROM input i
+    WHERE s.tenant_id = i.tenant_id AND s.run_id = i.run_id AND s.position = i.position
+      AND (s.status = 'pending') IS TRUE
+    RETURNING s.tenant_id, s.run_id, s.position, s.due_at, i.until_text, i.audit_id
+), logged AS (
+    INSERT INTO audit_log (id, tenant_id, user_id, action, details)
+    SELECT d.audit_id, d.tenant_id, NULL, 'workflow.step.deferred',
+           jsonb_build_object('run_id', d.run_id::text, 'position', d.position,
+                              'reason', 'quiet_hours', 'until', d.until_text)
+    FROM deferred d
+    RETURNING 1
+)
+SELECT tenant_id, run_id, position, due_at FROM deferred
 """
 
 
-async def defer_step(
-    conn: Conn, tenant_id: str, run_id: uuid.UUID, position: int, until: datetime, reason: str
-) -> bool:
-    """A pending step's new due time (quiet hours): False when it was no longer pending."""
-    return await conn.fetchval(DEFER_STEP, tenant_id, run_id, position, until, reason) is not None
+async def defer_steps(
+    conn: Conn, deferrals: Sequence[tuple[StepKey, datetime]]
+) -> list[asyncpg.Record]:
+    """Each pending step due at its new time (the end of quiet hours), audited; the steps
+    moved, with their due time (a step no longer pending is absent). Call under
+    `lock_steps`' locks."""
+    return await conn.fetch(
+        DEFER_STEPS,
+        [key[0] for key, _ in deferrals],
+        [key[1] for key, _ in deferrals],
+        [key[2] for key, _ in deferrals],
+        [until for _, until in deferrals],
+        [until.isoformat() for _, until in deferrals],
+        [uuid7() for _ in deferrals],
+    )
 
 
 async def peek_step(
