@@ -2,8 +2,10 @@
 
 Order: limits, connections (first on the daemon: memory freed by earlier work would be
 reused without growing its RSS), rest_ingest, email_e2e, ws_fanout (burst), ws_fanout (paced
-at half the burst's delivered rate), reminders. Each prints its own JSON line as it ends (a
-workload that cannot run prints `{"workload": …, "error": …}` and the others still run).
+at half the burst's delivered rate), reminders, workflows (`--workflows` triggers of the
+three-step workflow, `send_at` from `--workflows-lead` seconds on). Each prints its own
+JSON line as it ends (a workload that cannot run prints `{"workload": …, "error": …}` and the
+others still run).
 Before each workload the harness waits, at most `--backlog-bound` seconds, until the daemon
 has no undelivered notifications and no reminders due within 10 minutes (work a previous
 workload left, e.g. the in-app deliveries of `rest_ingest`), and records what was left as
@@ -27,7 +29,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from bench import connections, email_e2e, limits, reminders, rest_ingest, ws_fanout
+from bench import connections, email_e2e, limits, reminders, rest_ingest, workflows, ws_fanout
 from bench.common import (
     DEFAULT_URL,
     BenchError,
@@ -47,7 +49,15 @@ RATIOS = (
     ("ws_fanout", "delivered_per_s", "ws_delivered_per_s"),
 )
 POLL_S = 1.0
-WORKLOADS = ("limits", "connections", "rest_ingest", "email_e2e", "ws_fanout", "reminders")
+WORKLOADS = (
+    "limits",
+    "connections",
+    "rest_ingest",
+    "email_e2e",
+    "ws_fanout",
+    "reminders",
+    "workflows",
+)
 
 
 @dataclass(slots=True)
@@ -69,6 +79,9 @@ class SuiteOptions:
     pg_rows: int = 20_000
     reminders: int = 2000
     reminders_spread: float = 10.0
+    workflows: int = 3000
+    workflows_lead: float = 10.0
+    workflows_spread: float = 20.0
     skip: tuple[str, ...] = ()
     backlog_bound: float = 180.0
     quiet: bool = False
@@ -104,6 +117,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--reminders", type=int, default=2000, help="reminders: Q")
     parser.add_argument("--reminders-spread", type=float, default=10.0, help="reminders: T seconds")
+    parser.add_argument("--workflows", type=int, default=3000, help="workflows: N triggers")
+    parser.add_argument(
+        "--workflows-lead",
+        type=float,
+        default=10.0,
+        help="workflows: seconds from the start to the first send_at (0: live triggers)",
+    )
+    parser.add_argument(
+        "--workflows-spread", type=float, default=20.0, help="workflows: seconds of send_at"
+    )
     parser.add_argument(
         "--skip",
         default="",
@@ -252,6 +275,21 @@ async def main(
                 redis_url=o.redis_url,
                 count=o.reminders,
                 spread=o.reminders_spread,
+                quiet=o.quiet,
+            )
+        ),
+    )
+    await step(
+        "workflows",
+        lambda: workflows.main(
+            workflows.WorkflowOptions(
+                url=o.url,
+                database_url=o.database_url,
+                jwt_secret=o.jwt_secret,
+                redis_url=o.redis_url,
+                count=o.workflows,
+                lead=o.workflows_lead,
+                spread=o.workflows_spread,
                 quiet=o.quiet,
             )
         ),

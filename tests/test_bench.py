@@ -630,6 +630,9 @@ async def test_all_runs_every_workload_and_prints_each_figure_beside_its_ceiling
             connections=5,
             hold=0.2,
             pg_rows=64,
+            workflows=2,
+            workflows_lead=0.5,
+            workflows_spread=0.5,
             skip=("reminders",),
             backlog_bound=20.0,
             quiet=True,
@@ -645,6 +648,7 @@ async def test_all_runs_every_workload_and_prints_each_figure_beside_its_ceiling
         "email_e2e",
         "ws_fanout",
         "ws_fanout",
+        "workflows",
     ]
     assert not [r for r in runs if "error" in r]
     assert [r["mode"] for r in runs if r["workload"] == "ws_fanout"] == ["burst", "paced"]
