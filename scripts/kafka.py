@@ -11,6 +11,8 @@ Usage (from the checkout; the standard library only, like scripts/localservers.p
 `org.apache.kafka:kafka_2.13` as scripts/kafka/pom.xml lists them. Maven keeps what it
 downloads in ~/.m2, so a second checkout copies instead of downloading; the copy in
 .local/kafka-jars is reused while a stamp (the pom's hash) says it is the pom's.
+`NOTIFYD_KAFKA_JARS` names another folder for them: the promise mutants' scratch copies of
+the tree share the checkout's, instead of each asking Maven again.
 
 A broker is one JVM that is both KRaft controller and broker (`process.roles=broker,
 controller`), on two free ports of 127.0.0.1, with its data in a folder of its own: the
@@ -44,7 +46,7 @@ from scripts.localservers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 POM = ROOT / "scripts" / "kafka" / "pom.xml"
-DEFAULT_JARS = ROOT / ".local" / "kafka-jars"
+DEFAULT_JARS = Path(os.environ.get("NOTIFYD_KAFKA_JARS") or ROOT / ".local" / "kafka-jars")
 CLUSTER_ID = "bm90aWZ5ZC1rYWZrYS0wMQ"  # b"notifyd-kafka-01" in base64url: any 16 bytes do
 _API_VERSIONS = 18  # the request every client sends first; answered once the broker serves
 

@@ -229,8 +229,20 @@ class PostgresServer:
     keeps running until :meth:`stop` - tests must stop it themselves.
     """
 
-    def __init__(self, base_dir: Path, port: int | None = None, *, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        base_dir: Path,
+        port: int | None = None,
+        *,
+        fsync: bool = True,
+        initdb_cache: Path | None = None,
+    ) -> None:
+        """`initdb_cache`: a folder where a fresh cluster is kept once made; later clusters
+        are copies of it (an empty cluster made with the same options is the same every
+        time, and copying it is a fraction of initdb's time: the tests make one per worker
+        and per promise mutant)."""
         self.base_dir = Path(base_dir).resolve()
+        self.initdb_cache = initdb_cache
         self.data_dir = self.base_dir / "pgdata"
         self.socket_dir = self.base_dir / "pgsock"
         self.log_file = self.base_dir / "postgres.log"
@@ -328,6 +340,52 @@ class PostgresServer:
         self.socket_dir.chmod(0o755)  # let any local user reach the socket
         _ensure_traversable(self.base_dir, pw.pw_uid, pw.pw_gid)
 
+    def _initdb(self) -> None:
+        """A new cluster in the (empty) data dir: a copy of the cache's when there is one,
+        else made by initdb (and then kept in the cache)."""
+        cache = self._cached_cluster()
+        if cache is not None and (cache / "PG_VERSION").is_file():
+            # cp -a keeps the owner (the postgres user, when root) and the modes
+            self._copy_cluster(cache, self.data_dir)
+            return
+        self._run_pg_tool(
+            [
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-A",
+                "trust",
+                "-U",
+                PG_SUPERUSER,
+                "--no-sync",
+                "-E",
+                "UTF8",
+                # C.UTF-8 always exists on Debian and avoids failures when the caller's
+                # LANG names a locale that is not generated.
+                "--locale=C.UTF-8",
+            ],
+        )
+        if cache is not None:
+            staging = Path(tempfile.mkdtemp(prefix=".initdb-", dir=cache.parent))
+            try:
+                self._copy_cluster(self.data_dir, staging)
+                with contextlib.suppress(OSError):  # another process kept its copy first
+                    staging.rename(cache)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def _cached_cluster(self) -> Path | None:
+        """The cache's cluster for this server's binaries (one per bin dir)."""
+        if self.initdb_cache is None:
+            return None
+        self.initdb_cache.mkdir(parents=True, exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9]+", "-", str(self.bindir)).strip("-")
+        return self.initdb_cache / name
+
+    @staticmethod
+    def _copy_cluster(source: Path, target: Path) -> None:
+        subprocess.run(["cp", "-a", f"{source}/.", str(target)], check=True)
+
     # -- public API
 
     def is_initialized(self) -> bool:
@@ -369,23 +427,7 @@ class PostgresServer:
                     f"{self.data_dir} is not empty but holds no cluster (failed initdb?); "
                     "delete it and retry"
                 )
-            self._run_pg_tool(
-                [
-                    str(self.bindir / "initdb"),
-                    "-D",
-                    str(self.data_dir),
-                    "-A",
-                    "trust",
-                    "-U",
-                    PG_SUPERUSER,
-                    "--no-sync",
-                    "-E",
-                    "UTF8",
-                    # C.UTF-8 always exists on Debian and avoids failures when the caller's
-                    # LANG names a locale that is not generated.
-                    "--locale=C.UTF-8",
-                ],
-            )
+            self._initdb()
         # pg_ctl hands -o to /bin/sh, hence the quoting of the socket path.
         opts = [
             "-c listen_addresses=127.0.0.1",

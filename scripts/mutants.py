@@ -250,6 +250,10 @@ class Runner:
                 "MUTANTS_SCRATCH": str(scratch),
                 "MUTANTS_REPORT": str(report),
                 "PYTHONDONTWRITEBYTECODE": "1",
+                # the checkout's Kafka jars (scripts/kafka.py), not a Maven run per mutant
+                "NOTIFYD_KAFKA_JARS": str(self.root / ".local" / "kafka-jars"),
+                # and its cached empty PostgreSQL cluster (tests/conftest.py)
+                "NOTIFYD_PG_INITDB_CACHE": str(self.root / ".local" / "pg-initdb"),
             }
         )
         argv = [

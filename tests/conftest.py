@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -29,6 +30,12 @@ from tests.smtp_sink import SmtpSink
 from tests.ui_browser import HostSite, chromium
 
 TEMPLATE_DB = "notifyd_template"
+# Every session's cluster is a copy of one initdb made once (scripts/localservers.py); the
+# promise mutants' scratch copies of the tree name the checkout's (scripts/mutants.py).
+INITDB_CACHE = Path(
+    os.environ.get("NOTIFYD_PG_INITDB_CACHE")
+    or Path(__file__).resolve().parent.parent / ".local" / "pg-initdb"
+)
 _db_counter = itertools.count(1)
 
 
@@ -39,7 +46,7 @@ def pg_server() -> Iterator[PostgresServer]:
     # postgres OS user off from this cluster's data mid-run (PANIC: pg_control: Permission
     # denied; every later test errored).
     base = Path(tempfile.mkdtemp(prefix="notifyd-test-pg-"))
-    server = PostgresServer(base, fsync=False)
+    server = PostgresServer(base, fsync=False, initdb_cache=INITDB_CACHE)
     server.start()
     try:
         server.create_database(TEMPLATE_DB)
