@@ -1,7 +1,8 @@
 """Housekeeper: deletes idempotency keys and ingested event ids past their lifetime, rows of
 notifications, messages, reminders, audit and finished workflow runs past their retention,
-forgets dead consumers, turns off the event capture nothing consumes, and trims stream
-entries every group has acknowledged (`streams.trim`).
+forgets dead consumers, turns off the event capture nothing consumes, analyzes the tables
+that outgrew their planner statistics (`store.statistics`), and trims stream entries every
+group has acknowledged (`streams.trim`).
 
 Retention (`NOTIFYD_RETAIN_*`, 0 keeps forever) deletes only rows in a final state, a batch
 of `NOTIFYD_RETAIN_BATCH` rows by primary key per statement (its own short transaction),
@@ -32,6 +33,7 @@ from notifyd.store import (
     messages,
     notifications,
     reminders,
+    statistics,
     webhooks,
     workflows,
 )
@@ -121,6 +123,9 @@ class Housekeeper:
             switched = await self.trim_event_capture()
             if switched:
                 log.info("event capture turned off: nothing consumes it", extra={"count": switched})
+            analyzed = await self.refresh_statistics()
+            if analyzed:
+                log.info("planner statistics refreshed", extra={"tables": analyzed})
             trimmed = await self.trim_streams()
             if trimmed:
                 log.debug("acknowledged stream entries trimmed", extra={"count": trimmed})
@@ -202,6 +207,12 @@ class Housekeeper:
             except asyncpg.LockNotAvailableError:
                 log.info("event capture left on this round: its tables were busy")
                 return 0
+
+    async def refresh_statistics(self) -> list[str]:
+        """The tables that outgrew their planner statistics, analyzed
+        (`store.statistics`)."""
+        async with self._pool.acquire() as conn:
+            return await statistics.refresh_stale(conn)
 
     def _count(self, table: str, rows: int) -> None:
         if self._metrics is not None and rows:
