@@ -76,6 +76,8 @@ class Received:
     body: dict[str, Any]
     signature: str
     verified_by: list[str]  # the receiver's secrets this request verifies with
+    raw: bytes = b""  # the body as it came, and the headers: what other verifiers are given
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -113,7 +115,14 @@ class Receiver:
             verified_by.append(secret)
         assert verified_by, f"no secret verifies {headers}"
         self.received.append(
-            Received(headers["webhook-id"], verified, headers["webhook-signature"], verified_by)
+            Received(
+                headers["webhook-id"],
+                verified,
+                headers["webhook-signature"],
+                verified_by,
+                raw,
+                {key.lower(): value for key, value in headers.items()},
+            )
         )
         self.arrived.set()
         if self.hang_forever:
