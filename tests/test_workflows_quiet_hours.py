@@ -37,6 +37,31 @@ def at(zone: ZoneInfo, *parts: int) -> datetime:
     return datetime(*parts, tzinfo=zone)  # type: ignore[misc]
 
 
+KIRITIMATI = ZoneInfo("Pacific/Kiritimati")  # UTC+14: a window there never holds in UTC now
+
+
+def quiet_for_seconds(zone: ZoneInfo, seconds: float) -> tuple[dict[str, str], datetime]:
+    """A quiet window that began half an hour ago in `zone` and ends `seconds` from now;
+    and its end."""
+    now = datetime.now(UTC).astimezone(zone)
+    end = now + timedelta(seconds=seconds)
+    start = (now - timedelta(minutes=30)).strftime("%H:%M:%S")
+    return {"start": start, "end": end.strftime("%H:%M:%S")}, end
+
+
+async def quiet_tenant_in_kiritimati(api: Api, quiet: dict[str, str]) -> None:
+    """The one-step in-app workflow with `quiet` hours, read in the tenant's default zone."""
+    await setup_tenant(api, {**ONE_IN_APP, "quiet_hours": quiet})
+    status, answer, _ = await api.request(
+        "PUT",
+        "/tenants/current/settings/",
+        json={"default_timezone": "Pacific/Kiritimati"},
+        user="ops-admin",
+        role="admin",
+    )
+    assert status == 200 and answer["default_timezone"] == "Pacific/Kiritimati", answer
+
+
 def test_the_window_is_read_in_the_recipients_zone_and_wraps_midnight() -> None:
     # 22:30 in Berlin (20:30 UTC, summer): quiet until 08:00 Berlin the next morning
     late = at(BERLIN, 2026, 7, 1, 22, 30)
@@ -113,26 +138,11 @@ async def test_a_recipient_without_a_zone_has_quiet_hours_in_the_tenants_default
     """Promise: quiet hours are read in the recipient's zone, else the tenant's default
     (`default_timezone` of its settings), else UTC: a window that holds now in the tenant's
     zone (and not in UTC) defers the step of a recipient who has none."""
-    zone = ZoneInfo("Pacific/Kiritimati")  # UTC+14: its window never holds in UTC now
-    now = datetime.now(UTC).astimezone(zone)
-    end = now + timedelta(seconds=3)
-    quiet = {
-        "start": (now - timedelta(minutes=30)).strftime("%H:%M:%S"),
-        "end": end.strftime("%H:%M:%S"),
-    }
+    quiet, end = quiet_for_seconds(KIRITIMATI, 3)
     assert quiet_until(datetime.now(UTC), quiet, None) is None  # not quiet in UTC
-    definition = {**ONE_IN_APP, "quiet_hours": quiet}
     daemon = await daemon_factory(**FAST)
     async with Api(daemon) as api:
-        await setup_tenant(api, definition)
-        status, answer, _ = await api.request(
-            "PUT",
-            "/tenants/current/settings/",
-            json={"default_timezone": "Pacific/Kiritimati"},
-            user="ops-admin",
-            role="admin",
-        )
-        assert status == 200 and answer["default_timezone"] == "Pacific/Kiritimati", answer
+        await quiet_tenant_in_kiritimati(api, quiet)
         (run_id,) = await trigger(api)
 
         async def deferred() -> bool:
@@ -150,26 +160,11 @@ async def test_a_waves_steps_inside_quiet_hours_are_deferred_together_each_once(
     """Promise: the steps of one wave that fall inside quiet hours move to the window's end
     together (one transaction, one audit row each), and each is then sent once; a step that
     is no longer pending when its wave defers it is left as it is."""
-    zone = ZoneInfo("Pacific/Kiritimati")
-    now = datetime.now(UTC).astimezone(zone)
-    end = now + timedelta(seconds=3)
-    quiet = {
-        "start": (now - timedelta(minutes=30)).strftime("%H:%M:%S"),
-        "end": end.strftime("%H:%M:%S"),
-    }
-    definition = {**ONE_IN_APP, "quiet_hours": quiet}
+    quiet, end = quiet_for_seconds(KIRITIMATI, 3)
     recipients = [f"cand-{i}" for i in range(12)]
     daemon = await daemon_factory(**FAST)
     async with Api(daemon) as api:
-        await setup_tenant(api, definition)
-        status, answer, _ = await api.request(
-            "PUT",
-            "/tenants/current/settings/",
-            json={"default_timezone": "Pacific/Kiritimati"},
-            user="ops-admin",
-            role="admin",
-        )
-        assert status == 200, answer
+        await quiet_tenant_in_kiritimati(api, quiet)
         runs = await trigger(api, recipients=recipients)
 
         async def all_deferred() -> bool:
