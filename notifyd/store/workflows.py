@@ -497,8 +497,9 @@ async def peek_steps(executor: Executor, keys: Sequence[StepKey]) -> list[asyncp
 
 
 async def lock_steps(conn: Conn, keys: Sequence[StepKey]) -> dict[StepKey, asyncpg.Record]:
-    """`lock_step` for many steps in one statement, locked in (run, position) order; the
-    steps that exist, by key."""
+    """Locks the steps' rows until the transaction ends, in one statement and in (run,
+    position) order; the steps that exist, by key, each with its status and whether its
+    run's in-app notification was read, as of now."""
     rows = await conn.fetch(
         LOCK_STEPS, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]
     )
@@ -529,15 +530,6 @@ async def finish_steps(conn: Conn, outcomes: Sequence[Outcome]) -> list[asyncpg.
         [o.notification_id for o in outcomes],
         [o.audit_id for o in outcomes],
     )
-
-
-async def lock_step(
-    conn: Conn, tenant_id: str, run_id: uuid.UUID, position: int
-) -> asyncpg.Record | None:
-    """Locks the step's row until the transaction ends; its status and whether the run's
-    in-app notification was read, as of now (`lock_steps` for one)."""
-    key = (tenant_id, run_id, position)
-    return (await lock_steps(conn, [key])).get(key)
 
 
 # Retention: runs triggered before the cutoff with no step pending (sent, skipped, failed,
