@@ -216,10 +216,16 @@ async def test_the_breaker_opens_parks_without_attempts_and_closes_again(
                     f"relay 127.0.0.1:{port} unavailable (circuit open after 3 failures); "
                     "parked until "
                 ), row["last_error"]
-            parked_total = sample(
-                daemon, "notifyd_deliveries_parked_total", channel="email", reason="breaker"
+            # the counter follows the rows' commit (a parked batch counts after its write)
+            await wait_for(
+                lambda: (
+                    sample(
+                        daemon, "notifyd_deliveries_parked_total", channel="email", reason="breaker"
+                    )
+                    >= 10
+                ),
+                timeout=5,
             )
-            assert parked_total >= 10
             # parked mail does not touch the relay: a connection per attempt only
             attempts = await db.fetchval(
                 "SELECT sum(attempts) FROM notifications WHERE tenant_id = $1", A
